@@ -1,0 +1,36 @@
+# Build options. Everything optional builds away: without CUDA, MPI or HDF5 the project still
+# builds and its tests pass (those tests skip with the reason).
+include(CheckLanguage)
+check_language(CUDA)
+if(CMAKE_CUDA_COMPILER)
+  set(_ftune_cuda_default ON)
+else()
+  set(_ftune_cuda_default OFF)
+endif()
+option(FTUNE_CUDA "Build the CUDA backend (needs nvcc; no GPU needed to build)" ${_ftune_cuda_default})
+option(FTUNE_MPI "Build the MPI communicator" ON)
+option(FTUNE_HDF5 "Build HDF5 checkpoints" ON)
+option(FTUNE_BUILD_TESTS "Build the tests" ON)
+option(FTUNE_BUILD_BENCH "Build the benchmarks" ON)
+option(FTUNE_NATIVE "Tune CPU code for this machine (-march=native)" OFF)
+set(FTUNE_CUDA_ARCHS "90" CACHE STRING "CUDA architectures (CMAKE_CUDA_ARCHITECTURES list), e.g. 80;90")
+
+# ccache when present: a 2-core machine rebuilds a lot.
+find_program(FTUNE_CCACHE ccache)
+if(FTUNE_CCACHE)
+  set(CMAKE_CXX_COMPILER_LAUNCHER ${FTUNE_CCACHE})
+  set(CMAKE_C_COMPILER_LAUNCHER ${FTUNE_CCACHE})
+  set(CMAKE_CUDA_COMPILER_LAUNCHER ${FTUNE_CCACHE})
+endif()
+
+set(FTUNE_WARNINGS -Wall -Wextra -Wno-unused-parameter)
+if(FTUNE_NATIVE)
+  set(FTUNE_ARCH_FLAGS -march=native)
+else()
+  # x86-64-v3 (AVX2/FMA) is every x86 server of the last decade; fall back to the default elsewhere.
+  include(CheckCXXCompilerFlag)
+  check_cxx_compiler_flag(-march=x86-64-v3 FTUNE_HAS_V3)
+  if(FTUNE_HAS_V3)
+    set(FTUNE_ARCH_FLAGS -march=x86-64-v3)
+  endif()
+endif()

@@ -1,0 +1,36 @@
+// Allocators: 64-byte aligned host memory, and (behind FTUNE_CUDA) a caching device allocator.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "core/device.h"
+
+namespace ftune {
+
+struct AllocatorStats {
+  int64_t current_bytes = 0;  // bytes handed out and not yet freed
+  int64_t peak_bytes = 0;
+  int64_t reserved_bytes = 0;  // bytes held from the system, cached blocks included
+  int64_t num_allocs = 0;
+  int64_t cache_hits = 0;
+};
+
+// A block of memory with its deleter; Storage keeps one.
+using DataPtr = std::unique_ptr<void, void (*)(void*)>;
+
+DataPtr cpu_alloc(size_t bytes);
+AllocatorStats cpu_allocator_stats();
+
+// Device side (core/cuda_runtime.cpp). Without CUDA these throw "has no GPU implementation".
+bool cuda_available();  // built with CUDA and at least one device present
+int cuda_device_count();
+std::shared_ptr<void> cuda_alloc(size_t bytes, int device);
+AllocatorStats cuda_allocator_stats(int device = 0);
+void cuda_empty_cache();
+void cuda_memcpy_h2d(void* dst, const void* src, size_t bytes, int device);
+void cuda_memcpy_d2h(void* dst, const void* src, size_t bytes, int device);
+void cuda_memcpy_d2d(void* dst, const void* src, size_t bytes, int device);
+void cuda_synchronize(int device = 0);
+
+}  // namespace ftune

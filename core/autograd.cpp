@@ -1,0 +1,209 @@
+#include "core/autograd.h"
+
+#include <atomic>
+#include <queue>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "core/ops.h"
+
+namespace ftune {
+
+namespace {
+thread_local bool g_grad_enabled = true;
+std::atomic<uint64_t> g_seq{0};
+}  // namespace
+
+bool grad_enabled() { return g_grad_enabled; }
+void set_grad_enabled(bool on) { g_grad_enabled = on; }
+
+bool needs_record(std::initializer_list<const Tensor*> inputs) {
+  if (!g_grad_enabled) return false;
+  for (const Tensor* t : inputs)
+    if (t && t->defined() && t->requires_grad()) return true;
+  return false;
+}
+
+bool needs_record(const std::vector<Tensor>& inputs) {
+  if (!g_grad_enabled) return false;
+  for (const Tensor& t : inputs)
+    if (t.defined() && t.requires_grad()) return true;
+  return false;
+}
+
+void record(const char* name, Tensor& out, const std::vector<Tensor>& inputs, BackwardFn fn) {
+  if (!needs_record(inputs)) return;
+  auto node = std::make_shared<Node>();
+  node->name = name;
+  node->seq = g_seq++;
+  node->out_shape = out.shape();
+  node->out_dtype = out.dtype();
+  node->edges.resize(inputs.size());
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const Tensor& t = inputs[i];
+    if (!t.defined() || !t.requires_grad()) continue;
+    if (t.grad_fn())
+      node->edges[i].node = t.grad_fn();
+    else
+      node->edges[i].leaf = t.impl_ptr();
+  }
+  node->backward = std::move(fn);
+  out.impl()->grad_fn = std::move(node);
+  out.impl()->requires_grad = true;
+}
+
+namespace {
+
+// Sum of two gradients, never in place: a backward may hand the same tensor to two inputs.
+Tensor add_grads(const Tensor& a, const Tensor& b) { return ops::add(a, b); }
+
+void check_grad(const char* what, const std::string& name, const Tensor& g, const Shape& shape) {
+  FTUNE_CHECK(g.shape() == shape, "[autograd] backward of ", what, " '", name, "' produced grad ",
+              shape_str(g.shape()), " for an input of shape ", shape_str(shape));
+}
+
+void accumulate_leaf(TensorImpl* leaf, const Tensor& g) {
+  Tensor gg = g;
+  if (gg.dtype() != leaf->dtype) gg = gg.to(leaf->dtype);
+  if (!leaf->grad) {
+    // Own the buffer: steal it when nobody else holds it, else copy.
+    bool exclusive = gg.impl_ptr().use_count() <= 2 && gg.impl()->storage.use_count() == 1 &&
+                     gg.is_contiguous() && gg.offset() == 0;
+    leaf->grad = exclusive ? gg.impl_ptr() : gg.clone().impl_ptr();
+    leaf->grad->grad_fn.reset();
+    leaf->grad->requires_grad = false;
+  } else {
+    Tensor acc(leaf->grad);
+    ops::add_(acc, gg);
+  }
+}
+
+}  // namespace
+
+void run_backward(const Tensor& root, const Tensor& grad_in, bool retain_graph) {
+  FTUNE_CHECK(root.defined(), "[autograd] backward() of an undefined tensor");
+  FTUNE_CHECK(root.requires_grad(), "[autograd] backward() of a tensor that does not require grad");
+  NoGradGuard no_grad;
+  Tensor grad = grad_in;
+  if (!grad.defined()) grad = Tensor::ones(root.shape(), root.dtype(), root.device());
+  FTUNE_CHECK(grad.shape() == root.shape(), "[autograd] backward(): grad ", shape_str(grad.shape()),
+              " does not match output ", shape_str(root.shape()));
+
+  if (!root.grad_fn()) {  // a leaf: d root / d root
+    accumulate_leaf(root.impl(), grad);
+    for (auto& h : root.impl()->ready_hooks) h(root.grad());
+    return;
+  }
+
+  // Pass 1: count consumers of each node and contributions to each leaf.
+  std::unordered_map<Node*, int> deps;
+  std::unordered_map<TensorImpl*, int> leaf_uses;
+  std::vector<Node*> stack{root.grad_fn().get()};
+  std::unordered_set<Node*> seen{root.grad_fn().get()};
+  while (!stack.empty()) {
+    Node* n = stack.back();
+    stack.pop_back();
+    FTUNE_CHECK(n->backward != nullptr, "[autograd] backward through '", n->name,
+                "' a second time: its saved tensors were freed (pass retain_graph=true)");
+    for (auto& e : n->edges) {
+      if (e.node) {
+        ++deps[e.node.get()];
+        if (seen.insert(e.node.get()).second) stack.push_back(e.node.get());
+      } else if (e.leaf) {
+        ++leaf_uses[e.leaf.get()];
+      }
+    }
+  }
+
+  // Pass 2: newest node first among those whose gradient is complete.
+  auto cmp = [](Node* a, Node* b) { return a->seq < b->seq; };
+  std::priority_queue<Node*, std::vector<Node*>, decltype(cmp)> ready(cmp);
+  std::unordered_map<Node*, Tensor> grads;
+  std::unordered_map<TensorImpl*, Tensor> leaf_grads;
+  grads[root.grad_fn().get()] = grad;
+  ready.push(root.grad_fn().get());
+  std::vector<std::shared_ptr<Node>> keep{root.grad_fn()};  // keep nodes alive while releasing
+
+  while (!ready.empty()) {
+    Node* n = ready.top();
+    ready.pop();
+    Tensor g = std::move(grads[n]);
+    grads.erase(n);
+    std::vector<bool> need(n->edges.size());
+    for (size_t i = 0; i < n->edges.size(); ++i) need[i] = n->edges[i].active();
+    std::vector<Tensor> in_grads = n->backward(g, need);
+    FTUNE_CHECK(in_grads.size() == n->edges.size(), "[autograd] backward of '", n->name, "' returned ",
+                in_grads.size(), " grads for ", n->edges.size(), " inputs");
+    for (size_t i = 0; i < n->edges.size(); ++i) {
+      auto& e = n->edges[i];
+      if (!e.active()) continue;
+      const Tensor& gi = in_grads[i];
+      if (e.node) {
+        if (gi.defined()) {
+          check_grad("op", n->name, gi, e.node->out_shape);
+          auto it = grads.find(e.node.get());
+          if (it == grads.end() || !it->second.defined())
+            grads[e.node.get()] = gi;
+          else
+            it->second = add_grads(it->second, gi);
+        }
+        keep.push_back(e.node);
+        if (--deps[e.node.get()] == 0) {
+          if (grads[e.node.get()].defined()) {
+            ready.push(e.node.get());
+          } else {
+            // No gradient reached it; its inputs still count down through an empty pass.
+            grads.erase(e.node.get());
+            std::vector<Node*> st{e.node.get()};
+            while (!st.empty()) {
+              Node* m = st.back();
+              st.pop_back();
+              for (auto& me : m->edges) {
+                if (me.node) {
+                  keep.push_back(me.node);
+                  if (--deps[me.node.get()] == 0) {
+                    if (grads.count(me.node.get()) && grads[me.node.get()].defined())
+                      ready.push(me.node.get());
+                    else
+                      st.push_back(me.node.get());
+                  }
+                } else if (me.leaf) {
+                  TensorImpl* leaf = me.leaf.get();
+                  if (--leaf_uses[leaf] == 0 && leaf_grads.count(leaf)) {
+                    accumulate_leaf(leaf, leaf_grads[leaf]);
+                    leaf_grads.erase(leaf);
+                    for (auto& h : leaf->ready_hooks) h(Tensor(leaf->grad));
+                  }
+                }
+              }
+            }
+          }
+        }
+      } else {
+        TensorImpl* leaf = e.leaf.get();
+        if (gi.defined()) {
+          check_grad("op", n->name, gi, leaf->shape);
+          auto it = leaf_grads.find(leaf);
+          if (it == leaf_grads.end())
+            leaf_grads[leaf] = gi;
+          else
+            it->second = add_grads(it->second, gi);
+        }
+        if (--leaf_uses[leaf] == 0 && leaf_grads.count(leaf)) {
+          accumulate_leaf(leaf, leaf_grads[leaf]);
+          leaf_grads.erase(leaf);
+          for (auto& h : leaf->ready_hooks) h(Tensor(leaf->grad));
+        }
+      }
+    }
+    if (!retain_graph) n->release();
+  }
+  if (!retain_graph)
+    for (auto& n : keep) n->release();
+}
+
+void Tensor::backward(const Tensor& grad, bool retain_graph) const {
+  run_backward(*this, grad, retain_graph);
+}
+
+}  // namespace ftune

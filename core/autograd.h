@@ -1,0 +1,60 @@
+// Reverse-mode autograd over a recorded graph. Each differentiable op makes one Node holding a
+// backward closure that keeps only what backward needs; leaves accumulate into .grad().
+#pragma once
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace ftune {
+
+// grads[i] for input i; an undefined Tensor where need[i] is false or the input gets no gradient.
+using BackwardFn = std::function<std::vector<Tensor>(const Tensor& grad_out, const std::vector<bool>& need)>;
+
+class Node {
+ public:
+  struct Edge {
+    std::shared_ptr<Node> node;        // producer of the input, or
+    std::shared_ptr<TensorImpl> leaf;  // the leaf that accumulates (requires_grad, no grad_fn)
+    bool active() const { return node || leaf; }
+  };
+  std::string name;
+  uint64_t seq = 0;  // creation order: backward runs newest first
+  std::vector<Edge> edges;
+  BackwardFn backward;
+  Shape out_shape;
+  DType out_dtype = DType::f32;
+  void release() {
+    backward = nullptr;
+    edges.clear();
+  }
+};
+
+bool grad_enabled();
+void set_grad_enabled(bool on);
+
+// Disables recording in a scope (evaluation, optimizer steps, backward itself).
+class NoGradGuard {
+ public:
+  NoGradGuard() : prev_(grad_enabled()) { set_grad_enabled(false); }
+  ~NoGradGuard() { set_grad_enabled(prev_); }
+  NoGradGuard(const NoGradGuard&) = delete;
+  NoGradGuard& operator=(const NoGradGuard&) = delete;
+
+ private:
+  bool prev_;
+};
+
+// True when recording is on and any input requires grad.
+bool needs_record(std::initializer_list<const Tensor*> inputs);
+bool needs_record(const std::vector<Tensor>& inputs);
+
+// Attaches a Node to out when needs_record(inputs): out becomes a non-leaf requiring grad.
+void record(const char* name, Tensor& out, const std::vector<Tensor>& inputs, BackwardFn fn);
+
+// Runs backward from root; grad defaults to ones (a scalar loss gets 1).
+void run_backward(const Tensor& root, const Tensor& grad, bool retain_graph);
+
+}  // namespace ftune

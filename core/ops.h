@@ -1,0 +1,113 @@
+// The ops API. Every op checks its inputs (throwing ftune::Error naming the op, shapes and dtypes),
+// dispatches on device to kernels/cpu or kernels/cuda, and records a Node when an input requires
+// grad. CPU computes in f32 (or f64 for gradient checks).
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "core/autograd.h"
+#include "core/tensor.h"
+
+namespace ftune::ops {
+
+// ---------------------------------------------------------------- elementwise (core/ops/elementwise.cpp)
+// Binary ops broadcast numpy-style; both inputs must share dtype and device.
+Tensor add(const Tensor& a, const Tensor& b);
+Tensor sub(const Tensor& a, const Tensor& b);
+Tensor mul(const Tensor& a, const Tensor& b);
+Tensor div(const Tensor& a, const Tensor& b);
+Tensor add_scalar(const Tensor& a, double s);
+Tensor mul_scalar(const Tensor& a, double s);  // "scale"
+Tensor neg(const Tensor& a);
+Tensor exp(const Tensor& a);
+Tensor log(const Tensor& a);
+Tensor sqrt(const Tensor& a);
+Tensor tanh(const Tensor& a);
+Tensor sigmoid(const Tensor& a);
+Tensor relu(const Tensor& a);
+Tensor square(const Tensor& a);
+Tensor where_mask(const Tensor& mask_b8, const Tensor& a, double fill);  // mask ? a : fill
+// In place, never recorded (optimizer, gradient accumulation): a += alpha * b, same shape.
+void add_(Tensor& a, const Tensor& b, double alpha = 1.0);
+void mul_(Tensor& a, double s);
+Tensor cast(const Tensor& a, DType dt);  // differentiable between float dtypes
+
+// ---------------------------------------------------------------- reductions (core/ops/reduce.cpp)
+Tensor sum(const Tensor& a);  // all elements -> scalar (shape {})
+Tensor sum(const Tensor& a, int64_t dim, bool keepdim = false);
+Tensor mean(const Tensor& a);
+Tensor mean(const Tensor& a, int64_t dim, bool keepdim = false);
+Tensor amax(const Tensor& a, int64_t dim, bool keepdim = false);  // not differentiable
+Tensor argmax(const Tensor& a, int64_t dim);                      // i64, not differentiable
+Tensor sum_to(const Tensor& a, const Shape& shape);  // reduce broadcast dims (backward of broadcasting)
+double max_abs_diff(const Tensor& a, const Tensor& b);  // test helper, any float dtypes
+
+// ---------------------------------------------------------------- matmul (core/ops/matmul.cpp)
+// a [..., m, k] @ b [..., k, n]; b may be 2-D and is then shared by every batch. OpenBLAS on CPU.
+Tensor matmul(const Tensor& a, const Tensor& b);
+// x [..., in] @ w[out, in]^T + b[out]
+Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b = Tensor());
+
+// ---------------------------------------------------------------- shape ops (core/ops/shape.cpp)
+Tensor cat(const std::vector<Tensor>& xs, int64_t dim);
+
+// ---------------------------------------------------------------- nn ops (core/ops/nn.cpp)
+// weight [V, D], ids (i32|i64) [...] -> [..., D]. Backward scatters into dweight.
+Tensor embedding(const Tensor& weight, const Tensor& ids);
+// Normalizes over the last dim. weight/bias [D]; bias may be undefined.
+Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps);
+Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps);
+// x [B, T, H, D]; positions (i32|i64) [B, T] or [T]; HF rotate-half convention:
+// out = x * cos + rotate_half(x) * sin, inv_freq[i] = theta^(-2i/D).
+Tensor rope(const Tensor& x, const Tensor& positions, double theta);
+Tensor gelu(const Tensor& x);  // tanh approximation (HF "gelu_new" / "gelu_pytorch_tanh")
+Tensor silu(const Tensor& x);
+Tensor swiglu(const Tensor& gate, const Tensor& up);  // silu(gate) * up
+
+// ---------------------------------------------------------------- softmax and losses (core/ops/loss.cpp)
+Tensor softmax(const Tensor& x);      // over the last dim
+Tensor log_softmax(const Tensor& x);  // over the last dim
+
+enum class Reduction { mean, sum, none };
+// logits [N, V] (any leading dims flatten into N), targets i32|i64 [N]; rows whose target is
+// ignore_index are skipped. mean divides by the number of counted rows (0 when none).
+// Never materialises the softmax: the vocabulary is processed in chunks with an online max/sum.
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index = -100,
+                     Reduction reduction = Reduction::mean);
+// log p(target) per row [N], for RL; rows with target ignore_index get 0.
+Tensor token_logprobs(const Tensor& logits, const Tensor& targets, int64_t ignore_index = -100);
+// entropy of softmax(logits) per row [N].
+Tensor entropy(const Tensor& logits);
+
+enum class KLKind { forward, reverse, jsd };
+// Per-row divergence [N] between student and teacher distributions softmax(logits / temperature).
+// forward: KL(teacher || student); reverse: KL(student || teacher);
+// jsd: beta * KL(teacher || m) + (1 - beta) * KL(student || m), m = beta * teacher + (1-beta) * student.
+// Differentiable in both arguments.
+Tensor kl_div(const Tensor& student_logits, const Tensor& teacher_logits, KLKind kind,
+              double beta = 0.5, double temperature = 1.0);
+
+// ---------------------------------------------------------------- attention (core/ops/attention.cpp)
+struct AttentionOptions {
+  bool causal = true;
+  double scale = 0.0;  // 0 -> 1/sqrt(head_dim)
+  // Packed variable-length sequences (flash-attn varlen convention): q is [1, Nq, H, D] or [Nq, H, D]
+  // and cu_seqlens_q[i]..cu_seqlens_q[i+1] are the tokens of sequence i (i32). With causal, query
+  // r of a sequence sees keys 0..r + (len_k - len_q) (bottom-right aligned, as for a KV cache).
+  Tensor cu_seqlens_q, cu_seqlens_k;  // undefined: every batch row is one sequence
+};
+// q [B, Tq, H, D], k/v [B, Tk, Hkv, D] with H % Hkv == 0 (grouped-query) -> [B, Tq, H, D].
+// Blocked with an online softmax: memory O(T) per row block; backward recomputes P from the
+// saved logsumexp.
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                 const AttentionOptions& opt = AttentionOptions());
+
+// ---------------------------------------------------------------- lora (core/ops/lora.cpp)
+// y = x W^T + b + scale * (dropout(x) A^T) B^T. W [out, in] and b are frozen (no gradient);
+// A [r, in], B [out, r]. The dropout mask comes from the counter-based RNG (seed), so backward
+// regenerates it instead of saving it.
+Tensor lora_linear(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& lora_a,
+                   const Tensor& lora_b, double scale, double dropout = 0.0, uint64_t seed = 0);
+
+}  // namespace ftune::ops

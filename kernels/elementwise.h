@@ -1,0 +1,25 @@
+// Elementwise and reduction kernels. Inputs are strided views of the output's shape (broadcast
+// dims have stride 0); the output is contiguous.
+#pragma once
+#include <cstdint>
+
+#include "core/tensor.h"
+
+namespace ftune::kernels {
+
+enum class BinaryOp { add, sub, mul, div };
+enum class UnaryOp { neg, exp, log, sqrt, tanh, sigmoid, relu, square, add_scalar, mul_scalar };
+
+namespace cpu {
+void binary(BinaryOp op, const Tensor& a, const Tensor& b, Tensor& out);  // a, b expanded to out's shape
+void unary(UnaryOp op, const Tensor& a, Tensor& out, double scalar = 0.0);
+// Backward of a unary op from its input x and output y: dx = dy * f'(x).
+void unary_backward(UnaryOp op, const Tensor& x, const Tensor& y, const Tensor& dy, Tensor& dx, double scalar);
+void axpy(Tensor& a, const Tensor& b, double alpha);  // a += alpha*b, contiguous, same dtype
+void scale_(Tensor& a, double s);
+// Sums a contiguous [outer, n, inner] tensor over n into out [outer, inner]. Accumulates in f64.
+void sum_dim(const Tensor& a, int64_t outer, int64_t n, int64_t inner, Tensor& out);
+void amax_dim(const Tensor& a, int64_t outer, int64_t n, int64_t inner, Tensor& out, Tensor* argmax);
+}  // namespace cpu
+
+}  // namespace ftune::kernels

@@ -1,0 +1,130 @@
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/ops.h"
+#include "core/rng.h"
+
+using namespace ftune;
+
+namespace {
+Tensor vec(std::vector<double> v) { return Tensor::from_vector(v, {int64_t(v.size())}); }
+}  // namespace
+
+TEST(Autograd, SharedSubgraphAccumulatesBothPaths) {
+  // y = sum(h * h + h), h = 3x: dy/dx = 3 * (2h + 1)
+  Tensor x = vec({1.0, -2.0}).set_requires_grad(true);
+  Tensor h = ops::mul_scalar(x, 3.0);
+  Tensor y = ops::sum(ops::add(ops::mul(h, h), h));
+  y.backward();
+  auto g = x.grad().to_vector<double>();
+  EXPECT_DOUBLE_EQ(g[0], 3.0 * (2 * 3.0 + 1));
+  EXPECT_DOUBLE_EQ(g[1], 3.0 * (2 * -6.0 + 1));
+}
+
+TEST(Autograd, SameTensorTwiceAsInput) {
+  Tensor x = vec({2.0, 5.0}).set_requires_grad(true);
+  ops::sum(ops::mul(x, x)).backward();
+  EXPECT_EQ(x.grad().to_vector<double>(), (std::vector<double>{4.0, 10.0}));
+}
+
+TEST(Autograd, AccumulatesAcrossBackwardCallsUntilZeroed) {
+  Tensor x = vec({1.0, 2.0}).set_requires_grad(true);
+  for (int i = 0; i < 3; ++i) ops::sum(ops::mul_scalar(x, 2.0)).backward();
+  EXPECT_EQ(x.grad().to_vector<double>(), (std::vector<double>{6.0, 6.0}));
+  x.zero_grad();
+  ops::sum(x).backward();
+  EXPECT_EQ(x.grad().to_vector<double>(), (std::vector<double>{1.0, 1.0}));
+}
+
+TEST(Autograd, GradientIsNotAliasedWithOtherGradients) {
+  // add's backward hands the same tensor to both inputs; accumulating into one must not change the other.
+  Tensor a = vec({1.0}).set_requires_grad(true);
+  Tensor b = vec({1.0}).set_requires_grad(true);
+  ops::sum(ops::add(a, b)).backward();
+  ops::sum(ops::mul_scalar(a, 5.0)).backward();
+  EXPECT_DOUBLE_EQ(a.grad().item(), 6.0);
+  EXPECT_DOUBLE_EQ(b.grad().item(), 1.0);
+}
+
+TEST(Autograd, ReadyHooksFireOncePerPassWithCompleteGradient) {
+  Tensor w1 = vec({1.0, 1.0}).set_requires_grad(true);
+  Tensor w2 = vec({2.0, 2.0}).set_requires_grad(true);
+  std::vector<std::string> order;
+  std::vector<double> seen;
+  w1.add_ready_hook([&](const Tensor& g) {
+    order.push_back("w1");
+    seen.push_back(g.to_vector<double>()[0]);
+  });
+  w2.add_ready_hook([&](const Tensor& g) { order.push_back("w2"); });
+  // w1 is used twice (early and late); its hook must fire after both contributions.
+  Tensor h = ops::mul(w1, w2);     // layer 1
+  Tensor o = ops::mul(h, w1);      // layer 2 uses w1 again
+  ops::sum(o).backward();          // d/dw1 = 2*w1*w2 = 4
+  ASSERT_EQ(order.size(), 2u);
+  EXPECT_DOUBLE_EQ(seen[0], 4.0);
+  // Reverse order of use: w2 (only in layer 1) completes after layer 2's w1 contribution,
+  // and w1 completes last-used-first... both fire exactly once.
+  EXPECT_EQ(std::count(order.begin(), order.end(), "w1"), 1);
+  EXPECT_EQ(std::count(order.begin(), order.end(), "w2"), 1);
+}
+
+TEST(Autograd, HooksFireInReverseLayerOrder) {
+  // A 3-layer chain: the last layer's parameter is ready first (what the DP reducer relies on).
+  std::vector<Tensor> ws;
+  std::vector<int> order;
+  for (int i = 0; i < 3; ++i) {
+    ws.push_back(vec({0.5, 0.5}).set_requires_grad(true));
+    ws.back().add_ready_hook([&order, i](const Tensor&) { order.push_back(i); });
+  }
+  Tensor h = vec({1.0, 2.0});
+  for (auto& w : ws) h = ops::tanh(ops::mul(h, w));
+  ops::sum(h).backward();
+  EXPECT_EQ(order, (std::vector<int>{2, 1, 0}));
+}
+
+TEST(Autograd, NoGradRecordsNothing) {
+  Tensor x = vec({1.0}).set_requires_grad(true);
+  {
+    NoGradGuard ng;
+    Tensor y = ops::mul_scalar(x, 2.0);
+    EXPECT_FALSE(y.requires_grad());
+    EXPECT_EQ(y.grad_fn(), nullptr);
+  }
+  EXPECT_TRUE(grad_enabled());
+  Tensor y = ops::mul_scalar(x, 2.0);
+  EXPECT_TRUE(y.requires_grad());
+}
+
+TEST(Autograd, DetachStopsGradient) {
+  Tensor x = vec({3.0}).set_requires_grad(true);
+  Tensor y = ops::add(ops::mul(x.detach(), x), x);  // d/dx = x + 1 with the detached factor constant
+  ops::sum(y).backward();
+  EXPECT_DOUBLE_EQ(x.grad().item(), 4.0);
+}
+
+TEST(Autograd, SecondBackwardWithoutRetainThrows) {
+  Tensor x = vec({1.0}).set_requires_grad(true);
+  Tensor y = ops::sum(ops::exp(x));
+  y.backward(Tensor(), /*retain_graph=*/true);
+  y.backward();
+  EXPECT_NEAR(x.grad().item(), 2 * std::exp(1.0), 1e-12);
+  EXPECT_THROW(y.backward(), Error);
+}
+
+TEST(Autograd, ViewsAreDifferentiable) {
+  Tensor x = Tensor::from_vector(std::vector<double>{1, 2, 3, 4, 5, 6}, {2, 3}).set_requires_grad(true);
+  Tensor y = x.transpose(0, 1).reshape({6}).slice(0, 1, 4);  // elements x[1,0], x[0,1], x[1,1]
+  ops::sum(ops::mul(y, vec({10, 20, 30}))).backward();
+  EXPECT_EQ(x.grad().to_vector<double>(), (std::vector<double>{0, 20, 0, 10, 30, 0}));
+}
+
+TEST(Autograd, UnusedBranchGetsNoGradient) {
+  Tensor a = vec({1.0}).set_requires_grad(true);
+  Tensor b = vec({1.0}).set_requires_grad(true);
+  Tensor unused = ops::exp(b);
+  ops::sum(ops::mul_scalar(a, 2.0)).backward();
+  EXPECT_TRUE(a.grad().defined());
+  EXPECT_FALSE(b.grad().defined());
+}

@@ -1,0 +1,146 @@
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/allocator.h"
+#include "core/ops.h"
+#include "core/rng.h"
+
+using namespace ftune;
+
+TEST(Tensor, FactoriesAndItem) {
+  Tensor z = Tensor::zeros({2, 3});
+  EXPECT_EQ(z.numel(), 6);
+  EXPECT_EQ(z.dtype(), DType::f32);
+  Tensor f = Tensor::full({2}, 2.5, DType::f64);
+  EXPECT_DOUBLE_EQ(f.to_vector<double>()[1], 2.5);
+  EXPECT_DOUBLE_EQ(Tensor::scalar(3.0).item(), 3.0);
+  auto a = Tensor::arange(5).to_vector<int64_t>();
+  EXPECT_EQ(a, (std::vector<int64_t>{0, 1, 2, 3, 4}));
+}
+
+TEST(Tensor, AllDtypesRoundTrip) {
+  for (DType dt : {DType::f32, DType::f64, DType::bf16, DType::f16, DType::i32, DType::i64, DType::b8}) {
+    Tensor t = Tensor::from_vector(std::vector<double>{0, 1, 2, -3}, {4}).to(dt);
+    EXPECT_EQ(t.dtype(), dt);
+    auto v = t.to_vector<double>();
+    if (dt == DType::b8)
+      EXPECT_EQ(v, (std::vector<double>{0, 1, 1, 1}));
+    else
+      EXPECT_EQ(v, (std::vector<double>{0, 1, 2, -3})) << dtype_name(dt);
+  }
+}
+
+TEST(Tensor, HalfConversionsRound) {
+  // bf16 keeps 8 bits of mantissa; 1 + 2^-9 rounds to even (1.0), 1 + 3*2^-9 rounds up.
+  EXPECT_EQ(float(bf16(1.0f + 1.0f / 512)), 1.0f);
+  EXPECT_EQ(float(bf16(1.0f + 3.0f / 512)), 1.0f + 1.0f / 128);
+  EXPECT_EQ(float(f16(65504.0f)), 65504.0f);
+  EXPECT_TRUE(std::isinf(float(f16(1e6f))));
+  EXPECT_EQ(float(f16(5.960464477539063e-08f)), 5.960464477539063e-08f);  // smallest subnormal
+  EXPECT_EQ(float(f16(0.1f)), 0.0999755859375f);
+  EXPECT_TRUE(std::isnan(float(bf16(NAN))));
+}
+
+TEST(Tensor, ViewsShareStorage) {
+  Tensor t = Tensor::from_vector(std::vector<float>{0, 1, 2, 3, 4, 5}, {2, 3});
+  Tensor tt = t.transpose(0, 1);
+  EXPECT_FALSE(tt.is_contiguous());
+  EXPECT_EQ(tt.shape(), (Shape{3, 2}));
+  EXPECT_EQ(tt.contiguous().to_vector<float>(), (std::vector<float>{0, 3, 1, 4, 2, 5}));
+  Tensor s = t.slice(1, 1, 3);
+  EXPECT_EQ(s.contiguous().to_vector<float>(), (std::vector<float>{1, 2, 4, 5}));
+  s.fill_(9);
+  EXPECT_EQ(t.to_vector<float>(), (std::vector<float>{0, 9, 9, 3, 9, 9}));
+  EXPECT_EQ(t.view({3, 2}).shape(), (Shape{3, 2}));
+  EXPECT_EQ(t.view({-1}).shape(), (Shape{6}));
+  EXPECT_THROW(tt.view({6}), Error);  // transposed: not viewable
+  EXPECT_EQ(tt.reshape({6}).to_vector<float>(), (std::vector<float>{0, 3, 9, 9, 9, 9}));
+  Tensor e = Tensor::from_vector(std::vector<float>{1, 2}, {2, 1}).expand({2, 3});
+  EXPECT_EQ(e.contiguous().to_vector<float>(), (std::vector<float>{1, 1, 1, 2, 2, 2}));
+  EXPECT_EQ(t.unsqueeze(0).shape(), (Shape{1, 2, 3}));
+  EXPECT_EQ(t.unsqueeze(0).squeeze(0).shape(), (Shape{2, 3}));
+  EXPECT_EQ(t.permute({1, 0}).shape(), (Shape{3, 2}));
+}
+
+TEST(Tensor, BadInputThrowsNamingOpShapesAndDtypes) {
+  Tensor a = Tensor::zeros({2, 3});
+  Tensor b = Tensor::zeros({4, 5});
+  try {
+    ops::matmul(a, b);
+    FAIL() << "no throw";
+  } catch (const Error& e) {
+    std::string m = e.what();
+    EXPECT_NE(m.find("[matmul]"), std::string::npos) << m;
+    EXPECT_NE(m.find("[2, 3]"), std::string::npos) << m;
+    EXPECT_NE(m.find("f32"), std::string::npos) << m;
+  }
+  Tensor c = Tensor::zeros({2, 3}, DType::f64);
+  try {
+    ops::add(a, c);
+    FAIL() << "no throw";
+  } catch (const Error& e) {
+    std::string m = e.what();
+    EXPECT_NE(m.find("[add]"), std::string::npos) << m;
+    EXPECT_NE(m.find("f64"), std::string::npos) << m;
+  }
+  EXPECT_THROW(ops::add(a, b), Error);  // no broadcast
+  EXPECT_THROW(ops::exp(Tensor::zeros({2}, DType::i32)), Error);
+  EXPECT_THROW(ops::exp(Tensor::zeros({2}, DType::bf16)), Error);  // CPU computes in f32/f64
+  EXPECT_THROW(a.view({7}), Error);
+  EXPECT_THROW(a.size(3), Error);
+  EXPECT_THROW(Tensor::zeros({-1}), Error);
+  EXPECT_THROW(a.data<double>(), Error);
+}
+
+TEST(Tensor, CudaTensorsThrowOrWorkClearly) {
+  if (cuda_available()) GTEST_SKIP() << "a GPU is present: tests/cuda covers device tensors";
+  try {
+    Tensor::zeros({2}, DType::f32, Device::cuda(0));
+    FAIL() << "no throw";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("GPU"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Rng, CounterBasedAndReproducible) {
+  Generator g1(42), g2(42), g3(43);
+  Tensor a = randn({1000}, g1), b = randn({1000}, g2), c = randn({1000}, g3);
+  EXPECT_EQ(a.to_vector<float>(), b.to_vector<float>());
+  EXPECT_NE(a.to_vector<float>(), c.to_vector<float>());
+  // The same numbers in f64 and f32 (f32 is a rounding of f64), and independent of draw sizes:
+  // value i of a draw depends only on (seed, offset + i).
+  Generator g4(42);
+  Tensor d = randn({1000}, g4, 0, 1, DType::f64);
+  auto va = a.to_vector<double>(), vd = d.to_vector<double>();
+  for (int i = 0; i < 1000; ++i) EXPECT_NEAR(va[i], vd[i], 1e-6);
+  // Moments.
+  double m = 0, s2 = 0;
+  Generator g5(1);
+  auto big = randn({200000}, g5, 0, 1, DType::f64).to_vector<double>();
+  for (double x : big) m += x;
+  m /= double(big.size());
+  for (double x : big) s2 += (x - m) * (x - m);
+  s2 /= double(big.size());
+  EXPECT_NEAR(m, 0.0, 0.01);
+  EXPECT_NEAR(s2, 1.0, 0.02);
+  auto u = rand({100000}, g5, 2.0, 3.0, DType::f64).to_vector<double>();
+  double mn = 10, mx = -10, um = 0;
+  for (double x : u) mn = std::min(mn, x), mx = std::max(mx, x), um += x;
+  EXPECT_GE(mn, 2.0);
+  EXPECT_LT(mx, 3.0);
+  EXPECT_NEAR(um / 1e5, 2.5, 0.01);
+  auto ri = randint({10000}, g5, 3, 7).to_vector<int64_t>();
+  for (auto x : ri) EXPECT_TRUE(x >= 3 && x < 7);
+}
+
+TEST(Rng, GeneratorStateResumes) {
+  Generator g(5);
+  randn({10}, g);
+  uint64_t off = g.offset();
+  Tensor next = randn({10}, g);
+  Generator h(0);
+  h.set_state(5, off);
+  EXPECT_EQ(randn({10}, h).to_vector<float>(), next.to_vector<float>());
+}
