@@ -32,5 +32,8 @@ void cuda_memcpy_h2d(void* dst, const void* src, size_t bytes, int device);
 void cuda_memcpy_d2h(void* dst, const void* src, size_t bytes, int device);
 void cuda_memcpy_d2d(void* dst, const void* src, size_t bytes, int device);
 void cuda_synchronize(int device = 0);
+// Tests: fill every new device allocation with 0xFF bytes (NaN for floats) so a kernel that leaves
+// part of its output unwritten fails its comparison instead of passing on stale zeros.
+void cuda_set_alloc_poison(bool on);
 
 }  // namespace ftune

@@ -20,6 +20,7 @@ void cuda_memcpy_h2d(void*, const void*, size_t, int) { no_gpu("cuda_memcpy"); }
 void cuda_memcpy_d2h(void*, const void*, size_t, int) { no_gpu("cuda_memcpy"); }
 void cuda_memcpy_d2d(void*, const void*, size_t, int) { no_gpu("cuda_memcpy"); }
 void cuda_synchronize(int) {}
+void cuda_set_alloc_poison(bool) {}
 
 }  // namespace ftune
 #endif

@@ -2,6 +2,7 @@
 // empty_cache) and host<->device copies. Compiled only with FTUNE_CUDA.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <map>
 #include <mutex>
 #include <unordered_map>
@@ -33,6 +34,8 @@ struct DevicePool {
   std::unordered_map<void*, size_t> live;   // block -> class
   AllocatorStats stats;
 };
+
+std::atomic<bool> g_poison{false};
 
 DevicePool& pool(int dev) {
   static std::vector<std::unique_ptr<DevicePool>> pools(64);
@@ -100,6 +103,7 @@ std::shared_ptr<void> cuda_alloc(size_t bytes, int dev) {
     pl.stats.peak_bytes = std::max(pl.stats.peak_bytes, pl.stats.current_bytes);
     ++pl.stats.num_allocs;
   }
+  if (g_poison) CUDA_CHECK(cudaMemset(p, 0xFF, cls));
   return std::shared_ptr<void>(p, [dev](void* q) { release(dev, q); });
 }
 
@@ -137,6 +141,8 @@ void cuda_memcpy_d2d(void* dst, const void* src, size_t bytes, int dev) {
   CUDA_CHECK(cudaSetDevice(dev));
   CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice));
 }
+
+void cuda_set_alloc_poison(bool on) { g_poison = on; }
 
 void cuda_synchronize(int dev) {
   CUDA_CHECK(cudaSetDevice(dev));
