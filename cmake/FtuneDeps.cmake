@@ -2,8 +2,14 @@
 find_package(OpenMP REQUIRED)
 find_package(Threads REQUIRED)
 
-# OpenBLAS, through its CBLAS header.
+# OpenBLAS, through its CBLAS header. The OpenMP build is preferred: BLAS then shares the OpenMP
+# thread pool of our kernels instead of a second pool of pthreads competing for the same cores.
+# (Debian installs it beside the pthread one; the build RPATH points at its directory.)
+find_library(FTUNE_OPENBLAS_LIB NAMES openblas
+  HINTS /usr/lib/${CMAKE_LIBRARY_ARCHITECTURE}/openblas-openmp
+  NO_DEFAULT_PATH)
 find_library(FTUNE_OPENBLAS_LIB NAMES openblas REQUIRED)
+message(STATUS "ftune: OpenBLAS ${FTUNE_OPENBLAS_LIB}")
 find_path(FTUNE_CBLAS_INCLUDE cblas.h PATH_SUFFIXES openblas x86_64-linux-gnu aarch64-linux-gnu REQUIRED)
 add_library(ftune_blas INTERFACE)
 target_link_libraries(ftune_blas INTERFACE ${FTUNE_OPENBLAS_LIB})

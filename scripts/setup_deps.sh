@@ -5,7 +5,7 @@ set -euo pipefail
 
 PKGS=(
   build-essential cmake ninja-build ccache pkg-config git
-  libopenblas-dev                       # CPU GEMM
+  libopenblas-dev libopenblas-openmp-dev  # CPU GEMM (the OpenMP build shares our thread pool)
   libopenmpi-dev openmpi-bin            # MPI launcher and communicator
   libhdf5-openmpi-dev                   # parallel HDF5 checkpoints
   libyaml-cpp-dev nlohmann-json3-dev libcli11-dev libfmt-dev libpcre2-dev
