@@ -8,6 +8,9 @@
 #include "core/autograd.h"
 #include "core/ops.h"
 #include "kernels/cpu/strided.h"
+#ifdef FTUNE_HAVE_CUDA
+#include "kernels/copy.h"
+#endif
 
 namespace ftune {
 
@@ -166,8 +169,14 @@ void Tensor::copy_(const Tensor& src) {
   Tensor s = src;
   if (src.device().is_cuda()) {
     FTUNE_CHECK(src.is_contiguous(), "[copy_] strided copy from ", src.desc(), " has no GPU implementation");
-    if (device().is_cuda() && dtype() == src.dtype() && is_contiguous()) {
-      cuda_memcpy_d2d(raw_data(), src.raw_data(), size_t(numel()) * dtype_size(dtype()), device().index);
+    if (device().is_cuda() && is_contiguous() && device() == src.device()) {
+      if (dtype() == src.dtype()) {
+        cuda_memcpy_d2d(raw_data(), src.raw_data(), size_t(numel()) * dtype_size(dtype()), device().index);
+      } else {
+#ifdef FTUNE_HAVE_CUDA
+        kernels::cuda::cast(src.raw_data(), src.dtype(), raw_data(), dtype(), numel(), device().index);
+#endif
+      }
       return;
     }
     Tensor h = Tensor::empty(src.shape(), src.dtype(), Device::cpu());
@@ -189,6 +198,12 @@ void Tensor::copy_(const Tensor& src) {
 
 void Tensor::fill_(double v) {
   if (device().is_cuda()) {
+#ifdef FTUNE_HAVE_CUDA
+    if (is_contiguous()) {
+      kernels::cuda::fill(raw_data(), dtype(), numel(), v, device().index);
+      return;
+    }
+#endif
     Tensor h = Tensor::full(shape(), v, dtype(), Device::cpu());
     copy_(h);
     return;

@@ -106,6 +106,21 @@ TEST(CudaRuntime, CopiesRoundTripEveryDtype) {
   }
 }
 
+TEST(CudaRuntime, DeviceFillAndCastMatchHost) {
+  std::string why = no_gpu_reason();
+  if (!why.empty()) GTEST_SKIP() << why;
+  Generator g(5);
+  Tensor h = randn({1000}, g, 0.0, 100.0);
+  Tensor d = h.to(Device::cuda(0));
+  for (DType dt : {DType::bf16, DType::f16, DType::f64, DType::i32}) {
+    Tensor on_dev = d.to(dt).to(Device::cpu());  // cast kernel on the device
+    Tensor on_host = h.to(dt);                   // cast on the host
+    EXPECT_EQ(on_dev.to_vector<double>(), on_host.to_vector<double>()) << dtype_name(dt);
+  }
+  Tensor f = Tensor::full({4097}, -1.5, DType::bf16, Device::cuda(0));
+  for (double x : f.to_vector<double>()) ASSERT_EQ(x, -1.5);
+}
+
 }  // namespace
 
 void register_cuda_tests() {

@@ -1,0 +1,98 @@
+// Device fill and cast over contiguous buffers: one grid-stride loop per dtype pair.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "core/error.h"
+#include "kernels/copy.h"
+
+#define CUDA_CHECK(expr)                                                                      \
+  do {                                                                                        \
+    cudaError_t err_ = (expr);                                                                \
+    if (err_ != cudaSuccess) FTUNE_THROW("[cuda] ", #expr, ": ", cudaGetErrorString(err_)); \
+  } while (0)
+
+namespace ftune::kernels::cuda {
+
+namespace {
+
+// Device-side storage types for each DType, and conversions through float/double.
+template <class T> __device__ inline double to_f64(T v) { return double(v); }
+template <> __device__ inline double to_f64<__nv_bfloat16>(__nv_bfloat16 v) { return double(__bfloat162float(v)); }
+template <> __device__ inline double to_f64<__half>(__half v) { return double(__half2float(v)); }
+template <> __device__ inline double to_f64<bool>(bool v) { return v ? 1.0 : 0.0; }
+
+template <class T> __device__ inline T from_f64(double v) { return T(v); }
+template <> __device__ inline float from_f64<float>(double v) { return float(v); }
+template <> __device__ inline __nv_bfloat16 from_f64<__nv_bfloat16>(double v) { return __float2bfloat16_rn(float(v)); }
+template <> __device__ inline __half from_f64<__half>(double v) { return __float2half_rn(float(v)); }
+template <> __device__ inline bool from_f64<bool>(double v) { return v != 0.0; }
+
+template <class S, class D>
+__global__ void cast_kernel(const S* __restrict__ src, D* __restrict__ dst, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    dst[i] = from_f64<D>(to_f64<S>(src[i]));
+}
+
+template <class D>
+__global__ void fill_kernel(D* __restrict__ dst, D value, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    dst[i] = value;
+}
+
+template <class T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<T>{}) with the device storage type of t (C++17: no templated lambdas in .cu files).
+template <class F>
+void dispatch(DType t, const char* op, F&& f) {
+  switch (t) {
+    case DType::f32: f(Tag<float>{}); return;
+    case DType::f64: f(Tag<double>{}); return;
+    case DType::bf16: f(Tag<__nv_bfloat16>{}); return;
+    case DType::f16: f(Tag<__half>{}); return;
+    case DType::i32: f(Tag<int32_t>{}); return;
+    case DType::i64: f(Tag<int64_t>{}); return;
+    case DType::b8: f(Tag<bool>{}); return;
+  }
+  FTUNE_THROW("[", op, "] bad dtype");
+}
+
+inline unsigned grid_for(int64_t n) {
+  int64_t blocks = (n + 255) / 256;
+  return unsigned(blocks < 65535 * 8 ? (blocks > 0 ? blocks : 1) : 65535 * 8);
+}
+
+}  // namespace
+
+void fill(void* dst, DType dt, int64_t n, double value, int device) {
+  if (n == 0) return;
+  CUDA_CHECK(cudaSetDevice(device));
+  dispatch(dt, "fill", [&](auto tag) {
+    using D = typename decltype(tag)::type;
+    D v;
+    if constexpr (std::is_same_v<D, __nv_bfloat16>) v = __float2bfloat16_rn(float(value));
+    else if constexpr (std::is_same_v<D, __half>) v = __float2half_rn(float(value));
+    else if constexpr (std::is_same_v<D, bool>) v = value != 0.0;
+    else v = D(value);
+    fill_kernel<D><<<grid_for(n), 256>>>(static_cast<D*>(dst), v, n);
+  });
+  CUDA_CHECK(cudaGetLastError());
+}
+
+void cast(const void* src, DType sdt, void* dst, DType ddt, int64_t n, int device) {
+  if (n == 0) return;
+  CUDA_CHECK(cudaSetDevice(device));
+  dispatch(sdt, "cast", [&](auto stag) {
+    using S = typename decltype(stag)::type;
+    dispatch(ddt, "cast", [&](auto dtag) {
+      using D = typename decltype(dtag)::type;
+      cast_kernel<S, D><<<grid_for(n), 256>>>(static_cast<const S*>(src), static_cast<D*>(dst), n);
+    });
+  });
+  CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace ftune::kernels::cuda
