@@ -14,6 +14,7 @@ void silu_forward(const Tensor& x, Tensor& y);
 void silu_backward(const Tensor& x, const Tensor& dy, Tensor& dx);
 void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& y);
 // Writes each of dgate, dup that is defined.
-void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& dy, Tensor& dgate, Tensor& dup);
+void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& dy, Tensor& dgate,
+                     Tensor& dup);
 
 }  // namespace ftune::kernels::cpu

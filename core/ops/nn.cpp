@@ -29,7 +29,8 @@ int64_t id_at(const Tensor& ids, int64_t p) {
 }
 
 // Checks shared by layer_norm and rms_norm: x [..., D] float, weight (and bias) [D] of x's dtype.
-void check_norm(const char* op, const Tensor& x, const Tensor& weight, const Tensor& bias, double eps) {
+void check_norm(const char* op, const Tensor& x, const Tensor& weight, const Tensor& bias,
+                double eps) {
   check_defined(op, x, "x");
   check_defined(op, weight, "weight");
   check_same_device(op, {&x, &weight, &bias});
@@ -38,11 +39,12 @@ void check_norm(const char* op, const Tensor& x, const Tensor& weight, const Ten
   require_cpu(op, {&x, &weight, &bias});
   FTUNE_CHECK(x.dim() >= 1, "[", op, "] x must have at least 1 dim, got ", x.desc());
   const int64_t D = x.size(-1);
-  FTUNE_CHECK(weight.shape() == Shape{D}, "[", op, "] weight must be [", D, "] (the last dim of x ", x.desc(),
-              "), got ", weight.desc());
+  FTUNE_CHECK(weight.shape() == Shape{D}, "[", op, "] weight must be [", D, "] (the last dim of x ",
+              x.desc(), "), got ", weight.desc());
   FTUNE_CHECK(!bias.defined() || bias.shape() == Shape{D}, "[", op, "] bias must be [", D,
               "] (the last dim of x ", x.desc(), "), got ", bias.desc());
-  FTUNE_CHECK(std::isfinite(eps) && eps >= 0.0, "[", op, "] eps must be finite and >= 0, got ", eps);
+  FTUNE_CHECK(std::isfinite(eps) && eps >= 0.0, "[", op, "] eps must be finite and >= 0, got ",
+              eps);
 }
 
 // One-input elementwise activation: forward kernel, and a backward from the saved input.
@@ -79,22 +81,23 @@ Tensor embedding(const Tensor& weight, const Tensor& ids) {
   Tensor w = contig(weight), idc = contig(ids);
   const int64_t bad = kernels::cpu::first_bad_id(idc, V);
   FTUNE_CHECK(bad < 0, "[embedding] id ", bad < 0 ? 0 : id_at(idc, bad), " at position ",
-              index_str(ids.shape(), bad < 0 ? 0 : bad), " of ids ", ids.desc(), " is out of range [0, ", V,
-              ") for weight ", weight.desc());
+              index_str(ids.shape(), bad < 0 ? 0 : bad), " of ids ", ids.desc(),
+              " is out of range [0, ", V, ") for weight ", weight.desc());
   Shape os = ids.shape();
   os.push_back(D);
   Tensor out = Tensor::empty(os, weight.dtype(), weight.device());
   kernels::cpu::embedding_forward(w, idc, out);
   if (!needs_record({&weight})) return out;
   Shape ws = weight.shape();
-  record("embedding", out, {weight, ids}, [idc, ws](const Tensor& g, const std::vector<bool>& need) {
-    Tensor dw;
-    if (need[0]) {
-      dw = Tensor::empty(ws, g.dtype(), g.device());
-      kernels::cpu::embedding_backward(contig(g), idc, dw);
-    }
-    return std::vector<Tensor>{dw, Tensor()};
-  });
+  record("embedding", out, {weight, ids},
+         [idc, ws](const Tensor& g, const std::vector<bool>& need) {
+           Tensor dw;
+           if (need[0]) {
+             dw = Tensor::empty(ws, g.dtype(), g.device());
+             kernels::cpu::embedding_backward(contig(g), idc, dw);
+           }
+           return std::vector<Tensor>{dw, Tensor()};
+         });
   return out;
 }
 
@@ -103,10 +106,11 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, dou
   const int64_t D = x.size(-1), N = x.numel() / std::max<int64_t>(D, 1);
   Tensor xc = contig(x);
   Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
-  Tensor mean = Tensor::empty({N}, x.dtype(), x.device());
-  Tensor rstd = Tensor::empty({N}, x.dtype(), x.device());
+  Tensor mean = Tensor::empty({N}, DType::f64, x.device());  // f64: see kernels/norm.h
+  Tensor rstd = Tensor::empty({N}, DType::f64, x.device());
   Tensor wc = contig(weight);
-  kernels::cpu::layer_norm_forward(xc, wc, bias.defined() ? contig(bias) : Tensor(), eps, out, mean, rstd);
+  kernels::cpu::layer_norm_forward(xc, wc, bias.defined() ? contig(bias) : Tensor(), eps, out, mean,
+                                   rstd);
   if (!needs_record({&x, &weight, &bias})) return out;
   bool has_bias = bias.defined();
   record("layer_norm", out, {x, weight, bias},
@@ -126,17 +130,18 @@ Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
   const int64_t D = x.size(-1), N = x.numel() / std::max<int64_t>(D, 1);
   Tensor xc = contig(x);
   Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
-  Tensor rstd = Tensor::empty({N}, x.dtype(), x.device());
+  Tensor rstd = Tensor::empty({N}, DType::f64, x.device());
   Tensor wc = contig(weight);
   kernels::cpu::rms_norm_forward(xc, wc, eps, out, rstd);
   if (!needs_record({&x, &weight})) return out;
-  record("rms_norm", out, {x, weight}, [xc, wc, rstd](const Tensor& g, const std::vector<bool>& need) {
-    Tensor dx, dw;
-    if (need[0]) dx = Tensor::empty(xc.shape(), xc.dtype(), xc.device());
-    if (need[1]) dw = Tensor::empty(wc.shape(), wc.dtype(), wc.device());
-    kernels::cpu::rms_norm_backward(contig(g), xc, wc, rstd, dx, dw);
-    return std::vector<Tensor>{dx, dw};
-  });
+  record("rms_norm", out, {x, weight},
+         [xc, wc, rstd](const Tensor& g, const std::vector<bool>& need) {
+           Tensor dx, dw;
+           if (need[0]) dx = Tensor::empty(xc.shape(), xc.dtype(), xc.device());
+           if (need[1]) dw = Tensor::empty(wc.shape(), wc.dtype(), wc.device());
+           kernels::cpu::rms_norm_backward(contig(g), xc, wc, rstd, dx, dw);
+           return std::vector<Tensor>{dx, dw};
+         });
   return out;
 }
 
@@ -151,9 +156,10 @@ Tensor rope(const Tensor& x, const Tensor& positions, double theta) {
   const int64_t B = x.size(0), T = x.size(1), D = x.size(3);
   FTUNE_CHECK(D % 2 == 0, "[rope] head_dim D must be even, got x ", x.desc());
   const bool pos_ok = positions.shape() == Shape{T} || positions.shape() == Shape{B, T};
-  FTUNE_CHECK(pos_ok, "[rope] positions must be [",
-              T, "] or [", B, ", ", T, "] for x ", x.desc(), ", got ", positions.desc());
-  FTUNE_CHECK(std::isfinite(theta) && theta > 0.0, "[rope] theta must be finite and > 0, got ", theta);
+  FTUNE_CHECK(pos_ok, "[rope] positions must be [", T, "] or [", B, ", ", T, "] for x ", x.desc(),
+              ", got ", positions.desc());
+  FTUNE_CHECK(std::isfinite(theta) && theta > 0.0, "[rope] theta must be finite and > 0, got ",
+              theta);
   Tensor pc = contig(positions);
   Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
   kernels::cpu::rope(contig(x), pc, theta, false, out);

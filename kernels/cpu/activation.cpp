@@ -10,7 +10,7 @@ namespace ftune::kernels::cpu {
 
 namespace {
 
-constexpr int64_t kParallelMin = 1 << 15;  // elements
+constexpr int64_t kParallelMin = 1 << 15;      // elements
 constexpr double kGeluA = 0.7978845608028654;  // sqrt(2 / pi)
 constexpr double kGeluB = 0.044715;
 
@@ -36,17 +36,36 @@ inline float exp_nonpos(float a) {
 }
 
 // sigmoid(z) = num / (1 + e) with e = exp(-|z|) and num = 1 (z >= 0) or e (z < 0): never
-// overflows and keeps full relative precision for z << 0. The clamp of |z| and the select are done
-// on the bits, as integers: float compare-selects keep GCC from vectorizing under -ftrapping-math.
+// overflows and keeps full relative precision for z << 0. Beyond |z| = 87, e (< 1.7e-38) is
+// flushed to 0 so that sigmoid saturates to exactly 0 or 1. The clamp and the selects work on the
+// bits, as integers: float compare-selects keep GCC from vectorizing under -ftrapping-math.
 // A NaN input gives a finite s; every caller multiplies by its input, so NaN still propagates.
 inline float sigmoid_f32(float z) {
+  constexpr uint32_t kLim = std::bit_cast<uint32_t>(87.0f);
   const uint32_t zb = std::bit_cast<uint32_t>(z);
-  const uint32_t mag = std::min(zb & 0x7fffffffu, std::bit_cast<uint32_t>(87.0f));
-  const float e = exp_nonpos(-std::bit_cast<float>(mag));
+  const uint32_t mag = zb & 0x7fffffffu;
+  const float e0 = exp_nonpos(-std::bit_cast<float>(std::min(mag, kLim)));
+  const float e = std::bit_cast<float>(std::bit_cast<uint32_t>(e0) & (0u - uint32_t(mag < kLim)));
   const uint32_t neg = 0u - (zb >> 31);  // all ones when z < 0
-  const float num =
-      std::bit_cast<float>((std::bit_cast<uint32_t>(e) & neg) | (std::bit_cast<uint32_t>(1.0f) & ~neg));
+  const float num = std::bit_cast<float>((std::bit_cast<uint32_t>(e) & neg) |
+                                         (std::bit_cast<uint32_t>(1.0f) & ~neg));
   return num / (1.0f + e);
+}
+
+// x with |x| limited to lim (sign kept, NaN passed through), by bits for the same reason.
+inline float clamp_mag_f32(float x, float lim) {
+  const uint32_t b = std::bit_cast<uint32_t>(x), mag = b & 0x7fffffffu;
+  const uint32_t over = 0u - uint32_t((mag > std::bit_cast<uint32_t>(lim)) & (mag <= 0x7f800000u));
+  return std::bit_cast<float>((b & ~over) |
+                              (((b & 0x80000000u) | std::bit_cast<uint32_t>(lim)) & over));
+}
+
+template <class T>
+inline T clamp_mag(T x, T lim) {
+  if constexpr (std::is_same_v<T, float>)
+    return clamp_mag_f32(x, lim);
+  else
+    return std::clamp(x, -lim, lim);
 }
 
 template <class T>
@@ -95,7 +114,9 @@ void gelu_backward(const Tensor& x, const Tensor& dy, Tensor& dx) {
     const T* pg = dy.data<T>();
     T* pd = dx.data<T>();
     map_n<T>(x.numel(), [=](int64_t i) {
-      const T v = px[i];
+      // Past |x| = 10 the sigmoid is saturated (|2u| > 87) and the derivative is 0 or 1; the clamp
+      // only keeps x^2 from overflowing into inf * 0.
+      const T v = clamp_mag<T>(px[i], T(10));
       const T s = gelu_sig<T>(v);
       // d/dx [x s(2u)] = s + x s (1 - s) 2 a (1 + 3 b x^2)
       const T du2 = T(2 * kGeluA) * (T(1) + T(3 * kGeluB) * v * v);
@@ -137,7 +158,8 @@ void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& y) {
   });
 }
 
-void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& dy, Tensor& dgate, Tensor& dup) {
+void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& dy, Tensor& dgate,
+                     Tensor& dup) {
   dispatch_float(gate.dtype(), "swiglu_backward", [&]<class T>() {
     const T* pg = gate.data<T>();
     const T* pu = up.data<T>();

@@ -14,9 +14,12 @@ constexpr int64_t kParallelMin = 1 << 15;  // elements; below this threads cost 
 template <class F>
 decltype(auto) dispatch_index(DType t, const char* op, F&& fn) {
   switch (t) {
-    case DType::i32: return fn.template operator()<int32_t>();
-    case DType::i64: return fn.template operator()<int64_t>();
-    default: FTUNE_THROW("[", op, "] ids must be i32 or i64, got ", dtype_name(t));
+    case DType::i32:
+      return fn.template operator()<int32_t>();
+    case DType::i64:
+      return fn.template operator()<int64_t>();
+    default:
+      FTUNE_THROW("[", op, "] ids must be i32 or i64, got ", dtype_name(t));
   }
 }
 
@@ -56,7 +59,8 @@ void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor& dweight) {
       // Positions sorted by id (stable: equal ids keep increasing n), then cut into runs of one id.
       std::vector<int64_t> order(static_cast<size_t>(n));
       std::iota(order.begin(), order.end(), int64_t(0));
-      std::stable_sort(order.begin(), order.end(), [id](int64_t a, int64_t b) { return id[a] < id[b]; });
+      std::stable_sort(order.begin(), order.end(),
+                       [id](int64_t a, int64_t b) { return id[a] < id[b]; });
       std::vector<int64_t> run_start;
       run_start.reserve(size_t(n) + 1);
       for (int64_t k = 0; k < n; ++k)
@@ -68,7 +72,7 @@ void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor& dweight) {
       {
 #pragma omp for schedule(static)
         for (int64_t v = 0; v < V; ++v) std::memset(dw + v * D, 0, size_t(D) * sizeof(T));
-        // The implicit barrier above orders the zeroing before the accumulation.
+          // The implicit barrier above orders the zeroing before the accumulation.
 #pragma omp for schedule(dynamic, 8)
         for (int64_t r = 0; r < runs; ++r) {
           T* dst = dw + int64_t(id[order[run_start[r]]]) * D;

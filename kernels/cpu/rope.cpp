@@ -11,11 +11,12 @@ namespace {
 constexpr int64_t kParallelMin = 1 << 15;  // elements
 
 template <class T, class I>
-void rope_t(const T* x, const I* pos, int64_t rows, int64_t npos, int64_t H, int64_t D, double theta,
-            bool inverse, T* out) {
+void rope_t(const T* x, const I* pos, int64_t rows, int64_t npos, int64_t H, int64_t D,
+            double theta, bool inverse, T* out) {
   const int64_t half = D / 2;
   std::vector<double> inv_freq(static_cast<size_t>(half));
-  for (int64_t i = 0; i < half; ++i) inv_freq[size_t(i)] = std::pow(theta, -2.0 * double(i) / double(D));
+  for (int64_t i = 0; i < half; ++i)
+    inv_freq[size_t(i)] = std::pow(theta, -2.0 * double(i) / double(D));
 
   // cos/sin tables, one row per distinct position when positions span a small range (the usual
   // 0..T-1, repeated per batch row), else one row per token. Angles in f64: exact to ~1e-12 rad at
@@ -67,7 +68,8 @@ void rope(const Tensor& x, const Tensor& positions, double theta, bool inverse, 
   const int64_t npos = positions.numel();
   dispatch_float(x.dtype(), "rope", [&]<class T>() {
     if (positions.dtype() == DType::i32)
-      rope_t<T, int32_t>(x.data<T>(), positions.data<int32_t>(), rows, npos, H, D, theta, inverse, out.data<T>());
+      rope_t<T, int32_t>(x.data<T>(), positions.data<int32_t>(), rows, npos, H, D, theta, inverse,
+                         out.data<T>());
     else
       rope_t<T, int64_t>(x.data<T>(), positions.data<int64_t>(), rows, npos, H, D, theta, inverse,
                          out.data<T>());

@@ -43,14 +43,16 @@ Tensor ref_embedding(const Tensor& w, const Tensor& ids) {
 // Biased variance, as torch.nn.LayerNorm; bias may be undefined.
 Tensor ref_layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps) {
   auto xv = x.to_vector<double>(), wv = w.to_vector<double>();
-  std::vector<double> bv = b.defined() ? b.to_vector<double>() : std::vector<double>(wv.size(), 0.0);
+  std::vector<double> bv =
+      b.defined() ? b.to_vector<double>() : std::vector<double>(wv.size(), 0.0);
   const size_t D = wv.size(), N = xv.size() / D;
   std::vector<double> out(xv.size());
   for (size_t r = 0; r < N; ++r) {
     double mu = 0, var = 0;
     for (size_t j = 0; j < D; ++j) mu += xv[r * D + j] / double(D);
     for (size_t j = 0; j < D; ++j) var += (xv[r * D + j] - mu) * (xv[r * D + j] - mu) / double(D);
-    for (size_t j = 0; j < D; ++j) out[r * D + j] = (xv[r * D + j] - mu) / std::sqrt(var + eps) * wv[j] + bv[j];
+    for (size_t j = 0; j < D; ++j)
+      out[r * D + j] = (xv[r * D + j] - mu) / std::sqrt(var + eps) * wv[j] + bv[j];
   }
   return Tensor::from_vector(out, x.shape());
 }
@@ -113,7 +115,8 @@ std::vector<OpCase> cases() {
     c.reference = [](const V& v) { return ref_embedding(v[0], v[1]); };
     // Repeated ids: their gradients must accumulate into the same row of dweight.
     c.variant = "repeated_ids_i64";
-    c.inputs = {spec("weight", {7, 5}), fixed_ids<int64_t>("ids", {3, 0, 3, 6, 3, 1, 0, 6, 2, 3, 5, 3}, {2, 6})};
+    c.inputs = {spec("weight", {7, 5}),
+                fixed_ids<int64_t>("ids", {3, 0, 3, 6, 3, 1, 0, 6, 2, 3, 5, 3}, {2, 6})};
     cs.push_back(c);
     c.variant = "repeated_ids_i32";
     c.inputs = {spec("weight", {7, 5}), fixed_ids<int32_t>("ids", {4, 4, 0, 6, 4, 2, 2, 1}, {8})};
@@ -132,20 +135,21 @@ std::vector<OpCase> cases() {
     c.op = "layer_norm";
     // x away from zero mean so that the centring matters.
     c.variant = "bias_3x4x16";
-    c.inputs = {spec("x", {3, 4, 16}, Fill::uniform, -1.0, 3.0), spec("weight", {16}, Fill::uniform, 0.5, 1.5),
-                spec("bias", {16})};
+    c.inputs = {spec("x", {3, 4, 16}, Fill::uniform, -1.0, 3.0),
+                spec("weight", {16}, Fill::uniform, 0.5, 1.5), spec("bias", {16})};
     c.run = [](const V& v) { return ops::layer_norm(v[0], v[1], v[2], 1e-5); };
     c.reference = [](const V& v) { return ref_layer_norm(v[0], v[1], v[2], 1e-5); };
     cs.push_back(c);
     c.variant = "nobias_5x24";
-    c.inputs = {spec("x", {5, 24}, Fill::uniform, -2.0, 1.0), spec("weight", {24}, Fill::uniform, -1.5, 1.5)};
+    c.inputs = {spec("x", {5, 24}, Fill::uniform, -2.0, 1.0),
+                spec("weight", {24}, Fill::uniform, -1.5, 1.5)};
     c.run = [](const V& v) { return ops::layer_norm(v[0], v[1], Tensor(), 1e-5); };
     c.reference = [](const V& v) { return ref_layer_norm(v[0], v[1], Tensor(), 1e-5); };
     cs.push_back(c);
     // Variance of ~1e-4 against eps 1e-3: a misplaced eps shows.
     c.variant = "eps_dominant_4x12";
-    c.inputs = {spec("x", {4, 12}, Fill::uniform, -0.02, 0.02), spec("weight", {12}, Fill::uniform, 0.5, 1.5),
-                spec("bias", {12})};
+    c.inputs = {spec("x", {4, 12}, Fill::uniform, -0.02, 0.02),
+                spec("weight", {12}, Fill::uniform, 0.5, 1.5), spec("bias", {12})};
     c.run = [](const V& v) { return ops::layer_norm(v[0], v[1], v[2], 1e-3); };
     c.reference = [](const V& v) { return ref_layer_norm(v[0], v[1], v[2], 1e-3); };
     cs.push_back(c);
@@ -165,7 +169,8 @@ std::vector<OpCase> cases() {
     c.reference = [](const V& v) { return ref_rms_norm(v[0], v[1], 1e-6); };
     cs.push_back(c);
     c.variant = "eps_dominant_6x10";
-    c.inputs = {spec("x", {6, 10}, Fill::uniform, -0.03, 0.03), spec("weight", {10}, Fill::uniform, -1.0, 1.0)};
+    c.inputs = {spec("x", {6, 10}, Fill::uniform, -0.03, 0.03),
+                spec("weight", {10}, Fill::uniform, -1.0, 1.0)};
     c.run = [](const V& v) { return ops::rms_norm(v[0], v[1], 1e-3); };
     c.reference = [](const V& v) { return ref_rms_norm(v[0], v[1], 1e-3); };
     cs.push_back(c);
@@ -187,19 +192,21 @@ std::vector<OpCase> cases() {
       return c;
     };
     // [B, T] positions: a shuffled 0..T-1 row and a row of large values.
-    cs.push_back(rope_case("bt_positions_theta1e4", {2, 6, 3, 8},
-                           fixed_ids<int64_t>("positions", {3, 0, 5, 1, 4, 2, 1000, 1003, 997, 1500, 1024, 999},
-                                              {2, 6}),
-                           10000.0));
+    cs.push_back(
+        rope_case("bt_positions_theta1e4", {2, 6, 3, 8},
+                  fixed_ids<int64_t>("positions",
+                                     {3, 0, 5, 1, 4, 2, 1000, 1003, 997, 1500, 1024, 999}, {2, 6}),
+                  10000.0));
     // [T] positions shared by the batch, i32, up to 32k.
     cs.push_back(rope_case("t_positions_i32_theta5e5", {3, 6, 2, 16},
-                           fixed_ids<int32_t>("positions", {4096, 0, 32000, 17, 9999, 123}, {6}), 500000.0));
+                           fixed_ids<int32_t>("positions", {4096, 0, 32000, 17, 9999, 123}, {6}),
+                           500000.0));
     cs.push_back(rope_case("t_positions_shuffled_theta1e4", {2, 5, 4, 6},
                            fixed_ids<int64_t>("positions", {4, 1, 3, 0, 2}, {5}), 10000.0));
     std::vector<int64_t> ar(512);
     for (int64_t i = 0; i < 512; ++i) ar[size_t(i)] = i;
-    OpCase b = rope_case("bench_8x512x32x128", {8, 512, 32, 128}, fixed_ids<int64_t>("positions", ar, {512}),
-                         500000.0);
+    OpCase b = rope_case("bench_8x512x32x128", {8, 512, 32, 128},
+                         fixed_ids<int64_t>("positions", ar, {512}), 500000.0);
     b.bench = true;
     cs.push_back(b);
   }
