@@ -14,7 +14,8 @@ std::vector<ParamGroup> decay_groups(const NamedTensors& params, double weight_d
   ParamGroup decay, no_decay;
   decay.weight_decay = weight_decay;
   no_decay.weight_decay = 0.0;
-  for (const auto& [name, p] : params) (p.dim() >= 2 ? decay : no_decay).params.emplace_back(name, p);
+  for (const auto& [name, p] : params)
+    (p.dim() >= 2 ? decay : no_decay).params.emplace_back(name, p);
   std::vector<ParamGroup> out;
   if (!decay.params.empty()) out.push_back(std::move(decay));
   if (!no_decay.params.empty()) out.push_back(std::move(no_decay));
@@ -38,7 +39,9 @@ void update_param(const Tensor& param, Tensor& master, const Tensor& grad, Tenso
     kernels::cpu::adamw_update<G, P>(pm, p, static_cast<const G*>(grad.raw_data()), mm, vv, n, c);
   };
   switch (param.dtype()) {
-    case DType::f32: run.template operator()<float, float>(nullptr); break;
+    case DType::f32:
+      run.template operator()<float, float>(nullptr);
+      break;
     case DType::bf16:
       if (grad.dtype() == DType::bf16)
         run.template operator()<bf16, bf16>(param.data<bf16>());
@@ -51,7 +54,8 @@ void update_param(const Tensor& param, Tensor& master, const Tensor& grad, Tenso
       else
         run.template operator()<float, f16>(param.data<f16>());
       break;
-    default: FTUNE_THROW("[adamw] unsupported parameter ", param.desc());
+    default:
+      FTUNE_THROW("[adamw] unsupported parameter ", param.desc());
   }
 }
 
@@ -103,8 +107,8 @@ void AdamW::step() {
     FTUNE_CHECK(g.dtype() == s.param.dtype() || g.dtype() == DType::f32, "[adamw] gradient ",
                 g.desc(), " of parameter '", s.name, "' ", s.param.desc(), " (expected ",
                 dtype_name(s.param.dtype()), " or f32)");
-    FTUNE_CHECK(g.device().is_cpu(), "[adamw] has no GPU implementation yet (gradient of '",
-                s.name, "' is ", g.desc(), ")");
+    FTUNE_CHECK(g.device().is_cpu(), "[adamw] has no GPU implementation yet (gradient of '", s.name,
+                "' is ", g.desc(), ")");
     if (!g.is_contiguous()) g = g.contiguous();
     if (is_16bit(s.param.dtype()) && !s.master.defined()) s.master = s.param.to(DType::f32);
     ++s.step;
@@ -158,30 +162,26 @@ void AdamW::import_state(const OptimizerState& state) {
                 it->second->desc(), ", expected shape ", shape_str(shape));
     return *it->second;
   };
-  size_t used = 0;
+  // ".master" is optional both ways, so a run may resume with its params in another dtype: an
+  // f32 param ignores it, a 16-bit param without one takes its master from the param.
+  std::unordered_set<std::string> expected;
   for (const Slot& s : slots_) {
     get(s.name + ".exp_avg", s.param.shape());
     get(s.name + ".exp_avg_sq", s.param.shape());
     FTUNE_CHECK(get(s.name + ".step", {}).item() >= 0, "[adamw] negative step for '", s.name, "'");
-    used += 3;
-    if (is_16bit(s.param.dtype())) {
-      get(s.name + ".master", s.param.shape());
-      ++used;
-    }
+    if (by_name.count(s.name + ".master")) get(s.name + ".master", s.param.shape());
+    for (const char* k : {".exp_avg", ".exp_avg_sq", ".step", ".master"})
+      expected.insert(s.name + k);
   }
-  if (used != by_name.size()) {
-    std::unordered_set<std::string> expected;
-    for (const Slot& s : slots_)
-      for (const char* k : {".exp_avg", ".exp_avg_sq", ".step", ".master"}) expected.insert(s.name + k);
-    for (const auto& [name, t] : state.tensors)
-      FTUNE_CHECK(expected.count(name), "[adamw] state tensor '", name,
-                  "' belongs to no parameter of this optimizer");
-  }
+  for (const auto& [name, t] : state.tensors)
+    FTUNE_CHECK(expected.count(name), "[adamw] state tensor '", name,
+                "' belongs to no parameter of this optimizer");
   for (Slot& s : slots_) {
     s.m.copy_(get(s.name + ".exp_avg", s.param.shape()));
     s.v.copy_(get(s.name + ".exp_avg_sq", s.param.shape()));
     s.step = int64_t(get(s.name + ".step", {}).item());
-    if (is_16bit(s.param.dtype())) {
+    s.master = Tensor();
+    if (is_16bit(s.param.dtype()) && by_name.count(s.name + ".master")) {
       s.master = Tensor::empty(s.param.shape());
       s.master.copy_(get(s.name + ".master", s.param.shape()));
       s.param.copy_(s.master);
@@ -201,7 +201,10 @@ ScheduleKind schedule_kind_from_name(const std::string& name) {
 
 LRSchedule::LRSchedule(ScheduleKind kind, double base_lr, int64_t warmup_steps, int64_t total_steps,
                        double min_lr_ratio)
-    : kind_(kind), base_lr_(base_lr), warmup_(warmup_steps), total_(total_steps),
+    : kind_(kind),
+      base_lr_(base_lr),
+      warmup_(warmup_steps),
+      total_(total_steps),
       min_ratio_(min_lr_ratio) {
   FTUNE_CHECK(warmup_steps >= 0, "[lr_schedule] negative warmup_steps ", warmup_steps);
   FTUNE_CHECK(min_lr_ratio >= 0 && min_lr_ratio <= 1, "[lr_schedule] min_lr_ratio ", min_lr_ratio,
@@ -230,7 +233,8 @@ void for_each_grad(const std::vector<Tensor>& params, F&& f) {
     if (!p.defined()) continue;
     Tensor g = p.grad();
     if (!g.defined()) continue;
-    FTUNE_CHECK(g.device().is_cpu(), "[clip_grad_norm] has no GPU implementation yet (", g.desc(), ")");
+    FTUNE_CHECK(g.device().is_cpu(), "[clip_grad_norm] has no GPU implementation yet (", g.desc(),
+                ")");
     FTUNE_CHECK(is_floating(g.dtype()), "[clip_grad_norm] gradient ", g.desc());
     FTUNE_CHECK(g.is_contiguous(), "[clip_grad_norm] non-contiguous gradient ", g.desc());
     f(g);
@@ -240,11 +244,20 @@ void for_each_grad(const std::vector<Tensor>& params, F&& f) {
 template <class F>
 void dispatch_grad(const Tensor& g, F&& f) {
   switch (g.dtype()) {
-    case DType::f32: f.template operator()<float>(); break;
-    case DType::f64: f.template operator()<double>(); break;
-    case DType::bf16: f.template operator()<bf16>(); break;
-    case DType::f16: f.template operator()<f16>(); break;
-    default: FTUNE_THROW("[clip_grad_norm] gradient ", g.desc());
+    case DType::f32:
+      f.template operator()<float>();
+      break;
+    case DType::f64:
+      f.template operator()<double>();
+      break;
+    case DType::bf16:
+      f.template operator()<bf16>();
+      break;
+    case DType::f16:
+      f.template operator()<f16>();
+      break;
+    default:
+      FTUNE_THROW("[clip_grad_norm] gradient ", g.desc());
   }
 }
 }  // namespace
@@ -252,7 +265,8 @@ void dispatch_grad(const Tensor& g, F&& f) {
 double grad_sum_squares(const std::vector<Tensor>& params) {
   double acc = 0.0;
   for_each_grad(params, [&](const Tensor& g) {
-    dispatch_grad(g, [&]<class T>() { acc += kernels::cpu::sum_squares<T>(g.data<T>(), g.numel()); });
+    dispatch_grad(g,
+                  [&]<class T>() { acc += kernels::cpu::sum_squares<T>(g.data<T>(), g.numel()); });
   });
   return acc;
 }

@@ -62,8 +62,9 @@ class AdamW {
   const std::vector<ParamGroup>& groups() const { return groups_; }
 
   OptimizerState export_state() const;  // copies
-  // Checks names, shapes and completeness (throws naming the tensor); a 16-bit param is set from
-  // its imported master.
+  // Checks names, shapes and completeness (throws naming the tensor, and changes nothing then).
+  // A 16-bit param is set from its imported master; ".master" may be absent (the state of an f32
+  // run): the master is then taken from the param at its next update.
   void import_state(const OptimizerState& state);
 
  private:

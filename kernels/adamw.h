@@ -6,7 +6,7 @@ namespace ftune::kernels {
 
 // Per-step constants of one AdamW update, computed in double by the caller.
 struct AdamWConsts {
-  float decay = 1.0f;      // 1 - lr * weight_decay
+  float decay = 1.0f;  // 1 - lr * weight_decay
   float beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f;
   float step_size = 0.0f;  // lr / (1 - beta1^t)
   float bc2_sqrt = 1.0f;   // sqrt(1 - beta2^t)
@@ -15,7 +15,8 @@ struct AdamWConsts {
 namespace cpu {
 
 // One AdamW step over n elements (torch.optim.AdamW order):
-//   p *= decay; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= step_size * m / (sqrt(v)/bc2_sqrt + eps)
+//   p *= decay; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+//   p -= step_size * m / (sqrt(v) / bc2_sqrt + eps)
 // master, m, v are f32 [n]; g [n] is G (f32, bf16 or f16). P = float updates master in place
 // (param is unused); P = bf16/f16 also writes the rounded master into param [n].
 template <class G, class P>

@@ -38,8 +38,8 @@ void lora_forward(const LoraDims& d, const T* x, const T* w, const T* bias, cons
 // when p > 0 and both dx and da.
 template <class T>
 void lora_backward(const LoraDims& d, const T* g, const T* x, const T* w, const T* a, const T* b,
-                   const T* u, T scale, double p, uint64_t seed, T* du, T* xd, uint8_t* keep,
-                   T* dx, T* da, T* db);
+                   const T* u, T scale, double p, uint64_t seed, T* du, T* xd, uint8_t* keep, T* dx,
+                   T* da, T* db);
 
 }  // namespace cpu
 }  // namespace ftune::kernels

@@ -27,19 +27,18 @@ Tensor lora_linear(const Tensor& x, const Tensor& w, const Tensor& b, const Tens
   check_same_dtype(op, {&x, &w, &b, &lora_a, &lora_b});
   check_float(op, x, "x");
   require_cpu(op, {&x, &w, &b, &lora_a, &lora_b});
-  FTUNE_CHECK(w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1), "[lora_linear] x ",
-              x.desc(), " does not match weight ", w.desc(), " (expected weight [out, ",
-              x.size(-1), "])");
+  FTUNE_CHECK(w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1), "[lora_linear] x ", x.desc(),
+              " does not match weight ", w.desc(), " (expected weight [out, ", x.size(-1), "])");
   const int64_t in = w.size(1), outf = w.size(0);
   FTUNE_CHECK(lora_a.dim() == 2 && lora_a.size(1) == in && lora_a.size(0) >= 1,
               "[lora_linear] lora_a ", lora_a.desc(), " must be [r, ", in, "] for weight ",
               w.desc());
   const int64_t r = lora_a.size(0);
   FTUNE_CHECK(lora_b.dim() == 2 && lora_b.size(0) == outf && lora_b.size(1) == r,
-              "[lora_linear] lora_b ", lora_b.desc(), " must be [", outf, ", ", r,
-              "] for weight ", w.desc(), " and lora_a ", lora_a.desc());
-  FTUNE_CHECK(!b.defined() || (b.dim() == 1 && b.size(0) == outf), "[lora_linear] bias ",
-              b.desc(), " for weight ", w.desc());
+              "[lora_linear] lora_b ", lora_b.desc(), " must be [", outf, ", ", r, "] for weight ",
+              w.desc(), " and lora_a ", lora_a.desc());
+  FTUNE_CHECK(!b.defined() || (b.dim() == 1 && b.size(0) == outf), "[lora_linear] bias ", b.desc(),
+              " for weight ", w.desc());
   FTUNE_CHECK(dropout >= 0.0 && dropout < 1.0, "[lora_linear] dropout must be in [0, 1), got ",
               dropout);
   FTUNE_CHECK(std::isfinite(scale), "[lora_linear] scale must be finite, got ", scale);
@@ -66,7 +65,8 @@ Tensor lora_linear(const Tensor& x, const Tensor& w, const Tensor& b, const Tens
   Tensor bs = gx || ga ? b2 : Tensor(), us = gb ? u : Tensor();
   Shape xshape = x.shape();
   record(op, y, {x, lora_a, lora_b},
-         [d, xs, ws, as, bs, us, xshape, scale, dropout, seed](const Tensor& g, const std::vector<bool>& need) {
+         [d, xs, ws, as, bs, us, xshape, scale, dropout, seed](const Tensor& g,
+                                                               const std::vector<bool>& need) {
            Tensor gc = contig(g);
            const DType dt = gc.dtype();
            Tensor dx = need[0] ? Tensor::empty(xshape, dt) : Tensor();
@@ -82,8 +82,8 @@ Tensor lora_linear(const Tensor& x, const Tensor& w, const Tensor& b, const Tens
                  d, gc.data<T>(), ptr_or_null<T>(xs), ptr_or_null<T>(ws), ptr_or_null<T>(as),
                  ptr_or_null<T>(bs), ptr_or_null<T>(us), T(scale), dropout, seed,
                  ptr_or_null<T>(du), ptr_or_null<T>(scratch),
-                 keep.defined() ? static_cast<uint8_t*>(keep.raw_data()) : nullptr, ptr_or_null<T>(dx),
-                 ptr_or_null<T>(da), ptr_or_null<T>(db));
+                 keep.defined() ? static_cast<uint8_t*>(keep.raw_data()) : nullptr,
+                 ptr_or_null<T>(dx), ptr_or_null<T>(da), ptr_or_null<T>(db));
            });
            return std::vector<Tensor>{dx, da, db};
          });

@@ -87,14 +87,14 @@ void lora_forward(const LoraDims& d, const T* x, const T* w, const T* bias, cons
     lora_dropout<T>(x, xd, M * in, p, seed);
     xs = xd;
   }
-  gemm<T>(false, true, M, r, in, T(1), xs, in, a, in, T(0), u, r);      // u = drop(x) A^T
-  gemm<T>(false, true, M, out, r, scale, u, r, b, r, T(1), y, out);    // y += scale u B^T
+  gemm<T>(false, true, M, r, in, T(1), xs, in, a, in, T(0), u, r);   // u = drop(x) A^T
+  gemm<T>(false, true, M, out, r, scale, u, r, b, r, T(1), y, out);  // y += scale u B^T
 }
 
 template <class T>
 void lora_backward(const LoraDims& d, const T* g, const T* x, const T* w, const T* a, const T* b,
-                   const T* u, T scale, double p, uint64_t seed, T* du, T* xd, uint8_t* keep,
-                   T* dx, T* da, T* db) {
+                   const T* u, T scale, double p, uint64_t seed, T* du, T* xd, uint8_t* keep, T* dx,
+                   T* da, T* db) {
   const int64_t M = d.m, in = d.in, out = d.out, r = d.r;
   if (M == 0) {  // nothing to sum over: BLAS is not asked about k = 0
     if (da) std::fill(da, da + r * in, T(0));
@@ -103,10 +103,10 @@ void lora_backward(const LoraDims& d, const T* g, const T* x, const T* w, const 
   }
   if (db) gemm<T>(true, false, out, r, M, scale, g, out, u, r, T(0), db, r);  // dB = scale g^T u
   if (!dx && !da) return;
-  gemm<T>(false, false, M, r, out, scale, g, out, b, r, T(0), du, r);  // du = scale g B
+  gemm<T>(false, false, M, r, out, scale, g, out, b, r, T(0), du, r);            // du = scale g B
   if (dx) gemm<T>(false, false, M, in, out, T(1), g, out, w, in, T(0), dx, in);  // dx = g W
   if (p == 0) {
-    if (da) gemm<T>(true, false, r, in, M, T(1), du, r, x, in, T(0), da, in);  // dA = du^T x
+    if (da) gemm<T>(true, false, r, in, M, T(1), du, r, x, in, T(0), da, in);   // dA = du^T x
     if (dx) gemm<T>(false, false, M, in, r, T(1), du, r, a, in, T(1), dx, in);  // dx += du A
     return;
   }
@@ -130,7 +130,7 @@ void lora_backward(const LoraDims& d, const T* g, const T* x, const T* w, const 
   }
   if (dx) {
     gemm<T>(false, false, M, in, r, T(1), du, r, a, in, T(0), xd, in);  // du A
-    if (both) {  // dx += drop'(du A)
+    if (both) {                                                         // dx += drop'(du A)
 #pragma omp parallel for schedule(static) if (n > (1 << 16))
       for (int64_t i = 0; i < n; i += kBlocks * 4)
         accumulate_keep<T>(dx + i, xd + i, keep + i, std::min<int64_t>(kBlocks * 4, n - i), inv);
@@ -146,7 +146,7 @@ void lora_backward(const LoraDims& d, const T* g, const T* x, const T* w, const 
   template void lora_forward<T>(const LoraDims&, const T*, const T*, const T*, const T*, const T*, \
                                 T, double, uint64_t, T*, T*, T*);                                  \
   template void lora_backward<T>(const LoraDims&, const T*, const T*, const T*, const T*,          \
-                                 const T*, const T*, T, double, uint64_t, T*, T*, uint8_t*, T*, \
+                                 const T*, const T*, T, double, uint64_t, T*, T*, uint8_t*, T*,    \
                                  T*, T*);
 FTUNE_LORA_INSTANTIATE(float)
 FTUNE_LORA_INSTANTIATE(double)

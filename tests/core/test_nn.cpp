@@ -48,11 +48,14 @@ std::vector<std::string> names_of(const NamedTensors& ps) {
 TEST(Module, DottedNamesInRegistrationOrder) {
   Generator gen(0);
   Toy toy(gen, 2);
-  const std::vector<std::string> want = {
-      "scale",
-      "layers.0.q_proj.weight", "layers.0.q_proj.bias", "layers.0.o_proj.weight",
-      "layers.1.q_proj.weight", "layers.1.q_proj.bias", "layers.1.o_proj.weight",
-      "lm_head.weight"};
+  const std::vector<std::string> want = {"scale",
+                                         "layers.0.q_proj.weight",
+                                         "layers.0.q_proj.bias",
+                                         "layers.0.o_proj.weight",
+                                         "layers.1.q_proj.weight",
+                                         "layers.1.q_proj.bias",
+                                         "layers.1.o_proj.weight",
+                                         "lm_head.weight"};
   NamedTensors ps = toy.named_parameters();
   EXPECT_EQ(names_of(ps), want);
   std::vector<Tensor> flat = toy.parameters();

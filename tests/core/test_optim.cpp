@@ -173,7 +173,8 @@ TEST(AdamW, StateRoundTripContinuesExactly) {
   Tensor h1 = randn({7}, gen).to(DType::bf16).set_requires_grad(true);
   AdamW a = make(w1, h1);
   std::vector<std::pair<Tensor, Tensor>> grads;
-  for (int i = 0; i < 6; ++i) grads.emplace_back(randn({5, 4}, gen), randn({7}, gen).to(DType::bf16));
+  for (int i = 0; i < 6; ++i)
+    grads.emplace_back(randn({5, 4}, gen), randn({7}, gen).to(DType::bf16));
   for (int i = 0; i < 3; ++i) {
     w1.set_grad(grads[i].first);
     h1.set_grad(grads[i].second);
@@ -202,6 +203,33 @@ TEST(AdamW, StateRoundTripContinuesExactly) {
             0.0);
 }
 
+// A run may resume with its params in another dtype: f32 state into bf16 params (no master:
+// taken from the param) and back (the master is ignored).
+TEST(AdamW, ImportAcrossParamDtypes) {
+  Generator gen(12);
+  Tensor p = randn({9}, gen).set_requires_grad(true);
+  AdamW a({ParamGroup{{{"p", p}}}});
+  for (int i = 0; i < 2; ++i) {
+    p.set_grad(randn({9}, gen));
+    a.step();
+  }
+  const OptimizerState st32 = a.export_state();
+  Tensor q = p.detach().to(DType::bf16).set_requires_grad(true);
+  Tensor q32 = q.detach().to(DType::f32).set_requires_grad(true);  // the f32 twin of q
+  AdamW b({ParamGroup{{{"p", q}}}}), b32({ParamGroup{{{"p", q32}}}});
+  b.import_state(st32);
+  b32.import_state(st32);
+  Tensor g = randn({9}, gen).to(DType::bf16);
+  q.set_grad(g);
+  q32.set_grad(g.to(DType::f32));
+  b.step();
+  b32.step();
+  EXPECT_EQ(ops::max_abs_diff(state_tensor(b.export_state(), "p.master"), q32), 0.0);
+  AdamW c({ParamGroup{{{"p", Tensor::zeros({9}).set_requires_grad(true)}}}});
+  c.import_state(b.export_state());  // has "p.master": ignored for an f32 param
+  EXPECT_EQ(c.step_count(), 3);
+}
+
 TEST(AdamW, ImportRejectsForeignStateAndChangesNothing) {
   Tensor w = Tensor::ones({2, 3}).set_requires_grad(true);
   AdamW opt({ParamGroup{{{"w", w}}}});
@@ -215,34 +243,46 @@ TEST(AdamW, ImportRejectsForeignStateAndChangesNothing) {
     return s;
   };
   OptimizerState missing = with([](OptimizerState& s) { s.tensors.pop_back(); });
-  OptimizerState extra = with([](OptimizerState& s) { s.tensors.emplace_back("q.exp_avg", Tensor::zeros({1})); });
-  OptimizerState shape = with([](OptimizerState& s) { s.tensors[0].second = Tensor::zeros({3, 2}); });
+  OptimizerState extra =
+      with([](OptimizerState& s) { s.tensors.emplace_back("q.exp_avg", Tensor::zeros({1})); });
+  OptimizerState shape = with([](OptimizerState& s) {
+    s.tensors[0].second = Tensor::zeros({3, 2});
+  });
   OptimizerState twice = with([](OptimizerState& s) { s.tensors.push_back(s.tensors[0]); });
   OptimizerState poisoned = with([](OptimizerState& s) {
     s.step = 99;
     s.tensors[0].second.fill_(7.0);
     s.tensors.emplace_back("other.step", Tensor::zeros({}));
   });
-  EXPECT_NE(error_of([&] { opt.import_state(missing); }).find("has no tensor 'w."), std::string::npos);
+  EXPECT_NE(error_of([&] { opt.import_state(missing); }).find("has no tensor 'w."),
+            std::string::npos);
   EXPECT_NE(error_of([&] { opt.import_state(extra); }).find("'q.exp_avg' belongs to no parameter"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { opt.import_state(shape); }).find("expected shape [2, 3]"), std::string::npos);
+  EXPECT_NE(error_of([&] { opt.import_state(shape); }).find("expected shape [2, 3]"),
+            std::string::npos);
   EXPECT_NE(error_of([&] { opt.import_state(twice); }).find("twice"), std::string::npos);
   EXPECT_NE(error_of([&] { opt.import_state(poisoned); }).find("[adamw]"), std::string::npos);
   // Nothing of the rejected states got in.
   OptimizerState now = opt.export_state();
   EXPECT_EQ(now.step, 1);
-  EXPECT_EQ(ops::max_abs_diff(state_tensor(now, "w.exp_avg"), state_tensor(good, "w.exp_avg")), 0.0);
+  EXPECT_EQ(ops::max_abs_diff(state_tensor(now, "w.exp_avg"), state_tensor(good, "w.exp_avg")),
+            0.0);
 }
 
 TEST(AdamW, RejectsBadParams) {
   Tensor w = Tensor::ones({2}).set_requires_grad(true);
-  EXPECT_NE(error_of([&] { AdamW({ParamGroup{{{"a", w}, {"b", w}}}}); }).find("already in the optimizer"),
+  EXPECT_NE(error_of([&] {
+              AdamW({ParamGroup{{{"a", w}, {"b", w}}}});
+            }).find("already in the optimizer"),
             std::string::npos);
   Tensor v = Tensor::ones({2}).set_requires_grad(true);
-  EXPECT_NE(error_of([&] { AdamW({ParamGroup{{{"a", w}}}, ParamGroup{{{"a", v}}}}); }).find("two parameters"),
+  EXPECT_NE(error_of([&] {
+              AdamW({ParamGroup{{{"a", w}}}, ParamGroup{{{"a", v}}}});
+            }).find("two parameters"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { AdamW({ParamGroup{{{"d", Tensor::ones({2}, DType::f64)}}}}); }).find("f32, bf16 or f16"),
+  EXPECT_NE(error_of([&] {
+              AdamW({ParamGroup{{{"d", Tensor::ones({2}, DType::f64)}}}});
+            }).find("f32, bf16 or f16"),
             std::string::npos);
   AdamWOptions o;
   o.beta2 = 1.0;
@@ -250,8 +290,10 @@ TEST(AdamW, RejectsBadParams) {
 }
 
 TEST(AdamW, DecayGroupsSplitMatricesFromVectors) {
-  NamedTensors ps = {{"a.weight", Tensor::ones({2, 3})}, {"a.bias", Tensor::ones({2})},
-                     {"norm.weight", Tensor::ones({3})}, {"b.weight", Tensor::ones({3, 2, 2})}};
+  NamedTensors ps = {{"a.weight", Tensor::ones({2, 3})},
+                     {"a.bias", Tensor::ones({2})},
+                     {"norm.weight", Tensor::ones({3})},
+                     {"b.weight", Tensor::ones({3, 2, 2})}};
   auto gs = decay_groups(ps, 0.1);
   ASSERT_EQ(gs.size(), 2u);
   ASSERT_EQ(gs[0].params.size(), 2u);
@@ -268,18 +310,21 @@ TEST(AdamW, DecayGroupsSplitMatricesFromVectors) {
 
 TEST(AdamW, MatchesTorchFixture) {
   std::ifstream f(std::string(FTUNE_SOURCE_DIR) + "/tests/fixtures/optim_adamw.json");
-  ASSERT_TRUE(f) << "missing tests/fixtures/optim_adamw.json (tests/fixtures/make_optim_fixture.py)";
+  ASSERT_TRUE(f)
+      << "missing tests/fixtures/optim_adamw.json (tests/fixtures/make_optim_fixture.py)";
   const nlohmann::json fx = nlohmann::json::parse(f)["adamw"];
   auto tensor = [&](const nlohmann::json& values, const std::string& name) {
     Shape s = fx["shapes"][name].get<Shape>();
     return Tensor::from_vector(values.get<std::vector<float>>(), s);
   };
   std::map<std::string, Tensor> params;
-  for (const auto& [name, v] : fx["init"].items()) params[name] = tensor(v, name).set_requires_grad(true);
+  for (const auto& [name, v] : fx["init"].items())
+    params[name] = tensor(v, name).set_requires_grad(true);
   std::vector<ParamGroup> groups;
   for (const auto& g : fx["groups"]) {
     ParamGroup pg;
-    for (const auto& n : g["params"]) pg.params.emplace_back(n.get<std::string>(), params.at(n.get<std::string>()));
+    for (const auto& n : g["params"])
+      pg.params.emplace_back(n.get<std::string>(), params.at(n.get<std::string>()));
     pg.lr_scale = g["lr_scale"].get<double>();
     pg.weight_decay = g["weight_decay"].get<double>();
     groups.push_back(pg);
@@ -339,7 +384,8 @@ TEST(ClipGradNorm, MatchesTorchFixture) {
     for (size_t i = 0; i < ps.size(); ++i) {
       auto want = c["clipped"][i].get<std::vector<double>>();
       auto got = ps[i].grad().to_vector<double>();
-      for (size_t j = 0; j < want.size(); ++j) EXPECT_NEAR(got[j], want[j], 1e-7 + 1e-6 * std::fabs(want[j]));
+      for (size_t j = 0; j < want.size(); ++j)
+        EXPECT_NEAR(got[j], want[j], 1e-7 + 1e-6 * std::fabs(want[j]));
     }
   }
 }
@@ -394,14 +440,17 @@ TEST(LRSchedule, NamesAndBadArguments) {
   EXPECT_EQ(schedule_kind_from_name("cosine"), ScheduleKind::cosine);
   EXPECT_EQ(schedule_kind_from_name("linear"), ScheduleKind::linear);
   EXPECT_EQ(schedule_kind_from_name("constant"), ScheduleKind::constant);
-  EXPECT_NE(error_of([] { schedule_kind_from_name("cosine_with_restarts"); }).find("unknown schedule"),
-            std::string::npos);
-  EXPECT_NE(error_of([] { LRSchedule(ScheduleKind::cosine, 1.0, 20, 10); }).find("less than warmup"),
-            std::string::npos);
+  EXPECT_NE(
+      error_of([] { schedule_kind_from_name("cosine_with_restarts"); }).find("unknown schedule"),
+      std::string::npos);
+  EXPECT_NE(
+      error_of([] { LRSchedule(ScheduleKind::cosine, 1.0, 20, 10); }).find("less than warmup"),
+      std::string::npos);
   EXPECT_NE(error_of([] { LRSchedule(ScheduleKind::linear, 1.0, -1, 10); }).find("negative warmup"),
             std::string::npos);
-  EXPECT_NE(error_of([] { LRSchedule(ScheduleKind::linear, 1.0, 0, 10, 1.5); }).find("min_lr_ratio"),
-            std::string::npos);
+  EXPECT_NE(
+      error_of([] { LRSchedule(ScheduleKind::linear, 1.0, 0, 10, 1.5); }).find("min_lr_ratio"),
+      std::string::npos);
 }
 
 // ---------------------------------------------------------------- gradient clipping

@@ -43,8 +43,8 @@ Tensor lora_reference(const V& v, bool has_bias, double scale, double p, uint64_
   return Tensor::from_vector(y, os);
 }
 
-OpCase lora_case(const std::string& variant, Shape xs, int64_t out, int64_t r, bool bias, double scale,
-                 double p, uint64_t seed) {
+OpCase lora_case(const std::string& variant, Shape xs, int64_t out, int64_t r, bool bias,
+                 double scale, double p, uint64_t seed) {
   OpCase c;
   c.op = "lora_linear";
   c.variant = variant;
@@ -63,7 +63,9 @@ OpCase lora_case(const std::string& variant, Shape xs, int64_t out, int64_t r, b
     return bias ? ops::lora_linear(v[0], v[1], v[2], v[3], v[4], scale, p, seed)
                 : ops::lora_linear(v[0], v[1], Tensor(), v[2], v[3], scale, p, seed);
   };
-  c.reference = [bias, scale, p, seed](const V& v) { return lora_reference(v, bias, scale, p, seed); };
+  c.reference = [bias, scale, p, seed](const V& v) {
+    return lora_reference(v, bias, scale, p, seed);
+  };
   return c;
 }
 
@@ -78,8 +80,8 @@ std::vector<OpCase> cases() {
 
   const int64_t M = 8 * 256, in = 1024, out = 1024, r = 16;
   for (double p : {0.0, 0.1}) {
-    OpCase c = lora_case(p > 0 ? "bench_2048x1024x1024_r16_p0.1" : "bench_2048x1024x1024_r16", {M, in},
-                         out, r, true, 2.0, p, 5);
+    OpCase c = lora_case(p > 0 ? "bench_2048x1024x1024_r16_p0.1" : "bench_2048x1024x1024_r16",
+                         {M, in}, out, r, true, 2.0, p, 5);
     c.bench = true;
     c.flops = [=] { return 2.0 * M * in * out + 2.0 * M * in * r + 2.0 * M * r * out; };
     cs.push_back(c);
