@@ -43,8 +43,13 @@ class SerialBlasScope {
 
 // exp without a libm call so that the softmax loops vectorize: exp(x) = 2^n exp(r) with
 // n = round(x / ln2), |r| <= ln2 / 2, and a degree-7 Taylor polynomial (error < 2 ulp).
+// For x <= 88 (callers pass x <= 0 up to rounding). Below -87 the result flushes to ~1e-38: the
+// clamp compares the bits as unsigned (negative floats order by magnitude there), because a float
+// compare may trap and GCC then refuses to if-convert it, leaving the loop scalar.
 inline float exp_approx(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
+  uint32_t u = std::bit_cast<uint32_t>(x);
+  u = u > 0xC2AE0000u ? 0xC2AE0000u : u;  // max(x, -87.0f), -inf included
+  x = std::bit_cast<float>(u);
   const float t = x * 1.44269504088896341f;
   const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
   float r = x - n * 0.693145751953125f;             // ln2 split hi/lo (Cody-Waite)
@@ -159,7 +164,7 @@ void attention_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, co
         }
         T mx = -inf;
 #pragma omp simd reduction(max : mx)
-        for (int64_t j = 0; j < n; ++j) mx = std::max(mx, srow[j]);
+        for (int64_t j = 0; j < n; ++j) mx = srow[j] > mx ? srow[j] : mx;
         const T m_new = std::max(row_max[i], mx);
         T sum = 0;
 #pragma omp simd reduction(+ : sum)
