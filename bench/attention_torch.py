@@ -5,7 +5,10 @@ Times F.scaled_dot_product_attention on the same shapes as tests/ops/table_atten
 cases, the way bench_ops does: f32, median of --reps after one warm-up, forward under no_grad and
 forward+backward with a ones gradient.
 
-    python3 bench/attention_torch.py [--threads N] [--reps 10]
+    python3 bench/attention_torch.py [--threads N] [--reps 10] [--cpu-time]
+
+--cpu-time (with --threads 1) reads the calling thread's CPU clock and keeps the minimum, like
+build/bench/attention_cpu_time: on a shared machine that does not count time lost to others.
 """
 import argparse
 import os
@@ -25,24 +28,29 @@ CASES = [
 ]
 
 
-def median_ms(fn, reps):
+def time_ms(fn, reps, cpu_time):
     fn()
+    clock = time.thread_time if cpu_time else time.perf_counter
     ts = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        ts.append(time.perf_counter() - t0)
+        ts.append(clock() - t0)
     ts.sort()
-    return ts[len(ts) // 2] * 1e3
+    return (ts[0] if cpu_time else ts[len(ts) // 2]) * 1e3
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--cpu-time", action="store_true")
     args = ap.parse_args()
+    if args.cpu_time and args.threads != 1:
+        ap.error("--cpu-time measures one thread: use --threads 1")
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    what = "min CPU time of the thread" if args.cpu_time else "median wall time"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {what}")
     print(f"{'case':<44} {'fwd ms':>12} {'fwd+bwd ms':>14} {'GFLOP/s':>10}")
     for name, B, T, H, Hkv, D, causal in CASES:
         g = torch.Generator().manual_seed(1)
@@ -63,8 +71,8 @@ def main():
             out.backward(torch.ones_like(out))
             qg.grad = kg.grad = vg.grad = None
 
-        f = median_ms(fwd, args.reps)
-        b = median_ms(both, args.reps)
+        f = time_ms(fwd, args.reps, args.cpu_time)
+        b = time_ms(both, args.reps, args.cpu_time)
         flops = 4.0 * B * H * T * T * D * (0.5 if causal else 1.0)
         print(f"attention/{name:<34} {f:12.3f} {b:14.3f} {flops / (f * 1e6):10.1f}")
 

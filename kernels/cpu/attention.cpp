@@ -68,12 +68,14 @@ inline float exp_approx(float x) {
   return p * std::bit_cast<float>((int32_t(n) + 127) << 23);
 }
 
+// f64 serves the gradient checks: exact over fast. Below -745 exp underflows to 0, and libm's
+// underflow path is slow enough to dominate peaked softmaxes, so it is skipped.
 template <class T>
 inline T exp_t(T x) {
   if constexpr (std::is_same_v<T, float>)
     return exp_approx(x);
   else
-    return std::exp(x);  // f64 serves the gradient checks: exact over fast
+    return x < T(-745) ? T(0) : std::exp(x);
 }
 
 void check_params(const AttnParams& p) {
@@ -103,6 +105,10 @@ struct Scratch {
 struct Task {
   int64_t seq, start, cost;  // start: first query row (forward) or the head subgroup (backward)
 };
+
+// Below this many multiply-adds a parallel region costs more than it saves (and a spinning
+// OpenMP team on a busy machine costs far more): run on the calling thread.
+constexpr int64_t kMinParallelWork = int64_t(1) << 21;
 
 void sort_by_cost(std::vector<Task>& tasks) {
   // Largest first, so the dynamic schedule does not end on one long causal tile row.
@@ -136,13 +142,15 @@ void attention_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, co
   sort_by_cost(tasks);
   const int64_t ntasks = int64_t(tasks.size()) * H;
   if (ntasks == 0) return;
+  int64_t work = 0;
+  for (const Task& t : tasks) work += t.cost * H * D;
 
   SerialBlasScope serial_blas;
   const int threads = omp_get_max_threads();
   // Per thread: scores/probabilities [bq, bk], output accumulator [bq, D], row max and sum [bq].
   Scratch<T> scratch(bq * bk + bq * D + 2 * bq, threads);
 
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (work > kMinParallelWork)
   for (int64_t t = 0; t < ntasks; ++t) {
     const Task& task = tasks[t / H];
     const int64_t h = t % H, hk = h / group;
@@ -278,11 +286,13 @@ void attention_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, c
     }
   sort_by_cost(tasks);
   const int64_t ntasks = int64_t(tasks.size()) * Hkv;
+  int64_t work = 0;
+  for (const AttnSeq& sq : seqs) work += sq.len_q * sq.len_k * H * D;
 
   // Per thread: P [bq, bk], dP then dS [bq, bk], dK and dV accumulators [bk, D].
   Scratch<T> scratch(2 * bq * bk + 2 * bk * D, threads);
 
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (work > kMinParallelWork)
   for (int64_t t = 0; t < ntasks; ++t) {
     const Task& task = tasks[t / Hkv];
     const int64_t hk = t % Hkv, sg = task.start;

@@ -182,10 +182,11 @@ TEST(Attention, KernelResultDoesNotDependOnTileSizes) {
 // must give the same gradients.
 TEST(Attention, ThreadCountDoesNotChangeResults) {
   Generator g(5);
-  Tensor q = randn({2, 40, 8, 8}, g, 0, 1, DType::f64),
-         k = randn({2, 40, 2, 8}, g, 0, 1, DType::f64);
-  Tensor v = randn({2, 40, 2, 8}, g, 0, 1, DType::f64),
-         w = randn({2, 40, 8, 8}, g, 0, 1, DType::f64);
+  // Big enough (B * T^2 * H * D = 4.3M multiply-adds) that the kernels run a parallel region.
+  Tensor q = randn({2, 130, 8, 16}, g, 0, 1, DType::f64),
+         k = randn({2, 130, 2, 16}, g, 0, 1, DType::f64);
+  Tensor v = randn({2, 130, 2, 16}, g, 0, 1, DType::f64),
+         w = randn({2, 130, 8, 16}, g, 0, 1, DType::f64);
   const int saved = omp_get_max_threads();
   std::vector<std::vector<double>> first;
   for (int threads : {1, 2, 3, 8}) {

@@ -123,6 +123,8 @@ std::vector<OpCase> cases() {
   cs.push_back(batched("mqa_h4_kv1_causal_t70", 1, 70, 70, 4, 1, 6, true));
   cs.push_back(batched("mqa_h4_kv1_noncausal_b3", 3, 11, 11, 4, 1, 8, false));
   cs.push_back(batched("scale_0p3_causal", 2, 12, 12, 2, 1, 8, true, 0.3));
+  // Scores in the hundreds: the online max must keep exp from overflowing (near one-hot rows).
+  cs.push_back(batched("scale_40_peaked_causal", 1, 140, 140, 2, 1, 8, true, 40.0));
   // KV cache: the queries are the last len_q of len_k tokens (bottom-right causal).
   cs.push_back(batched("kvcache_q5_k23_causal", 2, 5, 23, 4, 2, 8, true));
   cs.push_back(batched("kvcache_q1_k140_causal", 2, 1, 140, 2, 1, 8, true));
