@@ -18,7 +18,8 @@ enum class Divergence { forward, reverse, jsd };
 
 // exp(x) for float in a form compilers vectorize (no libm call): Cody-Waite reduction
 // x = k ln2 + r, |r| <= ln2/2, then a degree-7 Taylor polynomial (truncation < 1e-8 relative)
-// scaled by 2^k through the exponent bits. Max relative error ~2e-7 (tests/core/test_loss.cpp).
+// scaled by 2^k through the exponent bits. Max relative error 7.8e-8 on [-87.3, 88]
+// (tests/core/test_loss.cpp).
 // Returns 0 below ln(FLT_MIN) (no denormals), +inf above 88, NaN for NaN.
 inline float fast_exp(float x) {
   constexpr float kLo = -87.33654f, kHi = 88.0f;
