@@ -76,8 +76,7 @@ void nll_backward(const T* x, const int64_t* tgt, const T* stat, const T* g, int
 
 // Entropy of softmax(x) per row: h [N], and stat [N, 2] for the backward.
 template <class T>
-void entropy_forward(const T* x, int64_t n, int64_t v, T* stat, T* h,
-                     int64_t chunk = kLossChunk);
+void entropy_forward(const T* x, int64_t n, int64_t v, T* stat, T* h, int64_t chunk = kLossChunk);
 // dx = -g[i] * p * (log p + h[i]), p = softmax(x[i]).
 template <class T>
 void entropy_backward(const T* x, const T* stat, const T* h, const T* g, int64_t n, int64_t v,

@@ -30,7 +30,8 @@ void expect_error(const std::function<void()>& fn, std::vector<std::string> part
     ADD_FAILURE() << "no exception; expected one mentioning " << parts[0];
   } catch (const Error& e) {
     std::string msg = e.what();
-    for (auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
+    for (auto& p : parts)
+      EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
   }
 }
 
@@ -86,7 +87,8 @@ TEST(Loss, FastExpIsAccurate) {
 TEST(Loss, BadInputThrows) {
   Generator g(1);
   Tensor x = randn({4, 37}, g);
-  expect_error([&] { ops::cross_entropy(x, Tensor::zeros({4})); }, {"[cross_entropy]", "i32 or i64"});
+  expect_error([&] { ops::cross_entropy(x, Tensor::zeros({4})); },
+               {"[cross_entropy]", "i32 or i64"});
   expect_error([&] { ops::cross_entropy(x, i64({0, 37, 1, 2})); },
                {"[cross_entropy]", "target 37", "row 1", "[0, 37)"});
   expect_error([&] { ops::cross_entropy(x, i64({0, 1, 2, -5})); },
