@@ -62,20 +62,30 @@ void check_grad(const char* what, const std::string& name, const Tensor& g, cons
               shape_str(g.shape()), " for an input of shape ", shape_str(shape));
 }
 
-void accumulate_leaf(TensorImpl* leaf, const Tensor& g) {
-  Tensor gg = g;
-  if (gg.dtype() != leaf->dtype) gg = gg.to(leaf->dtype);
+void accumulate_leaf(TensorImpl* leaf, Tensor g) {
+  if (g.dtype() != leaf->dtype) g = g.to(leaf->dtype);
   if (!leaf->grad) {
-    // Own the buffer: steal it when nobody else holds it, else copy.
-    bool exclusive = gg.impl_ptr().use_count() <= 2 && gg.impl()->storage.use_count() == 1 &&
-                     gg.is_contiguous() && gg.offset() == 0;
-    leaf->grad = exclusive ? gg.impl_ptr() : gg.clone().impl_ptr();
+    // Own the buffer: steal it when this is the only handle to it (the common case: a backward
+    // made it fresh), else copy, since a backward may return one tensor for several inputs.
+    bool exclusive = g.impl_ptr().use_count() == 1 && g.impl()->storage.use_count() == 1 &&
+                     g.is_contiguous() && g.offset() == 0;
+    leaf->grad = exclusive ? g.impl_ptr() : g.clone().impl_ptr();
     leaf->grad->grad_fn.reset();
     leaf->grad->requires_grad = false;
   } else {
     Tensor acc(leaf->grad);
-    ops::add_(acc, gg);
+    ops::add_(acc, g);
   }
+}
+
+// Moves the finished gradient of a leaf out of the pass's table into .grad and fires its hooks.
+void finish_leaf(TensorImpl* leaf, std::unordered_map<TensorImpl*, Tensor>& leaf_grads) {
+  auto it = leaf_grads.find(leaf);
+  if (it == leaf_grads.end()) return;
+  Tensor g = std::move(it->second);
+  leaf_grads.erase(it);
+  accumulate_leaf(leaf, std::move(g));
+  for (auto& h : leaf->ready_hooks) h(Tensor(leaf->grad));
 }
 
 }  // namespace
@@ -137,13 +147,13 @@ void run_backward(const Tensor& root, const Tensor& grad_in, bool retain_graph) 
     for (size_t i = 0; i < n->edges.size(); ++i) {
       auto& e = n->edges[i];
       if (!e.active()) continue;
-      const Tensor& gi = in_grads[i];
+      Tensor gi = std::move(in_grads[i]);
       if (e.node) {
         if (gi.defined()) {
           check_grad("op", n->name, gi, e.node->out_shape);
           auto it = grads.find(e.node.get());
           if (it == grads.end() || !it->second.defined())
-            grads[e.node.get()] = gi;
+            grads[e.node.get()] = std::move(gi);
           else
             it->second = add_grads(it->second, gi);
         }
@@ -169,11 +179,7 @@ void run_backward(const Tensor& root, const Tensor& grad_in, bool retain_graph) 
                   }
                 } else if (me.leaf) {
                   TensorImpl* leaf = me.leaf.get();
-                  if (--leaf_uses[leaf] == 0 && leaf_grads.count(leaf)) {
-                    accumulate_leaf(leaf, leaf_grads[leaf]);
-                    leaf_grads.erase(leaf);
-                    for (auto& h : leaf->ready_hooks) h(Tensor(leaf->grad));
-                  }
+                  if (--leaf_uses[leaf] == 0) finish_leaf(leaf, leaf_grads);
                 }
               }
             }
@@ -185,15 +191,11 @@ void run_backward(const Tensor& root, const Tensor& grad_in, bool retain_graph) 
           check_grad("op", n->name, gi, leaf->shape);
           auto it = leaf_grads.find(leaf);
           if (it == leaf_grads.end())
-            leaf_grads[leaf] = gi;
+            leaf_grads.emplace(leaf, std::move(gi));
           else
             it->second = add_grads(it->second, gi);
         }
-        if (--leaf_uses[leaf] == 0 && leaf_grads.count(leaf)) {
-          accumulate_leaf(leaf, leaf_grads[leaf]);
-          leaf_grads.erase(leaf);
-          for (auto& h : leaf->ready_hooks) h(Tensor(leaf->grad));
-        }
+        if (--leaf_uses[leaf] == 0) finish_leaf(leaf, leaf_grads);
       }
     }
     if (!retain_graph) n->release();
