@@ -55,8 +55,9 @@ void expect_throws_with(F&& f, const std::string& needle) {
   }
 }
 
-const char* kNames[] = {"gpt2", "llama3", "qwen2", "sp_legacy", "sp_metaspace",
-                        "sp_metaspace_split"};
+const char* kNames[] = {"gpt2",         "llama3",        "qwen2",
+                        "sp_legacy",    "sp_metaspace",  "sp_metaspace_split",
+                        "tiny_bytelevel", "tiny_metaspace", "tiny_sentencepiece"};
 
 }  // namespace
 
