@@ -487,6 +487,36 @@ struct Bpe {
       if (s.len != 0) out.push_back(s.id);
   }
 
+  // SentencePiece-style models see a whole sentence as one word ("▁The▁cat..."), which would
+  // make BPE quadratic-ish and the cache useless. When no token that BPE can produce has a "▁"
+  // after another character, no merge can cross such a point, so the word is merged in chunks
+  // cut before each "▁" that follows another character: the same ids, much faster. Decided at
+  // load (metaspace_chunks).
+  static constexpr std::string_view kMeta = "\xE2\x96\x81";
+  bool metaspace_chunks = false;
+
+  // t[p..] starts with "▁" (p > 0): does another character come right before it?
+  static bool meta_follows_other(std::string_view t, size_t p) {
+    return p < kMeta.size() || t.compare(p - kMeta.size(), kMeta.size(), kMeta) != 0;
+  }
+  static bool meta_after_other(std::string_view t) {
+    for (size_t p = t.find(kMeta, 1); p != std::string_view::npos; p = t.find(kMeta, p + 1))
+      if (meta_follows_other(t, p)) return true;
+    return false;
+  }
+
+  // Called once the vocab and merges are in; `merge_outputs_cross` says whether any merge makes
+  // a token with "▁" after another character.
+  void decide_metaspace_chunks(bool merge_outputs_cross) {
+    metaspace_chunks = false;
+    if (merge_outputs_cross || prefix || suffix) return;
+    if (!vocab.count(kMeta)) return;  // "▁" could become <unk> and fuse across a cut
+    if (ignore_merges)
+      for (auto& [t, id] : vocab)
+        if (meta_after_other(t)) return;
+    metaspace_chunks = true;
+  }
+
   void tokenize(std::string_view word, std::vector<int32_t>& out) const {
     if (word.empty()) return;
     if (ignore_merges) {
@@ -496,6 +526,21 @@ struct Bpe {
         return;
       }
     }
+    if (metaspace_chunks) {
+      size_t start = 0;
+      for (size_t p = word.find(kMeta, 1); p != std::string_view::npos; p = word.find(kMeta, p + 1)) {
+        if (meta_follows_other(word, p)) {
+          merge_cached(word.substr(start, p - start), out);
+          start = p;
+        }
+      }
+      merge_cached(word.substr(start), out);
+      return;
+    }
+    merge_cached(word, out);
+  }
+
+  void merge_cached(std::string_view word, std::vector<int32_t>& out) const {
     const bool cacheable = word.size() < kCacheMaxLen;
     if (cacheable) {
       std::lock_guard<std::mutex> lock(cache_mu);
@@ -1176,6 +1221,7 @@ void parse_model(const Ctx& c, const json& m, Bpe& bpe) {
   std::string joined;
   size_t plen = bpe.prefix ? bpe.prefix->size() : 0;
   int32_t rank = 0;
+  bool merge_outputs_cross = false;
   for (size_t i = 0; i < merges.size(); ++i) {
     const json& e = merges[i];
     std::string a, b;
@@ -1205,7 +1251,9 @@ void parse_model(const Ctx& c, const json& m, Bpe& bpe) {
     if (in == bpe.vocab.end())
       c.fail(str_cat("model.merges[", i, "] makes '", joined, "', which is not in the vocab"));
     bpe.merges[Bpe::key(ia->second, ib->second)] = {rank++, in->second};
+    merge_outputs_cross = merge_outputs_cross || Bpe::meta_after_other(joined);
   }
+  bpe.decide_metaspace_chunks(merge_outputs_cross);
   if (bpe.unk_token && !bpe.vocab.count(*bpe.unk_token))
     c.fail(str_cat("model.unk_token '", *bpe.unk_token, "' is not in the vocab"));
 }

@@ -307,3 +307,21 @@ TEST(Tokenizer, ThroughputByteLevelEnglish) {
   RecordProperty("encode_MBps", std::to_string(mbs));
   EXPECT_GT(mbs, 1.0);
 }
+
+// SentencePiece-style words are merged in chunks cut before "▁" only when no merge can cross such
+// a cut; here one does ("a" + "▁b"), so the whole word must be merged at once (ids from HF).
+TEST(Tokenizer, MergesAcrossMetaspaceAreKept) {
+  const char* j = R"({"version":"1.0","added_tokens":[],
+    "normalizer":{"type":"Sequence","normalizers":[{"type":"Prepend","prepend":"▁"},
+      {"type":"Replace","pattern":{"String":" "},"content":"▁"}]},
+    "pre_tokenizer":null,"post_processor":null,"decoder":null,
+    "model":{"type":"BPE","unk_token":null,"fuse_unk":false,"byte_fallback":false,
+      "vocab":{"▁":0,"a":1,"b":2,"▁b":3,"a▁b":4,"▁a▁b":5,"▁a":6},
+      "merges":[["▁","b"],["a","▁b"],["▁","a▁b"],["▁","a"]]}})";
+  Tokenizer t = Tokenizer::from_string(j);
+  EXPECT_EQ(t.encode("a b"), (std::vector<int32_t>{5}));
+  EXPECT_EQ(t.encode("a b a b"), (std::vector<int32_t>{5, 5}));
+  EXPECT_EQ(t.encode("b a"), (std::vector<int32_t>{3, 6}));
+  EXPECT_EQ(t.encode("a  b"), (std::vector<int32_t>{6, 0, 3}));
+  EXPECT_EQ(t.decode(std::vector<int32_t>{5, 3}), "▁a▁b ▁b");  // no decoder: tokens joined by " "
+}
