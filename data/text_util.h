@@ -44,6 +44,10 @@ class Regex {
   std::string pattern_;
 };
 
+// An Oniguruma pattern (what `tokenizers` runs) made to mean the same in PCRE2: \s and \S become
+// Unicode White_Space classes (PCRE2's \s also takes U+180E). Other constructs pass unchanged.
+std::string onig_to_pcre2(std::string_view pattern);
+
 // A PCRE2 pattern that matches `literal` exactly (ASCII punctuation escaped).
 std::string regex_escape(std::string_view literal);
 

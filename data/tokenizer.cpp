@@ -940,7 +940,7 @@ std::unique_ptr<text::Regex> pattern_regex(const Ctx& c, const json& pat, const 
   if (const json* s = opt_field(pat, "String"))
     return std::make_unique<text::Regex>(text::regex_escape(as_str(c, *s, where + ".pattern.String")), src);
   if (const json* r = opt_field(pat, "Regex"))
-    return std::make_unique<text::Regex>(as_str(c, *r, where + ".pattern.Regex"), src);
+    return std::make_unique<text::Regex>(text::onig_to_pcre2(as_str(c, *r, where + ".pattern.Regex")), src);
   c.fail(str_cat(where, ".pattern must be {\"String\": ..} or {\"Regex\": ..}"));
 }
 
@@ -1025,7 +1025,7 @@ std::unique_ptr<PreTokenizer> parse_pre_tokenizer(const Ctx& c, const json& j,
     auto p = std::make_unique<ByteLevelPreTokenizer>();
     p->add_prefix_space = bool_opt(c, j, "add_prefix_space", true, where);
     p->use_regex = bool_opt(c, j, "use_regex", true, where);
-    p->re = std::make_unique<text::Regex>(kGpt2Pattern, src);
+    p->re = std::make_unique<text::Regex>(text::onig_to_pcre2(kGpt2Pattern), src);
     return p;
   }
   if (type == "Split") {

@@ -325,3 +325,26 @@ TEST(Tokenizer, MergesAcrossMetaspaceAreKept) {
   EXPECT_EQ(t.encode("a  b"), (std::vector<int32_t>{6, 0, 3}));
   EXPECT_EQ(t.decode(std::vector<int32_t>{5, 3}), "▁a▁b ▁b");  // no decoder: tokens joined by " "
 }
+
+// Pre-tokenizer, split-behavior and normalizer variants on the gpt2 model (variants.json).
+TEST(Tokenizer, PipelineVariantsMatchHuggingFace) {
+  json v = json::parse(slurp(std::string(FTUNE_SOURCE_DIR) + "/tests/fixtures/tokenizers/variants.json"));
+  json base = json::parse(slurp(fixture_dir(v["base"]) + "/tokenizer.json"));
+  const auto& strings = v["strings"];
+  ASSERT_GE(v["variants"].size(), 10u);
+  for (auto& [name, var] : v["variants"].items()) {
+    json j = base;
+    j["pre_tokenizer"] = var["pre_tokenizer"];
+    j["normalizer"] = var["normalizer"];
+    Tokenizer t = Tokenizer::from_string(j.dump(), name);
+    int fails = 0;
+    for (size_t i = 0; i < strings.size(); ++i) {
+      auto want = var["ids"][i].get<std::vector<int32_t>>();
+      auto got = t.encode(strings[i].get<std::string>());
+      if (got != want && ++fails <= 3)
+        ADD_FAILURE() << name << " encode(" << strings[i].dump() << ") = " << show(got)
+                      << ", HF: " << show(want);
+    }
+    EXPECT_EQ(fails, 0) << name;
+  }
+}
