@@ -27,7 +27,9 @@ std::string py_strip(const std::string& s) {
   return s.substr(b, e - b);
 }
 
-bool contains(const std::string& s, const char* needle) { return s.find(needle) != std::string::npos; }
+bool contains(const std::string& s, const char* needle) {
+  return s.find(needle) != std::string::npos;
+}
 
 std::string list_names() {
   std::string out;
@@ -66,7 +68,7 @@ void check_utf8(const std::vector<ChatMessage>& msgs) {
 }  // namespace
 
 const std::vector<std::string>& ChatTemplate::names() {
-  static const std::vector<std::string> n = {"chatml", "qwen2",  "llama3", "llama2",
+  static const std::vector<std::string> n = {"chatml",  "qwen2",  "llama3", "llama2",
                                              "mistral", "zephyr", "plain"};
   return n;
 }
@@ -74,7 +76,9 @@ const std::vector<std::string>& ChatTemplate::names() {
 ChatTemplate ChatTemplate::by_name(const std::string& name, const TokenizerConfig& config) {
   ChatTemplate t;
   t.name_ = name;
-  auto pick = [](const std::string& v, const char* dflt) { return v.empty() ? std::string(dflt) : v; };
+  auto pick = [](const std::string& v, const char* dflt) {
+    return v.empty() ? std::string(dflt) : v;
+  };
   if (name == "chatml") {
   } else if (name == "qwen2") {
     t.name_ = "chatml";
@@ -86,8 +90,8 @@ ChatTemplate ChatTemplate::by_name(const std::string& name, const TokenizerConfi
     t.eos_ = pick(config.eos_token, "</s>");
   } else if (name == "plain") {
   } else {
-    FTUNE_THROW("[chat_template] unknown chat template '", name, "'; the known ones are: ",
-                list_names());
+    FTUNE_THROW("[chat_template] unknown chat template '", name,
+                "'; the known ones are: ", list_names());
   }
   return t;
 }
@@ -107,18 +111,20 @@ ChatTemplate ChatTemplate::detect(const std::string& jinja, const TokenizerConfi
   }
   if (contains(jinja, "<|start_header_id|>")) {
     if (contains(jinja, "Cutting Knowledge Date") || contains(jinja, "Environment: ipython"))
-      return unrecognized(" (a Llama 3.1+ template with date and tool headers, which ftune does "
-                          "not reproduce; 'llama3' renders the Llama 3.0 format)");
+      return unrecognized(
+          " (a Llama 3.1+ template with date and tool headers, which ftune does "
+          "not reproduce; 'llama3' renders the Llama 3.0 format)");
     return by_name("llama3", config);
   }
   if (contains(jinja, "[INST]")) {
     if (contains(jinja, "<<SYS>>")) return by_name("llama2", config);
     if (contains(jinja, "' [/INST]'")) return by_name("mistral", config);
-    return unrecognized(" (an [INST] template of a variant other than Llama 2 and "
-                        "Mistral-Instruct-v0.1)");
+    return unrecognized(
+        " (an [INST] template of a variant other than Llama 2 and "
+        "Mistral-Instruct-v0.1)");
   }
-  if (contains(jinja, "<|user|>") && contains(jinja, "<|assistant|>") && !contains(jinja, "<|end|>") &&
-      (contains(jinja, "eos_token") || contains(jinja, "</s>")))
+  if (contains(jinja, "<|user|>") && contains(jinja, "<|assistant|>") &&
+      !contains(jinja, "<|end|>") && (contains(jinja, "eos_token") || contains(jinja, "</s>")))
     return by_name("zephyr", config);
   return unrecognized("");
 }
@@ -147,8 +153,8 @@ ChatRendering ChatTemplate::render(const std::vector<ChatMessage>& msgs,
     r.assistant_spans.push_back(s);
   };
   auto alternation = [&](size_t k, const ChatMessage& m) {
-    FTUNE_CHECK(m.role == "user" || m.role == "assistant", "[chat_template] ", name_,
-                ": role '", m.role, "' is not supported (only user and assistant",
+    FTUNE_CHECK(m.role == "user" || m.role == "assistant", "[chat_template] ", name_, ": role '",
+                m.role, "' is not supported (only user and assistant",
                 name_ == "llama2" ? ", and one leading system message)" : ")");
     FTUNE_CHECK((m.role == "user") == (k % 2 == 0), "[chat_template] ", name_,
                 ": conversation roles must alternate user/assistant/user/assistant/...");

@@ -9,11 +9,13 @@
 //            a default system prompt (Qwen2: "You are a helpful assistant."), that system turn is
 //            rendered first whenever the conversation does not start with a system message.
 //   qwen2    chatml with the default system prompt "You are a helpful assistant." (Qwen2-Instruct).
-//   llama3   bos once, then "<|start_header_id|>{role}<|end_header_id|>\n\n{trim(content)}<|eot_id|>";
+//   llama3   bos once, then
+//   "<|start_header_id|>{role}<|end_header_id|>\n\n{trim(content)}<|eot_id|>";
 //            generation prompt "<|start_header_id|>assistant<|end_header_id|>\n\n" (Llama 3 / 3.0).
 //   llama2   Llama-2-chat: "{bos}[INST] {strip(user)} [/INST]" and " {strip(assistant)} {eos}";
-//            a leading system message goes inside the first [INST] as "<<SYS>>\n{system}\n<</SYS>>\n\n".
-//            Roles must alternate user/assistant. No generation prompt (the [/INST] is one).
+//            a leading system message goes inside the first [INST] as
+//            "<<SYS>>\n{system}\n<</SYS>>\n\n". Roles must alternate user/assistant. No generation
+//            prompt (the [/INST] is one).
 //   mistral  Mistral-7B-Instruct-v0.1: "{bos}" then "[INST] {user} [/INST]" and "{assistant}{eos}";
 //            user/assistant only, alternating (a system message is an error, as in the template).
 //   zephyr   "<|{role}|>\n{content}{eos}\n" for system/user/assistant; generation prompt

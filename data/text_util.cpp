@@ -45,9 +45,12 @@ uint32_t decode_utf8(std::string_view s, size_t i, size_t* len) {
   size_t l = utf8_len(p[0]);
   *len = l;
   switch (l) {
-    case 1: return p[0];
-    case 2: return ((p[0] & 0x1Fu) << 6) | (p[1] & 0x3Fu);
-    case 3: return ((p[0] & 0x0Fu) << 12) | ((p[1] & 0x3Fu) << 6) | (p[2] & 0x3Fu);
+    case 1:
+      return p[0];
+    case 2:
+      return ((p[0] & 0x1Fu) << 6) | (p[1] & 0x3Fu);
+    case 3:
+      return ((p[0] & 0x0Fu) << 12) | ((p[1] & 0x3Fu) << 6) | (p[2] & 0x3Fu);
     default:
       return ((p[0] & 0x07u) << 18) | ((p[1] & 0x3Fu) << 12) | ((p[2] & 0x3Fu) << 6) |
              (p[3] & 0x3Fu);
@@ -121,9 +124,7 @@ bool is_white_space(uint32_t cp) {
          cp == 0x205F || cp == 0x3000;
 }
 
-bool is_python_space(uint32_t cp) {
-  return is_white_space(cp) || (cp >= 0x1C && cp <= 0x1F);
-}
+bool is_python_space(uint32_t cp) { return is_white_space(cp) || (cp >= 0x1C && cp <= 0x1F); }
 
 namespace {
 // One-character class tests through PCRE2's Unicode tables (no tables of our own to keep).

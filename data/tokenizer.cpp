@@ -80,9 +80,9 @@ bool bool_opt(const Ctx& c, const json& j, const char* key, bool dflt, const std
 }
 int64_t int_of(const Ctx& c, const json& v, const std::string& where, int64_t lo, int64_t hi) {
   if (!v.is_number_integer()) c.fail(str_cat(where, " must be an integer"));
-  int64_t x = v.is_number_unsigned() ? static_cast<int64_t>(std::min<uint64_t>(
-                                           v.get<uint64_t>(), uint64_t(INT64_MAX)))
-                                     : v.get<int64_t>();
+  int64_t x = v.is_number_unsigned()
+                  ? static_cast<int64_t>(std::min<uint64_t>(v.get<uint64_t>(), uint64_t(INT64_MAX)))
+                  : v.get<int64_t>();
   if (x < lo || x > hi) c.fail(str_cat(where, " = ", x, " is out of range [", lo, ", ", hi, "]"));
   return x;
 }
@@ -391,7 +391,8 @@ struct Bpe {
 
   int32_t unk_id() const {
     auto it = vocab.find(*unk_token);
-    if (it == vocab.end()) throw Error(str_cat("[tokenizer] unk_token '", *unk_token, "' is not in the vocab"));
+    if (it == vocab.end())
+      throw Error(str_cat("[tokenizer] unk_token '", *unk_token, "' is not in the vocab"));
     return it->second;
   }
 
@@ -528,7 +529,8 @@ struct Bpe {
     }
     if (metaspace_chunks) {
       size_t start = 0;
-      for (size_t p = word.find(kMeta, 1); p != std::string_view::npos; p = word.find(kMeta, p + 1)) {
+      for (size_t p = word.find(kMeta, 1); p != std::string_view::npos;
+           p = word.find(kMeta, p + 1)) {
         if (meta_follows_other(word, p)) {
           merge_cached(word.substr(start, p - start), out);
           start = p;
@@ -603,7 +605,7 @@ struct ByteFallbackDecoder : Decoder {
     int v = 0;
     for (int k = 3; k < 5; ++k) {
       char c = t[k];
-      int d = (c >= '0' && c <= '9') ? c - '0'
+      int d = (c >= '0' && c <= '9')   ? c - '0'
               : (c >= 'a' && c <= 'f') ? c - 'a' + 10
               : (c >= 'A' && c <= 'F') ? c - 'A' + 10
                                        : -1;
@@ -933,14 +935,18 @@ namespace {
 
 // ---- parsing -------------------------------------------------------------------------------
 
-std::unique_ptr<text::Regex> pattern_regex(const Ctx& c, const json& pat, const std::string& where) {
+std::unique_ptr<text::Regex> pattern_regex(const Ctx& c, const json& pat,
+                                           const std::string& where) {
   // {"String": "..."} or {"Regex": "..."}
-  if (!pat.is_object()) c.fail(str_cat(where, ".pattern must be {\"String\": ..} or {\"Regex\": ..}"));
+  if (!pat.is_object())
+    c.fail(str_cat(where, ".pattern must be {\"String\": ..} or {\"Regex\": ..}"));
   std::string src = "[tokenizer] " + c.source + ": " + where + ":";
   if (const json* s = opt_field(pat, "String"))
-    return std::make_unique<text::Regex>(text::regex_escape(as_str(c, *s, where + ".pattern.String")), src);
+    return std::make_unique<text::Regex>(
+        text::regex_escape(as_str(c, *s, where + ".pattern.String")), src);
   if (const json* r = opt_field(pat, "Regex"))
-    return std::make_unique<text::Regex>(text::onig_to_pcre2(as_str(c, *r, where + ".pattern.Regex")), src);
+    return std::make_unique<text::Regex>(
+        text::onig_to_pcre2(as_str(c, *r, where + ".pattern.Regex")), src);
   c.fail(str_cat(where, ".pattern must be {\"String\": ..} or {\"Regex\": ..}"));
 }
 
@@ -957,7 +963,8 @@ std::unique_ptr<Normalizer> parse_normalizer(const Ctx& c, const json& j, const 
     const json& items = field(c, j, "normalizers", where);
     if (!items.is_array()) c.fail(str_cat(where, ".normalizers must be an array"));
     for (size_t i = 0; i < items.size(); ++i)
-      n->items.push_back(parse_normalizer(c, items[i], str_cat(where, ".normalizers[", i, "]"), depth + 1));
+      n->items.push_back(
+          parse_normalizer(c, items[i], str_cat(where, ".normalizers[", i, "]"), depth + 1));
     return n;
   }
   if (type == "Prepend") {
@@ -983,8 +990,9 @@ Behavior parse_behavior(const Ctx& c, const json& j, const std::string& where) {
   if (b == "MergedWithPrevious") return Behavior::MergedWithPrevious;
   if (b == "MergedWithNext") return Behavior::MergedWithNext;
   if (b == "Contiguous") return Behavior::Contiguous;
-  c.fail(str_cat(where, ".behavior '", b, "' is not one of Removed, Isolated, MergedWithPrevious, "
-                        "MergedWithNext, Contiguous"));
+  c.fail(str_cat(where, ".behavior '", b,
+                 "' is not one of Removed, Isolated, MergedWithPrevious, "
+                 "MergedWithNext, Contiguous"));
 }
 
 PrependScheme parse_scheme(const Ctx& c, const json& j, const std::string& where) {
@@ -996,7 +1004,8 @@ PrependScheme parse_scheme(const Ctx& c, const json& j, const std::string& where
     c.fail(str_cat(where, ".prepend_scheme '", v, "' is not one of always, first, never"));
   }
   // Files before `prepend_scheme` existed say add_prefix_space.
-  return bool_opt(c, j, "add_prefix_space", true, where) ? PrependScheme::Always : PrependScheme::Never;
+  return bool_opt(c, j, "add_prefix_space", true, where) ? PrependScheme::Always
+                                                         : PrependScheme::Never;
 }
 
 std::string replacement_of(const Ctx& c, const json& j, const std::string& where) {
@@ -1080,7 +1089,8 @@ std::unique_ptr<Decoder> parse_decoder(const Ctx& c, const json& j, const std::s
     const json& items = field(c, j, "decoders", where);
     if (!items.is_array()) c.fail(str_cat(where, ".decoders must be an array"));
     for (size_t i = 0; i < items.size(); ++i)
-      d->items.push_back(parse_decoder(c, items[i], str_cat(where, ".decoders[", i, "]"), depth + 1));
+      d->items.push_back(
+          parse_decoder(c, items[i], str_cat(where, ".decoders[", i, "]"), depth + 1));
     return d;
   }
   if (type == "ByteLevel") return std::make_unique<ByteLevelDecoder>();
@@ -1096,10 +1106,13 @@ std::unique_ptr<Decoder> parse_decoder(const Ctx& c, const json& j, const std::s
     auto d = std::make_unique<StripDecoder>();
     std::string content = str_field(c, j, "content", where);
     size_t l = content.empty() ? 0 : utf8_len(static_cast<unsigned char>(content[0]));
-    if (content.empty() || l != content.size()) c.fail(str_cat(where, ".content must be one character"));
+    if (content.empty() || l != content.size())
+      c.fail(str_cat(where, ".content must be one character"));
     d->content = text::decode_utf8(content, 0, &l);
-    d->start = static_cast<size_t>(int_of(c, field(c, j, "start", where), where + ".start", 0, 1 << 30));
-    d->stop = static_cast<size_t>(int_of(c, field(c, j, "stop", where), where + ".stop", 0, 1 << 30));
+    d->start =
+        static_cast<size_t>(int_of(c, field(c, j, "start", where), where + ".start", 0, 1 << 30));
+    d->stop =
+        static_cast<size_t>(int_of(c, field(c, j, "stop", where), where + ".stop", 0, 1 << 30));
     return d;
   }
   if (type == "Metaspace") {
@@ -1143,13 +1156,15 @@ std::unique_ptr<PostProcessor> parse_post_processor(const Ctx& c, const json& j,
         if (it == specials.end())
           c.fail(str_cat(w, ": special token '", name, "' is not in ", where, ".special_tokens"));
         const json& ids = field(c, *it, "ids", str_cat(where, ".special_tokens[", name, "]"));
-        if (!ids.is_array()) c.fail(str_cat(where, ".special_tokens[", name, "].ids must be an array"));
+        if (!ids.is_array())
+          c.fail(str_cat(where, ".special_tokens[", name, "].ids must be an array"));
         std::vector<int32_t> v;
         for (auto& x : ids) v.push_back(static_cast<int32_t>(int_of(c, x, w + " ids", 0, kMaxId)));
         p->single.emplace_back(std::move(v));
       } else if (const json* sq = opt_field(piece, "Sequence")) {
         std::string id = str_field(c, *sq, "id", w + ".Sequence");
-        if (id != "A") c.fail(str_cat(w, ": the single-sequence template can only use $A, not $", id));
+        if (id != "A")
+          c.fail(str_cat(w, ": the single-sequence template can only use $A, not $", id));
         p->single.emplace_back(std::nullopt);
       } else {
         c.fail(str_cat(w, " must be {\"SpecialToken\": ..} or {\"Sequence\": ..}"));
@@ -1181,8 +1196,7 @@ void parse_model(const Ctx& c, const json& m, Bpe& bpe) {
   } else if (!opt_field(m, "merges")) {
     c.fail("model has no \"type\" and no \"merges\" (only BPE models are supported)");
   }
-  if (type != "BPE")
-    c.fail(str_cat("model type '", type, "' is not supported (only BPE is)"));
+  if (type != "BPE") c.fail(str_cat("model type '", type, "' is not supported (only BPE is)"));
   if (const json* d = opt_field(m, "dropout")) {
     if (!d->is_number() || d->get<double>() != 0.0)
       c.fail("model.dropout is set: BPE-dropout is random and is not supported");
@@ -1203,7 +1217,8 @@ void parse_model(const Ctx& c, const json& m, Bpe& bpe) {
   if (!vocab.is_object()) c.fail("model.vocab must be an object {token: id}");
   bpe.vocab.reserve(vocab.size());
   for (auto it = vocab.begin(); it != vocab.end(); ++it) {
-    int32_t id = static_cast<int32_t>(int_of(c, it.value(), str_cat("model.vocab[\"", it.key(), "\"]"), 0, kMaxId));
+    int32_t id = static_cast<int32_t>(
+        int_of(c, it.value(), str_cat("model.vocab[\"", it.key(), "\"]"), 0, kMaxId));
     bpe.vocab[it.key()] = id;
     bpe.vocab_r.emplace(id, it.key());
   }
@@ -1244,7 +1259,8 @@ void parse_model(const Ctx& c, const json& m, Bpe& bpe) {
       c.fail(str_cat("model.merges[", i, "] uses '", a, "', which is not in the vocab"));
     if (ib == bpe.vocab.end())
       c.fail(str_cat("model.merges[", i, "] uses '", b, "', which is not in the vocab"));
-    if (b.size() < plen) c.fail(str_cat("model.merges[", i, "]: '", b, "' is shorter than the prefix"));
+    if (b.size() < plen)
+      c.fail(str_cat("model.merges[", i, "]: '", b, "' is shorter than the prefix"));
     joined = a;
     joined.append(b, plen, std::string::npos);
     auto in = bpe.vocab.find(joined);
@@ -1305,7 +1321,8 @@ void parse_added_tokens(const Ctx& c, const json& arr, Tokenizer::Impl& tok) {
   tok.normalized_matcher.build(norm);
 }
 
-std::shared_ptr<Tokenizer::Impl> parse_tokenizer(const std::string& text, const std::string& source) {
+std::shared_ptr<Tokenizer::Impl> parse_tokenizer(const std::string& text,
+                                                 const std::string& source) {
   Ctx c{source};
   json j;
   try {
@@ -1322,7 +1339,8 @@ std::shared_ptr<Tokenizer::Impl> parse_tokenizer(const std::string& text, const 
         c.fail(str_cat("unknown tokenizer.json version ", v->dump()));
     }
     parse_model(c, field(c, j, "model", "tokenizer.json"), tok->model);
-    if (const json* n = opt_field(j, "normalizer")) tok->normalizer = parse_normalizer(c, *n, "normalizer");
+    if (const json* n = opt_field(j, "normalizer"))
+      tok->normalizer = parse_normalizer(c, *n, "normalizer");
     if (const json* p = opt_field(j, "pre_tokenizer"))
       tok->pre_tokenizer = parse_pre_tokenizer(c, *p, "pre_tokenizer");
     if (const json* d = opt_field(j, "decoder")) tok->decoder = parse_decoder(c, *d, "decoder");

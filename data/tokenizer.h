@@ -7,7 +7,8 @@
 //   model:          BPE (merges as "a b" strings or [a, b] pairs; byte_fallback, fuse_unk,
 //                   unk_token, ignore_merges, continuing_subword_prefix, end_of_word_suffix)
 //   decoder:        ByteLevel, Metaspace, Replace, ByteFallback, Fuse, Strip, Sequence, null
-//   post_processor: TemplateProcessing, ByteLevel, RobertaProcessing, BertProcessing, Sequence, null
+//   post_processor: TemplateProcessing, ByteLevel, RobertaProcessing, BertProcessing, Sequence,
+//   null
 // Added tokens (special or not) are matched before pre-tokenization, longest match first, with
 // their single_word / lstrip / rstrip / normalized flags applied as `tokenizers` does; their ids
 // are assigned the way `tokenizers` assigns them on load (the model's id when the content is in
@@ -34,7 +35,8 @@ struct TokenizerConfig {
 
   static TokenizerConfig from_file(const std::string& path);
   // `source` names the text in error messages (a file name, or "<string>").
-  static TokenizerConfig from_string(const std::string& json, const std::string& source = "<string>");
+  static TokenizerConfig from_string(const std::string& json,
+                                     const std::string& source = "<string>");
 };
 
 class Tokenizer {

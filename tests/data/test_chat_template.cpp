@@ -45,7 +45,8 @@ TEST(ChatTemplate, MatchesTransformersRendering) {
     auto msgs = conversation(fx["conversations"][c["conversation"].get<int>()]);
     bool gen = c["add_generation_prompt"];
     // Both the template selected by name and the one detected from the Jinja source.
-    for (const ChatTemplate& t : {ChatTemplate::by_name(fmt, cfg), ChatTemplate::from_config(cfg)}) {
+    for (const ChatTemplate& t :
+         {ChatTemplate::by_name(fmt, cfg), ChatTemplate::from_config(cfg)}) {
       SCOPED_TRACE(fmt + " conversation " + c["conversation"].dump() + (gen ? " +gen" : ""));
       if (c.contains("error")) {
         EXPECT_THROW(t.render(msgs, gen), Error);
@@ -65,8 +66,8 @@ TEST(ChatTemplate, MatchesTransformersRendering) {
         std::string body = r.text.substr(s.begin, s.end - s.begin);
         EXPECT_EQ(msgs[s.message].role, "assistant");
         std::string content = msgs[s.message].content;
-        std::string marker = fmt == "llama3" ? "<|eot_id|>"
-                             : fmt == "llama2" ? " </s>"
+        std::string marker = fmt == "llama3"                       ? "<|eot_id|>"
+                             : fmt == "llama2"                     ? " </s>"
                              : (fmt == "chatml" || fmt == "qwen2") ? "<|im_end|>"
                                                                    : "</s>";
         ASSERT_GE(body.size(), marker.size());
@@ -109,7 +110,8 @@ TEST(ChatTemplate, Detection) {
     } catch (const Error& e) {
       std::string m = e.what();
       EXPECT_NE(m.find("not recognized"), std::string::npos) << m;
-      EXPECT_NE(m.find("chatml, qwen2, llama3, llama2, mistral, zephyr, plain"), std::string::npos) << m;
+      EXPECT_NE(m.find("chatml, qwen2, llama3, llama2, mistral, zephyr, plain"), std::string::npos)
+          << m;
       EXPECT_NE(m.find(needle), std::string::npos) << m;
     }
   };
@@ -125,8 +127,8 @@ TEST(ChatTemplate, Detection) {
 
 TEST(ChatTemplate, PlainFormatAndSpans) {
   ChatTemplate t = ChatTemplate::by_name("plain");
-  std::vector<ChatMessage> m = {{"system", "Be brief."}, {"user", "Hi"}, {"assistant", "Hello!"},
-                                {"user", "Bye"}};
+  std::vector<ChatMessage> m = {
+      {"system", "Be brief."}, {"user", "Hi"}, {"assistant", "Hello!"}, {"user", "Bye"}};
   ChatRendering r = t.render(m, true);
   EXPECT_EQ(r.text, "System: Be brief.\nUser: Hi\nAssistant: Hello!\nUser: Bye\nAssistant: ");
   ASSERT_EQ(r.assistant_spans.size(), 1u);
@@ -161,13 +163,14 @@ TEST(ChatTemplate, RoleErrors) {
 TEST(ChatTemplate, TokenizedWithTheFixtureTokenizer) {
   // The rendered text holds the special tokens, so encoding without adding specials gives one
   // <|im_start|> / <|im_end|> id each, never split.
-  Tokenizer tok = Tokenizer::from_folder(std::string(FTUNE_SOURCE_DIR) +
-                                         "/tests/fixtures/tokenizers/qwen2");
+  Tokenizer tok =
+      Tokenizer::from_folder(std::string(FTUNE_SOURCE_DIR) + "/tests/fixtures/tokenizers/qwen2");
   ChatTemplate t = ChatTemplate::from_config(tok.config());
   EXPECT_EQ(t.default_system_prompt(), "You are a helpful assistant.");
   ChatRendering r = t.render({{"user", "hello"}, {"assistant", "world"}});
   auto ids = tok.encode(r.text, false);
-  int32_t start = tok.token_to_id("<|im_start|>").value(), end = tok.token_to_id("<|im_end|>").value();
+  int32_t start = tok.token_to_id("<|im_start|>").value(),
+          end = tok.token_to_id("<|im_end|>").value();
   EXPECT_EQ(std::count(ids.begin(), ids.end(), start), 3);
   EXPECT_EQ(std::count(ids.begin(), ids.end(), end), 3);
   EXPECT_EQ(tok.decode(ids), r.text);

@@ -1,12 +1,13 @@
-// Tokenizer parity with HF `tokenizers` on the fixtures of tests/fixtures/make_tokenizer_fixtures.py
-// (ids, decode, round trip), plus loading, config and bad-input tests.
+// Tokenizer parity with HF `tokenizers` on the fixtures of
+// tests/fixtures/make_tokenizer_fixtures.py (ids, decode, round trip), plus loading, config and
+// bad-input tests.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <chrono>
-#include <random>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <sstream>
 #include <thread>
 
@@ -55,8 +56,8 @@ void expect_throws_with(F&& f, const std::string& needle) {
   }
 }
 
-const char* kNames[] = {"gpt2",         "llama3",        "qwen2",
-                        "sp_legacy",    "sp_metaspace",  "sp_metaspace_split",
+const char* kNames[] = {"gpt2",           "llama3",         "qwen2",
+                        "sp_legacy",      "sp_metaspace",   "sp_metaspace_split",
                         "tiny_bytelevel", "tiny_metaspace", "tiny_sentencepiece"};
 
 }  // namespace
@@ -81,8 +82,8 @@ TEST_P(TokenizerParity, MatchesHuggingFace) {
                     << ", HF: " << show(ids);
     auto got_plain = tok.encode(text, /*add_special_tokens=*/false);
     if (got_plain != plain && ++plain_fail <= 5)
-      ADD_FAILURE() << name << " encode(" << json(text).dump() << ", no specials) = "
-                    << show(got_plain) << ", HF: " << show(plain);
+      ADD_FAILURE() << name << " encode(" << json(text).dump()
+                    << ", no specials) = " << show(got_plain) << ", HF: " << show(plain);
     std::string d = tok.decode(ids);
     if (d != decoded && ++dec_fail <= 5)
       ADD_FAILURE() << name << " decode(" << show(ids) << ") = " << json(d).dump()
@@ -122,7 +123,7 @@ TEST(Tokenizer, VocabAndSpecialTokens) {
   EXPECT_FALSE(tok.token_to_id("no such token").has_value());
   EXPECT_FALSE(tok.id_to_token(1 << 30).has_value());
   EXPECT_TRUE(tok.is_special(1));
-  EXPECT_FALSE(tok.is_special(3));  // byte tokens live in the model vocab, not as added tokens
+  EXPECT_FALSE(tok.is_special(3));   // byte tokens live in the model vocab, not as added tokens
   EXPECT_EQ(tok.vocab_size(), 901);  // 900 model tokens + the added "foo bar"
   EXPECT_EQ(tok.bos_id(), 1);
   EXPECT_EQ(tok.eos_id(), 2);
@@ -170,8 +171,9 @@ TEST(Tokenizer, CopiesShareTablesAndAreThreadSafe) {
   for (int t = 0; t < 4; ++t)
     threads.emplace_back([&, t] {
       int good = 0;
-      for (int i = 0; i < 200; ++i) good += (t % 2 ? a : b).encode(text + std::to_string(i % 7)) ==
-                                                    (t % 2 ? b : a).encode(text + std::to_string(i % 7));
+      for (int i = 0; i < 200; ++i)
+        good += (t % 2 ? a : b).encode(text + std::to_string(i % 7)) ==
+                (t % 2 ? b : a).encode(text + std::to_string(i % 7));
       ok[t] = good;
     });
   for (auto& th : threads) th.join();
@@ -214,7 +216,8 @@ TEST(Tokenizer, BadFilesNameTheFileAndTheProblem) {
   expect_throws_with([] { Tokenizer::from_file("/nonexistent/tokenizer.json"); },
                      "/nonexistent/tokenizer.json");
   expect_throws_with([] { Tokenizer::from_folder("/nonexistent"); }, "/nonexistent");
-  expect_throws_with([] { Tokenizer::from_string("{\"model\": ", "t.json"); }, "t.json: malformed JSON");
+  expect_throws_with([] { Tokenizer::from_string("{\"model\": ", "t.json"); },
+                     "t.json: malformed JSON");
   expect_throws_with([] { Tokenizer::from_string("[1, 2]", "t.json"); }, "t.json");
   auto bad = [](auto mutate, const std::string& needle) {
     json j = tiny();
@@ -230,28 +233,41 @@ TEST(Tokenizer, BadFilesNameTheFileAndTheProblem) {
   bad([](json& j) { j["model"].erase("merges"); }, "model has no \"merges\"");
   bad([](json& j) { j["model"]["vocab"]["x"] = "seven"; }, "model.vocab[\"x\"] must be an integer");
   bad([](json& j) { j["model"]["vocab"]["x"] = -3; }, "out of range");
-  bad([](json& j) { j["model"]["merges"].push_back("a c"); }, "merges[2] uses 'c', which is not in the vocab");
-  bad([](json& j) { j["model"]["merges"].push_back("b a"); }, "makes 'ba', which is not in the vocab");
+  bad([](json& j) { j["model"]["merges"].push_back("a c"); },
+      "merges[2] uses 'c', which is not in the vocab");
+  bad([](json& j) { j["model"]["merges"].push_back("b a"); },
+      "makes 'ba', which is not in the vocab");
   bad([](json& j) { j["model"]["merges"].push_back("a b c"); }, "is not two tokens");
   bad([](json& j) { j["model"]["merges"].push_back(7); }, "merges[2] must be");
   bad([](json& j) { j["model"]["unk_token"] = "<unk>"; }, "unk_token '<unk>' is not in the vocab");
   bad([](json& j) { j["model"]["dropout"] = 0.1; }, "dropout");
   bad([](json& j) { j["version"] = "2.0"; }, "unknown tokenizer.json version");
-  bad([](json& j) { j["pre_tokenizer"] = {{"type", "Split"}, {"pattern", {{"Regex", "(unclosed"}}},
-                                          {"behavior", "Isolated"}, {"invert", false}}; },
+  bad(
+      [](json& j) {
+        j["pre_tokenizer"] = {{"type", "Split"},
+                              {"pattern", {{"Regex", "(unclosed"}}},
+                              {"behavior", "Isolated"},
+                              {"invert", false}};
+      },
       "pre_tokenizer: invalid regex '(unclosed'");
   bad([](json& j) { j["pre_tokenizer"]["type"] = "BertPreTokenizer"; },
       "pre_tokenizer: type 'BertPreTokenizer' is not supported");
   bad([](json& j) { j["normalizer"] = {{"type", "Lowercase"}}; }, "normalizer: type 'Lowercase'");
   bad([](json& j) { j["decoder"] = {{"type", "WordPiece"}}; }, "decoder: type 'WordPiece'");
-  bad([](json& j) { j["post_processor"] = {{"type", "TemplateProcessing"},
-                                           {"single", {{{"SpecialToken", {{"id", "<x>"}}}}}},
-                                           {"special_tokens", json::object()}}; },
+  bad(
+      [](json& j) {
+        j["post_processor"] = {{"type", "TemplateProcessing"},
+                               {"single", {{{"SpecialToken", {{"id", "<x>"}}}}}},
+                               {"special_tokens", json::object()}};
+      },
       "special token '<x>' is not in");
   bad([](json& j) { j["added_tokens"][0].erase("content"); }, "added_tokens[0] has no \"content\"");
   bad([](json& j) { j["added_tokens"] = 3; }, "\"added_tokens\" must be an array");
-  bad([](json& j) { j["pre_tokenizer"] = {{"type", "Split"}, {"pattern", {{"Regex", "a"}}},
-                                          {"behavior", "Sideways"}}; },
+  bad(
+      [](json& j) {
+        j["pre_tokenizer"] = {
+            {"type", "Split"}, {"pattern", {{"Regex", "a"}}}, {"behavior", "Sideways"}};
+      },
       "behavior 'Sideways'");
 }
 
@@ -259,8 +275,9 @@ TEST(Tokenizer, InvalidUtf8InputThrows) {
   Tokenizer t = Tokenizer::from_string(tiny().dump(), "tiny.json");
   expect_throws_with([&] { t.encode(std::string("ab\xff")); }, "not valid UTF-8 (byte offset 2)");
   expect_throws_with([&] { t.encode(std::string("\xc3")); }, "byte offset 0");
-  expect_throws_with([&] { t.encode(std::string("\xed\xa0\x80")); }, "not valid UTF-8");  // surrogate
-  expect_throws_with([&] { t.encode(std::string("\xc0\x80")); }, "not valid UTF-8");     // overlong
+  expect_throws_with([&] { t.encode(std::string("\xed\xa0\x80")); },
+                     "not valid UTF-8");                                              // surrogate
+  expect_throws_with([&] { t.encode(std::string("\xc0\x80")); }, "not valid UTF-8");  // overlong
 }
 
 TEST(Tokenizer, DecodeReplacesBrokenBytesLikeHF) {
@@ -302,8 +319,9 @@ TEST(Tokenizer, ThroughputByteLevelEnglish) {
   auto ids = t.encode(text, false);
   double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   double mbs = text.size() / s / 1e6;
-  std::printf("[ throughput ] byte-level (llama3 fixture) encode: %.1f MB/s, %zu bytes -> %zu ids\n",
-              mbs, text.size(), ids.size());
+  std::printf(
+      "[ throughput ] byte-level (llama3 fixture) encode: %.1f MB/s, %zu bytes -> %zu ids\n", mbs,
+      text.size(), ids.size());
   RecordProperty("encode_MBps", std::to_string(mbs));
   EXPECT_GT(mbs, 1.0);
 }
@@ -328,7 +346,8 @@ TEST(Tokenizer, MergesAcrossMetaspaceAreKept) {
 
 // Pre-tokenizer, split-behavior and normalizer variants on the gpt2 model (variants.json).
 TEST(Tokenizer, PipelineVariantsMatchHuggingFace) {
-  json v = json::parse(slurp(std::string(FTUNE_SOURCE_DIR) + "/tests/fixtures/tokenizers/variants.json"));
+  json v = json::parse(
+      slurp(std::string(FTUNE_SOURCE_DIR) + "/tests/fixtures/tokenizers/variants.json"));
   json base = json::parse(slurp(fixture_dir(v["base"]) + "/tokenizer.json"));
   const auto& strings = v["strings"];
   ASSERT_GE(v["variants"].size(), 10u);

@@ -35,24 +35,42 @@ std::vector<std::string> seeds() {
 // Values that stress a parser: wrong types, huge and negative numbers, odd strings and regexes.
 json odd_value(std::mt19937& rng) {
   switch (rng() % 18) {
-    case 0: return nullptr;
-    case 1: return -1;
-    case 2: return 4294967296LL;
-    case 3: return 2147483647;
-    case 4: return 1e300;
-    case 5: return "";
-    case 6: return "(unclosed";
-    case 7: return "\\s*";  // a regex that matches empty everywhere
-    case 8: return "a|";
-    case 9: return json::array();
-    case 10: return json::object();
-    case 11: return true;
-    case 12: return "\xe2\x96\x81";
-    case 13: return json::array({"a", "b"});
-    case 14: return "(?<=a)b|\\K";
-    case 15: return "((a+)+)+$";
-    case 16: return std::string(300, 'x');
-    default: return "Split";
+    case 0:
+      return nullptr;
+    case 1:
+      return -1;
+    case 2:
+      return 4294967296LL;
+    case 3:
+      return 2147483647;
+    case 4:
+      return 1e300;
+    case 5:
+      return "";
+    case 6:
+      return "(unclosed";
+    case 7:
+      return "\\s*";  // a regex that matches empty everywhere
+    case 8:
+      return "a|";
+    case 9:
+      return json::array();
+    case 10:
+      return json::object();
+    case 11:
+      return true;
+    case 12:
+      return "\xe2\x96\x81";
+    case 13:
+      return json::array({"a", "b"});
+    case 14:
+      return "(?<=a)b|\\K";
+    case 15:
+      return "((a+)+)+$";
+    case 16:
+      return std::string(300, 'x');
+    default:
+      return "Split";
   }
 }
 
@@ -104,8 +122,9 @@ void mutate_structure(json& j, std::mt19937& rng) {
       break;
     default:
       if (node->is_object() && node->contains("type")) {  // a different known or unknown type
-        static const char* types[] = {"Sequence", "ByteLevel", "Metaspace", "Split", "Replace",
-                                      "Strip", "BPE", "Digits", "TemplateProcessing", "Nope"};
+        static const char* types[] = {
+            "Sequence", "ByteLevel", "Metaspace",          "Split", "Replace", "Strip",
+            "BPE",      "Digits",    "TemplateProcessing", "Nope"};
         (*node)["type"] = types[rng() % 10];
       } else {
         *node = odd_value(rng);
@@ -118,10 +137,18 @@ void mutate_bytes(std::string& s, std::mt19937& rng) {
   for (int k = 0; k < n && !s.empty(); ++k) {
     size_t pos = rng() % s.size();
     switch (rng() % 5) {
-      case 0: s[pos] = static_cast<char>(rng()); break;
-      case 1: s.erase(pos, 1 + rng() % 8); break;
-      case 2: s.insert(pos, 1, "{}[]\",:\\0-9e\xe2"[rng() % 15]); break;
-      case 3: s.resize(pos); break;  // truncation
+      case 0:
+        s[pos] = static_cast<char>(rng());
+        break;
+      case 1:
+        s.erase(pos, 1 + rng() % 8);
+        break;
+      case 2:
+        s.insert(pos, 1, "{}[]\",:\\0-9e\xe2"[rng() % 15]);
+        break;
+      case 3:
+        s.resize(pos);
+        break;  // truncation
       default: {
         size_t len = std::min<size_t>(1 + rng() % 32, s.size() - pos);
         s.insert(rng() % s.size(), s.substr(pos, len));
@@ -140,12 +167,24 @@ std::string random_text(std::mt19937& rng, bool valid_utf8) {
   for (int i = 0; i < n; ++i) {
     uint32_t cp;
     switch (rng() % 6) {
-      case 0: cp = 0x20 + rng() % 0x60; break;
-      case 1: cp = "\t\n\r \x0b\x0c"[rng() % 6]; break;
-      case 2: cp = 0x80 + rng() % 0x780; break;
-      case 3: cp = 0x800 + rng() % 0xF800; break;
-      case 4: cp = 0x10000 + rng() % 0x100000; break;
-      default: cp = 0x2581; break;
+      case 0:
+        cp = 0x20 + rng() % 0x60;
+        break;
+      case 1:
+        cp = "\t\n\r \x0b\x0c"[rng() % 6];
+        break;
+      case 2:
+        cp = 0x80 + rng() % 0x780;
+        break;
+      case 3:
+        cp = 0x800 + rng() % 0xF800;
+        break;
+      case 4:
+        cp = 0x10000 + rng() % 0x100000;
+        break;
+      default:
+        cp = 0x2581;
+        break;
     }
     if (cp >= 0xD800 && cp <= 0xDFFF) cp = 0xFFFD;
     char buf[5] = {};

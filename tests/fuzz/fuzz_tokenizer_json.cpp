@@ -13,7 +13,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::string text(reinterpret_cast<const char*>(data), size);
   try {
     ftune::Tokenizer tok = ftune::Tokenizer::from_string(text, "fuzz.json");
-    static const char* kSamples[] = {"", " ", "Hello world! It's 2024.", "  a\n\n\tb  ",
+    static const char* kSamples[] = {"",
+                                     " ",
+                                     "Hello world! It's 2024.",
+                                     "  a\n\n\tb  ",
                                      "café 日本 😀 \xe2\x96\x81x <s></s><|endoftext|>",
                                      "e\xcc\x81 \xc2\x85 \xe3\x80\x80"};
     for (const char* s : kSamples) {
