@@ -34,3 +34,16 @@ else()
     set(FTUNE_ARCH_FLAGS -march=x86-64-v3)
   endif()
 endif()
+
+# libFuzzer targets (tests/fuzz/, one fuzzer per file). clang only; everything is then built with
+# ASan and coverage instrumentation, so use a separate build dir:
+#   cmake -S . -B build-fuzz -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_C_COMPILER=clang \
+#     -DFTUNE_FUZZ=ON -DFTUNE_CUDA=OFF -DFTUNE_MPI=OFF -DFTUNE_HDF5=OFF
+option(FTUNE_FUZZ "Build the libFuzzer targets of tests/fuzz (needs clang)" OFF)
+if(FTUNE_FUZZ)
+  if(NOT CMAKE_CXX_COMPILER_ID MATCHES "Clang")
+    message(FATAL_ERROR "FTUNE_FUZZ needs clang++ (libFuzzer): -DCMAKE_CXX_COMPILER=clang++")
+  endif()
+  add_compile_options(-fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer -g)
+  add_link_options(-fsanitize=address,undefined)
+endif()
