@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "core/error.h"
@@ -42,6 +43,19 @@ std::string path_dirname(const std::string& path) {
   size_t p = path.find_last_of('/');
   if (p == std::string::npos) return ".";
   return p == 0 ? "/" : path.substr(0, p);
+}
+
+std::string json_brief(const nlohmann::json& v) {
+  if (!v.is_structured()) return v.dump();
+  std::string out = v.is_array() ? "[" : "{";
+  size_t i = 0;
+  for (auto it = v.begin(); it != v.end() && out.size() < 200; ++it, ++i) {
+    if (i) out += ", ";
+    if (v.is_object()) out += nlohmann::json(it.key()).dump() + ": ";
+    out += it->is_array() ? "[...]" : it->is_object() ? "{...}" : it->dump();
+  }
+  if (out.size() > 200) out = out.substr(0, 200) + "...";
+  return out + (v.is_array() ? "]" : "}");
 }
 
 AtomicFile::AtomicFile(std::string path, const char* component)

@@ -1,6 +1,7 @@
 // Small file helpers shared by io/: whole-file reads and crash-safe writes.
 #pragma once
 #include <cstddef>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 
 namespace ftune {
@@ -12,6 +13,11 @@ bool file_exists(const std::string& path);  // a regular file (following symlink
 bool dir_exists(const std::string& path);
 std::string path_join(const std::string& dir, const std::string& name);
 std::string path_dirname(const std::string& path);  // "." when there is no slash
+
+// A JSON value for an error message: scalars as JSON, containers shallowly ("[1, 2, [...]]") and
+// cut at 200 characters. json::dump() recurses, so a hostile, deeply nested value must never
+// reach it.
+std::string json_brief(const nlohmann::json& v);
 
 // Writes "<path>.tmp", then commit() fsyncs it and renames it onto `path` (and fsyncs the folder),
 // so `path` is either the old file or the complete new one, never a torn write. Destroyed without

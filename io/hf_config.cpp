@@ -54,7 +54,7 @@ class Reader {
     const json* v = find(key);
     if (!v || v->is_null()) return std::nullopt;
     if (!v->is_number_integer() || (v->is_number_unsigned() && v->get<uint64_t>() > INT64_MAX))
-      fail(str_cat("\"", key, "\" must be an integer, got ", v->dump()));
+      fail(str_cat("\"", key, "\" must be an integer, got ", json_brief(*v)));
     return v->get<int64_t>();
   }
   int64_t get_int(const char* key, int64_t def) const {
@@ -70,19 +70,19 @@ class Reader {
   double get_double(const char* key, double def) const {
     const json* v = find(key);
     if (!v) return def;
-    if (!v->is_number()) fail(str_cat("\"", key, "\" must be a number, got ", v->dump()));
+    if (!v->is_number()) fail(str_cat("\"", key, "\" must be a number, got ", json_brief(*v)));
     return v->get<double>();
   }
   bool get_bool(const char* key, bool def) const {
     const json* v = find(key);
     if (!v) return def;
-    if (!v->is_boolean()) fail(str_cat("\"", key, "\" must be true or false, got ", v->dump()));
+    if (!v->is_boolean()) fail(str_cat("\"", key, "\" must be true or false, got ", json_brief(*v)));
     return v->get<bool>();
   }
   std::string get_string(const char* key, const std::string& def) const {
     const json* v = find(key);
     if (!v || v->is_null()) return def;
-    if (!v->is_string()) fail(str_cat("\"", key, "\" must be a string, got ", v->dump()));
+    if (!v->is_string()) fail(str_cat("\"", key, "\" must be a string, got ", json_brief(*v)));
     return v->get<std::string>();
   }
 
@@ -95,7 +95,7 @@ const FamilyInfo& resolve_family(const Reader& r, const json& j) {
   std::string arch;
   if (const json* a = r.find("architectures"); a && !a->is_null()) {
     if (!a->is_array() || a->empty() || !(*a)[0].is_string())
-      r.fail(str_cat("\"architectures\" must be a non-empty list of names, got ", a->dump()));
+      r.fail(str_cat("\"architectures\" must be a non-empty list of names, got ", json_brief(*a)));
     arch = (*a)[0].get<std::string>();
   }
   std::string model_type = r.get_string("model_type", "");
@@ -122,7 +122,7 @@ double parse_rope(const Reader& r) {
   for (const char* key : {"rope_parameters", "rope_scaling"}) {
     const json* rp = r.find(key);
     if (!rp || rp->is_null()) continue;
-    if (!rp->is_object()) r.fail(str_cat("\"", key, "\" must be an object or null, got ", rp->dump()));
+    if (!rp->is_object()) r.fail(str_cat("\"", key, "\" must be an object or null, got ", json_brief(*rp)));
     std::string type = "default";
     for (const char* tk : {"type", "rope_type"}) {
       auto it = rp->find(tk);
@@ -141,7 +141,7 @@ double parse_rope(const Reader& r) {
         theta = it->get<double>();
       } else if (it.key() == "partial_rotary_factor") {
         if (!it->is_number() || it->get<double>() != 1.0)
-          r.fail(str_cat("\"", key, "\".partial_rotary_factor ", it->dump(), " is not supported"));
+          r.fail(str_cat("\"", key, "\".partial_rotary_factor ", json_brief(*it), " is not supported"));
       } else if (it->is_object()) {
         r.fail(str_cat("\"", key, "\" per layer type (\"", it.key(), "\") is not supported"));
       }
@@ -149,7 +149,7 @@ double parse_rope(const Reader& r) {
   }
   if (const json* p = r.find("partial_rotary_factor"); p && !p->is_null())
     if (!p->is_number() || p->get<double>() != 1.0)
-      r.fail(str_cat("partial_rotary_factor ", p->dump(), " is not supported"));
+      r.fail(str_cat("partial_rotary_factor ", json_brief(*p), " is not supported"));
   if (!(theta > 0) || !std::isfinite(theta)) r.fail(str_cat("rope_theta must be positive, got ", theta));
   return theta;
 }
@@ -314,7 +314,7 @@ ModelConfig parse_hf_config(const json& j, const std::string& what, const HfConf
       c.eos_token_is_list = true;
       c.eos_token_ids.clear();
       for (const json& x : *e) {
-        if (!x.is_number_integer()) r.fail(str_cat("\"eos_token_id\" list holds ", x.dump()));
+        if (!x.is_number_integer()) r.fail(str_cat("\"eos_token_id\" list holds ", json_brief(x)));
         c.eos_token_ids.push_back(x.get<int64_t>());
       }
     } else {
@@ -335,8 +335,13 @@ ModelConfig parse_hf_config(const json& j, const std::string& what, const HfConf
 ModelConfig load_hf_config(const std::string& path, const HfConfigOptions& opt) {
   std::string text = read_text_file(path, "hf_config");
   json j;
+  // A bound on nesting keeps later recursive walks (copies into `extra`, dumps) off the stack's end.
+  auto depth_limit = [&](int depth, json::parse_event_t, json&) {
+    if (depth > 128) FTUNE_THROW("[hf_config] ", path, ": JSON nests deeper than 128 levels");
+    return true;
+  };
   try {
-    j = json::parse(text);
+    j = json::parse(text, depth_limit);
   } catch (const json::exception& e) {
     FTUNE_THROW("[hf_config] ", path, ": not valid JSON: ", e.what());
   }

@@ -93,11 +93,17 @@ namespace {
 
 const char* json_type(const json& v) { return v.type_name(); }
 
+constexpr int kMaxJsonDepth = 128;
+
 // JSON parse that refuses duplicate keys at any depth (the spec disallows them; a JSON parser
 // would silently keep one of two tensors of the same name).
 json parse_json_unique_keys(const char* begin, const char* end, const std::string& what) {
   std::vector<std::unordered_set<std::string>> keys;  // one set per open object
-  auto cb = [&](int, json::parse_event_t ev, json& parsed) -> bool {
+  auto cb = [&](int depth, json::parse_event_t ev, json& parsed) -> bool {
+    // serde_json (the reference) stops at 128 levels; so do we, which also keeps every later
+    // recursive walk of the value (copies, dumps) shallow.
+    if (depth > kMaxJsonDepth)
+      FTUNE_THROW("[safetensors] ", what, ": header nests deeper than ", kMaxJsonDepth, " levels");
     switch (ev) {
       case json::parse_event_t::object_start: keys.emplace_back(); break;
       case json::parse_event_t::object_end:
@@ -148,9 +154,9 @@ SafetensorsEntry parse_entry(const std::string& name, const json& v, uint64_t da
   bool overflow = false;
   for (const json& d : *sh) {
     if (d.is_number_integer() && !d.is_number_unsigned() && d.get<int64_t>() < 0)
-      FTUNE_THROW(where, ": negative dimension ", d.get<int64_t>(), " in shape ", sh->dump());
+      FTUNE_THROW(where, ": negative dimension ", d.get<int64_t>(), " in shape ", json_brief(*sh));
     auto u = as_uint(d);
-    FTUNE_CHECK(u.has_value(), where, ": shape ", sh->dump().substr(0, 200),
+    FTUNE_CHECK(u.has_value(), where, ": shape ", json_brief(*sh),
                 " must hold non-negative integers");
     FTUNE_CHECK(*u <= uint64_t(INT64_MAX), where, ": dimension ", *u, " is too large");
     e.shape.push_back(int64_t(*u));
@@ -168,11 +174,11 @@ SafetensorsEntry parse_entry(const std::string& name, const json& v, uint64_t da
   auto off = v.find("data_offsets");
   FTUNE_CHECK(off != v.end(), where, ": missing \"data_offsets\"");
   FTUNE_CHECK(off->is_array() && off->size() == 2, where,
-              ": \"data_offsets\" must be [begin, end], got ", off->dump().substr(0, 200));
+              ": \"data_offsets\" must be [begin, end], got ", json_brief(*off));
   auto b = as_uint((*off)[0]);
   auto en = as_uint((*off)[1]);
   FTUNE_CHECK(b && en, where, ": \"data_offsets\" must be two non-negative integers, got ",
-              off->dump());
+              json_brief(*off));
   e.begin = *b;
   e.end = *en;
   FTUNE_CHECK(e.begin <= e.end, where, ": data_offsets [", e.begin, ", ", e.end,
@@ -411,7 +417,10 @@ SafetensorsModel SafetensorsModel::open_index(const std::string& index_path) {
   FTUNE_CHECK(wm != j.end() && wm->is_object(), "[safetensors] ", index_path,
               ": missing the \"weight_map\" object {tensor: shard file}");
   auto md = j.find("metadata");
-  if (md != j.end() && !md->is_null()) m.index_metadata_ = md->dump();
+  if (md != j.end() && md->is_object()) {
+    for (auto it = md->begin(); it != md->end(); ++it)
+      m.index_metadata_[it.key()] = it->is_string() ? it->get<std::string>() : json_brief(*it);
+  }
 
   const std::string dir = path_dirname(index_path);
   std::map<std::string, size_t> shard_ids;

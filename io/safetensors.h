@@ -132,8 +132,9 @@ class SafetensorsModel {
   Tensor get(const std::string& name) const;
   const std::string& shard_path(const std::string& name) const;
   size_t num_shards() const { return shards_.size(); }
-  // The index's "metadata" object as JSON text ("{}" for a single file).
-  const std::string& index_metadata_json() const { return index_metadata_; }
+  // The index's "metadata" ({"total_size": "1234", ...}; numbers as their JSON text; empty for a
+  // single file).
+  const std::map<std::string, std::string>& index_metadata() const { return index_metadata_; }
   // Opens every shard and checks each listed tensor is where the index says it is.
   void check_all() const;
 
@@ -150,7 +151,7 @@ class SafetensorsModel {
   std::string source_;  // the index (or single file) path, for messages
   std::vector<std::unique_ptr<Shard>> shards_;
   std::unordered_map<std::string, size_t> where_;  // tensor -> shard
-  std::string index_metadata_ = "{}";
+  std::map<std::string, std::string> index_metadata_;
 };
 
 // ---- writing

@@ -321,6 +321,8 @@ TEST(HfConfig, Errors) {
   std::ofstream(dir.file("bad.json")) << "{\"model_type\": ";
   expect_error([&] { load_hf_config(dir.file("bad.json")); }, {dir.file("bad.json"), "not valid JSON"});
   expect_error([&] { load_hf_config(dir.file("none.json")); }, {"cannot read", dir.file("none.json")});
+  std::ofstream(dir.file("deep.json")) << "{\"x\":" << std::string(100000, '[') << std::string(100000, ']') << "}";
+  expect_error([&] { load_hf_config(dir.file("deep.json")); }, {"nests deeper than 128 levels"});
 }
 
 // Writes each accepted fixture as ftune parsed it (<name>.input.json) and as ftune writes it

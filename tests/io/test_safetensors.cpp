@@ -379,7 +379,8 @@ TEST(SafetensorsModel, ShardsAsHuggingFaceDoes) {
   for (const auto& [name, tensor] : t) EXPECT_EQ(tensor_bytes(m.get(name)), tensor_bytes(tensor));
   EXPECT_NO_THROW(m.check_all());
   EXPECT_EQ(SafetensorsFile(dir.file(shard(1))).metadata().at("format"), "pt");
-  EXPECT_NE(m.index_metadata_json().find("total_size"), std::string::npos);
+  EXPECT_EQ(m.index_metadata().at("total_size"), "148");
+  EXPECT_EQ(m.index_metadata().at("total_parameters"), "37");
 }
 
 TEST(SafetensorsModel, OpensShardsLazily) {
@@ -412,7 +413,7 @@ TEST(SafetensorsModel, SingleShardAndStaleFiles) {
   SafetensorsModel m = SafetensorsModel::open_folder(dir.path());
   EXPECT_EQ(m.num_shards(), 1u);
   EXPECT_EQ(m.names(), (std::vector<std::string>{"a", "b"}));
-  EXPECT_EQ(m.index_metadata_json(), "{}");
+  EXPECT_TRUE(m.index_metadata().empty());
 }
 
 TEST(SafetensorsModel, IndexErrors) {
@@ -441,4 +442,19 @@ TEST(SafetensorsModel, IndexErrors) {
   std::filesystem::remove(idx);
   expect_error([&] { SafetensorsModel::open_folder(dir.path()); },
                {"no model.safetensors or model.safetensors.index.json"});
+}
+
+TEST_F(SafetensorsBad, DeeplyNestedHeader) {
+  // Nesting must not overflow the stack while parsing or destroying the JSON.
+  std::string arrays = R"({"a":{"dtype":"F32","shape":)" + std::string(1'000'000, '[') +
+                       std::string(1'000'000, ']') + R"(,"data_offsets":[0,0]}})";
+  expect_bad(st_bytes(arrays, 0), {"header nests deeper than 128 levels"});
+  std::string objects;
+  for (int i = 0; i < 100'000; ++i) objects += "{\"k\":";
+  objects += "1" + std::string(100'000, '}');
+  expect_bad(st_bytes(objects, 0), {"header nests deeper than 128 levels"});
+  // Within the limit, the shape's error message renders it shallowly.
+  std::string nested = R"({"a":{"dtype":"F32","shape":)" + std::string(100, '[') +
+                       std::string(100, ']') + R"(,"data_offsets":[0,0]}})";
+  expect_bad(st_bytes(nested, 0), {"shape [[...]] must hold non-negative integers"});
 }
