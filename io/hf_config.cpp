@@ -333,7 +333,11 @@ ModelConfig parse_hf_config(const json& j, const std::string& what, const HfConf
 }
 
 ModelConfig load_hf_config(const std::string& path, const HfConfigOptions& opt) {
-  std::string text = read_text_file(path, "hf_config");
+  return parse_hf_config_text(read_text_file(path, "hf_config"), path, opt);
+}
+
+ModelConfig parse_hf_config_text(const std::string& text, const std::string& path,
+                                 const HfConfigOptions& opt) {
   json j;
   // A bound on nesting keeps later recursive walks (copies into `extra`, dumps) off the stack's end.
   auto depth_limit = [&](int depth, json::parse_event_t, json&) {

@@ -77,6 +77,9 @@ struct HfConfigOptions {
 ModelConfig parse_hf_config(const nlohmann::json& j, const std::string& what,
                             const HfConfigOptions& opt = {});
 ModelConfig load_hf_config(const std::string& path, const HfConfigOptions& opt = {});
+// The text of a config.json (nesting deeper than 128 levels is refused).
+ModelConfig parse_hf_config_text(const std::string& text, const std::string& what,
+                                 const HfConfigOptions& opt = {});
 // Writes to_json() (2-space indent, sorted keys) atomically.
 void save_hf_config(const ModelConfig& c, const std::string& path);
 

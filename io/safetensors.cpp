@@ -657,6 +657,9 @@ std::vector<std::string> save_safetensors_model(const std::string& dir, const Na
   FTUNE_CHECK(max_shard_bytes > 0, "[safetensors] max_shard_bytes must be positive");
   FTUNE_CHECK(dir_exists(dir), "[safetensors] output folder ", dir, " does not exist");
   // Shard assignment exactly as huggingface_hub's split_state_dict_into_shards_factory.
+  std::unordered_set<std::string_view> seen;
+  for (const auto& [name, t] : tensors)
+    FTUNE_CHECK(seen.insert(name).second, "[safetensors] tensor name '", name, "' given twice");
   std::vector<std::vector<size_t>> shards;
   std::vector<size_t> cur;
   uint64_t cur_size = 0, total_size = 0, total_params = 0;

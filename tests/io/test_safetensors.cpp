@@ -355,8 +355,10 @@ TEST(SafetensorsModel, ShardsAsHuggingFaceDoes) {
   TempDir dir;
   NamedTensors t;
   int i = 0;
-  for (int units : {6, 6, 2, 6, 2, 2, 12, 1})
-    t.emplace_back(str_cat("t", i++), random_tensor({units}, DType::f32, uint32_t(i)));
+  for (int units : {6, 6, 2, 6, 2, 2, 12, 1}) {
+    t.emplace_back(str_cat("t", i), random_tensor({units}, DType::f32, uint32_t(i)));
+    ++i;
+  }
   auto files = save_safetensors_model(dir.path(), t, 10 * 4);
   ASSERT_EQ(files.size(), 6u);  // 5 shards + index
   auto idx = nlohmann::json::parse(read_bytes(dir.file("model.safetensors.index.json")));
@@ -439,6 +441,8 @@ TEST(SafetensorsModel, IndexErrors) {
   expect_error([&] { m.check_all(); }, {"'z'"});
   expect_error([&] { m.get("q"); }, {"no tensor named 'q'"});
   expect_error([&] { SafetensorsModel::open_folder(dir.file("nowhere")); }, {"does not exist"});
+  expect_error([&] { save_safetensors_model(dir.path(), {{"a", Tensor::ones({1})}, {"a", Tensor::ones({1})}}, 1); },
+               {"'a' given twice"});
   std::filesystem::remove(idx);
   expect_error([&] { SafetensorsModel::open_folder(dir.path()); },
                {"no model.safetensors or model.safetensors.index.json"});
