@@ -166,7 +166,7 @@ const std::vector<std::string>& consumed_keys(ModelFamily f) {
       "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
       "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
       "rope_scaling", "rope_parameters", "partial_rotary_factor", "hidden_act", "attention_bias",
-      "mlp_bias", "sliding_window", "use_sliding_window", "max_window_layers", "layer_types"};
+      "mlp_bias", "sliding_window", "use_sliding_window", "max_window_layers"};
   static std::vector<std::string> by_family[4];
   auto& v = by_family[int(f)];
   if (v.empty()) {

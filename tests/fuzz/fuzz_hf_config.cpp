@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "core/error.h"
 #include "io/hf_config.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

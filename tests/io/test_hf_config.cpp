@@ -207,8 +207,13 @@ TEST(HfConfig, Qwen2SlidingWindowRule) {
   j["layer_types"] = json::array();
   for (int i = 0; i < 24; ++i) j["layer_types"].push_back(i < 20 ? "full_attention" : "sliding_attention");
   expect_error([&] { parse(j); }, {"sliding-window attention is not supported"});
+  j["sliding_window"] = 131072;  // as long as the context: accepted, and round trips with layer_types
+  ModelConfig w = parse(j);
+  EXPECT_EQ(w.sliding_window, 131072);
+  expect_round_trip(w);
   j["use_sliding_window"] = false;  // transformers drops the window then, whatever layer_types say
   EXPECT_EQ(parse(j).sliding_window, std::nullopt);
+  expect_round_trip(parse(j));
 }
 
 TEST(HfConfig, FamilyDefaults) {
