@@ -88,8 +88,8 @@ void AtomicFile::commit() {
   int rc = ::close(fd_);
   fd_ = -1;
   FTUNE_CHECK(rc == 0, "[", component_, "] closing ", tmp_, ": ", std::strerror(errno));
-  FTUNE_CHECK(::rename(tmp_.c_str(), path_.c_str()) == 0, "[", component_, "] cannot rename ",
-              tmp_, " to ", path_, ": ", std::strerror(errno));
+  FTUNE_CHECK(::rename(tmp_.c_str(), path_.c_str()) == 0, "[", component_, "] cannot rename ", tmp_,
+              " to ", path_, ": ", std::strerror(errno));
   committed_ = true;
   // The rename itself is durable only once the folder is synced; a failure here loses nothing.
   int dfd = ::open(path_dirname(path_).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -99,7 +99,8 @@ void AtomicFile::commit() {
   }
 }
 
-void write_file_atomic(const std::string& path, const std::string& contents, const char* component) {
+void write_file_atomic(const std::string& path, const std::string& contents,
+                       const char* component) {
   AtomicFile f(path, component);
   f.write(contents);
   f.commit();

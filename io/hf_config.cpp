@@ -76,7 +76,8 @@ class Reader {
   bool get_bool(const char* key, bool def) const {
     const json* v = find(key);
     if (!v) return def;
-    if (!v->is_boolean()) fail(str_cat("\"", key, "\" must be true or false, got ", json_brief(*v)));
+    if (!v->is_boolean())
+      fail(str_cat("\"", key, "\" must be true or false, got ", json_brief(*v)));
     return v->get<bool>();
   }
   std::string get_string(const char* key, const std::string& def) const {
@@ -110,8 +111,8 @@ const FamilyInfo& resolve_family(const Reader& r, const json& j) {
                    " is not supported (supported: ", supported_list(), ")"));
   }
   if (!model_type.empty() && model_type != fam->model_type)
-    r.fail(str_cat("model_type '", model_type, "' does not match architecture '",
-                   fam->architecture, "' (expected '", fam->model_type, "')"));
+    r.fail(str_cat("model_type '", model_type, "' does not match architecture '", fam->architecture,
+                   "' (expected '", fam->model_type, "')"));
   return *fam;
 }
 
@@ -122,7 +123,8 @@ double parse_rope(const Reader& r) {
   for (const char* key : {"rope_parameters", "rope_scaling"}) {
     const json* rp = r.find(key);
     if (!rp || rp->is_null()) continue;
-    if (!rp->is_object()) r.fail(str_cat("\"", key, "\" must be an object or null, got ", json_brief(*rp)));
+    if (!rp->is_object())
+      r.fail(str_cat("\"", key, "\" must be an object or null, got ", json_brief(*rp)));
     std::string type = "default";
     for (const char* tk : {"type", "rope_type"}) {
       auto it = rp->find(tk);
@@ -141,7 +143,8 @@ double parse_rope(const Reader& r) {
         theta = it->get<double>();
       } else if (it.key() == "partial_rotary_factor") {
         if (!it->is_number() || it->get<double>() != 1.0)
-          r.fail(str_cat("\"", key, "\".partial_rotary_factor ", json_brief(*it), " is not supported"));
+          r.fail(str_cat("\"", key, "\".partial_rotary_factor ", json_brief(*it),
+                         " is not supported"));
       } else if (it->is_object()) {
         r.fail(str_cat("\"", key, "\" per layer type (\"", it.key(), "\") is not supported"));
       }
@@ -150,23 +153,42 @@ double parse_rope(const Reader& r) {
   if (const json* p = r.find("partial_rotary_factor"); p && !p->is_null())
     if (!p->is_number() || p->get<double>() != 1.0)
       r.fail(str_cat("partial_rotary_factor ", json_brief(*p), " is not supported"));
-  if (!(theta > 0) || !std::isfinite(theta)) r.fail(str_cat("rope_theta must be positive, got ", theta));
+  if (!(theta > 0) || !std::isfinite(theta))
+    r.fail(str_cat("rope_theta must be positive, got ", theta));
   return theta;
 }
 
 // The keys parse_hf_config models; everything else goes to `extra`.
 const std::vector<std::string>& consumed_keys(ModelFamily f) {
   static const std::vector<std::string> common = {
-      "architectures", "model_type", "vocab_size", "tie_word_embeddings", "bos_token_id",
-      "eos_token_id", "pad_token_id", "torch_dtype", "dtype"};
-  static const std::vector<std::string> gpt2 = {"n_embd", "n_layer", "n_head", "n_positions",
-                                                "n_inner", "activation_function",
+      "architectures",       "model_type",   "vocab_size",
+      "tie_word_embeddings", "bos_token_id", "eos_token_id",
+      "pad_token_id",        "torch_dtype",  "dtype"};
+  static const std::vector<std::string> gpt2 = {"n_embd",
+                                                "n_layer",
+                                                "n_head",
+                                                "n_positions",
+                                                "n_inner",
+                                                "activation_function",
                                                 "layer_norm_epsilon"};
-  static const std::vector<std::string> llama = {
-      "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-      "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
-      "rope_scaling", "rope_parameters", "partial_rotary_factor", "hidden_act", "attention_bias",
-      "mlp_bias", "sliding_window", "use_sliding_window", "max_window_layers", "layer_types"};
+  static const std::vector<std::string> llama = {"hidden_size",
+                                                 "intermediate_size",
+                                                 "num_hidden_layers",
+                                                 "num_attention_heads",
+                                                 "num_key_value_heads",
+                                                 "head_dim",
+                                                 "max_position_embeddings",
+                                                 "rms_norm_eps",
+                                                 "rope_theta",
+                                                 "rope_scaling",
+                                                 "rope_parameters",
+                                                 "partial_rotary_factor",
+                                                 "hidden_act",
+                                                 "attention_bias",
+                                                 "mlp_bias",
+                                                 "sliding_window",
+                                                 "use_sliding_window",
+                                                 "max_window_layers"};
   static std::vector<std::string> by_family[4];
   auto& v = by_family[int(f)];
   if (v.empty()) {
@@ -197,13 +219,13 @@ void parse_gpt2(const Reader& r, ModelConfig& c) {
   if (!r.find("eos_token_id")) c.eos_token_ids = {50256};
   c.attention_bias = c.attention_out_bias = c.mlp_bias = true;
   // Attention variants GPT2LMHeadModel has flags for and ftune does not implement.
-  if (!r.get_bool("scale_attn_weights", true))
-    r.fail("scale_attn_weights=false is not supported");
+  if (!r.get_bool("scale_attn_weights", true)) r.fail("scale_attn_weights=false is not supported");
   if (r.get_bool("scale_attn_by_inverse_layer_idx", false))
     r.fail("scale_attn_by_inverse_layer_idx=true is not supported");
   if (r.get_bool("add_cross_attention", false)) r.fail("add_cross_attention=true is not supported");
   if (c.hidden_size % c.num_attention_heads != 0)
-    r.fail(str_cat("n_embd ", c.hidden_size, " is not a multiple of n_head ", c.num_attention_heads));
+    r.fail(
+        str_cat("n_embd ", c.hidden_size, " is not a multiple of n_head ", c.num_attention_heads));
   c.head_dim = c.hidden_size / c.num_attention_heads;
 }
 
@@ -230,8 +252,9 @@ void parse_llama_like(const Reader& r, ModelConfig& c, const HfConfigOptions& op
   c.head_dim = hd.value_or(c.hidden_size / c.num_attention_heads);
   if (c.head_dim <= 0 || c.head_dim % 2 != 0)
     r.fail(str_cat("head_dim ", c.head_dim, " must be positive and even (RoPE rotates pairs)"));
-  c.max_position_embeddings =
-      r.positive("max_position_embeddings", llama ? 2048 : mistral ? 4096 * 32 : 32768);
+  c.max_position_embeddings = r.positive("max_position_embeddings", llama     ? 2048
+                                                                    : mistral ? 4096 * 32
+                                                                              : 32768);
   c.norm_eps = r.get_double("rms_norm_eps", 1e-6);
   c.rope_theta = parse_rope(r);
   c.hidden_act = r.get_string("hidden_act", "silu");
@@ -339,7 +362,8 @@ ModelConfig load_hf_config(const std::string& path, const HfConfigOptions& opt) 
 ModelConfig parse_hf_config_text(const std::string& text, const std::string& path,
                                  const HfConfigOptions& opt) {
   json j;
-  // A bound on nesting keeps later recursive walks (copies into `extra`, dumps) off the stack's end.
+  // A bound on nesting keeps later recursive walks (copies into `extra`, dumps) off the stack's
+  // end.
   auto depth_limit = [&](int depth, json::parse_event_t, json&) {
     if (depth > 128) FTUNE_THROW("[hf_config] ", path, ": JSON nests deeper than 128 levels");
     return true;

@@ -31,8 +31,9 @@ struct ModelConfig {
   int64_t num_key_value_heads = 0;  // == heads for GPT-2
   int64_t head_dim = 0;             // hidden_size / heads unless the config says otherwise
   int64_t max_position_embeddings = 0;
-  double norm_eps = 1e-5;   // GPT-2 layer_norm_epsilon (LayerNorm), else rms_norm_eps (RMSNorm)
-  std::string hidden_act;   // GPT-2 activation_function: gelu_new | gelu_pytorch_tanh | gelu; else silu
+  double norm_eps = 1e-5;  // GPT-2 layer_norm_epsilon (LayerNorm), else rms_norm_eps (RMSNorm)
+  std::string
+      hidden_act;  // GPT-2 activation_function: gelu_new | gelu_pytorch_tanh | gelu; else silu
   double rope_theta = 10000.0;  // unused by GPT-2 (learned positions)
   bool tie_word_embeddings = false;
 
@@ -57,7 +58,7 @@ struct ModelConfig {
   // written back unchanged by to_json so a round trip loses nothing.
   nlohmann::json extra = nlohmann::json::object();
 
-  bool uses_layer_norm() const { return family == ModelFamily::gpt2; }  // else RMSNorm
+  bool uses_layer_norm() const { return family == ModelFamily::gpt2; }        // else RMSNorm
   bool has_learned_positions() const { return family == ModelFamily::gpt2; }  // else RoPE
   // The longest sequence the model may see with plain causal attention.
   int64_t max_seq_len() const;

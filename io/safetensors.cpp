@@ -36,17 +36,27 @@ struct StDTypeInfo {
 };
 
 constexpr StDTypeInfo kStDTypes[] = {
-    {StDType::BOOL, "BOOL", 8},       {StDType::F4, "F4", 4},
-    {StDType::F6_E2M3, "F6_E2M3", 6}, {StDType::F6_E3M2, "F6_E3M2", 6},
-    {StDType::U8, "U8", 8},           {StDType::I8, "I8", 8},
-    {StDType::F8_E5M2, "F8_E5M2", 8}, {StDType::F8_E4M3, "F8_E4M3", 8},
-    {StDType::F8_E8M0, "F8_E8M0", 8}, {StDType::F8_E4M3FNUZ, "F8_E4M3FNUZ", 8},
+    {StDType::BOOL, "BOOL", 8},
+    {StDType::F4, "F4", 4},
+    {StDType::F6_E2M3, "F6_E2M3", 6},
+    {StDType::F6_E3M2, "F6_E3M2", 6},
+    {StDType::U8, "U8", 8},
+    {StDType::I8, "I8", 8},
+    {StDType::F8_E5M2, "F8_E5M2", 8},
+    {StDType::F8_E4M3, "F8_E4M3", 8},
+    {StDType::F8_E8M0, "F8_E8M0", 8},
+    {StDType::F8_E4M3FNUZ, "F8_E4M3FNUZ", 8},
     {StDType::F8_E5M2FNUZ, "F8_E5M2FNUZ", 8},
-    {StDType::I16, "I16", 16},        {StDType::U16, "U16", 16},
-    {StDType::F16, "F16", 16},        {StDType::BF16, "BF16", 16},
-    {StDType::I32, "I32", 32},        {StDType::U32, "U32", 32},
-    {StDType::F32, "F32", 32},        {StDType::C64, "C64", 64},
-    {StDType::F64, "F64", 64},        {StDType::I64, "I64", 64},
+    {StDType::I16, "I16", 16},
+    {StDType::U16, "U16", 16},
+    {StDType::F16, "F16", 16},
+    {StDType::BF16, "BF16", 16},
+    {StDType::I32, "I32", 32},
+    {StDType::U32, "U32", 32},
+    {StDType::F32, "F32", 32},
+    {StDType::C64, "C64", 64},
+    {StDType::F64, "F64", 64},
+    {StDType::I64, "I64", 64},
     {StDType::U64, "U64", 64},
 };
 
@@ -63,26 +73,41 @@ std::optional<StDType> st_dtype_from_name(std::string_view s) {
 
 std::optional<DType> st_to_dtype(StDType t) {
   switch (t) {
-    case StDType::F32: return DType::f32;
-    case StDType::F64: return DType::f64;
-    case StDType::F16: return DType::f16;
-    case StDType::BF16: return DType::bf16;
-    case StDType::I32: return DType::i32;
-    case StDType::I64: return DType::i64;
-    case StDType::BOOL: return DType::b8;
-    default: return std::nullopt;
+    case StDType::F32:
+      return DType::f32;
+    case StDType::F64:
+      return DType::f64;
+    case StDType::F16:
+      return DType::f16;
+    case StDType::BF16:
+      return DType::bf16;
+    case StDType::I32:
+      return DType::i32;
+    case StDType::I64:
+      return DType::i64;
+    case StDType::BOOL:
+      return DType::b8;
+    default:
+      return std::nullopt;
   }
 }
 
 StDType st_from_dtype(DType t) {
   switch (t) {
-    case DType::f32: return StDType::F32;
-    case DType::f64: return StDType::F64;
-    case DType::f16: return StDType::F16;
-    case DType::bf16: return StDType::BF16;
-    case DType::i32: return StDType::I32;
-    case DType::i64: return StDType::I64;
-    case DType::b8: return StDType::BOOL;
+    case DType::f32:
+      return StDType::F32;
+    case DType::f64:
+      return StDType::F64;
+    case DType::f16:
+      return StDType::F16;
+    case DType::bf16:
+      return StDType::BF16;
+    case DType::i32:
+      return StDType::I32;
+    case DType::i64:
+      return StDType::I64;
+    case DType::b8:
+      return StDType::BOOL;
   }
   FTUNE_THROW("[safetensors] bad dtype");
 }
@@ -105,7 +130,9 @@ json parse_json_unique_keys(const char* begin, const char* end, const std::strin
     if (depth > kMaxJsonDepth)
       FTUNE_THROW("[safetensors] ", what, ": header nests deeper than ", kMaxJsonDepth, " levels");
     switch (ev) {
-      case json::parse_event_t::object_start: keys.emplace_back(); break;
+      case json::parse_event_t::object_start:
+        keys.emplace_back();
+        break;
       case json::parse_event_t::object_end:
         if (!keys.empty()) keys.pop_back();
         break;
@@ -114,7 +141,8 @@ json parse_json_unique_keys(const char* begin, const char* end, const std::strin
           FTUNE_THROW("[safetensors] ", what, ": header has the key \"", parsed.get<std::string>(),
                       "\" twice (duplicate keys are not allowed)");
         break;
-      default: break;
+      default:
+        break;
     }
     return true;
   };
@@ -208,8 +236,8 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* data, size_t size,
   FTUNE_CHECK(n <= kSafetensorsMaxHeader, where, ": header length ", n,
               " is absurdly large (limit ", kSafetensorsMaxHeader,
               " bytes; not a safetensors file?)");
-  FTUNE_CHECK(n <= size - 8, where, ": header length ", n, " runs past the end of the file (",
-              size, " bytes; truncated file?)");
+  FTUNE_CHECK(n <= size - 8, where, ": header length ", n, " runs past the end of the file (", size,
+              " bytes; truncated file?)");
   FTUNE_CHECK(n > 0, where, ": header is empty");
   const char* hb = reinterpret_cast<const char*>(data + 8);
   FTUNE_CHECK(hb[0] == '{', where, ": header does not start with '{' (not a JSON object)");
@@ -434,8 +462,8 @@ SafetensorsModel SafetensorsModel::open_index(const std::string& index_path) {
     if (fresh) {
       auto s = std::make_unique<Shard>();
       s->path = path_join(dir, f);
-      FTUNE_CHECK(file_exists(s->path), "[safetensors] ", index_path, ": shard ", f, " (",
-                  s->path, ", holding '", it.key(), "') does not exist");
+      FTUNE_CHECK(file_exists(s->path), "[safetensors] ", index_path, ": shard ", f, " (", s->path,
+                  ", holding '", it.key(), "') does not exist");
       m.shards_.push_back(std::move(s));
     }
     m.where_.emplace(it.key(), sid->second);
@@ -466,8 +494,8 @@ const SafetensorsEntry& SafetensorsModel::entry_in_shard(const std::string& name
   shard_i = it->second;
   const SafetensorsFile& f = shard(shard_i);
   const SafetensorsEntry* e = f.header().find(name);
-  FTUNE_CHECK(e != nullptr, "[safetensors] ", source_, ": the index puts tensor '", name,
-              "' in ", f.path(), ", which has no such tensor");
+  FTUNE_CHECK(e != nullptr, "[safetensors] ", source_, ": the index puts tensor '", name, "' in ",
+              f.path(), ", which has no such tensor");
   return *e;
 }
 
@@ -534,13 +562,27 @@ void append_json_string(std::string& out, std::string_view s, const char* what) 
   for (char ch : s) {
     auto c = uint8_t(ch);
     switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\b': out += "\\b"; break;
-      case '\f': out += "\\f"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\b':
+        out += "\\b";
+        break;
+      case '\f':
+        out += "\\f";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
       default:
         if (c < 0x20) {
           char buf[8];

@@ -29,13 +29,33 @@ namespace ftune {
 // Every dtype the format names, in the reference's enum order (increasing alignment): the writer
 // sorts tensors by this order descending, so each tensor's offset is aligned to its element size.
 enum class StDType : uint8_t {
-  BOOL, F4, F6_E2M3, F6_E3M2, U8, I8, F8_E5M2, F8_E4M3, F8_E8M0, F8_E4M3FNUZ, F8_E5M2FNUZ,
-  I16, U16, F16, BF16, I32, U32, F32, C64, F64, I64, U64
+  BOOL,
+  F4,
+  F6_E2M3,
+  F6_E3M2,
+  U8,
+  I8,
+  F8_E5M2,
+  F8_E4M3,
+  F8_E8M0,
+  F8_E4M3FNUZ,
+  F8_E5M2FNUZ,
+  I16,
+  U16,
+  F16,
+  BF16,
+  I32,
+  U32,
+  F32,
+  C64,
+  F64,
+  I64,
+  U64
 };
 
 const char* st_dtype_name(StDType t);
 std::optional<StDType> st_dtype_from_name(std::string_view s);
-int st_dtype_bits(StDType t);                  // 4 for F4, 6 for F6_*, else 8 * bytes
+int st_dtype_bits(StDType t);                 // 4 for F4, 6 for F6_*, else 8 * bytes
 std::optional<DType> st_to_dtype(StDType t);  // the ftune dtype holding it, if any
 StDType st_from_dtype(DType t);
 
@@ -66,7 +86,8 @@ struct SafetensorsHeader {
 // Parses and fully validates the header of a whole safetensors file held in memory (`size` is the
 // file size: the data buffer must end exactly there). `what` names the source in error messages.
 // Throws ftune::Error and nothing else (the fuzz targets rely on that).
-SafetensorsHeader parse_safetensors_header(const uint8_t* data, size_t size, const std::string& what);
+SafetensorsHeader parse_safetensors_header(const uint8_t* data, size_t size,
+                                           const std::string& what);
 
 // Copies entry `e` out of `data_buffer` (the first byte after the header) into a new CPU Tensor of
 // the stored dtype. Dtypes ftune has no type for (U8, I8, F8_*, ...) throw naming the tensor.
@@ -163,7 +184,8 @@ using StringMap = std::map<std::string, std::string>;
 // dtype alignment (descending) then name, header JSON compact and space-padded to a multiple of 8.
 // For the same tensors and at most one metadata key this is byte-identical to the Python/Rust
 // library's output (it writes metadata in hash order; we write it sorted).
-std::vector<uint8_t> serialize_safetensors(const NamedTensors& tensors, const StringMap& metadata = {});
+std::vector<uint8_t> serialize_safetensors(const NamedTensors& tensors,
+                                           const StringMap& metadata = {});
 
 // Writes the same bytes to `path` via "<path>.tmp" + fsync + rename, so a crash never leaves a
 // half-written file under the real name. Tensors may be non-contiguous views or on a GPU.

@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "core/error.h"
 #include "io/hf_config.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -21,10 +22,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   ModelConfig r = parse_hf_config(c.to_json(), "fuzz round trip", opt);  // must not throw
   if (r.family != c.family || r.hidden_size != c.hidden_size || r.head_dim != c.head_dim ||
-      r.num_key_value_heads != c.num_key_value_heads || r.intermediate_size != c.intermediate_size ||
-      r.sliding_window != c.sliding_window || r.eos_token_ids != c.eos_token_ids ||
-      r.rope_theta != c.rope_theta || r.tie_word_embeddings != c.tie_word_embeddings ||
-      r.extra != c.extra)
+      r.num_key_value_heads != c.num_key_value_heads ||
+      r.intermediate_size != c.intermediate_size || r.sliding_window != c.sliding_window ||
+      r.eos_token_ids != c.eos_token_ids || r.rope_theta != c.rope_theta ||
+      r.tie_word_embeddings != c.tie_word_embeddings || r.extra != c.extra)
     std::abort();
   return 0;
 }

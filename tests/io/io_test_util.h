@@ -82,7 +82,8 @@ inline bool is_mapped(const std::string& path) {
   std::ifstream maps("/proc/self/maps");
   std::string line;
   while (std::getline(maps, line))
-    if (line.size() >= path.size() && line.compare(line.size() - path.size(), path.size(), path) == 0)
+    if (line.size() >= path.size() &&
+        line.compare(line.size() - path.size(), path.size(), path) == 0)
       return true;
   return false;
 }

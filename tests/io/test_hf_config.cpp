@@ -1,5 +1,3 @@
-#include "io/hf_config.h"
-
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -7,6 +5,7 @@
 #include <fstream>
 
 #include "io/file_util.h"
+#include "io/hf_config.h"
 #include "io_test_util.h"
 
 using namespace ftune;
@@ -18,7 +17,9 @@ namespace {
 std::string fixture(const std::string& name) {
   return std::string(FTUNE_SOURCE_DIR) + "/tests/fixtures/configs/" + name;
 }
-json fixture_json(const std::string& name) { return json::parse(read_text_file(fixture(name), "test")); }
+json fixture_json(const std::string& name) {
+  return json::parse(read_text_file(fixture(name), "test"));
+}
 
 ModelConfig parse(const json& j, const HfConfigOptions& opt = {}) {
   return parse_hf_config(j, "cfg.json", opt);
@@ -205,14 +206,22 @@ TEST(HfConfig, Qwen2SlidingWindowRule) {
   j["max_window_layers"] = 24;  // no layer uses it: full attention everywhere
   EXPECT_EQ(parse(j).sliding_window, std::nullopt);
   j["layer_types"] = json::array();
-  for (int i = 0; i < 24; ++i) j["layer_types"].push_back(i < 20 ? "full_attention" : "sliding_attention");
+  for (int i = 0; i < 24; ++i)
+    j["layer_types"].push_back(i < 20 ? "full_attention" : "sliding_attention");
   expect_error([&] { parse(j); }, {"sliding-window attention is not supported"});
+  j["sliding_window"] =
+      131072;  // as long as the context: accepted, and round trips with layer_types
+  ModelConfig w = parse(j);
+  EXPECT_EQ(w.sliding_window, 131072);
+  expect_round_trip(w);
   j["use_sliding_window"] = false;  // transformers drops the window then, whatever layer_types say
   EXPECT_EQ(parse(j).sliding_window, std::nullopt);
+  expect_round_trip(parse(j));
 }
 
 TEST(HfConfig, FamilyDefaults) {
-  ModelConfig m = parse({{"architectures", json::array({"MistralForCausalLM"})}, {"sliding_window", nullptr}});
+  ModelConfig m =
+      parse({{"architectures", json::array({"MistralForCausalLM"})}, {"sliding_window", nullptr}});
   EXPECT_EQ(m.num_key_value_heads, 8);  // MistralConfig default, not = heads
   EXPECT_EQ(m.vocab_size, 32000);
   EXPECT_EQ(m.intermediate_size, 14336);
@@ -228,7 +237,7 @@ TEST(HfConfig, FamilyDefaults) {
   EXPECT_EQ(l.head_dim, 128);
   ModelConfig q = parse({{"model_type", "qwen2"}, {"num_attention_heads", 64}});
   EXPECT_EQ(q.architecture, "Qwen2ForCausalLM");  // from model_type when architectures is absent
-  EXPECT_EQ(q.num_key_value_heads, 32);  // Qwen2Config default 32 ...
+  EXPECT_EQ(q.num_key_value_heads, 32);           // Qwen2Config default 32 ...
   EXPECT_EQ(q.vocab_size, 151936);
   EXPECT_EQ(q.max_position_embeddings, 32768);
   EXPECT_EQ(q.bos_token_id, std::nullopt);
@@ -303,7 +312,8 @@ TEST(HfConfig, Errors) {
   expect_error([&] { parse(with(llama, "num_key_value_heads", 5)); },
                {"num_attention_heads 32 is not a multiple of num_key_value_heads 5"});
   expect_error([&] { parse(with(llama, "hidden_size", 2050)); }, {"no head_dim is given"});
-  expect_error([&] { parse(with(llama, "head_dim", 63)); }, {"head_dim 63 must be positive and even"});
+  expect_error([&] { parse(with(llama, "head_dim", 63)); },
+               {"head_dim 63 must be positive and even"});
   expect_error([&] { parse(with(llama, "hidden_act", "gelu")); },
                {"hidden_act 'gelu' is not supported (supported: silu)"});
   expect_error([&] { parse(with(llama, "tie_word_embeddings", 1)); }, {"must be true or false"});
@@ -315,13 +325,17 @@ TEST(HfConfig, Errors) {
                {"activation_function 'relu' is not supported"});
   expect_error([&] { parse(with(gpt2, "scale_attn_by_inverse_layer_idx", true)); },
                {"scale_attn_by_inverse_layer_idx=true is not supported"});
-  expect_error([&] { parse(with(gpt2, "n_head", 7)); }, {"n_embd 768 is not a multiple of n_head 7"});
+  expect_error([&] { parse(with(gpt2, "n_head", 7)); },
+               {"n_embd 768 is not a multiple of n_head 7"});
 
   TempDir dir;
   std::ofstream(dir.file("bad.json")) << "{\"model_type\": ";
-  expect_error([&] { load_hf_config(dir.file("bad.json")); }, {dir.file("bad.json"), "not valid JSON"});
-  expect_error([&] { load_hf_config(dir.file("none.json")); }, {"cannot read", dir.file("none.json")});
-  std::ofstream(dir.file("deep.json")) << "{\"x\":" << std::string(100000, '[') << std::string(100000, ']') << "}";
+  expect_error([&] { load_hf_config(dir.file("bad.json")); },
+               {dir.file("bad.json"), "not valid JSON"});
+  expect_error([&] { load_hf_config(dir.file("none.json")); },
+               {"cannot read", dir.file("none.json")});
+  std::ofstream(dir.file("deep.json"))
+      << "{\"x\":" << std::string(100000, '[') << std::string(100000, ']') << "}";
   expect_error([&] { load_hf_config(dir.file("deep.json")); }, {"nests deeper than 128 levels"});
 }
 

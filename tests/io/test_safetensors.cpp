@@ -1,5 +1,3 @@
-#include "io/safetensors.h"
-
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -7,6 +5,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 
+#include "io/safetensors.h"
 #include "io_test_util.h"
 
 using namespace ftune;
@@ -19,14 +18,16 @@ Tensor random_tensor(const Shape& shape, DType dt, uint32_t seed) {
   std::mt19937 g(seed);
   std::uniform_real_distribution<float> u(-4.f, 4.f);
   std::vector<double> v(size_t(shape_numel(shape)));
-  for (auto& x : v) x = dt == DType::b8 ? double(g() % 2) : is_floating(dt) ? u(g) : double(int(g() % 2001) - 1000);
+  for (auto& x : v)
+    x = dt == DType::b8 ? double(g() % 2) : is_floating(dt) ? u(g) : double(int(g() % 2001) - 1000);
   return Tensor::from_vector(v, shape).to(dt);
 }
 
 NamedTensors one_of_each() {
   NamedTensors t;
   uint32_t seed = 1;
-  for (DType dt : {DType::f32, DType::f64, DType::f16, DType::bf16, DType::i32, DType::i64, DType::b8})
+  for (DType dt :
+       {DType::f32, DType::f64, DType::f16, DType::bf16, DType::i32, DType::i64, DType::b8})
     t.emplace_back(str_cat("t_", dtype_name(dt)), random_tensor({3, 5}, dt, seed++));
   return t;
 }
@@ -100,10 +101,16 @@ TEST(Safetensors, SaveEqualsSerializeAndReplacesAtomically) {
 }
 
 TEST(Safetensors, WriterRejectsBadNames) {
-  expect_error([] { serialize_safetensors({{"a", Tensor::ones({1})}, {"a", Tensor::ones({1})}}); },
-               {"'a' given twice"});
-  expect_error([] { serialize_safetensors({{"__metadata__", Tensor::ones({1})}}); },
-               {"__metadata__"});
+  expect_error(
+      [] {
+        serialize_safetensors({{"a", Tensor::ones({1})}, {"a", Tensor::ones({1})}});
+      },
+      {"'a' given twice"});
+  expect_error(
+      [] {
+        serialize_safetensors({{"__metadata__", Tensor::ones({1})}});
+      },
+      {"__metadata__"});
   expect_error([] { serialize_safetensors({{"bad\xff", Tensor::ones({1})}}); }, {"UTF-8"});
   expect_error([] { serialize_safetensors({}, {{"k", "\xc0\xaf"}}); }, {"UTF-8"});  // overlong
 }
@@ -113,7 +120,8 @@ TEST(Safetensors, EmptyFileAndNullMetadata) {
   auto h = parse_safetensors_header(b.data(), b.size(), "mem");
   EXPECT_TRUE(h.entries.empty());
   EXPECT_EQ(b.size(), 16u);  // "{}" padded to 8
-  auto b2 = st_bytes(R"({"__metadata__":null,"a":{"dtype":"I32","shape":[1],"data_offsets":[0,4]}})", 4);
+  auto b2 =
+      st_bytes(R"({"__metadata__":null,"a":{"dtype":"I32","shape":[1],"data_offsets":[0,4]}})", 4);
   auto h2 = parse_safetensors_header(b2.data(), b2.size(), "mem");
   EXPECT_TRUE(h2.metadata.empty());
   ASSERT_EQ(h2.entries.size(), 1u);
@@ -166,10 +174,10 @@ TEST_F(SafetensorsBad, EmptyHeader) { expect_bad(st_bytes("", 0), {"header is em
 
 TEST_F(SafetensorsBad, HeaderNotJson) {
   expect_bad(st_bytes("{not json}", 0), {"header is not valid JSON"});
-  expect_bad(st_bytes("{\"a\":1", 0), {"header is not valid JSON"});            // truncated
+  expect_bad(st_bytes("{\"a\":1", 0), {"header is not valid JSON"});  // truncated
   expect_bad(st_bytes(std::string("{}\0\0\0\0\0\0", 8), 0), {"header is not valid JSON"});  // NULs
   expect_bad(st_bytes(std::string("{\"\xff\":1}"), 0), {"header is not valid JSON"});  // bad UTF-8
-  expect_bad(st_bytes("{} {}", 0), {"header is not valid JSON"});               // trailing junk
+  expect_bad(st_bytes("{} {}", 0), {"header is not valid JSON"});  // trailing junk
 }
 
 TEST_F(SafetensorsBad, HeaderNotObject) {
@@ -204,16 +212,19 @@ TEST_F(SafetensorsBad, NegativeOrNonIntegerDims) {
              {"non-negative integers"});
   expect_bad(st_bytes(one(R"({"dtype":"F32","shape":"2","data_offsets":[0,4]})"), 4),
              {"\"shape\" must be a list"});
-  expect_bad(st_bytes(one(R"({"dtype":"F32","shape":[9223372036854775808],"data_offsets":[0,4]})"), 4),
-             {"too large"});
+  expect_bad(
+      st_bytes(one(R"({"dtype":"F32","shape":[9223372036854775808],"data_offsets":[0,4]})"), 4),
+      {"too large"});
 }
 
 TEST_F(SafetensorsBad, NumelTimesItemsizeOverflows) {
-  expect_bad(st_bytes(one(R"({"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,4]})"), 4),
-             {"overflows"});
+  expect_bad(
+      st_bytes(one(R"({"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,4]})"), 4),
+      {"overflows"});
   // numel fits 64 bits but times 8 bytes does not.
-  expect_bad(st_bytes(one(R"({"dtype":"F64","shape":[4611686018427387904],"data_offsets":[0,4]})"), 4),
-             {"overflows"});
+  expect_bad(
+      st_bytes(one(R"({"dtype":"F64","shape":[4611686018427387904],"data_offsets":[0,4]})"), 4),
+      {"overflows"});
 }
 
 TEST_F(SafetensorsBad, SubByteDtypeNotWholeBytes) {
@@ -238,8 +249,9 @@ TEST_F(SafetensorsBad, BeginAfterEnd) {
 TEST_F(SafetensorsBad, EndPastDataBuffer) {
   expect_bad(st_bytes(one(R"({"dtype":"F32","shape":[4],"data_offsets":[0,16]})"), 12),
              {"tensor 'a'", "end past the data buffer (12 bytes)"});
-  expect_bad(st_bytes(one(R"({"dtype":"F32","shape":[4],"data_offsets":[0,18446744073709551615]})"), 16),
-             {"end past the data buffer"});
+  expect_bad(
+      st_bytes(one(R"({"dtype":"F32","shape":[4],"data_offsets":[0,18446744073709551615]})"), 16),
+      {"end past the data buffer"});
 }
 
 TEST_F(SafetensorsBad, ByteSizeNotNumelTimesItemsize) {
@@ -249,18 +261,21 @@ TEST_F(SafetensorsBad, ByteSizeNotNumelTimesItemsize) {
 
 TEST_F(SafetensorsBad, OverlappingTensors) {
   expect_bad(st_bytes(R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},)"
-                      R"("b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}})", 24),
+                      R"("b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}})",
+                      24),
              {"tensor 'b' [8, 24) overlaps tensor 'a' [0, 16)"});
   // The same range twice (an aliasing attempt) is an overlap too.
   expect_bad(st_bytes(R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},)"
-                      R"("b":{"dtype":"I32","shape":[4],"data_offsets":[0,16]}})", 16),
+                      R"("b":{"dtype":"I32","shape":[4],"data_offsets":[0,16]}})",
+                      16),
              {"overlaps"});
 }
 
 TEST_F(SafetensorsBad, HolesBetweenTensors) {
   // The reference (and so ftune) requires the ranges to tile the buffer: no polyglot files.
   expect_bad(st_bytes(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
-                      R"("b":{"dtype":"F32","shape":[2],"data_offsets":[16,24]}})", 24),
+                      R"("b":{"dtype":"F32","shape":[2],"data_offsets":[16,24]}})",
+                      24),
              {"bytes [8, 16) of the data buffer belong to no tensor"});
   expect_bad(st_bytes(one(R"({"dtype":"F32","shape":[2],"data_offsets":[4,12]})"), 12),
              {"bytes [0, 4)"});
@@ -274,7 +289,8 @@ TEST_F(SafetensorsBad, TrailingBytesAfterLastTensor) {
 
 TEST_F(SafetensorsBad, DuplicateKeys) {
   expect_bad(st_bytes(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
-                      R"("a":{"dtype":"I32","shape":[1],"data_offsets":[0,4]}})", 4),
+                      R"("a":{"dtype":"I32","shape":[1],"data_offsets":[0,4]}})",
+                      4),
              {"key \"a\" twice"});
   expect_bad(st_bytes(one(R"({"dtype":"F32","dtype":"I32","shape":[1],"data_offsets":[0,4]})"), 4),
              {"key \"dtype\" twice"});
@@ -332,7 +348,7 @@ TEST(Safetensors, MmapLifetime) {
     EXPECT_TRUE(is_mapped(path));
     EXPECT_EQ(tensor_bytes(moved.get("w")), tensor_bytes(src));
   }
-  EXPECT_FALSE(is_mapped(path));  // unmapped with the last owner
+  EXPECT_FALSE(is_mapped(path));                    // unmapped with the last owner
   EXPECT_EQ(tensor_bytes(got), tensor_bytes(src));  // get() copied out of the mapping
 
   MappedFile a(path);
@@ -441,8 +457,11 @@ TEST(SafetensorsModel, IndexErrors) {
   expect_error([&] { m.check_all(); }, {"'z'"});
   expect_error([&] { m.get("q"); }, {"no tensor named 'q'"});
   expect_error([&] { SafetensorsModel::open_folder(dir.file("nowhere")); }, {"does not exist"});
-  expect_error([&] { save_safetensors_model(dir.path(), {{"a", Tensor::ones({1})}, {"a", Tensor::ones({1})}}, 1); },
-               {"'a' given twice"});
+  expect_error(
+      [&] {
+        save_safetensors_model(dir.path(), {{"a", Tensor::ones({1})}, {"a", Tensor::ones({1})}}, 1);
+      },
+      {"'a' given twice"});
   std::filesystem::remove(idx);
   expect_error([&] { SafetensorsModel::open_folder(dir.path()); },
                {"no model.safetensors or model.safetensors.index.json"});

@@ -66,7 +66,8 @@ TEST(SafetensorsInterop, ReadsHuggingFaceShardedFolder) {
   }
   m.check_all();
   // Each shard re-serializes to the same bytes (huggingface_hub adds {"format": "pt"}).
-  for (const char* shard : {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}) {
+  for (const char* shard :
+       {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}) {
     std::string path = kDir + "/sharded/" + shard;
     SafetensorsFile f(path);
     NamedTensors all;
@@ -112,6 +113,7 @@ TEST(SafetensorsInterop, WritesFileForPython) {
   NamedTensors t = interop_tensors();
   save_safetensors(path, t, {{"format", "pt"}});
   SafetensorsFile f(path);
-  for (const auto& [name, want] : t) EXPECT_EQ(tensor_bytes(f.get(name)), tensor_bytes(want)) << name;
+  for (const auto& [name, want] : t)
+    EXPECT_EQ(tensor_bytes(f.get(name)), tensor_bytes(want)) << name;
   EXPECT_EQ(f.get("x_i64").to_vector<int64_t>()[11], 11 * (int64_t(1) << 33) - 5);
 }

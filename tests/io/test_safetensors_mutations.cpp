@@ -26,8 +26,8 @@ std::vector<uint8_t> valid_file() {
 }
 
 void mutate(std::vector<uint8_t>& b, std::mt19937_64& g) {
-  static const uint8_t kInteresting[] = {'{', '}', '[', ']', '"', ',', ':', '-', '0', '1', '9',
-                                         ' ', 0, 0x7f, 0x80, 0xc0, 0xff, 'e', '.', '\\'};
+  static const uint8_t kInteresting[] = {'{', '}', '[', ']',  '"',  ',',  ':',  '-', '0', '1',
+                                         '9', ' ', 0,   0x7f, 0x80, 0xc0, 0xff, 'e', '.', '\\'};
   auto pick = [&](size_t n) { return n ? size_t(g() % n) : 0; };
   uint64_t hlen = 0;
   if (b.size() >= 8) std::memcpy(&hlen, b.data(), 8);
@@ -39,8 +39,9 @@ void mutate(std::vector<uint8_t>& b, std::mt19937_64& g) {
       if (!b.empty()) b[pick(b.size())] = uint8_t(g());
       break;
     case 2:  // a JSON-significant byte, inside the header most of the time
-      if (!b.empty()) b[8 + pick(std::min<size_t>(b.size() - 8, hlen + 1))] =
-          kInteresting[pick(sizeof kInteresting)];
+      if (!b.empty())
+        b[8 + pick(std::min<size_t>(b.size() - 8, hlen + 1))] =
+            kInteresting[pick(sizeof kInteresting)];
       break;
     case 3:  // truncate
       b.resize(pick(b.size() + 1));
@@ -53,8 +54,8 @@ void mutate(std::vector<uint8_t>& b, std::mt19937_64& g) {
       break;
     }
     case 5: {  // a new header length: near the truth, huge, or random
-      uint64_t v[] = {hlen + 1, hlen - 1, hlen + 8, uint64_t(b.size()), ~0ull, 100'000'001ull,
-                      g() % 256, g()};
+      uint64_t v[] = {hlen + 1, hlen - 1,       hlen + 8,  uint64_t(b.size()),
+                      ~0ull,    100'000'001ull, g() % 256, g()};
       uint64_t n = v[pick(8)];
       if (b.size() >= 8) std::memcpy(b.data(), &n, 8);
       break;
