@@ -1,0 +1,488 @@
+// Training-step benchmark of the CPU backend: a Llama-style decoder stack built from core/ops.h,
+// one step = forward + backward + AdamW over every parameter, timed as the median of N steps after
+// a warm-up. bench/compare_torch.py runs the same model (same init, same data) in PyTorch.
+//   bench_step [--layers 4] [--d 256] [--heads 4] [--kv-heads H] [--ffn F] [--seq 256] [--batch 8]
+//              [--vocab 4096] [--steps 10] [--warmup 2] [--threads N] [--seed 1234]
+//              [--profile N] [--json FILE]
+// --profile N runs N more steps with a timer around every op, forward and backward, and prints
+// where the time goes (per op label, ms per step). The timed steps never carry the timers.
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "core/ops.h"
+#include "core/rng.h"
+
+#if __has_include("core/optim.h")
+#include "core/optim.h"
+#define FTUNE_BENCH_HAVE_OPTIM 1
+#endif
+
+// OpenBLAS runs its own thread pool (the pthread build): --threads sets it next to OpenMP's.
+extern "C" void openblas_set_num_threads(int num_threads);
+extern "C" int openblas_get_num_threads(void);
+
+namespace ftune::bench {
+
+namespace {
+
+double now_ms() {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+struct Config {
+  int64_t layers = 4, d = 256, heads = 4, kv_heads = 0, ffn = 0, seq = 256, batch = 8, vocab = 4096;
+  int steps = 10, warmup = 2, threads = 0, profile = 0;
+  uint64_t seed = 1234;
+  double eps = 1e-5, theta = 10000.0, lr = 1e-4, wd = 0.01;
+  std::string json;
+
+  int64_t head_dim() const { return d / heads; }
+  int64_t kv_dim() const { return kv_heads * head_dim(); }
+};
+
+// Llama's MLP width: 8/3 d rounded up to a multiple of 16 (d = 256 -> 688). Same rule in
+// compare_torch.py.
+int64_t default_ffn(int64_t d) { return (8 * d / 3 + 15) / 16 * 16; }
+
+// Model FLOPs of one training step, the same count as compare_torch.py:
+//   6 * n_matmul * tokens         (every weight that enters a GEMM: 2 flops/MAC forward, 4 backward)
+// + 12 * L * B * T^2 * d          (QK^T and PV: 4 T^2 d forward per sequence and layer, x3 for
+//                                  forward + backward, full T^2 counted: causal skipping earns no credit)
+// Embedding lookup, norms, RoPE, SwiGLU, softmax, loss and AdamW are not counted.
+int64_t matmul_params(const Config& c) {
+  return c.layers * (2 * c.d * c.d + 2 * c.d * c.kv_dim() + 3 * c.d * c.ffn) + c.vocab * c.d;
+}
+double step_flops(const Config& c) {
+  double tokens = double(c.batch) * double(c.seq);
+  return 6.0 * double(matmul_params(c)) * tokens +
+         12.0 * double(c.layers) * double(c.batch) * double(c.seq) * double(c.seq) * double(c.d);
+}
+
+// ---------------------------------------------------------------- per-op profiler
+// Forward: a timer around each op call, keyed by a label. Backward: before backward() the graph
+// is walked and every node's closure is wrapped in a timer, keyed by the label of the forward call
+// that made it (node pointer -> label), else by the node's own name in parentheses.
+struct OpStat {
+  double fwd_ms = 0, bwd_ms = 0;
+  int64_t fwd_calls = 0, bwd_calls = 0;
+};
+
+class Profiler {
+ public:
+  bool on = false;
+  std::vector<std::string> order;  // labels in first-seen order (forward order)
+  std::map<std::string, OpStat> stats;
+  std::unordered_map<const Node*, std::string> labels;
+  double fwd_total = 0, bwd_total = 0, opt_total = 0, zero_total = 0;
+  int steps = 0;
+
+  OpStat& stat(const std::string& label) {
+    auto it = stats.find(label);
+    if (it == stats.end()) {
+      order.push_back(label);
+      it = stats.emplace(label, OpStat{}).first;
+    }
+    return it->second;
+  }
+
+  template <class F>
+  Tensor op(const char* label, F&& f) {
+    if (!on) return f();
+    double t0 = now_ms();
+    Tensor out = f();
+    OpStat& s = stat(label);
+    s.fwd_ms += now_ms() - t0;
+    ++s.fwd_calls;
+    label_new_nodes(out, label);
+    return out;
+  }
+
+  // Labels the nodes this call made: those reachable from out that no earlier call labelled
+  // (composite ops and views inside the call get the call's label).
+  void label_new_nodes(const Tensor& out, const char* label) {
+    if (!out.grad_fn()) return;
+    std::vector<const Node*> stack{out.grad_fn().get()};
+    while (!stack.empty()) {
+      const Node* n = stack.back();
+      stack.pop_back();
+      if (!labels.emplace(n, label).second) continue;
+      for (const auto& e : n->edges)
+        if (e.node && !labels.count(e.node.get())) stack.push_back(e.node.get());
+    }
+  }
+
+  // Wraps the backward closure of every node reachable from root.
+  void instrument(const Tensor& root) {
+    if (!on || !root.grad_fn()) return;
+    std::vector<Node*> stack{root.grad_fn().get()};
+    std::unordered_set<Node*> seen{root.grad_fn().get()};
+    while (!stack.empty()) {
+      Node* n = stack.back();
+      stack.pop_back();
+      auto it = labels.find(n);
+      OpStat* s = &stat(it != labels.end() ? it->second : "(" + n->name + ")");
+      BackwardFn inner = std::move(n->backward);
+      n->backward = [inner = std::move(inner), s](const Tensor& g, const std::vector<bool>& need) {
+        double t0 = now_ms();
+        std::vector<Tensor> r = inner(g, need);
+        s->bwd_ms += now_ms() - t0;
+        ++s->bwd_calls;
+        return r;
+      };
+      for (auto& e : n->edges)
+        if (e.node && seen.insert(e.node.get()).second) stack.push_back(e.node.get());
+    }
+    labels.clear();
+  }
+};
+
+Profiler g_prof;
+
+// ---------------------------------------------------------------- the model
+struct Layer {
+  Tensor attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down;
+};
+
+struct Model {
+  Config cfg;
+  Tensor embed, final_norm, lm_head;
+  std::vector<Layer> layers;
+  std::vector<Tensor> params;  // every trainable tensor, in creation order
+};
+
+// Weights ~ N(0, 0.02) from one Philox generator, norm weights = 1. The draw order (embed; per
+// layer wq wk wv wo w_gate w_up w_down; lm_head) is mirrored by compare_torch.py so both sides
+// start from bit-identical weights.
+Model build_model(const Config& c, Generator& gen) {
+  Model m;
+  m.cfg = c;
+  auto normal = [&](Shape s) {
+    Tensor t = randn(s, gen, 0.0, 0.02);
+    t.set_requires_grad(true);
+    m.params.push_back(t);
+    return t;
+  };
+  auto ones = [&](int64_t n) {
+    Tensor t = Tensor::ones({n});
+    t.set_requires_grad(true);
+    m.params.push_back(t);
+    return t;
+  };
+  m.embed = normal({c.vocab, c.d});
+  for (int64_t l = 0; l < c.layers; ++l) {
+    Layer L;
+    L.attn_norm = ones(c.d);
+    L.wq = normal({c.d, c.d});
+    L.wk = normal({c.kv_dim(), c.d});
+    L.wv = normal({c.kv_dim(), c.d});
+    L.wo = normal({c.d, c.d});
+    L.mlp_norm = ones(c.d);
+    L.w_gate = normal({c.ffn, c.d});
+    L.w_up = normal({c.ffn, c.d});
+    L.w_down = normal({c.d, c.ffn});
+    m.layers.push_back(std::move(L));
+  }
+  m.final_norm = ones(c.d);
+  m.lm_head = normal({c.vocab, c.d});
+  return m;
+}
+
+// ids, targets [B, T] (i64) -> scalar mean cross-entropy.
+Tensor forward(const Model& m, const Tensor& ids, const Tensor& targets, const Tensor& positions) {
+  const Config& c = m.cfg;
+  const int64_t B = c.batch, T = c.seq, H = c.heads, Hkv = c.kv_heads, hd = c.head_dim();
+  Profiler& P = g_prof;
+  Tensor x = P.op("embedding", [&] { return ops::embedding(m.embed, ids); });  // [B, T, d]
+  for (const Layer& L : m.layers) {
+    Tensor h = P.op("rms_norm", [&] { return ops::rms_norm(x, L.attn_norm, c.eps); });
+    Tensor q = P.op("linear q/k/v", [&] { return ops::linear(h, L.wq).view({B, T, H, hd}); });
+    Tensor k = P.op("linear q/k/v", [&] { return ops::linear(h, L.wk).view({B, T, Hkv, hd}); });
+    Tensor v = P.op("linear q/k/v", [&] { return ops::linear(h, L.wv).view({B, T, Hkv, hd}); });
+    q = P.op("rope", [&] { return ops::rope(q, positions, c.theta); });
+    k = P.op("rope", [&] { return ops::rope(k, positions, c.theta); });
+    Tensor a = P.op("attention", [&] { return ops::attention(q, k, v).reshape({B, T, c.d}); });
+    Tensor o = P.op("linear o", [&] { return ops::linear(a, L.wo); });
+    x = P.op("residual add", [&] { return ops::add(x, o); });
+    h = P.op("rms_norm", [&] { return ops::rms_norm(x, L.mlp_norm, c.eps); });
+    Tensor g = P.op("linear gate/up", [&] { return ops::linear(h, L.w_gate); });
+    Tensor u = P.op("linear gate/up", [&] { return ops::linear(h, L.w_up); });
+    Tensor s = P.op("swiglu", [&] { return ops::swiglu(g, u); });
+    Tensor dn = P.op("linear down", [&] { return ops::linear(s, L.w_down); });
+    x = P.op("residual add", [&] { return ops::add(x, dn); });
+  }
+  x = P.op("rms_norm", [&] { return ops::rms_norm(x, m.final_norm, c.eps); });
+  Tensor logits = P.op("linear lm_head", [&] { return ops::linear(x, m.lm_head); });  // [B, T, V]
+  return P.op("cross_entropy", [&] {
+    return ops::cross_entropy(logits.view({B * T, c.vocab}), targets.view({B * T}));
+  });
+}
+
+// ---------------------------------------------------------------- the optimizer
+// AdamW over every parameter (torch.optim.AdamW semantics: decoupled decay p *= 1 - lr*wd, bias
+// correction in the step size). Kept in one place so the library's optimizer drops in here.
+class Optimizer {
+ public:
+  Optimizer(std::vector<Tensor> params, const Config& c) : params_(std::move(params)), cfg_(c) {
+#if FTUNE_BENCH_HAVE_OPTIM
+    impl_ = std::make_unique<AdamW>(params_, c.lr, 0.9, 0.999, 1e-8, c.wd);
+#else
+    for (const Tensor& p : params_) {
+      m_.push_back(Tensor::zeros(p.shape()));
+      v_.push_back(Tensor::zeros(p.shape()));
+    }
+#endif
+  }
+
+  void step() {
+    NoGradGuard ng;
+#if FTUNE_BENCH_HAVE_OPTIM
+    impl_->step();
+#else
+    ++t_;
+    const float b1 = 0.9f, b2 = 0.999f, eps = 1e-8f;
+    const float lr = float(cfg_.lr), decay = float(1.0 - cfg_.lr * cfg_.wd);
+    const float bc1 = float(1.0 - std::pow(0.9, double(t_)));
+    const float bc2_sqrt = float(std::sqrt(1.0 - std::pow(0.999, double(t_))));
+    const float step_size = lr / bc1;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      Tensor g = params_[i].grad();
+      if (!g.defined()) continue;
+      Tensor gc = g.contiguous();
+      float* p = params_[i].data<float>();
+      const float* pg = gc.data<float>();
+      float* pm = m_[i].data<float>();
+      float* pv = v_[i].data<float>();
+      const int64_t n = params_[i].numel();
+#pragma omp parallel for schedule(static) if (n > (1 << 14))
+      for (int64_t j = 0; j < n; ++j) {
+        pm[j] = b1 * pm[j] + (1 - b1) * pg[j];
+        pv[j] = b2 * pv[j] + (1 - b2) * pg[j] * pg[j];
+        p[j] = p[j] * decay - step_size * pm[j] / (std::sqrt(pv[j]) / bc2_sqrt + eps);
+      }
+    }
+#endif
+  }
+
+  void zero_grad() {
+    for (Tensor& p : params_) p.zero_grad();  // set to none, as torch's default
+  }
+
+ private:
+  std::vector<Tensor> params_;
+  Config cfg_;
+#if FTUNE_BENCH_HAVE_OPTIM
+  std::unique_ptr<AdamW> impl_;
+#else
+  std::vector<Tensor> m_, v_;
+  int64_t t_ = 0;
+#endif
+};
+
+// One training step; returns the loss (read before the update).
+double train_step(Model& m, Optimizer& opt, const Tensor& ids, const Tensor& targets,
+                  const Tensor& positions) {
+  Profiler& P = g_prof;
+  double t0 = now_ms();
+  opt.zero_grad();
+  double t1 = now_ms();
+  Tensor loss = forward(m, ids, targets, positions);
+  double t2 = now_ms();
+  P.instrument(loss);
+  double t3 = now_ms();
+  loss.backward();
+  double t4 = now_ms();
+  opt.step();
+  double t5 = now_ms();
+  if (P.on) {
+    P.zero_total += t1 - t0;
+    P.fwd_total += t2 - t1;
+    P.bwd_total += t4 - t3;
+    P.opt_total += t5 - t4;
+    ++P.steps;
+  }
+  return loss.item();
+}
+
+// ---------------------------------------------------------------- driver
+[[noreturn]] void usage(const char* msg) {
+  if (msg) std::fprintf(stderr, "bench_step: %s\n", msg);
+  std::fprintf(stderr,
+               "usage: bench_step [--layers N] [--d N] [--heads N] [--kv-heads N] [--ffn N] [--seq N]\n"
+               "                  [--batch N] [--vocab N] [--steps N] [--warmup N] [--threads N]\n"
+               "                  [--seed N] [--profile N] [--json FILE]\n");
+  std::exit(2);
+}
+
+Config parse(int argc, char** argv) {
+  Config c;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) usage(("missing value after " + a).c_str());
+      return argv[++i];
+    };
+    auto num = [&]() -> int64_t {
+      std::string s = next();
+      char* end = nullptr;
+      long long v = std::strtoll(s.c_str(), &end, 10);
+      if (s.empty() || *end) usage(("bad number '" + s + "' for " + a).c_str());
+      return v;
+    };
+    if (a == "--layers") c.layers = num();
+    else if (a == "--d") c.d = num();
+    else if (a == "--heads") c.heads = num();
+    else if (a == "--kv-heads") c.kv_heads = num();
+    else if (a == "--ffn") c.ffn = num();
+    else if (a == "--seq") c.seq = num();
+    else if (a == "--batch") c.batch = num();
+    else if (a == "--vocab") c.vocab = num();
+    else if (a == "--steps") c.steps = int(num());
+    else if (a == "--warmup") c.warmup = int(num());
+    else if (a == "--threads") c.threads = int(num());
+    else if (a == "--seed") c.seed = uint64_t(num());
+    else if (a == "--profile") c.profile = int(num());
+    else if (a == "--json") c.json = next();
+    else if (a == "-h" || a == "--help") usage(nullptr);
+    else usage(("unknown argument " + a).c_str());
+  }
+  if (c.kv_heads == 0) c.kv_heads = c.heads;
+  if (c.ffn == 0) c.ffn = default_ffn(c.d);
+  if (c.layers < 1 || c.d < 1 || c.heads < 1 || c.seq < 1 || c.batch < 1 || c.vocab < 2 ||
+      c.steps < 1 || c.warmup < 0 || c.profile < 0 || c.ffn < 1)
+    usage("sizes and --steps must be positive");
+  if (c.d % c.heads || (c.d / c.heads) % 2) usage("--d must be heads * an even head_dim");
+  if (c.kv_heads < 1 || c.heads % c.kv_heads) usage("--heads must be a multiple of --kv-heads");
+  return c;
+}
+
+std::string json_escape(const std::string& s) {
+  std::string o;
+  for (char ch : s) {
+    if (ch == '"' || ch == '\\') o += '\\';
+    o += ch;
+  }
+  return o;
+}
+
+int run(int argc, char** argv) {
+  Config c = parse(argc, argv);
+  if (c.threads > 0) {
+    omp_set_num_threads(c.threads);
+    openblas_set_num_threads(c.threads);
+  }
+  const int omp_threads = omp_get_max_threads(), blas_threads = openblas_get_num_threads();
+
+  Generator gen(c.seed);
+  Model m = build_model(c, gen);
+  // Random tokens and targets, drawn after the weights (compare_torch.py draws them the same way).
+  Tensor ids = randint({c.batch, c.seq}, gen, 0, c.vocab, DType::i64);
+  Tensor targets = randint({c.batch, c.seq}, gen, 0, c.vocab, DType::i64);
+  Tensor positions = Tensor::arange(c.seq, DType::i64);
+  Optimizer opt(m.params, c);
+  int64_t n_params = 0;
+  for (const Tensor& p : m.params) n_params += p.numel();
+
+  std::vector<double> losses, times;
+  for (int s = 0; s < c.warmup + c.steps; ++s) {
+    double t0 = now_ms();
+    losses.push_back(train_step(m, opt, ids, targets, positions));
+    double dt = now_ms() - t0;
+    if (s >= c.warmup) times.push_back(dt);
+  }
+  std::vector<double> sorted = times;
+  std::sort(sorted.begin(), sorted.end());
+  const size_t n = sorted.size();
+  const double median = n % 2 ? sorted[n / 2] : 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]);
+  const double flops = step_flops(c);
+  const double gflops = flops / (median * 1e6);
+
+  std::printf(
+      "ftune  L=%lld d=%lld H=%lld kv=%lld ffn=%lld T=%lld B=%lld V=%lld threads=%d/%d: "
+      "%.2f ms/step (median of %d, min %.2f), %.2f GFLOP/s, loss %.5f -> %.5f\n",
+      (long long)c.layers, (long long)c.d, (long long)c.heads, (long long)c.kv_heads,
+      (long long)c.ffn, (long long)c.seq, (long long)c.batch, (long long)c.vocab, omp_threads,
+      blas_threads, median, c.steps, sorted.front(), gflops, losses.front(), losses.back());
+
+  if (c.profile > 0) {  // separate, instrumented steps
+    g_prof.on = true;
+    for (int s = 0; s < c.profile; ++s) train_step(m, opt, ids, targets, positions);
+    g_prof.on = false;
+    const double k = 1.0 / g_prof.steps;
+    double fsum = 0, bsum = 0;
+    std::printf("\nper-op time, ms/step (mean of %d instrumented steps)\n", g_prof.steps);
+    std::printf("%-22s %10s %10s %10s %8s\n", "op", "fwd", "bwd", "total", "calls");  // fwd calls
+    for (const std::string& l : g_prof.order) {
+      const OpStat& s = g_prof.stats[l];
+      fsum += s.fwd_ms * k;
+      bsum += s.bwd_ms * k;
+      std::printf("%-22s %10.2f %10.2f %10.2f %8lld\n", l.c_str(), s.fwd_ms * k, s.bwd_ms * k,
+                  (s.fwd_ms + s.bwd_ms) * k, (long long)(s.fwd_calls / g_prof.steps));
+    }
+    std::printf("%-22s %10.2f %10.2f\n", "(untimed glue)", g_prof.fwd_total * k - fsum,
+                g_prof.bwd_total * k - bsum);
+    std::printf("%-22s %10.2f %10.2f %10.2f\n", "forward/backward", g_prof.fwd_total * k,
+                g_prof.bwd_total * k, (g_prof.fwd_total + g_prof.bwd_total) * k);
+    std::printf("%-22s %32.2f\n", "optimizer (AdamW)", g_prof.opt_total * k);
+    std::printf("%-22s %32.2f\n", "zero_grad", g_prof.zero_total * k);
+  }
+
+  if (!c.json.empty()) {
+    std::ofstream js(c.json);
+    if (!js) throw Error("[bench_step] cannot write " + c.json);
+    js.precision(10);
+    js << "{\"impl\":\"ftune\",\"layers\":" << c.layers << ",\"d\":" << c.d << ",\"heads\":" << c.heads
+       << ",\"kv_heads\":" << c.kv_heads << ",\"ffn\":" << c.ffn << ",\"seq\":" << c.seq
+       << ",\"batch\":" << c.batch << ",\"vocab\":" << c.vocab << ",\"steps\":" << c.steps
+       << ",\"warmup\":" << c.warmup << ",\"omp_threads\":" << omp_threads
+       << ",\"blas_threads\":" << blas_threads << ",\"n_params\":" << n_params
+       << ",\"n_matmul_params\":" << matmul_params(c) << ",\"flop_per_step\":" << flops
+       << ",\"ms_per_step\":" << median << ",\"gflops\":" << gflops << ",\"ms_all\":[";
+    for (size_t i = 0; i < times.size(); ++i) js << (i ? "," : "") << times[i];
+    js << "],\"losses\":[";
+    for (size_t i = 0; i < losses.size(); ++i) js << (i ? "," : "") << losses[i];
+    js << "]";
+    if (g_prof.steps > 0) {
+      const double k = 1.0 / g_prof.steps;
+      js << ",\"profile\":{\"steps\":" << g_prof.steps << ",\"forward_ms\":" << g_prof.fwd_total * k
+         << ",\"backward_ms\":" << g_prof.bwd_total * k << ",\"optimizer_ms\":" << g_prof.opt_total * k
+         << ",\"zero_grad_ms\":" << g_prof.zero_total * k << ",\"ops\":[";
+      bool first = true;
+      for (const std::string& l : g_prof.order) {
+        const OpStat& s = g_prof.stats[l];
+        js << (first ? "" : ",") << "{\"op\":\"" << json_escape(l) << "\",\"fwd_ms\":" << s.fwd_ms * k
+           << ",\"bwd_ms\":" << s.bwd_ms * k << "}";
+        first = false;
+      }
+      js << "]}";
+    }
+    js << "}\n";
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace ftune::bench
+
+int main(int argc, char** argv) {
+  try {
+    return ftune::bench::run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_step: error: %s\n", e.what());
+    return 1;
+  }
+}
