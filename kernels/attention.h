@@ -1,0 +1,51 @@
+// Fused scaled-dot-product attention (FlashAttention-2 algorithm) on the CPU.
+//
+// Layout. Every batch row or packed sequence is described by an AttnSeq over flat token arrays:
+//   q, out, dout, dq  [Nq, H, D]    (a [B, Tq, H, D] batch is Nq = B * Tq tokens)
+//   k, v, dk, dv      [Nk, Hkv, D]
+//   lse               [H, Nq]       logsumexp of the scaled scores of each query row; +inf for a
+//                                   row that sees no key (its output is 0, its gradient 0)
+// All contiguous. Sequence s owns query tokens q_start..q_start+len_q and key tokens
+// k_start..k_start+len_k; tokens never attend across sequences. Padding is expressed by giving
+// the pad tokens a sequence of their own (e.g. cu_seqlens {0, 5, 8} for 5 real + 3 pad tokens):
+// they then cost a tiny block and never leak into the real tokens.
+//
+// Grouped-query: query head h reads kv head h / (H / Hkv); K and V are never expanded.
+// Causal is bottom-right aligned: query r of a sequence sees keys j <= r + len_k - len_q (a KV
+// cache of len_k - len_q earlier tokens in front of the queries).
+//
+// Memory: per thread O(block_q * block_k + block * D) scratch; the [T, T] scores never exist.
+// The backward recomputes P block by block from q, k and lse.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace ftune::kernels::cpu {
+
+struct AttnSeq {
+  int64_t q_start = 0, len_q = 0;
+  int64_t k_start = 0, len_k = 0;
+};
+
+struct AttnParams {
+  int64_t num_heads = 1, num_kv_heads = 1, head_dim = 1;
+  int64_t nq = 0, nk = 0;  // total query / key tokens
+  double scale = 1.0;      // applied to q.k
+  bool causal = true;
+  // Tile sizes (query rows, key columns). Defaults are tuned for D = 64..128 on AVX-512/AVX2;
+  // tests shrink them to exercise ragged tiles.
+  int64_t block_q = 64, block_k = 128;
+};
+
+// out [Nq, H, D] and lse [H, Nq] are written in full.
+template <class T>
+void attention_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const T* q, const T* k,
+                       const T* v, T* out, T* lse);
+
+// Gradients from dout [Nq, H, D]. dq, dk, dv are written in full (no accumulation into existing
+// values); any of them may be null when that gradient is not needed.
+template <class T>
+void attention_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const T* q, const T* k,
+                        const T* v, const T* out, const T* lse, const T* dout, T* dq, T* dk, T* dv);
+
+}  // namespace ftune::kernels::cpu
