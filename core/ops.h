@@ -84,6 +84,8 @@ enum class KLKind { forward, reverse, jsd };
 // Per-row divergence [N] between student and teacher distributions softmax(logits / temperature).
 // forward: KL(teacher || student); reverse: KL(student || teacher);
 // jsd: beta * KL(teacher || m) + (1 - beta) * KL(student || m), m = beta * teacher + (1-beta) * student.
+// As in TRL's generalized JSD, jsd at beta = 0 is forward and at beta = 1 reverse KL (the formula
+// itself tends to 0 there); beta outside [0, 1] throws. No temperature^2 factor is applied.
 // Differentiable in both arguments.
 Tensor kl_div(const Tensor& student_logits, const Tensor& teacher_logits, KLKind kind,
               double beta = 0.5, double temperature = 1.0);

@@ -1,0 +1,260 @@
+// softmax, log_softmax, cross_entropy, token_logprobs, entropy, kl_div. The losses are fused: the
+// forward saves the logits and per-row statistics (kernels/loss.h), never probabilities; the
+// backward recomputes the probabilities in the same pass that writes the gradient.
+#include <cmath>
+#include <limits>
+
+#include "core/ops/common.h"
+#include "kernels/loss.h"
+
+namespace ftune::ops {
+
+using namespace detail;
+
+namespace {
+
+// A float tensor viewed as rows over its last dim: x is [N, V], `lead` the shape before V.
+struct Rows {
+  int64_t n = 0, v = 0;
+  Shape lead;
+};
+
+Rows rows_of(const char* op, const Tensor& x, const char* what) {
+  FTUNE_CHECK(x.dim() >= 1, "[", op, "] ", what, " needs at least 1 dim (the vocabulary), got ",
+              x.desc());
+  Rows r;
+  r.v = x.size(-1);
+  r.lead.assign(x.shape().begin(), x.shape().end() - 1);
+  r.n = shape_numel(r.lead);
+  return r;
+}
+
+void check_logits(const char* op, const Tensor& x, const char* what) {
+  check_defined(op, x, what);
+  check_float(op, x, what);
+  require_cpu(op, {&x});
+}
+
+// Targets as contiguous i64 [N], each in [0, V) or ignore_index; counts the rows not ignored.
+Tensor check_targets(const char* op, const Tensor& targets, const Rows& r, int64_t ignore,
+                     int64_t* counted) {
+  check_defined(op, targets, "targets");
+  check_index(op, targets, "targets");
+  require_cpu(op, {&targets});
+  FTUNE_CHECK(r.v > 0, "[", op, "] logits have an empty vocabulary (last dim 0)");
+  FTUNE_CHECK(targets.shape() == r.lead || (targets.dim() == 1 && targets.numel() == r.n), "[", op,
+              "] targets ", targets.desc(), " do not match logits rows ", shape_str(r.lead),
+              " (expected shape ", shape_str(r.lead), " or [", r.n, "])");
+  Tensor t = targets.dtype() == DType::i64 ? contig(targets) : contig(targets).to(DType::i64);
+  t = t.view({r.n});
+  const int64_t* p = t.data<int64_t>();
+  int64_t c = 0;
+  for (int64_t i = 0; i < r.n; ++i) {
+    if (p[i] == ignore) continue;
+    FTUNE_CHECK(p[i] >= 0 && p[i] < r.v, "[", op, "] target ", p[i], " at row ", i,
+                " is out of range [0, ", r.v, ") and is not ignore_index (", ignore, ")");
+    ++c;
+  }
+  *counted = c;
+  return t;
+}
+
+Tensor logits_2d(const Tensor& x, const Rows& r) { return contig(x).view({r.n, r.v}); }
+
+// Softmax and log_softmax share everything but the formula.
+Tensor softmax_impl(const char* op, const Tensor& x, bool log) {
+  check_logits(op, x, "input");
+  Rows r = rows_of(op, x, "input");
+  Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
+  if (x.numel() == 0) return out;
+  Tensor xc = logits_2d(x, r);
+  dispatch_float(x.dtype(), op, [&]<class T>() {
+    kernels::cpu::softmax_forward<T>(xc.data<T>(), r.n, r.v, log, out.data<T>());
+  });
+  Tensor y = out.detach();
+  record(op, out, {x}, [y, r, log, op](const Tensor& g, const std::vector<bool>&) {
+    Tensor gc = contig(g);
+    Tensor dx = Tensor::empty(y.shape(), y.dtype(), y.device());
+    dispatch_float(y.dtype(), op, [&]<class T>() {
+      kernels::cpu::softmax_backward<T>(y.data<T>(), gc.data<T>(), r.n, r.v, log, dx.data<T>());
+    });
+    return std::vector<Tensor>{dx};
+  });
+  return out;
+}
+
+// Fused NLL of targets, shared by cross_entropy and token_logprobs: nll [N] and stat [N, 2].
+struct Nll {
+  Tensor x, tgt, stat, nll;
+  int64_t counted = 0;
+};
+
+Nll nll_impl(const char* op, const Tensor& logits, const Tensor& targets, int64_t ignore,
+             const Rows& r) {
+  check_same_device(op, {&logits, &targets});
+  Nll f;
+  f.tgt = check_targets(op, targets, r, ignore, &f.counted);
+  f.x = logits_2d(logits, r);
+  f.stat = Tensor::empty({r.n, 2}, logits.dtype(), logits.device());
+  f.nll = Tensor::empty({r.n}, logits.dtype(), logits.device());
+  dispatch_float(logits.dtype(), op, [&]<class T>() {
+    kernels::cpu::nll_forward<T>(f.x.data<T>(), f.tgt.data<int64_t>(), r.n, r.v, ignore,
+                                 f.stat.data<T>(), f.nll.data<T>());
+  });
+  return f;
+}
+
+// d(scale * g_i * nll_i)/dlogits for every row, g broadcast when g_stride is 0.
+Tensor nll_grad(const char* op, const Nll& f, const Rows& r, const Shape& shape, int64_t ignore,
+                const Tensor& g, int64_t g_stride, double scale) {
+  Tensor gc = contig(g);
+  Tensor dx = Tensor::empty({r.n, r.v}, f.x.dtype(), f.x.device());
+  dispatch_float(f.x.dtype(), op, [&]<class T>() {
+    kernels::cpu::nll_backward<T>(f.x.data<T>(), f.tgt.data<int64_t>(), f.stat.data<T>(),
+                                  gc.data<T>(), g_stride, T(scale), r.n, r.v, ignore,
+                                  dx.data<T>());
+  });
+  return dx.view(shape);
+}
+
+kernels::Divergence divergence_of(KLKind k) {
+  switch (k) {
+    case KLKind::forward: return kernels::Divergence::forward;
+    case KLKind::reverse: return kernels::Divergence::reverse;
+    case KLKind::jsd: return kernels::Divergence::jsd;
+  }
+  FTUNE_THROW("[kl_div] bad KLKind");
+}
+
+}  // namespace
+
+Tensor softmax(const Tensor& x) { return softmax_impl("softmax", x, false); }
+Tensor log_softmax(const Tensor& x) { return softmax_impl("log_softmax", x, true); }
+
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index,
+                     Reduction reduction) {
+  const char* op = "cross_entropy";
+  check_logits(op, logits, "logits");
+  Rows r = rows_of(op, logits, "logits");
+  Nll f = nll_impl(op, logits, targets, ignore_index, r);
+  Tensor out;
+  if (reduction == Reduction::none) {
+    out = f.nll.view(r.lead);
+  } else {
+    double s = 0.0;
+    dispatch_float(logits.dtype(), op, [&]<class T>() {
+      const T* p = f.nll.data<T>();
+      for (int64_t i = 0; i < r.n; ++i) s += double(p[i]);
+    });
+    // mean over the counted rows; with none counted the loss is 0 (and so is its gradient).
+    if (reduction == Reduction::mean) s = f.counted > 0 ? s / double(f.counted) : 0.0;
+    out = Tensor::scalar(s, logits.dtype(), logits.device());
+  }
+  f.nll = Tensor();  // backward needs only logits, targets and the row statistics
+  Shape shape = logits.shape();
+  record(op, out, {logits},
+         [f, r, shape, ignore_index, reduction](const Tensor& g, const std::vector<bool>&) {
+           double scale = 1.0;
+           if (reduction == Reduction::mean) scale = f.counted > 0 ? 1.0 / double(f.counted) : 0.0;
+           int64_t g_stride = reduction == Reduction::none ? 1 : 0;
+           return std::vector<Tensor>{
+               nll_grad("cross_entropy", f, r, shape, ignore_index, g, g_stride, scale)};
+         });
+  return out;
+}
+
+Tensor token_logprobs(const Tensor& logits, const Tensor& targets, int64_t ignore_index) {
+  const char* op = "token_logprobs";
+  check_logits(op, logits, "logits");
+  Rows r = rows_of(op, logits, "logits");
+  Nll f = nll_impl(op, logits, targets, ignore_index, r);
+  Tensor out = Tensor::empty(r.lead, logits.dtype(), logits.device());
+  dispatch_float(logits.dtype(), op, [&]<class T>() {
+    const T* p = f.nll.data<T>();
+    T* o = out.data<T>();
+    for (int64_t i = 0; i < r.n; ++i) o[i] = p[i] == T(0) ? T(0) : -p[i];  // ignored rows: +0
+  });
+  f.nll = Tensor();
+  Shape shape = logits.shape();
+  record(op, out, {logits}, [f, r, shape, ignore_index](const Tensor& g, const std::vector<bool>&) {
+    return std::vector<Tensor>{nll_grad("token_logprobs", f, r, shape, ignore_index, g, 1, -1.0)};
+  });
+  return out;
+}
+
+Tensor entropy(const Tensor& logits) {
+  const char* op = "entropy";
+  check_logits(op, logits, "logits");
+  Rows r = rows_of(op, logits, "logits");
+  FTUNE_CHECK(r.v > 0, "[", op, "] logits have an empty vocabulary (last dim 0)");
+  Tensor x = logits_2d(logits, r);
+  Tensor stat = Tensor::empty({r.n, 2}, logits.dtype(), logits.device());
+  Tensor h = Tensor::empty({r.n}, logits.dtype(), logits.device());
+  dispatch_float(logits.dtype(), op, [&]<class T>() {
+    kernels::cpu::entropy_forward<T>(x.data<T>(), r.n, r.v, stat.data<T>(), h.data<T>());
+  });
+  Tensor out = h.clone().view(r.lead);  // h stays private to the backward
+  Shape shape = logits.shape();
+  record(op, out, {logits}, [x, stat, h, r, shape](const Tensor& g, const std::vector<bool>&) {
+    Tensor gc = contig(g);
+    Tensor dx = Tensor::empty({r.n, r.v}, x.dtype(), x.device());
+    dispatch_float(x.dtype(), "entropy", [&]<class T>() {
+      kernels::cpu::entropy_backward<T>(x.data<T>(), stat.data<T>(), h.data<T>(), gc.data<T>(),
+                                        r.n, r.v, dx.data<T>());
+    });
+    return std::vector<Tensor>{dx.view(shape)};
+  });
+  return out;
+}
+
+Tensor kl_div(const Tensor& student_logits, const Tensor& teacher_logits, KLKind kind, double beta,
+              double temperature) {
+  const char* op = "kl_div";
+  check_logits(op, student_logits, "student_logits");
+  check_logits(op, teacher_logits, "teacher_logits");
+  check_same_device(op, {&student_logits, &teacher_logits});
+  check_same_dtype(op, {&student_logits, &teacher_logits});
+  FTUNE_CHECK(student_logits.shape() == teacher_logits.shape(), "[", op, "] student logits ",
+              student_logits.desc(), " and teacher logits ", teacher_logits.desc(),
+              " differ in shape");
+  FTUNE_CHECK(std::isfinite(temperature) && temperature > 0.0, "[", op,
+              "] temperature must be finite and > 0, got ", temperature);
+  Rows r = rows_of(op, student_logits, "student_logits");
+  FTUNE_CHECK(r.v > 0, "[", op, "] logits have an empty vocabulary (last dim 0)");
+  if (kind == KLKind::jsd) {
+    FTUNE_CHECK(beta >= 0.0 && beta <= 1.0, "[", op, "] jsd beta must be in [0, 1], got ", beta);
+    // The endpoints follow TRL's generalized JSD: beta 0 is forward KL, beta 1 reverse KL (the
+    // mixture formula itself would give 0 there).
+    if (beta == 0.0) kind = KLKind::forward;
+    if (beta == 1.0) kind = KLKind::reverse;
+  }
+  const kernels::Divergence div = divergence_of(kind);
+  const double inv_temp = 1.0 / temperature;
+  Tensor s = logits_2d(student_logits, r), t = logits_2d(teacher_logits, r);
+  Tensor stats = Tensor::empty({r.n, 6}, s.dtype(), s.device());
+  Tensor out = Tensor::empty(r.lead, s.dtype(), s.device());
+  dispatch_float(s.dtype(), op, [&]<class T>() {
+    kernels::cpu::kl_forward<T>(s.data<T>(), t.data<T>(), r.n, r.v, div, beta, inv_temp,
+                                out.data<T>(), stats.data<T>());
+  });
+  Shape shape = student_logits.shape();
+  record(op, out, {student_logits, teacher_logits},
+         [s, t, stats, r, shape, div, beta, inv_temp](const Tensor& g,
+                                                      const std::vector<bool>& need) {
+           Tensor gc = contig(g);
+           Tensor ds, dt;
+           if (need[0]) ds = Tensor::empty({r.n, r.v}, s.dtype(), s.device());
+           if (need[1]) dt = Tensor::empty({r.n, r.v}, s.dtype(), s.device());
+           dispatch_float(s.dtype(), "kl_div", [&]<class T>() {
+             kernels::cpu::kl_backward<T>(s.data<T>(), t.data<T>(), stats.data<T>(), gc.data<T>(),
+                                          r.n, r.v, div, beta, inv_temp,
+                                          ds.defined() ? ds.data<T>() : nullptr,
+                                          dt.defined() ? dt.data<T>() : nullptr);
+           });
+           return std::vector<Tensor>{ds.defined() ? ds.view(shape) : ds,
+                                      dt.defined() ? dt.view(shape) : dt};
+         });
+  return out;
+}
+
+}  // namespace ftune::ops
