@@ -1,0 +1,188 @@
+#include "kernels/activation.h"
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+namespace ftune::kernels::cpu {
+
+namespace {
+
+constexpr int64_t kParallelMin = 1 << 15;      // elements
+constexpr double kGeluA = 0.7978845608028654;  // sqrt(2 / pi)
+constexpr double kGeluB = 0.044715;
+
+// exp(a) for a in [-87, 0], in f32, written so that GCC vectorizes it (glibc's expf stays scalar
+// without -ffast-math): a = n ln2 + r with |r| <= ln2/2, exp(a) = 2^n p(r), p the degree-7 Taylor
+// polynomial (truncation < 1e-8 relative); 2^n stays a normal float over that range.
+inline float exp_nonpos(float a) {
+  constexpr float kShift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float t = a * 1.44269504088896341f + kShift;
+  const float n = t - kShift;
+  const int32_t ni = std::bit_cast<int32_t>(t) - std::bit_cast<int32_t>(kShift);
+  // Cody-Waite: ln2 split so that n * 0.693359375f is exact.
+  const float r = (a - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  return p * std::bit_cast<float>((ni + 127) << 23);
+}
+
+// sigmoid(z) = num / (1 + e) with e = exp(-|z|) and num = 1 (z >= 0) or e (z < 0): never
+// overflows and keeps full relative precision for z << 0. Beyond |z| = 87, e (< 1.7e-38) is
+// flushed to 0 so that sigmoid saturates to exactly 0 or 1. The clamp and the selects work on the
+// bits, as integers: float compare-selects keep GCC from vectorizing under -ftrapping-math.
+// A NaN input gives a finite s; every caller multiplies by its input, so NaN still propagates.
+inline float sigmoid_f32(float z) {
+  constexpr uint32_t kLim = std::bit_cast<uint32_t>(87.0f);
+  const uint32_t zb = std::bit_cast<uint32_t>(z);
+  const uint32_t mag = zb & 0x7fffffffu;
+  const float e0 = exp_nonpos(-std::bit_cast<float>(std::min(mag, kLim)));
+  const float e = std::bit_cast<float>(std::bit_cast<uint32_t>(e0) & (0u - uint32_t(mag < kLim)));
+  const uint32_t neg = 0u - (zb >> 31);  // all ones when z < 0
+  const float num = std::bit_cast<float>((std::bit_cast<uint32_t>(e) & neg) |
+                                         (std::bit_cast<uint32_t>(1.0f) & ~neg));
+  return num / (1.0f + e);
+}
+
+// x with |x| limited to lim (sign kept, NaN passed through), by bits for the same reason.
+inline float clamp_mag_f32(float x, float lim) {
+  const uint32_t b = std::bit_cast<uint32_t>(x), mag = b & 0x7fffffffu;
+  const uint32_t over = 0u - uint32_t((mag > std::bit_cast<uint32_t>(lim)) & (mag <= 0x7f800000u));
+  return std::bit_cast<float>((b & ~over) |
+                              (((b & 0x80000000u) | std::bit_cast<uint32_t>(lim)) & over));
+}
+
+template <class T>
+inline T clamp_mag(T x, T lim) {
+  if constexpr (std::is_same_v<T, float>)
+    return clamp_mag_f32(x, lim);
+  else
+    return std::clamp(x, -lim, lim);
+}
+
+template <class T>
+inline T sigmoid_t(T x) {
+  if constexpr (std::is_same_v<T, float>)
+    return sigmoid_f32(x);
+  else
+    return T(1) / (T(1) + std::exp(-x));  // f64 is the gradient-check path: exactness over speed
+}
+
+// gelu_tanh(x) = x * sigmoid(2u), u = a (x + b x^3), since 0.5 (1 + tanh(u)) = sigmoid(2u).
+template <class T>
+inline T gelu_sig(T x) {
+  const T u2 = T(2 * kGeluA) * (x + T(kGeluB) * x * x * x);
+  return sigmoid_t<T>(u2);
+}
+
+template <class T, class F>
+void map_n(int64_t n, const F& f) {
+#pragma omp parallel if (n > kParallelMin)
+  {
+    // A private copy: the pointers it holds become loop invariants (a shared closure is reloaded
+    // every iteration, which defeats the vectorizer).
+    const F body = f;
+#pragma omp for simd schedule(static)
+    for (int64_t i = 0; i < n; ++i) body(i);
+  }
+}
+
+}  // namespace
+
+void gelu_forward(const Tensor& x, Tensor& y) {
+  dispatch_float(x.dtype(), "gelu", [&]<class T>() {
+    const T* px = x.data<T>();
+    T* py = y.data<T>();
+    map_n<T>(x.numel(), [=](int64_t i) {
+      const T v = px[i];
+      py[i] = v * gelu_sig<T>(v);
+    });
+  });
+}
+
+void gelu_backward(const Tensor& x, const Tensor& dy, Tensor& dx) {
+  dispatch_float(x.dtype(), "gelu_backward", [&]<class T>() {
+    const T* px = x.data<T>();
+    const T* pg = dy.data<T>();
+    T* pd = dx.data<T>();
+    map_n<T>(x.numel(), [=](int64_t i) {
+      // Past |x| = 10 the sigmoid is saturated (|2u| > 87) and the derivative is 0 or 1; the clamp
+      // only keeps x^2 from overflowing into inf * 0.
+      const T v = clamp_mag<T>(px[i], T(10));
+      const T s = gelu_sig<T>(v);
+      // d/dx [x s(2u)] = s + x s (1 - s) 2 a (1 + 3 b x^2)
+      const T du2 = T(2 * kGeluA) * (T(1) + T(3 * kGeluB) * v * v);
+      pd[i] = pg[i] * (s + v * s * (T(1) - s) * du2);
+    });
+  });
+}
+
+void silu_forward(const Tensor& x, Tensor& y) {
+  dispatch_float(x.dtype(), "silu", [&]<class T>() {
+    const T* px = x.data<T>();
+    T* py = y.data<T>();
+    map_n<T>(x.numel(), [=](int64_t i) { py[i] = px[i] * sigmoid_t<T>(px[i]); });
+  });
+}
+
+void silu_backward(const Tensor& x, const Tensor& dy, Tensor& dx) {
+  dispatch_float(x.dtype(), "silu_backward", [&]<class T>() {
+    const T* px = x.data<T>();
+    const T* pg = dy.data<T>();
+    T* pd = dx.data<T>();
+    map_n<T>(x.numel(), [=](int64_t i) {
+      const T v = px[i];
+      const T s = sigmoid_t<T>(v);
+      pd[i] = pg[i] * s * (T(1) + v * (T(1) - s));
+    });
+  });
+}
+
+void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& y) {
+  dispatch_float(gate.dtype(), "swiglu", [&]<class T>() {
+    const T* pg = gate.data<T>();
+    const T* pu = up.data<T>();
+    T* py = y.data<T>();
+    map_n<T>(gate.numel(), [=](int64_t i) {
+      const T g = pg[i];
+      py[i] = g * sigmoid_t<T>(g) * pu[i];
+    });
+  });
+}
+
+void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& dy, Tensor& dgate,
+                     Tensor& dup) {
+  dispatch_float(gate.dtype(), "swiglu_backward", [&]<class T>() {
+    const T* pg = gate.data<T>();
+    const T* pu = up.data<T>();
+    const T* pdy = dy.data<T>();
+    const int64_t n = gate.numel();
+    T* dg = dgate.defined() ? dgate.data<T>() : nullptr;
+    T* du = dup.defined() ? dup.data<T>() : nullptr;
+    // Separate loops per case keep each one branch-free (vectorizable).
+    if (dg && du) {
+      map_n<T>(n, [=](int64_t i) {
+        const T g = pg[i], s = sigmoid_t<T>(g);
+        du[i] = pdy[i] * g * s;
+        dg[i] = pdy[i] * pu[i] * s * (T(1) + g * (T(1) - s));
+      });
+    } else if (dg) {
+      map_n<T>(n, [=](int64_t i) {
+        const T g = pg[i], s = sigmoid_t<T>(g);
+        dg[i] = pdy[i] * pu[i] * s * (T(1) + g * (T(1) - s));
+      });
+    } else if (du) {
+      map_n<T>(n, [=](int64_t i) { du[i] = pdy[i] * pg[i] * sigmoid_t<T>(pg[i]); });
+    }
+  });
+}
+
+}  // namespace ftune::kernels::cpu

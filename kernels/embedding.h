@@ -1,0 +1,19 @@
+// Embedding lookup and its backward. weight is [V, D]; ids (i32|i64) hold N indices (any shape,
+// contiguous); out and dy are [N, D]. The forward/backward kernels expect ids already checked.
+#pragma once
+#include <cstdint>
+
+#include "core/tensor.h"
+
+namespace ftune::kernels::cpu {
+
+// Flat position of the first id outside [0, V), or -1 when every id is in range.
+int64_t first_bad_id(const Tensor& ids, int64_t V);
+// out[n, :] = weight[ids[n], :]
+void embedding_forward(const Tensor& weight, const Tensor& ids, Tensor& out);
+// dweight (overwritten) [V, D]: dweight[v, :] = sum over n with ids[n] == v of dy[n, :], summed in
+// increasing n. Rows are grouped by id first, so each row of dweight has exactly one writer: the
+// result is deterministic and independent of the thread count.
+void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor& dweight);
+
+}  // namespace ftune::kernels::cpu
