@@ -1,0 +1,93 @@
+#include <cmath>
+
+#include "core/ops/common.h"
+#include "kernels/lora.h"
+
+namespace ftune::ops {
+
+using namespace detail;
+
+namespace {
+template <class T>
+T* ptr_or_null(const Tensor& t) {
+  return t.defined() ? t.data<T>() : nullptr;
+}
+}  // namespace
+
+// W and b are frozen: they are not inputs of the recorded node, so they never get a gradient,
+// even when they require grad (the base weights of a LoRA model are frozen by construction).
+Tensor lora_linear(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& lora_a,
+                   const Tensor& lora_b, double scale, double dropout, uint64_t seed) {
+  const char* op = "lora_linear";
+  check_defined(op, x, "x");
+  check_defined(op, w, "weight");
+  check_defined(op, lora_a, "lora_a");
+  check_defined(op, lora_b, "lora_b");
+  check_same_device(op, {&x, &w, &b, &lora_a, &lora_b});
+  check_same_dtype(op, {&x, &w, &b, &lora_a, &lora_b});
+  check_float(op, x, "x");
+  require_cpu(op, {&x, &w, &b, &lora_a, &lora_b});
+  FTUNE_CHECK(w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1), "[lora_linear] x ", x.desc(),
+              " does not match weight ", w.desc(), " (expected weight [out, ", x.size(-1), "])");
+  const int64_t in = w.size(1), outf = w.size(0);
+  FTUNE_CHECK(lora_a.dim() == 2 && lora_a.size(1) == in && lora_a.size(0) >= 1,
+              "[lora_linear] lora_a ", lora_a.desc(), " must be [r, ", in, "] for weight ",
+              w.desc());
+  const int64_t r = lora_a.size(0);
+  FTUNE_CHECK(lora_b.dim() == 2 && lora_b.size(0) == outf && lora_b.size(1) == r,
+              "[lora_linear] lora_b ", lora_b.desc(), " must be [", outf, ", ", r, "] for weight ",
+              w.desc(), " and lora_a ", lora_a.desc());
+  FTUNE_CHECK(!b.defined() || (b.dim() == 1 && b.size(0) == outf), "[lora_linear] bias ", b.desc(),
+              " for weight ", w.desc());
+  FTUNE_CHECK(dropout >= 0.0 && dropout < 1.0, "[lora_linear] dropout must be in [0, 1), got ",
+              dropout);
+  FTUNE_CHECK(std::isfinite(scale), "[lora_linear] scale must be finite, got ", scale);
+
+  const kernels::LoraDims d{x.numel() / in, in, outf, r};
+  Tensor x2 = contig(x), w2 = contig(w), a2 = contig(lora_a), b2 = contig(lora_b);
+  Tensor bias2 = b.defined() ? contig(b) : Tensor();
+  Shape out_shape = x.shape();
+  out_shape.back() = outf;
+  Tensor y = Tensor::empty(out_shape, x.dtype(), x.device());
+  Tensor u = Tensor::empty({d.m, r}, x.dtype(), x.device());
+  Tensor xd = dropout > 0 ? Tensor::empty({d.m, in}, x.dtype(), x.device()) : Tensor();
+  dispatch_float(x.dtype(), op, [&]<class T>() {
+    kernels::cpu::lora_forward<T>(d, x2.data<T>(), w2.data<T>(), ptr_or_null<T>(bias2),
+                                  a2.data<T>(), b2.data<T>(), T(scale), dropout, seed,
+                                  ptr_or_null<T>(xd), u.data<T>(), y.data<T>());
+  });
+  if (!needs_record({&x, &lora_a, &lora_b})) return y;
+
+  // Save only what the requested gradients use: x for dA, W and A for dx, B for dx and dA,
+  // u [M, r] for dB. The dropout mask is regenerated from the seed.
+  const bool gx = x.requires_grad(), ga = lora_a.requires_grad(), gb = lora_b.requires_grad();
+  Tensor xs = ga ? x2 : Tensor(), ws = gx ? w2 : Tensor(), as = gx ? a2 : Tensor();
+  Tensor bs = gx || ga ? b2 : Tensor(), us = gb ? u : Tensor();
+  Shape xshape = x.shape();
+  record(op, y, {x, lora_a, lora_b},
+         [d, xs, ws, as, bs, us, xshape, scale, dropout, seed](const Tensor& g,
+                                                               const std::vector<bool>& need) {
+           Tensor gc = contig(g);
+           const DType dt = gc.dtype();
+           Tensor dx = need[0] ? Tensor::empty(xshape, dt) : Tensor();
+           Tensor da = need[1] ? Tensor::empty({d.r, d.in}, dt) : Tensor();
+           Tensor db = need[2] ? Tensor::empty({d.out, d.r}, dt) : Tensor();
+           Tensor du = need[0] || need[1] ? Tensor::empty({d.m, d.r}, dt) : Tensor();
+           Tensor scratch =
+               dropout > 0 && (need[0] || need[1]) ? Tensor::empty({d.m, d.in}, dt) : Tensor();
+           Tensor keep =
+               dropout > 0 && need[0] && need[1] ? Tensor::empty({d.m, d.in}, DType::b8) : Tensor();
+           dispatch_float(dt, "lora_linear_backward", [&]<class T>() {
+             kernels::cpu::lora_backward<T>(
+                 d, gc.data<T>(), ptr_or_null<T>(xs), ptr_or_null<T>(ws), ptr_or_null<T>(as),
+                 ptr_or_null<T>(bs), ptr_or_null<T>(us), T(scale), dropout, seed,
+                 ptr_or_null<T>(du), ptr_or_null<T>(scratch),
+                 keep.defined() ? static_cast<uint8_t*>(keep.raw_data()) : nullptr,
+                 ptr_or_null<T>(dx), ptr_or_null<T>(da), ptr_or_null<T>(db));
+           });
+           return std::vector<Tensor>{dx, da, db};
+         });
+  return y;
+}
+
+}  // namespace ftune::ops

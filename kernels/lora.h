@@ -1,0 +1,45 @@
+// Fused LoRA linear: y = x W^T + b + scale * (drop(x) A^T) B^T, and its backward.
+// Shapes (row-major, contiguous): x [M, in], W [out, in], b [out], A [r, in], B [out, r],
+// u = drop(x) A^T [M, r], y [M, out]. W and b are frozen: backward gives dx, dA, dB only.
+#pragma once
+#include <cstdint>
+
+namespace ftune::kernels {
+
+// Dropout mask rule, shared by the CPU and CUDA kernels and the test reference: element i of x
+// (row-major flat index into x viewed [M, in]) is dropped iff
+// philox_uniform(seed, kLoraDropoutStream, i) < p (compared in double); kept ones scale by 1/(1-p).
+inline constexpr uint64_t kLoraDropoutStream = 0x10a0d0b0;
+
+struct LoraDims {
+  int64_t m = 0, in = 0, out = 0, r = 0;
+};
+
+namespace cpu {
+
+// out = dropout(x) over n elements (x and out may alias). p in [0, 1).
+template <class T>
+void lora_dropout(const T* x, T* out, int64_t n, double p, uint64_t seed);
+// acc += dropout(t): the backward of dropout, accumulated into acc.
+template <class T>
+void lora_dropout_accumulate(T* acc, const T* t, int64_t n, double p, uint64_t seed);
+// keep[i] = 1 where element i is kept, 0 where dropped.
+void lora_dropout_keep(uint8_t* keep, int64_t n, double p, uint64_t seed);
+
+// Forward. bias may be null. xd is [M, in] scratch, used (and only needed) when p > 0.
+// Writes u [M, r] (saved for dB) and y [M, out].
+template <class T>
+void lora_forward(const LoraDims& d, const T* x, const T* w, const T* bias, const T* a, const T* b,
+                  T scale, double p, uint64_t seed, T* xd, T* u, T* y);
+
+// Backward from g [M, out]. Outputs dx [M, in], da [r, in], db [out, r] may each be null (not
+// needed); the inputs only they use may then be null too (x for da, w and a for dx, u for db).
+// Scratch: du [M, r] when dx or da; xd [M, in] when p > 0 and (dx or da); keep [M, in] bytes
+// when p > 0 and both dx and da.
+template <class T>
+void lora_backward(const LoraDims& d, const T* g, const T* x, const T* w, const T* a, const T* b,
+                   const T* u, T scale, double p, uint64_t seed, T* du, T* xd, uint8_t* keep, T* dx,
+                   T* da, T* db);
+
+}  // namespace cpu
+}  // namespace ftune::kernels
