@@ -10,26 +10,18 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <fstream>
 #include <map>
-#include <memory>
-#include <sstream>
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
 #include <vector>
 
 #include "core/ops.h"
-#include "core/rng.h"
-
-#if __has_include("core/optim.h")
 #include "core/optim.h"
-#define FTUNE_BENCH_HAVE_OPTIM 1
-#endif
+#include "core/rng.h"
 
 // OpenBLAS runs its own thread pool (the pthread build): --threads sets it next to OpenMP's.
 extern "C" void openblas_set_num_threads(int num_threads);
@@ -163,6 +155,7 @@ struct Model {
   Tensor embed, final_norm, lm_head;
   std::vector<Layer> layers;
   std::vector<Tensor> params;  // every trainable tensor, in creation order
+  std::vector<std::string> names;  // their dotted names
 };
 
 // Weights ~ N(0, 0.02) from one Philox generator, norm weights = 1. The draw order (embed; per
@@ -171,34 +164,31 @@ struct Model {
 Model build_model(const Config& c, Generator& gen) {
   Model m;
   m.cfg = c;
-  auto normal = [&](Shape s) {
-    Tensor t = randn(s, gen, 0.0, 0.02);
+  auto add = [&](Tensor t, std::string name) {
     t.set_requires_grad(true);
     m.params.push_back(t);
+    m.names.push_back(std::move(name));
     return t;
   };
-  auto ones = [&](int64_t n) {
-    Tensor t = Tensor::ones({n});
-    t.set_requires_grad(true);
-    m.params.push_back(t);
-    return t;
-  };
-  m.embed = normal({c.vocab, c.d});
+  auto normal = [&](Shape s, std::string name) { return add(randn(s, gen, 0.0, 0.02), name); };
+  auto ones = [&](int64_t n, std::string name) { return add(Tensor::ones({n}), name); };
+  m.embed = normal({c.vocab, c.d}, "embed");
   for (int64_t l = 0; l < c.layers; ++l) {
+    const std::string p = "layers." + std::to_string(l) + ".";
     Layer L;
-    L.attn_norm = ones(c.d);
-    L.wq = normal({c.d, c.d});
-    L.wk = normal({c.kv_dim(), c.d});
-    L.wv = normal({c.kv_dim(), c.d});
-    L.wo = normal({c.d, c.d});
-    L.mlp_norm = ones(c.d);
-    L.w_gate = normal({c.ffn, c.d});
-    L.w_up = normal({c.ffn, c.d});
-    L.w_down = normal({c.d, c.ffn});
+    L.attn_norm = ones(c.d, p + "attn_norm");
+    L.wq = normal({c.d, c.d}, p + "wq");
+    L.wk = normal({c.kv_dim(), c.d}, p + "wk");
+    L.wv = normal({c.kv_dim(), c.d}, p + "wv");
+    L.wo = normal({c.d, c.d}, p + "wo");
+    L.mlp_norm = ones(c.d, p + "mlp_norm");
+    L.w_gate = normal({c.ffn, c.d}, p + "w_gate");
+    L.w_up = normal({c.ffn, c.d}, p + "w_up");
+    L.w_down = normal({c.d, c.ffn}, p + "w_down");
     m.layers.push_back(std::move(L));
   }
-  m.final_norm = ones(c.d);
-  m.lm_head = normal({c.vocab, c.d});
+  m.final_norm = ones(c.d, "final_norm");
+  m.lm_head = normal({c.vocab, c.d}, "lm_head");
   return m;
 }
 
@@ -233,64 +223,31 @@ Tensor forward(const Model& m, const Tensor& ids, const Tensor& targets, const T
 }
 
 // ---------------------------------------------------------------- the optimizer
-// AdamW over every parameter (torch.optim.AdamW semantics: decoupled decay p *= 1 - lr*wd, bias
-// correction in the step size). Kept in one place so the library's optimizer drops in here.
+// core/optim.h's AdamW (torch.optim.AdamW semantics) over every parameter, one group, weight
+// decay on all of them as in compare_torch.py. Kept in one place so another optimizer drops in.
 class Optimizer {
  public:
-  Optimizer(std::vector<Tensor> params, const Config& c) : params_(std::move(params)), cfg_(c) {
-#if FTUNE_BENCH_HAVE_OPTIM
-    impl_ = std::make_unique<AdamW>(params_, c.lr, 0.9, 0.999, 1e-8, c.wd);
-#else
-    for (const Tensor& p : params_) {
-      m_.push_back(Tensor::zeros(p.shape()));
-      v_.push_back(Tensor::zeros(p.shape()));
-    }
-#endif
-  }
-
-  void step() {
-    NoGradGuard ng;
-#if FTUNE_BENCH_HAVE_OPTIM
-    impl_->step();
-#else
-    ++t_;
-    const float b1 = 0.9f, b2 = 0.999f, eps = 1e-8f;
-    const float lr = float(cfg_.lr), decay = float(1.0 - cfg_.lr * cfg_.wd);
-    const float bc1 = float(1.0 - std::pow(0.9, double(t_)));
-    const float bc2_sqrt = float(std::sqrt(1.0 - std::pow(0.999, double(t_))));
-    const float step_size = lr / bc1;
-    for (size_t i = 0; i < params_.size(); ++i) {
-      Tensor g = params_[i].grad();
-      if (!g.defined()) continue;
-      Tensor gc = g.contiguous();
-      float* p = params_[i].data<float>();
-      const float* pg = gc.data<float>();
-      float* pm = m_[i].data<float>();
-      float* pv = v_[i].data<float>();
-      const int64_t n = params_[i].numel();
-#pragma omp parallel for schedule(static) if (n > (1 << 14))
-      for (int64_t j = 0; j < n; ++j) {
-        pm[j] = b1 * pm[j] + (1 - b1) * pg[j];
-        pv[j] = b2 * pv[j] + (1 - b2) * pg[j] * pg[j];
-        p[j] = p[j] * decay - step_size * pm[j] / (std::sqrt(pv[j]) / bc2_sqrt + eps);
-      }
-    }
-#endif
-  }
-
-  void zero_grad() {
-    for (Tensor& p : params_) p.zero_grad();  // set to none, as torch's default
-  }
+  Optimizer(const Model& m, const Config& c) : impl_(make_groups(m, c), options(c)) {}
+  void step() { impl_.step(); }
+  void zero_grad() { impl_.zero_grad(); }  // set to none, as torch's default
 
  private:
-  std::vector<Tensor> params_;
-  Config cfg_;
-#if FTUNE_BENCH_HAVE_OPTIM
-  std::unique_ptr<AdamW> impl_;
-#else
-  std::vector<Tensor> m_, v_;
-  int64_t t_ = 0;
-#endif
+  static std::vector<optim::ParamGroup> make_groups(const Model& m, const Config& c) {
+    optim::ParamGroup g;
+    for (size_t i = 0; i < m.params.size(); ++i) g.params.emplace_back(m.names[i], m.params[i]);
+    g.weight_decay = c.wd;
+    return {std::move(g)};
+  }
+  static optim::AdamWOptions options(const Config& c) {
+    optim::AdamWOptions o;
+    o.lr = c.lr;
+    o.beta1 = 0.9;
+    o.beta2 = 0.999;
+    o.eps = 1e-8;
+    o.weight_decay = c.wd;
+    return o;
+  }
+  optim::AdamW impl_;
 };
 
 // One training step; returns the loss (read before the update).
@@ -393,7 +350,7 @@ int run(int argc, char** argv) {
   Tensor ids = randint({c.batch, c.seq}, gen, 0, c.vocab, DType::i64);
   Tensor targets = randint({c.batch, c.seq}, gen, 0, c.vocab, DType::i64);
   Tensor positions = Tensor::arange(c.seq, DType::i64);
-  Optimizer opt(m.params, c);
+  Optimizer opt(m, c);
   int64_t n_params = 0;
   for (const Tensor& p : m.params) n_params += p.numel();
 
