@@ -7,6 +7,7 @@
 // --profile N runs N more steps with a timer around every op, forward and backward, and prints
 // where the time goes (per op label, ms per step). The timed steps never carry the timers.
 #include <omp.h>
+#include <time.h>
 
 #include <algorithm>
 #include <chrono>
@@ -34,6 +35,20 @@ namespace {
 double now_ms() {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
+}
+
+// CPU time of the whole process (every thread, spinning included): on a shared machine it does not
+// count the time this process waited for a core, so with --threads 1 it is the steadier number.
+double cpu_ms() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return double(ts.tv_sec) * 1e3 + double(ts.tv_nsec) * 1e-6;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
 struct Config {
@@ -354,26 +369,27 @@ int run(int argc, char** argv) {
   int64_t n_params = 0;
   for (const Tensor& p : m.params) n_params += p.numel();
 
-  std::vector<double> losses, times;
+  std::vector<double> losses, times, cpu_times;
   for (int s = 0; s < c.warmup + c.steps; ++s) {
-    double t0 = now_ms();
+    const double t0 = now_ms(), c0 = cpu_ms();
     losses.push_back(train_step(m, opt, ids, targets, positions));
-    double dt = now_ms() - t0;
-    if (s >= c.warmup) times.push_back(dt);
+    const double dt = now_ms() - t0, dc = cpu_ms() - c0;
+    if (s >= c.warmup) {
+      times.push_back(dt);
+      cpu_times.push_back(dc);
+    }
   }
-  std::vector<double> sorted = times;
-  std::sort(sorted.begin(), sorted.end());
-  const size_t n = sorted.size();
-  const double median = n % 2 ? sorted[n / 2] : 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]);
+  const double med = median(times), cpu_med = median(cpu_times);
+  const double fastest = *std::min_element(times.begin(), times.end());
   const double flops = step_flops(c);
-  const double gflops = flops / (median * 1e6);
+  const double gflops = flops / (med * 1e6);
 
   std::printf(
       "ftune  L=%lld d=%lld H=%lld kv=%lld ffn=%lld T=%lld B=%lld V=%lld threads=%d/%d: "
-      "%.2f ms/step (median of %d, min %.2f), %.2f GFLOP/s, loss %.5f -> %.5f\n",
+      "%.2f ms/step (median of %d, min %.2f, cpu %.2f), %.2f GFLOP/s, loss %.5f -> %.5f\n",
       (long long)c.layers, (long long)c.d, (long long)c.heads, (long long)c.kv_heads,
       (long long)c.ffn, (long long)c.seq, (long long)c.batch, (long long)c.vocab, omp_threads,
-      blas_threads, median, c.steps, sorted.front(), gflops, losses.front(), losses.back());
+      blas_threads, med, c.steps, fastest, cpu_med, gflops, losses.front(), losses.back());
 
   if (c.profile > 0) {  // separate, instrumented steps
     g_prof.on = true;
@@ -408,8 +424,11 @@ int run(int argc, char** argv) {
        << ",\"warmup\":" << c.warmup << ",\"omp_threads\":" << omp_threads
        << ",\"blas_threads\":" << blas_threads << ",\"n_params\":" << n_params
        << ",\"n_matmul_params\":" << matmul_params(c) << ",\"flop_per_step\":" << flops
-       << ",\"ms_per_step\":" << median << ",\"gflops\":" << gflops << ",\"ms_all\":[";
+       << ",\"ms_per_step\":" << med << ",\"cpu_ms_per_step\":" << cpu_med
+       << ",\"gflops\":" << gflops << ",\"ms_all\":[";
     for (size_t i = 0; i < times.size(); ++i) js << (i ? "," : "") << times[i];
+    js << "],\"cpu_ms_all\":[";
+    for (size_t i = 0; i < cpu_times.size(); ++i) js << (i ? "," : "") << cpu_times[i];
     js << "],\"losses\":[";
     for (size_t i = 0; i < losses.size(); ++i) js << (i ? "," : "") << losses[i];
     js << "]";
