@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -114,16 +113,70 @@ class Generator:
 # ---------------------------------------------------------------- the torch model
 
 
-class Region:
-    """record_function labels for the profiled steps, nothing otherwise."""
-
-    on = False
-
-    def __call__(self, label):
-        return torch.profiler.record_function("ftune::" + label) if self.on else nullcontext()
+def wall_ms():
+    return time.perf_counter() * 1e3
 
 
-region = Region()
+def cpu_ms():
+    return time.process_time() * 1e3
+
+
+class Profiler:
+    """The per-op profiler of bench_step, mirrored: a timer around each op call (forward), and a
+    pre-hook/hook pair on every autograd node (backward), labelled by the forward call that made
+    it. Wall and process CPU time. AccumulateGrad nodes are left to the engine, as in ftune."""
+
+    def __init__(self):
+        self.on = False
+        self.order, self.stats, self.labels = [], {}, {}
+        self.totals = {k: 0.0 for k in ("forward_ms", "backward_ms", "optimizer_ms", "forward_cpu_ms",
+                                        "backward_cpu_ms", "optimizer_cpu_ms")}
+        self.steps = 0
+
+    def stat(self, label):
+        if label not in self.stats:
+            self.order.append(label)
+            self.stats[label] = {"fwd_ms": 0.0, "bwd_ms": 0.0, "fwd_cpu_ms": 0.0, "bwd_cpu_ms": 0.0, "calls": 0}
+        return self.stats[label]
+
+    def op(self, label, fn):
+        if not self.on:
+            return fn()
+        t0, c0 = wall_ms(), cpu_ms()
+        out = fn()
+        s = self.stat(label)
+        s["fwd_ms"] += wall_ms() - t0
+        s["fwd_cpu_ms"] += cpu_ms() - c0
+        s["calls"] += 1
+        stack = [out.grad_fn] if out.grad_fn is not None else []
+        while stack:  # the nodes this call made: reachable from out, not labelled before
+            n = stack.pop()
+            if n in self.labels or type(n).__name__ == "AccumulateGrad":
+                continue
+            self.labels[n] = label
+            stack += [m for m, _ in n.next_functions if m is not None]
+        return out
+
+    def instrument(self):
+        """Hooks every labelled node of this step's graph (call after the forward)."""
+        start = {}
+        for n, label in self.labels.items():
+            s = self.stat(label)
+
+            def pre(grad_outputs, n=n):
+                start[n] = (wall_ms(), cpu_ms())
+
+            def post(grad_inputs, grad_outputs, n=n, s=s):
+                t0, c0 = start.pop(n)
+                s["bwd_ms"] += wall_ms() - t0
+                s["bwd_cpu_ms"] += cpu_ms() - c0
+
+            n.register_prehook(pre)
+            n.register_hook(post)
+        self.labels = {}
+
+
+prof = Profiler()
 
 
 def rms_norm(x, w, eps, builtin):
@@ -166,59 +219,60 @@ class Llama(torch.nn.Module):
         self.inv_freq = 1.0 / (c.theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
 
     def forward(self, ids, targets):
-        c = self.c
+        c, P = self.c, prof
         B, T, H, Hkv, hd = c.batch, c.seq, c.heads, c.kv_heads, c.d // c.heads
         builtin = c.rmsnorm == "builtin"
-        with region("embedding"):
-            x = F.embedding(ids, self.embed)
-        with region("rope"):  # cos/sin once per forward, as HF's LlamaRotaryEmbedding
+
+        def rope(x):  # x [B, h, T, hd]; cos/sin [T, hd], once per call as in bench_step's op
             freqs = torch.arange(T, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)
-            cos, sin = emb.cos(), emb.sin()  # [T, hd]
+            return x * emb.cos() + rotate_half(x) * emb.sin()
+
+        x = P.op("embedding", lambda: F.embedding(ids, self.embed))
         for L in self.layers:
-            with region("rms_norm"):
-                h = rms_norm(x, L.attn_norm, c.eps, builtin)
-            with region("linear q/k/v"):
-                q = F.linear(h, L.wq).view(B, T, H, hd).transpose(1, 2)
-                k = F.linear(h, L.wk).view(B, T, Hkv, hd).transpose(1, 2)
-                v = F.linear(h, L.wv).view(B, T, Hkv, hd).transpose(1, 2)
-            with region("rope"):
-                q = q * cos + rotate_half(q) * sin
-                k = k * cos + rotate_half(k) * sin
-            with region("attention"):
-                a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H)
-                a = a.transpose(1, 2).reshape(B, T, c.d)
-            with region("linear o"):
-                o = F.linear(a, L.wo)
-            with region("residual add"):
-                x = x + o
-            with region("rms_norm"):
-                h = rms_norm(x, L.mlp_norm, c.eps, builtin)
-            with region("linear gate/up"):
-                g = F.linear(h, L.w_gate)
-                u = F.linear(h, L.w_up)
-            with region("swiglu"):
-                s = F.silu(g) * u
-            with region("linear down"):
-                dn = F.linear(s, L.w_down)
-            with region("residual add"):
-                x = x + dn
-        with region("rms_norm"):
-            x = rms_norm(x, self.final_norm, c.eps, builtin)
-        with region("linear lm_head"):
-            logits = F.linear(x, self.lm_head)
-        with region("cross_entropy"):
-            return F.cross_entropy(logits.view(B * T, c.vocab), targets.view(B * T))
+            h = P.op("rms_norm", lambda: rms_norm(x, L.attn_norm, c.eps, builtin))
+            q = P.op("linear q/k/v", lambda: F.linear(h, L.wq).view(B, T, H, hd).transpose(1, 2))
+            k = P.op("linear q/k/v", lambda: F.linear(h, L.wk).view(B, T, Hkv, hd).transpose(1, 2))
+            v = P.op("linear q/k/v", lambda: F.linear(h, L.wv).view(B, T, Hkv, hd).transpose(1, 2))
+            q = P.op("rope", lambda: rope(q))
+            k = P.op("rope", lambda: rope(k))
+            a = P.op("attention", lambda: F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=Hkv != H).transpose(1, 2).reshape(B, T, c.d))
+            o = P.op("linear o", lambda: F.linear(a, L.wo))
+            x = P.op("residual add", lambda: x + o)
+            h = P.op("rms_norm", lambda: rms_norm(x, L.mlp_norm, c.eps, builtin))
+            g = P.op("linear gate/up", lambda: F.linear(h, L.w_gate))
+            u = P.op("linear gate/up", lambda: F.linear(h, L.w_up))
+            s = P.op("swiglu", lambda: F.silu(g) * u)
+            dn = P.op("linear down", lambda: F.linear(s, L.w_down))
+            x = P.op("residual add", lambda: x + dn)
+        x = P.op("rms_norm", lambda: rms_norm(x, self.final_norm, c.eps, builtin))
+        logits = P.op("linear lm_head", lambda: F.linear(x, self.lm_head))
+        return P.op("cross_entropy", lambda: F.cross_entropy(logits.view(B * T, c.vocab), targets.view(B * T)))
 
 
 def torch_step(model, opt, ids, targets):
+    P = prof
     opt.zero_grad(set_to_none=True)
-    with region("forward"):
-        loss = model(ids, targets)
-    with region("backward"):
-        loss.backward()
-    with region("optimizer"):
-        opt.step()
+    t1, c1 = wall_ms(), cpu_ms()
+    loss = model(ids, targets)
+    t2, c2 = wall_ms(), cpu_ms()
+    if P.on:
+        P.instrument()
+    t3, c3 = wall_ms(), cpu_ms()
+    loss.backward()
+    t4, c4 = wall_ms(), cpu_ms()
+    opt.step()
+    t5, c5 = wall_ms(), cpu_ms()
+    if P.on:
+        tot = P.totals
+        tot["forward_ms"] += t2 - t1
+        tot["backward_ms"] += t4 - t3
+        tot["optimizer_ms"] += t5 - t4
+        tot["forward_cpu_ms"] += c2 - c1
+        tot["backward_cpu_ms"] += c4 - c3
+        tot["optimizer_cpu_ms"] += c5 - c4
+        P.steps += 1
     return loss.item()
 
 
@@ -248,61 +302,20 @@ def run_torch(c):
 
 
 def profile_torch(c, model, opt, ids, targets):
-    """ms/step per label, forward and backward.
-
-    Forward: the wall time of each record_function region. Backward: each autograd node
-    ("autograd::engine::evaluate_function: XBackward0") carries the sequence number of the forward
-    op that created it; that op sits inside one region, which names the backward node.
-    """
-    region.on = True
-    acts = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=acts) as prof:
-        for _ in range(c.profile):
-            torch_step(model, opt, ids, targets)
-    region.on = False
-    evs = list(prof.events())
-    # Innermost ftune:: region of each forward op -> label, keyed by (thread, sequence_nr).
-    seq_label = {}
-    fwd, bwd, totals = {}, {}, {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
-    order = []
-    for e in evs:
-        if e.name.startswith("ftune::"):
-            label = e.name[len("ftune::"):]
-            t = e.cpu_time_total / 1e3
-            if label in totals:
-                totals[label] += t
-            else:
-                if label not in order:
-                    order.append(label)
-                fwd[label] = fwd.get(label, 0.0) + t
-            continue
-        if e.sequence_nr is None or e.sequence_nr < 0 or e.name.startswith("autograd::"):
-            continue
-        p = e.cpu_parent
-        while p is not None and not p.name.startswith("ftune::"):
-            p = p.cpu_parent
-        if p is not None and p.name[len("ftune::"):] not in totals:
-            seq_label.setdefault((e.fwd_thread if e.fwd_thread else e.thread, e.sequence_nr), p.name[7:])
-    other_bwd = {}
-    for e in evs:
-        if not e.name.startswith("autograd::engine::evaluate_function:"):
-            continue
-        key = (e.fwd_thread if e.fwd_thread else e.thread, e.sequence_nr)
-        label = seq_label.get(key)
-        if label is None:  # try any thread: the backward thread differs from the forward thread
-            label = next((v for (th, sq), v in seq_label.items() if sq == e.sequence_nr), None)
-        t = e.cpu_time_total / 1e3
-        if label is None:
-            name = "(" + e.name.split(":")[-1].strip() + ")"
-            other_bwd[name] = other_bwd.get(name, 0.0) + t
-        else:
-            bwd[label] = bwd.get(label, 0.0) + t
-    k = 1.0 / c.profile
-    ops = [{"op": l, "fwd_ms": fwd.get(l, 0.0) * k, "bwd_ms": bwd.get(l, 0.0) * k} for l in order]
-    ops += [{"op": n, "fwd_ms": 0.0, "bwd_ms": t * k} for n, t in sorted(other_bwd.items(), key=lambda x: -x[1])]
-    top = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-    return {"steps": c.profile, "forward_ms": totals["forward"] * k, "backward_ms": totals["backward"] * k,
-            "optimizer_ms": totals["optimizer"] * k, "ops": ops, "top_self": top}
+    """Per-op breakdown with the hook profiler (ms/step), plus one step under torch.profiler for
+    its table of the heaviest kernels."""
+    prof.on = True
+    for _ in range(c.profile):
+        torch_step(model, opt, ids, targets)
+    prof.on = False
+    k = 1.0 / prof.steps
+    ops = [dict(op=l, **{key: v * k for key, v in prof.stats[l].items() if key != "calls"},
+                calls=prof.stats[l]["calls"] // prof.steps) for l in prof.order]
+    res = {"steps": prof.steps, "ops": ops, **{key: v * k for key, v in prof.totals.items()}}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as tp:
+        torch_step(model, opt, ids, targets)
+    res["top_self"] = tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    return res
 
 
 # ---------------------------------------------------------------- ftune side
@@ -345,12 +358,24 @@ def machine():
     return model, cores, len(os.sched_getaffinity(0))
 
 
-def breakdown_table(ft, to):
-    """Markdown rows: label, ftune fwd/bwd, torch fwd/bwd (ms/step)."""
-    fo = {o["op"]: o for o in ft["ops"]} if ft else {}
-    tor = {o["op"]: o for o in to["ops"]} if to else {}
-    labels = [o["op"] for o in (ft["ops"] if ft else [])]
-    labels += [l for l in tor if l not in fo]
+def breakdown_table(ft, to, cpu=False):
+    """Markdown rows per op label: ftune fwd/bwd, torch fwd/bwd (ms/step), wall or process CPU time.
+    The "(engine)" row is what the step spent outside every timed op (autograd engine, gradient
+    accumulation, python glue)."""
+    fk, bk = ("fwd_cpu_ms", "bwd_cpu_ms") if cpu else ("fwd_ms", "bwd_ms")
+    sfx = "_cpu_ms" if cpu else "_ms"
+
+    def with_engine(p):
+        if not p:
+            return {}, []
+        d = {o["op"]: o for o in p["ops"]}
+        d["(engine)"] = {fk: p["forward" + sfx] - sum(o[fk] for o in p["ops"]),
+                         bk: p["backward" + sfx] - sum(o[bk] for o in p["ops"])}
+        return d, [o["op"] for o in p["ops"]] + ["(engine)"]
+
+    fo, forder = with_engine(ft)
+    tor, torder = with_engine(to)
+    labels = forder + [l for l in torder if l not in fo]
     rows = ["| op | ftune fwd | ftune bwd | torch fwd | torch bwd | ftune/torch (fwd+bwd) |",
             "|---|---:|---:|---:|---:|---:|"]
 
@@ -360,15 +385,16 @@ def breakdown_table(ft, to):
     for l in labels:
         ratio = "-"
         if l in fo and l in tor:
-            a, b = fo[l]["fwd_ms"] + fo[l]["bwd_ms"], tor[l]["fwd_ms"] + tor[l]["bwd_ms"]
-            ratio = f"{a / b:.2f}" if b > 0 else "-"
-        rows.append(f"| {l} | {cell(fo, l, 'fwd_ms')} | {cell(fo, l, 'bwd_ms')} | {cell(tor, l, 'fwd_ms')} "
-                    f"| {cell(tor, l, 'bwd_ms')} | {ratio} |")
-    for k, name in (("forward_ms", "forward total"), ("backward_ms", "backward total"),
-                    ("optimizer_ms", "optimizer (AdamW)")):
-        a = ft[k] if ft else float("nan")
-        b = to[k] if to else float("nan")
-        rows.append(f"| **{name}** | {a:.2f} | | {b:.2f} | | {a / b:.2f} |")
+            a, b = fo[l][fk] + fo[l][bk], tor[l][fk] + tor[l][bk]
+            ratio = f"{a / b:.2f}" if b > 0.005 else "-"
+        rows.append(f"| {l} | {cell(fo, l, fk)} | {cell(fo, l, bk)} | {cell(tor, l, fk)} | {cell(tor, l, bk)} "
+                    f"| {ratio} |")
+    nan = float("nan")
+    fw = (ft["forward" + sfx], ft["backward" + sfx], ft["optimizer" + sfx]) if ft else (nan, nan, nan)
+    tw = (to["forward" + sfx], to["backward" + sfx], to["optimizer" + sfx]) if to else (nan, nan, nan)
+    rows.append(f"| **forward + backward** | {fw[0]:.2f} | {fw[1]:.2f} | {tw[0]:.2f} | {tw[1]:.2f} | "
+                f"{(fw[0] + fw[1]) / (tw[0] + tw[1]):.2f} |")
+    rows.append(f"| **optimizer (AdamW)** | {fw[2]:.2f} | | {tw[2]:.2f} | | {fw[2] / tw[2]:.2f} |")
     return "\n".join(rows)
 
 
@@ -427,8 +453,10 @@ def main():
               f"process CPU time ratio: {ft['cpu_ms_per_step'] / to['cpu_ms_per_step']:.3f}")
         print(f"max |loss_ftune - loss_torch| over {len(ft['losses'])} steps: {dl:.2e}")
     if c.profile:
-        print("\nper-op breakdown, ms/step (torch: profiler, which adds its own overhead)")
-        print(breakdown_table(ft and ft.get("profile"), to["profile"]))
+        for cpu in (False, True):
+            print(f"\nper-op breakdown, ms/step, {'process CPU' if cpu else 'wall'} time "
+                  f"(mean of {c.profile} instrumented steps)")
+            print(breakdown_table(ft and ft.get("profile"), to["profile"], cpu))
 
     if c.json:
         with open(c.json, "w") as f:
@@ -473,13 +501,16 @@ def write_report(c, flops, ft, to, ratio):
                   f"ftune/torch = {ft['cpu_ms_per_step'] / to['cpu_ms_per_step']:.3f}."]
     if c.profile:
         lines += ["", f"## Per-op breakdown (ms/step, mean of {c.profile} instrumented steps)", "",
-                  "ftune: a timer around every op call (forward) and every backward closure, labelled by "
-                  "the forward call that recorded it; labels in parentheses are nodes without a label "
-                  "(views). torch: torch.profiler record_function regions for the forward; each "
-                  "backward node is attributed to the region of the forward op with the same sequence "
-                  "number. Profiled steps are separate from the timed ones.", "",
-                  breakdown_table(ft and ft.get("profile"), to["profile"]), "",
-                  "<details><summary>torch.profiler, top ops by self CPU time</summary>", "", "```",
+                  "Both sides are measured the same way: a timer around every op call in the forward, and "
+                  "around every autograd node's backward (ftune: its backward closure, wrapped; torch: a "
+                  "pre-hook/hook pair on the node), each node labelled by the forward call that created "
+                  "it. `(engine)` is the rest of the forward/backward time (autograd engine, leaf "
+                  "gradient accumulation, glue). Profiled steps come after the timed ones and are not "
+                  "part of them. Process CPU time counts every thread (spin-waiting included) but not "
+                  "time spent waiting for a core.", "",
+                  "### Wall time", "", breakdown_table(ft and ft.get("profile"), to["profile"]), "",
+                  "### Process CPU time", "", breakdown_table(ft and ft.get("profile"), to["profile"], True), "",
+                  "<details><summary>torch.profiler, one step, top ops by self CPU time</summary>", "", "```",
                   to["profile"]["top_self"], "```", "</details>"]
         if ft:
             lines += ["", "<details><summary>bench_step output</summary>", "", "```", ft["stdout"].rstrip(),

@@ -85,7 +85,7 @@ double step_flops(const Config& c) {
 // is walked and every node's closure is wrapped in a timer, keyed by the label of the forward call
 // that made it (node pointer -> label), else by the node's own name in parentheses.
 struct OpStat {
-  double fwd_ms = 0, bwd_ms = 0;
+  double fwd_ms = 0, bwd_ms = 0, fwd_cpu = 0, bwd_cpu = 0;  // wall, process CPU
   int64_t fwd_calls = 0, bwd_calls = 0;
 };
 
@@ -96,6 +96,7 @@ class Profiler {
   std::map<std::string, OpStat> stats;
   std::unordered_map<const Node*, std::string> labels;
   double fwd_total = 0, bwd_total = 0, opt_total = 0, zero_total = 0;
+  double fwd_cpu = 0, bwd_cpu = 0, opt_cpu = 0;
   int steps = 0;
 
   OpStat& stat(const std::string& label) {
@@ -110,10 +111,11 @@ class Profiler {
   template <class F>
   Tensor op(const char* label, F&& f) {
     if (!on) return f();
-    double t0 = now_ms();
+    const double t0 = now_ms(), c0 = cpu_ms();
     Tensor out = f();
     OpStat& s = stat(label);
     s.fwd_ms += now_ms() - t0;
+    s.fwd_cpu += cpu_ms() - c0;
     ++s.fwd_calls;
     label_new_nodes(out, label);
     return out;
@@ -145,9 +147,10 @@ class Profiler {
       OpStat* s = &stat(it != labels.end() ? it->second : "(" + n->name + ")");
       BackwardFn inner = std::move(n->backward);
       n->backward = [inner = std::move(inner), s](const Tensor& g, const std::vector<bool>& need) {
-        double t0 = now_ms();
+        const double t0 = now_ms(), c0 = cpu_ms();
         std::vector<Tensor> r = inner(g, need);
         s->bwd_ms += now_ms() - t0;
+        s->bwd_cpu += cpu_ms() - c0;
         ++s->bwd_calls;
         return r;
       };
@@ -269,22 +272,25 @@ class Optimizer {
 double train_step(Model& m, Optimizer& opt, const Tensor& ids, const Tensor& targets,
                   const Tensor& positions) {
   Profiler& P = g_prof;
-  double t0 = now_ms();
+  const double t0 = now_ms();
   opt.zero_grad();
-  double t1 = now_ms();
+  const double t1 = now_ms(), c1 = cpu_ms();
   Tensor loss = forward(m, ids, targets, positions);
-  double t2 = now_ms();
+  const double t2 = now_ms(), c2 = cpu_ms();
   P.instrument(loss);
-  double t3 = now_ms();
+  const double t3 = now_ms(), c3 = cpu_ms();
   loss.backward();
-  double t4 = now_ms();
+  const double t4 = now_ms(), c4 = cpu_ms();
   opt.step();
-  double t5 = now_ms();
+  const double t5 = now_ms(), c5 = cpu_ms();
   if (P.on) {
     P.zero_total += t1 - t0;
     P.fwd_total += t2 - t1;
     P.bwd_total += t4 - t3;
     P.opt_total += t5 - t4;
+    P.fwd_cpu += c2 - c1;
+    P.bwd_cpu += c4 - c3;
+    P.opt_cpu += c5 - c4;
     ++P.steps;
   }
   return loss.item();
@@ -396,22 +402,26 @@ int run(int argc, char** argv) {
     for (int s = 0; s < c.profile; ++s) train_step(m, opt, ids, targets, positions);
     g_prof.on = false;
     const double k = 1.0 / g_prof.steps;
-    double fsum = 0, bsum = 0;
-    std::printf("\nper-op time, ms/step (mean of %d instrumented steps)\n", g_prof.steps);
-    std::printf("%-22s %10s %10s %10s %8s\n", "op", "fwd", "bwd", "total", "calls");  // fwd calls
+    double fsum = 0, bsum = 0, fcsum = 0, bcsum = 0;
+    std::printf("\nper-op time, ms/step (mean of %d instrumented steps; cpu = process CPU time)\n",
+                g_prof.steps);
+    std::printf("%-22s %9s %9s %9s %9s %6s\n", "op", "fwd", "bwd", "fwd cpu", "bwd cpu", "calls");
     for (const std::string& l : g_prof.order) {
       const OpStat& s = g_prof.stats[l];
       fsum += s.fwd_ms * k;
       bsum += s.bwd_ms * k;
-      std::printf("%-22s %10.2f %10.2f %10.2f %8lld\n", l.c_str(), s.fwd_ms * k, s.bwd_ms * k,
-                  (s.fwd_ms + s.bwd_ms) * k, (long long)(s.fwd_calls / g_prof.steps));
+      fcsum += s.fwd_cpu * k;
+      bcsum += s.bwd_cpu * k;
+      std::printf("%-22s %9.2f %9.2f %9.2f %9.2f %6lld\n", l.c_str(), s.fwd_ms * k, s.bwd_ms * k,
+                  s.fwd_cpu * k, s.bwd_cpu * k, (long long)(s.fwd_calls / g_prof.steps));
     }
-    std::printf("%-22s %10.2f %10.2f\n", "(untimed glue)", g_prof.fwd_total * k - fsum,
-                g_prof.bwd_total * k - bsum);
-    std::printf("%-22s %10.2f %10.2f %10.2f\n", "forward/backward", g_prof.fwd_total * k,
-                g_prof.bwd_total * k, (g_prof.fwd_total + g_prof.bwd_total) * k);
-    std::printf("%-22s %32.2f\n", "optimizer (AdamW)", g_prof.opt_total * k);
-    std::printf("%-22s %32.2f\n", "zero_grad", g_prof.zero_total * k);
+    std::printf("%-22s %9.2f %9.2f %9.2f %9.2f\n", "(engine, untimed glue)", g_prof.fwd_total * k - fsum,
+                g_prof.bwd_total * k - bsum, g_prof.fwd_cpu * k - fcsum, g_prof.bwd_cpu * k - bcsum);
+    std::printf("%-22s %9.2f %9.2f %9.2f %9.2f\n", "forward / backward", g_prof.fwd_total * k,
+                g_prof.bwd_total * k, g_prof.fwd_cpu * k, g_prof.bwd_cpu * k);
+    std::printf("%-22s %9.2f %9s %9.2f\n", "optimizer (AdamW)", g_prof.opt_total * k, "",
+                g_prof.opt_cpu * k);
+    std::printf("%-22s %9.2f\n", "zero_grad", g_prof.zero_total * k);
   }
 
   if (!c.json.empty()) {
@@ -436,12 +446,15 @@ int run(int argc, char** argv) {
       const double k = 1.0 / g_prof.steps;
       js << ",\"profile\":{\"steps\":" << g_prof.steps << ",\"forward_ms\":" << g_prof.fwd_total * k
          << ",\"backward_ms\":" << g_prof.bwd_total * k << ",\"optimizer_ms\":" << g_prof.opt_total * k
-         << ",\"zero_grad_ms\":" << g_prof.zero_total * k << ",\"ops\":[";
+         << ",\"zero_grad_ms\":" << g_prof.zero_total * k << ",\"forward_cpu_ms\":" << g_prof.fwd_cpu * k
+         << ",\"backward_cpu_ms\":" << g_prof.bwd_cpu * k << ",\"optimizer_cpu_ms\":" << g_prof.opt_cpu * k
+         << ",\"ops\":[";
       bool first = true;
       for (const std::string& l : g_prof.order) {
         const OpStat& s = g_prof.stats[l];
         js << (first ? "" : ",") << "{\"op\":\"" << json_escape(l) << "\",\"fwd_ms\":" << s.fwd_ms * k
-           << ",\"bwd_ms\":" << s.bwd_ms * k << "}";
+           << ",\"bwd_ms\":" << s.bwd_ms * k << ",\"fwd_cpu_ms\":" << s.fwd_cpu * k
+           << ",\"bwd_cpu_ms\":" << s.bwd_cpu * k << "}";
         first = false;
       }
       js << "]}";
