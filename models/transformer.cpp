@@ -474,10 +474,11 @@ void Transformer::init_random(uint64_t seed, double std) {
 
 // ---------------------------------------------------------------- loading and saving
 
-std::unique_ptr<Transformer> Transformer::from_pretrained(const std::string& dir) {
+std::unique_ptr<Transformer> Transformer::from_pretrained(const std::string& dir,
+                                                          const HfConfigOptions& opt) {
   FTUNE_CHECK(dir_exists(dir), "[from_pretrained] model folder ", dir, " does not exist");
   const std::string cfg_path = path_join(dir, "config.json");
-  ModelConfig cfg = load_hf_config(cfg_path);
+  ModelConfig cfg = load_hf_config(cfg_path, opt);
   auto model = std::make_unique<Transformer>(cfg);
   SafetensorsModel st = SafetensorsModel::open_folder(dir);
 

@@ -39,8 +39,10 @@ class Transformer : public nn::Module {
   // refused with an Error naming the folder, the file and the tensors. HF's non-parameter
   // buffers (GPT-2 attn.bias / attn.masked_bias, rotary inv_freq), base-model names without the
   // "transformer." / "model." prefix, and a tied lm_head.weight stored anyway (if equal to the
-  // embedding) are accepted.
-  static std::unique_ptr<Transformer> from_pretrained(const std::string& dir);
+  // embedding) are accepted. `opt.max_seq_len` admits a sliding-window config (Mistral v0.1's
+  // 4096) for sequences no longer than the window (see io/hf_config.h); longer ones then throw.
+  static std::unique_ptr<Transformer> from_pretrained(const std::string& dir,
+                                                      const HfConfigOptions& opt = {});
   // Writes config.json and model.safetensors (HF names and layouts; tied weights stored once, as
   // HF does; metadata {"format": "pt"}); above max_shard_bytes, shards and an index as HF does.
   void save_pretrained(const std::string& dir, uint64_t max_shard_bytes = 5'000'000'000ull) const;
