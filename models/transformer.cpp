@@ -9,6 +9,7 @@
 #include "models/transformer.h"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <filesystem>
 #include <optional>
@@ -374,6 +375,12 @@ Tensor Transformer::hidden_states(const Tensor& ids, const ForwardOptions& opt) 
     FTUNE_CHECK(c.length >= 0 && c.length + T <= c.max_len,
                 "[transformer] KV cache full: ", c.length, " slots filled + ", T,
                 " new tokens > max_len ", c.max_len);
+    FTUNE_CHECK(B * c.max_len <= INT32_MAX, "[transformer] KV cache of ", B, " x ", c.max_len,
+                " slots exceeds the i32 token index of the attention op");
+    for (int64_t r = 0; r < B; ++r)
+      FTUNE_CHECK(c.pad[size_t(r)] >= 0 && c.pad[size_t(r)] <= c.max_len,
+                  "[transformer] KV cache pad[", r, "] = ", c.pad[size_t(r)], " is outside [0, ",
+                  c.max_len, "]");
     s.cache = &c;
     s.start = c.length;
     no_grad.emplace();
