@@ -19,8 +19,11 @@ struct AllocatorStats {
 // A block of memory with its deleter; Storage keeps one.
 using DataPtr = std::unique_ptr<void, void (*)(void*)>;
 
+// 64-byte aligned host memory. Blocks of 256 KiB and more are cached on release and reused by
+// size class (FTUNE_CPU_CACHE_MB caps the cache, default 4096; 0 disables it).
 DataPtr cpu_alloc(size_t bytes);
 AllocatorStats cpu_allocator_stats();
+void cpu_empty_cache();  // returns cached blocks to the system
 
 // Device side (core/cuda_runtime.cpp). Without CUDA these throw "has no GPU implementation".
 bool cuda_available();  // built with CUDA and at least one device present

@@ -144,3 +144,26 @@ TEST(Rng, GeneratorStateResumes) {
   h.set_state(5, off);
   EXPECT_EQ(randn({10}, h).to_vector<float>(), next.to_vector<float>());
 }
+
+TEST(Allocator, HostCacheReusesLargeBlocksAndCountsBytes) {
+  auto s0 = cpu_allocator_stats();
+  void* first = nullptr;
+  {
+    Tensor a = Tensor::empty({1 << 20});  // 4 MiB: cached on release
+    first = a.raw_data();
+    EXPECT_EQ(cpu_allocator_stats().current_bytes - s0.current_bytes, int64_t(4) << 20);
+  }
+  EXPECT_EQ(cpu_allocator_stats().current_bytes, s0.current_bytes);
+  Tensor b = Tensor::empty({(1 << 20) - 7});  // same size class
+  EXPECT_EQ(b.raw_data(), first);
+  EXPECT_GT(cpu_allocator_stats().cache_hits, s0.cache_hits);
+  b = Tensor();
+  EXPECT_GE(cpu_allocator_stats().reserved_bytes - cpu_allocator_stats().current_bytes, int64_t(4) << 20);
+  cpu_empty_cache();
+  EXPECT_EQ(cpu_allocator_stats().reserved_bytes, cpu_allocator_stats().current_bytes);
+  // Alignment holds for small and cached blocks alike.
+  for (int64_t n : {1, 3, 1000, 70000, 1 << 18}) {
+    Tensor t = Tensor::empty({n});
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(t.raw_data()) % 64, 0u) << n;
+  }
+}
