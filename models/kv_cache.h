@@ -12,8 +12,8 @@ namespace ftune {
 
 struct KVCache {
   int64_t batch = 0;
-  int64_t max_len = 0;  // slots per row
-  int64_t length = 0;   // slots filled so far (the same for every row)
+  int64_t max_len = 0;       // slots per row
+  int64_t length = 0;        // slots filled so far (the same for every row)
   std::vector<int64_t> pad;  // [batch] left padding per row
   std::vector<Tensor> k, v;  // per layer: [batch, max_len, n_kv_heads, head_dim]
 

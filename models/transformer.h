@@ -24,13 +24,14 @@ struct ForwardOptions {
   KVCache* cache = nullptr;
 };
 
-class Transformer : public Module {
+class Transformer : public nn::Module {
  public:
   explicit Transformer(const ModelConfig& cfg);
   // A HF model folder: config.json and model.safetensors or model.safetensors.index.json.
   static std::unique_ptr<Transformer> from_pretrained(const std::string& dir);
-  // Writes config.json and model.safetensors (HF names; tied weights stored once, as HF does).
-  void save_pretrained(const std::string& dir) const;
+  // Writes config.json and model.safetensors (HF names and layouts; tied weights stored once, as
+  // HF does; metadata {"format": "pt"}); above max_shard_bytes, shards and an index as HF does.
+  void save_pretrained(const std::string& dir, uint64_t max_shard_bytes = 5'000'000'000ull) const;
   // Normal(0, std) weights, zero biases, unit norms (HF's _init_weights with initializer_range).
   void init_random(uint64_t seed, double std = 0.02);
 
@@ -50,11 +51,13 @@ class Transformer : public Module {
 
 // A scalar head for reward and value models: score [B] read at the last non-pad token of each
 // row (HF AutoModelForSequenceClassification with num_labels=1: "score.weight" [1, hidden]).
-class ScalarHead : public Module {
+class ScalarHead : public nn::Module {
  public:
   explicit ScalarHead(int64_t hidden, bool bias = false);
   // hidden [B, T, H], lengths i64 [B] (number of real tokens, right padding) -> [B]
   Tensor forward(const Tensor& hidden, const Tensor& lengths);
+  // Normal(0, std) weight, zero bias (HF's _init_weights). The constructor zero-initialises.
+  void init_random(uint64_t seed, double std = 0.02);
   Tensor weight, bias;
 };
 

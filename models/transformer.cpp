@@ -1,0 +1,592 @@
+// The decoder-only transformer of GPT-2 and the Llama family, built on the fused ops. Submodules
+// mirror transformers' module tree so that named_parameters() are the checkpoint's names:
+//   GPT-2: transformer.{wte, wpe, h.N.{ln_1, attn.{c_attn, c_proj}, ln_2, mlp.{c_fc, c_proj}},
+//   ln_f} Llama/Mistral/Qwen2: model.{embed_tokens, layers.N.{self_attn.{q,k,v,o}_proj,
+//     mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}, norm}
+//   lm_head (tied: the embedding tensor itself, listed once under the embedding's name).
+// GPT-2's Conv1D weights keep the checkpoint layout [in, out] and are applied as x @ W + b, so the
+// parameters (and their gradients) are the checkpoint's tensors, shape for shape.
+#include "models/transformer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <optional>
+#include <set>
+#include <unordered_map>
+
+#include "core/error.h"
+#include "core/rng.h"
+#include "io/file_util.h"
+#include "io/safetensors.h"
+
+namespace ftune {
+
+namespace {
+
+Tensor new_param(const Shape& s, double fill = 0.0) {
+  return Tensor::full(s, fill).set_requires_grad(true);
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// What one forward call needs beyond the activations.
+struct Step {
+  int64_t B = 0, T = 0;
+  Tensor positions;   // i32|i64 [T] or [B, T]
+  Tensor cu_q, cu_k;  // i32 varlen boundaries (packing, or the cache layout), else undefined
+  KVCache* cache = nullptr;
+  int64_t start = 0;  // first cache slot written by this call
+};
+
+// A projection in the checkpoint's layout: nn.Linear weight [out, in], or GPT-2's Conv1D weight
+// [in, out].
+class Proj : public nn::Module {
+ public:
+  Proj(int64_t in, int64_t out, bool has_bias, bool conv1d) : conv1d_(conv1d) {
+    weight = new_param(conv1d ? Shape{in, out} : Shape{out, in});
+    register_parameter("weight", &weight);
+    if (has_bias) bias = new_param({out});
+    register_parameter("bias", &bias);
+  }
+  Tensor forward(const Tensor& x) const {
+    if (!conv1d_) return ops::linear(x, weight, bias);
+    Tensor y = ops::matmul(x, weight);
+    return bias.defined() ? ops::add(y, bias) : y;
+  }
+  bool conv1d() const { return conv1d_; }
+  Tensor weight, bias;
+
+ private:
+  bool conv1d_;
+};
+
+// LayerNorm (weight and bias) or RMSNorm (weight).
+class Norm : public nn::Module {
+ public:
+  Norm(int64_t dim, double eps, bool layer_norm) : eps_(eps), layer_norm_(layer_norm) {
+    weight = new_param({dim}, 1.0);
+    register_parameter("weight", &weight);
+    if (layer_norm) bias = new_param({dim});
+    register_parameter("bias", &bias);
+  }
+  Tensor forward(const Tensor& x) const {
+    return layer_norm_ ? ops::layer_norm(x, weight, bias, eps_) : ops::rms_norm(x, weight, eps_);
+  }
+  Tensor weight, bias;
+
+ private:
+  double eps_;
+  bool layer_norm_;
+};
+
+class Embed : public nn::Module {
+ public:
+  Embed(int64_t num, int64_t dim) {
+    weight = new_param({num, dim});
+    register_parameter("weight", &weight);
+  }
+  Tensor forward(const Tensor& ids) const { return ops::embedding(weight, ids); }
+  Tensor weight;
+};
+
+// lm_head: its own [vocab, hidden] weight, or (tied) the embedding tensor.
+class LmHead : public nn::Module {
+ public:
+  explicit LmHead(Tensor w) : weight(std::move(w)) { register_parameter("weight", &weight); }
+  Tensor weight;
+};
+
+class SelfAttention : public nn::Module {
+ public:
+  SelfAttention(const ModelConfig& c, int64_t layer)
+      : C_(c.hidden_size),
+        H_(c.num_attention_heads),
+        Hkv_(c.num_key_value_heads),
+        D_(c.head_dim),
+        rope_(!c.has_learned_positions()),
+        theta_(c.rope_theta),
+        layer_(layer) {
+    const int64_t C = C_, H = H_, Hkv = Hkv_, D = D_;
+    if (c.family == ModelFamily::gpt2) {
+      c_attn_ = register_module("c_attn", std::make_shared<Proj>(C, 3 * C, true, true));
+      c_proj_ = register_module("c_proj", std::make_shared<Proj>(C, C, true, true));
+    } else {
+      q_proj_ =
+          register_module("q_proj", std::make_shared<Proj>(C, H * D, c.attention_bias, false));
+      k_proj_ =
+          register_module("k_proj", std::make_shared<Proj>(C, Hkv * D, c.attention_bias, false));
+      v_proj_ =
+          register_module("v_proj", std::make_shared<Proj>(C, Hkv * D, c.attention_bias, false));
+      o_proj_ =
+          register_module("o_proj", std::make_shared<Proj>(H * D, C, c.attention_out_bias, false));
+    }
+  }
+
+  // x [B, T, C] -> [B, T, C]
+  Tensor forward(const Tensor& x, const Step& s) const {
+    const int64_t B = s.B, T = s.T, C = C_, H = H_, Hkv = Hkv_, D = D_;
+    Tensor q, k, v;
+    if (c_attn_) {  // fused [q | k | v] along the features, each split into heads as HF does
+      Tensor qkv = c_attn_->forward(x);
+      q = qkv.slice(2, 0, C).reshape({B, T, H, D});
+      k = qkv.slice(2, C, 2 * C).reshape({B, T, Hkv, D});
+      v = qkv.slice(2, 2 * C, 3 * C).reshape({B, T, Hkv, D});
+    } else {
+      q = q_proj_->forward(x).view({B, T, H, D});
+      k = k_proj_->forward(x).view({B, T, Hkv, D});
+      v = v_proj_->forward(x).view({B, T, Hkv, D});
+    }
+    if (rope_) {
+      q = ops::rope(q, s.positions, theta_);
+      k = ops::rope(k, s.positions, theta_);
+    }
+    ops::AttentionOptions ao;  // causal, scale 1/sqrt(head_dim) (GPT-2's scale_attn_weights)
+    Tensor o;
+    if (s.cache) {
+      // This step's K/V go into their slots; the queries then read the whole cache row, laid out
+      // as varlen sequences that keep padding and unfilled slots apart (see Transformer).
+      Tensor& kc = s.cache->k[size_t(layer_)];
+      Tensor& vc = s.cache->v[size_t(layer_)];
+      kc.slice(1, s.start, s.start + T).copy_(k);
+      vc.slice(1, s.start, s.start + T).copy_(v);
+      const int64_t M = s.cache->max_len;
+      ao.cu_seqlens_q = s.cu_q;
+      ao.cu_seqlens_k = s.cu_k;
+      o = ops::attention(q.reshape({B * T, H, D}), kc.view({B * M, Hkv, D}),
+                         vc.view({B * M, Hkv, D}), ao);
+    } else if (s.cu_q.defined()) {
+      ao.cu_seqlens_q = ao.cu_seqlens_k = s.cu_q;
+      o = ops::attention(q.reshape({B * T, H, D}), k.reshape({B * T, Hkv, D}),
+                         v.reshape({B * T, Hkv, D}), ao);
+    } else {
+      o = ops::attention(q, k, v, ao);
+    }
+    o = o.reshape({B, T, H * D});
+    return c_proj_ ? c_proj_->forward(o) : o_proj_->forward(o);
+  }
+
+ private:
+  int64_t C_, H_, Hkv_, D_;
+  bool rope_;
+  double theta_;
+  int64_t layer_;
+  std::shared_ptr<Proj> c_attn_, c_proj_, q_proj_, k_proj_, v_proj_, o_proj_;
+};
+
+class Mlp : public nn::Module {
+ public:
+  explicit Mlp(const ModelConfig& c) {
+    const int64_t C = c.hidden_size, I = c.intermediate_size;
+    if (c.family == ModelFamily::gpt2) {
+      c_fc_ = register_module("c_fc", std::make_shared<Proj>(C, I, true, true));
+      c_proj_ = register_module("c_proj", std::make_shared<Proj>(I, C, true, true));
+    } else {
+      gate_ = register_module("gate_proj", std::make_shared<Proj>(C, I, c.mlp_bias, false));
+      up_ = register_module("up_proj", std::make_shared<Proj>(C, I, c.mlp_bias, false));
+      down_ = register_module("down_proj", std::make_shared<Proj>(I, C, c.mlp_bias, false));
+    }
+  }
+  Tensor forward(const Tensor& x) const {
+    if (c_fc_) return c_proj_->forward(ops::gelu(c_fc_->forward(x)));
+    return down_->forward(ops::swiglu(gate_->forward(x), up_->forward(x)));
+  }
+
+ private:
+  std::shared_ptr<Proj> c_fc_, c_proj_, gate_, up_, down_;
+};
+
+// Pre-norm block: h = x + attn(norm1(x)); out = h + mlp(norm2(h)). Submodules registered in
+// transformers' order (the order of its state dict).
+class Block : public nn::Module {
+ public:
+  Block(const ModelConfig& c, int64_t layer) {
+    const bool ln = c.uses_layer_norm();
+    auto norm1 = std::make_shared<Norm>(c.hidden_size, c.norm_eps, ln);
+    auto norm2 = std::make_shared<Norm>(c.hidden_size, c.norm_eps, ln);
+    auto attn = std::make_shared<SelfAttention>(c, layer);
+    auto mlp = std::make_shared<Mlp>(c);
+    if (c.family == ModelFamily::gpt2) {
+      norm1_ = register_module("ln_1", norm1);
+      attn_ = register_module("attn", attn);
+      norm2_ = register_module("ln_2", norm2);
+      mlp_ = register_module("mlp", mlp);
+    } else {
+      attn_ = register_module("self_attn", attn);
+      mlp_ = register_module("mlp", mlp);
+      norm1_ = register_module("input_layernorm", norm1);
+      norm2_ = register_module("post_attention_layernorm", norm2);
+    }
+  }
+  Tensor forward(const Tensor& x, const Step& s) const {
+    Tensor h = ops::add(x, attn_->forward(norm1_->forward(x), s));
+    return ops::add(h, mlp_->forward(norm2_->forward(h)));
+  }
+
+ private:
+  std::shared_ptr<Norm> norm1_, norm2_;
+  std::shared_ptr<SelfAttention> attn_;
+  std::shared_ptr<Mlp> mlp_;
+};
+
+// GPT2Model ("transformer") or LlamaModel ("model").
+class Body : public nn::Module {
+ public:
+  explicit Body(const ModelConfig& c) {
+    const bool gpt2 = c.family == ModelFamily::gpt2;
+    embed = register_module(gpt2 ? "wte" : "embed_tokens",
+                            std::make_shared<Embed>(c.vocab_size, c.hidden_size));
+    if (gpt2)
+      wpe =
+          register_module("wpe", std::make_shared<Embed>(c.max_position_embeddings, c.hidden_size));
+    layers_ = register_module(gpt2 ? "h" : "layers", std::make_shared<nn::ModuleList>());
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l)
+      blocks_.push_back(layers_->push_back(std::make_shared<Block>(c, l)));
+    norm_ = register_module(gpt2 ? "ln_f" : "norm",
+                            std::make_shared<Norm>(c.hidden_size, c.norm_eps, c.uses_layer_norm()));
+  }
+  Tensor forward(const Tensor& ids, const Step& s) const {
+    Tensor x = embed->forward(ids);
+    if (wpe) x = ops::add(x, wpe->forward(s.positions));  // [B, T, C] + [B, T, C] or [T, C]
+    for (const auto& b : blocks_) x = b->forward(x, s);
+    return norm_->forward(x);
+  }
+  std::shared_ptr<Embed> embed, wpe;
+
+ private:
+  std::shared_ptr<nn::ModuleList> layers_;
+  std::vector<std::shared_ptr<Block>> blocks_;
+  std::shared_ptr<Norm> norm_;
+};
+
+// Refuses configurations hf_config accepts but this model cannot compute exactly.
+void check_supported(const ModelConfig& c) {
+  FTUNE_CHECK(
+      c.vocab_size > 0 && c.hidden_size > 0 && c.intermediate_size > 0 && c.num_hidden_layers > 0 &&
+          c.num_attention_heads > 0 && c.num_key_value_heads > 0 && c.head_dim > 0 &&
+          c.num_attention_heads % c.num_key_value_heads == 0 && c.max_position_embeddings > 0,
+      "[transformer] bad sizes in the config of ", c.architecture, ": vocab ", c.vocab_size,
+      ", hidden ", c.hidden_size, ", intermediate ", c.intermediate_size, ", layers ",
+      c.num_hidden_layers, ", heads ", c.num_attention_heads, ", kv heads ", c.num_key_value_heads,
+      ", head_dim ", c.head_dim);
+  if (c.family == ModelFamily::gpt2) {
+    FTUNE_CHECK(c.hidden_act == "gelu_new" || c.hidden_act == "gelu_pytorch_tanh",
+                "[transformer] GPT-2 activation_function '", c.hidden_act,
+                "' is not supported: ftune's GELU is the tanh approximation (gelu_new, "
+                "gelu_pytorch_tanh); the exact erf GELU has no op yet");
+    FTUNE_CHECK(c.num_key_value_heads == c.num_attention_heads &&
+                    c.head_dim * c.num_attention_heads == c.hidden_size,
+                "[transformer] GPT-2 needs head_dim * heads == n_embd (", c.head_dim, " * ",
+                c.num_attention_heads, " vs ", c.hidden_size, ")");
+  } else {
+    FTUNE_CHECK(c.hidden_act == "silu", "[transformer] ", c.architecture, " hidden_act '",
+                c.hidden_act, "' is not supported (only silu: SwiGLU)");
+    FTUNE_CHECK(c.head_dim % 2 == 0, "[transformer] head_dim ", c.head_dim,
+                " must be even (RoPE rotates pairs)");
+  }
+}
+
+const char* torch_dtype_name(DType t) {
+  switch (t) {
+    case DType::f32:
+      return "float32";
+    case DType::bf16:
+      return "bfloat16";
+    case DType::f16:
+      return "float16";
+    case DType::f64:
+      return "float64";
+    default:
+      return "";
+  }
+}
+
+// Tensors transformers keeps in some checkpoints that are not parameters: GPT-2's causal-mask
+// buffers and the rotary inv_freq of older Llama saves. Both are recomputed, so they are skipped.
+bool is_known_buffer(const ModelConfig& c, const std::string& name) {
+  if (c.family == ModelFamily::gpt2)
+    return ends_with(name, ".attn.bias") || ends_with(name, ".attn.masked_bias");
+  return ends_with(name, "rotary_emb.inv_freq");
+}
+
+std::string list_names(const std::vector<std::string>& names) {
+  std::string s;
+  const size_t shown = std::min<size_t>(names.size(), 16);
+  for (size_t i = 0; i < shown; ++i) s += (i ? ", " : "") + names[i];
+  if (names.size() > shown) s += str_cat(", ... (", names.size() - shown, " more)");
+  return s;
+}
+
+}  // namespace
+
+struct Transformer::Impl {
+  std::shared_ptr<Body> body;
+  std::shared_ptr<LmHead> head;
+};
+
+Transformer::Transformer(const ModelConfig& cfg) : cfg_(cfg), impl_(std::make_shared<Impl>()) {
+  check_supported(cfg_);
+  const char* body_name = cfg_.family == ModelFamily::gpt2 ? "transformer" : "model";
+  impl_->body = register_module(body_name, std::make_shared<Body>(cfg_));
+  Tensor head_w = cfg_.tie_word_embeddings ? impl_->body->embed->weight
+                                           : new_param({cfg_.vocab_size, cfg_.hidden_size});
+  impl_->head = register_module("lm_head", std::make_shared<LmHead>(head_w));
+}
+
+KVCache Transformer::make_cache(int64_t batch, int64_t max_len, std::vector<int64_t> pad) const {
+  return KVCache::make(cfg_.num_hidden_layers, batch, max_len, cfg_.num_key_value_heads,
+                       cfg_.head_dim, std::move(pad), impl_->body->embed->weight.dtype(),
+                       impl_->body->embed->weight.device());
+}
+
+Tensor Transformer::hidden_states(const Tensor& ids, const ForwardOptions& opt) {
+  FTUNE_CHECK(
+      ids.defined() && ids.dim() == 2 && (ids.dtype() == DType::i32 || ids.dtype() == DType::i64),
+      "[transformer] ids must be i32|i64 [B, T], got ", ids.defined() ? ids.desc() : "undefined");
+  Step s;
+  s.B = ids.size(0);
+  s.T = ids.size(1);
+  FTUNE_CHECK(s.B > 0 && s.T > 0, "[transformer] empty batch ", ids.desc());
+  const int64_t B = s.B, T = s.T;
+
+  // A cached forward is for generation: K/V live in the cache, outside any graph, so nothing is
+  // recorded (a gradient through it would silently miss the cached keys).
+  std::optional<NoGradGuard> no_grad;
+  if (opt.cache) {
+    KVCache& c = *opt.cache;
+    FTUNE_CHECK(!opt.cu_seqlens.defined(), "[transformer] cu_seqlens (packing) and a KV cache ",
+                "cannot be used together");
+    FTUNE_CHECK(c.batch == B && int64_t(c.pad.size()) == B, "[transformer] the KV cache holds ",
+                c.batch, " rows (", c.pad.size(), " pads) but ids are ", ids.desc());
+    FTUNE_CHECK(int64_t(c.k.size()) == cfg_.num_hidden_layers &&
+                    int64_t(c.v.size()) == cfg_.num_hidden_layers,
+                "[transformer] the KV cache has ", c.k.size(), " layers, the model ",
+                cfg_.num_hidden_layers);
+    const Shape want{B, c.max_len, cfg_.num_key_value_heads, cfg_.head_dim};
+    for (size_t l = 0; l < c.k.size(); ++l)
+      FTUNE_CHECK(c.k[l].defined() && c.v[l].defined() && c.k[l].shape() == want &&
+                      c.v[l].shape() == want && c.k[l].is_contiguous() && c.v[l].is_contiguous(),
+                  "[transformer] KV cache layer ", l, " must be contiguous ", shape_str(want),
+                  ", got k ", c.k[l].defined() ? c.k[l].desc() : "undefined");
+    FTUNE_CHECK(c.length >= 0 && c.length + T <= c.max_len,
+                "[transformer] KV cache full: ", c.length, " slots filled + ", T,
+                " new tokens > max_len ", c.max_len);
+    s.cache = &c;
+    s.start = c.length;
+    no_grad.emplace();
+    // Row r of the flattened cache [B * max_len] is three varlen sequences: its padding (with the
+    // pad queries of this step, whose output is never used), its real tokens (with this step's
+    // real queries; bottom-right causal alignment gives query t the slots <= start + t), and the
+    // unfilled tail (no queries). Padding thus never leaks into real tokens.
+    std::vector<int32_t> cq{0}, ck{0};
+    const int64_t end = s.start + T;
+    for (int64_t r = 0; r < B; ++r) {
+      const int64_t pad = c.pad[size_t(r)];
+      const int64_t q_pad = std::clamp<int64_t>(pad - s.start, 0, T);
+      const int64_t k_pad = std::min(pad, end);
+      const int64_t base_q = r * T, base_k = r * c.max_len;
+      cq.push_back(int32_t(base_q + q_pad));
+      cq.push_back(int32_t(base_q + T));
+      cq.push_back(int32_t(base_q + T));
+      ck.push_back(int32_t(base_k + k_pad));
+      ck.push_back(int32_t(base_k + end));
+      ck.push_back(int32_t(base_k + c.max_len));
+    }
+    s.cu_q = Tensor::from_vector(cq, {int64_t(cq.size())});
+    s.cu_k = Tensor::from_vector(ck, {int64_t(ck.size())});
+  }
+
+  if (opt.positions.defined()) {
+    const Tensor& p = opt.positions;
+    FTUNE_CHECK((p.dtype() == DType::i32 || p.dtype() == DType::i64) &&
+                    (p.shape() == Shape{T} || p.shape() == Shape{B, T}),
+                "[transformer] positions must be i32|i64 [", T, "] or [", B, ", ", T, "] for ids ",
+                ids.desc(), ", got ", p.desc());
+    s.positions = p;
+  } else if (opt.cache) {
+    // Slot s of row r has position s - pad[r]; pad slots get 0 (their output is unused).
+    std::vector<int64_t> pos(size_t(B * T));
+    for (int64_t r = 0; r < B; ++r)
+      for (int64_t t = 0; t < T; ++t)
+        pos[size_t(r * T + t)] = std::max<int64_t>(0, s.start + t - opt.cache->pad[size_t(r)]);
+    s.positions = Tensor::from_vector(pos, {B, T});
+  } else {
+    FTUNE_CHECK(!opt.cu_seqlens.defined(), "[transformer] packed sequences (cu_seqlens) need ",
+                "their positions: ForwardOptions.positions is undefined");
+    s.positions = Tensor::arange(T, DType::i64);
+  }
+  // Learned positions stop at n_positions; a sliding window (accepted only when it masks nothing
+  // up to max_seq_len()) would start masking past it.
+  if (cfg_.has_learned_positions() || cfg_.sliding_window) {
+    const int64_t limit = cfg_.max_seq_len();
+    for (int64_t p : s.positions.to_vector<int64_t>())
+      FTUNE_CHECK(p >= 0 && p < limit, "[transformer] position ", p, " is outside [0, ", limit,
+                  ") for ", cfg_.architecture,
+                  cfg_.has_learned_positions()
+                      ? " (learned positions: n_positions)"
+                      : " (sliding_window: longer needs windowed attention)");
+  }
+
+  if (opt.cu_seqlens.defined()) {
+    const Tensor& cu = opt.cu_seqlens;
+    FTUNE_CHECK(cu.dim() == 1 && (cu.dtype() == DType::i32 || cu.dtype() == DType::i64),
+                "[transformer] cu_seqlens must be i32|i64 [n + 1], got ", cu.desc());
+    s.cu_q = cu.dtype() == DType::i32 ? cu : cu.to(DType::i32);
+  }
+
+  Tensor h = impl_->body->forward(ids, s);
+  if (opt.cache) opt.cache->length += T;
+  return h;
+}
+
+Tensor Transformer::forward(const Tensor& ids, const ForwardOptions& opt) {
+  std::optional<NoGradGuard> no_grad;  // a cached forward records nothing (see hidden_states)
+  if (opt.cache) no_grad.emplace();
+  return ops::linear(hidden_states(ids, opt), impl_->head->weight);
+}
+
+void Transformer::init_random(uint64_t seed, double std) {
+  FTUNE_CHECK(std::isfinite(std) && std >= 0.0, "[transformer] init std must be >= 0, got ", std);
+  Generator gen(seed);
+  NoGradGuard no_grad;
+  // GPT-2 scales its residual projections by 1/sqrt(2 * n_layer) (GPT2PreTrainedModel).
+  const double proj_std = cfg_.family == ModelFamily::gpt2
+                              ? std / std::sqrt(2.0 * double(cfg_.num_hidden_layers))
+                              : std;
+  for (auto& [name, m] : named_modules()) {
+    if (auto* p = dynamic_cast<Proj*>(m)) {
+      const bool residual = p->conv1d() && ends_with(name, "c_proj");
+      p->weight.copy_(randn(p->weight.shape(), gen, 0.0, residual ? proj_std : std));
+      if (p->bias.defined()) p->bias.zero_();
+    } else if (auto* e = dynamic_cast<Embed*>(m)) {
+      e->weight.copy_(randn(e->weight.shape(), gen, 0.0, std));
+    } else if (auto* n = dynamic_cast<Norm*>(m)) {
+      n->weight.fill_(1.0);
+      if (n->bias.defined()) n->bias.zero_();
+    } else if (auto* h = dynamic_cast<LmHead*>(m); h && !cfg_.tie_word_embeddings) {
+      h->weight.copy_(randn(h->weight.shape(), gen, 0.0, std));
+    }
+  }
+}
+
+// ---------------------------------------------------------------- loading and saving
+
+std::unique_ptr<Transformer> Transformer::from_pretrained(const std::string& dir) {
+  FTUNE_CHECK(dir_exists(dir), "[from_pretrained] model folder ", dir, " does not exist");
+  const std::string cfg_path = path_join(dir, "config.json");
+  ModelConfig cfg = load_hf_config(cfg_path);
+  auto model = std::make_unique<Transformer>(cfg);
+  SafetensorsModel st = SafetensorsModel::open_folder(dir);
+
+  // Match the checkpoint's names to ours. A base-model save (GPT2Model: "h.0.attn...",
+  // LlamaModel: "layers.0...") lacks the "transformer." / "model." prefix.
+  const std::string prefix = cfg.family == ModelFamily::gpt2 ? "transformer." : "model.";
+  nn::NamedTensors params = model->named_parameters();
+  std::unordered_map<std::string, Tensor> want;
+  for (auto& [n, t] : params) want.emplace(n, t);
+  std::unordered_map<std::string, std::string> source;  // our name -> checkpoint name
+  std::vector<std::string> unexpected, duplicate;
+  bool tied_copy = false;  // lm_head.weight stored although tied: must equal the embedding
+  for (const std::string& name : st.names()) {
+    std::string ours = want.count(name) ? name : want.count(prefix + name) ? prefix + name : "";
+    if (!ours.empty()) {
+      if (!source.emplace(ours, name).second) duplicate.push_back(name);
+    } else if (cfg.tie_word_embeddings && name == "lm_head.weight") {
+      tied_copy = true;
+    } else if (!is_known_buffer(cfg, name)) {
+      unexpected.push_back(str_cat(name, " (", st.shard_path(name), ")"));
+    }
+  }
+  std::vector<std::string> missing;
+  for (const auto& [n, t] : params)
+    if (!source.count(n)) missing.push_back(n);
+  if (!missing.empty() || !unexpected.empty() || !duplicate.empty()) {
+    std::string msg = str_cat("[from_pretrained] ", dir, ": the weights do not match ", cfg_path,
+                              " (", cfg.architecture, ", ", cfg.num_hidden_layers, " layers)");
+    if (!missing.empty())
+      msg += str_cat("; missing tensors (", missing.size(), "): ", list_names(missing));
+    if (!unexpected.empty())
+      msg += str_cat("; unexpected tensors (", unexpected.size(), "): ", list_names(unexpected));
+    if (!duplicate.empty())
+      msg += str_cat("; stored both with and without the '", prefix,
+                     "' prefix: ", list_names(duplicate));
+    FTUNE_THROW(msg);
+  }
+
+  auto check_entry = [&](const std::string& name, const Shape& shape) {
+    const SafetensorsEntry& e = st.info(name);
+    const auto dt = st_to_dtype(e.dtype);
+    FTUNE_CHECK(dt && is_floating(*dt), "[from_pretrained] ", st.shard_path(name), ": tensor '",
+                name, "' is ", st_dtype_name(e.dtype),
+                "; weights must be F32, F16, BF16 or F64 (they are converted to f32)");
+    FTUNE_CHECK(e.shape == shape, "[from_pretrained] ", st.shard_path(name), ": tensor '", name,
+                "' has shape ", shape_str(e.shape), " but ", cfg_path, " needs ", shape_str(shape));
+  };
+  for (auto& [n, t] : params) check_entry(source.at(n), t.shape());
+  if (tied_copy) check_entry("lm_head.weight", model->impl_->head->weight.shape());
+
+  for (auto& [n, t] : params) t.copy_(st.get(source.at(n)));  // converts f16/bf16/f64 to f32
+  if (tied_copy) {
+    Tensor head = st.get("lm_head.weight").to(DType::f32);
+    const Tensor& emb = model->impl_->head->weight;
+    FTUNE_CHECK(ops::max_abs_diff(head, emb) == 0.0, "[from_pretrained] ",
+                st.shard_path("lm_head.weight"), ": tie_word_embeddings is true in ", cfg_path,
+                " but lm_head.weight differs from the input embedding; set "
+                "tie_word_embeddings to false to load it as a separate head");
+  }
+  return model;
+}
+
+void Transformer::save_pretrained(const std::string& dir, uint64_t max_shard_bytes) const {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  FTUNE_CHECK(!ec && dir_exists(dir), "[save_pretrained] cannot create folder ", dir, ": ",
+              ec.message());
+  nn::NamedTensors params = named_parameters();
+  ModelConfig c = cfg_;
+  c.torch_dtype = torch_dtype_name(params.front().second.dtype());  // what the file holds
+  save_hf_config(c, path_join(dir, "config.json"));
+  save_safetensors_model(dir, params, max_shard_bytes);
+}
+
+// ---------------------------------------------------------------- ScalarHead
+
+ScalarHead::ScalarHead(int64_t hidden, bool has_bias) {
+  FTUNE_CHECK(hidden > 0, "[scalar_head] hidden size must be positive, got ", hidden);
+  weight = Tensor::zeros({1, hidden}).set_requires_grad(true);
+  register_parameter("weight", &weight);
+  if (has_bias) bias = Tensor::zeros({1}).set_requires_grad(true);
+  register_parameter("bias", &bias);
+}
+
+void ScalarHead::init_random(uint64_t seed, double std) {
+  Generator gen(seed);
+  NoGradGuard no_grad;
+  weight.copy_(randn(weight.shape(), gen, 0.0, std));
+  if (bias.defined()) bias.zero_();
+}
+
+Tensor ScalarHead::forward(const Tensor& hidden, const Tensor& lengths) {
+  FTUNE_CHECK(hidden.defined() && hidden.dim() == 3 && hidden.size(2) == weight.size(1),
+              "[scalar_head] hidden must be [B, T, ", weight.size(1), "], got ",
+              hidden.defined() ? hidden.desc() : "undefined");
+  const int64_t B = hidden.size(0), T = hidden.size(1), H = hidden.size(2);
+  FTUNE_CHECK(lengths.defined() && lengths.shape() == Shape{B} &&
+                  (lengths.dtype() == DType::i32 || lengths.dtype() == DType::i64),
+              "[scalar_head] lengths must be i32|i64 [", B, "], got ",
+              lengths.defined() ? lengths.desc() : "undefined");
+  std::vector<int64_t> len = lengths.to_vector<int64_t>();
+  std::vector<Tensor> last;
+  for (int64_t b = 0; b < B; ++b) {
+    FTUNE_CHECK(len[size_t(b)] >= 1 && len[size_t(b)] <= T, "[scalar_head] lengths[", b,
+                "] = ", len[size_t(b)], " must be in [1, ", T, "]");
+    last.push_back(hidden.slice(0, b, b + 1).slice(1, len[size_t(b)] - 1, len[size_t(b)]));
+  }
+  Tensor x = (B == 1 ? last[0] : ops::cat(last, 0)).reshape({B, H});
+  return ops::linear(x, weight, bias).reshape({B});
+}
+
+}  // namespace ftune
