@@ -7,7 +7,7 @@
 // - top_p in [0, 1] keeps the smallest set of most probable tokens whose probability (renormalized
 //   after top_k) sums to >= top_p, at least one token (TopPLogitsWarper with min_tokens_to_keep 1:
 //   a token is dropped when the tokens ranked above it already reach top_p); 1 turns it off.
-//   Equal probabilities rank by lower id first.
+//   Tokens rank by logit descending (the probability order), equal logits by lower id.
 // The draw is an inverse CDF over the kept tokens in id order with one uniform u =
 // philox_uniform(seed, stream, step) per row, so a row's token depends only on its own logits, the
 // seed, its stream and the step: not on the thread count or on the other rows of the batch. The

@@ -162,6 +162,28 @@ TEST(Sampling, TopPOnLargeFlatAndPeakedVocabularies) {
   }
 }
 
+// Where thousands of candidates share one histogram bucket the crossing bucket is ranked by the
+// quickselect: many equal logits, and a tight crowd far below one outlier.
+TEST(Sampling, TopPWithCrowdedBuckets) {
+  std::vector<float> equal(3000);
+  for (size_t i = 0; i < equal.size(); ++i) equal[i] = float(i % 3);
+  std::vector<float> crowd = random_logits(5000, 17, 0.001f);
+  crowd[1234] = 5.0f;
+  for (const auto* x : {&equal, &crowd}) {
+    for (double p : {0.02, 0.2, 0.5, 0.9, 0.999}) {
+      SamplingOptions opt{1.0, 0, p, 0};
+      auto d = sampling_distribution(x->data(), int64_t(x->size()), opt);
+      auto ref = hf_reference(*x, 1.0, 0, p);
+      for (size_t i = 0; i < x->size(); ++i)
+        ASSERT_NEAR(d[i], ref[i], 1e-12) << "p " << p << " token " << i;
+    }
+  }
+  // ten equal logits: top_p 0.35 keeps the four lowest ids
+  std::vector<float> ten(10, 1.0f);
+  auto d = sampling_distribution(ten.data(), 10, SamplingOptions{1.0, 0, 0.35, 0});
+  for (size_t i = 0; i < 10; ++i) EXPECT_EQ(d[i], i < 4 ? 0.25 : 0.0) << i;
+}
+
 // Chi-square of n draws against the expected distribution, over the tokens that can be drawn.
 double chi_square(const std::vector<int64_t>& counts, const std::vector<double>& expected,
                   int64_t n) {
