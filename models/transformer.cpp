@@ -9,6 +9,7 @@
 #include "models/transformer.h"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <filesystem>
 #include <optional>
@@ -374,6 +375,12 @@ Tensor Transformer::hidden_states(const Tensor& ids, const ForwardOptions& opt) 
     FTUNE_CHECK(c.length >= 0 && c.length + T <= c.max_len,
                 "[transformer] KV cache full: ", c.length, " slots filled + ", T,
                 " new tokens > max_len ", c.max_len);
+    FTUNE_CHECK(B * c.max_len <= INT32_MAX, "[transformer] KV cache of ", B, " x ", c.max_len,
+                " slots exceeds the i32 token index of the attention op");
+    for (int64_t r = 0; r < B; ++r)
+      FTUNE_CHECK(c.pad[size_t(r)] >= 0 && c.pad[size_t(r)] <= c.max_len,
+                  "[transformer] KV cache pad[", r, "] = ", c.pad[size_t(r)], " is outside [0, ",
+                  c.max_len, "]");
     s.cache = &c;
     s.start = c.length;
     no_grad.emplace();
@@ -474,10 +481,11 @@ void Transformer::init_random(uint64_t seed, double std) {
 
 // ---------------------------------------------------------------- loading and saving
 
-std::unique_ptr<Transformer> Transformer::from_pretrained(const std::string& dir) {
+std::unique_ptr<Transformer> Transformer::from_pretrained(const std::string& dir,
+                                                          const HfConfigOptions& opt) {
   FTUNE_CHECK(dir_exists(dir), "[from_pretrained] model folder ", dir, " does not exist");
   const std::string cfg_path = path_join(dir, "config.json");
-  ModelConfig cfg = load_hf_config(cfg_path);
+  ModelConfig cfg = load_hf_config(cfg_path, opt);
   auto model = std::make_unique<Transformer>(cfg);
   SafetensorsModel st = SafetensorsModel::open_folder(dir);
 

@@ -235,6 +235,24 @@ TEST(LoadErrors, ExactGeluIsRefused) {
   expect_error([&] { Transformer::from_pretrained(d.path()); }, {"gelu", "tanh"});
 }
 
+// A Mistral window shorter than max_position_embeddings loads only with max_seq_len <= window,
+// and longer sequences are then refused.
+TEST(LoadVariants, SlidingWindowNeedsMaxSeqLen) {
+  nlohmann::json j =
+      nlohmann::json::parse(read_text_file(fixture_dir("mistral") + "/config.json", "t"));
+  j["sliding_window"] = 8;
+  TempDir d;
+  write_folder(d.path(), "mistral", fixture_tensors("mistral"), j.dump());
+  expect_error([&] { Transformer::from_pretrained(d.path()); }, {"sliding_window 8"});
+  auto m = Transformer::from_pretrained(d.path(), {.max_seq_len = 8});
+  auto ref = Transformer::from_pretrained(fixture_dir("mistral"));
+  NoGradGuard ng;
+  Tensor ids = crop(load_expected("mistral").ids, 0, 2, 0, 8);
+  EXPECT_EQ(ops::max_abs_diff(m->forward(ids), ref->forward(ids)), 0.0);
+  expect_error([&] { m->forward(crop(load_expected("mistral").ids, 0, 2, 0, 9)); },
+               {"position 8", "sliding_window"});
+}
+
 TEST(LoadErrors, MissingFiles) {
   TempDir d;
   expect_error([&] { Transformer::from_pretrained(d.file("nope")); }, {"does not exist"});

@@ -32,7 +32,7 @@ TEST_P(Parity, LogitsMatchTransformers) {
   // i32 ids give the same result.
   Tensor logits32 = model_->forward(exp_.ids.to(DType::i32));
   EXPECT_EQ(ops::max_abs_diff(logits, logits32), 0.0);
-  RecordProperty("max_abs_logit_err", std::to_string(err));
+  std::printf("[ %s ] max |logit error| %.2e\n", GetParam().c_str(), err);
 }
 
 // Casts every parameter to f64 in place: the modules' handles share the TensorImpl (tied weights
@@ -145,19 +145,28 @@ TEST_P(Parity, KVCacheLeftPaddingMatchesRowsAlone) {
   std::vector<int64_t> r0 = ids_row(seq0, 0), r1 = ids_row(seq1, 0);
   for (int64_t t = 0; t < T - extra; ++t) prompt[size_t(t)] = r0[size_t(t)];
   for (int64_t t = 0; t < len1; ++t) prompt[size_t(T - extra + pad1 + t)] = r1[size_t(t)];
-  KVCache cache = model_->make_cache(2, T + 1, {0, pad1});
-  ForwardOptions o;
-  o.cache = &cache;
-  Tensor pre = model_->forward(Tensor::from_vector(prompt, {2, T - extra}), o);
-  EXPECT_LE(ops::max_abs_diff(pre.slice(0, 0, 1), ref0.slice(1, 0, T - extra)), 1e-5);
-  EXPECT_LE(ops::max_abs_diff(pre.slice(0, 1, 2).slice(1, pad1, T - extra), ref1.slice(1, 0, len1)),
-            1e-5);
-  for (int64_t s = 0; s < extra; ++s) {
-    std::vector<int64_t> next{r0[size_t(T - extra + s)], r1[size_t(len1 + s)]};
-    Tensor step = model_->forward(Tensor::from_vector(next, {2, 1}), o);
-    const int64_t p0 = T - extra + s, p1 = len1 + s;
-    EXPECT_LE(ops::max_abs_diff(step.slice(0, 0, 1), ref0.slice(1, p0, p0 + 1)), 1e-5) << s;
-    EXPECT_LE(ops::max_abs_diff(step.slice(0, 1, 2), ref1.slice(1, p1, p1 + 1)), 1e-5) << s;
+  // The prompt in one call, or in chunks of 2 (the first chunk of row 1 is all padding).
+  for (int64_t chunk : {T - extra, int64_t(2)}) {
+    KVCache cache = model_->make_cache(2, T + 1, {0, pad1});
+    ForwardOptions o;
+    o.cache = &cache;
+    Tensor prompt_ids = Tensor::from_vector(prompt, {2, T - extra});
+    std::vector<Tensor> parts;
+    for (int64_t t = 0; t < T - extra; t += chunk)
+      parts.push_back(
+          model_->forward(crop(prompt_ids, 0, 2, t, std::min(t + chunk, T - extra)), o));
+    Tensor pre = ops::cat(parts, 1);
+    EXPECT_LE(ops::max_abs_diff(pre.slice(0, 0, 1), ref0.slice(1, 0, T - extra)), 1e-5);
+    EXPECT_LE(
+        ops::max_abs_diff(pre.slice(0, 1, 2).slice(1, pad1, T - extra), ref1.slice(1, 0, len1)),
+        1e-5);
+    for (int64_t s = 0; s < extra; ++s) {
+      std::vector<int64_t> next{r0[size_t(T - extra + s)], r1[size_t(len1 + s)]};
+      Tensor step = model_->forward(Tensor::from_vector(next, {2, 1}), o);
+      const int64_t p0 = T - extra + s, p1 = len1 + s;
+      EXPECT_LE(ops::max_abs_diff(step.slice(0, 0, 1), ref0.slice(1, p0, p0 + 1)), 1e-5) << s;
+      EXPECT_LE(ops::max_abs_diff(step.slice(0, 1, 2), ref1.slice(1, p1, p1 + 1)), 1e-5) << s;
+    }
   }
 }
 
@@ -191,6 +200,12 @@ TEST_P(Parity, PackedSequencesMatchSeparateRuns) {
   EXPECT_LE(ops::max_abs_diff(lp.slice(0, 0, 1).slice(1, 0, 5), la), 1e-5);
   EXPECT_LE(ops::max_abs_diff(lp.slice(0, 0, 1).slice(1, 5, 12), lb), 1e-5);
   EXPECT_LE(ops::max_abs_diff(lp.slice(0, 1, 2), lc), 1e-5);
+  {  // i64 boundaries are accepted too
+    NoGradGuard ng;
+    ForwardOptions o64 = o;
+    o64.cu_seqlens = o.cu_seqlens.to(DType::i64);
+    EXPECT_EQ(ops::max_abs_diff(model_->forward(ids, o64), lp), 0.0);
+  }
 
   Tensor loss_p = ops::add(ops::add(seq_loss(lp.slice(0, 0, 1).slice(1, 0, 5), a),
                                     seq_loss(lp.slice(0, 0, 1).slice(1, 5, 12), b)),
