@@ -159,8 +159,6 @@ int cmd_generate(const GenerateArgs& a) {
                 "' is missing (ftune generate needs the model's config and tokenizer)");
 
   Tokenizer tok = Tokenizer::from_folder(a.model);
-  std::unique_ptr<Transformer> model = Transformer::from_pretrained(a.model);
-  const ModelConfig& cfg = model->config();
 
   const bool chat = a.chat || !a.chat_template.empty();
   std::optional<ChatTemplate> tpl;
@@ -193,6 +191,27 @@ int cmd_generate(const GenerateArgs& a) {
     }
     FTUNE_CHECK(!ids.empty(), "[generate] prompt ", i,
                 " encodes to no tokens (an empty prompt needs a tokenizer that adds bos)");
+    prompts.push_back(std::move(ids));
+  }
+  size_t longest = 0;
+  for (const auto& p : prompts) longest = std::max(longest, p.size());
+
+  // The longest sequence this run needs: a sliding-window config (Mistral v0.1) loads when its
+  // window does not mask anything at that length. Without -n, the default is fitted to the
+  // context first (the config alone says how long it is).
+  int64_t max_new = a.max_new_tokens;
+  if (max_new < 0) {
+    HfConfigOptions probe;
+    probe.max_seq_len = int64_t(longest);
+    const ModelConfig c = load_hf_config((dir / "config.json").string(), probe);
+    max_new = std::clamp<int64_t>(c.max_seq_len() - int64_t(longest) + 1, 0, kDefaultMaxNewTokens);
+  }
+  HfConfigOptions load_opt;
+  load_opt.max_seq_len = std::max<int64_t>(1, int64_t(longest) + max_new - 1);
+  std::unique_ptr<Transformer> model = Transformer::from_pretrained(a.model, load_opt);
+  const ModelConfig& cfg = model->config();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const auto& ids = prompts[i];
     for (int32_t id : ids)
       FTUNE_CHECK(id < cfg.vocab_size, "[generate] prompt ", i, " encodes to token id ", id,
                   " but the model's vocab_size is ", cfg.vocab_size, ": is ",
@@ -200,19 +219,12 @@ int cmd_generate(const GenerateArgs& a) {
     FTUNE_CHECK(int64_t(ids.size()) <= cfg.max_seq_len(), "[generate] prompt ", i, " has ",
                 ids.size(), " tokens, more than the model's maximum sequence length ",
                 cfg.max_seq_len());
-    prompts.push_back(std::move(ids));
   }
 
   // Stop ids: generation_config.json's eos (transformers' generate uses it), else config.json's,
   // plus the tokenizer's eos and, in chat, the template's end-of-turn token.
   GenerateOptions opt;
-  opt.max_new_tokens = a.max_new_tokens;
-  if (opt.max_new_tokens < 0) {  // not given: 128, but no more than the context has room for
-    size_t longest = 0;
-    for (const auto& p : prompts) longest = std::max(longest, p.size());
-    opt.max_new_tokens =
-        std::clamp<int64_t>(cfg.max_seq_len() - int64_t(longest) + 1, 0, kDefaultMaxNewTokens);
-  }
+  opt.max_new_tokens = max_new;
   opt.temperature = a.temperature;
   opt.top_k = a.top_k;
   opt.top_p = a.top_p;

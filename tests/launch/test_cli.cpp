@@ -197,6 +197,45 @@ TEST_F(Cli, GenerateChatUsesTheDetectedTemplate) {
   EXPECT_EQ(z.rc, 0) << z.err;
 }
 
+// A sliding-window config (Mistral v0.1 style) loads when the run's length stays within the
+// window, where full causal attention is exact, and is refused with the reason beyond it.
+TEST_F(Cli, GenerateWithASlidingWindowModel) {
+  const fs::path dir = root_ / "mistral_window";
+  Tokenizer tok = Tokenizer::from_folder(model_dir_.string());
+  nlohmann::json j = {{"architectures", {"MistralForCausalLM"}},
+                      {"model_type", "mistral"},
+                      {"hidden_size", 32},
+                      {"intermediate_size", 64},
+                      {"num_attention_heads", 4},
+                      {"num_key_value_heads", 2},
+                      {"num_hidden_layers", 1},
+                      {"max_position_embeddings", 256},
+                      {"sliding_window", 32},
+                      {"vocab_size", tok.vocab_size()}};
+  HfConfigOptions o;
+  o.max_seq_len = 32;
+  Transformer m(parse_hf_config(j, "test", o));
+  m.init_random(3, 0.3);
+  m.save_pretrained(dir.string());
+  fs::copy_file(model_dir_ / "tokenizer.json", dir / "tokenizer.json");
+  const auto ids = encode("hello");
+  ASSERT_LT(ids.size(), 10u);
+  Result ok = run({"generate", "-m", dir.string(), "-p", "hello", "-n", "20"});
+  EXPECT_EQ(ok.rc, 0) << ok.err;
+  // without -n: 128 does not fit the window; the default is then what does (32 - prompt + 1)
+  Result fit = run({"generate", "-m", dir.string(), "-p", "hello"});
+  EXPECT_EQ(fit.rc, 0) << fit.err;
+  auto model = Transformer::from_pretrained(dir.string(), o);
+  GenerateOptions g;
+  g.max_new_tokens = 32 - int64_t(ids.size()) + 1;
+  g.stop_token_ids = {*tok.eos_id()};
+  g.pad_token_id = *tok.eos_id();
+  EXPECT_EQ(fit.out, tok.decode(generate(*model, {ids}, g)[0], true) + "\n");
+  Result too_long = run({"generate", "-m", dir.string(), "-p", "hello", "-n", "40"});
+  EXPECT_EQ(too_long.rc, 1);
+  EXPECT_NE(too_long.err.find("sliding_window"), std::string::npos) << too_long.err;
+}
+
 TEST_F(Cli, BadInputExitsWithOne) {
   Result missing = run({"generate", "--model", (root_ / "nope").string(), "--prompt", "x"});
   EXPECT_EQ(missing.rc, 1);
