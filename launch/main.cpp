@@ -1,24 +1,16 @@
-// The ftune command line. Only main() turns errors into an exit code.
+// The ftune command line (CLI11). Only main() turns errors into an exit code: 0 on success, 1 when
+// a command fails (bad input files, an ftune::Error), 2 for bad command-line usage.
+#include <CLI/CLI.hpp>
 #include <cstdio>
-#include <cstring>
 #include <exception>
 #include <string>
 
-#include "core/ops.h"
-#include "core/rng.h"
 #include "core/allocator.h"
+#include "launch/commands.h"
+
+int cmd_smoke();  // launch/smoke.cpp
 
 namespace {
-
-void usage() {
-  std::printf(
-      "ftune %s: fine-tune LLMs (SFT, LoRA, reward, DPO, PPO, distillation)\n\n"
-      "usage: ftune <command> [args]\n\n"
-      "commands:\n"
-      "  version      print the version and the backends this build has\n"
-      "  smoke        run a tiny forward/backward on the CPU and print the loss\n",
-      FTUNE_VERSION);
-}
 
 int cmd_version() {
   std::printf("ftune %s\n", FTUNE_VERSION);
@@ -42,20 +34,37 @@ int cmd_version() {
 
 }  // namespace
 
-int cmd_smoke();
-
 int main(int argc, char** argv) {
+  CLI::App app{"ftune " FTUNE_VERSION
+               ": fine-tune LLMs (SFT, LoRA, reward, DPO, PPO, distillation)",
+               "ftune"};
+  app.require_subcommand(1);
+  app.add_flag_callback(
+      "--version",
+      [] {
+        cmd_version();
+        throw CLI::Success();  // runs before the subcommand requirement is checked
+      },
+      "print the version and the backends this build has, and exit");
+  CLI::App* version =
+      app.add_subcommand("version", "print the version and the backends this build has");
+  CLI::App* smoke =
+      app.add_subcommand("smoke", "run a tiny forward/backward on the CPU and print the loss");
+  ftune::cli::GenerateArgs gen_args;
+  CLI::App* generate = ftune::cli::add_generate_command(app, gen_args);
+
   try {
-    if (argc < 2 || !std::strcmp(argv[1], "-h") || !std::strcmp(argv[1], "--help")) {
-      usage();
-      return argc < 2 ? 2 : 0;
-    }
-    std::string cmd = argv[1];
-    if (cmd == "version" || cmd == "--version") return cmd_version();
-    if (cmd == "smoke") return cmd_smoke();
-    std::fprintf(stderr, "ftune: unknown command '%s' (try ftune --help)\n", cmd.c_str());
-    return 2;
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;  // help prints and succeeds; anything else is a usage error
+  }
+  try {
+    if (*version) return cmd_version();
+    if (*smoke) return cmd_smoke();
+    if (*generate) return ftune::cli::cmd_generate(gen_args);
+    return 2;  // unreachable: a subcommand is required
   } catch (const std::exception& e) {
+    std::fflush(stdout);
     std::fprintf(stderr, "ftune: error: %s\n", e.what());
     return 1;
   }

@@ -1,0 +1,31 @@
+// The subcommands of the ftune executable (launch/main.cpp wires them into CLI11).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace CLI {
+class App;
+}
+
+namespace ftune::cli {
+
+struct GenerateArgs {
+  std::string model;  // HF model folder: config.json, weights, tokenizer.json
+  std::vector<std::string> prompts;
+  int64_t max_new_tokens = -1;  // not given: 128, or fewer to fit the model's context
+  double temperature = 0.0;     // 0: greedy
+  int64_t top_k = 0;
+  double top_p = 1.0;
+  uint64_t seed = 0;
+  bool chat = false;
+  std::string system;         // with --chat: a system message before the prompt
+  std::string chat_template;  // a name of ChatTemplate::names(); implies --chat
+};
+
+// Adds `generate` and its options to `app`; the parsed values land in `args`.
+CLI::App* add_generate_command(CLI::App& app, GenerateArgs& args);
+// Loads the model and tokenizer, generates and streams the text to stdout. Throws on bad input.
+int cmd_generate(const GenerateArgs& args);
+
+}  // namespace ftune::cli
