@@ -150,6 +150,12 @@ std::vector<OpCase> cases() {
       return naive_matmul(v[0].transpose(0, 1).contiguous(), v[1].transpose(0, 1).contiguous());
     };
     cs.push_back(c);
+    c.variant = "single_row";  // m == 1 takes the gemv path
+    c.inputs = {{"a", {1, 5}}, {"b", {5, 6}}};
+    cs.push_back(c);
+    c.variant = "inner_dim_1";  // backward a^T g has one row: gemv with a strided x
+    c.inputs = {{"a", {4, 1}}, {"b", {1, 3}}};
+    cs.push_back(c);
     c.variant = "bench_512";
     c.inputs = {{"a", {512, 512}}, {"b", {512, 512}}};
     c.run = [](const V& v) { return ops::matmul(v[0], v[1]); };
@@ -166,6 +172,9 @@ std::vector<OpCase> cases() {
     c.reference = [](const V& v) {
       return ops::add(naive_matmul(v[0], v[1].transpose(0, 1).contiguous()), v[2]);
     };
+    cs.push_back(c);
+    c.variant = "single_row";
+    c.inputs = {{"x", {1, 8}}, {"w", {5, 8}}, {"b", {5}}};
     cs.push_back(c);
     c.variant = "nobias";
     c.inputs = {{"x", {6, 8}}, {"w", {5, 8}}};
