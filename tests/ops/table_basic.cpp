@@ -152,6 +152,8 @@ std::vector<OpCase> cases() {
     cs.push_back(c);
     c.variant = "single_row";  // m == 1 takes the gemv path
     c.inputs = {{"a", {1, 5}}, {"b", {5, 6}}};
+    c.run = [](const V& v) { return ops::matmul(v[0], v[1]); };
+    c.reference = [](const V& v) { return naive_matmul(v[0], v[1]); };
     cs.push_back(c);
     c.variant = "inner_dim_1";  // backward a^T g has one row: gemv with a strided x
     c.inputs = {{"a", {4, 1}}, {"b", {1, 3}}};
