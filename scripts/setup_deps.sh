@@ -11,6 +11,7 @@ PKGS=(
   libyaml-cpp-dev nlohmann-json3-dev libcli11-dev libfmt-dev libpcre2-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   gnuplot-nox                           # benchmark plots
+  clang libclang-rt-14-dev              # libFuzzer targets (scripts/test.sh runs them briefly)
   python3 python3-pip                   # reference side (fixtures, torch comparisons)
 )
 

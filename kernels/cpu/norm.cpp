@@ -50,7 +50,8 @@ void norm_forward_t(const T* x, const T* w, const T* b, int64_t N, int64_t D, do
     const T rt = T(rs);
     if constexpr (kCenter) {
       mean[r] = mu;
-      const auto [mh, ml] = split_mean<T>(mu);
+      const std::pair<T, T> split = split_mean<T>(mu);  // no structured binding: clang 14 omp simd
+      const T mh = split.first, ml = split.second;
       if (b) {
 #pragma omp simd
         for (int64_t j = 0; j < D; ++j) yr[j] = ((xr[j] - mh) - ml) * rt * w[j] + b[j];
@@ -82,7 +83,8 @@ void norm_backward_t(const T* dy, const T* x, const T* w, const double* mean, co
     for (int64_t r = c * N / nchunk; r < (c + 1) * N / nchunk; ++r) {
       const T* xr = x + r * D;
       const T* gr = dy + r * D;
-      const auto [mh, ml] = split_mean<T>(kCenter ? mean[r] : 0.0);
+      const std::pair<T, T> split = split_mean<T>(kCenter ? mean[r] : 0.0);
+      const T mh = split.first, ml = split.second;
       const T rt = T(rstd[r]);
       if (dx) {
         double sg = 0.0, sgx = 0.0;

@@ -288,8 +288,10 @@ std::vector<OpCase> cases() {
   };
   bench_ce(2048, 32000);
   bench_ce(512, 128256);
-  for (auto [name, kind] :
+  for (const auto& nk :
        {std::pair{"forward", ops::KLKind::forward}, std::pair{"jsd", ops::KLKind::jsd}}) {
+    const char* name = nk.first;
+    const ops::KLKind kind = nk.second;  // a plain variable: clang 14 cannot capture bindings
     OpCase c;
     c.op = "kl_div";
     c.variant = std::string("bench_") + name + "_512x32000";
