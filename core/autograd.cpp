@@ -57,9 +57,12 @@ namespace {
 // Sum of two gradients, never in place: a backward may hand the same tensor to two inputs.
 Tensor add_grads(const Tensor& a, const Tensor& b) { return ops::add(a, b); }
 
-void check_grad(const char* what, const std::string& name, const Tensor& g, const Shape& shape) {
+void check_grad(const char* what, const std::string& name, const Tensor& g, const Shape& shape,
+                DType dtype) {
   FTUNE_CHECK(g.shape() == shape, "[autograd] backward of ", what, " '", name, "' produced grad ",
               shape_str(g.shape()), " for an input of shape ", shape_str(shape));
+  FTUNE_CHECK(g.dtype() == dtype, "[autograd] backward of ", what, " '", name, "' produced a ",
+              g.desc(), " grad for a ", dtype_name(dtype), " input");
 }
 
 void accumulate_leaf(TensorImpl* leaf, Tensor g) {
@@ -85,7 +88,12 @@ void finish_leaf(TensorImpl* leaf, std::unordered_map<TensorImpl*, Tensor>& leaf
   Tensor g = std::move(it->second);
   leaf_grads.erase(it);
   accumulate_leaf(leaf, std::move(g));
-  for (auto& h : leaf->ready_hooks) h(Tensor(leaf->grad));
+  // By index over the count at entry: a hook may register more hooks (a lazily built reducer).
+  const size_t nh = leaf->ready_hooks.size();
+  for (size_t i = 0; i < nh; ++i) {
+    GradHook h = leaf->ready_hooks[i];
+    h(Tensor(leaf->grad));
+  }
 }
 
 }  // namespace
@@ -101,7 +109,11 @@ void run_backward(const Tensor& root, const Tensor& grad_in, bool retain_graph) 
 
   if (!root.grad_fn()) {  // a leaf: d root / d root
     accumulate_leaf(root.impl(), grad);
-    for (auto& h : root.impl()->ready_hooks) h(root.grad());
+    const size_t nh = root.impl()->ready_hooks.size();
+    for (size_t i = 0; i < nh; ++i) {
+      GradHook h = root.impl()->ready_hooks[i];
+      h(root.grad());
+    }
     return;
   }
 
@@ -150,7 +162,7 @@ void run_backward(const Tensor& root, const Tensor& grad_in, bool retain_graph) 
       Tensor gi = std::move(in_grads[i]);
       if (e.node) {
         if (gi.defined()) {
-          check_grad("op", n->name, gi, e.node->out_shape);
+          check_grad("op", n->name, gi, e.node->out_shape, e.node->out_dtype);
           auto it = grads.find(e.node.get());
           if (it == grads.end() || !it->second.defined())
             grads[e.node.get()] = std::move(gi);
@@ -188,7 +200,7 @@ void run_backward(const Tensor& root, const Tensor& grad_in, bool retain_graph) 
       } else {
         TensorImpl* leaf = e.leaf.get();
         if (gi.defined()) {
-          check_grad("op", n->name, gi, leaf->shape);
+          check_grad("op", n->name, gi, leaf->shape, leaf->dtype);
           auto it = leaf_grads.find(leaf);
           if (it == leaf_grads.end())
             leaf_grads.emplace(leaf, std::move(gi));

@@ -98,17 +98,23 @@ AdamW::AdamW(std::vector<ParamGroup> groups, AdamWOptions opt)
 
 void AdamW::step() {
   NoGradGuard ng;
-  ++step_;
-  for (Slot& s : slots_) {
+  // Validate every gradient first: a bad one must leave all parameters and the state untouched.
+  for (const Slot& s : slots_) {
     Tensor g = s.param.grad();
     if (!g.defined()) continue;
     FTUNE_CHECK(g.shape() == s.param.shape(), "[adamw] gradient ", g.desc(), " of parameter '",
                 s.name, "' ", s.param.desc());
     FTUNE_CHECK(g.dtype() == s.param.dtype() || g.dtype() == DType::f32, "[adamw] gradient ",
                 g.desc(), " of parameter '", s.name, "' ", s.param.desc(), " (expected ",
-                dtype_name(s.param.dtype()), " or f32)");
+                dtype_name(s.param.dtype()),
+                s.param.dtype() == DType::f32 ? ")" : " or f32)");
     FTUNE_CHECK(g.device().is_cpu(), "[adamw] has no GPU implementation yet (gradient of '", s.name,
                 "' is ", g.desc(), ")");
+  }
+  ++step_;
+  for (Slot& s : slots_) {
+    Tensor g = s.param.grad();
+    if (!g.defined()) continue;
     if (!g.is_contiguous()) g = g.contiguous();
     if (is_16bit(s.param.dtype()) && !s.master.defined()) s.master = s.param.to(DType::f32);
     ++s.step;

@@ -24,7 +24,9 @@ std::string shape_str(const Shape& s) {
 
 int64_t shape_numel(const Shape& s) {
   int64_t n = 1;
-  for (int64_t d : s) n *= d;
+  for (int64_t d : s)
+    if (__builtin_mul_overflow(n, d, &n))
+      FTUNE_THROW("[tensor] shape ", shape_str(s), " has more elements than int64 can count");
   return n;
 }
 
@@ -41,7 +43,10 @@ Shape contiguous_strides(const Shape& shape) {
 Tensor Tensor::empty(const Shape& shape, DType dtype, Device dev) {
   for (int64_t d : shape) FTUNE_CHECK(d >= 0, "[tensor] negative dimension in shape ", shape_str(shape));
   auto st = std::make_shared<Storage>();
-  st->bytes = size_t(shape_numel(shape)) * dtype_size(dtype);
+  int64_t bytes = 0;
+  FTUNE_CHECK(!__builtin_mul_overflow(shape_numel(shape), int64_t(dtype_size(dtype)), &bytes),
+              "[tensor] shape ", shape_str(shape), " of ", dtype_name(dtype), " overflows the byte count");
+  st->bytes = size_t(bytes);
   st->device = dev;
   if (dev.is_cpu()) {
     DataPtr p = cpu_alloc(st->bytes);
@@ -73,9 +78,18 @@ Tensor Tensor::arange(int64_t n, DType dtype, Device dev) {
   Tensor t = empty({n}, dtype, Device::cpu());
   dispatch_dtype(dtype, "arange", [&]<class T>() {
     T* p = t.data<T>();
-    for (int64_t i = 0; i < n; ++i) p[i] = T(float(i));
+    for (int64_t i = 0; i < n; ++i) {
+      if constexpr (std::is_integral_v<T>)
+        p[i] = T(i);
+      else
+        p[i] = T(float(double(i)));  // bf16/f16 convert from float; exact below 2^24 for f32
+    }
   });
   return dev.is_cpu() ? t : t.to(dev);
+}
+
+void Tensor::throw_undefined() {
+  FTUNE_THROW("[tensor] use of an undefined tensor (an op returned no tensor, or it was never set)");
 }
 
 int64_t Tensor::size(int64_t d) const {
@@ -306,6 +320,7 @@ Shape infer_shape(const Shape& want, int64_t numel, const Shape& have) {
       FTUNE_CHECK(neg < 0, "[view] more than one -1 in ", shape_str(want));
       neg = int64_t(i);
     } else {
+      FTUNE_CHECK(s[i] >= 0, "[view] negative size in ", shape_str(want));
       known *= s[i];
     }
   }
@@ -441,16 +456,21 @@ Tensor Tensor::expand(const Shape& want) const {
   FTUNE_CHECK(int64_t(want.size()) >= dim(), "[expand] ", desc(), " to ", shape_str(want));
   size_t lead = want.size() - size_t(dim());
   Shape st(want.size(), 0);
+  Shape target = want;
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (i >= lead && want[i] == -1) target[i] = shape()[i - lead];  // -1 keeps the size (torch)
+    FTUNE_CHECK(target[i] >= 0, "[expand] negative size in ", shape_str(want), " for ", desc());
+  }
   for (size_t i = 0; i < want.size(); ++i) {
     if (i < lead) continue;
     int64_t have = shape()[i - lead];
-    if (have == want[i]) {
+    if (have == target[i]) {
       st[i] = strides()[i - lead];
     } else {
       FTUNE_CHECK(have == 1, "[expand] cannot expand ", desc(), " to ", shape_str(want));
     }
   }
-  Tensor out = make_view(*this, want, st, offset());
+  Tensor out = make_view(*this, target, st, offset());
   Shape in_shape = shape();
   record("expand", out, {*this}, [in_shape](const Tensor& g, const std::vector<bool>&) {
     return std::vector<Tensor>{ops::sum_to(g, in_shape)};

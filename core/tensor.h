@@ -59,18 +59,18 @@ class Tensor {
 
   // ---- metadata
   bool defined() const { return impl_ != nullptr; }
-  const Shape& shape() const { return impl_->shape; }
-  const Shape& strides() const { return impl_->strides; }
-  int64_t offset() const { return impl_->offset; }
-  int64_t dim() const { return int64_t(impl_->shape.size()); }
+  const Shape& shape() const { return I().shape; }
+  const Shape& strides() const { return I().strides; }
+  int64_t offset() const { return I().offset; }
+  int64_t dim() const { return int64_t(I().shape.size()); }
   int64_t size(int64_t d) const;  // negative d counts from the end
-  int64_t numel() const { return shape_numel(impl_->shape); }
-  DType dtype() const { return impl_->dtype; }
-  Device device() const { return impl_->storage->device; }
+  int64_t numel() const { return shape_numel(I().shape); }
+  DType dtype() const { return I().dtype; }
+  Device device() const { return I().storage->device; }
   bool is_contiguous() const;
   std::string desc() const;  // "f32[2, 3] cpu"
-  const std::string& name() const { return impl_->name; }
-  Tensor& set_name(std::string n) { impl_->name = std::move(n); return *this; }
+  const std::string& name() const { return I().name; }
+  Tensor& set_name(std::string n) { I().name = std::move(n); return *this; }
 
   // ---- data access (CPU)
   void* raw_data() const;  // pointer to element 0 of this view
@@ -100,23 +100,30 @@ class Tensor {
   Tensor expand(const Shape& shape) const;  // broadcast view with zero strides
 
   // ---- autograd
-  bool requires_grad() const { return impl_->requires_grad; }
+  bool requires_grad() const { return I().requires_grad; }
   Tensor& set_requires_grad(bool r = true);
-  bool is_leaf() const { return impl_->grad_fn == nullptr; }
-  Tensor grad() const { return impl_->grad ? Tensor(impl_->grad) : Tensor(); }
-  void set_grad(const Tensor& g) { impl_->grad = g.impl_; }
-  void zero_grad() { impl_->grad.reset(); }
-  const std::shared_ptr<Node>& grad_fn() const { return impl_->grad_fn; }
+  bool is_leaf() const { return I().grad_fn == nullptr; }
+  Tensor grad() const { return I().grad ? Tensor(I().grad) : Tensor(); }
+  void set_grad(const Tensor& g) { I().grad = g.impl_; }
+  void zero_grad() { I().grad.reset(); }
+  const std::shared_ptr<Node>& grad_fn() const { return I().grad_fn; }
   Tensor detach() const;  // shares storage, no history
   void backward(const Tensor& grad = Tensor(), bool retain_graph = false) const;
   // Called when this leaf's gradient for the current backward pass is complete (the DP reducer).
-  void add_ready_hook(GradHook hook) { impl_->ready_hooks.push_back(std::move(hook)); }
+  void add_ready_hook(GradHook hook) { I().ready_hooks.push_back(std::move(hook)); }
 
   TensorImpl* impl() const { return impl_.get(); }
+  // The impl, or an ftune::Error when this tensor is undefined (never a null dereference).
+  TensorImpl& I() const {
+    if (!impl_) [[unlikely]]
+      throw_undefined();
+    return *impl_;
+  }
   const std::shared_ptr<TensorImpl>& impl_ptr() const { return impl_; }
   bool same(const Tensor& o) const { return impl_ == o.impl_; }
 
  private:
+  [[noreturn]] static void throw_undefined();
   std::shared_ptr<TensorImpl> impl_;
 };
 

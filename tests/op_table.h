@@ -43,6 +43,7 @@ struct OpCase {
   bool gradcheck = true;
   int grad_elems = 40;  // elements per input probed by central differences
   double fd_eps = 1e-6, grad_atol = 1e-7, grad_rtol = 1e-5;
+  double grad_rtol32 = 1e-3;  // f32 backward vs f64 backward, relative to max(|g|, 1e-3 max|g|)
   bool bench = false;   // a large case: timing mode only
   bool bench_backward = true;
   std::function<double()> flops;  // forward FLOPs, for GFLOP/s in timing mode (optional)

@@ -1,6 +1,7 @@
 // Drives modes (a) and (b) of the op-test table for every registered case.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "tests/op_table.h"
@@ -83,6 +84,36 @@ void check_gradients(const OpCase& c) {
   EXPECT_GT(checked, 0) << "gradient check probed nothing";
 }
 
+// The f32 backward against the f64 backward of the same op on the same inputs: catches f32-only
+// paths (fast exp, gemv, chunked loops) that the f64 gradient check never runs. The error of each
+// element is taken relative to max(|g64|, 1e-3 * max|g64|), so near-zero entries of a large
+// gradient are judged against its scale.
+void check_f32_gradients(const OpCase& c) {
+  auto x32 = make_inputs(c, DType::f32, 555, true);
+  auto x64 = make_inputs(c, DType::f64, 555, true);
+  Tensor o32 = c.run(x32), o64 = c.run(x64);
+  Generator g(8);
+  Tensor w = randn(o64.shape(), g, 0.0, 1.0, DType::f64);
+  o32.backward(w.to(DType::f32));
+  o64.backward(w);
+  for (size_t i = 0; i < x32.size(); ++i) {
+    if (!c.inputs[i].grad || !is_floating(x32[i].dtype())) continue;
+    ASSERT_TRUE(x32[i].grad().defined()) << "no f32 gradient for " << c.inputs[i].name;
+    auto a = x32[i].grad().to_vector<double>(), b = x64[i].grad().to_vector<double>();
+    double mx = 0;
+    for (double v : b) mx = std::max(mx, std::fabs(v));
+    double worst = 0;
+    size_t wi = 0;
+    for (size_t j = 0; j < a.size(); ++j) {
+      double e = std::fabs(a[j] - b[j]) / std::max({std::fabs(b[j]), 1e-3 * mx, 1e-30});
+      if (std::isnan(a[j]) != std::isnan(b[j])) e = INFINITY;
+      if (e > worst) worst = e, wi = j;
+    }
+    EXPECT_LE(worst, c.grad_rtol32) << "input " << c.inputs[i].name << " element " << wi << ": f32 "
+                                    << a[wi] << ", f64 " << b[wi];
+  }
+}
+
 class OpTest : public ::testing::Test {
  public:
   OpTest(const OpCase* c, int mode) : c_(c), mode_(mode) {}
@@ -90,6 +121,7 @@ class OpTest : public ::testing::Test {
     if (mode_ == 0) check_reference(*c_, DType::f32);
     if (mode_ == 1) check_reference(*c_, DType::f64);
     if (mode_ == 2) check_gradients(*c_);
+    if (mode_ == 3) check_f32_gradients(*c_);
   }
 
  private:
@@ -112,9 +144,12 @@ void register_op_tests() {
       ::testing::RegisterTest("OpReference", (name + "_f64").c_str(), nullptr, nullptr, __FILE__, __LINE__,
                               [cp]() -> ::testing::Test* { return new OpTest(cp, 1); });
     }
-    if (c.gradcheck)
+    if (c.gradcheck) {
       ::testing::RegisterTest("OpGradcheck", name.c_str(), nullptr, nullptr, __FILE__, __LINE__,
                               [cp]() -> ::testing::Test* { return new OpTest(cp, 2); });
+      ::testing::RegisterTest("OpGradF32", name.c_str(), nullptr, nullptr, __FILE__, __LINE__,
+                              [cp]() -> ::testing::Test* { return new OpTest(cp, 3); });
+    }
   }
 }
 

@@ -43,7 +43,7 @@ Tensor lora_linear(const Tensor& x, const Tensor& w, const Tensor& b, const Tens
               dropout);
   FTUNE_CHECK(std::isfinite(scale), "[lora_linear] scale must be finite, got ", scale);
 
-  const kernels::LoraDims d{x.numel() / in, in, outf, r};
+  const kernels::LoraDims d{shape_numel(Shape(x.shape().begin(), x.shape().end() - 1)), in, outf, r};
   Tensor x2 = contig(x), w2 = contig(w), a2 = contig(lora_a), b2 = contig(lora_b);
   Tensor bias2 = b.defined() ? contig(b) : Tensor();
   Shape out_shape = x.shape();

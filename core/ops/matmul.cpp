@@ -92,7 +92,7 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b) {
   const int64_t in = w.size(1), outf = w.size(0);
   FTUNE_CHECK(!b.defined() || (b.dim() == 1 && b.size(0) == outf), "[linear] bias ", b.desc(),
               " for weight ", w.desc());
-  const int64_t M = x.numel() / std::max<int64_t>(in, 1);
+  const int64_t M = shape_numel(Shape(x.shape().begin(), x.shape().end() - 1));  // rows, even if in == 0
   Tensor x2 = contig(x), w2 = contig(w), b2 = b.defined() ? contig(b) : Tensor();
   Shape out_shape = x.shape();
   out_shape.back() = outf;

@@ -86,6 +86,7 @@ Tensor argmax(const Tensor& a, int64_t dim) {
   check_float("argmax", a, "input");
   require_cpu("argmax", {&a});
   int64_t d = wrap_dim("argmax", dim, a.dim());
+  FTUNE_CHECK(a.shape()[d] > 0, "[argmax] empty dim ", d, " of ", a.desc());
   int64_t outer = 1, inner = 1;
   for (int64_t i = 0; i < d; ++i) outer *= a.shape()[i];
   for (int64_t i = d + 1; i < a.dim(); ++i) inner *= a.shape()[i];

@@ -4,6 +4,7 @@
 #include <bit>
 #include <cmath>
 #include <type_traits>
+#include <vector>
 
 #include "core/dtype.h"
 
@@ -31,6 +32,7 @@ inline void adamw_f32(float* p, const float* g, float* m, float* v, int64_t n,
 }
 
 inline float widen(float x) { return x; }
+inline double widen(double x) { return x; }
 inline float widen(bf16 x) { return std::bit_cast<float>(uint32_t(x.bits) << 16); }
 inline float widen(f16 x) { return float(x); }
 
@@ -63,23 +65,28 @@ void adamw_update(float* master, P* param, const G* g, float* m, float* v, int64
   }
 }
 
+// Fixed-size chunks whose partial sums are added in chunk order: the result does not depend on
+// the thread count or on which thread finishes first (a resumed run clips exactly as before).
+constexpr int64_t kSumChunk = int64_t(1) << 14;
+
 template <class T>
 double sum_squares(const T* x, int64_t n) {
-  double acc = 0.0;
-#pragma omp parallel for simd schedule(static) reduction(+ : acc) if (n > (1 << 15))
-  for (int64_t i = 0; i < n; ++i) {
-    const double xi = double(widen(x[i]));
-    acc += xi * xi;
+  const int64_t nchunks = (n + kSumChunk - 1) / kSumChunk;
+  std::vector<double> part(size_t(std::max<int64_t>(nchunks, 1)), 0.0);
+#pragma omp parallel for schedule(static) if (n > (1 << 15))
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t b = c * kSumChunk, e = std::min(n, b + kSumChunk);
+    double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = b; i < e; ++i) {
+      const double xi = double(widen(x[i]));
+      acc += xi * xi;
+    }
+    part[size_t(c)] = acc;
   }
-  return acc;
-}
-
-template <>
-double sum_squares<double>(const double* x, int64_t n) {
-  double acc = 0.0;
-#pragma omp parallel for simd schedule(static) reduction(+ : acc) if (n > (1 << 15))
-  for (int64_t i = 0; i < n; ++i) acc += x[i] * x[i];
-  return acc;
+  double total = 0.0;
+  for (double v : part) total += v;
+  return total;
 }
 
 template <class T>
@@ -101,6 +108,7 @@ template void adamw_update<f16, f16>(float*, f16*, const f16*, float*, float*, i
 template void adamw_update<float, f16>(float*, f16*, const float*, float*, float*, int64_t,
                                        const AdamWConsts&);
 template double sum_squares<float>(const float*, int64_t);
+template double sum_squares<double>(const double*, int64_t);
 template double sum_squares<bf16>(const bf16*, int64_t);
 template double sum_squares<f16>(const f16*, int64_t);
 template void scale_inplace<float>(float*, int64_t, double);

@@ -260,9 +260,12 @@ void attention_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, c
       delta[h * p.nq + n] = acc;
     }
 
-  // Smallest split of each group into subgroups that gives ~4 tasks per thread.
+  // Smallest split of each group into subgroups that gives at least kMinBwdTasks tasks. It depends
+  // on the problem only, never on the thread count, so dK/dV sum in the same order everywhere
+  // (a run resumed on another machine continues bit for bit).
+  constexpr int64_t kMinBwdTasks = 64;
   int64_t splits = 1;
-  while (splits < group && nseq * Hkv * splits < 4 * threads) {
+  while (splits < group && nseq * Hkv * splits < kMinBwdTasks) {
     ++splits;
     while (group % splits) ++splits;
   }

@@ -174,7 +174,8 @@ void amax_dim(const Tensor& a, int64_t outer, int64_t n, int64_t inner, Tensor& 
         int64_t bi = 0;
         for (int64_t j = 0; j < n; ++j) {
           T v = pa[(o * n + j) * inner + i];
-          if (v > best || (j == 0)) {
+          if (std::isnan(best)) break;  // NaN wins, as in torch.amax / argmax
+          if (v > best || j == 0 || std::isnan(v)) {
             best = v;
             bi = j;
           }

@@ -38,12 +38,13 @@ struct DevicePool {
 std::atomic<bool> g_poison{false};
 
 DevicePool& pool(int dev) {
-  static std::vector<std::unique_ptr<DevicePool>> pools(64);
-  static std::mutex mu;
-  std::lock_guard<std::mutex> lk(mu);
+  // Never destroyed: tensors freed during static teardown still return their blocks here.
+  static auto* pools = new std::vector<std::unique_ptr<DevicePool>>(64);
+  static auto* mu = new std::mutex;
+  std::lock_guard<std::mutex> lk(*mu);
   FTUNE_CHECK(dev >= 0 && dev < 64, "[cuda] bad device index ", dev);
-  if (!pools[dev]) pools[dev] = std::make_unique<DevicePool>();
-  return *pools[dev];
+  if (!(*pools)[dev]) (*pools)[dev] = std::make_unique<DevicePool>();
+  return *(*pools)[dev];
 }
 
 void release(int dev, void* p) {

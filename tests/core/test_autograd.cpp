@@ -128,3 +128,18 @@ TEST(Autograd, UnusedBranchGetsNoGradient) {
   EXPECT_TRUE(a.grad().defined());
   EXPECT_FALSE(b.grad().defined());
 }
+
+TEST(Autograd, ReadyHookMayRegisterAnotherHook) {
+  Tensor x = vec({1.0, 2.0}).set_requires_grad(true);
+  int first = 0, second = 0;
+  x.add_ready_hook([&](const Tensor&) {
+    ++first;
+    if (first == 1) x.add_ready_hook([&](const Tensor&) { ++second; });  // a lazily built reducer
+  });
+  ops::sum(ops::mul(x, x)).backward();
+  EXPECT_EQ(first, 1);
+  EXPECT_EQ(second, 0);  // registered during the pass: runs from the next one
+  ops::sum(ops::mul(x, x)).backward();
+  EXPECT_EQ(first, 2);
+  EXPECT_EQ(second, 1);
+}

@@ -6,6 +6,7 @@
 #include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
+#include <omp.h>
 
 #include "core/ops.h"
 #include "core/optim.h"
@@ -490,4 +491,30 @@ TEST(ClipGradNorm, Bf16Gradients) {
   auto g = p.grad().to_vector<double>();
   EXPECT_NEAR(g[0], 3.0, 0.02);  // halved, rounded to bf16
   EXPECT_NEAR(g[1], 4.0, 0.02);
+}
+
+TEST(AdamW, FailedStepChangesNothing) {
+  Generator gen(2);
+  Tensor a = randn({4}, gen).set_requires_grad(true);
+  Tensor b = randn({3}, gen).set_requires_grad(true);
+  AdamW opt({ParamGroup{{{"a", a}, {"b", b}}}});
+  auto before = a.to_vector<float>();
+  a.set_grad(randn({4}, gen));
+  b.set_grad(randn({5}, gen));  // wrong shape: the step must refuse before touching a
+  EXPECT_THROW(opt.step(), Error);
+  EXPECT_EQ(a.to_vector<float>(), before);
+  EXPECT_EQ(opt.step_count(), 0);
+}
+
+TEST(ClipGradNorm, SumOfSquaresIsTheSameForEveryThreadCount) {
+  Generator gen(3);
+  Tensor p = randn({1 << 20}, gen).set_requires_grad(true);
+  p.set_grad(randn({1 << 20}, gen));
+  std::vector<double> seen;
+  for (int threads : {1, 2, 3, 8}) {
+    omp_set_num_threads(threads);
+    for (int rep = 0; rep < 5; ++rep) seen.push_back(grad_sum_squares({p}));
+  }
+  omp_set_num_threads(omp_get_num_procs());
+  for (double v : seen) EXPECT_EQ(v, seen[0]);  // bitwise: resume must clip exactly as before
 }

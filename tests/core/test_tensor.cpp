@@ -167,3 +167,45 @@ TEST(Allocator, HostCacheReusesLargeBlocksAndCountsBytes) {
     EXPECT_EQ(reinterpret_cast<uintptr_t>(t.raw_data()) % 64, 0u) << n;
   }
 }
+
+TEST(Tensor, HugeOrNegativeShapesThrow) {
+  EXPECT_THROW(Tensor::empty({int64_t(1) << 33, int64_t(1) << 33}), Error);  // numel overflows
+  EXPECT_THROW(Tensor::empty({int64_t(1) << 31, int64_t(1) << 31}, DType::f64), Error);  // bytes overflow
+  Tensor t = Tensor::zeros({2, 3});
+  EXPECT_THROW(t.view({-2, -3}), Error);
+  EXPECT_THROW(t.expand({-2, 3}), Error);
+  EXPECT_EQ(t.expand({4, -1, -1}).shape(), (Shape{4, 2, 3}));  // -1 keeps the size, as in torch
+}
+
+TEST(Tensor, UndefinedTensorsThrowInsteadOfCrashing) {
+  Tensor u;
+  EXPECT_THROW(u.shape(), Error);
+  EXPECT_THROW(u.squeeze(0), Error);
+  EXPECT_THROW(ops::amax(u, 0), Error);
+  EXPECT_THROW(ops::mean(u), Error);
+  EXPECT_THROW(ops::cat({u}, 0), Error);
+  Tensor a = Tensor::zeros({2});
+  EXPECT_THROW(ops::add_(a, u), Error);
+  EXPECT_THROW(ops::where_mask(u, a, 0.0), Error);
+}
+
+TEST(Tensor, ReductionEdgeCases) {
+  EXPECT_THROW(ops::argmax(Tensor::zeros({3, 0}), 1), Error);
+  Tensor x = Tensor::from_vector(std::vector<float>{1.0f, NAN, 5.0f}, {1, 3});
+  EXPECT_TRUE(std::isnan(ops::amax(x, 1).item()));  // NaN propagates, as in torch.amax
+  EXPECT_EQ(ops::argmax(x, 1).to_vector<int64_t>()[0], 1);
+  auto big = Tensor::arange(20000000, DType::i64).to_vector<int64_t>();
+  EXPECT_EQ(big[16777217], 16777217);  // integers past 2^24 stay exact
+}
+
+TEST(Tensor, LinearWithEmptyInnerDimIsBiasOnly) {
+  Tensor x = Tensor::zeros({3, 0});
+  Tensor w = Tensor::zeros({2, 0});
+  Tensor b = Tensor::from_vector(std::vector<float>{1.5f, -2.0f}, {2});
+  EXPECT_EQ(ops::linear(x, w, b).to_vector<float>(), (std::vector<float>{1.5f, -2.0f, 1.5f, -2.0f, 1.5f, -2.0f}));
+  EXPECT_EQ(ops::linear(x, w).to_vector<float>(), std::vector<float>(6, 0.0f));
+  Tensor a = Tensor::zeros({1, 0});
+  Tensor bb = Tensor::zeros({2, 1});
+  EXPECT_EQ(ops::lora_linear(x, w, b, a, bb, 2.0).to_vector<float>(),
+            (std::vector<float>{1.5f, -2.0f, 1.5f, -2.0f, 1.5f, -2.0f}));
+}

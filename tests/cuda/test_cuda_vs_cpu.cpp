@@ -24,7 +24,8 @@ double worst_violation(const Tensor& got, const Tensor& ref, double atol, double
   double worst = 0;
   for (size_t i = 0; i < g.size(); ++i) {
     double v = std::fabs(g[i] - r[i]) - (atol + rtol * std::fabs(r[i]));
-    if (!std::isfinite(g[i]) && std::isfinite(r[i])) v = INFINITY;
+    if (std::isnan(g[i]) != std::isnan(r[i]) || (!std::isfinite(g[i]) && std::isfinite(r[i]))) v = INFINITY;
+    if (std::isnan(v)) v = 0;  // both NaN: they agree
     if (v > worst) {
       worst = v;
       *where = i;

@@ -74,6 +74,9 @@ OpCase batched(const std::string& variant, int64_t B, int64_t Tq, int64_t Tk, in
   c.reference = [causal, scale](const V& x) {
     return naive_attention(x[0], x[1], x[2], causal, scale, {}, {});
   };
+  // f32 vs f64 backward: dS = P * (dP - Delta) cancels, and large scales amplify the f32
+  // rounding of the scores (scale 40 measures 1.3e-3).
+  c.grad_rtol32 = 2e-3;
   return c;
 }
 
@@ -99,6 +102,7 @@ OpCase packed(const std::string& variant, const std::vector<int>& cq, const std:
   c.reference = [cq, ck, causal](const V& x) {
     return naive_attention(x[0], x[1], x[2], causal, 0.0, cq, ck);
   };
+  c.grad_rtol32 = 2e-3;  // as for batched(): a query seeing one key has dq = 0 exactly in f64 only
   return c;
 }
 
