@@ -39,13 +39,14 @@ struct AttnParams {
 
 // out [Nq, H, D] and lse [H, Nq] are written in full.
 template <class T>
-void attention_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const T* q, const T* k,
-                       const T* v, T* out, T* lse);
+void attention_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const T* q,
+                       const T* k, const T* v, T* out, T* lse);
 
 // Gradients from dout [Nq, H, D]. dq, dk, dv are written in full (no accumulation into existing
 // values); any of them may be null when that gradient is not needed.
 template <class T>
-void attention_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const T* q, const T* k,
-                        const T* v, const T* out, const T* lse, const T* dout, T* dq, T* dk, T* dv);
+void attention_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const T* q,
+                        const T* k, const T* v, const T* out, const T* lse, const T* dout, T* dq,
+                        T* dk, T* dv);
 
 }  // namespace ftune::kernels::cpu

@@ -18,7 +18,8 @@ enum class Divergence { forward, reverse, jsd };
 
 // exp(x) for float in a form compilers vectorize (no libm call): Cody-Waite reduction
 // x = k ln2 + r, |r| <= ln2/2, then a degree-7 Taylor polynomial (truncation < 1e-8 relative)
-// scaled by 2^k through the exponent bits. Max relative error ~2e-7 (tests/core/test_loss.cpp).
+// scaled by 2^k through the exponent bits. Max relative error 7.8e-8 on [-87.3, 88]
+// (tests/core/test_loss.cpp).
 // Returns 0 below ln(FLT_MIN) (no denormals), +inf above 88, NaN for NaN.
 inline float fast_exp(float x) {
   constexpr float kLo = -87.33654f, kHi = 88.0f;
@@ -75,8 +76,7 @@ void nll_backward(const T* x, const int64_t* tgt, const T* stat, const T* g, int
 
 // Entropy of softmax(x) per row: h [N], and stat [N, 2] for the backward.
 template <class T>
-void entropy_forward(const T* x, int64_t n, int64_t v, T* stat, T* h,
-                     int64_t chunk = kLossChunk);
+void entropy_forward(const T* x, int64_t n, int64_t v, T* stat, T* h, int64_t chunk = kLossChunk);
 // dx = -g[i] * p * (log p + h[i]), p = softmax(x[i]).
 template <class T>
 void entropy_backward(const T* x, const T* stat, const T* h, const T* g, int64_t n, int64_t v,

@@ -1,8 +1,9 @@
 // attention: fused scaled-dot-product attention (kernels/attention.h), with its own backward.
+#include "kernels/attention.h"
+
 #include <cmath>
 
 #include "core/ops/common.h"
-#include "kernels/attention.h"
 
 namespace ftune::ops {
 
@@ -22,16 +23,17 @@ std::vector<int64_t> read_cu_seqlens(const Tensor& cu, const char* what, int64_t
   for (int32_t x : cu.to_vector<int32_t>()) v.push_back(x);
   FTUNE_CHECK(v.front() == 0, "[attention] ", what, "[0] must be 0, got ", v.front());
   for (size_t i = 1; i < v.size(); ++i)
-    FTUNE_CHECK(v[i] >= v[i - 1], "[attention] ", what, " must be non-decreasing, got ", v[i - 1], " then ",
-                v[i], " at index ", i);
-  FTUNE_CHECK(v.back() == n, "[attention] ", what, " ends at ", v.back(), " but there are ", n, " tokens");
+    FTUNE_CHECK(v[i] >= v[i - 1], "[attention] ", what, " must be non-decreasing, got ", v[i - 1],
+                " then ", v[i], " at index ", i);
+  FTUNE_CHECK(v.back() == n, "[attention] ", what, " ends at ", v.back(), " but there are ", n,
+              " tokens");
   return v;
 }
 
 // Packed layout: [1, N, H, D] or [N, H, D] -> N.
 int64_t packed_tokens(const Tensor& t, const char* what) {
-  FTUNE_CHECK(t.dim() == 3 || (t.dim() == 4 && t.size(0) == 1), "[attention] with cu_seqlens, ", what,
-              " must be [1, N, heads, head_dim] or [N, heads, head_dim], got ", t.desc());
+  FTUNE_CHECK(t.dim() == 3 || (t.dim() == 4 && t.size(0) == 1), "[attention] with cu_seqlens, ",
+              what, " must be [1, N, heads, head_dim] or [N, heads, head_dim], got ", t.desc());
   return t.size(-3);
 }
 
@@ -47,7 +49,8 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, const Attent
   check_same_dtype("attention", {&q, &k, &v});
   check_float("attention", q, "q");
   require_cpu("attention", {&q, &k, &v, &cq, &ck});
-  FTUNE_CHECK(v.shape() == k.shape(), "[attention] v ", v.desc(), " must have the shape of k ", k.desc());
+  FTUNE_CHECK(v.shape() == k.shape(), "[attention] v ", v.desc(), " must have the shape of k ",
+              k.desc());
   const bool varlen = cq.defined() || ck.defined();
   FTUNE_CHECK(cq.defined() == ck.defined(),
               "[attention] cu_seqlens_q and cu_seqlens_k must be given together (got only ",
@@ -56,14 +59,16 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, const Attent
     packed_tokens(q, "q");
     packed_tokens(k, "k");
   } else {
-    FTUNE_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0), "[attention] expects q [B, Tq, H, D] ",
+    FTUNE_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0),
+                "[attention] expects q [B, Tq, H, D] ",
                 "and k, v [B, Tk, Hkv, D] with the same B, got q ", q.desc(), ", k ", k.desc());
   }
   const int64_t H = q.size(-2), D = q.size(-1), Hkv = k.size(-2);
-  FTUNE_CHECK(k.size(-1) == D, "[attention] head_dim of q ", q.desc(), " and k ", k.desc(), " differ");
+  FTUNE_CHECK(k.size(-1) == D, "[attention] head_dim of q ", q.desc(), " and k ", k.desc(),
+              " differ");
   FTUNE_CHECK(D > 0 && H > 0 && Hkv > 0 && H % Hkv == 0, "[attention] query heads (", H,
-              ") must be a positive multiple of kv heads (", Hkv, "), head_dim > 0: q ", q.desc(), ", k ",
-              k.desc());
+              ") must be a positive multiple of kv heads (", Hkv, "), head_dim > 0: q ", q.desc(),
+              ", k ", k.desc());
   FTUNE_CHECK(std::isfinite(opt.scale), "[attention] scale must be finite, got ", opt.scale);
 
   AttnParams p;
@@ -78,8 +83,8 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, const Attent
     p.nk = packed_tokens(k, "k");
     auto vq = read_cu_seqlens(cq, "cu_seqlens_q", p.nq);
     auto vk = read_cu_seqlens(ck, "cu_seqlens_k", p.nk);
-    FTUNE_CHECK(vq.size() == vk.size(), "[attention] cu_seqlens_q ", cq.desc(), " and cu_seqlens_k ", ck.desc(),
-                " must describe the same number of sequences");
+    FTUNE_CHECK(vq.size() == vk.size(), "[attention] cu_seqlens_q ", cq.desc(),
+                " and cu_seqlens_k ", ck.desc(), " must describe the same number of sequences");
     for (size_t i = 0; i + 1 < vq.size(); ++i)
       seqs.push_back({vq[i], vq[i + 1] - vq[i], vk[i], vk[i + 1] - vk[i]});
   } else {
@@ -93,8 +98,8 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, const Attent
   Tensor out = Tensor::empty(q.shape(), q.dtype(), q.device());
   Tensor lse = Tensor::empty({H, p.nq}, q.dtype(), q.device());
   dispatch_float(q.dtype(), "attention", [&]<class T>() {
-    kernels::cpu::attention_forward<T>(p, seqs, qc.data<T>(), kc.data<T>(), vc.data<T>(), out.data<T>(),
-                                       lse.data<T>());
+    kernels::cpu::attention_forward<T>(p, seqs, qc.data<T>(), kc.data<T>(), vc.data<T>(),
+                                       out.data<T>(), lse.data<T>());
   });
   if (!needs_record({&q, &k, &v})) return out;
 
@@ -108,9 +113,9 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, const Attent
            if (need[2]) dv = Tensor::empty(vc.shape(), vc.dtype(), vc.device());
            dispatch_float(gc.dtype(), "attention_backward", [&]<class T>() {
              kernels::cpu::attention_backward<T>(
-                 p, seqs, qc.data<T>(), kc.data<T>(), vc.data<T>(), saved_out.data<T>(), lse.data<T>(),
-                 gc.data<T>(), dq.defined() ? dq.data<T>() : nullptr, dk.defined() ? dk.data<T>() : nullptr,
-                 dv.defined() ? dv.data<T>() : nullptr);
+                 p, seqs, qc.data<T>(), kc.data<T>(), vc.data<T>(), saved_out.data<T>(),
+                 lse.data<T>(), gc.data<T>(), dq.defined() ? dq.data<T>() : nullptr,
+                 dk.defined() ? dk.data<T>() : nullptr, dv.defined() ? dv.data<T>() : nullptr);
            });
            return std::vector<Tensor>{dq, dk, dv};
          });

@@ -1,11 +1,12 @@
 // softmax, log_softmax, cross_entropy, token_logprobs, entropy, kl_div. The losses are fused: the
 // forward saves the logits and per-row statistics (kernels/loss.h), never probabilities; the
 // backward recomputes the probabilities in the same pass that writes the gradient.
+#include "kernels/loss.h"
+
 #include <cmath>
 #include <limits>
 
 #include "core/ops/common.h"
-#include "kernels/loss.h"
 
 namespace ftune::ops {
 
@@ -111,17 +112,19 @@ Tensor nll_grad(const char* op, const Nll& f, const Rows& r, const Shape& shape,
   Tensor dx = Tensor::empty({r.n, r.v}, f.x.dtype(), f.x.device());
   dispatch_float(f.x.dtype(), op, [&]<class T>() {
     kernels::cpu::nll_backward<T>(f.x.data<T>(), f.tgt.data<int64_t>(), f.stat.data<T>(),
-                                  gc.data<T>(), g_stride, T(scale), r.n, r.v, ignore,
-                                  dx.data<T>());
+                                  gc.data<T>(), g_stride, T(scale), r.n, r.v, ignore, dx.data<T>());
   });
   return dx.view(shape);
 }
 
 kernels::Divergence divergence_of(KLKind k) {
   switch (k) {
-    case KLKind::forward: return kernels::Divergence::forward;
-    case KLKind::reverse: return kernels::Divergence::reverse;
-    case KLKind::jsd: return kernels::Divergence::jsd;
+    case KLKind::forward:
+      return kernels::Divergence::forward;
+    case KLKind::reverse:
+      return kernels::Divergence::reverse;
+    case KLKind::jsd:
+      return kernels::Divergence::jsd;
   }
   FTUNE_THROW("[kl_div] bad KLKind");
 }
@@ -199,8 +202,8 @@ Tensor entropy(const Tensor& logits) {
     Tensor gc = contig(g);
     Tensor dx = Tensor::empty({r.n, r.v}, x.dtype(), x.device());
     dispatch_float(x.dtype(), "entropy", [&]<class T>() {
-      kernels::cpu::entropy_backward<T>(x.data<T>(), stat.data<T>(), h.data<T>(), gc.data<T>(),
-                                        r.n, r.v, dx.data<T>());
+      kernels::cpu::entropy_backward<T>(x.data<T>(), stat.data<T>(), h.data<T>(), gc.data<T>(), r.n,
+                                        r.v, dx.data<T>());
     });
     return std::vector<Tensor>{dx.view(shape)};
   });
@@ -238,22 +241,22 @@ Tensor kl_div(const Tensor& student_logits, const Tensor& teacher_logits, KLKind
                                 out.data<T>(), stats.data<T>());
   });
   Shape shape = student_logits.shape();
-  record(op, out, {student_logits, teacher_logits},
-         [s, t, stats, r, shape, div, beta, inv_temp](const Tensor& g,
-                                                      const std::vector<bool>& need) {
-           Tensor gc = contig(g);
-           Tensor ds, dt;
-           if (need[0]) ds = Tensor::empty({r.n, r.v}, s.dtype(), s.device());
-           if (need[1]) dt = Tensor::empty({r.n, r.v}, s.dtype(), s.device());
-           dispatch_float(s.dtype(), "kl_div", [&]<class T>() {
-             kernels::cpu::kl_backward<T>(s.data<T>(), t.data<T>(), stats.data<T>(), gc.data<T>(),
-                                          r.n, r.v, div, beta, inv_temp,
-                                          ds.defined() ? ds.data<T>() : nullptr,
-                                          dt.defined() ? dt.data<T>() : nullptr);
-           });
-           return std::vector<Tensor>{ds.defined() ? ds.view(shape) : ds,
-                                      dt.defined() ? dt.view(shape) : dt};
-         });
+  record(
+      op, out, {student_logits, teacher_logits},
+      [s, t, stats, r, shape, div, beta, inv_temp](const Tensor& g, const std::vector<bool>& need) {
+        Tensor gc = contig(g);
+        Tensor ds, dt;
+        if (need[0]) ds = Tensor::empty({r.n, r.v}, s.dtype(), s.device());
+        if (need[1]) dt = Tensor::empty({r.n, r.v}, s.dtype(), s.device());
+        dispatch_float(s.dtype(), "kl_div", [&]<class T>() {
+          kernels::cpu::kl_backward<T>(s.data<T>(), t.data<T>(), stats.data<T>(), gc.data<T>(), r.n,
+                                       r.v, div, beta, inv_temp,
+                                       ds.defined() ? ds.data<T>() : nullptr,
+                                       dt.defined() ? dt.data<T>() : nullptr);
+        });
+        return std::vector<Tensor>{ds.defined() ? ds.view(shape) : ds,
+                                   dt.defined() ? dt.view(shape) : dt};
+      });
   return out;
 }
 

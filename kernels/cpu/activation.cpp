@@ -35,21 +35,24 @@ inline float exp_nonpos(float a) {
   return p * std::bit_cast<float>((ni + 127) << 23);
 }
 
-// sigmoid(z) = num / (1 + e) with e = exp(-|z|) and num = 1 (z >= 0) or e (z < 0): never
-// overflows and keeps full relative precision for z << 0. Beyond |z| = 87, e (< 1.7e-38) is
-// flushed to 0 so that sigmoid saturates to exactly 0 or 1. The clamp and the selects work on the
-// bits, as integers: float compare-selects keep GCC from vectorizing under -ftrapping-math.
-// A NaN input gives a finite s; every caller multiplies by its input, so NaN still propagates.
-inline float sigmoid_f32(float z) {
+// s = sigmoid(z) and sc = 1 - s, both from e = exp(-|z|) and 1 / (1 + e): for z >= 0,
+// s = 1 / (1 + e) and sc = e / (1 + e); for z < 0 the two swap. Neither overflows nor cancels, so
+// the tails keep full relative precision (1 - s computed as such would lose it when s -> 1).
+// Beyond |z| = 87, e (< 1.7e-38) is flushed to 0 so that s saturates to exactly 0 or 1. The clamp
+// and the selects work on the bits, as integers: float compare-selects keep GCC from vectorizing
+// under -ftrapping-math. A NaN input gives a finite s; every caller multiplies by its input, so
+// NaN still propagates.
+inline void sigmoid2_f32(float z, float& s, float& sc) {
   constexpr uint32_t kLim = std::bit_cast<uint32_t>(87.0f);
   const uint32_t zb = std::bit_cast<uint32_t>(z);
   const uint32_t mag = zb & 0x7fffffffu;
   const float e0 = exp_nonpos(-std::bit_cast<float>(std::min(mag, kLim)));
   const float e = std::bit_cast<float>(std::bit_cast<uint32_t>(e0) & (0u - uint32_t(mag < kLim)));
+  const float inv = 1.0f / (1.0f + e);
+  const uint32_t a = std::bit_cast<uint32_t>(inv), b = std::bit_cast<uint32_t>(e * inv);
   const uint32_t neg = 0u - (zb >> 31);  // all ones when z < 0
-  const float num = std::bit_cast<float>((std::bit_cast<uint32_t>(e) & neg) |
-                                         (std::bit_cast<uint32_t>(1.0f) & ~neg));
-  return num / (1.0f + e);
+  s = std::bit_cast<float>((b & neg) | (a & ~neg));
+  sc = std::bit_cast<float>((a & neg) | (b & ~neg));
 }
 
 // x with |x| limited to lim (sign kept, NaN passed through), by bits for the same reason.
@@ -69,18 +72,27 @@ inline T clamp_mag(T x, T lim) {
 }
 
 template <class T>
-inline T sigmoid_t(T x) {
-  if constexpr (std::is_same_v<T, float>)
-    return sigmoid_f32(x);
-  else
-    return T(1) / (T(1) + std::exp(-x));  // f64 is the gradient-check path: exactness over speed
+inline void sigmoid2(T z, T& s, T& sc) {
+  if constexpr (std::is_same_v<T, float>) {
+    sigmoid2_f32(z, s, sc);
+  } else {  // f64 is the gradient-check path: exactness over speed
+    const T e = std::exp(-std::fabs(z)), inv = T(1) / (T(1) + e);
+    s = z < 0 ? e * inv : inv;
+    sc = z < 0 ? inv : e * inv;
+  }
+}
+
+template <class T>
+inline T sigmoid_t(T z) {
+  T s, sc;
+  sigmoid2<T>(z, s, sc);
+  return s;
 }
 
 // gelu_tanh(x) = x * sigmoid(2u), u = a (x + b x^3), since 0.5 (1 + tanh(u)) = sigmoid(2u).
 template <class T>
-inline T gelu_sig(T x) {
-  const T u2 = T(2 * kGeluA) * (x + T(kGeluB) * x * x * x);
-  return sigmoid_t<T>(u2);
+inline T gelu_arg(T x) {
+  return T(2 * kGeluA) * (x + T(kGeluB) * x * x * x);
 }
 
 template <class T, class F>
@@ -103,7 +115,7 @@ void gelu_forward(const Tensor& x, Tensor& y) {
     T* py = y.data<T>();
     map_n<T>(x.numel(), [=](int64_t i) {
       const T v = px[i];
-      py[i] = v * gelu_sig<T>(v);
+      py[i] = v * sigmoid_t<T>(gelu_arg<T>(v));
     });
   });
 }
@@ -117,10 +129,11 @@ void gelu_backward(const Tensor& x, const Tensor& dy, Tensor& dx) {
       // Past |x| = 10 the sigmoid is saturated (|2u| > 87) and the derivative is 0 or 1; the clamp
       // only keeps x^2 from overflowing into inf * 0.
       const T v = clamp_mag<T>(px[i], T(10));
-      const T s = gelu_sig<T>(v);
+      T s, sc;
+      sigmoid2<T>(gelu_arg<T>(v), s, sc);
       // d/dx [x s(2u)] = s + x s (1 - s) 2 a (1 + 3 b x^2)
       const T du2 = T(2 * kGeluA) * (T(1) + T(3 * kGeluB) * v * v);
-      pd[i] = pg[i] * (s + v * s * (T(1) - s) * du2);
+      pd[i] = pg[i] * (s + v * s * sc * du2);
     });
   });
 }
@@ -140,8 +153,9 @@ void silu_backward(const Tensor& x, const Tensor& dy, Tensor& dx) {
     T* pd = dx.data<T>();
     map_n<T>(x.numel(), [=](int64_t i) {
       const T v = px[i];
-      const T s = sigmoid_t<T>(v);
-      pd[i] = pg[i] * s * (T(1) + v * (T(1) - s));
+      T s, sc;
+      sigmoid2<T>(v, s, sc);
+      pd[i] = pg[i] * s * (T(1) + v * sc);
     });
   });
 }
@@ -170,14 +184,18 @@ void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& dy, Ten
     // Separate loops per case keep each one branch-free (vectorizable).
     if (dg && du) {
       map_n<T>(n, [=](int64_t i) {
-        const T g = pg[i], s = sigmoid_t<T>(g);
+        const T g = pg[i];
+        T s, sc;
+        sigmoid2<T>(g, s, sc);
         du[i] = pdy[i] * g * s;
-        dg[i] = pdy[i] * pu[i] * s * (T(1) + g * (T(1) - s));
+        dg[i] = pdy[i] * pu[i] * s * (T(1) + g * sc);
       });
     } else if (dg) {
       map_n<T>(n, [=](int64_t i) {
-        const T g = pg[i], s = sigmoid_t<T>(g);
-        dg[i] = pdy[i] * pu[i] * s * (T(1) + g * (T(1) - s));
+        const T g = pg[i];
+        T s, sc;
+        sigmoid2<T>(g, s, sc);
+        dg[i] = pdy[i] * pu[i] * s * (T(1) + g * sc);
       });
     } else if (du) {
       map_n<T>(n, [=](int64_t i) { du[i] = pdy[i] * pg[i] * sigmoid_t<T>(pg[i]); });

@@ -2,16 +2,19 @@
 // softmax per query row in the forward, and P recomputed from the saved logsumexp in the backward.
 // The tile products go through OpenBLAS (strided straight out of the [N, H, D] layout, no copies);
 // the softmax and masking loops are written to vectorize.
+#include "kernels/attention.h"
+
+#include <cblas.h>
+#include <omp.h>
+
 #include <algorithm>
 #include <bit>
-#include <cblas.h>
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <omp.h>
 
 #include "core/allocator.h"
-#include "kernels/attention.h"
+#include "core/error.h"
 #include "kernels/matmul.h"
 
 namespace ftune::kernels::cpu {
@@ -43,8 +46,13 @@ class SerialBlasScope {
 
 // exp without a libm call so that the softmax loops vectorize: exp(x) = 2^n exp(r) with
 // n = round(x / ln2), |r| <= ln2 / 2, and a degree-7 Taylor polynomial (error < 2 ulp).
+// For |x| < 2^22 (callers pass x <= 0 up to rounding). Below -87 it flushes to ~1e-38: the
+// clamp compares the bits as unsigned (negative floats order by magnitude there), because a float
+// compare may trap and GCC then refuses to if-convert it, leaving the loop scalar.
 inline float exp_approx(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
+  uint32_t u = std::bit_cast<uint32_t>(x);
+  u = u > 0xC2AE0000u ? 0xC2AE0000u : u;  // max(x, -87.0f), -inf included
+  x = std::bit_cast<float>(u);
   const float t = x * 1.44269504088896341f;
   const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
   float r = x - n * 0.693145751953125f;             // ln2 split hi/lo (Cody-Waite)
@@ -60,12 +68,21 @@ inline float exp_approx(float x) {
   return p * std::bit_cast<float>((int32_t(n) + 127) << 23);
 }
 
+// f64 serves the gradient checks: exact over fast. Below -745 exp underflows to 0, and libm's
+// underflow path is slow enough to dominate peaked softmaxes, so it is skipped.
 template <class T>
 inline T exp_t(T x) {
   if constexpr (std::is_same_v<T, float>)
     return exp_approx(x);
   else
-    return std::exp(x);  // f64 serves the gradient checks: exact over fast
+    return x < T(-745) ? T(0) : std::exp(x);
+}
+
+void check_params(const AttnParams& p) {
+  FTUNE_CHECK(p.block_q > 0 && p.block_k > 0 && p.head_dim > 0 && p.num_kv_heads > 0 &&
+                  p.num_heads % p.num_kv_heads == 0,
+              "[attention] bad kernel parameters: tiles ", p.block_q, "x", p.block_k, ", heads ",
+              p.num_heads, "/", p.num_kv_heads, ", head_dim ", p.head_dim);
 }
 
 // Number of keys of the tile [c0, c0 + width) that local query row r sees (off = len_k - len_q).
@@ -89,17 +106,23 @@ struct Task {
   int64_t seq, start, cost;  // start: first query row (forward) or the head subgroup (backward)
 };
 
+// Below this many multiply-adds a parallel region costs more than it saves (and a spinning
+// OpenMP team on a busy machine costs far more): run on the calling thread.
+constexpr int64_t kMinParallelWork = int64_t(1) << 21;
+
 void sort_by_cost(std::vector<Task>& tasks) {
   // Largest first, so the dynamic schedule does not end on one long causal tile row.
-  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
+  std::stable_sort(tasks.begin(), tasks.end(),
+                   [](const Task& a, const Task& b) { return a.cost > b.cost; });
 }
 
 }  // namespace
 
 // q [Nq, H, D], k/v [Nk, Hkv, D] -> out [Nq, H, D], lse [H, Nq].
 template <class T>
-void attention_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const T* q, const T* k,
-                       const T* v, T* out, T* lse) {
+void attention_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const T* q,
+                       const T* k, const T* v, T* out, T* lse) {
+  check_params(p);
   const int64_t H = p.num_heads, Hkv = p.num_kv_heads, D = p.head_dim, group = H / Hkv;
   const int64_t bq = p.block_q, bk = p.block_k;
   const int64_t ldq = H * D, ldk = Hkv * D;
@@ -111,28 +134,30 @@ void attention_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, co
     const AttnSeq& sq = seqs[s];
     for (int64_t r0 = 0; r0 < sq.len_q; r0 += bq) {
       int64_t r1 = std::min(r0 + bq, sq.len_q);
-      int64_t cols = p.causal ? std::clamp<int64_t>(r1 + sq.len_k - sq.len_q, 0, sq.len_k) : sq.len_k;
+      int64_t cols =
+          p.causal ? std::clamp<int64_t>(r1 + sq.len_k - sq.len_q, 0, sq.len_k) : sq.len_k;
       tasks.push_back({s, r0, (r1 - r0) * (cols + 1)});
     }
   }
   sort_by_cost(tasks);
   const int64_t ntasks = int64_t(tasks.size()) * H;
   if (ntasks == 0) return;
+  int64_t work = 0;
+  for (const Task& t : tasks) work += t.cost * H * D;
 
   SerialBlasScope serial_blas;
   const int threads = omp_get_max_threads();
   // Per thread: scores/probabilities [bq, bk], output accumulator [bq, D], row max and sum [bq].
   Scratch<T> scratch(bq * bk + bq * D + 2 * bq, threads);
 
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (work > kMinParallelWork)
   for (int64_t t = 0; t < ntasks; ++t) {
     const Task& task = tasks[t / H];
     const int64_t h = t % H, hk = h / group;
     const AttnSeq& sq = seqs[task.seq];
     const int64_t r0 = task.start, rows = std::min(bq, sq.len_q - r0);
     const int64_t off = sq.len_k - sq.len_q;
-    const int64_t col_end =
-        p.causal ? std::clamp<int64_t>(r0 + rows + off, 0, sq.len_k) : sq.len_k;
+    const int64_t col_end = p.causal ? std::clamp<int64_t>(r0 + rows + off, 0, sq.len_k) : sq.len_k;
 
     T* s_buf = scratch.get(omp_get_thread_num());
     T* acc = s_buf + bq * bk;
@@ -159,7 +184,7 @@ void attention_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, co
         }
         T mx = -inf;
 #pragma omp simd reduction(max : mx)
-        for (int64_t j = 0; j < n; ++j) mx = std::max(mx, srow[j]);
+        for (int64_t j = 0; j < n; ++j) mx = srow[j] > mx ? srow[j] : mx;
         const T m_new = std::max(row_max[i], mx);
         T sum = 0;
 #pragma omp simd reduction(+ : sum)
@@ -206,8 +231,10 @@ void attention_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, co
 // there are too few (sequence, kv head) pairs to keep the threads busy, the query heads of a
 // group are split into subgroups that write partial dk/dv, summed at the end.
 template <class T>
-void attention_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const T* q, const T* k,
-                        const T* v, const T* out, const T* lse, const T* dout, T* dq, T* dk, T* dv) {
+void attention_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const T* q,
+                        const T* k, const T* v, const T* out, const T* lse, const T* dout, T* dq,
+                        T* dk, T* dv) {
+  check_params(p);
   if (!dq && !dk && !dv) return;
   const int64_t H = p.num_heads, Hkv = p.num_kv_heads, D = p.head_dim, group = H / Hkv;
   const int64_t bq = p.block_q, bk = p.block_k;
@@ -259,11 +286,13 @@ void attention_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, c
     }
   sort_by_cost(tasks);
   const int64_t ntasks = int64_t(tasks.size()) * Hkv;
+  int64_t work = 0;
+  for (const AttnSeq& sq : seqs) work += sq.len_q * sq.len_k * H * D;
 
   // Per thread: P [bq, bk], dP then dS [bq, bk], dK and dV accumulators [bk, D].
   Scratch<T> scratch(2 * bq * bk + 2 * bk * D, threads);
 
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (work > kMinParallelWork)
   for (int64_t t = 0; t < ntasks; ++t) {
     const Task& task = tasks[t / Hkv];
     const int64_t hk = t % Hkv, sg = task.start;
@@ -278,12 +307,15 @@ void attention_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, c
 
     if (dq)  // this task is the only writer of these rows: zero them here, accumulate below
       for (int64_t r = 0; r < sq.len_q; ++r)
-        std::fill(dq + ((sq.q_start + r) * H + h_begin) * D, dq + ((sq.q_start + r) * H + h_end) * D, T(0));
+        std::fill(dq + ((sq.q_start + r) * H + h_begin) * D,
+                  dq + ((sq.q_start + r) * H + h_end) * D, T(0));
 
     const T* kt = k + (sq.k_start * Hkv + hk) * D;
     const T* vt = v + (sq.k_start * Hkv + hk) * D;
-    T* dk_out = dk ? (partial ? dk_part + sg * p.nk * ldk : dk) + (sq.k_start * Hkv + hk) * D : nullptr;
-    T* dv_out = dv ? (partial ? dv_part + sg * p.nk * ldk : dv) + (sq.k_start * Hkv + hk) * D : nullptr;
+    T* dk_out =
+        dk ? (partial ? dk_part + sg * p.nk * ldk : dk) + (sq.k_start * Hkv + hk) * D : nullptr;
+    T* dv_out =
+        dv ? (partial ? dv_part + sg * p.nk * ldk : dv) + (sq.k_start * Hkv + hk) * D : nullptr;
 
     for (int64_t c0 = 0; c0 < sq.len_k; c0 += bk) {
       const int64_t cols = std::min(bk, sq.len_k - c0);
@@ -325,9 +357,12 @@ void attention_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, c
             for (int64_t j = 0; j < cols; ++j) drow[j] = prow[j] * (drow[j] - dl);
           }
           // dQ += scale * dS K  [rows, D], straight into dq
-          if (dq) gemm<T>(false, false, rows, D, cols, scale, ds_buf, cols, kc, ldk, T(1), dq + (tok * H + h) * D, ldq);
+          if (dq)
+            gemm<T>(false, false, rows, D, cols, scale, ds_buf, cols, kc, ldk, T(1),
+                    dq + (tok * H + h) * D, ldq);
           // dK += scale * dS^T Q  [cols, D]
-          if (dk) gemm<T>(true, false, cols, D, rows, scale, ds_buf, cols, qt, ldq, T(1), dk_acc, D);
+          if (dk)
+            gemm<T>(true, false, cols, D, rows, scale, ds_buf, cols, qt, ldq, T(1), dk_acc, D);
         }
       }
       for (int64_t j = 0; j < cols; ++j) {
@@ -354,13 +389,14 @@ void attention_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, c
 
 template void attention_forward<float>(const AttnParams&, const std::vector<AttnSeq>&, const float*,
                                        const float*, const float*, float*, float*);
-template void attention_forward<double>(const AttnParams&, const std::vector<AttnSeq>&, const double*,
-                                        const double*, const double*, double*, double*);
-template void attention_backward<float>(const AttnParams&, const std::vector<AttnSeq>&, const float*,
+template void attention_forward<double>(const AttnParams&, const std::vector<AttnSeq>&,
+                                        const double*, const double*, const double*, double*,
+                                        double*);
+template void attention_backward<float>(const AttnParams&, const std::vector<AttnSeq>&,
                                         const float*, const float*, const float*, const float*,
-                                        const float*, float*, float*, float*);
-template void attention_backward<double>(const AttnParams&, const std::vector<AttnSeq>&, const double*,
+                                        const float*, const float*, float*, float*, float*);
+template void attention_backward<double>(const AttnParams&, const std::vector<AttnSeq>&,
                                          const double*, const double*, const double*, const double*,
-                                         const double*, double*, double*, double*);
+                                         const double*, const double*, double*, double*, double*);
 
 }  // namespace ftune::kernels::cpu

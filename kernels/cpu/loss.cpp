@@ -1,6 +1,7 @@
 // CPU softmax and loss kernels (kernels/loss.h). Rows go to OpenMP threads; within a row the
 // vocabulary is swept in chunks by `omp simd` loops: a chunk max, then a sum of exp relative to the
 // running max (float partial sums inside a chunk, double across chunks).
+// clang-format off
 // GCC keeps float compares (the selects in fast_exp and the 0 * log 0 guards) out of vectorized
 // loops while FP exceptions may trap; this file never reads the exception flags.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -8,6 +9,7 @@
 #endif
 
 #include "kernels/loss.h"
+// clang-format on
 
 #include <algorithm>
 #include <cmath>
@@ -23,7 +25,11 @@ template <class T>
 inline T vexp(T x);
 template <>
 inline float vexp(float x) {
+#ifdef FTUNE_LOSS_LIBM_EXP  // for timing the libm baseline (bench/results/cpu_loss.md)
+  return std::exp(x);
+#else
   return fast_exp(x);
+#endif
 }
 template <>
 inline double vexp(double x) {
@@ -341,9 +347,12 @@ void kl_forward_t(const T* s, const T* t, int64_t n, int64_t v, double beta, dou
     st[3] = r.lst;
     st[4] = T(kp);
     st[5] = T(kq);
-    if constexpr (K == Divergence::forward) out[i] = T(kp);
-    else if constexpr (K == Divergence::reverse) out[i] = T(kq);
-    else out[i] = T(beta * kp + (1.0 - beta) * kq);
+    if constexpr (K == Divergence::forward)
+      out[i] = T(kp);
+    else if constexpr (K == Divergence::reverse)
+      out[i] = T(kq);
+    else
+      out[i] = T(beta * kp + (1.0 - beta) * kq);
   }
 }
 
@@ -402,9 +411,12 @@ void kl_backward_t(const T* s, const T* t, const T* stats, const T* g, int64_t n
 template <class T, Divergence K>
 void kl_backward_k(const T* s, const T* t, const T* stats, const T* g, int64_t n, int64_t v,
                    double beta, double inv_temp, T* ds, T* dt) {
-  if (ds && dt) kl_backward_t<T, K, true, true>(s, t, stats, g, n, v, beta, inv_temp, ds, dt);
-  else if (ds) kl_backward_t<T, K, true, false>(s, t, stats, g, n, v, beta, inv_temp, ds, dt);
-  else if (dt) kl_backward_t<T, K, false, true>(s, t, stats, g, n, v, beta, inv_temp, ds, dt);
+  if (ds && dt)
+    kl_backward_t<T, K, true, true>(s, t, stats, g, n, v, beta, inv_temp, ds, dt);
+  else if (ds)
+    kl_backward_t<T, K, true, false>(s, t, stats, g, n, v, beta, inv_temp, ds, dt);
+  else if (dt)
+    kl_backward_t<T, K, false, true>(s, t, stats, g, n, v, beta, inv_temp, ds, dt);
 }
 
 }  // namespace
@@ -441,19 +453,19 @@ void kl_backward(const T* s, const T* t, const T* stats, const T* g, int64_t n, 
   }
 }
 
-#define FTUNE_LOSS_INSTANTIATE(T)                                                                 \
-  template void row_stats<T>(const T*, int64_t, int64_t, T*, int64_t);                           \
-  template void softmax_forward<T>(const T*, int64_t, int64_t, bool, T*);                         \
-  template void softmax_backward<T>(const T*, const T*, int64_t, int64_t, bool, T*);              \
-  template void nll_forward<T>(const T*, const int64_t*, int64_t, int64_t, int64_t, T*, T*,       \
-                               int64_t);                                                          \
+#define FTUNE_LOSS_INSTANTIATE(T)                                                                  \
+  template void row_stats<T>(const T*, int64_t, int64_t, T*, int64_t);                             \
+  template void softmax_forward<T>(const T*, int64_t, int64_t, bool, T*);                          \
+  template void softmax_backward<T>(const T*, const T*, int64_t, int64_t, bool, T*);               \
+  template void nll_forward<T>(const T*, const int64_t*, int64_t, int64_t, int64_t, T*, T*,        \
+                               int64_t);                                                           \
   template void nll_backward<T>(const T*, const int64_t*, const T*, const T*, int64_t, T, int64_t, \
-                                int64_t, int64_t, T*);                                            \
-  template void entropy_forward<T>(const T*, int64_t, int64_t, T*, T*, int64_t);                  \
+                                int64_t, int64_t, T*);                                             \
+  template void entropy_forward<T>(const T*, int64_t, int64_t, T*, T*, int64_t);                   \
   template void entropy_backward<T>(const T*, const T*, const T*, const T*, int64_t, int64_t, T*); \
-  template void kl_forward<T>(const T*, const T*, int64_t, int64_t, Divergence, double, double,   \
-                              T*, T*, int64_t);                                                   \
-  template void kl_backward<T>(const T*, const T*, const T*, const T*, int64_t, int64_t,          \
+  template void kl_forward<T>(const T*, const T*, int64_t, int64_t, Divergence, double, double,    \
+                              T*, T*, int64_t);                                                    \
+  template void kl_backward<T>(const T*, const T*, const T*, const T*, int64_t, int64_t,           \
                                Divergence, double, double, T*, T*);
 FTUNE_LOSS_INSTANTIATE(float)
 FTUNE_LOSS_INSTANTIATE(double)

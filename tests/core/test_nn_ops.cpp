@@ -298,3 +298,42 @@ TEST(NnActivation, NanPropagates) {
   EXPECT_TRUE(std::isnan(ops::swiglu(x, Tensor::ones({2})).to_vector<float>()[0]));
   EXPECT_TRUE(std::isnan(ops::swiglu(Tensor::ones({2}), x).to_vector<float>()[0]));
 }
+
+// The f32 activations use a hand-written vectorizable exp; sweep [-100, 100] densely against the
+// f64 path (std::exp, itself checked against the naive references in tests/ops/table_nn.cpp).
+// Errors are ~1 ulp of max(|ref|, 1): the derivatives take 1 - sigmoid without cancellation.
+TEST(NnActivation, F32MatchesF64DenselyWithinUlps) {
+  const int n = 50001;  // step 0.004
+  std::vector<float> v(n);
+  for (int i = 0; i < n; ++i) v[size_t(i)] = -100.0f + 200.0f * float(i) / float(n - 1);
+  Tensor x32 = Tensor::from_vector(v, {n});
+  Tensor up32 = ops::add_scalar(ops::mul_scalar(x32, 0.01), 0.5);  // up in [-0.5, 1.5]
+  auto run = [&](DType dt) {
+    // Fresh leaves (to() of the same dtype returns its input).
+    Tensor x = x32.to(dt).detach().set_requires_grad(true);
+    Tensor g = x32.to(dt).detach().set_requires_grad(true);
+    Tensor u = up32.to(dt).detach().set_requires_grad(true);
+    std::vector<Tensor> outs{ops::silu(x), ops::gelu(x), ops::swiglu(g, u)};
+    Tensor w = Tensor::ones({n}, dt);
+    ops::sum(ops::mul(ops::add(ops::silu(x), ops::mul_scalar(ops::gelu(x), 3.0)), w)).backward();
+    ops::sum(ops::swiglu(g, u)).backward();
+    outs.push_back(x.grad());
+    outs.push_back(g.grad());
+    outs.push_back(u.grad());
+    return outs;
+  };
+  auto a = run(DType::f32), b = run(DType::f64);
+  const char* names[] = {"silu",          "gelu",       "swiglu", "silu' + 3 gelu'",
+                         "dswiglu/dgate", "dswiglu/dup"};
+  for (size_t k = 0; k < a.size(); ++k) {
+    auto got = a[k].to_vector<double>(), ref = b[k].to_vector<double>();
+    double worst = 0;
+    size_t wi = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+      const double e = std::fabs(got[i] - ref[i]) / (std::fabs(ref[i]) + 1.0);
+      if (!(e <= worst)) worst = e, wi = i;
+    }
+    EXPECT_LT(worst, 5e-7) << names[k] << " at x = " << v[wi] << ": " << got[wi] << " vs "
+                           << ref[wi];
+  }
+}

@@ -59,8 +59,8 @@ Tensor cu(const std::vector<int>& v) {
 }
 
 // A batched case: q [B, Tq, H, D], k/v [B, Tk, Hkv, D].
-OpCase batched(const std::string& variant, int64_t B, int64_t Tq, int64_t Tk, int64_t H, int64_t Hkv, int64_t D,
-               bool causal, double scale = 0.0) {
+OpCase batched(const std::string& variant, int64_t B, int64_t Tq, int64_t Tk, int64_t H,
+               int64_t Hkv, int64_t D, bool causal, double scale = 0.0) {
   OpCase c;
   c.op = "attention";
   c.variant = variant;
@@ -71,13 +71,15 @@ OpCase batched(const std::string& variant, int64_t B, int64_t Tq, int64_t Tk, in
     o.scale = scale;
     return ops::attention(x[0], x[1], x[2], o);
   };
-  c.reference = [causal, scale](const V& x) { return naive_attention(x[0], x[1], x[2], causal, scale, {}, {}); };
+  c.reference = [causal, scale](const V& x) {
+    return naive_attention(x[0], x[1], x[2], causal, scale, {}, {});
+  };
   return c;
 }
 
 // A packed case: q [1, Nq, H, D] (or [Nq, H, D] when three_d), sequences cut by cu_seqlens.
-OpCase packed(const std::string& variant, const std::vector<int>& cq, const std::vector<int>& ck, int64_t H,
-              int64_t Hkv, int64_t D, bool causal, bool three_d = false) {
+OpCase packed(const std::string& variant, const std::vector<int>& cq, const std::vector<int>& ck,
+              int64_t H, int64_t Hkv, int64_t D, bool causal, bool three_d = false) {
   OpCase c;
   c.op = "attention";
   c.variant = variant;
@@ -94,11 +96,14 @@ OpCase packed(const std::string& variant, const std::vector<int>& cq, const std:
     o.cu_seqlens_k = cu(ck);
     return ops::attention(x[0], x[1], x[2], o);
   };
-  c.reference = [cq, ck, causal](const V& x) { return naive_attention(x[0], x[1], x[2], causal, 0.0, cq, ck); };
+  c.reference = [cq, ck, causal](const V& x) {
+    return naive_attention(x[0], x[1], x[2], causal, 0.0, cq, ck);
+  };
   return c;
 }
 
-OpCase bench_case(const std::string& variant, int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, bool causal) {
+OpCase bench_case(const std::string& variant, int64_t B, int64_t T, int64_t H, int64_t Hkv,
+                  int64_t D, bool causal) {
   OpCase c = batched(variant, B, T, T, H, Hkv, D, causal);
   c.reference = nullptr;
   c.bench = true;
@@ -118,18 +123,21 @@ std::vector<OpCase> cases() {
   cs.push_back(batched("mqa_h4_kv1_causal_t70", 1, 70, 70, 4, 1, 6, true));
   cs.push_back(batched("mqa_h4_kv1_noncausal_b3", 3, 11, 11, 4, 1, 8, false));
   cs.push_back(batched("scale_0p3_causal", 2, 12, 12, 2, 1, 8, true, 0.3));
+  // Scores in the hundreds: the online max must keep exp from overflowing (near one-hot rows).
+  cs.push_back(batched("scale_40_peaked_causal", 1, 140, 140, 2, 1, 8, true, 40.0));
   // KV cache: the queries are the last len_q of len_k tokens (bottom-right causal).
   cs.push_back(batched("kvcache_q5_k23_causal", 2, 5, 23, 4, 2, 8, true));
   cs.push_back(batched("kvcache_q1_k140_causal", 2, 1, 140, 2, 1, 8, true));
   cs.push_back(batched("cross_q7_k19_noncausal", 2, 7, 19, 2, 2, 8, false));
   // Packed variable-length sequences.
   cs.push_back(packed("varlen_0_3_10_12_causal", {0, 3, 10, 12}, {0, 3, 10, 12}, 4, 2, 8, true));
-  cs.push_back(packed("varlen_0_3_10_12_noncausal", {0, 3, 10, 12}, {0, 3, 10, 12}, 4, 4, 8, false));
+  cs.push_back(
+      packed("varlen_0_3_10_12_noncausal", {0, 3, 10, 12}, {0, 3, 10, 12}, 4, 4, 8, false));
   cs.push_back(packed("varlen_long_gqa_causal", {0, 70, 75, 205}, {0, 70, 75, 205}, 4, 2, 4, true));
   cs.push_back(packed("varlen_3d_empty_seq", {0, 4, 4, 9}, {0, 4, 4, 9}, 2, 1, 8, true, true));
   // Enough (sequence, kv head) pairs that the backward gives each task a whole query-head group.
-  cs.push_back(packed("varlen_9seq_gqa_causal", {0, 1, 5, 6, 14, 20, 21, 29, 33, 40}, {0, 1, 5, 6, 14, 20, 21, 29, 33, 40},
-                      4, 2, 8, true));
+  cs.push_back(packed("varlen_9seq_gqa_causal", {0, 1, 5, 6, 14, 20, 21, 29, 33, 40},
+                      {0, 1, 5, 6, 14, 20, 21, 29, 33, 40}, 4, 2, 8, true));
   // Packed KV cache: each sequence's queries are the tail of its keys.
   cs.push_back(packed("varlen_kvcache_causal", {0, 2, 5, 6}, {0, 7, 9, 20}, 2, 1, 8, true));
   // Causal with len_q > len_k: the first len_q - len_k queries see no key (output 0).

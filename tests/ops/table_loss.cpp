@@ -113,8 +113,8 @@ Tensor ref_kl_div(const V& in, ops::KLKind kind, double beta, double temp) {
   Mat s = mat(in[0]), t = mat(in[1]);
   std::vector<double> out(static_cast<size_t>(s.n));
   for (int64_t i = 0; i < s.n; ++i) {
-    auto q = softmax_row(s.row(i), s.v, temp);  // student
-    auto p = softmax_row(t.row(i), t.v, temp);  // teacher
+    auto q = softmax_row(s.row(i), s.v, temp);                                 // student
+    auto p = softmax_row(t.row(i), t.v, temp);                                 // teacher
     if (kind == ops::KLKind::jsd && beta == 0.0) kind = ops::KLKind::forward;  // TRL endpoints
     if (kind == ops::KLKind::jsd && beta == 1.0) kind = ops::KLKind::reverse;
     if (kind == ops::KLKind::forward) {
@@ -185,8 +185,8 @@ std::vector<OpCase> cases() {
      targets_spec({kIgnore, kIgnore, kIgnore, kIgnore}, {4}), kIgnore, ops::Reduction::mean);
   ce("sum_all_ignored_4x37", logits_spec("logits", {4, 37}),
      targets_spec({kIgnore, kIgnore, kIgnore, kIgnore}, {4}), kIgnore, ops::Reduction::sum);
-  ce("ignore_index_2_mean_4x37", logits_spec("logits", {4, 37}), targets_spec({2, 5, 2, 0}, {4}),
-     2, ops::Reduction::mean);
+  ce("ignore_index_2_mean_4x37", logits_spec("logits", {4, 37}), targets_spec({2, 5, 2, 0}, {4}), 2,
+     ops::Reduction::mean);
   ce("chunks_mean_4x5000", peaked_logits("logits", 4, 5000, {4500, 3, 4095, 4096}, 21),
      targets_spec({4500, 4100, kIgnore, 17}, {4}), kIgnore, ops::Reduction::mean);
   cs.back().grad_elems = 40;
@@ -264,9 +264,9 @@ std::vector<OpCase> cases() {
   kd("jsd_b1_is_reverse_t1", ops::KLKind::jsd, 1.0, 1.0, small());
   kd("forward_3d_t1", ops::KLKind::forward, 0.5, 1.0,
      {logits_spec("student", {2, 3, 19}), logits_spec("teacher", {2, 3, 19})});
-  for (auto [name, kind] : {std::pair{"forward", ops::KLKind::forward},
-                            std::pair{"reverse", ops::KLKind::reverse},
-                            std::pair{"jsd_b0.5", ops::KLKind::jsd}}) {
+  for (auto [name, kind] :
+       {std::pair{"forward", ops::KLKind::forward}, std::pair{"reverse", ops::KLKind::reverse},
+        std::pair{"jsd_b0.5", ops::KLKind::jsd}}) {
     kd(std::string(name) + "_chunks_t2_3x5000", kind, 0.5, 2.0,
        {peaked_logits("student", 3, 5000, {4500, 10, 4096}, 41),
         peaked_logits("teacher", 3, 5000, {20, 4999, 4096}, 42)});
@@ -288,8 +288,8 @@ std::vector<OpCase> cases() {
   };
   bench_ce(2048, 32000);
   bench_ce(512, 128256);
-  for (auto [name, kind] : {std::pair{"forward", ops::KLKind::forward},
-                            std::pair{"jsd", ops::KLKind::jsd}}) {
+  for (auto [name, kind] :
+       {std::pair{"forward", ops::KLKind::forward}, std::pair{"jsd", ops::KLKind::jsd}}) {
     OpCase c;
     c.op = "kl_div";
     c.variant = std::string("bench_") + name + "_512x32000";
