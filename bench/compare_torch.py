@@ -368,6 +368,19 @@ def cpu_pressure():
         return "n/a"
 
 
+def git_describe():
+    """Commit of the checkout the script sits in, with '+dirty' for uncommitted changes."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return (rev or "?") + ("+dirty" if dirty else "")
+    except OSError:
+        return "?"
+
+
 THREAD_ENV = ("OMP_", "GOMP_", "KMP_", "OPENBLAS_", "MKL_", "LD_LIBRARY_PATH", "LD_PRELOAD")
 
 
@@ -490,6 +503,7 @@ def write_report(c, flops, ft, to, ratio):
         f"- torch {torch.__version__} (CPU; BLAS: MKL, oneDNN), numpy {np.__version__}, python "
         f"{platform.python_version()}",
         f"- command: `python3 {shlex.join(sys.argv)}`",
+        f"- ftune tree: {git_describe()}",
         "- thread environment: " + (", ".join(f"`{k}={v}`" for k, v in sorted(os.environ.items())
                                              if k.startswith(THREAD_ENV)) or "none set"),
         f"- CPU pressure (/proc/pressure/cpu, some): {c.pressure_before} before, {c.pressure_after} after "
