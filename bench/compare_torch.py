@@ -337,7 +337,7 @@ def run_ftune(c, binary):
             sys.exit(f"compare_torch: {shlex.join(cmd)} failed ({p.returncode}):\n{p.stdout}{p.stderr}")
         with open(js) as f:
             res = json.load(f)
-    res["cmd"] = shlex.join([f"{kv}" for kv in c.ftune_env] + cmd)
+    res["cmd"] = shlex.join([f"{kv}" for kv in c.ftune_env] + [x if x != js else "OUT.json" for x in cmd])
     res["stdout"] = p.stdout
     return res
 
@@ -356,6 +356,32 @@ def machine():
     except OSError:
         pass
     return model, cores, len(os.sched_getaffinity(0))
+
+
+def cpu_pressure():
+    """Linux PSI: share of the last 10 s / 60 s in which some runnable task waited for a CPU."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            kv = dict(x.split("=") for x in f.readline().split()[1:])
+        return f"{float(kv['avg10']):.0f} % (10 s), {float(kv['avg60']):.0f} % (60 s)"
+    except (OSError, KeyError, ValueError):
+        return "n/a"
+
+
+def git_describe():
+    """Commit of the checkout the script sits in, with '+dirty' for uncommitted changes."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return (rev or "?") + ("+dirty" if dirty else "")
+    except OSError:
+        return "?"
+
+
+THREAD_ENV = ("OMP_", "GOMP_", "KMP_", "OPENBLAS_", "MKL_", "LD_LIBRARY_PATH", "LD_PRELOAD")
 
 
 def breakdown_table(ft, to, cpu=False):
@@ -429,11 +455,13 @@ def main():
         sys.exit("compare_torch: --d must be heads * an even head_dim, --heads a multiple of --kv-heads")
     torch.set_num_threads(c.threads)
     torch.manual_seed(0)
+    c.pressure_before = cpu_pressure()
 
     flops = step_flops(c)
     ft = None if c.skip_ftune else run_ftune(c, c.binary)
     to = run_torch(c)
     res = [r for r in (ft, to) if r]
+    c.pressure_after = cpu_pressure()
 
     cfg = (f"L={c.layers} d={c.d} heads={c.heads} kv_heads={c.kv_heads} ffn={c.ffn} T={c.seq} B={c.batch} "
            f"V={c.vocab} f32, AdamW(lr={c.lr}, wd={c.wd}), threads={c.threads}")
@@ -475,6 +503,11 @@ def write_report(c, flops, ft, to, ratio):
         f"- torch {torch.__version__} (CPU; BLAS: MKL, oneDNN), numpy {np.__version__}, python "
         f"{platform.python_version()}",
         f"- command: `python3 {shlex.join(sys.argv)}`",
+        f"- ftune tree: {git_describe()}",
+        "- thread environment: " + (", ".join(f"`{k}={v}`" for k, v in sorted(os.environ.items())
+                                             if k.startswith(THREAD_ENV)) or "none set"),
+        f"- CPU pressure (/proc/pressure/cpu, some): {c.pressure_before} before, {c.pressure_after} after "
+        "(near 0 on a quiet machine)",
     ]
     if ft:
         lines.append(f"- ftune command (run by the script): `{ft['cmd']}`")
