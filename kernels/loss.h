@@ -16,35 +16,6 @@ constexpr int64_t kLossChunk = 4096;
 
 enum class Divergence { forward, reverse, jsd };
 
-// exp(x) for float in a form compilers vectorize (no libm call): Cody-Waite reduction
-// x = k ln2 + r, |r| <= ln2/2, then a degree-7 Taylor polynomial (truncation < 1e-8 relative)
-// scaled by 2^k through the exponent bits. Max relative error 7.8e-8 on [-87.3, 88]
-// (tests/core/test_loss.cpp).
-// Returns 0 below ln(FLT_MIN) (no denormals), +inf above 88, NaN for NaN.
-inline float fast_exp(float x) {
-  constexpr float kLo = -87.33654f, kHi = 88.0f;
-  float xc = x < kLo ? kLo : x;
-  xc = xc > kHi ? kHi : xc;
-  // Round x/ln2 to the nearest integer with the 1.5 * 2^23 trick (exact for |k| < 2^22).
-  constexpr float kMagic = 12582912.0f;
-  float k = (xc * 1.44269504088896341f + kMagic) - kMagic;
-  float r = xc - k * 0.693145751953125f;  // ln2 split: the high part times k is exact
-  r = r - k * 1.428606765330187e-06f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  float scale = std::bit_cast<float>(uint32_t(int32_t(k) + 127) << 23);
-  float y = p * scale;
-  y = x < kLo ? 0.0f : y;
-  y = x > kHi ? INFINITY : y;
-  return y;
-}
-
 namespace cpu {
 
 // x, out are [N, V]. out = softmax(x) or log_softmax(x) along V.

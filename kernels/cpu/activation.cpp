@@ -1,4 +1,5 @@
 #include "kernels/activation.h"
+#include "kernels/cpu/vec_math.h"
 
 #include <algorithm>
 #include <bit>
@@ -13,27 +14,6 @@ namespace {
 constexpr int64_t kParallelMin = 1 << 15;      // elements
 constexpr double kGeluA = 0.7978845608028654;  // sqrt(2 / pi)
 constexpr double kGeluB = 0.044715;
-
-// exp(a) for a in [-87, 0], in f32, written so that GCC vectorizes it (glibc's expf stays scalar
-// without -ffast-math): a = n ln2 + r with |r| <= ln2/2, exp(a) = 2^n p(r), p the degree-7 Taylor
-// polynomial (truncation < 1e-8 relative); 2^n stays a normal float over that range.
-inline float exp_nonpos(float a) {
-  constexpr float kShift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float t = a * 1.44269504088896341f + kShift;
-  const float n = t - kShift;
-  const int32_t ni = std::bit_cast<int32_t>(t) - std::bit_cast<int32_t>(kShift);
-  // Cody-Waite: ln2 split so that n * 0.693359375f is exact.
-  const float r = (a - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  return p * std::bit_cast<float>((ni + 127) << 23);
-}
 
 // s = sigmoid(z) and sc = 1 - s, both from e = exp(-|z|) and 1 / (1 + e): for z >= 0,
 // s = 1 / (1 + e) and sc = e / (1 + e); for z < 0 the two swap. Neither overflows nor cancels, so

@@ -3,6 +3,7 @@
 // The tile products go through OpenBLAS (strided straight out of the [N, H, D] layout, no copies);
 // the softmax and masking loops are written to vectorize.
 #include "kernels/attention.h"
+#include "kernels/cpu/vec_math.h"
 
 #include <cblas.h>
 #include <omp.h>
@@ -44,36 +45,12 @@ class SerialBlasScope {
   int prev_ = 0;
 };
 
-// exp without a libm call so that the softmax loops vectorize: exp(x) = 2^n exp(r) with
-// n = round(x / ln2), |r| <= ln2 / 2, and a degree-7 Taylor polynomial (error < 2 ulp).
-// For |x| < 2^22 (callers pass x <= 0 up to rounding). Below -87 it flushes to ~1e-38: the
-// clamp compares the bits as unsigned (negative floats order by magnitude there), because a float
-// compare may trap and GCC then refuses to if-convert it, leaving the loop scalar.
-inline float exp_approx(float x) {
-  uint32_t u = std::bit_cast<uint32_t>(x);
-  u = u > 0xC2AE0000u ? 0xC2AE0000u : u;  // max(x, -87.0f), -inf included
-  x = std::bit_cast<float>(u);
-  const float t = x * 1.44269504088896341f;
-  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
-  float r = x - n * 0.693145751953125f;             // ln2 split hi/lo (Cody-Waite)
-  r = r - n * 1.428606765330187045e-06f;
-  float p = 1.0f / 5040;
-  p = p * r + 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  return p * std::bit_cast<float>((int32_t(n) + 127) << 23);
-}
-
 // f64 serves the gradient checks: exact over fast. Below -745 exp underflows to 0, and libm's
 // underflow path is slow enough to dominate peaked softmaxes, so it is skipped.
 template <class T>
 inline T exp_t(T x) {
   if constexpr (std::is_same_v<T, float>)
-    return exp_approx(x);
+    return exp_nonpos(x);
   else
     return x < T(-745) ? T(0) : std::exp(x);
 }

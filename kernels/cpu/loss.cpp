@@ -9,6 +9,7 @@
 #endif
 
 #include "kernels/loss.h"
+#include "kernels/cpu/vec_math.h"
 // clang-format on
 
 #include <algorithm>

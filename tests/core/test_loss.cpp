@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "core/ops.h"
 #include "core/rng.h"
+#include "kernels/cpu/vec_math.h"
 #include "kernels/loss.h"
 
 using namespace ftune;
@@ -68,7 +69,7 @@ int64_t peak_growth(const std::function<void()>& fn) {
 }  // namespace
 
 TEST(Loss, FastExpIsAccurate) {
-  using kernels::fast_exp;
+  using kernels::cpu::fast_exp;
   double worst = 0;
   for (int64_t i = 0; i <= 2000000; ++i) {
     float x = float(-87.3 + (87.3 + 88.0) * double(i) / 2000000.0);
