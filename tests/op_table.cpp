@@ -1,5 +1,7 @@
 #include "tests/op_table.h"
 
+#include <cctype>
+
 namespace ftune::test {
 
 std::vector<OpCase>& op_table() {
@@ -9,6 +11,13 @@ std::vector<OpCase>& op_table() {
 
 OpTableEntry::OpTableEntry(std::vector<OpCase> cases) {
   for (auto& c : cases) op_table().push_back(std::move(c));
+}
+
+std::string test_id(const OpCase& c) {
+  std::string name = c.op + "_" + c.variant;
+  for (auto& ch : name)
+    if (!isalnum(static_cast<unsigned char>(ch))) ch = '_';
+  return name;
 }
 
 std::vector<Tensor> make_inputs(const OpCase& c, DType dt, uint64_t seed, bool with_grad) {

@@ -59,5 +59,7 @@ struct OpTableEntry {
 std::vector<Tensor> make_inputs(const OpCase& c, DType dt, uint64_t seed, bool with_grad);
 // Full name "op/variant".
 inline std::string case_name(const OpCase& c) { return c.op + "/" + c.variant; }
+// "op_variant" with every non-alphanumeric character made '_': a gtest name.
+std::string test_id(const OpCase& c);
 
 }  // namespace ftune::test

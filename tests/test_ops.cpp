@@ -134,9 +134,7 @@ class OpTest : public ::testing::Test {
 void register_op_tests() {
   for (const OpCase& c : op_table()) {
     if (c.bench) continue;
-    std::string name = c.op + "_" + c.variant;
-    for (auto& ch : name)
-      if (!isalnum(static_cast<unsigned char>(ch))) ch = '_';
+    const std::string name = test_id(c);
     const OpCase* cp = &c;
     if (c.reference) {
       ::testing::RegisterTest("OpReference", (name + "_f32").c_str(), nullptr, nullptr, __FILE__, __LINE__,

@@ -127,9 +127,7 @@ TEST(CudaRuntime, DeviceFillAndCastMatchHost) {
 void register_cuda_tests() {
   for (const OpCase& c : op_table()) {
     if (c.bench) continue;
-    std::string name = c.op + "_" + c.variant;
-    for (auto& ch : name)
-      if (!isalnum(static_cast<unsigned char>(ch))) ch = '_';
+    const std::string name = test_id(c);
     const OpCase* cp = &c;
     ::testing::RegisterTest("CudaVsCpu", name.c_str(), nullptr, nullptr, __FILE__, __LINE__,
                             [cp]() -> ::testing::Test* { return new CudaVsCpu(cp); });
