@@ -48,6 +48,11 @@ void record(const char* name, Tensor& out, const std::vector<Tensor>& inputs, Ba
       node->edges[i].leaf = t.impl_ptr();
   }
   node->backward = std::move(fn);
+  auto note = [&](const Tensor& t) {
+    if (t.defined()) node->versions.emplace_back(t.impl()->storage, t.impl()->storage->version);
+  };
+  for (const Tensor& t : inputs) note(t);
+  note(out);
   out.impl()->grad_fn = std::move(node);
   out.impl()->requires_grad = true;
 }
@@ -151,6 +156,13 @@ void run_backward(const Tensor& root, const Tensor& grad_in, bool retain_graph) 
     ready.pop();
     Tensor g = std::move(grads[n]);
     grads.erase(n);
+    for (const auto& [weak, version] : n->versions) {
+      auto st = weak.lock();
+      FTUNE_CHECK(!st || st->version == version, "[autograd] a tensor used by '", n->name,
+                  "' was modified in place after the op ran (version ", version, " -> ",
+                  st ? st->version : version, "); its backward would be wrong. Clone the tensor "
+                  "before writing to it, or write under NoGradGuard before using it.");
+    }
     std::vector<bool> need(n->edges.size());
     for (size_t i = 0; i < n->edges.size(); ++i) need[i] = n->edges[i].active();
     std::vector<Tensor> in_grads = n->backward(g, need);

@@ -24,11 +24,15 @@ class Node {
   uint64_t seq = 0;  // creation order: backward runs newest first
   std::vector<Edge> edges;
   BackwardFn backward;
+  // Storage versions of the inputs and the output when the op ran: a backward over storage
+  // written in place since then would compute with changed values, so it is refused.
+  std::vector<std::pair<std::weak_ptr<Storage>, uint64_t>> versions;
   Shape out_shape;
   DType out_dtype = DType::f32;
   void release() {
     backward = nullptr;
     edges.clear();
+    versions.clear();
   }
 };
 

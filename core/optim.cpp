@@ -32,6 +32,7 @@ bool is_16bit(DType t) { return t == DType::bf16 || t == DType::f16; }
 void update_param(const Tensor& param, Tensor& master, const Tensor& grad, Tensor& m, Tensor& v,
                   const kernels::AdamWConsts& c) {
   const int64_t n = param.numel();
+  param.bump_version();  // the update writes the parameter in place
   float* pm = master.defined() ? master.data<float>() : param.data<float>();
   float* mm = m.data<float>();
   float* vv = v.data<float>();

@@ -175,6 +175,7 @@ void cpu_copy(const Tensor& dst, const Tensor& src) {
 void Tensor::copy_(const Tensor& src) {
   FTUNE_CHECK(defined() && src.defined(), "[copy_] undefined tensor");
   FTUNE_CHECK(shape() == src.shape(), "[copy_] shape mismatch: dst ", desc(), ", src ", src.desc());
+  bump_version();
   if (device().is_cpu() && src.device().is_cpu()) {
     cpu_copy(*this, src);
     return;
@@ -211,6 +212,7 @@ void Tensor::copy_(const Tensor& src) {
 }
 
 void Tensor::fill_(double v) {
+  bump_version();
   if (device().is_cuda()) {
 #ifdef FTUNE_HAVE_CUDA
     if (is_contiguous()) {

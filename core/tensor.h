@@ -21,6 +21,9 @@ struct Storage {
   std::shared_ptr<void> data;
   size_t bytes = 0;
   Device device;
+  // Bumped by every in-place write (copy_, fill_, add_, mul_, optimizer updates). Autograd
+  // records it when an op uses the storage and refuses to run a backward over a changed one.
+  uint64_t version = 0;
 };
 
 class Node;
@@ -88,6 +91,8 @@ class Tensor {
   void copy_(const Tensor& src);  // same shape; any dtype/device; in place, not recorded
   void fill_(double v);           // in place, not recorded
   void zero_() { fill_(0.0); }
+  // Marks an in-place write done through raw pointers (kernels, optimizers).
+  void bump_version() const { ++I().storage->version; }
 
   // ---- views (differentiable)
   Tensor view(const Shape& shape) const;     // requires compatible strides, -1 allowed

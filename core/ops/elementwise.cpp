@@ -136,12 +136,14 @@ void add_(Tensor& a, const Tensor& b, double alpha) {
   require_cpu("add_", {&a, &b});
   FTUNE_CHECK(a.is_contiguous(), "[add_] destination must be contiguous: ", a.desc());
   Tensor bb = b.dtype() == a.dtype() ? contig(b) : b.detach().to(a.dtype()).contiguous();
+  a.bump_version();
   kernels::cpu::axpy(a, bb, alpha);
 }
 
 void mul_(Tensor& a, double s) {
   require_cpu("mul_", {&a});
   FTUNE_CHECK(a.is_contiguous(), "[mul_] destination must be contiguous: ", a.desc());
+  a.bump_version();
   kernels::cpu::scale_(a, s);
 }
 

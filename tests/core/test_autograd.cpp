@@ -143,3 +143,26 @@ TEST(Autograd, ReadyHookMayRegisterAnotherHook) {
   EXPECT_EQ(first, 2);
   EXPECT_EQ(second, 1);
 }
+
+TEST(Autograd, InPlaceWriteToASavedTensorIsRefused) {
+  // exp saves its output; scaling it in place afterwards would silently scale the gradient.
+  Tensor x = vec({0.5, 1.0}).set_requires_grad(true);
+  Tensor y = ops::exp(x);
+  Tensor yd = y.detach();
+  ops::mul_(yd, 100.0);
+  try {
+    ops::sum(y).backward();
+    FAIL() << "no throw";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("modified in place"), std::string::npos) << e.what();
+  }
+  // Writes before the op, or to tensors the graph never saw, are fine.
+  Tensor a = vec({1.0, 2.0});
+  a.fill_(3.0);
+  Tensor w = vec({1.0, 1.0}).set_requires_grad(true);
+  Tensor out = ops::sum(ops::mul(w, a));
+  Tensor other = vec({0.0});
+  other.fill_(1.0);
+  out.backward();
+  EXPECT_EQ(w.grad().to_vector<double>(), (std::vector<double>{3.0, 3.0}));
+}
