@@ -1,6 +1,11 @@
 // Timing mode (c) of the op-test table: times forward and forward+backward of every case marked
 // bench (or every case with --all) in f32 on the CPU and prints a table.
-//   bench_ops [--all] [--filter SUBSTR] [--reps N] [--json FILE]
+//   bench_ops [--all] [--filter SUBSTR] [--reps N] [--json FILE] [--cpu-time]
+// --cpu-time: one thread, the minimum of the calling thread's CPU clock over the repetitions:
+// steadier on a shared machine, since time slices lost to other processes are not counted.
+#include <omp.h>
+#include <time.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -15,12 +20,20 @@ using namespace ftune::test;
 
 namespace {
 
+bool g_cpu_time = false;
+
 double now_ms() {
+  if (g_cpu_time) {
+    timespec ts{};
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+  }
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+// Median of the wall times, or the minimum of the CPU times (--cpu-time).
 template <class F>
-double median_ms(int reps, F&& f) {
+double time_ms(int reps, F&& f) {
   f();  // warm-up
   std::vector<double> t;
   for (int i = 0; i < reps; ++i) {
@@ -29,7 +42,7 @@ double median_ms(int reps, F&& f) {
     t.push_back(now_ms() - t0);
   }
   std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+  return g_cpu_time ? t.front() : t[t.size() / 2];
 }
 
 }  // namespace
@@ -43,12 +56,15 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--filter") && i + 1 < argc) filter = argv[++i];
     else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) reps = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--json") && i + 1 < argc) json = argv[++i];
+    else if (!std::strcmp(argv[i], "--cpu-time")) g_cpu_time = true;
     else {
-      std::fprintf(stderr, "usage: bench_ops [--all] [--filter SUBSTR] [--reps N] [--json FILE]\n");
+      std::fprintf(stderr, "usage: bench_ops [--all] [--filter SUBSTR] [--reps N] [--json FILE] [--cpu-time]\n");
       return 2;
     }
   }
-  std::printf("%-44s %12s %14s %10s\n", "case", "fwd ms", "fwd+bwd ms", "GFLOP/s");
+  if (g_cpu_time) omp_set_num_threads(1);  // every kernel runs on this thread, whose clock we read
+  std::printf("%-44s %12s %14s %10s\n", g_cpu_time ? "case (1 thread, CPU time)" : "case", "fwd ms",
+              "fwd+bwd ms", "GFLOP/s");
   std::ofstream js;
   if (!json.empty()) js.open(json);
   try {
@@ -57,7 +73,7 @@ int main(int argc, char** argv) {
       std::string name = case_name(c);
       if (!filter.empty() && name.find(filter) == std::string::npos) continue;
       auto xs = make_inputs(c, DType::f32, 1, false);
-      double fwd = median_ms(reps, [&] {
+      double fwd = time_ms(reps, [&] {
         NoGradGuard ng;
         c.run(xs);
       });
@@ -65,7 +81,7 @@ int main(int argc, char** argv) {
       if (c.bench_backward && c.gradcheck) {
         auto xg = make_inputs(c, DType::f32, 1, true);
         Tensor w;
-        both = median_ms(reps, [&] {
+        both = time_ms(reps, [&] {
           Tensor out = c.run(xg);
           if (!w.defined()) w = Tensor::ones(out.shape());
           out.backward(w);
