@@ -29,3 +29,24 @@ CLI::App* add_generate_command(CLI::App& app, GenerateArgs& args);
 int cmd_generate(const GenerateArgs& args);
 
 }  // namespace ftune::cli
+
+namespace ftune::cli {
+
+struct RunArgs {
+  std::string recipe;                  // a YAML file, or the name of a built-in recipe
+  std::vector<std::string> overrides;  // "a.b=value", "~a.b"
+};
+CLI::App* add_run_command(CLI::App& app, RunArgs& args);
+// Prints the resolved recipe, then trains; prints eval loss before/after at the end.
+int cmd_run(const RunArgs& args);
+
+struct ExportArgs {
+  std::string checkpoint;  // an HDF5 checkpoint, or a run's output_dir (its latest checkpoint)
+  std::string format = "hf";  // hf | peft
+  std::string output;
+  std::string base;  // LoRA checkpoints: the base model folder (default: the one it was trained on)
+};
+CLI::App* add_export_command(CLI::App& app, ExportArgs& args);
+int cmd_export(const ExportArgs& args);
+
+}  // namespace ftune::cli

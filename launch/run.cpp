@@ -1,0 +1,52 @@
+// `ftune run RECIPE [a.b=value ...]`: resolve and validate the recipe, print it, train.
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+
+#include "core/error.h"
+#include "launch/commands.h"
+#include "launch/recipe.h"
+#include "trainers/sft.h"
+
+namespace ftune::cli {
+
+CLI::App* add_run_command(CLI::App& app, RunArgs& a) {
+  CLI::App* r = app.add_subcommand(
+      "run", "train as a recipe says: ftune run RECIPE.yaml [key.sub=value ...] [~key.sub ...]");
+  r->add_option("recipe", a.recipe, "a recipe file (ftune ls lists the built-in ones)")
+      ->required();
+  r->add_option("overrides", a.overrides,
+                "overrides: a.b=value sets a key (the value is YAML), ~a.b deletes one");
+  return r;
+}
+
+int cmd_run(const RunArgs& a) {
+  Recipe recipe = Recipe::load(a.recipe, a.overrides);
+  SftConfig cfg = recipe.to_sft_config();
+  if (cfg.recipe_file.empty()) cfg.recipe_file = recipe.path();
+  if (cfg.resolved_yaml.empty()) cfg.resolved_yaml = recipe.resolved_yaml();
+  // The resolved recipe first, so a log always says exactly what ran.
+  std::cout << "# recipe: " << recipe.path() << " (resolved)\n" << cfg.resolved_yaml;
+  if (!cfg.resolved_yaml.empty() && cfg.resolved_yaml.back() != '\n') std::cout << "\n";
+  std::cout << "# ----\n";
+  std::cout.flush();
+  SftTrainer trainer(cfg, std::cout);
+  SftResult res = trainer.train();
+  std::cout << "done: " << res.steps << " steps";
+  if (res.skipped_steps) std::cout << " (" << res.skipped_steps << " skipped: non-finite loss)";
+  if (res.early_stopped) std::cout << ", stopped early";
+  std::cout << "\n";
+  if (res.eval_before && res.eval_after) {
+    std::printf("eval loss: %.4f -> %.4f (perplexity %.2f -> %.2f, token accuracy %.3f -> %.3f)\n",
+                res.eval_before->loss, res.eval_after->loss, res.eval_before->perplexity,
+                res.eval_after->perplexity, res.eval_before->accuracy, res.eval_after->accuracy);
+  } else if (res.eval_after) {
+    std::printf("eval loss: %.4f (perplexity %.2f, token accuracy %.3f)\n", res.eval_after->loss,
+                res.eval_after->perplexity, res.eval_after->accuracy);
+  }
+  if (!res.last_checkpoint.empty()) std::cout << "checkpoint: " << res.last_checkpoint << "\n";
+  return 0;
+}
+
+}  // namespace ftune::cli

@@ -1,0 +1,560 @@
+#include "trainers/sft.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <ostream>
+#include <sstream>
+
+#include "core/allocator.h"
+#include "core/autograd.h"
+#include "core/error.h"
+#include "core/optim.h"
+#include "data/chat_template.h"
+#include "data/sft_dataset.h"
+#include "data/tokenizer.h"
+#include "io/checkpoint.h"
+#include "io/hf_config.h"
+#include "models/generate.h"
+#include "models/lora.h"
+#include "models/transformer.h"
+
+namespace ftune {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+// Resident and peak resident set of this process, in MiB (Linux /proc; 0 elsewhere).
+std::pair<double, double> rss_mib() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  double rss = 0, hwm = 0;
+  while (std::getline(f, line)) {
+    if (line.rfind("VmRSS:", 0) == 0) rss = std::stod(line.substr(6)) / 1024.0;
+    if (line.rfind("VmHWM:", 0) == 0) hwm = std::stod(line.substr(6)) / 1024.0;
+  }
+  return {rss, hwm};
+}
+
+// A 64-bit mix of (seed, a, b): the LoRA dropout seed of micro-batch b of step a. Derived from the
+// step, so a resumed run draws the same masks as an uninterrupted one.
+uint64_t mix_seed(uint64_t seed, uint64_t a, uint64_t b) {
+  uint64_t x = seed ^ (a * 0x9E3779B97F4A7C15ull) ^ (b * 0xC2B2AE3D27D4EB4Full);
+  x ^= x >> 33;
+  x *= 0xFF51AFD7ED558CCDull;
+  x ^= x >> 33;
+  x *= 0xC4CEB9FE1A85EC53ull;
+  return x ^ (x >> 33);
+}
+
+std::string fmt_num(const char* f, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, f, v);
+  return buf;
+}
+
+LoraOptions lora_options(const LoraSection& s, uint64_t seed) {
+  LoraOptions o;
+  o.r = s.r;
+  o.alpha = s.alpha;
+  o.dropout = s.dropout;
+  o.use_rslora = s.use_rslora;
+  o.target_modules = s.target_modules;
+  o.seed = seed;
+  return o;
+}
+
+}  // namespace
+
+struct SftTrainer::Impl {
+  SftConfig cfg;
+  std::ostream& log;
+  Tokenizer tok;
+  std::optional<ChatTemplate> chat;
+  std::unique_ptr<Transformer> model;
+  bool lora = false;
+  nn::NamedTensors trainable;
+  std::unique_ptr<optim::AdamW> opt;
+  std::unique_ptr<optim::LRSchedule> sched;
+  std::unique_ptr<SftLoader> train_loader;
+  std::vector<SftExample> val_examples;
+  int32_t pad_id = 0;
+  int64_t total_steps = 0;
+
+  // Progress: all of it saved in checkpoints.
+  int64_t step = 0;
+  int64_t skipped = 0;
+  int64_t consecutive_bad = 0;
+  double best_eval = INFINITY;
+  int64_t evals_without_improvement = 0;
+  int64_t tokens_seen = 0;
+  std::string last_ckpt;
+  int64_t last_saved_step = -1;
+
+  Impl(SftConfig c, std::ostream& l) : cfg(std::move(c)), log(l), tok(load_tokenizer(cfg)) {}
+
+  static Tokenizer load_tokenizer(const SftConfig& cfg) {
+    std::string p = cfg.tokenizer.path.empty() ? cfg.model.path : cfg.tokenizer.path;
+    return fs::is_directory(p) ? Tokenizer::from_folder(p) : Tokenizer::from_file(p);
+  }
+
+  fs::path out() const { return fs::path(cfg.output_dir); }
+  fs::path metrics_path() const { return out() / "metrics.jsonl"; }
+
+  void setup() {
+    FTUNE_CHECK(cfg.dtype == "f32", "[sft] ", cfg.recipe_file, ": dtype ", cfg.dtype,
+                " is not supported on the CPU yet (use f32)");
+    FTUNE_CHECK(cfg.device == "cpu", "[sft] ", cfg.recipe_file, ": device ", cfg.device,
+                " has no trainer yet (the CUDA trainer is issue 7); use cpu");
+    fs::create_directories(out());
+
+    // Chat template: the recipe's name, else the tokenizer's, else none (text formats only).
+    const std::string& ct = cfg.tokenizer.chat_template;
+    if (!ct.empty() && ct != "auto") {
+      chat = ChatTemplate::by_name(ct, tok.config());
+    } else if (!tok.config().chat_template.empty()) {
+      chat = ChatTemplate::from_config(tok.config());
+    }
+    pad_id = tok.pad_id().value_or(tok.eos_id().value_or(0));
+
+    HfConfigOptions hopt;
+    hopt.max_seq_len = cfg.tokenizer.max_seq_len;
+    if (cfg.model.init == "random") {
+      ModelConfig mc = load_hf_config((fs::path(cfg.model.path) / "config.json").string(), hopt);
+      model = std::make_unique<Transformer>(mc);
+      model->init_random(cfg.seed, cfg.model.init_std);
+    } else {
+      model = Transformer::from_pretrained(cfg.model.path, hopt);
+    }
+    FTUNE_CHECK(tok.vocab_size() <= model->config().vocab_size, "[sft] the tokenizer of ",
+                tok.source(), " has ", tok.vocab_size(), " tokens, more than the model's vocab_size ",
+                model->config().vocab_size);
+
+    lora = cfg.lora.enabled;
+    if (lora) {
+      apply_lora(*model, lora_options(cfg.lora, cfg.seed));
+      trainable = lora_parameters(*model);
+    } else {
+      for (auto& [name, t] : model->named_parameters())
+        if (t.requires_grad()) trainable.emplace_back(name, t);
+    }
+    model->train();
+
+    // Data.
+    SftDatasetOptions dopt;
+    dopt.format = sft_format_from_name(cfg.dataset.format);
+    dopt.train_on_input = cfg.dataset.train_on_input;
+    dopt.max_seq_len = cfg.tokenizer.max_seq_len;
+    dopt.truncation = cfg.dataset.truncation;
+    dopt.chat_template = (ct == "auto") ? "" : ct;
+    SftDataStats st;
+    std::vector<SftExample> train = load_sft_jsonl(cfg.dataset.path, tok, dopt, &st);
+    if (!cfg.dataset.val_path.empty()) {
+      val_examples = load_sft_jsonl(cfg.dataset.val_path, tok, dopt);
+    } else if (cfg.dataset.val_size > 0) {
+      auto [tr, va] = split_holdout(std::move(train), cfg.dataset.val_size, cfg.seed);
+      train = std::move(tr);
+      val_examples = std::move(va);
+    }
+    FTUNE_CHECK(!train.empty(), "[sft] ", cfg.dataset.path, ": no training examples (",
+                st.lines, " lines, ", st.dropped, " dropped by truncation: drop)");
+    log << "data: " << train.size() << " train examples (" << st.target_tokens
+        << " target tokens in the file, " << st.truncated << " truncated, " << st.dropped
+        << " dropped), " << val_examples.size() << " held out\n";
+
+    SftLoaderOptions lopt;
+    lopt.batch_size = cfg.batch_size;
+    lopt.max_seq_len = cfg.tokenizer.max_seq_len;
+    lopt.packed = cfg.dataset.packed;
+    lopt.shuffle = cfg.dataset.shuffle;
+    lopt.seed = cfg.seed;
+    lopt.pad_id = pad_id;
+    train_loader = std::make_unique<SftLoader>(std::move(train), lopt);
+    int64_t per_epoch = train_loader->batches_per_epoch();
+    FTUNE_CHECK(per_epoch > 0, "[sft] ", cfg.dataset.path, ": no full batch of ", cfg.batch_size,
+                " in the training split");
+    int64_t accum = cfg.gradient_accumulation_steps;
+    total_steps = cfg.max_steps > 0 ? cfg.max_steps : (cfg.epochs * per_epoch + accum - 1) / accum;
+    FTUNE_CHECK(total_steps > 0, "[sft] nothing to train: max_steps and epochs give 0 steps");
+
+    // Optimizer: decay on matrices only.
+    optim::AdamWOptions o;
+    o.lr = cfg.optimizer.lr;
+    o.beta1 = cfg.optimizer.beta1;
+    o.beta2 = cfg.optimizer.beta2;
+    o.eps = cfg.optimizer.eps;
+    o.weight_decay = cfg.optimizer.weight_decay;
+    opt = std::make_unique<optim::AdamW>(optim::decay_groups(trainable, o.weight_decay), o);
+    sched = std::make_unique<optim::LRSchedule>(
+        optim::schedule_kind_from_name(cfg.lr_scheduler.name), cfg.optimizer.lr,
+        cfg.lr_scheduler.num_warmup_steps, total_steps, cfg.lr_scheduler.min_lr_ratio);
+
+    int64_t n_train = 0;
+    for (auto& [n, t] : trainable) n_train += t.numel();
+    log << "model: " << model->config().architecture << ", " << model->num_parameters()
+        << " parameters, " << n_train << " trainable" << (lora ? " (LoRA)" : "") << "\n";
+    log << "steps: " << total_steps << " (" << per_epoch << " micro-batches per epoch, "
+        << accum << " per step)\n";
+
+    if (cfg.resume) restore();
+    if (step == 0) {
+      std::ofstream(metrics_path(), std::ios::trunc);  // a fresh run starts a fresh log
+    }
+  }
+
+  // ---------------------------------------------------------------- checkpoints
+  Checkpoint make_checkpoint() const {
+    Checkpoint c;
+    c.step = step;
+    c.epoch = train_loader->epoch();
+    c.adapter_only = lora;
+    c.model = lora ? lora_parameters(*model) : model->named_parameters();
+    c.optimizer = opt->export_state();
+    c.trainer_state = {{"sampler", train_loader->state()},
+                       {"skipped_steps", skipped},
+                       {"consecutive_bad_steps", consecutive_bad},
+                       {"best_eval_loss", std::isfinite(best_eval) ? nlohmann::json(best_eval)
+                                                                   : nlohmann::json(nullptr)},
+                       {"evals_without_improvement", evals_without_improvement},
+                       {"tokens_seen", tokens_seen},
+                       {"total_steps", total_steps},
+                       {"seed", cfg.seed},
+                       {"tokenizer_path", cfg.tokenizer.path.empty() ? cfg.model.path
+                                                                     : cfg.tokenizer.path}};
+    c.recipe_yaml = cfg.resolved_yaml;
+    c.model_config = model->config().to_json();
+    if (lora) {
+      const LoraSection& s = cfg.lora;
+      c.adapter_config = {{"r", s.r},           {"alpha", s.alpha},
+                          {"dropout", s.dropout}, {"use_rslora", s.use_rslora},
+                          {"target_modules", s.target_modules},
+                          {"base_model", cfg.model.path}};
+    } else {
+      c.adapter_config = nullptr;
+    }
+    return c;
+  }
+
+  void save() {
+    fs::path p = out() / checkpoint_file_name(step);
+    save_checkpoint(p.string(), make_checkpoint());
+    last_ckpt = p.string();
+    last_saved_step = step;
+    prune_checkpoints(out().string(), cfg.keep_last_n);
+    log << "checkpoint: " << p.string() << "\n";
+  }
+
+  void restore() {
+    std::optional<std::string> latest = latest_valid_checkpoint(out().string());
+    if (!latest) {
+      log << "resume: no checkpoint in " << out().string() << ", starting from step 0\n";
+      return;
+    }
+    Checkpoint c = load_checkpoint(*latest);
+    FTUNE_CHECK(c.adapter_only == lora, "[sft] resume: ", *latest, " holds ",
+                c.adapter_only ? "a LoRA adapter" : "full weights", " but the recipe ",
+                lora ? "uses LoRA" : "does full fine-tuning");
+    FTUNE_CHECK(c.model_config == model->config().to_json(), "[sft] resume: ", *latest,
+                " was written for another model config than ", cfg.model.path);
+    std::map<std::string, Tensor> by_name;
+    for (auto& [n, t] : c.model) by_name[n] = t;
+    nn::NamedTensors dst = lora ? lora_parameters(*model) : model->named_parameters();
+    FTUNE_CHECK(by_name.size() == dst.size(), "[sft] resume: ", *latest, " has ", by_name.size(),
+                " model tensors, the model ", dst.size());
+    for (auto& [n, t] : dst) {
+      auto it = by_name.find(n);
+      FTUNE_CHECK(it != by_name.end(), "[sft] resume: ", *latest, " lacks tensor ", n);
+      FTUNE_CHECK(it->second.shape() == t.shape(), "[sft] resume: ", *latest, ": tensor ", n,
+                  " is ", it->second.desc(), ", the model's ", t.desc());
+      t.copy_(it->second);
+    }
+    opt->import_state(c.optimizer);
+    const nlohmann::json& ts = c.trainer_state;
+    train_loader->load_state(ts.at("sampler"));
+    step = c.step;
+    skipped = ts.value("skipped_steps", int64_t(0));
+    consecutive_bad = ts.value("consecutive_bad_steps", int64_t(0));
+    best_eval = ts.at("best_eval_loss").is_null() ? INFINITY
+                                                   : ts.at("best_eval_loss").get<double>();
+    evals_without_improvement = ts.value("evals_without_improvement", int64_t(0));
+    tokens_seen = ts.value("tokens_seen", int64_t(0));
+    last_ckpt = *latest;
+    last_saved_step = step;
+    truncate_metrics_after(step);
+    log << "resume: " << *latest << " (step " << step << ", epoch " << c.epoch + 1 << ")\n";
+  }
+
+  // Drops metrics logged after `keep_step` by the interrupted run, so the resumed run's log reads
+  // as one uninterrupted run.
+  void truncate_metrics_after(int64_t keep_step) {
+    std::ifstream in(metrics_path());
+    if (!in) return;
+    std::vector<std::string> keep;
+    std::string line;
+    while (std::getline(in, line)) {
+      if (line.empty()) continue;
+      nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+      if (j.is_discarded()) continue;  // a line cut by the kill
+      if (j.value("step", int64_t(0)) <= keep_step) keep.push_back(line);
+    }
+    in.close();
+    std::ofstream o(metrics_path(), std::ios::trunc);
+    for (auto& l : keep) o << l << "\n";
+  }
+
+  void write_metrics(const nlohmann::json& j) {
+    std::ofstream o(metrics_path(), std::ios::app);
+    o << j.dump() << "\n";
+    o.flush();
+  }
+
+  // ---------------------------------------------------------------- forward
+  Tensor logits_of(const SftBatch& b) {
+    ForwardOptions fo;
+    fo.positions = b.positions;
+    fo.cu_seqlens = b.cu_seqlens;
+    return model->forward(b.ids, fo);
+  }
+
+  EvalMetrics evaluate() {
+    FTUNE_CHECK(!val_examples.empty(), "[sft] evaluate: no held-out split (set dataset.val_path "
+                                       "or dataset.val_size)");
+    NoGradGuard ng;
+    bool was_training = model->is_training();
+    model->eval();
+    SftLoaderOptions lopt;
+    lopt.batch_size = cfg.batch_size;
+    lopt.max_seq_len = cfg.tokenizer.max_seq_len;
+    lopt.packed = cfg.dataset.packed;
+    lopt.shuffle = false;
+    lopt.pad_id = pad_id;
+    SftLoader loader(val_examples, lopt);
+    double loss_sum = 0;
+    int64_t n = 0, correct = 0, batches = 0;
+    SftBatch b;
+    while (loader.next(b)) {
+      if (cfg.eval_max_batches > 0 && batches >= cfg.eval_max_batches) break;
+      ++batches;
+      Tensor logits = logits_of(b);
+      int64_t V = logits.size(-1);
+      Tensor flat = logits.view({-1, V});
+      Tensor labels = b.labels.view({-1});
+      loss_sum += ops::cross_entropy(flat, labels, -100, ops::Reduction::sum).item();
+      std::vector<int64_t> pred = ops::argmax(flat, -1).to_vector<int64_t>();
+      std::vector<int64_t> lab = labels.to_vector<int64_t>();
+      for (size_t i = 0; i < lab.size(); ++i) {
+        if (lab[i] == -100) continue;
+        ++n;
+        correct += pred[i] == lab[i];
+      }
+    }
+    model->train(was_training);
+    EvalMetrics m;
+    m.tokens = n;
+    m.loss = n ? loss_sum / double(n) : 0.0;
+    m.perplexity = std::exp(m.loss);
+    m.accuracy = n ? double(correct) / double(n) : 0.0;
+    return m;
+  }
+
+  std::vector<std::string> sample_generations() {
+    std::vector<std::string> outs;
+    if (!cfg.eval_generate) return outs;
+    const EvalGenerateSection& g = *cfg.eval_generate;
+    std::vector<std::vector<int32_t>> prompts;
+    for (const std::string& p : g.prompts) {
+      if (chat) {
+        std::string text = chat->render({{"user", p}}, true).text;
+        prompts.push_back(tok.encode(text, false));
+      } else {
+        prompts.push_back(tok.encode(p, true));
+      }
+    }
+    GenerateOptions go;
+    go.max_new_tokens = g.max_new_tokens;
+    go.temperature = g.temperature;
+    go.seed = cfg.seed;
+    go.pad_token_id = pad_id;
+    if (auto e = tok.eos_id()) go.stop_token_ids.push_back(*e);
+    if (chat) {
+      if (auto e = tok.token_to_id(chat->eos_token())) go.stop_token_ids.push_back(*e);
+    }
+    std::vector<std::vector<int32_t>> res = generate(*model, prompts, go);
+    for (auto& r : res) outs.push_back(tok.decode(r, true));
+    return outs;
+  }
+
+  void print_eval(const char* when, const EvalMetrics& m) {
+    log << "eval " << when << " | step " << step << " | loss " << fmt_num("%.4f", m.loss)
+        << " | ppl " << fmt_num("%.3f", m.perplexity) << " | acc "
+        << fmt_num("%.4f", m.accuracy) << " | tokens " << m.tokens << "\n";
+    write_metrics({{"split", "eval"},
+                   {"step", step},
+                   {"loss", m.loss},
+                   {"perplexity", m.perplexity},
+                   {"accuracy", m.accuracy},
+                   {"tokens", m.tokens}});
+  }
+
+  void print_generations(const char* when) {
+    if (!cfg.eval_generate) return;
+    std::vector<std::string> outs = sample_generations();
+    for (size_t i = 0; i < outs.size(); ++i) {
+      log << "sample " << when << " | " << cfg.eval_generate->prompts[i] << " -> " << outs[i]
+          << "\n";
+    }
+  }
+
+  // ---------------------------------------------------------------- the loop
+  SftResult train() {
+    SftResult res;
+    using clock = std::chrono::steady_clock;
+    const int64_t accum = cfg.gradient_accumulation_steps;
+    const bool has_val = !val_examples.empty();
+    if (step == 0 && has_val) {
+      res.eval_before = evaluate();
+      print_eval("before", *res.eval_before);
+      print_generations("before");
+    }
+    std::vector<Tensor> params;
+    for (auto& [n, t] : trainable) params.push_back(t);
+
+    while (step < total_steps) {
+      auto t0 = clock::now();
+      // The micro-batches of this step; the loss is the mean over all their target tokens.
+      std::vector<SftBatch> mbs(size_t(accum));
+      int64_t targets = 0, tokens = 0;
+      for (auto& b : mbs) {
+        if (!train_loader->next(b)) {
+          bool ok = train_loader->next(b);  // the next epoch begins
+          FTUNE_CHECK(ok, "[sft] the training loader produced no batch");
+        }
+        targets += b.num_targets;
+        tokens += b.num_tokens;
+      }
+      double loss_sum = 0;
+      bool bad = false;
+      if (targets > 0) {
+        for (size_t i = 0; i < mbs.size(); ++i) {
+          if (lora) set_lora_dropout_seed(*model, mix_seed(cfg.seed, uint64_t(step), i));
+          Tensor logits = logits_of(mbs[i]);
+          int64_t V = logits.size(-1);
+          Tensor ce = ops::cross_entropy(logits.view({-1, V}), mbs[i].labels.view({-1}), -100,
+                                         ops::Reduction::sum);
+          double v = ce.item();
+          if (!std::isfinite(v)) {
+            bad = true;
+            break;
+          }
+          loss_sum += v;
+          ops::mul_scalar(ce, 1.0 / double(targets)).backward();
+        }
+      }
+      double loss = targets > 0 ? loss_sum / double(targets) : 0.0;
+      double gnorm = 0;
+      if (!bad) {
+        gnorm = cfg.clip_grad_norm > 0 ? optim::clip_grad_norm(params, cfg.clip_grad_norm)
+                                       : std::sqrt(optim::grad_sum_squares(params));
+        bad = !std::isfinite(gnorm);
+      }
+      double lr = sched->lr_at(step);
+      if (bad) {
+        opt->zero_grad();
+        ++skipped;
+        ++consecutive_bad;
+        log << "step " << step + 1 << ": non-finite " << (std::isfinite(loss) ? "gradient" : "loss")
+            << ", step skipped (" << consecutive_bad << " in a row)\n";
+        FTUNE_CHECK(consecutive_bad < cfg.max_consecutive_nan_steps, "[sft] the loss or gradient "
+                    "was NaN/inf for ", consecutive_bad, " consecutive steps (step ", step + 1,
+                    "); stopping. The last good checkpoint is ",
+                    last_ckpt.empty() ? std::string("(none)") : last_ckpt,
+                    ". Lower optimizer.lr, set clip_grad_norm, or check the data.");
+      } else {
+        consecutive_bad = 0;
+        opt->set_lr(lr);
+        opt->step();
+        opt->zero_grad();
+      }
+      ++step;
+      tokens_seen += tokens;
+      double secs = std::chrono::duration<double>(clock::now() - t0).count();
+      double tps = secs > 0 ? double(tokens) / secs : 0;
+      auto [rss, peak] = rss_mib();
+      res.last_loss = loss;
+      if (cfg.log_every_n_steps > 0 &&
+          (step % cfg.log_every_n_steps == 0 || step == total_steps)) {
+        log << "epoch " << train_loader->epoch() + 1 << " | step " << step << "/" << total_steps
+            << " | loss " << fmt_num("%.4f", loss) << " | lr " << fmt_num("%.3e", lr)
+            << " | grad_norm " << fmt_num("%.3f", gnorm) << " | tok/s " << fmt_num("%.0f", tps)
+            << " | mem " << fmt_num("%.0f", rss) << " MiB\n";
+        log.flush();
+      }
+      write_metrics({{"split", "train"},
+                     {"step", step},
+                     {"epoch", train_loader->epoch()},
+                     {"loss", loss},
+                     {"lr", lr},
+                     {"grad_norm", gnorm},
+                     {"skipped", bad},
+                     {"tokens", tokens},
+                     {"target_tokens", targets},
+                     {"tokens_per_s", tps},
+                     {"rss_mib", rss},
+                     {"peak_rss_mib", peak}});
+
+      bool stop = false;
+      if (has_val && cfg.eval_every_n_steps > 0 && step % cfg.eval_every_n_steps == 0 &&
+          step < total_steps) {
+        EvalMetrics m = evaluate();
+        print_eval("", m);
+        print_generations("");
+        stop = early_stop_after(m);
+      }
+      if (cfg.save_every_n_steps > 0 && step % cfg.save_every_n_steps == 0 &&
+          step < total_steps)
+        save();
+      if (stop) {
+        res.early_stopped = true;
+        log << "early stopping: eval loss did not improve by " << cfg.early_stopping.min_delta
+            << " for " << cfg.early_stopping.patience << " evaluations\n";
+        break;
+      }
+    }
+    if (has_val) {
+      res.eval_after = evaluate();
+      print_eval("after", *res.eval_after);
+      print_generations("after");
+    }
+    if (last_saved_step != step) save();
+    res.steps = step;
+    res.skipped_steps = skipped;
+    res.last_checkpoint = last_ckpt;
+    return res;
+  }
+
+  bool early_stop_after(const EvalMetrics& m) {
+    if (m.loss < best_eval - cfg.early_stopping.min_delta) {
+      best_eval = m.loss;
+      evals_without_improvement = 0;
+      return false;
+    }
+    ++evals_without_improvement;
+    return cfg.early_stopping.patience > 0 &&
+           evals_without_improvement >= cfg.early_stopping.patience;
+  }
+};
+
+SftTrainer::SftTrainer(SftConfig cfg, std::ostream& log)
+    : impl_(std::make_unique<Impl>(std::move(cfg), log)) {
+  impl_->setup();
+}
+SftTrainer::~SftTrainer() = default;
+SftResult SftTrainer::train() { return impl_->train(); }
+EvalMetrics SftTrainer::evaluate() { return impl_->evaluate(); }
+std::vector<std::string> SftTrainer::sample_generations() { return impl_->sample_generations(); }
+
+}  // namespace ftune
