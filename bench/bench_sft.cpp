@@ -1,0 +1,138 @@
+// SFT step benchmark: one optimizer step (forward + backward + clip + AdamW) of a Llama-style
+// Transformer on random tokens, full fine-tuning or LoRA, as trainers/sft.cpp runs it. Prints one
+// JSON line: ms/step (median of --steps after --warmup), peak RSS of the process (VmHWM), trainable
+// parameters and the bytes of AdamW state. Run one configuration per process (peak RSS is the
+// process's high-water mark): bench/sft/run.sh does, and writes bench/results/cpu_sft_step.md.
+//   bench_sft [--model DIR | --layers 4 --d 512 --heads 8 --kv-heads 8 --ffn 1376 --vocab 2048]
+//             [--seq 256] [--batch 8] [--lora-r 8 (0: full)] [--targets all-linear] [--steps 8]
+//             [--warmup 2]
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "core/optim.h"
+#include "core/rng.h"
+#include "io/hf_config.h"
+#include "models/lora.h"
+#include "models/transformer.h"
+
+using namespace ftune;
+
+namespace {
+
+double peak_rss_mib() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string model_dir, targets = "all-linear";
+  int64_t layers = 4, d = 512, heads = 8, kv = 8, ffn = 1376, vocab = 2048, seq = 256, batch = 8;
+  int64_t lora_r = 8, steps = 8, warmup = 2;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    std::string k = argv[i], v = argv[i + 1];
+    if (k == "--model") model_dir = v;
+    else if (k == "--layers") layers = std::stoll(v);
+    else if (k == "--d") d = std::stoll(v);
+    else if (k == "--heads") heads = std::stoll(v);
+    else if (k == "--kv-heads") kv = std::stoll(v);
+    else if (k == "--ffn") ffn = std::stoll(v);
+    else if (k == "--vocab") vocab = std::stoll(v);
+    else if (k == "--seq") seq = std::stoll(v);
+    else if (k == "--batch") batch = std::stoll(v);
+    else if (k == "--lora-r") lora_r = std::stoll(v);
+    else if (k == "--targets") targets = v;
+    else if (k == "--steps") steps = std::stoll(v);
+    else if (k == "--warmup") warmup = std::stoll(v);
+    else {
+      std::fprintf(stderr, "bench_sft: unknown option %s\n", k.c_str());
+      return 2;
+    }
+  }
+  try {
+    std::unique_ptr<Transformer> model;
+    if (!model_dir.empty()) {
+      model = Transformer::from_pretrained(model_dir);
+    } else {
+      nlohmann::json cfg = {{"architectures", {"LlamaForCausalLM"}},
+                            {"model_type", "llama"},
+                            {"vocab_size", vocab},
+                            {"hidden_size", d},
+                            {"intermediate_size", ffn},
+                            {"num_hidden_layers", layers},
+                            {"num_attention_heads", heads},
+                            {"num_key_value_heads", kv},
+                            {"max_position_embeddings", std::max<int64_t>(seq, 512)},
+                            {"rms_norm_eps", 1e-5},
+                            {"tie_word_embeddings", true}};
+      model = std::make_unique<Transformer>(parse_hf_config(cfg, "bench"));
+      model->init_random(1);
+    }
+    const ModelConfig& mc = model->config();
+    nn::NamedTensors trainable;
+    if (lora_r > 0) {
+      LoraOptions lo;
+      lo.r = lora_r;
+      lo.alpha = 2.0 * double(lora_r);
+      lo.target_modules = {targets};
+      apply_lora(*model, lo);
+      trainable = lora_parameters(*model);
+    } else {
+      trainable = model->named_parameters();
+    }
+    std::vector<Tensor> params;
+    int64_t n_train = 0;
+    for (auto& [n, t] : trainable) {
+      params.push_back(t);
+      n_train += t.numel();
+    }
+    optim::AdamW opt(optim::decay_groups(trainable, 0.01), {});
+    Tensor ids = randint({batch, seq}, 0, mc.vocab_size, 5, DType::i32);
+    Tensor labels = randint({batch * seq}, 0, mc.vocab_size, 6, DType::i64);
+    std::vector<double> ms;
+    for (int64_t s = 0; s < warmup + steps; ++s) {
+      auto t0 = std::chrono::steady_clock::now();
+      Tensor logits = model->forward(ids);
+      Tensor loss = ops::cross_entropy(logits.view({batch * seq, mc.vocab_size}), labels);
+      loss.backward();
+      optim::clip_grad_norm(params, 1.0);
+      opt.step();
+      opt.zero_grad();
+      double t = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
+                     .count();
+      if (s >= warmup) ms.push_back(t);
+    }
+    std::sort(ms.begin(), ms.end());
+    int64_t state_bytes = 0;
+    for (auto& [n, t] : opt.export_state().tensors) state_bytes += t.numel() * int64_t(dtype_size(t.dtype()));
+    nlohmann::json out = {{"model", model_dir.empty() ? "random" : model_dir},
+                          {"layers", mc.num_hidden_layers},
+                          {"d", mc.hidden_size},
+                          {"vocab", mc.vocab_size},
+                          {"params", model->num_parameters()},
+                          {"mode", lora_r > 0 ? "lora" : "full"},
+                          {"lora_r", lora_r},
+                          {"trainable", n_train},
+                          {"seq", seq},
+                          {"batch", batch},
+                          {"ms_per_step", ms[ms.size() / 2]},
+                          {"tokens_per_s", double(batch * seq) / (ms[ms.size() / 2] / 1e3)},
+                          {"peak_rss_mib", peak_rss_mib()},
+                          {"adamw_state_mib", double(state_bytes) / (1024.0 * 1024.0)}};
+    std::printf("%s\n", out.dump().c_str());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_sft: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
