@@ -97,8 +97,9 @@ int main(int argc, char** argv) {
       n_train += t.numel();
     }
     optim::AdamW opt(optim::decay_groups(trainable, 0.01), {});
-    Tensor ids = randint({batch, seq}, 0, mc.vocab_size, 5, DType::i32);
-    Tensor labels = randint({batch * seq}, 0, mc.vocab_size, 6, DType::i64);
+    Generator gen(5);
+    Tensor ids = randint({batch, seq}, gen, 0, mc.vocab_size, DType::i32);
+    Tensor labels = randint({batch * seq}, gen, 0, mc.vocab_size, DType::i64);
     std::vector<double> ms;
     for (int64_t s = 0; s < warmup + steps; ++s) {
       auto t0 = std::chrono::steady_clock::now();
