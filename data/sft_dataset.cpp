@@ -380,6 +380,7 @@ std::vector<SftExample> load_sft_jsonl(const std::string& path, const Tokenizer&
     int64_t n = 0;
     while (std::getline(f, s)) {
       ++n;
+      if (n == 1 && s.rfind("\xEF\xBB\xBF", 0) == 0) s.erase(0, 3);  // a UTF-8 byte order mark
       if (is_blank(s)) continue;
       lines.push_back(std::move(s));
       line_no.push_back(n);

@@ -431,6 +431,9 @@ TEST(SftDataset, BadLinesNameFileAndLine) {
                  mistral);
   EXPECT_NE(msg.find(":1: [chat_template]"), std::string::npos) << msg;
   EXPECT_THROW(load_sft_jsonl("/nonexistent/x.jsonl", tok, {}), Error);
+  // A byte order mark before the first line is not an error.
+  auto bom = load_sft_jsonl(write_jsonl("bom", {"\xEF\xBB\xBF" + good}), tok, {});
+  EXPECT_EQ(bom.size(), 1u);
 }
 
 // ---------------------------------------------------------------------------------- split
