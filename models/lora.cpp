@@ -110,20 +110,20 @@ std::vector<std::pair<std::string, Proj*>> select_targets(const Transformer& mod
   if (strict && !all_linear && !re)
     for (size_t i = 0; i < hits.size(); ++i)
       FTUNE_CHECK(hits[i] > 0, what, " target module '", opt.target_modules[i],
-                  "' matches no projection of ", model.config().architecture, " (its projections: ",
-                  projection_kinds(model), ", or \"all-linear\")");
+                  "' matches no projection of ", model.config().architecture,
+                  " (its projections: ", projection_kinds(model), ", or \"all-linear\")");
   FTUNE_CHECK(!out.empty(), what, " target_modules ",
               re ? "'" + opt.target_regex + "'" : "[" + join(opt.target_modules) + "]",
-              " match no projection of ", model.config().architecture, " (its projections: ",
-              projection_kinds(model), ")");
+              " match no projection of ", model.config().architecture,
+              " (its projections: ", projection_kinds(model), ")");
   return out;
 }
 
 void check_options(const LoraOptions& opt, const std::string& what) {
   FTUNE_CHECK(opt.r >= 1, what, " r must be >= 1, got ", opt.r);
   FTUNE_CHECK(std::isfinite(opt.alpha), what, " lora_alpha must be finite, got ", opt.alpha);
-  FTUNE_CHECK(opt.dropout >= 0.0 && opt.dropout < 1.0, what, " lora_dropout must be in [0, 1), got ",
-              opt.dropout);
+  FTUNE_CHECK(opt.dropout >= 0.0 && opt.dropout < 1.0, what,
+              " lora_dropout must be in [0, 1), got ", opt.dropout);
 }
 
 uint64_t module_seed(uint64_t seed, uint64_t index) {
@@ -167,14 +167,26 @@ json number_json(double v) {
 
 // Keys of a PEFT LoraConfig that select features ftune does not implement: each must be absent,
 // null, false or empty.
-const char* const kUnsupportedKeys[] = {
-    "use_dora",        "lora_bias",           "modules_to_save",
-    "layers_to_transform", "layers_pattern",  "rank_pattern",
-    "alpha_pattern",   "exclude_modules",     "target_parameters",
-    "layer_replication", "trainable_token_indices", "alora_invocation_tokens",
-    "use_qalora",      "megatron_config",     "loftq_config",
-    "use_bdlora",      "arrow_config",        "kasa_config",
-    "velora_config",   "monteclora_config"};
+const char* const kUnsupportedKeys[] = {"use_dora",
+                                        "lora_bias",
+                                        "modules_to_save",
+                                        "layers_to_transform",
+                                        "layers_pattern",
+                                        "rank_pattern",
+                                        "alpha_pattern",
+                                        "exclude_modules",
+                                        "target_parameters",
+                                        "layer_replication",
+                                        "trainable_token_indices",
+                                        "alora_invocation_tokens",
+                                        "use_qalora",
+                                        "megatron_config",
+                                        "loftq_config",
+                                        "use_bdlora",
+                                        "arrow_config",
+                                        "kasa_config",
+                                        "velora_config",
+                                        "monteclora_config"};
 
 bool is_unset(const json& v) {
   return v.is_null() || (v.is_boolean() && !v.get<bool>()) ||
@@ -223,7 +235,8 @@ void merge_lora(Transformer& model) {
   for (auto& [name, p] : mods) {
     const int64_t in = p->in_features(), out = p->out_features(), r = p->lora_A().size(0);
     const double s = p->lora_scale();
-    const std::vector<double> a = p->lora_A().to_vector<double>(), b = p->lora_B().to_vector<double>();
+    const std::vector<double> a = p->lora_A().to_vector<double>(),
+                              b = p->lora_B().to_vector<double>();
     std::vector<double> w = p->weight.to_vector<double>();
     // delta[o, i] = s * sum_k B[o, k] A[k, i]; a Conv1D weight is [in, out].
     for (int64_t o = 0; o < out; ++o)
@@ -248,20 +261,20 @@ void save_peft_adapter(const std::string& dir, const Transformer& model, const L
   bool conv1d = false;
   nn::NamedTensors tensors;
   for (auto& [name, p] : mods) {
-    FTUNE_CHECK(p->lora_A().size(0) == opt.r && std::fabs(p->lora_scale() - opt.scale()) <=
-                                                    1e-12 * std::fabs(opt.scale()),
+    FTUNE_CHECK(p->lora_A().size(0) == opt.r &&
+                    std::fabs(p->lora_scale() - opt.scale()) <= 1e-12 * std::fabs(opt.scale()),
                 "[peft] save_peft_adapter(", dir, "): the options (r ", opt.r, ", scale ",
-                opt.scale(), ") do not describe the adapter of ", name, " (r ",
-                p->lora_A().size(0), ", scale ", p->lora_scale(), ")");
+                opt.scale(), ") do not describe the adapter of ", name, " (r ", p->lora_A().size(0),
+                ", scale ", p->lora_scale(), ")");
     conv1d = conv1d || p->conv1d();
     tensors.emplace_back(kPeftPrefix + name + ".lora_A.weight", p->lora_A());
     tensors.emplace_back(kPeftPrefix + name + ".lora_B.weight", p->lora_B());
   }
 
   json targets;
-  const bool all_linear = opt.target_regex.empty() && opt.target_modules.size() == 1 &&
-                          (opt.target_modules[0] == "all-linear" ||
-                           opt.target_modules[0] == "all_linear");
+  const bool all_linear =
+      opt.target_regex.empty() && opt.target_modules.size() == 1 &&
+      (opt.target_modules[0] == "all-linear" || opt.target_modules[0] == "all_linear");
   if (!opt.target_regex.empty()) {
     targets = opt.target_regex;
   } else if (all_linear) {  // PEFT saves the expansion, not the shorthand
@@ -342,9 +355,10 @@ LoraOptions load_peft_adapter(const std::string& dir, Transformer& model) {
               "' is not supported (only \"none\": trained biases are not part of ftune's LoRA)");
   for (const char* key : kUnsupportedKeys)
     FTUNE_CHECK(!c.contains(key) || is_unset(c[key]), what, " '", key, "' = ", json_brief(c[key]),
-                " is not supported by ftune's LoRA (", key == std::string("use_dora") ? "DoRA"
-                                                                                      : "a PEFT "
-                                                                                        "feature",
+                " is not supported by ftune's LoRA (",
+                key == std::string("use_dora") ? "DoRA"
+                                               : "a PEFT "
+                                                 "feature",
                 " not implemented)");
 
   LoraOptions opt;
@@ -407,13 +421,12 @@ LoraOptions load_peft_adapter(const std::string& dir, Transformer& model) {
   }
   for (const auto& [n, s] : want)
     if (!f.contains(n)) missing.push_back(n);
-  FTUNE_CHECK(unexpected.empty() && missing.empty(), "[peft] ", st_path,
-              ": the tensors do not match ", cfg_path,
-              missing.empty() ? "" : str_cat("; missing (", missing.size(), "): ", join(missing)),
-              unexpected.empty()
-                  ? ""
-                  : str_cat("; unexpected (", unexpected.size(), "): ", join(unexpected),
-                            " (only lora_A / lora_B of the targeted projections are read)"));
+  FTUNE_CHECK(
+      unexpected.empty() && missing.empty(), "[peft] ", st_path, ": the tensors do not match ",
+      cfg_path, missing.empty() ? "" : str_cat("; missing (", missing.size(), "): ", join(missing)),
+      unexpected.empty() ? ""
+                         : str_cat("; unexpected (", unexpected.size(), "): ", join(unexpected),
+                                   " (only lora_A / lora_B of the targeted projections are read)"));
 
   std::vector<std::pair<std::string, bool>> grad_state;
   for (auto& [name, t] : model.named_parameters()) grad_state.emplace_back(name, t.requires_grad());

@@ -24,7 +24,7 @@ struct LoraOptions {
   // (ECMAScript std::regex; Python's re.fullmatch for the usual patterns). Replaces
   // target_modules (which is then ignored).
   std::string target_regex;
-  uint64_t seed = 0;  // init of lora_A
+  uint64_t seed = 0;     // init of lora_A
   double scale() const;  // alpha / r, or alpha / sqrt(r) with rslora
 };
 

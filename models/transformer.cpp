@@ -585,6 +585,11 @@ void Transformer::save_pretrained(const std::string& dir, uint64_t max_shard_byt
   std::filesystem::create_directories(dir, ec);
   FTUNE_CHECK(!ec && dir_exists(dir), "[save_pretrained] cannot create folder ", dir, ": ",
               ec.message());
+  // Adapter tensors are not part of a HF model: transformers would refuse them as unexpected.
+  for (auto& [name, m] : const_cast<Transformer*>(this)->named_modules())
+    if (auto* p = dynamic_cast<Proj*>(m))
+      FTUNE_CHECK(!p->has_lora(), "[save_pretrained] ", dir, ": ", name,
+                  " has a LoRA adapter; merge_lora first, or save_peft_adapter (models/lora.h)");
   nn::NamedTensors params = named_parameters();
   ModelConfig c = cfg_;
   c.torch_dtype = torch_dtype_name(params.front().second.dtype());  // what the file holds

@@ -6,8 +6,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
-#include <functional>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -99,9 +99,10 @@ TEST(LoraPeft, ConfigIsReadAsPeftWroteIt) {
   auto l = Transformer::from_pretrained(fixture_dir("llama"));
   LoraOptions lo = load_peft_adapter(lora_dir("llama_qv"), *l);
   EXPECT_DOUBLE_EQ(lo.dropout, 0.1);
-  EXPECT_EQ(lora_modules(*l), (std::vector<std::string>{
-                                  "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
-                                  "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}));
+  EXPECT_EQ(lora_modules(*l),
+            (std::vector<std::string>{
+                "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}));
 }
 
 TEST(LoraPeft, SavedAdapterIsPeftsFile) {
@@ -130,8 +131,8 @@ TEST(LoraPeft, SavedAdapterIsPeftsFile) {
     // The config says what peft's does (peft adds keys of its own version that are all unset).
     json mine = json::parse(read_text_file(d.file("adapter_config.json"), "test"));
     json ref = json::parse(read_text_file(lora_dir(c) + "/adapter_config.json", "test"));
-    for (const char* k : {"peft_type", "task_type", "r", "lora_alpha", "lora_dropout",
-                          "use_rslora", "fan_in_fan_out", "bias", "base_model_name_or_path"})
+    for (const char* k : {"peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "use_rslora",
+                          "fan_in_fan_out", "bias", "base_model_name_or_path"})
       EXPECT_EQ(mine[k], ref[k]) << k;
     auto sorted = [](json t) {
       std::vector<std::string> v = t.get<std::vector<std::string>>();
@@ -143,7 +144,8 @@ TEST(LoraPeft, SavedAdapterIsPeftsFile) {
     // And it loads back onto a fresh base with the same logits.
     auto m2 = Transformer::from_pretrained(fixture_dir(e.base));
     load_peft_adapter(d.path(), *m2);
-    EXPECT_EQ(eval_logits(*m2, e.ids).to_vector<float>(), eval_logits(*m, e.ids).to_vector<float>());
+    EXPECT_EQ(eval_logits(*m2, e.ids).to_vector<float>(),
+              eval_logits(*m, e.ids).to_vector<float>());
   }
 }
 
@@ -154,7 +156,10 @@ TEST(LoraPeft, MergedMatchesPeftMergeAndUnmerged) {
     auto m = Transformer::from_pretrained(fixture_dir(e.base));
     load_peft_adapter(lora_dir(c), *m);
     const Tensor unmerged = eval_logits(*m, e.ids);
-    const size_t n_base = Transformer::from_pretrained(fixture_dir(e.base))->named_parameters().size();
+    TempDir unmerged_dir;
+    expect_error([&] { m->save_pretrained(unmerged_dir.path()); }, {"LoRA adapter", "merge_lora"});
+    const size_t n_base =
+        Transformer::from_pretrained(fixture_dir(e.base))->named_parameters().size();
     merge_lora(*m);
     EXPECT_FALSE(has_lora(*m));
     EXPECT_TRUE(lora_parameters(*m).empty());
@@ -196,8 +201,8 @@ TEST(Lora, ApplyAddsPeftNamedTrainableAdaptersAndFreezesTheBase) {
   ASSERT_EQ(lp.size(), 8u);
   EXPECT_EQ(lp[0].first, "model.layers.0.self_attn.q_proj.lora_A.weight");
   EXPECT_EQ(lp[1].first, "model.layers.0.self_attn.q_proj.lora_B.weight");
-  EXPECT_EQ(lp[0].second.shape(), Shape({3, 32}));       // [r, in]
-  EXPECT_EQ(lp[3].second.shape(), Shape({2 * 8, 3}));    // v_proj [Hkv * D, r]
+  EXPECT_EQ(lp[0].second.shape(), Shape({3, 32}));     // [r, in]
+  EXPECT_EQ(lp[3].second.shape(), Shape({2 * 8, 3}));  // v_proj [Hkv * D, r]
   for (auto& [n, t] : lp) {
     EXPECT_TRUE(t.requires_grad()) << n;
     EXPECT_EQ(t.dtype(), DType::f32);
@@ -226,7 +231,8 @@ TEST(Lora, ApplyAddsPeftNamedTrainableAdaptersAndFreezesTheBase) {
   // Zero B: the adapted model computes the base model exactly.
   Expected e = load_expected("llama");
   auto base = Transformer::from_pretrained(fixture_dir("llama"));
-  EXPECT_EQ(eval_logits(*m, e.ids).to_vector<float>(), eval_logits(*base, e.ids).to_vector<float>());
+  EXPECT_EQ(eval_logits(*m, e.ids).to_vector<float>(),
+            eval_logits(*base, e.ids).to_vector<float>());
   // Seeded init: the same seed, the same A; another seed, another A.
   auto m2 = Transformer::from_pretrained(fixture_dir("llama"));
   apply_lora(*m2, o);
@@ -254,8 +260,8 @@ TEST(Lora, TargetSelection) {
   auto m = Transformer::from_pretrained(fixture_dir("llama"));
   LoraOptions o;
   o.target_regex = R"(.*layers\.1\.self_attn\.(q|k)_proj)";
-  EXPECT_EQ(apply_lora(*m, o),
-            (std::vector<std::string>{"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj"}));
+  EXPECT_EQ(apply_lora(*m, o), (std::vector<std::string>{"model.layers.1.self_attn.q_proj",
+                                                         "model.layers.1.self_attn.k_proj"}));
 }
 
 TEST(Lora, RefusesBadTargetsAndOptions) {
@@ -409,7 +415,8 @@ TEST(Lora, DropoutSeedsDifferPerModule) {
 // ---------------------------------------------------------------- refusals of adapter folders
 
 // A copy of a fixture adapter with its config edited by `edit`.
-std::string edited_copy(const TempDir& d, const std::string& c, const std::function<void(json&)>& edit) {
+std::string edited_copy(const TempDir& d, const std::string& c,
+                        const std::function<void(json&)>& edit) {
   std::filesystem::copy_file(lora_dir(c) + "/adapter_model.safetensors",
                              d.file("adapter_model.safetensors"));
   json j = json::parse(read_text_file(lora_dir(c) + "/adapter_config.json", "test"));
@@ -429,11 +436,20 @@ TEST(LoraPeft, RefusesUnsupportedAdapters) {
       {[](json& j) { j["lora_bias"] = true; }, {"lora_bias"}},
       {[](json& j) { j["modules_to_save"] = {"lm_head"}; }, {"modules_to_save"}},
       {[](json& j) { j["layers_to_transform"] = {0}; }, {"layers_to_transform"}},
-      {[](json& j) { j["rank_pattern"] = {{"q_proj", 8}}; }, {"rank_pattern"}},
-      {[](json& j) { j["alpha_pattern"] = {{"q_proj", 8}}; }, {"alpha_pattern"}},
+      {[](json& j) {
+         j["rank_pattern"] = {{"q_proj", 8}};
+       },
+       {"rank_pattern"}},
+      {[](json& j) {
+         j["alpha_pattern"] = {{"q_proj", 8}};
+       },
+       {"alpha_pattern"}},
       {[](json& j) { j["peft_type"] = "IA3"; }, {"peft_type is 'IA3'"}},
       {[](json& j) { j["task_type"] = "SEQ_CLS"; }, {"SEQ_CLS"}},
-      {[](json& j) { j["target_modules"] = {"q_proj", "v_proj", "lm_head"}; }, {"lm_head"}},
+      {[](json& j) {
+         j["target_modules"] = {"q_proj", "v_proj", "lm_head"};
+       },
+       {"lm_head"}},
       {[](json& j) { j["target_modules"] = {"gate_proj"}; }, {"missing", "unexpected"}},
       {[](json& j) { j["target_modules"] = {"nothing"}; }, {"match no projection"}},
       {[](json& j) { j["r"] = 8; }, {"has shape", "r 8"}},
@@ -458,12 +474,14 @@ TEST(LoraPeft, RefusesUnsupportedAdapters) {
     for (auto& [n, t] : m->named_parameters()) EXPECT_TRUE(t.requires_grad()) << n;
   }
   TempDir d;
-  expect_error([&] { load_peft_adapter(d.path(), *Transformer::from_pretrained(fixture_dir("llama"))); },
-               {"no adapter_config.json"});
+  expect_error(
+      [&] { load_peft_adapter(d.path(), *Transformer::from_pretrained(fixture_dir("llama"))); },
+      {"no adapter_config.json"});
   std::ofstream(d.file("adapter_config.json")) << "{}";
   std::ofstream(d.file("adapter_model.bin")) << "pickle";
-  expect_error([&] { load_peft_adapter(d.path(), *Transformer::from_pretrained(fixture_dir("llama"))); },
-               {"adapter_model.bin", "pickle"});
+  expect_error(
+      [&] { load_peft_adapter(d.path(), *Transformer::from_pretrained(fixture_dir("llama"))); },
+      {"adapter_model.bin", "pickle"});
   // An adapter of another base (shapes) is refused too.
   auto g = Transformer::from_pretrained(fixture_dir("gpt2"));
   expect_error([&] { load_peft_adapter(lora_dir("llama_qv"), *g); }, {"match no projection"});
