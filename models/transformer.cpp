@@ -73,10 +73,10 @@ Tensor Proj::forward(const Tensor& x) const {
 void Proj::add_lora(Tensor a, Tensor b, double scale, double dropout) {
   FTUNE_CHECK(!has_lora(), "[lora] this projection already has an adapter");
   const int64_t r = a.size(0);
-  FTUNE_CHECK(a.dim() == 2 && b.dim() == 2 && a.shape() == Shape({r, in_}) &&
-                  b.shape() == Shape({out_, r}),
-              "[lora] adapter A ", a.desc(), " / B ", b.desc(), " must be [r, ", in_, "] / [", out_,
-              ", r]");
+  FTUNE_CHECK(
+      a.dim() == 2 && b.dim() == 2 && a.shape() == Shape({r, in_}) && b.shape() == Shape({out_, r}),
+      "[lora] adapter A ", a.desc(), " / B ", b.desc(), " must be [r, ", in_, "] / [", out_,
+      ", r]");
   if (!lora_A_) {
     lora_A_ = register_module("lora_A", std::make_shared<LoraWeight>());
     lora_B_ = register_module("lora_B", std::make_shared<LoraWeight>());
