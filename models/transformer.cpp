@@ -20,6 +20,7 @@
 #include "core/rng.h"
 #include "io/file_util.h"
 #include "io/safetensors.h"
+#include "models/proj.h"
 
 namespace ftune {
 
@@ -43,27 +44,58 @@ struct Step {
   int64_t start = 0;  // first cache slot written by this call
 };
 
-// A projection in the checkpoint's layout: nn.Linear weight [out, in], or GPT-2's Conv1D weight
-// [in, out].
-class Proj : public nn::Module {
- public:
-  Proj(int64_t in, int64_t out, bool has_bias, bool conv1d) : conv1d_(conv1d) {
-    weight = new_param(conv1d ? Shape{in, out} : Shape{out, in});
-    register_parameter("weight", &weight);
-    if (has_bias) bias = new_param({out});
-    register_parameter("bias", &bias);
-  }
-  Tensor forward(const Tensor& x) const {
-    if (!conv1d_) return ops::linear(x, weight, bias);
-    Tensor y = ops::matmul(x, weight);
-    return bias.defined() ? ops::add(y, bias) : y;
-  }
-  bool conv1d() const { return conv1d_; }
-  Tensor weight, bias;
+}  // namespace
 
- private:
-  bool conv1d_;
-};
+// ---------------------------------------------------------------- Proj (models/proj.h)
+
+Proj::Proj(int64_t in, int64_t out, bool has_bias, bool conv1d)
+    : in_(in), out_(out), conv1d_(conv1d) {
+  weight = new_param(conv1d ? Shape{in, out} : Shape{out, in});
+  register_parameter("weight", &weight);
+  if (has_bias) bias = new_param({out});
+  register_parameter("bias", &bias);
+}
+
+Tensor Proj::forward(const Tensor& x) const {
+  if (has_lora()) {
+    // The fused op takes W [out, in]: a Conv1D weight is passed as its transposed view, which the
+    // op copies once per call (O(in * out), small next to the GEMM; see docs/lora.md).
+    const Tensor w = conv1d_ ? weight.transpose(0, 1) : weight;
+    const double p = is_training() ? lora_dropout_ : 0.0;
+    return ops::lora_linear(x, w, bias, lora_A_->weight, lora_B_->weight, lora_scale_, p,
+                            lora_seed_);
+  }
+  if (!conv1d_) return ops::linear(x, weight, bias);
+  Tensor y = ops::matmul(x, weight);
+  return bias.defined() ? ops::add(y, bias) : y;
+}
+
+void Proj::add_lora(Tensor a, Tensor b, double scale, double dropout) {
+  FTUNE_CHECK(!has_lora(), "[lora] this projection already has an adapter");
+  const int64_t r = a.size(0);
+  FTUNE_CHECK(
+      a.dim() == 2 && b.dim() == 2 && a.shape() == Shape({r, in_}) && b.shape() == Shape({out_, r}),
+      "[lora] adapter A ", a.desc(), " / B ", b.desc(), " must be [r, ", in_, "] / [", out_,
+      ", r]");
+  if (!lora_A_) {
+    lora_A_ = register_module("lora_A", std::make_shared<LoraWeight>());
+    lora_B_ = register_module("lora_B", std::make_shared<LoraWeight>());
+  }
+  lora_A_->weight = std::move(a);
+  lora_B_->weight = std::move(b);
+  lora_A_->train(is_training());
+  lora_B_->train(is_training());
+  lora_scale_ = scale;
+  lora_dropout_ = dropout;
+}
+
+void Proj::remove_lora() {
+  if (!lora_A_) return;
+  lora_A_->weight = Tensor();
+  lora_B_->weight = Tensor();
+}
+
+namespace {
 
 // LayerNorm (weight and bias) or RMSNorm (weight).
 class Norm : public nn::Module {
@@ -553,6 +585,11 @@ void Transformer::save_pretrained(const std::string& dir, uint64_t max_shard_byt
   std::filesystem::create_directories(dir, ec);
   FTUNE_CHECK(!ec && dir_exists(dir), "[save_pretrained] cannot create folder ", dir, ": ",
               ec.message());
+  // Adapter tensors are not part of a HF model: transformers would refuse them as unexpected.
+  for (auto& [name, m] : const_cast<Transformer*>(this)->named_modules())
+    if (auto* p = dynamic_cast<Proj*>(m))
+      FTUNE_CHECK(!p->has_lora(), "[save_pretrained] ", dir, ": ", name,
+                  " has a LoRA adapter; merge_lora first, or save_peft_adapter (models/lora.h)");
   nn::NamedTensors params = named_parameters();
   ModelConfig c = cfg_;
   c.torch_dtype = torch_dtype_name(params.front().second.dtype());  // what the file holds
