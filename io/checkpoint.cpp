@@ -761,9 +761,10 @@ std::string describe_checkpoint(const std::string& path, bool verbose) {
   o << "adapter_only:   " << (h.adapter_only ? "true" : "false") << "\n";
   std::string mc;
   if (h.model_config.is_object()) {
-    for (const char* k : {"model_type", "family", "vocab_size", "hidden_size", "num_hidden_layers",
-                          "num_attention_heads", "num_key_value_heads", "intermediate_size",
-                          "max_position_embeddings"})
+    for (const char* k : {"model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers",
+                          "n_layer", "num_attention_heads", "n_head", "num_key_value_heads",
+                          "intermediate_size", "max_position_embeddings", "n_positions",
+                          "torch_dtype"})
       if (h.model_config.contains(k)) mc += str_cat(mc.empty() ? "" : ", ", k, "=",
                                                     json_brief(h.model_config[k]));
   }
