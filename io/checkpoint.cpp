@@ -54,15 +54,6 @@ bool process_alive(int64_t pid) {
   return ::kill(pid_t(pid), 0) == 0 || errno != ESRCH;  // EPERM: alive, someone else's
 }
 
-void fsync_path(const std::string& path, bool directory) {
-  int fd = ::open(path.c_str(), (directory ? O_DIRECTORY : 0) | O_RDONLY | O_CLOEXEC);
-  FTUNE_CHECK(fd >= 0, "[checkpoint] cannot open ", path, " to fsync it: ", std::strerror(errno));
-  int rc = ::fsync(fd);
-  int err = errno;
-  ::close(fd);
-  FTUNE_CHECK(rc == 0, "[checkpoint] fsync of ", path, " failed: ", std::strerror(err));
-}
-
 }  // namespace
 
 std::string checkpoint_file_name(int64_t step) {
@@ -135,6 +126,16 @@ std::string describe_checkpoint(const std::string&, bool) { FTUNE_THROW(kNoHdf5)
 namespace {
 
 // ------------------------------------------------------------------ HDF5 handles and errors
+
+void fsync_path(const std::string& path, bool directory) {
+  int fd = ::open(path.c_str(), (directory ? O_DIRECTORY : 0) | O_RDONLY | O_CLOEXEC);
+  FTUNE_CHECK(fd >= 0, "[checkpoint] cannot open ", path, " to fsync it: ", std::strerror(errno));
+  int rc = ::fsync(fd);
+  int err = errno;
+  ::close(fd);
+  FTUNE_CHECK(rc == 0, "[checkpoint] fsync of ", path, " failed: ", std::strerror(err));
+}
+
 
 // Owns one hid_t and closes it with the matching H5?close.
 class Id {
