@@ -46,5 +46,11 @@ if(FTUNE_HDF5)
     target_link_libraries(ftune_hdf5 INTERFACE ${HDF5_C_LIBRARIES})
     target_include_directories(ftune_hdf5 INTERFACE ${HDF5_C_INCLUDE_DIRS})
     target_compile_definitions(ftune_hdf5 INTERFACE ${HDF5_C_DEFINITIONS})
+    # A parallel HDF5's hdf5.h includes mpi.h: its users need MPI's headers (serial files work
+    # without MPI_Init; see docs/checkpoint-format.md).
+    if(HDF5_IS_PARALLEL)
+      find_package(MPI COMPONENTS C REQUIRED)
+      target_link_libraries(ftune_hdf5 INTERFACE MPI::MPI_C)
+    endif()
   endif()
 endif()

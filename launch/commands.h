@@ -28,6 +28,15 @@ CLI::App* add_generate_command(CLI::App& app, GenerateArgs& args);
 // Loads the model and tokenizer, generates and streams the text to stdout. Throws on bad input.
 int cmd_generate(const GenerateArgs& args);
 
+struct InspectArgs {
+  std::string file;  // a checkpoint .h5
+  bool verbose = false;
+};
+
+// Adds `inspect FILE [--verbose]`; prints describe_checkpoint() (launch/inspect.cpp).
+CLI::App* add_inspect_command(CLI::App& app, InspectArgs& args);
+int cmd_inspect(const InspectArgs& args);
+
 }  // namespace ftune::cli
 
 namespace ftune::cli {

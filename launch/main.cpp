@@ -52,6 +52,8 @@ int main(int argc, char** argv) {
       app.add_subcommand("smoke", "run a tiny forward/backward on the CPU and print the loss");
   ftune::cli::GenerateArgs gen_args;
   CLI::App* generate = ftune::cli::add_generate_command(app, gen_args);
+  ftune::cli::InspectArgs inspect_args;
+  CLI::App* inspect = ftune::cli::add_inspect_command(app, inspect_args);
 
   try {
     app.parse(argc, argv);
@@ -62,6 +64,7 @@ int main(int argc, char** argv) {
     if (*version) return cmd_version();
     if (*smoke) return cmd_smoke();
     if (*generate) return ftune::cli::cmd_generate(gen_args);
+    if (*inspect) return ftune::cli::cmd_inspect(inspect_args);
     return 2;  // unreachable: a subcommand is required
   } catch (const std::exception& e) {
     std::fflush(stdout);
