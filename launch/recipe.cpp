@@ -456,8 +456,11 @@ bool plain_key(const std::string& k) {
 
 std::string double_quote(const std::string& s) {
   std::string q = "\"";
-  for (unsigned char c : s) {
-    if (c == '"' || c == '\\') {
+  for (size_t i = 0; i < s.size(); ++i) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    if (c == '$' && i + 1 < s.size() && s[i + 1] == '{') {
+      q += "\\\\$";  // a literal ${ must not be read as interpolation again: \${
+    } else if (c == '"' || c == '\\') {
       q += '\\';
       q += char(c);
     } else if (c == '\n') {

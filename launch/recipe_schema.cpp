@@ -470,10 +470,6 @@ void check_conflicts(Binder& b, const SftConfig& c, bool lora_present) {
       b.error_at("lora.target_modules", "`all-linear` already names every linear module; give it "
                                         "alone");
   }
-  if (c.eval_generate && c.eval_generate->prompts.empty())
-    b.error_at("eval.generate.prompts", b.is_set("eval.generate.prompts")
-                                            ? "eval.generate.prompts is empty"
-                                            : "eval.generate needs prompts: [...]");
 }
 
 }  // namespace
@@ -618,6 +614,11 @@ void bind_sft_config(const RecipeNode& root, const std::string& file, SftConfig&
   if (gen.present()) {
     EvalGenerateSection g;
     gen.strings("prompts", g.prompts);
+    if (const RecipeNode* p = gen.has("prompts") ? gen.value("prompts") : nullptr;
+        p && p->kind == Kind::Seq && p->items.empty())
+      b.error(p->loc, "eval.generate.prompts is empty");
+    else if (!gen.has("prompts"))
+      b.error(b.key_loc("eval.generate"), "eval.generate needs prompts: [...]");
     gen.integer("max_new_tokens", g.max_new_tokens, positive());
     gen.number("temperature", g.temperature, at_least(0));
     c.eval_generate = std::move(g);
