@@ -7,6 +7,7 @@
 
 #include "core/allocator.h"
 #include "launch/commands.h"
+#include "launch/recipe_commands.h"
 
 int cmd_smoke();  // launch/smoke.cpp
 
@@ -52,6 +53,14 @@ int main(int argc, char** argv) {
       app.add_subcommand("smoke", "run a tiny forward/backward on the CPU and print the loss");
   ftune::cli::GenerateArgs gen_args;
   CLI::App* generate = ftune::cli::add_generate_command(app, gen_args);
+  ftune::cli::RunArgs run_args;
+  CLI::App* run = ftune::cli::add_run_command(app, run_args);
+  ftune::cli::RecipeArgs recipe_args;
+  CLI::App* validate = ftune::cli::add_validate_command(app, recipe_args);
+  CLI::App* ls = ftune::cli::add_ls_command(app);
+  CLI::App* cp = ftune::cli::add_cp_command(app, recipe_args);
+  ftune::cli::ExportArgs export_args;
+  CLI::App* exp = ftune::cli::add_export_command(app, export_args);
   ftune::cli::InspectArgs inspect_args;
   CLI::App* inspect = ftune::cli::add_inspect_command(app, inspect_args);
 
@@ -64,6 +73,11 @@ int main(int argc, char** argv) {
     if (*version) return cmd_version();
     if (*smoke) return cmd_smoke();
     if (*generate) return ftune::cli::cmd_generate(gen_args);
+    if (*run) return ftune::cli::cmd_run(run_args);
+    if (*validate) return ftune::cli::cmd_validate(recipe_args);
+    if (*ls) return ftune::cli::cmd_ls();
+    if (*cp) return ftune::cli::cmd_cp(recipe_args);
+    if (*exp) return ftune::cli::cmd_export(export_args);
     if (*inspect) return ftune::cli::cmd_inspect(inspect_args);
     return 2;  // unreachable: a subcommand is required
   } catch (const std::exception& e) {
