@@ -22,7 +22,14 @@ CLI::App* add_run_command(CLI::App& app, RunArgs& a) {
 }
 
 int cmd_run(const RunArgs& a) {
-  Recipe recipe = Recipe::load(a.recipe, a.overrides);
+  // A file, else the name of a built-in recipe ("quickstart_lora" or "quickstart_lora.yaml").
+  std::string file = a.recipe;
+  if (!std::filesystem::exists(file)) {
+    std::filesystem::path b = std::filesystem::path(builtin_recipes_dir()) / a.recipe;
+    if (b.extension() != ".yaml") b += ".yaml";
+    if (std::filesystem::exists(b)) file = b.string();
+  }
+  Recipe recipe = Recipe::load(file, a.overrides);
   SftConfig cfg = recipe.to_sft_config();
   if (cfg.recipe_file.empty()) cfg.recipe_file = recipe.path();
   if (cfg.resolved_yaml.empty()) cfg.resolved_yaml = recipe.resolved_yaml();

@@ -426,7 +426,7 @@ struct SftTrainer::Impl {
     while (step < total_steps) {
       auto t0 = clock::now();
       // The micro-batches of this step; the loss is the mean over all their target tokens.
-      std::vector<SftBatch> mbs(size_t(accum));
+      std::vector<SftBatch> mbs(static_cast<size_t>(accum));
       int64_t targets = 0, tokens = 0;
       for (auto& b : mbs) {
         if (!train_loader->next(b)) {
