@@ -595,29 +595,9 @@ Recipe Recipe::build(const std::string* text, const std::string& path,
   return r;
 }
 
-Recipe Recipe::load(const std::string& path, const std::vector<std::string>& overrides) {
-  std::vector<Diagnostic> diags;
-  Recipe r = build(nullptr, path, overrides, diags);
-  if (diags.empty()) diags = r.validate();
-  sort_diagnostics(r.path(), diags);
-  if (!diags.empty()) throw RecipeError(std::move(diags));
-  return r;
-}
-
-Recipe Recipe::parse(const std::string& yaml, const std::string& name,
-                     const std::vector<std::string>& overrides) {
-  std::vector<Diagnostic> diags;
-  Recipe r = build(&yaml, name, overrides, diags);
-  if (diags.empty()) diags = r.validate();
-  sort_diagnostics(r.path(), diags);
-  if (!diags.empty()) throw RecipeError(std::move(diags));
-  return r;
-}
-
-std::vector<Diagnostic> Recipe::check(const std::string& path,
-                                      const std::vector<std::string>& overrides) {
-  std::vector<Diagnostic> diags;
-  Recipe r = build(nullptr, path, overrides, diags);
+Recipe Recipe::collect(const std::string* text, const std::string& path,
+                       const std::vector<std::string>& overrides, std::vector<Diagnostic>& diags) {
+  Recipe r = build(text, path, overrides, diags);
   // schema checks also run after override/interpolation problems (failed values are skipped);
   // after a syntax error there is no tree to check
   if (r.tree_->root.kind == RecipeNode::Kind::Map) {
@@ -625,6 +605,28 @@ std::vector<Diagnostic> Recipe::check(const std::string& path,
     diags.insert(diags.end(), more.begin(), more.end());
   }
   sort_diagnostics(path, diags);
+  return r;
+}
+
+Recipe Recipe::load(const std::string& path, const std::vector<std::string>& overrides) {
+  std::vector<Diagnostic> diags;
+  Recipe r = collect(nullptr, path, overrides, diags);
+  if (!diags.empty()) throw RecipeError(std::move(diags));
+  return r;
+}
+
+Recipe Recipe::parse(const std::string& yaml, const std::string& name,
+                     const std::vector<std::string>& overrides) {
+  std::vector<Diagnostic> diags;
+  Recipe r = collect(&yaml, name, overrides, diags);
+  if (!diags.empty()) throw RecipeError(std::move(diags));
+  return r;
+}
+
+std::vector<Diagnostic> Recipe::check(const std::string& path,
+                                      const std::vector<std::string>& overrides) {
+  std::vector<Diagnostic> diags;
+  collect(nullptr, path, overrides, diags);
   return diags;
 }
 

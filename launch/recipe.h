@@ -63,6 +63,8 @@ class Recipe {
   Recipe() = default;
   static Recipe build(const std::string* text, const std::string& path,
                       const std::vector<std::string>& overrides, std::vector<Diagnostic>& diags);
+  static Recipe collect(const std::string* text, const std::string& path,
+                        const std::vector<std::string>& overrides, std::vector<Diagnostic>& diags);
   std::string path_;
   std::string method_ = "sft";
   std::shared_ptr<Tree> tree_;

@@ -215,7 +215,7 @@ class Binder {
 };
 
 const RecipeNode* Section::value(const char* key) {
-  known_.push_back(key);
+  if (std::find(known_.begin(), known_.end(), key) == known_.end()) known_.push_back(key);
   b_.register_key(full(key));
   if (!node_) return nullptr;
   const RecipeNode* v = node_->find(key);

@@ -361,6 +361,13 @@ TEST_F(RecipeTest, ErrorListsEveryProblem) {
     for (const auto& d : e.diagnostics) EXPECT_NE(w.find(d.str()), std::string::npos) << w;
     EXPECT_NE(w.find("r.yaml:1:15: model.path: no such folder `nope`"), std::string::npos) << w;
   }
+  // interpolation and schema problems together
+  try {
+    load(std::string(kMinimal) + "output_dir: ${nope}\nbatch_size: 0\n");
+    FAIL() << "no error";
+  } catch (const RecipeError& e) {
+    EXPECT_EQ(e.diagnostics.size(), 2u) << e.what();
+  }
   // a missing recipe file, an empty one, one that is not a mapping
   EXPECT_THROW(Recipe::load((root_ / "absent.yaml").string()), RecipeError);
   auto d = Recipe::check((root_ / "absent.yaml").string());
