@@ -389,7 +389,7 @@ struct SftTrainer::Impl {
   }
 
   void print_eval(const char* when, const EvalMetrics& m) {
-    log << "eval " << when << " | step " << step << " | loss " << fmt_num("%.4f", m.loss)
+    log << "eval" << (*when ? " " : "") << when << " | step " << step << " | loss " << fmt_num("%.4f", m.loss)
         << " | ppl " << fmt_num("%.3f", m.perplexity) << " | acc "
         << fmt_num("%.4f", m.accuracy) << " | tokens " << m.tokens << "\n";
     write_metrics({{"split", "eval"},

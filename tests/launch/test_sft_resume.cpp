@@ -127,7 +127,9 @@ class SftRun : public ::testing::Test {
       d << ex.dump() << "\n";
     }
   }
-  static void TearDownTestSuite() { fs::remove_all(root_); }
+  static void TearDownTestSuite() {
+    if (!std::getenv("FTUNE_KEEP_TEST_DIR")) fs::remove_all(root_);  // keep it to read the logs
+  }
 
   // The recipe of these tests; `extra` appended (YAML).
   static fs::path write_recipe(const std::string& name, const std::string& extra) {
