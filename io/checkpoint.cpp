@@ -11,6 +11,7 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <mutex>
 #include <sstream>
 
 #include "core/error.h"
@@ -175,11 +176,18 @@ class Id {
   Closer close_ = nullptr;
 };
 
+// This HDF5 (parallel) is not built thread-safe: one checkpoint operation at a time per process
+// (a trainer may save from a background thread while the main thread inspects a file).
+std::mutex& hdf5_mutex() {
+  static std::mutex m;
+  return m;
+}
+
 // HDF5 prints its error stack to stderr by default; ftune reports errors itself. Silenced while
 // one of our calls runs, restored after (the process may use HDF5 elsewhere).
 class QuietHdf5 {
  public:
-  QuietHdf5() {
+  QuietHdf5() : lock_(hdf5_mutex()) {
     H5Eget_auto2(H5E_DEFAULT, &func_, &data_);
     H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
   }
@@ -188,6 +196,7 @@ class QuietHdf5 {
   QuietHdf5& operator=(const QuietHdf5&) = delete;
 
  private:
+  std::lock_guard<std::mutex> lock_;
   H5E_auto2_t func_ = nullptr;
   void* data_ = nullptr;
 };
@@ -756,7 +765,8 @@ std::string describe_checkpoint(const std::string& path, bool verbose) {
   count(oc.model_meta, mp, mb);
   count(oc.optim_meta, op, ob);
   o << "checkpoint:     " << path << "\n";
-  o << "format:         " << kCheckpointFormatName << " version " << oc.version << "\n";
+  o << "format:         " << kCheckpointFormatName << " version " << oc.version << ", "
+    << human_bytes(double(fs::file_size(path))) << "\n";
   o << "step:           " << h.step << "\n";
   o << "epoch:          " << h.epoch << "\n";
   o << "adapter_only:   " << (h.adapter_only ? "true" : "false") << "\n";
