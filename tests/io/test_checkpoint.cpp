@@ -2,8 +2,6 @@
 // foreign HDF5, newer version, incomplete, missing group, disagreeing attributes), listing,
 // latest-valid selection, pruning, and crash safety: a writer SIGKILLed mid-save never leaves a
 // half file that is taken for a checkpoint.
-#include "io/checkpoint.h"
-
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -16,6 +14,7 @@
 #include <random>
 #include <thread>
 
+#include "io/checkpoint.h"
 #include "io_test_util.h"
 
 #ifdef FTUNE_HAVE_HDF5
@@ -79,8 +78,8 @@ Checkpoint sample_checkpoint(uint64_t seed = 1) {
                       {"best_eval_loss", 1.25},
                       {"note", "unicode \xc3\xa9\xe2\x9c\x93"}};
   ck.recipe_yaml = "model:\n  path: /models/x\noptimizer:\n  lr: 2.0e-05\n# caf\xc3\xa9\n";
-  ck.model_config = {{"model_type", "llama"}, {"hidden_size", 5}, {"num_hidden_layers", 1},
-                     {"vocab_size", 7}};
+  ck.model_config = {
+      {"model_type", "llama"}, {"hidden_size", 5}, {"num_hidden_layers", 1}, {"vocab_size", 7}};
   ck.adapter_config = {{"r", 8}, {"alpha", 16}, {"target_modules", {"q_proj", "v_proj"}}};
   return ck;
 }
@@ -189,7 +188,8 @@ TEST(Checkpoint, BadNamesAreRefusedAndLeaveNoTempFile) {
   TempDir d;
   Checkpoint ck;
   ck.model = {{"a", Tensor::zeros({2})}, {"a", Tensor::zeros({2})}};
-  expect_error([&] { save_checkpoint(d.file("x.h5"), ck); }, {d.file("x.h5"), "\"a\" appears twice"});
+  expect_error([&] { save_checkpoint(d.file("x.h5"), ck); },
+               {d.file("x.h5"), "\"a\" appears twice"});
   ck.model = {{"a/b", Tensor::zeros({2})}};
   expect_error([&] { save_checkpoint(d.file("x.h5"), ck); }, {"a/b", "not a valid dataset name"});
   EXPECT_TRUE(dir_names(d.path()).empty());
@@ -277,28 +277,32 @@ TEST(Checkpoint, RefusesBadFiles) {
           {"missing group /optimizer"});
   damaged("norecipe.h5", [](hid_t f) { H5Ldelete(f, "recipe", H5P_DEFAULT); },
           {"missing dataset /recipe"});
-  damaged("shape.h5", [](hid_t f) {
-    hid_t ds = H5Dopen2(f, "model/model.norm.weight", H5P_DEFAULT);
-    hid_t a = H5Aopen(ds, "shape", H5P_DEFAULT);
-    int64_t v = 6;
-    H5Awrite(a, H5T_NATIVE_INT64, &v);
-    H5Aclose(a);
-    H5Dclose(ds);
-  }, {"/model/model.norm.weight", "shape attribute [6] but the dataset is [5]"});
-  damaged("dtype.h5", [](hid_t f) {
-    hid_t ds = H5Dopen2(f, "optimizer/model.norm.weight.exp_avg", H5P_DEFAULT);
-    H5Adelete(ds, "dtype");
-    hid_t t = H5Tcopy(H5T_C_S1);
-    H5Tset_size(t, H5T_VARIABLE);
-    hid_t s = H5Screate(H5S_SCALAR);
-    hid_t a = H5Acreate2(ds, "dtype", t, s, H5P_DEFAULT, H5P_DEFAULT);
-    const char* v = "bfloat16";
-    H5Awrite(a, t, &v);
-    H5Aclose(a);
-    H5Sclose(s);
-    H5Tclose(t);
-    H5Dclose(ds);
-  }, {"/optimizer/model.norm.weight.exp_avg", "dtype attribute bfloat16", "float32"});
+  damaged("shape.h5",
+          [](hid_t f) {
+            hid_t ds = H5Dopen2(f, "model/model.norm.weight", H5P_DEFAULT);
+            hid_t a = H5Aopen(ds, "shape", H5P_DEFAULT);
+            int64_t v = 6;
+            H5Awrite(a, H5T_NATIVE_INT64, &v);
+            H5Aclose(a);
+            H5Dclose(ds);
+          },
+          {"/model/model.norm.weight", "shape attribute [6] but the dataset is [5]"});
+  damaged("dtype.h5",
+          [](hid_t f) {
+            hid_t ds = H5Dopen2(f, "optimizer/model.norm.weight.exp_avg", H5P_DEFAULT);
+            H5Adelete(ds, "dtype");
+            hid_t t = H5Tcopy(H5T_C_S1);
+            H5Tset_size(t, H5T_VARIABLE);
+            hid_t s = H5Screate(H5S_SCALAR);
+            hid_t a = H5Acreate2(ds, "dtype", t, s, H5P_DEFAULT, H5P_DEFAULT);
+            const char* v = "bfloat16";
+            H5Awrite(a, t, &v);
+            H5Aclose(a);
+            H5Sclose(s);
+            H5Tclose(t);
+            H5Dclose(ds);
+          },
+          {"/optimizer/model.norm.weight.exp_avg", "dtype attribute bfloat16", "float32"});
 #endif
 }
 
@@ -491,10 +495,11 @@ TEST(Checkpoint, SigkillDuringSaveLeavesThePreviousCheckpointLoadable) {
     // The last reported save, or the next one when the kill came between rename and report.
     EXPECT_TRUE(ck.step == last || ck.step == last + 1) << ck.step << " vs " << last;
     EXPECT_TRUE(matches_step(ck, ck.step)) << "contents of step " << ck.step << " differ";
-    std::printf("trial %d: save cycle %.0f ms, killed %.0f ms later %s, last reported step %lld, "
-                "resumed from step %lld\n",
-                trial, cycle_ms, delay_ms, mid_write ? "mid-write (temp file left)" : "between writes",
-                (long long)last, (long long)ck.step);
+    std::printf(
+        "trial %d: save cycle %.0f ms, killed %.0f ms later %s, last reported step %lld, "
+        "resumed from step %lld\n",
+        trial, cycle_ms, delay_ms, mid_write ? "mid-write (temp file left)" : "between writes",
+        (long long)last, (long long)ck.step);
     // The killed writer's temp file is stale now: prune clears it.
     prune_checkpoints(d.path(), 0);
     EXPECT_FALSE(has_temp_file(d.path()));
