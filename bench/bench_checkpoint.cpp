@@ -3,13 +3,13 @@
 //   bench_checkpoint [MB=100] [DIR=$TMPDIR] [REPS=3]
 // Save includes the fsyncs and the rename; reads come from the page cache (the file was just
 // written), so load measures HDF5 + memcpy, not the disk.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <string>
 #include <vector>
-#include <algorithm>
 
 #include "io/checkpoint.h"
 
@@ -48,11 +48,15 @@ int main(int argc, char** argv) {
     ts.push_back(t1 - t0), tv.push_back(t2 - t1), tl.push_back(t3 - t2);
   }
   const double bytes = double(std::filesystem::file_size(path));
-  auto med = [](std::vector<double> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; };
-  std::printf("checkpoint %.1f MB (%d tensors), median of %d: save %.3f s (%.0f MB/s), "
-              "validate %.4f s, load %.3f s (%.0f MB/s)\n",
-              bytes / 1e6, n, reps, med(ts), bytes / 1e6 / med(ts), med(tv), med(tl),
-              bytes / 1e6 / med(tl));
+  auto med = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  std::printf(
+      "checkpoint %.1f MB (%d tensors), median of %d: save %.3f s (%.0f MB/s), "
+      "validate %.4f s, load %.3f s (%.0f MB/s)\n",
+      bytes / 1e6, n, reps, med(ts), bytes / 1e6 / med(ts), med(tv), med(tl),
+      bytes / 1e6 / med(tl));
   std::filesystem::remove(path);
   return 0;
 }

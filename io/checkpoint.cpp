@@ -11,6 +11,7 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <mutex>
 #include <sstream>
 
 #include "core/error.h"
@@ -26,7 +27,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr const char* kNoHdf5 = "[checkpoint] this build has no HDF5 (configure with FTUNE_HDF5=ON)";
+constexpr const char* kNoHdf5 =
+    "[checkpoint] this build has no HDF5 (configure with FTUNE_HDF5=ON)";
 
 // "step_<digits>.h5" -> the step; anything else (temp files included) -> -1.
 int64_t parse_checkpoint_name(const std::string& name) {
@@ -136,7 +138,6 @@ void fsync_path(const std::string& path, bool directory) {
   FTUNE_CHECK(rc == 0, "[checkpoint] fsync of ", path, " failed: ", std::strerror(err));
 }
 
-
 // Owns one hid_t and closes it with the matching H5?close.
 class Id {
  public:
@@ -175,11 +176,18 @@ class Id {
   Closer close_ = nullptr;
 };
 
+// This HDF5 (parallel) is not built thread-safe: one checkpoint operation at a time per process
+// (a trainer may save from a background thread while the main thread inspects a file).
+std::mutex& hdf5_mutex() {
+  static std::mutex m;
+  return m;
+}
+
 // HDF5 prints its error stack to stderr by default; ftune reports errors itself. Silenced while
 // one of our calls runs, restored after (the process may use HDF5 elsewhere).
 class QuietHdf5 {
  public:
-  QuietHdf5() {
+  QuietHdf5() : lock_(hdf5_mutex()) {
     H5Eget_auto2(H5E_DEFAULT, &func_, &data_);
     H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
   }
@@ -188,6 +196,7 @@ class QuietHdf5 {
   QuietHdf5& operator=(const QuietHdf5&) = delete;
 
  private:
+  std::lock_guard<std::mutex> lock_;
   H5E_auto2_t func_ = nullptr;
   void* data_ = nullptr;
 };
@@ -205,7 +214,8 @@ std::string hdf5_error_text() {
   H5Eclear2(H5E_DEFAULT);
   if (descs.empty()) return "HDF5 error";
   std::string out = descs.back();
-  if (descs.size() > 1 && descs[descs.size() - 2] != out) out = descs[descs.size() - 2] + ": " + out;
+  if (descs.size() > 1 && descs[descs.size() - 2] != out)
+    out = descs[descs.size() - 2] + ": " + out;
   return out;
 }
 
@@ -249,13 +259,20 @@ Id f16_type() {
 Id file_type(DType dt, bool memory) {
   auto copy = [](hid_t t) { return Id(H5Tcopy(t), H5Tclose); };
   switch (dt) {
-    case DType::f32: return copy(memory ? H5T_NATIVE_FLOAT : H5T_IEEE_F32LE);
-    case DType::f64: return copy(memory ? H5T_NATIVE_DOUBLE : H5T_IEEE_F64LE);
-    case DType::f16: return f16_type();
-    case DType::bf16: return copy(memory ? H5T_NATIVE_UINT16 : H5T_STD_U16LE);
-    case DType::i32: return copy(memory ? H5T_NATIVE_INT32 : H5T_STD_I32LE);
-    case DType::i64: return copy(memory ? H5T_NATIVE_INT64 : H5T_STD_I64LE);
-    case DType::b8: return copy(memory ? H5T_NATIVE_UINT8 : H5T_STD_U8LE);
+    case DType::f32:
+      return copy(memory ? H5T_NATIVE_FLOAT : H5T_IEEE_F32LE);
+    case DType::f64:
+      return copy(memory ? H5T_NATIVE_DOUBLE : H5T_IEEE_F64LE);
+    case DType::f16:
+      return f16_type();
+    case DType::bf16:
+      return copy(memory ? H5T_NATIVE_UINT16 : H5T_STD_U16LE);
+    case DType::i32:
+      return copy(memory ? H5T_NATIVE_INT32 : H5T_STD_I32LE);
+    case DType::i64:
+      return copy(memory ? H5T_NATIVE_INT64 : H5T_STD_I64LE);
+    case DType::b8:
+      return copy(memory ? H5T_NATIVE_UINT8 : H5T_STD_U8LE);
   }
   FTUNE_THROW("[checkpoint] unknown dtype");
 }
@@ -268,11 +285,14 @@ bool type_matches(hid_t t, DType dt) {
   switch (dt) {
     case DType::f32:
     case DType::f64:
-    case DType::f16: return cls == H5T_FLOAT;
+    case DType::f16:
+      return cls == H5T_FLOAT;
     case DType::bf16:
-    case DType::b8: return cls == H5T_INTEGER && H5Tget_sign(t) == H5T_SGN_NONE;
+    case DType::b8:
+      return cls == H5T_INTEGER && H5Tget_sign(t) == H5T_SGN_NONE;
     case DType::i32:
-    case DType::i64: return cls == H5T_INTEGER && H5Tget_sign(t) == H5T_SGN_2;
+    case DType::i64:
+      return cls == H5T_INTEGER && H5Tget_sign(t) == H5T_SGN_2;
   }
   return false;
 }
@@ -289,13 +309,20 @@ std::string type_desc(hid_t t) {
 // The dtype attribute: numpy's names (np.dtype(name) works for all but "bfloat16").
 const char* stored_dtype_name(DType dt) {
   switch (dt) {
-    case DType::f32: return "float32";
-    case DType::f64: return "float64";
-    case DType::bf16: return "bfloat16";
-    case DType::f16: return "float16";
-    case DType::i32: return "int32";
-    case DType::i64: return "int64";
-    case DType::b8: return "bool";
+    case DType::f32:
+      return "float32";
+    case DType::f64:
+      return "float64";
+    case DType::bf16:
+      return "bfloat16";
+    case DType::f16:
+      return "float16";
+    case DType::i32:
+      return "int32";
+    case DType::i64:
+      return "int64";
+    case DType::b8:
+      return "bool";
   }
   return "?";
 }
@@ -756,18 +783,19 @@ std::string describe_checkpoint(const std::string& path, bool verbose) {
   count(oc.model_meta, mp, mb);
   count(oc.optim_meta, op, ob);
   o << "checkpoint:     " << path << "\n";
-  o << "format:         " << kCheckpointFormatName << " version " << oc.version << "\n";
+  o << "format:         " << kCheckpointFormatName << " version " << oc.version << ", "
+    << human_bytes(double(fs::file_size(path))) << "\n";
   o << "step:           " << h.step << "\n";
   o << "epoch:          " << h.epoch << "\n";
   o << "adapter_only:   " << (h.adapter_only ? "true" : "false") << "\n";
   std::string mc;
   if (h.model_config.is_object()) {
-    for (const char* k : {"model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers",
-                          "n_layer", "num_attention_heads", "n_head", "num_key_value_heads",
-                          "intermediate_size", "max_position_embeddings", "n_positions",
-                          "torch_dtype"})
-      if (h.model_config.contains(k)) mc += str_cat(mc.empty() ? "" : ", ", k, "=",
-                                                    json_brief(h.model_config[k]));
+    for (const char* k :
+         {"model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer",
+          "num_attention_heads", "n_head", "num_key_value_heads", "intermediate_size",
+          "max_position_embeddings", "n_positions", "torch_dtype"})
+      if (h.model_config.contains(k))
+        mc += str_cat(mc.empty() ? "" : ", ", k, "=", json_brief(h.model_config[k]));
   }
   o << "model config:   " << (mc.empty() ? json_brief(h.model_config) : mc) << "\n";
   if (!h.adapter_config.is_null()) o << "adapter config: " << json_brief(h.adapter_config) << "\n";

@@ -32,9 +32,10 @@ struct Checkpoint {
   bool adapter_only = false;  // model holds only the LoRA adapter tensors
   nn::NamedTensors model;     // dotted HF names -> tensors (f32, bf16, f16; full shapes)
   optim::OptimizerState optimizer;
-  nlohmann::json trainer_state = nlohmann::json::object();  // sampler position, rng, nan counter, ...
-  std::string recipe_yaml;       // the resolved recipe
-  nlohmann::json model_config;   // ModelConfig::to_json()
+  // sampler position, rng, nan counter, best eval, ...
+  nlohmann::json trainer_state = nlohmann::json::object();
+  std::string recipe_yaml;        // the resolved recipe
+  nlohmann::json model_config;    // ModelConfig::to_json()
   nlohmann::json adapter_config;  // LoRA options, or null
 };
 
@@ -44,7 +45,7 @@ bool checkpoint_support();
 // Writes `path` atomically: to "<path>.tmp-<pid>", H5Fflush, close, fsync, rename, fsync the
 // directory. A crash at any point leaves either the old state or the complete new file. Tensors
 // may live on any device and be non-contiguous (they are copied to the CPU first). Names must be
-// unique and non-empty without '/'. Throws ftune::Error naming the path (and removes the temp file).
+// unique and non-empty without '/'. Throws ftune::Error naming the path (removing the temp file).
 void save_checkpoint(const std::string& path, const Checkpoint& ckpt);
 
 // Reads and validates: refuses (Error naming the file and the problem) a missing file, a non-HDF5

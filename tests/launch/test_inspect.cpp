@@ -91,13 +91,14 @@ TEST_F(Inspect, SummarizesACheckpoint) {
   Result r = run({"inspect", file});
   ASSERT_EQ(r.rc, 0) << r.err;
   for (const char* part :
-       {"format:         ftune-checkpoint version 1", "step:           42",
-        "epoch:          1", "adapter_only:   true",
+       {"format:         ftune-checkpoint version 1", "step:           42", "epoch:          1",
+        "adapter_only:   true",
         "model config:   model_type=\"llama\", hidden_size=16, num_hidden_layers=1",
         "adapter config: {\"alpha\": 8, \"r\": 4}",
         "model tensors:  3 (2 bf16, 1 f32), 131 parameters, 268 B",
         "optimizer:      step 42, 2 tensors, 6 values, 24 B",
-        "trainer_state:  {\"sampler\":{\"index\":7}}", "recipe:\n  model:\n    path: /m\n  epochs: 2\n"})
+        "trainer_state:  {\"sampler\":{\"index\":7}}",
+        "recipe:\n  model:\n    path: /m\n  epochs: 2\n"})
     EXPECT_TRUE(has(r.out, part)) << "lacks '" << part << "' in:\n" << r.out;
   EXPECT_FALSE(has(r.out, "lora_A")) << "tensors listed without --verbose";
 
