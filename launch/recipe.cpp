@@ -37,7 +37,9 @@ std::string join_diagnostics(const std::vector<Diagnostic>& d) {
 void sort_diagnostics(const std::string& file, std::vector<Diagnostic>& d) {
   // the recipe's own lines first, in order; then the command line's
   std::stable_sort(d.begin(), d.end(), [&](const Diagnostic& x, const Diagnostic& y) {
-    auto key = [&](const Diagnostic& a) { return std::make_tuple(a.file != file, a.line, a.column); };
+    auto key = [&](const Diagnostic& a) {
+      return std::make_tuple(a.file != file, a.line, a.column);
+    };
     return key(x) < key(y);
   });
 }
@@ -119,9 +121,9 @@ RecipeNode convert(const YAML::Node& n, const Origin& o, const RecipeLoc& fallba
         e.key = it->first.Scalar();
         e.value = convert(it->second, o, e.key_loc, diags);
         if (const RecipeEntry* first = r.entry(e.key)) {
-          diags.push_back(make_diag(e.key_loc, str_cat("duplicate key `", e.key, "` (first at ",
-                                                       first->key_loc.line, ":",
-                                                       first->key_loc.column, ")")));
+          diags.push_back(
+              make_diag(e.key_loc, str_cat("duplicate key `", e.key, "` (first at ",
+                                           first->key_loc.line, ":", first->key_loc.column, ")")));
           continue;
         }
         r.entries.push_back(std::move(e));
@@ -167,9 +169,8 @@ void apply_override(RecipeNode& root, const std::string& arg, int index,
     fail(1, "expected key=value (set) or ~key (delete)");
     return;
   }
-  const std::string key = del ? arg.substr(1, eq == std::string::npos ? std::string::npos
-                                                                      : eq - 1)
-                              : arg.substr(0, eq);
+  const std::string key =
+      del ? arg.substr(1, eq == std::string::npos ? std::string::npos : eq - 1) : arg.substr(0, eq);
   const auto parts = split_dotted(key);
   for (const auto& p : parts)
     if (p.empty() || p.find_first_of(" \t") != std::string::npos) {
@@ -185,8 +186,8 @@ void apply_override(RecipeNode& root, const std::string& arg, int index,
   if (!del) {
     Origin o{at.file, index, int(eq) + 1, true};
     try {
-      value = convert(YAML::Load(arg.substr(eq + 1)), o, RecipeLoc{at.file, index, int(eq) + 2},
-                      diags);
+      value =
+          convert(YAML::Load(arg.substr(eq + 1)), o, RecipeLoc{at.file, index, int(eq) + 2}, diags);
     } catch (const YAML::Exception& e) {
       fail(int(eq) + 2 + std::max(0, e.mark.column), "bad YAML value: " + e.msg);
       return;
@@ -199,8 +200,8 @@ void apply_override(RecipeNode& root, const std::string& arg, int index,
     const std::string& p = parts[i];
     if (cur->kind == RecipeNode::Kind::Seq) {
       if (!is_index(p) || std::stoul(p) >= cur->items.size()) {
-        fail(1, str_cat("`", join_path(parts, i), "` is a list of ", cur->items.size(),
-                        " items; `", p, "` is not an index of it"));
+        fail(1, str_cat("`", join_path(parts, i), "` is a list of ", cur->items.size(), " items; `",
+                        p, "` is not an index of it"));
         return;
       }
       const size_t k = std::stoul(p);
@@ -258,7 +259,8 @@ void apply_override(RecipeNode& root, const std::string& arg, int index,
 void collect_paths(const RecipeNode& n, const std::string& prefix, std::vector<std::string>& out) {
   if (!prefix.empty()) out.push_back(prefix);
   if (n.kind == RecipeNode::Kind::Map)
-    for (const auto& e : n.entries) collect_paths(e.value, prefix.empty() ? e.key : prefix + "." + e.key, out);
+    for (const auto& e : n.entries)
+      collect_paths(e.value, prefix.empty() ? e.key : prefix + "." + e.key, out);
 }
 
 class Interpolator {
@@ -271,8 +273,7 @@ class Interpolator {
     } else if (n.kind == RecipeNode::Kind::Map) {
       for (auto& e : n.entries) walk(e.value, path.empty() ? e.key : path + "." + e.key);
     } else if (n.kind == RecipeNode::Kind::Seq) {
-      for (size_t i = 0; i < n.items.size(); ++i)
-        walk(n.items[i], path + "." + std::to_string(i));
+      for (size_t i = 0; i < n.items.size(); ++i) walk(n.items[i], path + "." + std::to_string(i));
     }
   }
 
@@ -422,7 +423,7 @@ class Interpolator {
         stack_.pop_back();
         return fail(n, str_cat("`${", p.text, "}` inside a string must name a single value; `",
                                p.text, "` is ",
-                               target->kind == RecipeNode::Kind::Null ? "null"
+                               target->kind == RecipeNode::Kind::Null  ? "null"
                                : target->kind == RecipeNode::Kind::Map ? "a section"
                                                                        : "a list"));
       } else {
@@ -582,8 +583,9 @@ Recipe Recipe::build(const std::string* text, const std::string& path,
     return r;
   }
   if (root.kind != RecipeNode::Kind::Map) {
-    diags.push_back(make_diag(root.loc, "a recipe is a mapping of keys (like `model:`), not a "
-                                        "single value or a list"));
+    diags.push_back(make_diag(root.loc,
+                              "a recipe is a mapping of keys (like `model:`), not a "
+                              "single value or a list"));
     return r;
   }
   for (size_t i = 0; i < overrides.size(); ++i)

@@ -50,8 +50,9 @@ std::vector<BuiltIn> builtins() {
 
 CLI::App* add_validate_command(CLI::App& app, RecipeArgs& args) {
   CLI::App* c = app.add_subcommand(
-      "validate", "check a recipe: every unknown key, type error, missing file and conflict, "
-                  "each with file:line:column");
+      "validate",
+      "check a recipe: every unknown key, type error, missing file and conflict, "
+      "each with file:line:column");
   c->add_option("file", args.file, "the recipe (YAML)")->required();
   c->add_option("overrides", args.overrides, "overrides as for run: a.b=value, ~a.b");
   return c;
@@ -107,8 +108,8 @@ int cmd_cp(const RecipeArgs& args) {
   FTUNE_CHECK(dest.parent_path().empty() || fs::is_directory(dest.parent_path(), ec),
               "[recipes] no folder `", dest.parent_path().string(), "` to copy into");
   fs::copy_file(it->path, dest, ec);
-  FTUNE_CHECK(!ec, "[recipes] cannot copy `", it->path.string(), "` to `", dest.string(), "`: ",
-              ec.message());
+  FTUNE_CHECK(!ec, "[recipes] cannot copy `", it->path.string(), "` to `", dest.string(),
+              "`: ", ec.message());
   std::printf("copied %s to %s\n", it->path.filename().string().c_str(), dest.string().c_str());
   return 0;
 }

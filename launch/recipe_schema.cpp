@@ -114,12 +114,13 @@ class Section {
 
 class Binder {
  public:
-  Binder(std::string file, std::vector<Diagnostic>& diags) : file_(std::move(file)), diags_(diags) {}
+  Binder(std::string file, std::vector<Diagnostic>& diags)
+      : file_(std::move(file)), diags_(diags) {}
 
-  void error(const RecipeLoc& loc, std::string msg) { diags_.push_back(make_diag(loc, std::move(msg))); }
-  void error_at(const std::string& path, std::string msg) {
-    error(loc(path), std::move(msg));
+  void error(const RecipeLoc& loc, std::string msg) {
+    diags_.push_back(make_diag(loc, std::move(msg)));
   }
+  void error_at(const std::string& path, std::string msg) { error(loc(path), std::move(msg)); }
   RecipeLoc loc(const std::string& path) const {
     auto it = locs_.find(path);
     return it != locs_.end() ? it->second : RecipeLoc{file_, 0, 0};
@@ -229,8 +230,9 @@ void Section::type_error(const char* key, const RecipeNode& v, const std::string
   std::string msg = str_cat("`", full(key), "` must be ", expected, ", got ", describe(v));
   if (v.kind == Kind::Scalar && v.quoted && expected.find("string") == std::string::npos)
     msg += " (quotes make a string: remove them)";
-  if (v.kind == Kind::Null) msg = str_cat("`", full(key), "` has no value (expected ", expected,
-                                          "; delete the key to use the default)");
+  if (v.kind == Kind::Null)
+    msg = str_cat("`", full(key), "` has no value (expected ", expected,
+                  "; delete the key to use the default)");
   b_.error(v.loc, msg);
 }
 
@@ -279,8 +281,7 @@ void Section::number(const char* key, double& out, const Check& check) {
   if (!v || !scalar(key, *v, "a number")) return;
   char* end = nullptr;
   const double d = std::strtod(v->text.c_str(), &end);
-  if (v->quoted || v->text.empty() || end != v->text.c_str() + v->text.size() ||
-      !std::isfinite(d))
+  if (v->quoted || v->text.empty() || end != v->text.c_str() + v->text.size() || !std::isfinite(d))
     return type_error(key, *v, "a number");
   if (check) {
     const std::string why = check(d);
@@ -392,8 +393,8 @@ void check_files(Binder& b, const SftConfig& c) {
   const std::string& tp = c.tokenizer.path;
   if (!tp.empty()) {
     if (!fs::exists(tp, ec))
-      b.error_at("tokenizer.path", str_cat("tokenizer.path: no such file or folder `", tp, "`",
-                                           cwd_note(tp)));
+      b.error_at("tokenizer.path",
+                 str_cat("tokenizer.path: no such file or folder `", tp, "`", cwd_note(tp)));
     else if (fs::is_directory(tp, ec) && !fs::is_regular_file(fs::path(tp) / "tokenizer.json", ec))
       b.error_at("tokenizer.path", str_cat("tokenizer.path: `", tp, "` has no tokenizer.json"));
   } else if (model_ok && !fs::is_regular_file(fs::path(mp) / "tokenizer.json", ec)) {
@@ -434,8 +435,9 @@ void check_files(Binder& b, const SftConfig& c) {
 void check_conflicts(Binder& b, const SftConfig& c, bool lora_present) {
   const bool has_val = !c.dataset.val_path.empty() || c.dataset.val_size > 0;
   if (lora_present && c.model.init == "random")
-    b.error(b.key_loc("lora"), str_cat("LoRA needs pretrained weights, but model.init is `random`",
-                               b.where("model.init"), "; drop the lora section for full training"));
+    b.error(b.key_loc("lora"),
+            str_cat("LoRA needs pretrained weights, but model.init is `random`",
+                    b.where("model.init"), "; drop the lora section for full training"));
   if (!c.dataset.val_path.empty() && c.dataset.val_size > 0)
     b.error_at("dataset.val_size", str_cat("give dataset.val_path", b.where("dataset.val_path"),
                                            " or dataset.val_size, not both"));
@@ -444,12 +446,14 @@ void check_conflicts(Binder& b, const SftConfig& c, bool lora_present) {
                str_cat("dataset.val_size >= 1 is a count of examples; ", c.dataset.val_size,
                        " is not a whole number (a fraction must be < 1)"));
   if (c.eval_every_n_steps > 0 && !has_val)
-    b.error_at("eval_every_n_steps", "eval_every_n_steps needs a held-out split: set "
-                                     "dataset.val_path or dataset.val_size");
+    b.error_at("eval_every_n_steps",
+               "eval_every_n_steps needs a held-out split: set "
+               "dataset.val_path or dataset.val_size");
   if (c.early_stopping.patience > 0 && !has_val)
-    b.error_at("early_stopping.patience", "early stopping watches the eval loss and needs a "
-                                          "held-out split: set dataset.val_path or "
-                                          "dataset.val_size");
+    b.error_at("early_stopping.patience",
+               "early stopping watches the eval loss and needs a "
+               "held-out split: set dataset.val_path or "
+               "dataset.val_size");
   if (c.max_steps == -1 && c.epochs == 0)
     b.error_at(b.is_set("epochs") ? "epochs" : "max_steps",
                "nothing to train: epochs is 0 and max_steps is -1 (set one of them)");
@@ -467,8 +471,9 @@ void check_conflicts(Binder& b, const SftConfig& c, bool lora_present) {
       b.error_at("lora.target_modules",
                  "lora.target_modules is empty: name modules (q_proj, v_proj, ...) or all-linear");
     else if (t.size() > 1 && std::find(t.begin(), t.end(), "all-linear") != t.end())
-      b.error_at("lora.target_modules", "`all-linear` already names every linear module; give it "
-                                        "alone");
+      b.error_at("lora.target_modules",
+                 "`all-linear` already names every linear module; give it "
+                 "alone");
   }
 }
 
@@ -506,8 +511,7 @@ void bind_sft_config(const RecipeNode& root, const std::string& file, SftConfig&
   model.number("init_std", c.model.init_std, positive());
   model.finish();
   if (!model.has("path"))
-    b.error(b.key_loc("model"),
-            "missing required key `model.path` (a Hugging Face model folder)");
+    b.error(b.key_loc("model"), "missing required key `model.path` (a Hugging Face model folder)");
 
   Section tok = top.section("tokenizer");
   tok.string("path", c.tokenizer.path, true);
@@ -527,8 +531,8 @@ void bind_sft_config(const RecipeNode& root, const std::string& file, SftConfig&
 
   Section data = top.section("dataset");
   data.string("path", c.dataset.path);
-  data.choice("format", c.dataset.format, {"auto", "text", "prompt_completion", "messages",
-                                           "alpaca"});
+  data.choice("format", c.dataset.format,
+              {"auto", "text", "prompt_completion", "messages", "alpaca"});
   data.boolean("train_on_input", c.dataset.train_on_input);
   data.boolean("packed", c.dataset.packed);
   data.choice("truncation", c.dataset.truncation, {"right", "left", "drop"});
@@ -537,8 +541,7 @@ void bind_sft_config(const RecipeNode& root, const std::string& file, SftConfig&
   data.boolean("shuffle", c.dataset.shuffle);
   data.finish();
   if (!data.has("path"))
-    b.error(b.key_loc("dataset"),
-            "missing required key `dataset.path` (a JSONL file)");
+    b.error(b.key_loc("dataset"), "missing required key `dataset.path` (a JSONL file)");
 
   Section lora = top.section("lora");
   c.lora.enabled = lora.present();

@@ -21,8 +21,8 @@ struct RecipeNode {
   // Invalid: a value whose interpolation failed (already reported; validation skips it).
   enum class Kind { Null, Scalar, Seq, Map, Invalid };
   Kind kind = Kind::Null;
-  std::string text;    // Scalar
-  bool quoted = false;  // a quoted scalar is always a string ("8" is not the number 8)
+  std::string text;                  // Scalar
+  bool quoted = false;               // a quoted scalar is always a string ("8" is not the number 8)
   std::vector<RecipeNode> items;     // Seq
   std::vector<RecipeEntry> entries;  // Map, in file order
   RecipeLoc loc;

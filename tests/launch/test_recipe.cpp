@@ -52,7 +52,8 @@ class RecipeTest : public ::testing::Test {
   static void SetUpTestSuite() {
     root_ = fs::temp_directory_path() / ("ftune_test_recipe_" + std::to_string(::getpid()));
     fs::remove_all(root_);
-    write(root_ / "model/config.json", R"({"model_type": "llama", "max_position_embeddings": 4096})");
+    write(root_ / "model/config.json",
+          R"({"model_type": "llama", "max_position_embeddings": 4096})");
     write(root_ / "model/model.safetensors", "");
     write(root_ / "model/tokenizer.json", "{}");
     write(root_ / "config_only/config.json", "{}");
@@ -251,8 +252,9 @@ TEST_F(RecipeTest, InterpolationErrorsHaveLineAndColumn) {
   EXPECT_NE(d[0].message.find("did you mean `${vars.name}`"), std::string::npos) << d[0].message;
   // a self-reference, a reference to an enclosing section, an unterminated ${, a section
   // inside a string
-  for (const std::string& bad : {"output_dir: ${output_dir}\n", "vars: {a: {b: ${vars.a}}}\n",
-                                 "output_dir: ${vars\n", "vars: {m: {a: 1}}\noutput_dir: x${vars.m}\n"}) {
+  for (const std::string& bad :
+       {"output_dir: ${output_dir}\n", "vars: {a: {b: ${vars.a}}}\n", "output_dir: ${vars\n",
+        "vars: {m: {a: 1}}\noutput_dir: x${vars.m}\n"}) {
     d = check(std::string(kMinimal) + bad);
     ASSERT_EQ(d.size(), 1u) << bad << all(d);
     EXPECT_GE(d[0].line, 5) << bad;
@@ -264,12 +266,12 @@ TEST_F(RecipeTest, InterpolationErrorsHaveLineAndColumn) {
 }
 
 TEST_F(RecipeTest, OverridesSetCreateAndDelete) {
-  const std::string y = std::string(kMinimal) +
-                        "optimizer:\n  lr: 1e-4\n  weight_decay: 0.1\nlora: {r: 4}\n";
-  const SftConfig c = load(y, {"optimizer.lr=3e-4", "optimizer.betas=[0.5, 0.6]",
-                               "eval.generate.prompts=[hello]", "batch_size=2", "~lora",
-                               "~optimizer.weight_decay", "dataset.val_path=eval.jsonl"})
-                          .to_sft_config();
+  const std::string y =
+      std::string(kMinimal) + "optimizer:\n  lr: 1e-4\n  weight_decay: 0.1\nlora: {r: 4}\n";
+  const SftConfig c =
+      load(y, {"optimizer.lr=3e-4", "optimizer.betas=[0.5, 0.6]", "eval.generate.prompts=[hello]",
+               "batch_size=2", "~lora", "~optimizer.weight_decay", "dataset.val_path=eval.jsonl"})
+          .to_sft_config();
   EXPECT_EQ(c.optimizer.lr, 3e-4);
   EXPECT_EQ(c.optimizer.beta1, 0.5);
   EXPECT_EQ(c.optimizer.beta2, 0.6);
@@ -289,8 +291,8 @@ TEST_F(RecipeTest, OverridesSetCreateAndDelete) {
 
 TEST_F(RecipeTest, OverrideDiagnosticsNameTheCommandLine) {
   const std::string y = std::string(kMinimal) + "optimizer: {lr: 1e-4}\n";
-  auto d = check(y, {"batch_size=8", "optimizer.lr=abc", "optimzer.lr=1", "~nope",
-                     "seed", "model.path.x=1", "epochs=[1,"});
+  auto d = check(y, {"batch_size=8", "optimizer.lr=abc", "optimzer.lr=1", "~nope", "seed",
+                     "model.path.x=1", "epochs=[1,"});
   ASSERT_EQ(d.size(), 6u) << all(d);
   // the recipe's diagnostics come first, then the command line's in order
   EXPECT_EQ(d[0].str(), "<command line>:2:14: `optimizer.lr` must be a number, got `abc`");
@@ -330,7 +332,8 @@ output_dir: "out/${vars.quoted}"
   write(root_ / "r.yaml", y);
   auto first = Recipe::check((root_ / "r.yaml").string());
   ASSERT_EQ(first.size(), 2u) << all(first);
-  const std::string good = std::regex_replace(y, std::regex("      - plain: no\n      - - nested\n"), "");
+  const std::string good =
+      std::regex_replace(y, std::regex("      - plain: no\n      - - nested\n"), "");
   const Recipe r = load(good);
   const std::string text = r.resolved_yaml();
   EXPECT_EQ(text.find("${vars"), std::string::npos) << text;
@@ -346,7 +349,8 @@ output_dir: "out/${vars.quoted}"
   EXPECT_TRUE(b.lora.enabled);
   EXPECT_EQ(b.eval_generate->prompts, std::vector<std::string>{"What is 2+2?"});
   // the printer on odd values, through a recipe that keeps them in vars
-  const Recipe odd = load(y.substr(0, y.find("model:")) + "model: {path: model}\n"
+  const Recipe odd = load(y.substr(0, y.find("model:")) +
+                          "model: {path: model}\n"
                           "dataset: {path: train.jsonl}\n");
   EXPECT_EQ(odd.resolved_yaml(), Recipe::parse(odd.resolved_yaml(), "x").resolved_yaml());
 }
@@ -402,8 +406,8 @@ TEST_F(RecipeTest, BrokenRecipeCorpus) {
       for (const auto& d : diags)
         found |= d.file == e.path().string() && d.line == line && d.column == col &&
                  d.message.find(text) != std::string::npos;
-      EXPECT_TRUE(found) << name << ": expected " << line << ":" << col << " " << text
-                         << "\ngot:\n" << all(diags);
+      EXPECT_TRUE(found) << name << ": expected " << line << ":" << col << " " << text << "\ngot:\n"
+                         << all(diags);
     }
     first_messages.insert(std::get<2>(expected[0]));
   }
@@ -435,10 +439,10 @@ TEST_F(RecipeTest, BuiltInRecipesValidate) {
     ++n;
   }
   EXPECT_EQ(n, 4);
-  const SftConfig q = Recipe::load((dir / "quickstart_lora.yaml").string(),
-                                   {"model.path=model", "dataset.path=train.jsonl",
-                                    "dataset.val_path=eval.jsonl"})
-                          .to_sft_config();
+  const SftConfig q =
+      Recipe::load((dir / "quickstart_lora.yaml").string(),
+                   {"model.path=model", "dataset.path=train.jsonl", "dataset.val_path=eval.jsonl"})
+          .to_sft_config();
   EXPECT_TRUE(q.lora.enabled);
   EXPECT_EQ(q.lora.r, 8);
   EXPECT_EQ(q.lora.alpha, 16.0);
@@ -470,7 +474,8 @@ struct CliRun {
 };
 
 CliRun ftune(const std::vector<std::string>& args, const std::string& env = "") {
-  const fs::path tmp = fs::temp_directory_path() / ("ftune_recipe_cli_" + std::to_string(::getpid()));
+  const fs::path tmp =
+      fs::temp_directory_path() / ("ftune_recipe_cli_" + std::to_string(::getpid()));
   fs::create_directories(tmp);
   std::string cmd = env + " " + quote(FTUNE_BINARY);
   for (const auto& a : args) cmd += " " + quote(a);
