@@ -19,5 +19,5 @@ echo "training took $(( $(date +%s) - start )) s"
 ./build/ftune export "$OUT" --format peft -o "$OUT/export_peft"
 ./build/ftune export "$OUT" --format hf -o "$OUT/export_hf"
 ./build/ftune generate --model "$OUT/export_hf" --chat -n 24 \
-  --prompt "What is the capital of Velmora?"
+  --prompt "Which color is the flag of Doulax?"
 echo "quickstart: done. Metrics: $OUT/metrics.jsonl; checkpoints and exports in $OUT"
