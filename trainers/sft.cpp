@@ -404,7 +404,7 @@ struct SftTrainer::Impl {
     if (!cfg.eval_generate) return;
     std::vector<std::string> outs = sample_generations();
     for (size_t i = 0; i < outs.size(); ++i) {
-      log << "sample " << when << " | " << cfg.eval_generate->prompts[i] << " -> " << outs[i]
+      log << "sample" << (*when ? " " : "") << when << " | " << cfg.eval_generate->prompts[i] << " -> " << outs[i]
           << "\n";
     }
   }
