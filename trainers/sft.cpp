@@ -240,6 +240,13 @@ struct SftTrainer::Impl {
   }
 
   void save() {
+    if (!checkpoint_support()) {  // the minimal build: train, but say that nothing is saved
+      if (last_saved_step < 0)
+        log << "warning: this build has no HDF5: no checkpoints are written (rebuild with "
+               "FTUNE_HDF5=ON)\n";
+      last_saved_step = step;
+      return;
+    }
     fs::path p = out() / checkpoint_file_name(step);
     save_checkpoint(p.string(), make_checkpoint());
     last_ckpt = p.string();
@@ -249,6 +256,8 @@ struct SftTrainer::Impl {
   }
 
   void restore() {
+    FTUNE_CHECK(checkpoint_support(), "[sft] resume: true needs checkpoints, and this build has "
+                                      "no HDF5 (rebuild with FTUNE_HDF5=ON)");
     std::optional<std::string> latest = latest_valid_checkpoint(out().string());
     if (!latest) {
       log << "resume: no checkpoint in " << out().string() << ", starting from step 0\n";

@@ -19,7 +19,9 @@
 #include <thread>
 #include <vector>
 
+#include "core/autograd.h"
 #include "io/checkpoint.h"
+#include "models/lora.h"
 #include "io/hf_config.h"
 #include "models/transformer.h"
 
@@ -270,6 +272,105 @@ TEST_F(SftRun, NanLossAbortsAfterTheConfiguredStreak) {
   auto ck = latest_valid_checkpoint((root_ / "nan").string());
   ASSERT_TRUE(ck.has_value()) << out;
   EXPECT_NO_THROW(load_checkpoint(*ck));
+}
+
+
+TEST_F(SftRun, EarlyStoppingStopsAfterPatienceEvaluations) {
+  // min_delta 100: no evaluation after the first can improve enough, so patience 1 stops the run
+  // at the second evaluation (step 10 of 14).
+  fs::path recipe = write_recipe("early", "early_stopping:\n  patience: 1\n  min_delta: 100\n");
+  fs::path log = root_ / "early.log";
+  ASSERT_EQ(run_ftune("run " + quote(recipe.string()) + " save_every_n_steps=0", log), 0)
+      << slurp(log);
+  std::string out = slurp(log);
+  EXPECT_NE(out.find("early stopping"), std::string::npos) << out;
+  Metrics m = read_metrics(root_ / "early" / "metrics.jsonl");
+  ASSERT_FALSE(m.steps.empty());
+  EXPECT_EQ(m.steps.back(), 10);
+  EXPECT_EQ(m.eval_loss.size(), 4u);  // before, step 5, step 10, after
+}
+
+TEST_F(SftRun, GradientAccumulationMatchesOneBigBatch) {
+  // The step loss is the mean over every target token of the step, however the rows are split
+  // into micro-batches: 4 rows at once or 2 x 2 accumulated give the same curve (up to rounding).
+  fs::path recipe = write_recipe("accum", "");
+  std::string common = " max_steps=4 save_every_n_steps=0 eval_every_n_steps=0 ~dataset.val_size";
+  ASSERT_EQ(run_ftune("run " + quote(recipe.string()) + common +
+                          " batch_size=4 gradient_accumulation_steps=1 output_dir=" +
+                          quote((root_ / "accum1").string()),
+                      root_ / "accum1.log"),
+            0)
+      << slurp(root_ / "accum1.log");
+  ASSERT_EQ(run_ftune("run " + quote(recipe.string()) + common +
+                          " batch_size=2 gradient_accumulation_steps=2 output_dir=" +
+                          quote((root_ / "accum2").string()),
+                      root_ / "accum2.log"),
+            0)
+      << slurp(root_ / "accum2.log");
+  Metrics a = read_metrics(root_ / "accum1" / "metrics.jsonl");
+  Metrics b = read_metrics(root_ / "accum2" / "metrics.jsonl");
+  ASSERT_EQ(a.train_loss.size(), 4u);
+  ASSERT_EQ(b.train_loss.size(), 4u);
+  for (size_t i = 0; i < 4; ++i) {
+    EXPECT_NEAR(a.train_loss[i], b.train_loss[i], 1e-5 * std::abs(a.train_loss[i])) << i;
+    EXPECT_NEAR(a.grad_norm[i], b.grad_norm[i], 1e-4 * std::abs(a.grad_norm[i])) << i;
+  }
+}
+
+TEST_F(SftRun, ExportedHfAndPeftFoldersGiveTheTrainedModelsLogits) {
+#ifndef FTUNE_HAVE_HDF5
+  GTEST_SKIP() << "this build has no HDF5 (checkpoints)";
+#endif
+  fs::path recipe = write_recipe("export", "lora:\n  r: 4\n  alpha: 16\n  target_modules: "
+                                           "[q_proj, v_proj, down_proj]\n");
+  fs::path run = root_ / "export";
+  ASSERT_EQ(run_ftune("run " + quote(recipe.string()) + " max_steps=6 eval_every_n_steps=0",
+                      root_ / "export.log"),
+            0)
+      << slurp(root_ / "export.log");
+  fs::path hf = root_ / "export_hf", peft = root_ / "export_peft";
+  ASSERT_EQ(run_ftune("export " + quote(run.string()) + " --format hf -o " + quote(hf.string()),
+                      root_ / "export_hf.log"),
+            0)
+      << slurp(root_ / "export_hf.log");
+  ASSERT_EQ(run_ftune("export " + quote(run.string()) + " --format peft -o " +
+                          quote(peft.string()),
+                      root_ / "export_peft.log"),
+            0)
+      << slurp(root_ / "export_peft.log");
+  EXPECT_TRUE(fs::exists(hf / "tokenizer.json"));
+  EXPECT_TRUE(fs::exists(hf / "tokenizer_config.json"));
+  EXPECT_TRUE(fs::exists(peft / "adapter_config.json"));
+  EXPECT_TRUE(fs::exists(peft / "adapter_model.safetensors"));
+  // Exporting over an existing model folder is refused.
+  EXPECT_EQ(run_ftune("export " + quote(run.string()) + " --format hf -o " + quote(hf.string()),
+                      root_ / "export_again.log"),
+            1);
+  // `ftune inspect` reads the checkpoint.
+  EXPECT_EQ(run_ftune("inspect " + quote(list_checkpoints(run.string()).back().second),
+                      root_ / "inspect.log"),
+            0)
+      << slurp(root_ / "inspect.log");
+
+  NoGradGuard ng;
+  Tensor ids = Tensor::from_vector<int32_t>({5, 17, 300, 42, 7, 99, 250, 3}, {1, 8});
+  auto base = Transformer::from_pretrained(model_.string());
+  auto merged = Transformer::from_pretrained(hf.string());
+  auto adapted = Transformer::from_pretrained(model_.string());
+  load_peft_adapter(peft.string(), *adapted);
+  adapted->eval();
+  Tensor lb = base->forward(ids), lm = merged->forward(ids), la = adapted->forward(ids);
+  EXPECT_LT(ops::max_abs_diff(lm, la), 1e-4);
+  // The adapters learned something: the exports differ from the base.
+  EXPECT_GT(ops::max_abs_diff(lm, lb), 1e-3);
+  // And they are the checkpoint's adapters.
+  Checkpoint c = load_checkpoint(list_checkpoints(run.string()).back().second);
+  nn::NamedTensors lp = lora_parameters(*adapted);
+  ASSERT_EQ(lp.size(), c.model.size());
+  for (size_t i = 0; i < lp.size(); ++i) {
+    EXPECT_EQ(lp[i].first, c.model[i].first);
+    EXPECT_EQ(lp[i].second.to_vector<float>(), c.model[i].second.to_vector<float>());
+  }
 }
 
 }  // namespace
