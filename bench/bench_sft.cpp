@@ -41,19 +41,32 @@ int main(int argc, char** argv) {
   int64_t lora_r = 8, steps = 8, warmup = 2;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
-    if (k == "--model") model_dir = v;
-    else if (k == "--layers") layers = std::stoll(v);
-    else if (k == "--d") d = std::stoll(v);
-    else if (k == "--heads") heads = std::stoll(v);
-    else if (k == "--kv-heads") kv = std::stoll(v);
-    else if (k == "--ffn") ffn = std::stoll(v);
-    else if (k == "--vocab") vocab = std::stoll(v);
-    else if (k == "--seq") seq = std::stoll(v);
-    else if (k == "--batch") batch = std::stoll(v);
-    else if (k == "--lora-r") lora_r = std::stoll(v);
-    else if (k == "--targets") targets = v;
-    else if (k == "--steps") steps = std::stoll(v);
-    else if (k == "--warmup") warmup = std::stoll(v);
+    if (k == "--model")
+      model_dir = v;
+    else if (k == "--layers")
+      layers = std::stoll(v);
+    else if (k == "--d")
+      d = std::stoll(v);
+    else if (k == "--heads")
+      heads = std::stoll(v);
+    else if (k == "--kv-heads")
+      kv = std::stoll(v);
+    else if (k == "--ffn")
+      ffn = std::stoll(v);
+    else if (k == "--vocab")
+      vocab = std::stoll(v);
+    else if (k == "--seq")
+      seq = std::stoll(v);
+    else if (k == "--batch")
+      batch = std::stoll(v);
+    else if (k == "--lora-r")
+      lora_r = std::stoll(v);
+    else if (k == "--targets")
+      targets = v;
+    else if (k == "--steps")
+      steps = std::stoll(v);
+    else if (k == "--warmup")
+      warmup = std::stoll(v);
     else {
       std::fprintf(stderr, "bench_sft: unknown option %s\n", k.c_str());
       return 2;
@@ -109,13 +122,14 @@ int main(int argc, char** argv) {
       optim::clip_grad_norm(params, 1.0);
       opt.step();
       opt.zero_grad();
-      double t = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
-                     .count();
+      double t =
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
       if (s >= warmup) ms.push_back(t);
     }
     std::sort(ms.begin(), ms.end());
     int64_t state_bytes = 0;
-    for (auto& [n, t] : opt.export_state().tensors) state_bytes += t.numel() * int64_t(dtype_size(t.dtype()));
+    for (auto& [n, t] : opt.export_state().tensors)
+      state_bytes += t.numel() * int64_t(dtype_size(t.dtype()));
     nlohmann::json out = {{"model", model_dir.empty() ? "random" : model_dir},
                           {"layers", mc.num_hidden_layers},
                           {"d", mc.hidden_size},

@@ -14,8 +14,7 @@ namespace ftune::cli {
 CLI::App* add_run_command(CLI::App& app, RunArgs& a) {
   CLI::App* r = app.add_subcommand(
       "run", "train as a recipe says: ftune run RECIPE.yaml [key.sub=value ...] [~key.sub ...]");
-  r->add_option("recipe", a.recipe, "a recipe file (ftune ls lists the built-in ones)")
-      ->required();
+  r->add_option("recipe", a.recipe, "a recipe file (ftune ls lists the built-in ones)")->required();
   r->add_option("overrides", a.overrides,
                 "overrides: a.b=value sets a key (the value is YAML), ~a.b deletes one");
   return r;

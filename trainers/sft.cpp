@@ -131,8 +131,8 @@ struct SftTrainer::Impl {
       model = Transformer::from_pretrained(cfg.model.path, hopt);
     }
     FTUNE_CHECK(tok.vocab_size() <= model->config().vocab_size, "[sft] the tokenizer of ",
-                tok.source(), " has ", tok.vocab_size(), " tokens, more than the model's vocab_size ",
-                model->config().vocab_size);
+                tok.source(), " has ", tok.vocab_size(),
+                " tokens, more than the model's vocab_size ", model->config().vocab_size);
 
     lora = cfg.lora.enabled;
     if (lora) {
@@ -160,8 +160,8 @@ struct SftTrainer::Impl {
       train = std::move(tr);
       val_examples = std::move(va);
     }
-    FTUNE_CHECK(!train.empty(), "[sft] ", cfg.dataset.path, ": no training examples (",
-                st.lines, " lines, ", st.dropped, " dropped by truncation: drop)");
+    FTUNE_CHECK(!train.empty(), "[sft] ", cfg.dataset.path, ": no training examples (", st.lines,
+                " lines, ", st.dropped, " dropped by truncation: drop)");
     log << "data: " << train.size() << " train examples (" << st.target_tokens
         << " target tokens in the file, " << st.truncated << " truncated, " << st.dropped
         << " dropped), " << val_examples.size() << " held out\n";
@@ -197,8 +197,8 @@ struct SftTrainer::Impl {
     for (auto& [n, t] : trainable) n_train += t.numel();
     log << "model: " << model->config().architecture << ", " << model->num_parameters()
         << " parameters, " << n_train << " trainable" << (lora ? " (LoRA)" : "") << "\n";
-    log << "steps: " << total_steps << " (" << per_epoch << " micro-batches per epoch, "
-        << accum << " per step)\n";
+    log << "steps: " << total_steps << " (" << per_epoch << " micro-batches per epoch, " << accum
+        << " per step)\n";
 
     if (cfg.resume) restore();
     if (step == 0) {
@@ -214,23 +214,25 @@ struct SftTrainer::Impl {
     c.adapter_only = lora;
     c.model = lora ? lora_parameters(*model) : model->named_parameters();
     c.optimizer = opt->export_state();
-    c.trainer_state = {{"sampler", train_loader->state()},
-                       {"skipped_steps", skipped},
-                       {"consecutive_bad_steps", consecutive_bad},
-                       {"best_eval_loss", std::isfinite(best_eval) ? nlohmann::json(best_eval)
-                                                                   : nlohmann::json(nullptr)},
-                       {"evals_without_improvement", evals_without_improvement},
-                       {"tokens_seen", tokens_seen},
-                       {"total_steps", total_steps},
-                       {"seed", cfg.seed},
-                       {"tokenizer_path", cfg.tokenizer.path.empty() ? cfg.model.path
-                                                                     : cfg.tokenizer.path}};
+    c.trainer_state = {
+        {"sampler", train_loader->state()},
+        {"skipped_steps", skipped},
+        {"consecutive_bad_steps", consecutive_bad},
+        {"best_eval_loss",
+         std::isfinite(best_eval) ? nlohmann::json(best_eval) : nlohmann::json(nullptr)},
+        {"evals_without_improvement", evals_without_improvement},
+        {"tokens_seen", tokens_seen},
+        {"total_steps", total_steps},
+        {"seed", cfg.seed},
+        {"tokenizer_path", cfg.tokenizer.path.empty() ? cfg.model.path : cfg.tokenizer.path}};
     c.recipe_yaml = cfg.resolved_yaml;
     c.model_config = model->config().to_json();
     if (lora) {
       const LoraSection& s = cfg.lora;
-      c.adapter_config = {{"r", s.r},           {"alpha", s.alpha},
-                          {"dropout", s.dropout}, {"use_rslora", s.use_rslora},
+      c.adapter_config = {{"r", s.r},
+                          {"alpha", s.alpha},
+                          {"dropout", s.dropout},
+                          {"use_rslora", s.use_rslora},
                           {"target_modules", s.target_modules},
                           {"base_model", cfg.model.path}};
     } else {
@@ -256,8 +258,9 @@ struct SftTrainer::Impl {
   }
 
   void restore() {
-    FTUNE_CHECK(checkpoint_support(), "[sft] resume: true needs checkpoints, and this build has "
-                                      "no HDF5 (rebuild with FTUNE_HDF5=ON)");
+    FTUNE_CHECK(checkpoint_support(),
+                "[sft] resume: true needs checkpoints, and this build has "
+                "no HDF5 (rebuild with FTUNE_HDF5=ON)");
     std::optional<std::string> latest = latest_valid_checkpoint(out().string());
     if (!latest) {
       log << "resume: no checkpoint in " << out().string() << ", starting from step 0\n";
@@ -287,8 +290,8 @@ struct SftTrainer::Impl {
     step = c.step;
     skipped = ts.value("skipped_steps", int64_t(0));
     consecutive_bad = ts.value("consecutive_bad_steps", int64_t(0));
-    best_eval = ts.at("best_eval_loss").is_null() ? INFINITY
-                                                   : ts.at("best_eval_loss").get<double>();
+    best_eval =
+        ts.at("best_eval_loss").is_null() ? INFINITY : ts.at("best_eval_loss").get<double>();
     evals_without_improvement = ts.value("evals_without_improvement", int64_t(0));
     tokens_seen = ts.value("tokens_seen", int64_t(0));
     last_ckpt = *latest;
@@ -330,8 +333,9 @@ struct SftTrainer::Impl {
   }
 
   EvalMetrics evaluate() {
-    FTUNE_CHECK(!val_examples.empty(), "[sft] evaluate: no held-out split (set dataset.val_path "
-                                       "or dataset.val_size)");
+    FTUNE_CHECK(!val_examples.empty(),
+                "[sft] evaluate: no held-out split (set dataset.val_path "
+                "or dataset.val_size)");
     NoGradGuard ng;
     bool was_training = model->is_training();
     model->eval();
@@ -398,8 +402,8 @@ struct SftTrainer::Impl {
   }
 
   void print_eval(const char* when, const EvalMetrics& m) {
-    log << "eval" << (*when ? " " : "") << when << " | step " << step << " | loss " << fmt_num("%.4f", m.loss)
-        << " | ppl " << fmt_num("%.3f", m.perplexity) << " | acc "
+    log << "eval" << (*when ? " " : "") << when << " | step " << step << " | loss "
+        << fmt_num("%.4f", m.loss) << " | ppl " << fmt_num("%.3f", m.perplexity) << " | acc "
         << fmt_num("%.4f", m.accuracy) << " | tokens " << m.tokens << "\n";
     write_metrics({{"split", "eval"},
                    {"step", step},
@@ -413,8 +417,8 @@ struct SftTrainer::Impl {
     if (!cfg.eval_generate) return;
     std::vector<std::string> outs = sample_generations();
     for (size_t i = 0; i < outs.size(); ++i) {
-      log << "sample" << (*when ? " " : "") << when << " | " << cfg.eval_generate->prompts[i] << " -> " << outs[i]
-          << "\n";
+      log << "sample" << (*when ? " " : "") << when << " | " << cfg.eval_generate->prompts[i]
+          << " -> " << outs[i] << "\n";
     }
   }
 
@@ -477,8 +481,10 @@ struct SftTrainer::Impl {
         ++consecutive_bad;
         log << "step " << step + 1 << ": non-finite " << (std::isfinite(loss) ? "gradient" : "loss")
             << ", step skipped (" << consecutive_bad << " in a row)\n";
-        FTUNE_CHECK(consecutive_bad < cfg.max_consecutive_nan_steps, "[sft] the loss or gradient "
-                    "was NaN/inf for ", consecutive_bad, " consecutive steps (step ", step + 1,
+        FTUNE_CHECK(consecutive_bad < cfg.max_consecutive_nan_steps,
+                    "[sft] the loss or gradient "
+                    "was NaN/inf for ",
+                    consecutive_bad, " consecutive steps (step ", step + 1,
                     "); stopping. The last good checkpoint is ",
                     last_ckpt.empty() ? std::string("(none)") : last_ckpt,
                     ". Lower optimizer.lr, set clip_grad_norm, or check the data.");
@@ -494,8 +500,7 @@ struct SftTrainer::Impl {
       double tps = secs > 0 ? double(tokens) / secs : 0;
       auto [rss, peak] = rss_mib();
       res.last_loss = loss;
-      if (cfg.log_every_n_steps > 0 &&
-          (step % cfg.log_every_n_steps == 0 || step == total_steps)) {
+      if (cfg.log_every_n_steps > 0 && (step % cfg.log_every_n_steps == 0 || step == total_steps)) {
         log << "epoch " << train_loader->epoch() + 1 << " | step " << step << "/" << total_steps
             << " | loss " << fmt_num("%.4f", loss) << " | lr " << fmt_num("%.3e", lr)
             << " | grad_norm " << fmt_num("%.3f", gnorm) << " | tok/s " << fmt_num("%.0f", tps)
@@ -523,8 +528,7 @@ struct SftTrainer::Impl {
         print_generations("");
         stop = early_stop_after(m);
       }
-      if (cfg.save_every_n_steps > 0 && step % cfg.save_every_n_steps == 0 &&
-          step < total_steps)
+      if (cfg.save_every_n_steps > 0 && step % cfg.save_every_n_steps == 0 && step < total_steps)
         save();
       if (stop) {
         res.early_stopped = true;

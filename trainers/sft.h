@@ -21,16 +21,16 @@
 namespace ftune {
 
 struct EvalMetrics {
-  double loss = 0;      // mean over target tokens
+  double loss = 0;  // mean over target tokens
   double perplexity = 0;
   double accuracy = 0;  // argmax == target, over target tokens
   int64_t tokens = 0;   // target tokens evaluated
 };
 
 struct SftResult {
-  int64_t steps = 0;           // optimizer steps done when the run ended (resumed ones included)
-  int64_t skipped_steps = 0;   // steps skipped by the NaN/inf guard
-  double last_loss = 0;        // the last step's training loss
+  int64_t steps = 0;          // optimizer steps done when the run ended (resumed ones included)
+  int64_t skipped_steps = 0;  // steps skipped by the NaN/inf guard
+  double last_loss = 0;       // the last step's training loss
   std::optional<EvalMetrics> eval_before, eval_after;  // before the first step, at the end
   bool early_stopped = false;
   std::string last_checkpoint;  // "" when none was written

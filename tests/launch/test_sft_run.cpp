@@ -1,7 +1,8 @@
-// `ftune run` end to end on a tiny random Llama (the gpt2 fixture tokenizer, ChatML): training
-// lowers the loss; a run killed with SIGKILL at a random step and resumed with resume=true
-// reproduces exactly the loss curve (and the final weights) of a run never interrupted, for full
-// fine-tuning and for LoRA with dropout; a NaN loss aborts after the configured streak.
+// `ftune run` end to end on a tiny random Llama (the gpt2 fixture tokenizer, ChatML), and the
+// built-in quickstart recipe on the embedded model: training lowers the loss; a run killed with
+// SIGKILL at a random step and resumed with resume=true reproduces exactly the loss curve (and the
+// final weights) of a run never interrupted, for full fine-tuning and for LoRA with dropout; a NaN
+// loss aborts after the configured streak.
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
@@ -21,8 +22,8 @@
 
 #include "core/autograd.h"
 #include "io/checkpoint.h"
-#include "models/lora.h"
 #include "io/hf_config.h"
+#include "models/lora.h"
 #include "models/transformer.h"
 
 namespace ftune {
@@ -38,8 +39,8 @@ std::string quote(const std::string& s) {
 
 // Runs ftune with args (already quoted), output to log; returns the exit code.
 int run_ftune(const std::string& args, const fs::path& log) {
-  std::string cmd = "OMP_NUM_THREADS=2 " + quote(FTUNE_BINARY) + " " + args + " >" +
-                    quote(log.string()) + " 2>&1";
+  std::string cmd = "OMP_NUM_THREADS=2 OMP_WAIT_POLICY=passive " + quote(FTUNE_BINARY) + " " +
+                    args + " >" + quote(log.string()) + " 2>&1";
   int rc = std::system(cmd.c_str());
   return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
 }
@@ -120,12 +121,13 @@ class SftRun : public ::testing::Test {
     std::mt19937 rng(3);
     for (int i = 0; i < 160; ++i) {
       int a = int(rng() % 10), b = int(rng() % 10);
-      nlohmann::json ex = {{"messages",
-                            {{{"role", "user"}, {"content", "add " + std::to_string(a) + " and " +
-                                                                std::to_string(b)}},
-                             {{"role", "assistant"},
-                              {"content", std::to_string(a) + " + " + std::to_string(b) + " = " +
-                                              std::to_string(a + b)}}}}};
+      nlohmann::json ex = {
+          {"messages",
+           {{{"role", "user"},
+             {"content", "add " + std::to_string(a) + " and " + std::to_string(b)}},
+            {{"role", "assistant"},
+             {"content",
+              std::to_string(a) + " + " + std::to_string(b) + " = " + std::to_string(a + b)}}}}};
       d << ex.dump() << "\n";
     }
   }
@@ -175,6 +177,7 @@ class SftRun : public ::testing::Test {
       ::dup2(fd, 1);
       ::dup2(fd, 2);
       ::setenv("OMP_NUM_THREADS", "2", 1);
+      ::setenv("OMP_WAIT_POLICY", "passive", 1);
       std::string out = "output_dir=" + b.string();
       ::execl(FTUNE_BINARY, FTUNE_BINARY, "run", recipe.c_str(), out.c_str(), (char*)nullptr);
       ::_exit(127);
@@ -274,7 +277,6 @@ TEST_F(SftRun, NanLossAbortsAfterTheConfiguredStreak) {
   EXPECT_NO_THROW(load_checkpoint(*ck));
 }
 
-
 TEST_F(SftRun, EarlyStoppingStopsAfterPatienceEvaluations) {
   // min_delta 100: no evaluation after the first can improve enough, so patience 1 stops the run
   // at the second evaluation (step 10 of 14).
@@ -321,8 +323,9 @@ TEST_F(SftRun, ExportedHfAndPeftFoldersGiveTheTrainedModelsLogits) {
 #ifndef FTUNE_HAVE_HDF5
   GTEST_SKIP() << "this build has no HDF5 (checkpoints)";
 #endif
-  fs::path recipe = write_recipe("export", "lora:\n  r: 4\n  alpha: 16\n  target_modules: "
-                                           "[q_proj, v_proj, down_proj]\n");
+  fs::path recipe = write_recipe("export",
+                                 "lora:\n  r: 4\n  alpha: 16\n  target_modules: "
+                                 "[q_proj, v_proj, down_proj]\n");
   fs::path run = root_ / "export";
   ASSERT_EQ(run_ftune("run " + quote(recipe.string()) + " max_steps=6 eval_every_n_steps=0",
                       root_ / "export.log"),
@@ -333,8 +336,7 @@ TEST_F(SftRun, ExportedHfAndPeftFoldersGiveTheTrainedModelsLogits) {
                       root_ / "export_hf.log"),
             0)
       << slurp(root_ / "export_hf.log");
-  ASSERT_EQ(run_ftune("export " + quote(run.string()) + " --format peft -o " +
-                          quote(peft.string()),
+  ASSERT_EQ(run_ftune("export " + quote(run.string()) + " --format peft -o " + quote(peft.string()),
                       root_ / "export_peft.log"),
             0)
       << slurp(root_ / "export_peft.log");
@@ -371,6 +373,39 @@ TEST_F(SftRun, ExportedHfAndPeftFoldersGiveTheTrainedModelsLogits) {
     EXPECT_EQ(lp[i].first, c.model[i].first);
     EXPECT_EQ(lp[i].second.to_vector<float>(), c.model[i].second.to_vector<float>());
   }
+}
+
+TEST(BuiltinRecipes, QuickstartAndPretrainValidateAgainstTheAssets) {
+  const fs::path src(FTUNE_SOURCE_DIR);
+  for (const char* r : {"recipes/quickstart_lora.yaml", "recipes/pretrain_tiny.yaml"}) {
+    std::string cmd = "cd " + quote(src.string()) + " && " + quote(FTUNE_BINARY) + " validate " +
+                      r + " >/dev/null 2>&1";
+    EXPECT_EQ(std::system(cmd.c_str()), 0) << r;
+  }
+}
+
+TEST(BuiltinRecipes, QuickstartLoraLowersTheEvalLossOfTheEmbeddedModel) {
+  // scripts/quickstart.sh in small: 30 steps of recipes/quickstart_lora.yaml on assets/.
+  const fs::path src(FTUNE_SOURCE_DIR);
+  const fs::path out =
+      fs::temp_directory_path() / ("ftune_quickstart_" + std::to_string(::getpid()));
+  fs::remove_all(out);
+  const fs::path log = out.string() + ".log";
+  std::string cmd = "cd " + quote(src.string()) + " && OMP_NUM_THREADS=2 OMP_WAIT_POLICY=passive " +
+                    quote(FTUNE_BINARY) +
+                    " run recipes/quickstart_lora.yaml output_dir=" + quote(out.string()) +
+                    " max_steps=30 eval_every_n_steps=0 eval.max_batches=4 "
+                    "lr_scheduler.num_warmup_steps=3 >" +
+                    quote(log.string()) + " 2>&1";
+  int rc = std::system(cmd.c_str());
+  std::string text = slurp(log);
+  ASSERT_EQ(rc, 0) << text;
+  Metrics m = read_metrics(out / "metrics.jsonl");
+  ASSERT_EQ(m.eval_loss.size(), 2u) << text;
+  EXPECT_LT(m.eval_loss[1], 0.5 * m.eval_loss[0]) << text;
+  EXPECT_NE(text.find("sample after | "), std::string::npos) << text;
+  fs::remove_all(out);
+  fs::remove(log);
 }
 
 }  // namespace
