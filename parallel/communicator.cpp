@@ -1,0 +1,125 @@
+#include "parallel/communicator.h"
+
+#include <cstdlib>
+
+#include "core/error.h"
+
+namespace ftune::parallel {
+
+double Communicator::all_reduce_scalar(double v, ReduceOp op) {
+  Tensor t = Tensor::from_vector<double>({v}, {1});
+  all_reduce(t, op);
+  return t.data<double>()[0];
+}
+
+int64_t Communicator::all_reduce_int(int64_t v, ReduceOp op) {
+  FTUNE_CHECK(op != ReduceOp::avg, "[parallel] all_reduce_int: avg of integers");
+  Tensor t = Tensor::from_vector<int64_t>({v}, {1});
+  all_reduce(t, op);
+  return t.data<int64_t>()[0];
+}
+
+namespace {
+
+class DoneWork : public Work {
+ public:
+  void wait() override {}
+  bool done() override { return true; }
+};
+
+void check_contiguous(const Tensor& t, const char* what) {
+  FTUNE_CHECK(t.defined() && t.is_contiguous(), "[parallel] ", what,
+              ": the tensor must be defined and contiguous, got ",
+              t.defined() ? t.desc() : std::string("undefined"));
+}
+
+// One rank: every collective is the identity (reduce_scatter and all_gather copy).
+class SingleCommunicator : public Communicator {
+ public:
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  std::string backend() const override { return "single"; }
+  void all_reduce(Tensor& t, ReduceOp) override { check_contiguous(t, "all_reduce"); }
+  std::unique_ptr<Work> all_reduce_async(Tensor& t, ReduceOp op) override {
+    all_reduce(t, op);
+    return std::make_unique<DoneWork>();
+  }
+  void broadcast(Tensor& t, int root) override {
+    check_contiguous(t, "broadcast");
+    FTUNE_CHECK(root == 0, "[parallel] broadcast: root ", root, " of a 1-rank communicator");
+  }
+  void reduce_scatter(const Tensor& in, Tensor& out, ReduceOp) override {
+    check_contiguous(in, "reduce_scatter");
+    check_contiguous(out, "reduce_scatter");
+    FTUNE_CHECK(in.numel() == out.numel(), "[parallel] reduce_scatter: in ", in.desc(), ", out ",
+                out.desc(), " (1 rank)");
+    if (!in.same(out)) out.copy_(in.view({-1}).view(out.shape()));
+  }
+  std::unique_ptr<Work> reduce_scatter_async(const Tensor& in, Tensor& out, ReduceOp op) override {
+    reduce_scatter(in, out, op);
+    return std::make_unique<DoneWork>();
+  }
+  void all_gather(const Tensor& in, Tensor& out) override {
+    check_contiguous(in, "all_gather");
+    check_contiguous(out, "all_gather");
+    FTUNE_CHECK(in.numel() == out.numel(), "[parallel] all_gather: in ", in.desc(), ", out ",
+                out.desc(), " (1 rank)");
+    if (!in.same(out)) out.copy_(in.view({-1}).view(out.shape()));
+  }
+  std::unique_ptr<Work> all_gather_async(const Tensor& in, Tensor& out) override {
+    all_gather(in, out);
+    return std::make_unique<DoneWork>();
+  }
+  void barrier() override {}
+  std::unique_ptr<Communicator> split(int, int) override {
+    return std::make_unique<SingleCommunicator>();
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> make_single_communicator() {
+  return std::make_unique<SingleCommunicator>();
+}
+
+bool launched_by_mpi() {
+  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"}) {
+    if (std::getenv(v)) return true;
+  }
+  return false;
+}
+
+#ifndef FTUNE_HAVE_MPI
+bool mpi_support() { return false; }
+void abort_job(int) {}
+void finalize_mpi() {}
+std::pair<int, int> job_rank_and_size() { return {0, 1}; }
+std::unique_ptr<Communicator> make_world_communicator(const std::string& backend) {
+  FTUNE_CHECK(backend == "auto" || backend == "single", "[parallel] backend '", backend,
+              "': this build has no MPI (rebuild with FTUNE_MPI=ON)");
+  FTUNE_CHECK(!(launched_by_mpi() && std::getenv("OMPI_COMM_WORLD_SIZE") &&
+                std::atoi(std::getenv("OMPI_COMM_WORLD_SIZE")) > 1),
+              "[parallel] launched by mpirun with several ranks, but this build has no MPI: "
+              "every rank would train alone (rebuild with FTUNE_MPI=ON)");
+  return make_single_communicator();
+}
+#endif
+
+ProcessGrid make_grid(std::shared_ptr<Communicator> world, int tp) {
+  FTUNE_CHECK(world != nullptr, "[parallel] make_grid: no world communicator");
+  const int n = world->size();
+  FTUNE_CHECK(tp >= 1 && n % tp == 0, "[parallel] parallel.tp = ", tp,
+              " does not divide the number of ranks (", n,
+              "): launch a multiple of tp ranks (mpirun -np k*", tp, ")");
+  ProcessGrid g;
+  g.tp = tp;
+  g.dp = n / tp;
+  g.tp_rank = world->rank() % tp;
+  g.dp_rank = world->rank() / tp;
+  g.world = world;
+  g.tp_group = world->split(g.dp_rank, g.tp_rank);  // the tp ranks of one replica
+  g.dp_group = world->split(g.tp_rank, g.dp_rank);  // the same shard across replicas
+  return g;
+}
+
+}  // namespace ftune::parallel

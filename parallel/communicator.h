@@ -1,0 +1,93 @@
+// Collective communication between the ranks of a job (DESIGN.md "Parallel"). One interface, two
+// backends: MPI (CPU tensors; GPU tensors are staged through the host) and NCCL (GPU tensors,
+// bootstrapped over MPI; issue 7). A process not launched by mpirun, or a build without MPI, gets
+// the single-rank communicator, on which every collective is the identity: one recipe runs
+// unchanged from 1 to N ranks.
+//
+// Every collective is called by all ranks of the communicator in the same order (MPI's rule).
+// Tensors are contiguous; f32, f64, i32, i64 go through the backend natively, bf16/f16 are summed
+// in f32 (converted on the way). The async variants return a Work to wait on; the tensor must not
+// be touched (nor freed) until then.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace ftune::parallel {
+
+enum class ReduceOp { sum, max, min, avg };
+
+// A pending non-blocking collective. wait() completes it (and any conversion back into the
+// caller's tensor); destroying an unwaited Work waits.
+class Work {
+ public:
+  virtual ~Work() = default;
+  virtual void wait() = 0;
+  virtual bool done() = 0;  // non-blocking test; true once complete (wait() still required)
+};
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual std::string backend() const = 0;  // "single", "mpi", "nccl"
+
+  // In place: t = op over ranks of t.
+  virtual void all_reduce(Tensor& t, ReduceOp op = ReduceOp::sum) = 0;
+  virtual std::unique_ptr<Work> all_reduce_async(Tensor& t, ReduceOp op = ReduceOp::sum) = 0;
+  // `t` from `root` to every rank (same shape and dtype everywhere).
+  virtual void broadcast(Tensor& t, int root) = 0;
+  // in [size * n] -> out [n]: rank r gets op over ranks of in[r*n, (r+1)*n).
+  virtual void reduce_scatter(const Tensor& in, Tensor& out, ReduceOp op = ReduceOp::sum) = 0;
+  virtual std::unique_ptr<Work> reduce_scatter_async(const Tensor& in, Tensor& out,
+                                                     ReduceOp op = ReduceOp::sum) = 0;
+  // in [n] -> out [size * n], rank r's block at [r*n, (r+1)*n).
+  virtual void all_gather(const Tensor& in, Tensor& out) = 0;
+  virtual std::unique_ptr<Work> all_gather_async(const Tensor& in, Tensor& out) = 0;
+  virtual void barrier() = 0;
+  // Sub-communicators as MPI_Comm_split: ranks with the same color form one, ordered by key.
+  virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
+
+  // Conveniences over all_reduce for metrics (loss sums, token counts).
+  double all_reduce_scalar(double v, ReduceOp op = ReduceOp::sum);
+  int64_t all_reduce_int(int64_t v, ReduceOp op = ReduceOp::sum);
+};
+
+// The one-rank communicator: collectives copy or do nothing.
+std::unique_ptr<Communicator> make_single_communicator();
+
+// The job's world. backend "auto": MPI when this build has it and the process runs under an MPI
+// launcher (OMPI_COMM_WORLD_SIZE / PMI_SIZE set) with more than one rank, else single. "mpi"
+// forces MPI (throws without it), "single" a single rank. Initialises MPI (thread level
+// FUNNELED) on first use; see MpiRuntime.
+std::unique_ptr<Communicator> make_world_communicator(const std::string& backend = "auto");
+
+// True when this build has MPI.
+bool mpi_support();
+// Whether the process was started by an MPI launcher (environment only; initialises nothing).
+bool launched_by_mpi();
+
+// Finalises MPI at exit if ftune initialised it. abort_job() is for main(): after an error on
+// one rank it takes every rank of the job down (MPI_Abort), so nothing waits forever in a
+// collective. A no-op without MPI or when MPI was never initialised.
+void abort_job(int code);
+void finalize_mpi();
+// This process's rank in the job and the job's size when MPI is initialised, else {0, 1}.
+std::pair<int, int> job_rank_and_size();
+
+// The tp x dp grid of DESIGN.md: ranks are laid out tp-major (the tp ranks of one dp replica are
+// consecutive, so tensor parallelism stays within a node), world = tp * dp.
+struct ProcessGrid {
+  int tp = 1, dp = 1;
+  int tp_rank = 0, dp_rank = 0;
+  std::shared_ptr<Communicator> world, tp_group, dp_group;
+};
+// Throws ftune::Error "[parallel] ..." when tp does not divide the world size.
+ProcessGrid make_grid(std::shared_ptr<Communicator> world, int tp);
+
+}  // namespace ftune::parallel

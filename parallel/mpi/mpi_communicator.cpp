@@ -1,0 +1,282 @@
+// The MPI backend of parallel/communicator.h. CPU tensors go to MPI as they are; CUDA tensors are
+// staged through host copies (CUDA-aware MPI is not assumed); bf16/f16 are reduced in f32.
+#include "parallel/communicator.h"
+
+#ifdef FTUNE_HAVE_MPI
+#include <mpi.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+
+#include "core/error.h"
+#include "core/ops.h"
+
+namespace ftune::parallel {
+
+namespace {
+
+bool g_we_initialised = false;
+
+void check_mpi(int rc, const char* what) {
+  if (rc == MPI_SUCCESS) return;
+  char msg[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  MPI_Error_string(rc, msg, &len);
+  FTUNE_THROW("[parallel] MPI ", what, " failed: ", std::string(msg, size_t(len)));
+}
+
+void ensure_mpi() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    int inited = 0;
+    MPI_Initialized(&inited);
+    if (!inited) {
+      int provided = 0;
+      // FUNNELED: only the main thread calls MPI (OpenMP threads never do).
+      check_mpi(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided),
+                "MPI_Init_thread");
+      g_we_initialised = true;
+      std::atexit(finalize_mpi);
+    }
+    // Errors come back as codes and are thrown as ftune::Error with the reason; main() then
+    // aborts the job (abort_job), so no rank is left waiting.
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  });
+}
+
+MPI_Datatype mpi_type(DType t) {
+  switch (t) {
+    case DType::f32:
+      return MPI_FLOAT;
+    case DType::f64:
+      return MPI_DOUBLE;
+    case DType::i32:
+      return MPI_INT32_T;
+    case DType::i64:
+      return MPI_INT64_T;
+    case DType::b8:
+      return MPI_UINT8_T;
+    default:
+      return MPI_DATATYPE_NULL;
+  }
+}
+
+MPI_Op mpi_op(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::sum:
+    case ReduceOp::avg:
+      return MPI_SUM;
+    case ReduceOp::max:
+      return MPI_MAX;
+    case ReduceOp::min:
+      return MPI_MIN;
+  }
+  return MPI_SUM;
+}
+
+bool is_16bit(DType t) { return t == DType::bf16 || t == DType::f16; }
+
+// What MPI sees for one user tensor: the tensor itself (CPU, native dtype) or a host f32/native
+// copy, written back into the user's tensor by finish().
+struct Staged {
+  Tensor user;  // the caller's tensor
+  Tensor wire;  // what goes to MPI (may be `user`)
+  bool write_back = false;
+
+  static Staged in(const Tensor& t, const char* what) {
+    FTUNE_CHECK(t.defined() && t.is_contiguous(), "[parallel] ", what,
+                ": the tensor must be defined and contiguous, got ",
+                t.defined() ? t.desc() : std::string("undefined"));
+    Staged s;
+    s.user = t;
+    s.wire = t;
+    if (!t.device().is_cpu()) s.wire = s.wire.to(Device::cpu());
+    if (is_16bit(t.dtype())) s.wire = s.wire.to(DType::f32);
+    FTUNE_CHECK(mpi_type(s.wire.dtype()) != MPI_DATATYPE_NULL, "[parallel] ", what, ": dtype ",
+                dtype_name(t.dtype()), " is not supported");
+    s.write_back = !s.wire.same(t);
+    return s;
+  }
+  void finish(int size, ReduceOp op) {
+    if (op == ReduceOp::avg) {
+      FTUNE_CHECK(is_floating(wire.dtype()), "[parallel] avg of a non-float tensor");
+      ops::mul_(wire, 1.0 / double(size));
+    }
+    if (write_back) user.copy_(wire);
+  }
+};
+
+class MpiWork : public Work {
+ public:
+  MpiWork(MPI_Request req, Staged out, int size, ReduceOp op, bool reduce)
+      : req_(req), out_(std::move(out)), size_(size), op_(op), reduce_(reduce) {}
+  ~MpiWork() override {
+    if (!finished_) {
+      try {
+        wait();
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "ftune: error: %s\n", e.what());
+      }
+    }
+  }
+  void wait() override {
+    if (finished_) return;
+    finished_ = true;
+    check_mpi(MPI_Wait(&req_, MPI_STATUS_IGNORE), "MPI_Wait");
+    out_.finish(size_, reduce_ ? op_ : ReduceOp::sum);
+  }
+  bool done() override {
+    if (finished_) return true;
+    int flag = 0;
+    check_mpi(MPI_Test(&req_, &flag, MPI_STATUS_IGNORE), "MPI_Test");
+    if (flag) {
+      finished_ = true;
+      out_.finish(size_, reduce_ ? op_ : ReduceOp::sum);
+    }
+    return flag != 0;
+  }
+
+ private:
+  MPI_Request req_;
+  Staged out_;
+  int size_;
+  ReduceOp op_;
+  bool reduce_;
+  bool finished_ = false;
+  Tensor keep_;  // an input kept alive while the collective runs
+ public:
+  void keep(Tensor t) { keep_ = std::move(t); }
+};
+
+class MpiCommunicator : public Communicator {
+ public:
+  explicit MpiCommunicator(MPI_Comm comm, bool owned) : comm_(comm), owned_(owned) {
+    MPI_Comm_rank(comm_, &rank_);
+    MPI_Comm_size(comm_, &size_);
+    MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
+  }
+  ~MpiCommunicator() override {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (owned_ && !finalized) MPI_Comm_free(&comm_);
+  }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string backend() const override { return "mpi"; }
+
+  void all_reduce(Tensor& t, ReduceOp op) override { all_reduce_async(t, op)->wait(); }
+  std::unique_ptr<Work> all_reduce_async(Tensor& t, ReduceOp op) override {
+    Staged s = Staged::in(t, "all_reduce");
+    MPI_Request req;
+    check_mpi(MPI_Iallreduce(MPI_IN_PLACE, s.wire.raw_data(), int_count(s.wire.numel()),
+                             mpi_type(s.wire.dtype()), mpi_op(op), comm_, &req),
+              "MPI_Iallreduce");
+    t.bump_version();
+    return std::make_unique<MpiWork>(req, std::move(s), size_, op, true);
+  }
+  void broadcast(Tensor& t, int root) override {
+    FTUNE_CHECK(root >= 0 && root < size_, "[parallel] broadcast: root ", root, " of ", size_,
+                " ranks");
+    Staged s = Staged::in(t, "broadcast");
+    check_mpi(MPI_Bcast(s.wire.raw_data(), int_count(s.wire.numel()), mpi_type(s.wire.dtype()),
+                        root, comm_),
+              "MPI_Bcast");
+    s.finish(size_, ReduceOp::sum);
+    t.bump_version();
+  }
+  void reduce_scatter(const Tensor& in, Tensor& out, ReduceOp op) override {
+    reduce_scatter_async(in, out, op)->wait();
+  }
+  std::unique_ptr<Work> reduce_scatter_async(const Tensor& in, Tensor& out, ReduceOp op) override {
+    FTUNE_CHECK(in.numel() == out.numel() * size_ && in.dtype() == out.dtype(),
+                "[parallel] reduce_scatter: in ", in.desc(), " must have ", size_,
+                " times the elements of out ", out.desc(), ", same dtype");
+    Staged si = Staged::in(in, "reduce_scatter"), so = Staged::in(out, "reduce_scatter");
+    MPI_Request req;
+    check_mpi(MPI_Ireduce_scatter_block(si.wire.raw_data(), so.wire.raw_data(),
+                                        int_count(so.wire.numel()), mpi_type(so.wire.dtype()),
+                                        mpi_op(op), comm_, &req),
+              "MPI_Ireduce_scatter_block");
+    out.bump_version();
+    auto w = std::make_unique<MpiWork>(req, std::move(so), size_, op, true);
+    w->keep(si.wire);
+    return w;
+  }
+  void all_gather(const Tensor& in, Tensor& out) override { all_gather_async(in, out)->wait(); }
+  std::unique_ptr<Work> all_gather_async(const Tensor& in, Tensor& out) override {
+    FTUNE_CHECK(out.numel() == in.numel() * size_ && in.dtype() == out.dtype(),
+                "[parallel] all_gather: out ", out.desc(), " must have ", size_,
+                " times the elements of in ", in.desc(), ", same dtype");
+    Staged si = Staged::in(in, "all_gather"), so = Staged::in(out, "all_gather");
+    MPI_Request req;
+    check_mpi(MPI_Iallgather(si.wire.raw_data(), int_count(si.wire.numel()),
+                             mpi_type(si.wire.dtype()), so.wire.raw_data(),
+                             int_count(si.wire.numel()), mpi_type(so.wire.dtype()), comm_, &req),
+              "MPI_Iallgather");
+    out.bump_version();
+    auto w = std::make_unique<MpiWork>(req, std::move(so), size_, ReduceOp::sum, false);
+    w->keep(si.wire);
+    return w;
+  }
+  void barrier() override { check_mpi(MPI_Barrier(comm_), "MPI_Barrier"); }
+  std::unique_ptr<Communicator> split(int color, int key) override {
+    MPI_Comm sub;
+    check_mpi(MPI_Comm_split(comm_, color, key, &sub), "MPI_Comm_split");
+    return std::make_unique<MpiCommunicator>(sub, true);
+  }
+
+ private:
+  static int int_count(int64_t n) {
+    FTUNE_CHECK(n <= INT32_MAX, "[parallel] ", n,
+                " elements in one collective: more than MPI's int count (split the tensor)");
+    return int(n);
+  }
+  MPI_Comm comm_;
+  bool owned_;
+  int rank_ = 0, size_ = 1;
+};
+
+}  // namespace
+
+bool mpi_support() { return true; }
+
+void finalize_mpi() {
+  int inited = 0, finalized = 0;
+  MPI_Initialized(&inited);
+  MPI_Finalized(&finalized);
+  if (inited && !finalized && g_we_initialised) MPI_Finalize();
+}
+
+std::pair<int, int> job_rank_and_size() {
+  int inited = 0, finalized = 0;
+  MPI_Initialized(&inited);
+  MPI_Finalized(&finalized);
+  if (!inited || finalized) return {0, 1};
+  int r = 0, n = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &r);
+  MPI_Comm_size(MPI_COMM_WORLD, &n);
+  return {r, n};
+}
+
+void abort_job(int code) {
+  int inited = 0, finalized = 0;
+  MPI_Initialized(&inited);
+  MPI_Finalized(&finalized);
+  if (inited && !finalized) MPI_Abort(MPI_COMM_WORLD, code);
+}
+
+std::unique_ptr<Communicator> make_world_communicator(const std::string& backend) {
+  FTUNE_CHECK(backend == "auto" || backend == "single" || backend == "mpi", "[parallel] backend '",
+              backend, "' is not one of auto, single, mpi (nccl comes with the CUDA trainer)");
+  if (backend == "single") return make_single_communicator();
+  if (backend == "auto" && !launched_by_mpi()) return make_single_communicator();
+  ensure_mpi();
+  int size = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  if (backend == "auto" && size == 1) return make_single_communicator();
+  return std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, false);
+}
+
+}  // namespace ftune::parallel
+#endif  // FTUNE_HAVE_MPI
