@@ -2,16 +2,20 @@
 // Transformer on random tokens, full fine-tuning or LoRA, as trainers/sft.cpp runs it. Prints one
 // JSON line: ms/step (median of --steps after --warmup), peak RSS of the process (VmHWM), trainable
 // parameters and the bytes of AdamW state. Run one configuration per process (peak RSS is the
-// process's high-water mark): bench/sft/run.sh does, and writes bench/results/cpu_sft_step.md.
+// process's high-water mark). bench/sft/peft_step.py is the same step in PyTorch + PEFT, and
+// bench/sft/run.sh runs both side by side (bench/results/cpu_sft_step.md).
 //   bench_sft [--model DIR | --layers 4 --d 512 --heads 8 --kv-heads 8 --ffn 1376 --vocab 2048]
 //             [--seq 256] [--batch 8] [--lora-r 8 (0: full)] [--targets all-linear] [--steps 8]
 //             [--warmup 2]
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <memory>
 #include <nlohmann/json.hpp>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -39,8 +43,13 @@ int main(int argc, char** argv) {
   std::string model_dir, targets = "all-linear";
   int64_t layers = 4, d = 512, heads = 8, kv = 8, ffn = 1376, vocab = 2048, seq = 256, batch = 8;
   int64_t lora_r = 8, steps = 8, warmup = 2;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    std::string k = argv[i], v = argv[i + 1];
+  for (int i = 1; i < argc; i += 2) {
+    std::string k = argv[i];
+    if (i + 1 >= argc) {
+      std::fprintf(stderr, "bench_sft: option %s needs a value\n", k.c_str());
+      return 2;
+    }
+    std::string v = argv[i + 1];
     if (k == "--model")
       model_dir = v;
     else if (k == "--layers")
@@ -72,6 +81,10 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
+  if (steps < 1 || warmup < 0) {
+    std::fprintf(stderr, "bench_sft: --steps must be >= 1 and --warmup >= 0\n");
+    return 2;
+  }
   try {
     std::unique_ptr<Transformer> model;
     if (!model_dir.empty()) {
@@ -92,6 +105,7 @@ int main(int argc, char** argv) {
       model->init_random(1);
     }
     const ModelConfig& mc = model->config();
+    const int64_t base_params = model->num_parameters();  // before adapters are added
     nn::NamedTensors trainable;
     if (lora_r > 0) {
       LoraOptions lo;
@@ -101,8 +115,10 @@ int main(int argc, char** argv) {
       apply_lora(*model, lo);
       trainable = lora_parameters(*model);
     } else {
-      trainable = model->named_parameters();
+      for (auto& [n, t] : model->named_parameters())
+        if (t.requires_grad()) trainable.emplace_back(n, t);
     }
+    model->train();  // as the trainer does (LoRA dropout is 0 here, so it changes no math)
     std::vector<Tensor> params;
     int64_t n_train = 0;
     for (auto& [n, t] : trainable) {
@@ -116,9 +132,12 @@ int main(int argc, char** argv) {
     std::vector<double> ms;
     for (int64_t s = 0; s < warmup + steps; ++s) {
       auto t0 = std::chrono::steady_clock::now();
+      // The trainer's loss: a summed cross-entropy read back (NaN guard), scaled by 1/targets.
       Tensor logits = model->forward(ids);
-      Tensor loss = ops::cross_entropy(logits.view({batch * seq, mc.vocab_size}), labels);
-      loss.backward();
+      Tensor ce = ops::cross_entropy(logits.view({batch * seq, mc.vocab_size}), labels, -100,
+                                     ops::Reduction::sum);
+      if (!std::isfinite(ce.item())) throw std::runtime_error("non-finite loss");
+      ops::mul_scalar(ce, 1.0 / double(batch * seq)).backward();
       optim::clip_grad_norm(params, 1.0);
       opt.step();
       opt.zero_grad();
@@ -126,7 +145,11 @@ int main(int argc, char** argv) {
           std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
       if (s >= warmup) ms.push_back(t);
     }
+    // Read the high-water mark before export_state() below copies the whole AdamW state.
+    const double peak_rss = peak_rss_mib();
     std::sort(ms.begin(), ms.end());
+    const size_t h = ms.size() / 2;
+    const double median = ms.size() % 2 ? ms[h] : 0.5 * (ms[h - 1] + ms[h]);
     int64_t state_bytes = 0;
     for (auto& [n, t] : opt.export_state().tensors)
       state_bytes += t.numel() * int64_t(dtype_size(t.dtype()));
@@ -134,15 +157,15 @@ int main(int argc, char** argv) {
                           {"layers", mc.num_hidden_layers},
                           {"d", mc.hidden_size},
                           {"vocab", mc.vocab_size},
-                          {"params", model->num_parameters()},
+                          {"params", base_params},
                           {"mode", lora_r > 0 ? "lora" : "full"},
                           {"lora_r", lora_r},
                           {"trainable", n_train},
                           {"seq", seq},
                           {"batch", batch},
-                          {"ms_per_step", ms[ms.size() / 2]},
-                          {"tokens_per_s", double(batch * seq) / (ms[ms.size() / 2] / 1e3)},
-                          {"peak_rss_mib", peak_rss_mib()},
+                          {"ms_per_step", median},
+                          {"tokens_per_s", double(batch * seq) / (median / 1e3)},
+                          {"peak_rss_mib", peak_rss},
                           {"adamw_state_mib", double(state_bytes) / (1024.0 * 1024.0)}};
     std::printf("%s\n", out.dump().c_str());
   } catch (const std::exception& e) {
