@@ -69,7 +69,8 @@ Tensor Proj::forward(const Tensor& x) const {
       const Tensor a = col ? parallel::copy_to_tp(lora_A_->weight, tp_) : lora_A_->weight;
       const Tensor b = col ? lora_B_->weight : parallel::copy_to_tp(lora_B_->weight, tp_);
       // Row-parallel input slices differ per rank: so do their dropout masks.
-      const uint64_t seed = col ? lora_seed_ : lora_seed_ + 0x9e3779b97f4a7c15ull * uint64_t(tp_->rank());
+      const uint64_t seed =
+          col ? lora_seed_ : lora_seed_ + 0x9e3779b97f4a7c15ull * uint64_t(tp_->rank());
       y = ops::lora_linear(xin, w, col ? bias : Tensor(), a, b, lora_scale_, p, seed);
     } else if (conv1d_) {
       y = ops::matmul(xin, weight);
@@ -147,13 +148,12 @@ void Proj::shard_for_tp(TpSplit split, std::shared_ptr<parallel::Communicator> t
 
 void Proj::add_lora_full(const Tensor& a, const Tensor& b, double scale, double dropout) {
   FTUNE_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == full_in_ && b.size(0) == full_out_,
-              "[lora] adapter A ", a.desc(), " / B ", b.desc(), " must be [r, ", full_in_,
-              "] / [", full_out_, ", r]");
+              "[lora] adapter A ", a.desc(), " / B ", b.desc(), " must be [r, ", full_in_, "] / [",
+              full_out_, ", r]");
   if (split_ == TpSplit::none) return add_lora(a, b, scale, dropout);
   const bool ra = a.requires_grad(), rb = b.requires_grad();
   add_lora(parallel::shard_slice(a, lora_A_shard()).detach().set_requires_grad(ra),
-           parallel::shard_slice(b, lora_B_shard()).detach().set_requires_grad(rb), scale,
-           dropout);
+           parallel::shard_slice(b, lora_B_shard()).detach().set_requires_grad(rb), scale, dropout);
 }
 
 void Proj::add_lora(Tensor a, Tensor b, double scale, double dropout) {
@@ -699,8 +699,8 @@ nn::NamedTensors Transformer::gather_full_parameters() const {
   const auto infos = shard_infos();
   for (auto& [name, t] : named_parameters()) {
     auto it = infos.find(name);
-    out.emplace_back(name, it == infos.end() ? t.detach()
-                                             : parallel::gather_shards(t, it->second, impl_->tp));
+    out.emplace_back(
+        name, it == infos.end() ? t.detach() : parallel::gather_shards(t, it->second, impl_->tp));
   }
   return out;
 }

@@ -91,9 +91,8 @@ Tensor reduce_from_tp(const Tensor& x, const std::shared_ptr<Communicator>& tp) 
   check_input("reduce_from_tp", x, tp);
   Tensor out = private_copy(x);
   tp->all_reduce(out);
-  record("reduce_from_tp", out, {x}, [](const Tensor& g, const std::vector<bool>&) {
-    return std::vector<Tensor>{g};
-  });
+  record("reduce_from_tp", out, {x},
+         [](const Tensor& g, const std::vector<bool>&) { return std::vector<Tensor>{g}; });
   return out;
 }
 
@@ -126,8 +125,8 @@ Tensor scatter_last_dim(const Tensor& x, const std::shared_ptr<Communicator>& tp
 }
 
 Range shard_range(int64_t full, int parts, int rank) {
-  FTUNE_CHECK(full >= 0 && parts >= 1 && rank >= 0 && rank < parts, "[tp] bad shard request: ",
-              full, " elements over ", parts, " ranks, rank ", rank);
+  FTUNE_CHECK(full >= 0 && parts >= 1 && rank >= 0 && rank < parts,
+              "[tp] bad shard request: ", full, " elements over ", parts, " ranks, rank ", rank);
   const int64_t chunk = (full + parts - 1) / parts;
   Range r;
   r.offset = std::min(full, chunk * rank);
@@ -159,8 +158,8 @@ Tensor gather_shards(const Tensor& local, const ShardInfo& info,
   const int n = tp->size();
   const int64_t block = info.full_size / info.blocks;
   FTUNE_CHECK(info.dim < local.dim() && local.size(info.dim) == info.size * info.blocks,
-              "[tp] gather_shards: local tensor ", local.desc(), " is not a shard of ",
-              info.blocks, " x ", info.size, " along dim ", info.dim);
+              "[tp] gather_shards: local tensor ", local.desc(), " is not a shard of ", info.blocks,
+              " x ", info.size, " along dim ", info.dim);
   std::vector<int64_t> sizes;
   for (int q = 0; q < n; ++q) sizes.push_back(shard_range(block, n, q).size * info.blocks);
   Tensor front = local.detach().transpose(0, info.dim).contiguous();
@@ -182,8 +181,8 @@ Tensor vocab_parallel_embedding(const Tensor& weight_shard, const Tensor& ids, i
                                 const std::shared_ptr<Communicator>& tp) {
   const char* op = "vocab_parallel_embedding";
   check_input(op, ids, tp);
-  FTUNE_CHECK(weight_shard.defined() && weight_shard.dim() == 2 && weight_shard.size(0) > 0,
-              "[", op, "] weight shard must be [V_r > 0, D], got ",
+  FTUNE_CHECK(weight_shard.defined() && weight_shard.dim() == 2 && weight_shard.size(0) > 0, "[",
+              op, "] weight shard must be [V_r > 0, D], got ",
               weight_shard.defined() ? weight_shard.desc() : "undefined");
   FTUNE_CHECK(ids.dtype() == DType::i32 || ids.dtype() == DType::i64, "[", op,
               "] ids must be i32|i64, got ", ids.desc());
@@ -211,10 +210,9 @@ Tensor vocab_parallel_cross_entropy(const Tensor& logits_shard, const Tensor& ta
   const char* op = "vocab_parallel_cross_entropy";
   check_input(op, logits_shard, tp);
   const Tensor& x = logits_shard;
-  FTUNE_CHECK(x.dim() >= 1 && (x.dtype() == DType::f32 || x.dtype() == DType::f64) &&
-                  x.device().is_cpu(),
-              "[", op, "] logits shard must be f32|f64 on CPU with a vocabulary dim, got ",
-              x.desc());
+  FTUNE_CHECK(
+      x.dim() >= 1 && (x.dtype() == DType::f32 || x.dtype() == DType::f64) && x.device().is_cpu(),
+      "[", op, "] logits shard must be f32|f64 on CPU with a vocabulary dim, got ", x.desc());
   FTUNE_CHECK(targets.defined() && (targets.dtype() == DType::i32 || targets.dtype() == DType::i64),
               "[", op, "] targets must be i32|i64, got ",
               targets.defined() ? targets.desc() : "undefined");
@@ -277,8 +275,7 @@ Tensor vocab_parallel_cross_entropy(const Tensor& logits_shard, const Tensor& ta
          [xd, mx, st, tgt, off, n, vr, shape, dt, ignore_index, reduction, counted](
              const Tensor& g, const std::vector<bool>&) {
            double scale = 1.0;
-           if (reduction == ops::Reduction::mean)
-             scale = counted > 0 ? 1.0 / double(counted) : 0.0;
+           if (reduction == ops::Reduction::mean) scale = counted > 0 ? 1.0 / double(counted) : 0.0;
            std::vector<double> gv = g.to_vector<double>();
            const bool per_row = reduction == ops::Reduction::none;
            const double* px = xd.data<double>();

@@ -43,8 +43,8 @@ std::map<std::string, Tensor> full_grads(const Transformer& m) {
   for (auto& [name, t] : m.named_parameters()) {
     if (!t.grad().defined()) continue;
     auto it = infos.find(name);
-    out[name] = it == infos.end() ? t.grad()
-                                  : parallel::gather_shards(t.grad(), it->second, m.tp_group());
+    out[name] =
+        it == infos.end() ? t.grad() : parallel::gather_shards(t.grad(), it->second, m.tp_group());
   }
   return out;
 }
@@ -186,8 +186,7 @@ void check_lora(const std::string& family) {
   auto got = full_grads(*mod);
   EXPECT_EQ(want.size(), lora_parameters(*ref).size());  // the base is frozen
   ASSERT_EQ(got.size(), want.size());
-  for (auto& [name, g] : want)
-    EXPECT_LT(rel_err(got.at(name), g), 1e-5) << family << " " << name;
+  for (auto& [name, g] : want) EXPECT_LT(rel_err(got.at(name), g), 1e-5) << family << " " << name;
   // Merging on the shards gives the shards of the merged full model.
   merge_lora(*ref);
   merge_lora(*mod);
