@@ -142,11 +142,14 @@ std::vector<std::pair<std::string, Proj*>> apply(Transformer& model, const LoraO
   model.requires_grad_(false);
   Generator gen(opt.seed);
   NoGradGuard no_grad;
+  // Drawn at the full shape, then sliced: a tensor-parallel shard gets the very adapters of the
+  // unsharded model.
   for (auto& [name, p] : targets) {
-    const double bound = 1.0 / std::sqrt(double(p->in_features()));
-    Tensor a = rand({opt.r, p->in_features()}, gen, -bound, bound).set_requires_grad(true);
-    Tensor b = Tensor::zeros({p->out_features(), opt.r}).set_requires_grad(true);
-    p->add_lora(std::move(a), std::move(b), opt.scale(), opt.dropout);
+    const int64_t in = p->full_in_features(), out = p->full_out_features();
+    const double bound = 1.0 / std::sqrt(double(in));
+    Tensor a = rand({opt.r, in}, gen, -bound, bound).set_requires_grad(true);
+    Tensor b = Tensor::zeros({out, opt.r}).set_requires_grad(true);
+    p->add_lora_full(a, b, opt.scale(), opt.dropout);
   }
   set_lora_dropout_seed(model, 0);
   return targets;
@@ -257,6 +260,8 @@ void save_peft_adapter(const std::string& dir, const Transformer& model, const L
                        const std::string& base_model_name_or_path) {
   auto mods = adapted(model);
   FTUNE_CHECK(!mods.empty(), "[peft] save_peft_adapter(", dir, "): the model has no adapters");
+  FTUNE_CHECK(model.tp_size() == 1, "[peft] save_peft_adapter(", dir,
+              "): the model is a tensor-parallel shard; gather_full_parameters() first");
   check_options(opt, "[peft] save_peft_adapter:");
   bool conv1d = false;
   nn::NamedTensors tensors;
@@ -401,8 +406,8 @@ LoraOptions load_peft_adapter(const std::string& dir, Transformer& model) {
   SafetensorsFile f(st_path);
   std::map<std::string, Shape> want;
   for (auto& [name, p] : targets) {
-    want[kPeftPrefix + name + ".lora_A.weight"] = {opt.r, p->in_features()};
-    want[kPeftPrefix + name + ".lora_B.weight"] = {p->out_features(), opt.r};
+    want[kPeftPrefix + name + ".lora_A.weight"] = {opt.r, p->full_in_features()};
+    want[kPeftPrefix + name + ".lora_B.weight"] = {p->full_out_features(), opt.r};
   }
   std::vector<std::string> unexpected, missing;
   for (const std::string& n : f.names()) {
@@ -434,8 +439,11 @@ LoraOptions load_peft_adapter(const std::string& dir, Transformer& model) {
     auto mods = apply(model, opt, /*strict=*/false, what);
     NoGradGuard no_grad;
     for (auto& [name, p] : mods) {
-      p->lora_A().copy_(f.get(kPeftPrefix + name + ".lora_A.weight"));
-      p->lora_B().copy_(f.get(kPeftPrefix + name + ".lora_B.weight"));
+      // The full tensors; a tensor-parallel shard keeps its slices.
+      p->lora_A().copy_(
+          parallel::shard_slice(f.get(kPeftPrefix + name + ".lora_A.weight"), p->lora_A_shard()));
+      p->lora_B().copy_(
+          parallel::shard_slice(f.get(kPeftPrefix + name + ".lora_B.weight"), p->lora_B_shard()));
     }
   } catch (...) {
     rollback(model, grad_state);

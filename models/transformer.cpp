@@ -49,7 +49,7 @@ struct Step {
 // ---------------------------------------------------------------- Proj (models/proj.h)
 
 Proj::Proj(int64_t in, int64_t out, bool has_bias, bool conv1d)
-    : in_(in), out_(out), conv1d_(conv1d) {
+    : in_(in), out_(out), full_in_(in), full_out_(out), conv1d_(conv1d) {
   weight = new_param(conv1d ? Shape{in, out} : Shape{out, in});
   register_parameter("weight", &weight);
   if (has_bias) bias = new_param({out});
@@ -57,6 +57,31 @@ Proj::Proj(int64_t in, int64_t out, bool has_bias, bool conv1d)
 }
 
 Tensor Proj::forward(const Tensor& x) const {
+  if (split_ != TpSplit::none) {
+    const bool col = split_ == TpSplit::column;
+    // Column: the replicated input's gradient is partial per rank; row: the output is.
+    const Tensor xin = col ? parallel::copy_to_tp(x, tp_) : x;
+    Tensor y;
+    if (has_lora()) {
+      const Tensor w = conv1d_ ? weight.transpose(0, 1) : weight;
+      const double p = is_training() ? lora_dropout_ : 0.0;
+      // The replicated adapter matrix sees only this rank's part of the product.
+      const Tensor a = col ? parallel::copy_to_tp(lora_A_->weight, tp_) : lora_A_->weight;
+      const Tensor b = col ? lora_B_->weight : parallel::copy_to_tp(lora_B_->weight, tp_);
+      // Row-parallel input slices differ per rank: so do their dropout masks.
+      const uint64_t seed =
+          col ? lora_seed_ : lora_seed_ + 0x9e3779b97f4a7c15ull * uint64_t(tp_->rank());
+      y = ops::lora_linear(xin, w, col ? bias : Tensor(), a, b, lora_scale_, p, seed);
+    } else if (conv1d_) {
+      y = ops::matmul(xin, weight);
+      if (col && bias.defined()) y = ops::add(y, bias);
+    } else {
+      y = ops::linear(xin, weight, col ? bias : Tensor());
+    }
+    if (col) return y;
+    y = parallel::reduce_from_tp(y, tp_);
+    return bias.defined() ? ops::add(y, bias) : y;  // once, after the sum
+  }
   if (has_lora()) {
     // The fused op takes W [out, in]: a Conv1D weight is passed as its transposed view, which the
     // op copies once per call (O(in * out), small next to the GEMM; see docs/lora.md).
@@ -68,6 +93,67 @@ Tensor Proj::forward(const Tensor& x) const {
   if (!conv1d_) return ops::linear(x, weight, bias);
   Tensor y = ops::matmul(x, weight);
   return bias.defined() ? ops::add(y, bias) : y;
+}
+
+parallel::ShardInfo Proj::split_info(int64_t full, int dim) const {
+  parallel::ShardInfo si;
+  si.dim = dim;
+  si.full_size = full;
+  si.blocks = blocks_;
+  parallel::Range r = parallel::shard_range(full / blocks_, tp_->size(), tp_->rank());
+  si.offset = r.offset;
+  si.size = r.size;
+  return si;
+}
+
+// Weight [out, in] (Conv1D [in, out]); bias [out]; A [r, in]; B [out, r].
+parallel::ShardInfo Proj::weight_shard() const {
+  if (split_ == TpSplit::column) return split_info(full_out_, conv1d_ ? 1 : 0);
+  if (split_ == TpSplit::row) return split_info(full_in_, conv1d_ ? 0 : 1);
+  return {};
+}
+parallel::ShardInfo Proj::bias_shard() const {
+  return split_ == TpSplit::column ? split_info(full_out_, 0) : parallel::ShardInfo{};
+}
+parallel::ShardInfo Proj::lora_A_shard() const {
+  return split_ == TpSplit::row ? split_info(full_in_, 1) : parallel::ShardInfo{};
+}
+parallel::ShardInfo Proj::lora_B_shard() const {
+  return split_ == TpSplit::column ? split_info(full_out_, 0) : parallel::ShardInfo{};
+}
+
+void Proj::shard_for_tp(TpSplit split, std::shared_ptr<parallel::Communicator> tp, int blocks) {
+  FTUNE_CHECK(split_ == TpSplit::none && split != TpSplit::none && tp,
+              "[tp] a projection is sharded once, column or row, over a communicator");
+  FTUNE_CHECK(!has_lora(), "[tp] shard the model before adding LoRA adapters");
+  const int64_t full = split == TpSplit::column ? full_out_ : full_in_;
+  FTUNE_CHECK(blocks >= 1 && full % (blocks * tp->size()) == 0, "[tp] a projection of ", full,
+              " features (", blocks, " blocks) does not split evenly over ", tp->size(),
+              " tp ranks");
+  split_ = split;
+  tp_ = std::move(tp);
+  blocks_ = split == TpSplit::column ? blocks : 1;
+  auto reslice = [](Tensor& t, const parallel::ShardInfo& si) {
+    if (!t.defined() || si.replicated()) return;
+    const bool rg = t.requires_grad();
+    t = parallel::shard_slice(t, si).set_requires_grad(rg);
+  };
+  reslice(weight, weight_shard());
+  reslice(bias, bias_shard());
+  if (split == TpSplit::column)
+    out_ = full_out_ / tp_->size();
+  else
+    in_ = full_in_ / tp_->size();
+}
+
+void Proj::add_lora_full(const Tensor& a, const Tensor& b, double scale, double dropout) {
+  FTUNE_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == full_in_ && b.size(0) == full_out_,
+              "[lora] adapter A ", a.desc(), " / B ", b.desc(), " must be [r, ", full_in_, "] / [",
+              full_out_, ", r]");
+  if (split_ == TpSplit::none) return add_lora(a, b, scale, dropout);
+  const bool ra = a.requires_grad(), rb = b.requires_grad();
+  add_lora(parallel::shard_slice(a, lora_A_shard()).detach().set_requires_grad(ra),
+           parallel::shard_slice(b, lora_B_shard()).detach().set_requires_grad(rb), scale, dropout);
 }
 
 void Proj::add_lora(Tensor a, Tensor b, double scale, double dropout) {
@@ -118,12 +204,28 @@ class Norm : public nn::Module {
 
 class Embed : public nn::Module {
  public:
-  Embed(int64_t num, int64_t dim) {
+  Embed(int64_t num, int64_t dim) : num_(num) {
     weight = new_param({num, dim});
     register_parameter("weight", &weight);
   }
-  Tensor forward(const Tensor& ids) const { return ops::embedding(weight, ids); }
+  Tensor forward(const Tensor& ids) const {
+    return tp_ ? parallel::vocab_parallel_embedding(weight, ids, shard_.offset, tp_)
+               : ops::embedding(weight, ids);
+  }
+  // Vocab-parallel: this rank keeps its rows (shard_range: the last shard may be smaller).
+  void shard_for_tp(std::shared_ptr<parallel::Communicator> tp) {
+    parallel::Range r = parallel::shard_range(num_, tp->size(), tp->rank());
+    shard_ = {0, num_, r.offset, r.size, 1};
+    tp_ = std::move(tp);
+    weight = parallel::shard_slice(weight, shard_).set_requires_grad(weight.requires_grad());
+  }
+  parallel::ShardInfo shard() const { return shard_; }
   Tensor weight;
+
+ private:
+  int64_t num_;
+  std::shared_ptr<parallel::Communicator> tp_;
+  parallel::ShardInfo shard_;
 };
 
 // lm_head: its own [vocab, hidden] weight, or (tied) the embedding tensor.
@@ -136,14 +238,13 @@ class LmHead : public nn::Module {
 class SelfAttention : public nn::Module {
  public:
   SelfAttention(const ModelConfig& c, int64_t layer)
-      : C_(c.hidden_size),
-        H_(c.num_attention_heads),
+      : H_(c.num_attention_heads),
         Hkv_(c.num_key_value_heads),
         D_(c.head_dim),
         rope_(!c.has_learned_positions()),
         theta_(c.rope_theta),
         layer_(layer) {
-    const int64_t C = C_, H = H_, Hkv = Hkv_, D = D_;
+    const int64_t C = c.hidden_size, H = H_, Hkv = Hkv_, D = D_;
     if (c.family == ModelFamily::gpt2) {
       c_attn_ = register_module("c_attn", std::make_shared<Proj>(C, 3 * C, true, true));
       c_proj_ = register_module("c_proj", std::make_shared<Proj>(C, C, true, true));
@@ -161,13 +262,14 @@ class SelfAttention : public nn::Module {
 
   // x [B, T, C] -> [B, T, C]
   Tensor forward(const Tensor& x, const Step& s) const {
-    const int64_t B = s.B, T = s.T, C = C_, H = H_, Hkv = Hkv_, D = D_;
+    const int64_t B = s.B, T = s.T, H = H_, Hkv = Hkv_, D = D_;
     Tensor q, k, v;
     if (c_attn_) {  // fused [q | k | v] along the features, each split into heads as HF does
       Tensor qkv = c_attn_->forward(x);
-      q = qkv.slice(2, 0, C).reshape({B, T, H, D});
-      k = qkv.slice(2, C, 2 * C).reshape({B, T, Hkv, D});
-      v = qkv.slice(2, 2 * C, 3 * C).reshape({B, T, Hkv, D});
+      const int64_t Q = H * D, K = Hkv * D;  // C and C, or this rank's heads under TP
+      q = qkv.slice(2, 0, Q).reshape({B, T, H, D});
+      k = qkv.slice(2, Q, Q + K).reshape({B, T, Hkv, D});
+      v = qkv.slice(2, Q + K, Q + 2 * K).reshape({B, T, Hkv, D});
     } else {
       q = q_proj_->forward(x).view({B, T, H, D});
       k = k_proj_->forward(x).view({B, T, Hkv, D});
@@ -202,8 +304,22 @@ class SelfAttention : public nn::Module {
     return c_proj_ ? c_proj_->forward(o) : o_proj_->forward(o);
   }
 
+  // By heads: H / tp query heads and Hkv / tp kv heads per rank (the caller checked both
+  // divide); the groups of grouped-query attention stay whole on a rank.
+  void shard_for_tp(const std::shared_ptr<parallel::Communicator>& tp) {
+    if (c_attn_) {
+      c_attn_->shard_for_tp(TpSplit::column, tp, 3);
+      c_proj_->shard_for_tp(TpSplit::row, tp);
+    } else {
+      for (auto* p : {&q_proj_, &k_proj_, &v_proj_}) (*p)->shard_for_tp(TpSplit::column, tp);
+      o_proj_->shard_for_tp(TpSplit::row, tp);
+    }
+    H_ /= tp->size();
+    Hkv_ /= tp->size();
+  }
+
  private:
-  int64_t C_, H_, Hkv_, D_;
+  int64_t H_, Hkv_, D_;
   bool rope_;
   double theta_;
   int64_t layer_;
@@ -226,6 +342,17 @@ class Mlp : public nn::Module {
   Tensor forward(const Tensor& x) const {
     if (c_fc_) return c_proj_->forward(ops::gelu(c_fc_->forward(x)));
     return down_->forward(ops::swiglu(gate_->forward(x), up_->forward(x)));
+  }
+  // By features: the activation is elementwise, so each rank's intermediate slice is exact.
+  void shard_for_tp(const std::shared_ptr<parallel::Communicator>& tp) {
+    if (c_fc_) {
+      c_fc_->shard_for_tp(TpSplit::column, tp);
+      c_proj_->shard_for_tp(TpSplit::row, tp);
+    } else {
+      gate_->shard_for_tp(TpSplit::column, tp);
+      up_->shard_for_tp(TpSplit::column, tp);
+      down_->shard_for_tp(TpSplit::row, tp);
+    }
   }
 
  private:
@@ -258,6 +385,10 @@ class Block : public nn::Module {
     Tensor h = ops::add(x, attn_->forward(norm1_->forward(x), s));
     return ops::add(h, mlp_->forward(norm2_->forward(h)));
   }
+  void shard_for_tp(const std::shared_ptr<parallel::Communicator>& tp) {
+    attn_->shard_for_tp(tp);
+    mlp_->shard_for_tp(tp);
+  }
 
  private:
   std::shared_ptr<Norm> norm1_, norm2_;
@@ -286,6 +417,10 @@ class Body : public nn::Module {
     if (wpe) x = ops::add(x, wpe->forward(s.positions));  // [B, T, C] + [B, T, C] or [T, C]
     for (const auto& b : blocks_) x = b->forward(x, s);
     return norm_->forward(x);
+  }
+  void shard_for_tp(const std::shared_ptr<parallel::Communicator>& tp) {
+    embed->shard_for_tp(tp);  // wpe stays replicated
+    for (auto& b : blocks_) b->shard_for_tp(tp);
   }
   std::shared_ptr<Embed> embed, wpe;
 
@@ -358,6 +493,8 @@ std::string list_names(const std::vector<std::string>& names) {
 struct Transformer::Impl {
   std::shared_ptr<Body> body;
   std::shared_ptr<LmHead> head;
+  std::shared_ptr<parallel::Communicator> tp;  // set by shard_for_tp
+  parallel::ShardInfo head_shard;              // lm_head rows of this rank (untied or tied)
 };
 
 Transformer::Transformer(const ModelConfig& cfg) : cfg_(cfg), impl_(std::make_shared<Impl>()) {
@@ -370,7 +507,7 @@ Transformer::Transformer(const ModelConfig& cfg) : cfg_(cfg), impl_(std::make_sh
 }
 
 KVCache Transformer::make_cache(int64_t batch, int64_t max_len, std::vector<int64_t> pad) const {
-  return KVCache::make(cfg_.num_hidden_layers, batch, max_len, cfg_.num_key_value_heads,
+  return KVCache::make(cfg_.num_hidden_layers, batch, max_len, cfg_.num_key_value_heads / tp_size(),
                        cfg_.head_dim, std::move(pad), impl_->body->embed->weight.dtype(),
                        impl_->body->embed->weight.device());
 }
@@ -398,7 +535,7 @@ Tensor Transformer::hidden_states(const Tensor& ids, const ForwardOptions& opt) 
                     int64_t(c.v.size()) == cfg_.num_hidden_layers,
                 "[transformer] the KV cache has ", c.k.size(), " layers, the model ",
                 cfg_.num_hidden_layers);
-    const Shape want{B, c.max_len, cfg_.num_key_value_heads, cfg_.head_dim};
+    const Shape want{B, c.max_len, cfg_.num_key_value_heads / tp_size(), cfg_.head_dim};
     for (size_t l = 0; l < c.k.size(); ++l)
       FTUNE_CHECK(c.k[l].defined() && c.v[l].defined() && c.k[l].shape() == want &&
                       c.v[l].shape() == want && c.k[l].is_contiguous() && c.v[l].is_contiguous(),
@@ -484,11 +621,94 @@ Tensor Transformer::hidden_states(const Tensor& ids, const ForwardOptions& opt) 
 Tensor Transformer::forward(const Tensor& ids, const ForwardOptions& opt) {
   std::optional<NoGradGuard> no_grad;  // a cached forward records nothing (see hidden_states)
   if (opt.cache) no_grad.emplace();
-  return ops::linear(hidden_states(ids, opt), impl_->head->weight);
+  Tensor logits = forward_logits_shard(ids, opt);
+  return impl_->tp ? parallel::gather_last_dim(logits, impl_->tp) : logits;
+}
+
+Tensor Transformer::forward_logits_shard(const Tensor& ids, const ForwardOptions& opt) {
+  std::optional<NoGradGuard> no_grad;
+  if (opt.cache) no_grad.emplace();
+  Tensor h = hidden_states(ids, opt);
+  // lm_head is column-parallel over the vocabulary: h is replicated, its gradient partial.
+  if (impl_->tp) h = parallel::copy_to_tp(h, impl_->tp);
+  return ops::linear(h, impl_->head->weight);
+}
+
+const std::shared_ptr<parallel::Communicator>& Transformer::tp_group() const { return impl_->tp; }
+
+int Transformer::tp_size() const { return impl_->tp ? impl_->tp->size() : 1; }
+
+void Transformer::shard_for_tp(std::shared_ptr<parallel::Communicator> tp) {
+  FTUNE_CHECK(tp != nullptr, "[tp] shard_for_tp: no tp communicator");
+  FTUNE_CHECK(!impl_->tp, "[tp] shard_for_tp: the model is already sharded");
+  const int n = tp->size();
+  const ModelConfig& c = cfg_;
+  for (auto& [name, m] : named_modules())
+    if (auto* p = dynamic_cast<Proj*>(m))
+      FTUNE_CHECK(!p->has_lora(), "[tp] shard_for_tp: ", name,
+                  " has a LoRA adapter; shard first, then apply_lora (it shards the adapters)");
+  FTUNE_CHECK(c.num_attention_heads % n == 0, "[tp] tensor parallel size ", n,
+              " does not divide num_attention_heads ", c.num_attention_heads, " of ",
+              c.architecture);
+  FTUNE_CHECK(c.num_key_value_heads % n == 0, "[tp] tensor parallel size ", n,
+              " does not divide num_key_value_heads ", c.num_key_value_heads, " of ",
+              c.architecture,
+              n > c.num_key_value_heads
+                  ? " (tp larger than the kv heads would need replicated kv heads, which ftune "
+                    "does not do: use tp <= num_key_value_heads)"
+                  : "");
+  FTUNE_CHECK(c.intermediate_size % n == 0, "[tp] tensor parallel size ", n,
+              " does not divide intermediate_size ", c.intermediate_size, " of ", c.architecture);
+  FTUNE_CHECK(c.vocab_size >= n && parallel::shard_range(c.vocab_size, n, n - 1).size > 0,
+              "[tp] vocab_size ", c.vocab_size, " is too small for ", n, " vocab shards");
+  impl_->tp = tp;
+  impl_->body->shard_for_tp(tp);
+  impl_->head_shard = impl_->body->embed->shard();
+  Tensor& hw = impl_->head->weight;
+  if (c.tie_word_embeddings)
+    hw = impl_->body->embed->weight;  // the tie survives: one tensor, two names
+  else
+    hw = parallel::shard_slice(hw, impl_->head_shard).set_requires_grad(hw.requires_grad());
+}
+
+std::map<std::string, parallel::ShardInfo> Transformer::shard_infos() const {
+  std::map<std::string, parallel::ShardInfo> out;
+  if (!impl_->tp) return out;
+  auto put = [&](const std::string& name, const parallel::ShardInfo& si) {
+    if (!si.replicated()) out[name] = si;
+  };
+  for (auto& [name, m] : const_cast<Transformer*>(this)->named_modules()) {
+    const std::string pre = name.empty() ? "" : name + ".";
+    if (auto* p = dynamic_cast<Proj*>(m)) {
+      put(pre + "weight", p->weight_shard());
+      if (p->bias.defined()) put(pre + "bias", p->bias_shard());
+      if (p->has_lora()) {
+        put(pre + "lora_A.weight", p->lora_A_shard());
+        put(pre + "lora_B.weight", p->lora_B_shard());
+      }
+    } else if (auto* e = dynamic_cast<Embed*>(m); e && e == impl_->body->embed.get()) {
+      put(pre + "weight", e->shard());
+    }
+  }
+  if (!cfg_.tie_word_embeddings) put("lm_head.weight", impl_->head_shard);
+  return out;
+}
+
+nn::NamedTensors Transformer::gather_full_parameters() const {
+  nn::NamedTensors out;
+  const auto infos = shard_infos();
+  for (auto& [name, t] : named_parameters()) {
+    auto it = infos.find(name);
+    out.emplace_back(
+        name, it == infos.end() ? t.detach() : parallel::gather_shards(t, it->second, impl_->tp));
+  }
+  return out;
 }
 
 void Transformer::init_random(uint64_t seed, double std) {
   FTUNE_CHECK(std::isfinite(std) && std >= 0.0, "[transformer] init std must be >= 0, got ", std);
+  FTUNE_CHECK(!impl_->tp, "[transformer] init_random on a tensor-parallel shard: initialise the ",
+              "full model, then shard_for_tp");
   Generator gen(seed);
   NoGradGuard no_grad;
   // GPT-2 scales its residual projections by 1/sqrt(2 * n_layer) (GPT2PreTrainedModel).
@@ -590,6 +810,8 @@ void Transformer::save_pretrained(const std::string& dir, uint64_t max_shard_byt
     if (auto* p = dynamic_cast<Proj*>(m))
       FTUNE_CHECK(!p->has_lora(), "[save_pretrained] ", dir, ": ", name,
                   " has a LoRA adapter; merge_lora first, or save_peft_adapter (models/lora.h)");
+  FTUNE_CHECK(!impl_->tp, "[save_pretrained] ", dir, ": the model is a tensor-parallel shard; ",
+              "gather_full_parameters() and save the full tensors from one rank");
   nn::NamedTensors params = named_parameters();
   ModelConfig c = cfg_;
   c.torch_dtype = torch_dtype_name(params.front().second.dtype());  // what the file holds

@@ -4,6 +4,7 @@
 // family has them, tied or untied embeddings. Parameter names are the HF names, so weights
 // round-trip through safetensors.
 #pragma once
+#include <map>
 #include <memory>
 #include <string>
 
@@ -11,6 +12,7 @@
 #include "core/ops.h"
 #include "io/hf_config.h"
 #include "models/kv_cache.h"
+#include "parallel/tp_ops.h"
 
 namespace ftune {
 
@@ -52,8 +54,33 @@ class Transformer : public nn::Module {
 
   // ids i32|i64 [B, T] -> hidden states after the final norm [B, T, hidden].
   Tensor hidden_states(const Tensor& ids, const ForwardOptions& opt = {});
-  // ids [B, T] -> logits [B, T, vocab].
+  // ids [B, T] -> logits [B, T, vocab]. Under tensor parallelism the vocab shards are gathered
+  // (every rank gets the full logits; for generation and evaluation: training wants
+  // forward_logits_shard and parallel::vocab_parallel_cross_entropy).
   Tensor forward(const Tensor& ids, const ForwardOptions& opt = {});
+
+  // ---- Tensor parallel (Megatron; docs/distributed.md "Tensor parallel").
+  // Keeps this rank's slices of every split parameter, the full model having been built (loaded
+  // or initialised) identically on every rank of tp_group: q/k/v (GPT-2's c_attn by q, k and v
+  // heads), gate/up, c_fc column-parallel; o/down/c_proj row-parallel; embedding and lm_head
+  // vocab-parallel (a tied head shares the embedding shard); norms, wpe and row-parallel biases
+  // replicated. Needs tp | num_attention_heads, tp | num_key_value_heads (tp > kv heads is
+  // refused: no kv-head replication), tp | intermediate_size, tp <= vocab_size. Once only,
+  // before LoRA (apply_lora then shards the adapters to match). Names stay the HF names; every
+  // tp rank must run the same calls (forward, backward) in the same order.
+  void shard_for_tp(std::shared_ptr<parallel::Communicator> tp_group);
+  // The tp group (nullptr before shard_for_tp) and its size (1 when unsharded).
+  const std::shared_ptr<parallel::Communicator>& tp_group() const;
+  int tp_size() const;
+  // Where each split parameter (by its named_parameters name, adapters included) sits in the
+  // full-shape tensor; parameters not listed are replicated.
+  std::map<std::string, parallel::ShardInfo> shard_infos() const;
+  // named_parameters() at full shape, gathered over tp (a collective: every tp rank calls it; all
+  // get the full tensors). Unsharded: the parameters themselves (detached).
+  nn::NamedTensors gather_full_parameters() const;
+  // ids [B, T] -> this rank's vocab shard of the logits [B, T, V_r] (the full logits when
+  // unsharded).
+  Tensor forward_logits_shard(const Tensor& ids, const ForwardOptions& opt = {});
 
   const ModelConfig& config() const { return cfg_; }
   KVCache make_cache(int64_t batch, int64_t max_len, std::vector<int64_t> pad) const;
