@@ -212,9 +212,9 @@ TEST_F(RecipeTest, LoraSectionTurnsLoraOn) {
       load(std::string(kMinimal) + "parallel: {zero: 1, bucket_mb: 0.5}\n").to_sft_config();
   EXPECT_EQ(pc.parallel.zero, 1);
   EXPECT_EQ(pc.parallel.bucket_mb, 0.5);
-  EXPECT_FALSE(load(std::string(kMinimal) + "parallel: {zero: 2}\n").validate().empty());
-  EXPECT_FALSE(load(std::string(kMinimal) + "parallel: {bucket_mb: 0}\n").validate().empty());
-  EXPECT_FALSE(load(std::string(kMinimal) + "parallel: {zeros: 1}\n").validate().empty());
+  EXPECT_THROW(load(std::string(kMinimal) + "parallel: {zero: 2}\n"), RecipeError);
+  EXPECT_THROW(load(std::string(kMinimal) + "parallel: {bucket_mb: 0}\n"), RecipeError);
+  EXPECT_THROW(load(std::string(kMinimal) + "parallel: {zeros: 1}\n"), RecipeError);
 }
 
 TEST_F(RecipeTest, InterpolationKeepsTypesAndSubstitutesText) {
