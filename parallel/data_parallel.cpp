@@ -24,9 +24,9 @@ struct GradReducer::State {
 
   // The current synced pass.
   bool in_pass = false;
-  std::vector<uint8_t> ready;     // per param: its hook fired in this pass
-  std::vector<int64_t> pending;   // per bucket: hooks still awaited
-  size_t next_launch = 0;         // buckets [0, next_launch) are launched
+  std::vector<uint8_t> ready;                // per param: its hook fired in this pass
+  std::vector<int64_t> pending;              // per bucket: hooks still awaited
+  size_t next_launch = 0;                    // buckets [0, next_launch) are launched
   std::vector<std::unique_ptr<Work>> works;  // per bucket, while in flight
   int64_t hooks = 0;
   std::vector<int64_t> launch_counts;
@@ -143,8 +143,7 @@ GradReducer::GradReducer(std::vector<Tensor> params, std::shared_ptr<Communicato
   for (size_t r = s.params.size(); r-- > 0;) {
     const Tensor& p = s.params[r];
     const double pb = double(p.numel()) * double(dtype_size(p.dtype()));
-    bool fresh = s.buckets.empty() ||
-                 (bytes > 0 && bytes + pb > cap) ||
+    bool fresh = s.buckets.empty() || (bytes > 0 && bytes + pb > cap) ||
                  s.params[s.buckets.back().params.front()].dtype() != p.dtype();
     if (fresh) {
       s.buckets.emplace_back();
@@ -184,7 +183,8 @@ GradReducer::~GradReducer() {
 }
 
 void GradReducer::set_sync(bool sync) {
-  FTUNE_CHECK(!s_->in_pass || sync, "[data_parallel] set_sync(false) in the middle of a synced "
+  FTUNE_CHECK(!s_->in_pass || sync,
+              "[data_parallel] set_sync(false) in the middle of a synced "
               "pass: call finish() first");
   s_->sync = sync;
 }
@@ -289,10 +289,9 @@ void ShardedAdamW::step() {
       c.step_size = float(lr / (1.0 - std::pow(opt_.beta1, t)));
       c.bc2_sqrt = float(std::sqrt(1.0 - std::pow(opt_.beta2, t)));
       const float* g = red_.grad_shard(s.bucket).data<float>() + sp.in_shard;
-      kernels::cpu::adamw_update<float, float>(p.data<float>() + sp.in_param, nullptr, g,
-                                               m_[s.bucket].data<float>() + sp.in_shard,
-                                               v_[s.bucket].data<float>() + sp.in_shard,
-                                               sp.count, c);
+      kernels::cpu::adamw_update<float, float>(
+          p.data<float>() + sp.in_param, nullptr, g, m_[s.bucket].data<float>() + sp.in_shard,
+          v_[s.bucket].data<float>() + sp.in_shard, sp.count, c);
     }
   }
   // Every rank's updated shard to every rank: the shard of each bucket, flattened, gathered.

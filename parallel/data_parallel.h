@@ -131,8 +131,8 @@ class ShardedAdamW {
   optim::AdamWOptions opt_;
   double lr_;
   int64_t step_ = 0;
-  std::vector<Slot> slots_;           // by reducer index
-  std::vector<Tensor> m_, v_;         // per bucket, f32 [shard]
+  std::vector<Slot> slots_;    // by reducer index
+  std::vector<Tensor> m_, v_;  // per bucket, f32 [shard]
 };
 
 }  // namespace ftune::parallel

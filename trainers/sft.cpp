@@ -132,8 +132,10 @@ struct SftTrainer::Impl {
                 ": parallel.dp = ", cfg.parallel.dp, " but the job has ", world->size(),
                 " ranks and tp = ", grid.tp, ", so dp = ", dp,
                 " (leave parallel.dp out: it is derived)");
-    FTUNE_CHECK(cfg.parallel.zero == 0 || cfg.parallel.zero == 1, "[sft] parallel.zero must be 0 "
-                "or 1, got ", cfg.parallel.zero);
+    FTUNE_CHECK(cfg.parallel.zero == 0 || cfg.parallel.zero == 1,
+                "[sft] parallel.zero must be 0 "
+                "or 1, got ",
+                cfg.parallel.zero);
     fs::create_directories(out());
 
     // Chat template: the recipe's name, else the tokenizer's, else none (text formats only).
@@ -239,12 +241,11 @@ struct SftTrainer::Impl {
     log << "model: " << model->config().architecture << ", " << model->num_parameters()
         << " parameters, " << n_train << " trainable" << (lora ? " (LoRA)" : "") << "\n";
     if (world->size() > 1 || reducer) {
-      log << "parallel: " << world->size() << " ranks, dp " << dp << ", tp " << grid.tp
-          << ", zero " << cfg.parallel.zero << ", "
-          << (reducer ? reducer->num_buckets() : 0) << " gradient buckets (bucket_mb "
-          << cfg.parallel.bucket_mb << "); global batch " << cfg.batch_size * accum * dp
-          << " = batch_size " << cfg.batch_size << " x accumulation " << accum << " x dp " << dp
-          << "\n";
+      log << "parallel: " << world->size() << " ranks, dp " << dp << ", tp " << grid.tp << ", zero "
+          << cfg.parallel.zero << ", " << (reducer ? reducer->num_buckets() : 0)
+          << " gradient buckets (bucket_mb " << cfg.parallel.bucket_mb << "); global batch "
+          << cfg.batch_size * accum * dp << " = batch_size " << cfg.batch_size << " x accumulation "
+          << accum << " x dp " << dp << "\n";
     }
     log << "steps: " << total_steps << " (" << per_epoch << " micro-batches per epoch, " << accum
         << " per step)\n";
@@ -302,7 +303,7 @@ struct SftTrainer::Impl {
     }
     fs::path p = out() / checkpoint_file_name(step);
     Checkpoint c = make_checkpoint();  // every rank (gathers what is sharded)
-    if (is_root) {  // the weights are replicated: rank 0 writes the whole file
+    if (is_root) {                     // the weights are replicated: rank 0 writes the whole file
       save_checkpoint(p.string(), c);
       prune_checkpoints(out().string(), cfg.keep_last_n);
       log << "checkpoint: " << p.string() << "\n";
@@ -394,8 +395,10 @@ struct SftTrainer::Impl {
     if (old_ws == dp) return st;
     const int64_t consumed = st.at("position").get<int64_t>() * old_ws;
     FTUNE_CHECK(consumed % dp == 0, "[sft] resume: ", file, " was written by ", old_ws,
-                " data-parallel ranks after ", consumed, " batches of the epoch, which do not "
-                "split among ", dp, " ranks; resume with a dp that divides ", consumed);
+                " data-parallel ranks after ", consumed,
+                " batches of the epoch, which do not "
+                "split among ",
+                dp, " ranks; resume with a dp that divides ", consumed);
     st["position"] = consumed / dp;
     st["world_size"] = dp;
     return st;
@@ -429,8 +432,8 @@ struct SftTrainer::Impl {
     lopt.packed = cfg.dataset.packed;
     lopt.shuffle = false;
     lopt.pad_id = pad_id;
-    SftLoader loader(val_examples, lopt);  // every rank plans all batches; dp rank r takes
-    double loss_sum = 0;                    // batches r, r + dp, ... (no wrap-around: the
+    SftLoader loader(val_examples, lopt);     // every rank plans all batches; dp rank r takes
+    double loss_sum = 0;                      // batches r, r + dp, ... (no wrap-around: the
     int64_t n = 0, correct = 0, batches = 0;  // metrics are those of one process)
     SftBatch b;
     while (loader.next(b)) {

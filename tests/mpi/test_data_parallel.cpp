@@ -143,8 +143,8 @@ TEST(DataParallel, NoCommunicationOnNonFinalMicroBatches) {
     Tensor want = Tensor::zeros(ps[i].shape());
     for (int q = 0; q < n; ++q)
       for (int m = 0; m < 2; ++m)
-        want = ops::add(want,
-                        ops::mul_scalar(ops::mul(ps[i], input_for(q, i, ps[i].shape(), m)), 2));
+        want =
+            ops::add(want, ops::mul_scalar(ops::mul(ps[i], input_for(q, i, ps[i].shape(), m)), 2));
     expect_close(ps[i].grad(), want, 1e-5, "accumulated grad " + std::to_string(i));
   }
 }
@@ -184,8 +184,8 @@ TEST(DataParallel, ZeroOneEqualsPlainAdamW) {
     zero.zero_grad();
     EXPECT_NEAR(na, nb, 1e-5 * na) << "step " << step;
     for (size_t i = 0; i < a.size(); ++i)
-      expect_close(b[i], a[i], 1e-6, "step " + std::to_string(step) + " param " +
-                                          std::to_string(i));
+      expect_close(b[i], a[i], 1e-6,
+                   "step " + std::to_string(step) + " param " + std::to_string(i));
   }
   // The exported state is the full-shape state of optim::AdamW, name for name.
   optim::OptimizerState sa = ref.export_state(), sb = zero.export_state();
