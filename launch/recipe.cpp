@@ -635,16 +635,14 @@ std::vector<Diagnostic> Recipe::check(const std::string& path,
 std::vector<Diagnostic> Recipe::validate() const {
   std::vector<Diagnostic> diags;
   SftConfig cfg;
-  ParallelSection par;
-  bind_sft_config(tree_->root, path_, cfg, par, diags);
+  bind_sft_config(tree_->root, path_, cfg, diags);
   return diags;
 }
 
 SftConfig Recipe::to_sft_config() const {
   std::vector<Diagnostic> diags;
   SftConfig cfg;
-  ParallelSection par;
-  bind_sft_config(tree_->root, path_, cfg, par, diags);
+  bind_sft_config(tree_->root, path_, cfg, diags);
   if (!diags.empty()) throw RecipeError(std::move(diags));
   cfg.recipe_file = path_;
   cfg.resolved_yaml = resolved_yaml();
@@ -654,10 +652,9 @@ SftConfig Recipe::to_sft_config() const {
 ParallelSection Recipe::parallel() const {
   std::vector<Diagnostic> diags;
   SftConfig cfg;
-  ParallelSection par;
-  bind_sft_config(tree_->root, path_, cfg, par, diags);
+  bind_sft_config(tree_->root, path_, cfg, diags);
   if (!diags.empty()) throw RecipeError(std::move(diags));
-  return par;
+  return cfg.parallel;
 }
 
 std::string Recipe::resolved_yaml() const {

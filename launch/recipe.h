@@ -27,11 +27,6 @@ struct RecipeError : Error {
   std::vector<Diagnostic> diagnostics;
 };
 
-// `parallel:` of a recipe (used by the parallel layer; not part of SftConfig yet).
-struct ParallelSection {
-  int64_t dp = 1, tp = 1;
-};
-
 class Recipe {
  public:
   // Reads the YAML file, applies `overrides` in order ("a.b=value" sets a YAML-parsed value,

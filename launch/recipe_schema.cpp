@@ -480,7 +480,7 @@ void check_conflicts(Binder& b, const SftConfig& c, bool lora_present) {
 }  // namespace
 
 void bind_sft_config(const RecipeNode& root, const std::string& file, SftConfig& c,
-                     ParallelSection& parallel, std::vector<Diagnostic>& diags) {
+                     std::vector<Diagnostic>& diags) {
   std::vector<Diagnostic> found;
   Binder b(file, found);
   Section top(b, "", &root, true);
@@ -635,8 +635,10 @@ void bind_sft_config(const RecipeNode& root, const std::string& file, SftConfig&
   ev.finish();
 
   Section par = top.section("parallel");
-  par.integer("dp", parallel.dp, at_least(1));
-  par.integer("tp", parallel.tp, at_least(1));
+  par.integer("dp", c.parallel.dp, at_least(0));
+  par.integer("tp", c.parallel.tp, at_least(1));
+  par.integer("zero", c.parallel.zero, in_range(0, 1, false));
+  par.number("bucket_mb", c.parallel.bucket_mb, positive());
   par.finish();
 
   top.value("vars");  // free-form values for ${vars.x}; not checked

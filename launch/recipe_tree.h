@@ -53,6 +53,6 @@ void sort_diagnostics(const std::string& file, std::vector<Diagnostic>& d);
 // Schema + files + conflicts (recipe_schema.cpp). Appends diagnostics; fills `cfg` as far as
 // the values are good.
 void bind_sft_config(const RecipeNode& root, const std::string& file, SftConfig& cfg,
-                     ParallelSection& parallel, std::vector<Diagnostic>& diags);
+                     std::vector<Diagnostic>& diags);
 
 }  // namespace ftune

@@ -7,6 +7,7 @@
 #include "core/error.h"
 #include "launch/commands.h"
 #include "launch/recipe.h"
+#include "parallel/communicator.h"
 #include "trainers/sft.h"
 
 namespace ftune::cli {
@@ -32,12 +33,18 @@ int cmd_run(const RunArgs& a) {
   SftConfig cfg = recipe.to_sft_config();
   if (cfg.recipe_file.empty()) cfg.recipe_file = recipe.path();
   if (cfg.resolved_yaml.empty()) cfg.resolved_yaml = recipe.resolved_yaml();
+  // Under mpirun every rank trains; rank 0 alone prints (its trainer too).
+  std::shared_ptr<parallel::Communicator> world = parallel::make_world_communicator("auto");
+  if (world->rank() != 0) {
+    SftTrainer(cfg, std::cout, world).train();
+    return 0;
+  }
   // The resolved recipe first, so a log always says exactly what ran.
   std::cout << "# recipe: " << recipe.path() << " (resolved)\n" << cfg.resolved_yaml;
   if (!cfg.resolved_yaml.empty() && cfg.resolved_yaml.back() != '\n') std::cout << "\n";
   std::cout << "# ----\n";
   std::cout.flush();
-  SftTrainer trainer(cfg, std::cout);
+  SftTrainer trainer(cfg, std::cout, world);
   SftResult res = trainer.train();
   std::cout << "done: " << res.steps << " steps";
   if (res.skipped_steps) std::cout << " (" << res.skipped_steps << " skipped: non-finite loss)";

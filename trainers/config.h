@@ -69,6 +69,15 @@ struct EarlyStoppingSection {
   double min_delta = 0.0;
 };
 
+// `parallel:` of a recipe. The job's size comes from the launcher (mpirun); the recipe sets tp, and
+// dp = world / tp (docs/distributed.md).
+struct ParallelSection {
+  int64_t dp = 0;  // informational: 0 = derived (world / tp); when set, it must equal world / tp
+  int64_t tp = 1;
+  int64_t zero = 0;         // 0: plain data parallel; 1: ZeRO-1 (optimizer state sharded over dp)
+  double bucket_mb = 25.0;  // gradient bucket size for the all-reduce / reduce-scatter
+};
+
 struct SftConfig {
   std::string recipe_file;    // where the recipe came from (messages)
   std::string resolved_yaml;  // the resolved recipe, as printed and saved in checkpoints
@@ -83,6 +92,7 @@ struct SftConfig {
   LoraSection lora;
   OptimizerSection optimizer;
   SchedulerSection lr_scheduler;
+  ParallelSection parallel;
 
   int64_t batch_size = 8;  // sequences (rows, when packed) per micro-batch
   int64_t epochs = 1;

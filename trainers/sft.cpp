@@ -21,6 +21,8 @@
 #include "models/generate.h"
 #include "models/lora.h"
 #include "models/transformer.h"
+#include "parallel/communicator.h"
+#include "parallel/data_parallel.h"
 
 namespace ftune {
 
@@ -72,8 +74,15 @@ LoraOptions lora_options(const LoraSection& s, uint64_t seed) {
 
 struct SftTrainer::Impl {
   SftConfig cfg;
+  std::ostream null_log{nullptr};  // ranks other than 0 print nothing
+  std::shared_ptr<parallel::Communicator> world;
+  bool is_root = true;  // world rank 0: prints, writes metrics and checkpoints
   std::ostream& log;
   Tokenizer tok;
+  parallel::ProcessGrid grid;
+  int dp = 1, dp_rank = 0;
+  std::unique_ptr<parallel::GradReducer> reducer;  // dp > 1 or ZeRO-1
+  std::unique_ptr<parallel::ShardedAdamW> zopt;    // ZeRO-1 (then `opt` is null)
   std::optional<ChatTemplate> chat;
   std::unique_ptr<Transformer> model;
   bool lora = false;
@@ -95,7 +104,12 @@ struct SftTrainer::Impl {
   std::string last_ckpt;
   int64_t last_saved_step = -1;
 
-  Impl(SftConfig c, std::ostream& l) : cfg(std::move(c)), log(l), tok(load_tokenizer(cfg)) {}
+  Impl(SftConfig c, std::ostream& l, std::shared_ptr<parallel::Communicator> w)
+      : cfg(std::move(c)),
+        world(w ? std::move(w) : parallel::make_world_communicator("auto")),
+        is_root(world->rank() == 0),
+        log(is_root ? l : null_log),
+        tok(load_tokenizer(cfg)) {}
 
   static Tokenizer load_tokenizer(const SftConfig& cfg) {
     std::string p = cfg.tokenizer.path.empty() ? cfg.model.path : cfg.tokenizer.path;
@@ -110,6 +124,18 @@ struct SftTrainer::Impl {
                 " is not supported on the CPU yet (use f32)");
     FTUNE_CHECK(cfg.device == "cpu", "[sft] ", cfg.recipe_file, ": device ", cfg.device,
                 " has no trainer yet (the CUDA trainer is issue 7); use cpu");
+    FTUNE_CHECK(cfg.parallel.tp == 1, "[sft] parallel.tp > 1 is not supported yet");
+    grid = parallel::make_grid(world, int(cfg.parallel.tp));
+    dp = grid.dp;
+    dp_rank = grid.dp_rank;
+    FTUNE_CHECK(cfg.parallel.dp == 0 || cfg.parallel.dp == dp, "[sft] ", cfg.recipe_file,
+                ": parallel.dp = ", cfg.parallel.dp, " but the job has ", world->size(),
+                " ranks and tp = ", grid.tp, ", so dp = ", dp,
+                " (leave parallel.dp out: it is derived)");
+    FTUNE_CHECK(cfg.parallel.zero == 0 || cfg.parallel.zero == 1,
+                "[sft] parallel.zero must be 0 "
+                "or 1, got ",
+                cfg.parallel.zero);
     fs::create_directories(out());
 
     // Chat template: the recipe's name, else the tokenizer's, else none (text formats only).
@@ -173,6 +199,8 @@ struct SftTrainer::Impl {
     lopt.shuffle = cfg.dataset.shuffle;
     lopt.seed = cfg.seed;
     lopt.pad_id = pad_id;
+    lopt.rank = dp_rank;  // rank r takes batches r, r + dp, ...: a disjoint shard per replica
+    lopt.world_size = dp;
     train_loader = std::make_unique<SftLoader>(std::move(train), lopt);
     int64_t per_epoch = train_loader->batches_per_epoch();
     FTUNE_CHECK(per_epoch > 0, "[sft] ", cfg.dataset.path, ": no full batch of ", cfg.batch_size,
@@ -188,7 +216,22 @@ struct SftTrainer::Impl {
     o.beta2 = cfg.optimizer.beta2;
     o.eps = cfg.optimizer.eps;
     o.weight_decay = cfg.optimizer.weight_decay;
-    opt = std::make_unique<optim::AdamW>(optim::decay_groups(trainable, o.weight_decay), o);
+    // Every replica starts from rank 0's trainable weights (random init and LoRA are seeded, but
+    // the broadcast does not rely on that). Frozen base weights come from the same files.
+    for (auto& [n, t] : trainable) grid.dp_group->broadcast(t, 0);
+    if (dp > 1 || cfg.parallel.zero == 1) {
+      std::vector<Tensor> ps;
+      for (auto& [n, t] : trainable) ps.push_back(t);
+      reducer = std::make_unique<parallel::GradReducer>(
+          ps, grid.dp_group,
+          parallel::ReducerOptions{cfg.parallel.bucket_mb, cfg.parallel.zero == 1});
+    }
+    if (cfg.parallel.zero == 1) {
+      zopt = std::make_unique<parallel::ShardedAdamW>(
+          optim::decay_groups(trainable, o.weight_decay), o, *reducer);
+    } else {
+      opt = std::make_unique<optim::AdamW>(optim::decay_groups(trainable, o.weight_decay), o);
+    }
     sched = std::make_unique<optim::LRSchedule>(
         optim::schedule_kind_from_name(cfg.lr_scheduler.name), cfg.optimizer.lr,
         cfg.lr_scheduler.num_warmup_steps, total_steps, cfg.lr_scheduler.min_lr_ratio);
@@ -197,23 +240,31 @@ struct SftTrainer::Impl {
     for (auto& [n, t] : trainable) n_train += t.numel();
     log << "model: " << model->config().architecture << ", " << model->num_parameters()
         << " parameters, " << n_train << " trainable" << (lora ? " (LoRA)" : "") << "\n";
+    if (world->size() > 1 || reducer) {
+      log << "parallel: " << world->size() << " ranks, dp " << dp << ", tp " << grid.tp << ", zero "
+          << cfg.parallel.zero << ", " << (reducer ? reducer->num_buckets() : 0)
+          << " gradient buckets (bucket_mb " << cfg.parallel.bucket_mb << "); global batch "
+          << cfg.batch_size * accum * dp << " = batch_size " << cfg.batch_size << " x accumulation "
+          << accum << " x dp " << dp << "\n";
+    }
     log << "steps: " << total_steps << " (" << per_epoch << " micro-batches per epoch, " << accum
         << " per step)\n";
 
     if (cfg.resume) restore();
-    if (step == 0) {
+    if (step == 0 && is_root) {
       std::ofstream(metrics_path(), std::ios::trunc);  // a fresh run starts a fresh log
     }
   }
 
   // ---------------------------------------------------------------- checkpoints
-  Checkpoint make_checkpoint() const {
+  // Collective under ZeRO-1 (the optimizer state is gathered to full shapes).
+  Checkpoint make_checkpoint() {
     Checkpoint c;
     c.step = step;
     c.epoch = train_loader->epoch();
     c.adapter_only = lora;
     c.model = lora ? lora_parameters(*model) : model->named_parameters();
-    c.optimizer = opt->export_state();
+    c.optimizer = zopt ? zopt->export_state() : opt->export_state();
     c.trainer_state = {
         {"sampler", train_loader->state()},
         {"skipped_steps", skipped},
@@ -224,6 +275,7 @@ struct SftTrainer::Impl {
         {"tokens_seen", tokens_seen},
         {"total_steps", total_steps},
         {"seed", cfg.seed},
+        {"parallel", {{"dp", dp}, {"tp", grid.tp}, {"zero", cfg.parallel.zero}}},
         {"tokenizer_path", cfg.tokenizer.path.empty() ? cfg.model.path : cfg.tokenizer.path}};
     c.recipe_yaml = cfg.resolved_yaml;
     c.model_config = model->config().to_json();
@@ -250,11 +302,15 @@ struct SftTrainer::Impl {
       return;
     }
     fs::path p = out() / checkpoint_file_name(step);
-    save_checkpoint(p.string(), make_checkpoint());
+    Checkpoint c = make_checkpoint();  // every rank (gathers what is sharded)
+    if (is_root) {                     // the weights are replicated: rank 0 writes the whole file
+      save_checkpoint(p.string(), c);
+      prune_checkpoints(out().string(), cfg.keep_last_n);
+      log << "checkpoint: " << p.string() << "\n";
+    }
+    world->barrier();  // the file is complete (renamed) before any rank goes on
     last_ckpt = p.string();
     last_saved_step = step;
-    prune_checkpoints(out().string(), cfg.keep_last_n);
-    log << "checkpoint: " << p.string() << "\n";
   }
 
   void restore() {
@@ -262,6 +318,16 @@ struct SftTrainer::Impl {
                 "[sft] resume: true needs checkpoints, and this build has "
                 "no HDF5 (rebuild with FTUNE_HDF5=ON)");
     std::optional<std::string> latest = latest_valid_checkpoint(out().string());
+    // Every rank reads the checkpoint itself (output_dir must be on a shared file system): they
+    // must all have found the same one.
+    int64_t found = -1;
+    for (auto& [st, path] : list_checkpoints(out().string()))
+      if (latest && path == *latest) found = st;
+    FTUNE_CHECK(world->all_reduce_int(found, parallel::ReduceOp::max) ==
+                    world->all_reduce_int(found, parallel::ReduceOp::min),
+                "[sft] resume: the ranks found different latest checkpoints in ", out().string(),
+                " (rank ", world->rank(), ": ", latest ? *latest : std::string("none"),
+                "); output_dir must be one directory shared by every rank");
     if (!latest) {
       log << "resume: no checkpoint in " << out().string() << ", starting from step 0\n";
       return;
@@ -284,9 +350,12 @@ struct SftTrainer::Impl {
                   " is ", it->second.desc(), ", the model's ", t.desc());
       t.copy_(it->second);
     }
-    opt->import_state(c.optimizer);
+    if (zopt)
+      zopt->import_state(c.optimizer);
+    else
+      opt->import_state(c.optimizer);
     const nlohmann::json& ts = c.trainer_state;
-    train_loader->load_state(ts.at("sampler"));
+    train_loader->load_state(sampler_state_for_dp(ts.at("sampler"), *latest));
     step = c.step;
     skipped = ts.value("skipped_steps", int64_t(0));
     consecutive_bad = ts.value("consecutive_bad_steps", int64_t(0));
@@ -296,7 +365,7 @@ struct SftTrainer::Impl {
     tokens_seen = ts.value("tokens_seen", int64_t(0));
     last_ckpt = *latest;
     last_saved_step = step;
-    truncate_metrics_after(step);
+    if (is_root) truncate_metrics_after(step);
     log << "resume: " << *latest << " (step " << step << ", epoch " << c.epoch + 1 << ")\n";
   }
 
@@ -318,7 +387,25 @@ struct SftTrainer::Impl {
     for (auto& l : keep) o << l << "\n";
   }
 
+  // The sampler position of a checkpoint written at another dp: every rank consumed `position`
+  // batches of the epoch, so the replicas together consumed position * world_size, which must
+  // split evenly among this run's dp ranks.
+  nlohmann::json sampler_state_for_dp(nlohmann::json st, const std::string& file) const {
+    const int64_t old_ws = st.value("world_size", int64_t(1));
+    if (old_ws == dp) return st;
+    const int64_t consumed = st.at("position").get<int64_t>() * old_ws;
+    FTUNE_CHECK(consumed % dp == 0, "[sft] resume: ", file, " was written by ", old_ws,
+                " data-parallel ranks after ", consumed,
+                " batches of the epoch, which do not "
+                "split among ",
+                dp, " ranks; resume with a dp that divides ", consumed);
+    st["position"] = consumed / dp;
+    st["world_size"] = dp;
+    return st;
+  }
+
   void write_metrics(const nlohmann::json& j) {
+    if (!is_root) return;
     std::ofstream o(metrics_path(), std::ios::app);
     o << j.dump() << "\n";
     o.flush();
@@ -345,13 +432,13 @@ struct SftTrainer::Impl {
     lopt.packed = cfg.dataset.packed;
     lopt.shuffle = false;
     lopt.pad_id = pad_id;
-    SftLoader loader(val_examples, lopt);
-    double loss_sum = 0;
-    int64_t n = 0, correct = 0, batches = 0;
+    SftLoader loader(val_examples, lopt);     // every rank plans all batches; dp rank r takes
+    double loss_sum = 0;                      // batches r, r + dp, ... (no wrap-around: the
+    int64_t n = 0, correct = 0, batches = 0;  // metrics are those of one process)
     SftBatch b;
     while (loader.next(b)) {
       if (cfg.eval_max_batches > 0 && batches >= cfg.eval_max_batches) break;
-      ++batches;
+      if (batches++ % dp != dp_rank) continue;
       Tensor logits = logits_of(b);
       int64_t V = logits.size(-1);
       Tensor flat = logits.view({-1, V});
@@ -366,6 +453,14 @@ struct SftTrainer::Impl {
       }
     }
     model->train(was_training);
+    if (dp > 1) {
+      Tensor sums = Tensor::from_vector<double>({loss_sum, double(n), double(correct)}, {3});
+      grid.dp_group->all_reduce(sums);
+      const double* v = sums.data<double>();
+      loss_sum = v[0];
+      n = int64_t(v[1]);
+      correct = int64_t(v[2]);
+    }
     EvalMetrics m;
     m.tokens = n;
     m.loss = n ? loss_sum / double(n) : 0.0;
@@ -414,7 +509,7 @@ struct SftTrainer::Impl {
   }
 
   void print_generations(const char* when) {
-    if (!cfg.eval_generate) return;
+    if (!cfg.eval_generate || !is_root) return;  // the replicas are identical: rank 0 samples
     std::vector<std::string> outs = sample_generations();
     for (size_t i = 0; i < outs.size(); ++i) {
       log << "sample" << (*when ? " " : "") << when << " | " << cfg.eval_generate->prompts[i]
@@ -449,11 +544,23 @@ struct SftTrainer::Impl {
         targets += b.num_targets;
         tokens += b.num_tokens;
       }
+      // The loss is the mean over the GLOBAL batch's target tokens, so the gradients summed over
+      // the replicas are exactly one process's gradient of the whole global batch.
+      if (dp > 1) {
+        Tensor c = Tensor::from_vector<int64_t>({targets, tokens}, {2});
+        grid.dp_group->all_reduce(c);
+        targets = c.data<int64_t>()[0];
+        tokens = c.data<int64_t>()[1];
+      }
       double loss_sum = 0;
       bool bad = false;
       if (targets > 0) {
         for (size_t i = 0; i < mbs.size(); ++i) {
-          if (lora) set_lora_dropout_seed(*model, mix_seed(cfg.seed, uint64_t(step), i));
+          // Micro-batch i of dp rank r is micro-batch i * dp + r of the one-process run with dp
+          // times the accumulation (same batches, see docs/distributed.md): same dropout seed.
+          const uint64_t global_mb = uint64_t(i) * uint64_t(dp) + uint64_t(dp_rank);
+          if (lora) set_lora_dropout_seed(*model, mix_seed(cfg.seed, uint64_t(step), global_mb));
+          if (reducer) reducer->set_sync(i + 1 == mbs.size());  // reduce on the last one only
           Tensor logits = logits_of(mbs[i]);
           int64_t V = logits.size(-1);
           Tensor ce = ops::cross_entropy(logits.view({-1, V}), mbs[i].labels.view({-1}), -100,
@@ -461,22 +568,33 @@ struct SftTrainer::Impl {
           double v = ce.item();
           if (!std::isfinite(v)) {
             bad = true;
-            break;
+            // With a reducer every rank must run every backward (the buckets are collectives);
+            // the NaN then reaches every rank through the loss sum below.
+            if (!reducer) break;
           }
           loss_sum += v;
           ops::mul_scalar(ce, 1.0 / double(targets)).backward();
         }
+        if (reducer) reducer->finish();
+      }
+      if (dp > 1) {
+        loss_sum = grid.dp_group->all_reduce_scalar(loss_sum);
+        bad = !std::isfinite(loss_sum);
       }
       double loss = targets > 0 ? loss_sum / double(targets) : 0.0;
       double gnorm = 0;
       if (!bad) {
-        gnorm = cfg.clip_grad_norm > 0 ? optim::clip_grad_norm(params, cfg.clip_grad_norm)
-                                       : std::sqrt(optim::grad_sum_squares(params));
+        if (zopt)
+          gnorm = cfg.clip_grad_norm > 0 ? zopt->clip_grad_norm(cfg.clip_grad_norm)
+                                         : std::sqrt(zopt->grad_sum_squares());
+        else  // plain DP: the reduced gradients are the same on every rank
+          gnorm = cfg.clip_grad_norm > 0 ? optim::clip_grad_norm(params, cfg.clip_grad_norm)
+                                         : std::sqrt(optim::grad_sum_squares(params));
         bad = !std::isfinite(gnorm);
       }
       double lr = sched->lr_at(step);
       if (bad) {
-        opt->zero_grad();
+        zero_grad();
         ++skipped;
         ++consecutive_bad;
         log << "step " << step + 1 << ": non-finite " << (std::isfinite(loss) ? "gradient" : "loss")
@@ -490,9 +608,14 @@ struct SftTrainer::Impl {
                     ". Lower optimizer.lr, set clip_grad_norm, or check the data.");
       } else {
         consecutive_bad = 0;
-        opt->set_lr(lr);
-        opt->step();
-        opt->zero_grad();
+        if (zopt) {
+          zopt->set_lr(lr);
+          zopt->step();
+        } else {
+          opt->set_lr(lr);
+          opt->step();
+        }
+        zero_grad();
       }
       ++step;
       tokens_seen += tokens;
@@ -549,6 +672,13 @@ struct SftTrainer::Impl {
     return res;
   }
 
+  void zero_grad() {
+    if (zopt)
+      zopt->zero_grad();
+    else
+      opt->zero_grad();
+  }
+
   bool early_stop_after(const EvalMetrics& m) {
     if (m.loss < best_eval - cfg.early_stopping.min_delta) {
       best_eval = m.loss;
@@ -561,8 +691,9 @@ struct SftTrainer::Impl {
   }
 };
 
-SftTrainer::SftTrainer(SftConfig cfg, std::ostream& log)
-    : impl_(std::make_unique<Impl>(std::move(cfg), log)) {
+SftTrainer::SftTrainer(SftConfig cfg, std::ostream& log,
+                       std::shared_ptr<parallel::Communicator> world)
+    : impl_(std::make_unique<Impl>(std::move(cfg), log, std::move(world))) {
   impl_->setup();
 }
 SftTrainer::~SftTrainer() = default;

@@ -20,6 +20,10 @@
 
 namespace ftune {
 
+namespace parallel {
+class Communicator;
+}
+
 struct EvalMetrics {
   double loss = 0;  // mean over target tokens
   double perplexity = 0;
@@ -40,14 +44,21 @@ class SftTrainer {
  public:
   // Loads the tokenizer, the model (pretrained or random), adds LoRA, reads the datasets, builds
   // the optimizer and, with cfg.resume, restores the latest valid checkpoint in output_dir.
-  // Progress and messages go to `log` (normally stdout).
-  SftTrainer(SftConfig cfg, std::ostream& log);
+  // Progress and messages go to `log` (normally stdout) on world rank 0; the other ranks are
+  // silent. `world`: the job's ranks (default: parallel::make_world_communicator("auto"), so the
+  // same code runs on 1 rank or under mpirun); tests pass a single-rank communicator to compute a
+  // one-process reference inside an MPI job. Every rank of `world` constructs the trainer and
+  // calls train() / evaluate() (collectives); see docs/distributed.md.
+  SftTrainer(SftConfig cfg, std::ostream& log,
+             std::shared_ptr<parallel::Communicator> world = nullptr);
   ~SftTrainer();
   SftTrainer(const SftTrainer&) = delete;
   SftTrainer& operator=(const SftTrainer&) = delete;
 
   SftResult train();
-  EvalMetrics evaluate();  // on the held-out split; throws when there is none
+  // On the held-out split, its batches shared among the dp ranks and the metrics reduced; throws
+  // when there is none.
+  EvalMetrics evaluate();
   // Sample generations for cfg.eval_generate's prompts (greedy unless a temperature is set).
   std::vector<std::string> sample_generations();
 

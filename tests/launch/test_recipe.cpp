@@ -204,8 +204,17 @@ TEST_F(RecipeTest, LoraSectionTurnsLoraOn) {
   EXPECT_EQ(c.lora.target_modules, std::vector<std::string>{"all-linear"});
   EXPECT_FALSE(load(y, {"~lora"}).to_sft_config().lora.enabled);
   ParallelSection p = load(std::string(kMinimal) + "parallel: {tp: 2}\n").parallel();
-  EXPECT_EQ(p.dp, 1);
+  EXPECT_EQ(p.dp, 0);  // derived from the job's size
   EXPECT_EQ(p.tp, 2);
+  EXPECT_EQ(p.zero, 0);
+  EXPECT_EQ(p.bucket_mb, 25.0);
+  SftConfig pc =
+      load(std::string(kMinimal) + "parallel: {zero: 1, bucket_mb: 0.5}\n").to_sft_config();
+  EXPECT_EQ(pc.parallel.zero, 1);
+  EXPECT_EQ(pc.parallel.bucket_mb, 0.5);
+  EXPECT_THROW(load(std::string(kMinimal) + "parallel: {zero: 2}\n"), RecipeError);
+  EXPECT_THROW(load(std::string(kMinimal) + "parallel: {bucket_mb: 0}\n"), RecipeError);
+  EXPECT_THROW(load(std::string(kMinimal) + "parallel: {zeros: 1}\n"), RecipeError);
 }
 
 TEST_F(RecipeTest, InterpolationKeepsTypesAndSubstitutesText) {

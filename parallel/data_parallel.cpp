@@ -1,0 +1,428 @@
+#include "parallel/data_parallel.h"
+
+#include <cmath>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "core/autograd.h"
+#include "core/error.h"
+#include "kernels/adamw.h"
+
+namespace ftune::parallel {
+
+// ---------------------------------------------------------------- GradReducer
+
+struct GradReducer::State {
+  std::vector<Tensor> params;
+  std::shared_ptr<Communicator> comm;
+  ReducerOptions opt;
+  std::vector<Bucket> buckets;
+  std::vector<size_t> bucket_of;  // per param
+  std::vector<Tensor> flat;       // per bucket [padded]: the flattened gradients on the wire
+  std::vector<Tensor> shards;     // per bucket [shard] (shard mode)
+  bool sync = true;
+
+  // The current synced pass.
+  bool in_pass = false;
+  std::vector<uint8_t> ready;                // per param: its hook fired in this pass
+  std::vector<int64_t> pending;              // per bucket: hooks still awaited
+  size_t next_launch = 0;                    // buckets [0, next_launch) are launched
+  std::vector<std::unique_ptr<Work>> works;  // per bucket, while in flight
+  int64_t hooks = 0;
+  std::vector<int64_t> launch_counts;
+
+  // The result of the last finish().
+  bool reduced = false;
+  std::vector<uint8_t> defined;  // per param: some rank had a gradient
+
+  void begin_pass() {
+    in_pass = true;
+    reduced = false;
+    std::fill(ready.begin(), ready.end(), 0);
+    for (size_t b = 0; b < buckets.size(); ++b) pending[b] = int64_t(buckets[b].params.size());
+    next_launch = 0;
+    hooks = 0;
+    launch_counts.clear();
+  }
+
+  void on_ready(size_t i) {
+    if (!sync) return;  // a non-final micro-batch: gradients accumulate locally
+    if (!in_pass) begin_pass();
+    FTUNE_CHECK(!ready[i], "[data_parallel] parameter ", i,
+                " got a second gradient in one synced pass: call finish() after the final "
+                "micro-batch's backward (and set_sync(false) before the others)");
+    ready[i] = 1;
+    ++hooks;
+    --pending[bucket_of[i]];
+    while (next_launch < buckets.size() && pending[next_launch] == 0) launch(next_launch, hooks);
+    // MPI progresses non-blocking collectives only inside MPI calls: test the ones in flight.
+    for (size_t b = 0; b < next_launch; ++b)
+      if (works[b]) works[b]->done();
+  }
+
+  // Flattens bucket b (missing gradients as zeros) and starts its collective.
+  void launch(size_t b, int64_t count) {
+    NoGradGuard ng;
+    const Bucket& bk = buckets[b];
+    for (size_t k = 0; k < bk.params.size(); ++k) {
+      const Tensor& p = params[bk.params[k]];
+      Tensor dst = flat[b].slice(0, bk.offsets[k], bk.offsets[k] + p.numel()).view(p.shape());
+      Tensor g = p.grad();
+      if (g.defined())
+        dst.copy_(g);
+      else
+        dst.zero_();
+    }
+    works[b] = opt.shard ? comm->reduce_scatter_async(flat[b], shards[b], ReduceOp::sum)
+                         : comm->all_reduce_async(flat[b], ReduceOp::sum);
+    launch_counts.push_back(count);
+    next_launch = b + 1;
+  }
+
+  void finish() {
+    NoGradGuard ng;
+    if (!in_pass) begin_pass();  // no parameter got a gradient on this rank
+    while (next_launch < buckets.size()) launch(next_launch, -1);
+    // Which parameters got a gradient on any rank: those get one everywhere (zeros where a rank
+    // had none), the others stay undefined, as in one process over the global batch.
+    Tensor flags = Tensor::zeros({int64_t(params.size())}, DType::i32);
+    int32_t* f = flags.data<int32_t>();
+    for (size_t i = 0; i < params.size(); ++i) f[i] = params[i].grad().defined() ? 1 : 0;
+    comm->all_reduce(flags, ReduceOp::max);
+    for (auto& w : works) {
+      if (w) w->wait();
+      w.reset();
+    }
+    for (size_t i = 0; i < params.size(); ++i) defined[i] = f[i] != 0;
+    for (size_t b = 0; b < buckets.size(); ++b) {
+      const Bucket& bk = buckets[b];
+      for (size_t k = 0; k < bk.params.size(); ++k) {
+        Tensor& p = params[bk.params[k]];
+        if (opt.shard || !defined[bk.params[k]]) {
+          p.zero_grad();  // shard mode: the optimizer reads grad_shard()
+          continue;
+        }
+        Tensor src = flat[b].slice(0, bk.offsets[k], bk.offsets[k] + p.numel()).view(p.shape());
+        Tensor g = p.grad();
+        if (g.defined() && g.is_contiguous() && g.dtype() == p.dtype())
+          g.copy_(src);
+        else
+          p.set_grad(src.clone());
+      }
+    }
+    in_pass = false;
+    reduced = true;
+  }
+};
+
+GradReducer::GradReducer(std::vector<Tensor> params, std::shared_ptr<Communicator> comm,
+                         ReducerOptions opt)
+    : s_(std::make_shared<State>()) {
+  FTUNE_CHECK(comm != nullptr, "[data_parallel] GradReducer: no communicator");
+  FTUNE_CHECK(opt.bucket_mb > 0, "[data_parallel] bucket_mb must be > 0, got ", opt.bucket_mb);
+  FTUNE_CHECK(!params.empty(), "[data_parallel] GradReducer: no parameters");
+  State& s = *s_;
+  s.params = std::move(params);
+  s.comm = std::move(comm);
+  s.opt = opt;
+  std::unordered_set<TensorImpl*> seen;
+  for (size_t i = 0; i < s.params.size(); ++i) {
+    const Tensor& p = s.params[i];
+    FTUNE_CHECK(p.defined() && p.requires_grad() && p.is_leaf() && p.is_contiguous(),
+                "[data_parallel] parameter ", i, " (", p.defined() ? p.desc() : "undefined",
+                ") must be a contiguous leaf that requires grad");
+    FTUNE_CHECK(seen.insert(p.impl()).second, "[data_parallel] parameter ", i, " is listed twice");
+    FTUNE_CHECK(p.device() == s.params[0].device(), "[data_parallel] parameters on ",
+                "different devices: ", p.desc(), " and ", s.params[0].desc());
+  }
+  // Buckets in reverse parameter order; a new one when the next parameter would overflow the
+  // size or has another dtype (one flat buffer has one dtype).
+  const double cap = opt.bucket_mb * 1024.0 * 1024.0;
+  s.bucket_of.assign(s.params.size(), 0);
+  double bytes = 0;
+  for (size_t r = s.params.size(); r-- > 0;) {
+    const Tensor& p = s.params[r];
+    const double pb = double(p.numel()) * double(dtype_size(p.dtype()));
+    bool fresh = s.buckets.empty() || (bytes > 0 && bytes + pb > cap) ||
+                 s.params[s.buckets.back().params.front()].dtype() != p.dtype();
+    if (fresh) {
+      s.buckets.emplace_back();
+      bytes = 0;
+    }
+    Bucket& b = s.buckets.back();
+    b.params.push_back(r);
+    b.offsets.push_back(b.numel);
+    b.numel += p.numel();
+    bytes += pb;
+    s.bucket_of[r] = s.buckets.size() - 1;
+  }
+  const int64_t n = s.comm->size();
+  for (Bucket& b : s.buckets) {
+    b.padded = (b.numel + n - 1) / n * n;
+    b.shard = b.padded / n;
+    const Tensor& p0 = s.params[b.params.front()];
+    s.flat.push_back(Tensor::zeros({b.padded}, p0.dtype(), p0.device()));
+    s.shards.push_back(opt.shard ? Tensor::zeros({b.shard}, p0.dtype(), p0.device()) : Tensor());
+  }
+  s.ready.assign(s.params.size(), 0);
+  s.defined.assign(s.params.size(), 0);
+  s.pending.assign(s.buckets.size(), 0);
+  s.works.resize(s.buckets.size());
+  // The hooks hold the state weakly: once the reducer is gone they do nothing.
+  std::weak_ptr<State> w = s_;
+  for (size_t i = 0; i < s.params.size(); ++i) {
+    s.params[i].add_ready_hook([w, i](const Tensor&) {
+      if (auto st = w.lock()) st->on_ready(i);
+    });
+  }
+}
+
+GradReducer::~GradReducer() {
+  for (auto& w : s_->works)
+    if (w) w->wait();
+}
+
+void GradReducer::set_sync(bool sync) {
+  FTUNE_CHECK(!s_->in_pass || sync,
+              "[data_parallel] set_sync(false) in the middle of a synced "
+              "pass: call finish() first");
+  s_->sync = sync;
+}
+bool GradReducer::sync() const { return s_->sync; }
+void GradReducer::finish() { s_->finish(); }
+void GradReducer::reset() {
+  FTUNE_CHECK(!s_->in_pass, "[data_parallel] reset() during a synced pass: call finish() first");
+  s_->reduced = false;
+  std::fill(s_->defined.begin(), s_->defined.end(), 0);
+}
+const std::vector<Tensor>& GradReducer::params() const { return s_->params; }
+const std::vector<Bucket>& GradReducer::buckets() const { return s_->buckets; }
+const Communicator& GradReducer::comm() const { return *s_->comm; }
+std::shared_ptr<Communicator> GradReducer::comm_ptr() const { return s_->comm; }
+bool GradReducer::sharded() const { return s_->opt.shard; }
+bool GradReducer::grad_defined(size_t i) const { return s_->reduced && s_->defined.at(i); }
+bool GradReducer::reduced() const { return s_->reduced; }
+Tensor& GradReducer::grad_shard(size_t b) {
+  FTUNE_CHECK(s_->opt.shard, "[data_parallel] grad_shard() of a reducer that does not shard");
+  return s_->shards.at(b);
+}
+const std::vector<int64_t>& GradReducer::launch_hook_counts() const { return s_->launch_counts; }
+int64_t GradReducer::hooks_in_pass() const { return s_->hooks; }
+
+// ---------------------------------------------------------------- ShardedAdamW
+
+namespace {
+// The part of [off, off + n) that lies in this rank's shard [lo, lo + len) of a bucket, relative
+// to both: {start in the param, start in the shard, count}; count 0 when they do not meet.
+struct Span {
+  int64_t in_param = 0, in_shard = 0, count = 0;
+};
+Span intersect(int64_t off, int64_t n, int64_t lo, int64_t len) {
+  const int64_t a = std::max(off, lo), b = std::min(off + n, lo + len);
+  if (b <= a) return {};
+  return {a - off, a - lo, b - a};
+}
+}  // namespace
+
+ShardedAdamW::ShardedAdamW(std::vector<optim::ParamGroup> groups, optim::AdamWOptions opt,
+                           GradReducer& reducer)
+    : red_(reducer), opt_(opt), lr_(opt.lr) {
+  FTUNE_CHECK(red_.sharded(), "[zero] ShardedAdamW needs a reducer built with shard = true");
+  const auto& params = red_.params();
+  std::unordered_map<TensorImpl*, size_t> index;
+  for (size_t i = 0; i < params.size(); ++i) {
+    index[params[i].impl()] = i;
+    FTUNE_CHECK(params[i].dtype() == DType::f32 && params[i].device().is_cpu(),
+                "[zero] ShardedAdamW supports f32 CPU parameters; parameter ", i, " is ",
+                params[i].desc());
+  }
+  slots_.resize(params.size());
+  std::vector<uint8_t> got(params.size(), 0);
+  for (const optim::ParamGroup& g : groups) {
+    for (const auto& [name, p] : g.params) {
+      auto it = index.find(p.impl());
+      FTUNE_CHECK(it != index.end(), "[zero] parameter '", name, "' is not the reducer's");
+      FTUNE_CHECK(!got[it->second], "[zero] parameter '", name, "' is in two groups");
+      got[it->second] = 1;
+      Slot& s = slots_[it->second];
+      s.name = name;
+      s.param = it->second;
+      s.lr_scale = g.lr_scale;
+      s.weight_decay = g.weight_decay.value_or(opt.weight_decay);
+    }
+  }
+  for (size_t i = 0; i < params.size(); ++i)
+    FTUNE_CHECK(got[i], "[zero] the reducer's parameter ", i, " (", params[i].desc(),
+                ") is in no group");
+  const auto& buckets = red_.buckets();
+  for (size_t b = 0; b < buckets.size(); ++b) {
+    for (size_t k = 0; k < buckets[b].params.size(); ++k) {
+      slots_[buckets[b].params[k]].bucket = b;
+      slots_[buckets[b].params[k]].offset = buckets[b].offsets[k];
+    }
+    m_.push_back(Tensor::zeros({buckets[b].shard}));
+    v_.push_back(Tensor::zeros({buckets[b].shard}));
+  }
+}
+
+void ShardedAdamW::step() {
+  NoGradGuard ng;
+  ++step_;
+  const auto& params = red_.params();
+  const auto& buckets = red_.buckets();
+  const int64_t rank = red_.comm().rank();
+  if (red_.reduced()) {
+    for (Slot& s : slots_) {
+      if (!red_.grad_defined(s.param)) continue;  // as torch: skipped, its step does not advance
+      ++s.step;  // every rank counts every parameter, so the counts stay replicated
+      const Bucket& bk = buckets[s.bucket];
+      const Tensor& p = params[s.param];
+      Span sp = intersect(s.offset, p.numel(), rank * bk.shard, bk.shard);
+      if (sp.count == 0) continue;
+      const double lr = lr_ * s.lr_scale;
+      const double t = double(s.step);
+      kernels::AdamWConsts c;
+      c.decay = float(1.0 - lr * s.weight_decay);
+      c.beta1 = float(opt_.beta1);
+      c.beta2 = float(opt_.beta2);
+      c.eps = float(opt_.eps);
+      c.step_size = float(lr / (1.0 - std::pow(opt_.beta1, t)));
+      c.bc2_sqrt = float(std::sqrt(1.0 - std::pow(opt_.beta2, t)));
+      const float* g = red_.grad_shard(s.bucket).data<float>() + sp.in_shard;
+      kernels::cpu::adamw_update<float, float>(
+          p.data<float>() + sp.in_param, nullptr, g, m_[s.bucket].data<float>() + sp.in_shard,
+          v_[s.bucket].data<float>() + sp.in_shard, sp.count, c);
+    }
+  }
+  // Every rank's updated shard to every rank: the shard of each bucket, flattened, gathered.
+  std::vector<Tensor> in(buckets.size()), out(buckets.size());
+  std::vector<std::unique_ptr<Work>> works(buckets.size());
+  for (size_t b = 0; b < buckets.size(); ++b) {
+    const Bucket& bk = buckets[b];
+    in[b] = Tensor::zeros({bk.shard});
+    out[b] = Tensor::empty({bk.padded});
+    for (size_t k = 0; k < bk.params.size(); ++k) {
+      const Tensor& p = params[bk.params[k]];
+      Span sp = intersect(bk.offsets[k], p.numel(), rank * bk.shard, bk.shard);
+      if (sp.count == 0) continue;
+      std::copy_n(p.data<float>() + sp.in_param, sp.count, in[b].data<float>() + sp.in_shard);
+    }
+    works[b] = red_.comm_ptr()->all_gather_async(in[b], out[b]);
+  }
+  for (size_t b = 0; b < buckets.size(); ++b) {
+    works[b]->wait();
+    const Bucket& bk = buckets[b];
+    for (size_t k = 0; k < bk.params.size(); ++k) {
+      const Tensor& p = params[bk.params[k]];
+      p.bump_version();  // written in place
+      std::copy_n(out[b].data<float>() + bk.offsets[k], p.numel(), p.data<float>());
+    }
+  }
+}
+
+void ShardedAdamW::zero_grad() {
+  for (const Tensor& p : red_.params()) const_cast<Tensor&>(p).zero_grad();
+  red_.reset();
+}
+
+double ShardedAdamW::grad_sum_squares() {
+  double local = 0;
+  if (red_.reduced()) {
+    for (size_t b = 0; b < red_.num_buckets(); ++b) {
+      const Tensor& g = red_.grad_shard(b);
+      local += kernels::cpu::sum_squares<float>(g.data<float>(), g.numel());
+    }
+  }
+  return red_.comm_ptr()->all_reduce_scalar(local);
+}
+
+double ShardedAdamW::clip_grad_norm(double max_norm) {
+  const double norm = std::sqrt(grad_sum_squares());
+  if (!std::isfinite(norm) || !red_.reduced()) return norm;
+  const double coef = max_norm / (norm + 1e-6);  // torch's clip_grad_norm_
+  if (coef < 1.0) {
+    for (size_t b = 0; b < red_.num_buckets(); ++b) {
+      Tensor& g = red_.grad_shard(b);
+      kernels::cpu::scale_inplace<float>(g.data<float>(), g.numel(), coef);
+    }
+  }
+  return norm;
+}
+
+optim::OptimizerState ShardedAdamW::export_state() {
+  NoGradGuard ng;
+  const auto& params = red_.params();
+  const auto& buckets = red_.buckets();
+  std::vector<Tensor> m_full(buckets.size()), v_full(buckets.size());
+  for (size_t b = 0; b < buckets.size(); ++b) {
+    m_full[b] = Tensor::empty({buckets[b].padded});
+    v_full[b] = Tensor::empty({buckets[b].padded});
+    auto wm = red_.comm_ptr()->all_gather_async(m_[b], m_full[b]);
+    auto wv = red_.comm_ptr()->all_gather_async(v_[b], v_full[b]);
+    wm->wait();
+    wv->wait();
+  }
+  optim::OptimizerState st;
+  st.step = step_;
+  for (const Slot& s : slots_) {  // reducer (model) order, as optim::AdamW by group order
+    const Tensor& p = params[s.param];
+    auto part = [&](const Tensor& full) {
+      return full.slice(0, s.offset, s.offset + p.numel()).view(p.shape()).clone();
+    };
+    st.tensors.emplace_back(s.name + ".exp_avg", part(m_full[s.bucket]));
+    st.tensors.emplace_back(s.name + ".exp_avg_sq", part(v_full[s.bucket]));
+    st.tensors.emplace_back(s.name + ".step", Tensor::full({}, double(s.step), DType::i64));
+  }
+  return st;
+}
+
+void ShardedAdamW::import_state(const optim::OptimizerState& state) {
+  NoGradGuard ng;
+  FTUNE_CHECK(state.step >= 0, "[zero] state with negative step ", state.step);
+  std::unordered_map<std::string, const Tensor*> by_name;
+  for (const auto& [name, t] : state.tensors) {
+    FTUNE_CHECK(t.defined(), "[zero] state tensor '", name, "' is undefined");
+    FTUNE_CHECK(by_name.emplace(name, &t).second, "[zero] state has tensor '", name, "' twice");
+  }
+  const auto& params = red_.params();
+  auto get = [&](const std::string& name, const Shape& shape) -> const Tensor& {
+    auto it = by_name.find(name);
+    FTUNE_CHECK(it != by_name.end(), "[zero] state has no tensor '", name, "'");
+    FTUNE_CHECK(it->second->shape() == shape, "[zero] state tensor '", name, "' is ",
+                it->second->desc(), ", expected shape ", shape_str(shape));
+    return *it->second;
+  };
+  std::unordered_set<std::string> expected;
+  for (const Slot& s : slots_) {
+    const Shape& sh = params[s.param].shape();
+    get(s.name + ".exp_avg", sh);
+    get(s.name + ".exp_avg_sq", sh);
+    FTUNE_CHECK(get(s.name + ".step", {}).item() >= 0, "[zero] negative step for '", s.name, "'");
+    // ".master" (a 16-bit run's) is accepted and ignored: these parameters are f32.
+    for (const char* k : {".exp_avg", ".exp_avg_sq", ".step", ".master"})
+      expected.insert(s.name + k);
+  }
+  for (const auto& [name, t] : state.tensors)
+    FTUNE_CHECK(expected.count(name), "[zero] state tensor '", name,
+                "' belongs to no parameter of this optimizer");
+  const int64_t rank = red_.comm().rank();
+  const auto& buckets = red_.buckets();
+  for (size_t b = 0; b < buckets.size(); ++b) {
+    m_[b].zero_();
+    v_[b].zero_();
+  }
+  for (Slot& s : slots_) {
+    const Tensor& p = params[s.param];
+    const Bucket& bk = buckets[s.bucket];
+    s.step = int64_t(get(s.name + ".step", {}).item());
+    Span sp = intersect(s.offset, p.numel(), rank * bk.shard, bk.shard);
+    if (sp.count == 0) continue;
+    for (auto [key, dst] : {std::pair{".exp_avg", &m_[s.bucket]}, {".exp_avg_sq", &v_[s.bucket]}}) {
+      Tensor src = get(s.name + key, p.shape()).contiguous().view({-1}).to(DType::f32);
+      std::copy_n(src.data<float>() + sp.in_param, sp.count, dst->data<float>() + sp.in_shard);
+    }
+  }
+  step_ = state.step;
+}
+
+}  // namespace ftune::parallel

@@ -1,0 +1,138 @@
+// Data parallelism (DESIGN.md "Parallel"): the gradient reducer that overlaps communication with
+// backward, and ZeRO-1's sharded AdamW.
+//
+// GradReducer, like torch DDP's Reducer: the trainable parameters are assigned to buckets of about
+// `bucket_mb` MB in REVERSE parameter order (the order their gradients become ready in backward).
+// A ready hook on each parameter counts the bucket's ready gradients; a complete bucket is
+// flattened into one contiguous buffer and its collective started right away (all_reduce SUM, or
+// reduce_scatter SUM for ZeRO-1), while backward goes on producing the next gradients.
+//
+// Ordering (MPI requires every rank to issue the collectives in the same order): buckets are
+// launched strictly in bucket index order, a bucket only once every earlier bucket is launched.
+// A bucket that becomes complete early waits for its predecessors; finish() launches whatever is
+// left (missing gradients as zeros). The sequence of collectives is therefore 0, 1, ..., n-1 on
+// every rank, whatever the order in which hooks fire or whether a parameter got a gradient.
+//
+// The sum (not the mean) is reduced: the trainer divides the loss by the GLOBAL target-token
+// count, so the summed gradient is exactly the single-process gradient of the global batch.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "core/optim.h"
+#include "core/tensor.h"
+#include "parallel/communicator.h"
+
+namespace ftune::parallel {
+
+struct ReducerOptions {
+  double bucket_mb = 25.0;  // target bucket size (a parameter larger than this is a bucket alone)
+  bool shard = false;       // ZeRO-1: reduce_scatter each bucket instead of all_reduce
+};
+
+// One bucket: whole parameters, consecutive in the reversed order, flattened.
+struct Bucket {
+  std::vector<size_t> params;    // indices into the reducer's parameter list
+  std::vector<int64_t> offsets;  // element offset of each in the flat buffer
+  int64_t numel = 0;             // elements of the parameters
+  int64_t padded = 0;            // numel rounded up to a multiple of the communicator size
+  int64_t shard = 0;             // padded / size: each rank's part (shard mode)
+};
+
+class GradReducer {
+ public:
+  // `params`: the trainable parameters in model order (contiguous, same dtype and device, each
+  // requiring grad). Registers the ready hooks (they outlive nothing: after the reducer is gone
+  // they do nothing).
+  GradReducer(std::vector<Tensor> params, std::shared_ptr<Communicator> comm,
+              ReducerOptions opt = {});
+  ~GradReducer();
+  GradReducer(const GradReducer&) = delete;
+  GradReducer& operator=(const GradReducer&) = delete;
+
+  // false for the non-final micro-batches of gradient accumulation: hooks do nothing, gradients
+  // accumulate locally. true (the default) before the final micro-batch's backward.
+  void set_sync(bool sync);
+  bool sync() const;
+
+  // After the final micro-batch's backward, on every rank: launches the buckets not launched yet,
+  // agrees across ranks on which parameters got a gradient, waits for everything and writes the
+  // result. Plain: each defined .grad holds the sum over ranks (a parameter no rank touched keeps
+  // an undefined grad, as in one process). shard: the .grads are dropped and grad_shard(b) holds
+  // this rank's part of bucket b's summed gradient.
+  void finish();
+  // Forgets the reduced state (ShardedAdamW::zero_grad calls it).
+  void reset();
+
+  const std::vector<Tensor>& params() const;
+  const std::vector<Bucket>& buckets() const;
+  size_t num_buckets() const { return buckets().size(); }
+  const Communicator& comm() const;
+  std::shared_ptr<Communicator> comm_ptr() const;
+  bool sharded() const;
+
+  // After finish(): whether any rank had a gradient for parameter i; whether finish() ran since
+  // the last reset().
+  bool grad_defined(size_t i) const;
+  bool reduced() const;
+  // shard mode, after finish(): this rank's [shard] part of bucket b's summed gradient.
+  Tensor& grad_shard(size_t b);
+
+  // Instrumentation of the last synced backward pass (tests, benchmarks): for each launch, in
+  // order, the number of ready hooks seen when it was launched (launched from finish(): -1), and
+  // the number of hooks in the pass.
+  const std::vector<int64_t>& launch_hook_counts() const;
+  int64_t hooks_in_pass() const;
+
+ private:
+  struct State;
+  std::shared_ptr<State> s_;
+};
+
+// AdamW for ZeRO-1: every rank keeps the AdamW state (exp_avg, exp_avg_sq) of its 1/dp shard of
+// each bucket only, updates that shard of the parameters from the reducer's gradient shard, then
+// all-gathers the updated parameters. Numerically torch.optim.AdamW, element for element (the same
+// fused kernel, per-parameter step counts, lr and weight decay of the parameter's group). f32
+// parameters on the CPU.
+class ShardedAdamW {
+ public:
+  // `groups` hold exactly the reducer's parameters (any order); the reducer must be sharded.
+  ShardedAdamW(std::vector<optim::ParamGroup> groups, optim::AdamWOptions opt,
+               GradReducer& reducer);
+
+  void step();       // collective (all_gather of the parameters)
+  void zero_grad();  // drops the gradients and the reduced shards
+  double lr() const { return lr_; }
+  void set_lr(double lr) { lr_ = lr; }
+  int64_t step_count() const { return step_; }
+
+  // Collective: the global squared L2 norm of the summed gradient (sum over the shards).
+  double grad_sum_squares();
+  // torch's clip_grad_norm_ over the global gradient; returns the norm before clipping.
+  double clip_grad_norm(double max_norm);
+
+  // Collective: the full-shape state, named as optim::AdamW names it (so a checkpoint does not
+  // depend on dp or zero); every rank gets all of it.
+  optim::OptimizerState export_state();
+  // Takes this rank's shard of a full-shape state (checks names and shapes first).
+  void import_state(const optim::OptimizerState& state);
+
+ private:
+  struct Slot {  // one parameter
+    std::string name;
+    size_t param = 0;  // reducer index
+    size_t bucket = 0;
+    int64_t offset = 0;  // in the bucket's flat buffer
+    double lr_scale = 1.0, weight_decay = 0.0;
+    int64_t step = 0;
+  };
+  GradReducer& red_;
+  optim::AdamWOptions opt_;
+  double lr_;
+  int64_t step_ = 0;
+  std::vector<Slot> slots_;    // by reducer index
+  std::vector<Tensor> m_, v_;  // per bucket, f32 [shard]
+};
+
+}  // namespace ftune::parallel
