@@ -23,6 +23,7 @@
 #include "models/transformer.h"
 #include "parallel/communicator.h"
 #include "parallel/data_parallel.h"
+#include "parallel/tp_ops.h"
 
 namespace ftune {
 
@@ -81,8 +82,9 @@ struct SftTrainer::Impl {
   Tokenizer tok;
   parallel::ProcessGrid grid;
   int dp = 1, dp_rank = 0;
-  std::unique_ptr<parallel::GradReducer> reducer;  // dp > 1 or ZeRO-1
-  std::unique_ptr<parallel::ShardedAdamW> zopt;    // ZeRO-1 (then `opt` is null)
+  std::unique_ptr<parallel::GradReducer> reducer;     // dp > 1 or ZeRO-1
+  std::map<std::string, parallel::ShardInfo> shards;  // tp > 1: the split parameters
+  std::unique_ptr<parallel::ShardedAdamW> zopt;       // ZeRO-1 (then `opt` is null)
   std::optional<ChatTemplate> chat;
   std::unique_ptr<Transformer> model;
   bool lora = false;
@@ -124,7 +126,8 @@ struct SftTrainer::Impl {
                 " is not supported on the CPU yet (use f32)");
     FTUNE_CHECK(cfg.device == "cpu", "[sft] ", cfg.recipe_file, ": device ", cfg.device,
                 " has no trainer yet (the CUDA trainer is issue 7); use cpu");
-    FTUNE_CHECK(cfg.parallel.tp == 1, "[sft] parallel.tp > 1 is not supported yet");
+    FTUNE_CHECK(cfg.parallel.tp == 1 || cfg.parallel.zero == 0,
+                "[sft] parallel.zero: 1 with parallel.tp > 1 is not supported yet (use zero: 0)");
     grid = parallel::make_grid(world, int(cfg.parallel.tp));
     dp = grid.dp;
     dp_rank = grid.dp_rank;
@@ -156,6 +159,11 @@ struct SftTrainer::Impl {
     } else {
       model = Transformer::from_pretrained(cfg.model.path, hopt);
     }
+    // Tensor parallel: every rank loaded the full model; it keeps its slices (parameter names stay
+    // the HF names; shard_infos() says where each slice sits in the full tensor).
+    if (grid.tp > 1) {
+      model->shard_for_tp(grid.tp_group);
+    }
     FTUNE_CHECK(tok.vocab_size() <= model->config().vocab_size, "[sft] the tokenizer of ",
                 tok.source(), " has ", tok.vocab_size(),
                 " tokens, more than the model's vocab_size ", model->config().vocab_size);
@@ -168,6 +176,7 @@ struct SftTrainer::Impl {
       for (auto& [name, t] : model->named_parameters())
         if (t.requires_grad()) trainable.emplace_back(name, t);
     }
+    if (grid.tp > 1) shards = model->shard_infos();  // adapters included
     model->train();
 
     // Data.
@@ -265,6 +274,10 @@ struct SftTrainer::Impl {
     c.adapter_only = lora;
     c.model = lora ? lora_parameters(*model) : model->named_parameters();
     c.optimizer = zopt ? zopt->export_state() : opt->export_state();
+    if (grid.tp > 1) {  // full shapes, so the file does not depend on the layout (collective)
+      for (auto& [n, t] : c.model) t = gather_if_split(n, t);
+      for (auto& [n, t] : c.optimizer.tensors) t = gather_if_split(param_of_state(n), t);
+    }
     c.trainer_state = {
         {"sampler", train_loader->state()},
         {"skipped_steps", skipped},
@@ -291,6 +304,23 @@ struct SftTrainer::Impl {
       c.adapter_config = nullptr;
     }
     return c;
+  }
+
+  // "<param>.exp_avg" -> "<param>" (the optimizer state is named after its parameter).
+  static std::string param_of_state(const std::string& n) {
+    size_t dot = n.rfind('.');
+    return dot == std::string::npos ? n : n.substr(0, dot);
+  }
+  Tensor gather_if_split(const std::string& param, const Tensor& t) const {
+    auto it = shards.find(param);
+    if (it == shards.end() || it->second.dim < 0 || t.dim() == 0) return t;
+    return parallel::gather_shards(t.contiguous(), it->second, grid.tp_group);
+  }
+  // This rank's slice of a full-shape tensor read from a checkpoint.
+  Tensor slice_if_split(const std::string& param, const Tensor& full) const {
+    auto it = shards.find(param);
+    if (it == shards.end() || it->second.dim < 0 || full.dim() == 0) return full;
+    return parallel::shard_slice(full, it->second).contiguous();
   }
 
   void save() {
@@ -339,7 +369,8 @@ struct SftTrainer::Impl {
     FTUNE_CHECK(c.model_config == model->config().to_json(), "[sft] resume: ", *latest,
                 " was written for another model config than ", cfg.model.path);
     std::map<std::string, Tensor> by_name;
-    for (auto& [n, t] : c.model) by_name[n] = t;
+    for (auto& [n, t] : c.model) by_name[n] = slice_if_split(n, t);
+    for (auto& [n, t] : c.optimizer.tensors) t = slice_if_split(param_of_state(n), t);
     nn::NamedTensors dst = lora ? lora_parameters(*model) : model->named_parameters();
     FTUNE_CHECK(by_name.size() == dst.size(), "[sft] resume: ", *latest, " has ", by_name.size(),
                 " model tensors, the model ", dst.size());
@@ -412,6 +443,49 @@ struct SftTrainer::Impl {
   }
 
   // ---------------------------------------------------------------- forward
+  // Summed cross-entropy of a batch; under TP over this rank's vocab shard of the logits (the
+  // max, the sum of exps and the target logit are reduced over tp; no logits are gathered).
+  Tensor loss_sum_of(const SftBatch& b) {
+    if (grid.tp == 1) {
+      Tensor logits = logits_of(b);
+      int64_t V = logits.size(-1);
+      return ops::cross_entropy(logits.view({-1, V}), b.labels.view({-1}), -100,
+                                ops::Reduction::sum);
+    }
+    ForwardOptions fo;
+    fo.positions = b.positions;
+    fo.cu_seqlens = b.cu_seqlens;
+    Tensor shard = model->forward_logits_shard(b.ids, fo);
+    return parallel::vocab_parallel_cross_entropy(shard.view({-1, shard.size(-1)}),
+                                                  b.labels.view({-1}), grid.tp_group, -100,
+                                                  ops::Reduction::sum);
+  }
+
+  // The global gradient norm under TP: split parameters' squares summed over the tp group,
+  // replicated ones (identical on every tp rank) counted once. Clips like clip_grad_norm.
+  double tp_clip_grad_norm(double max_norm) {
+    double split = 0, replicated = 0;
+    for (auto& [n, t] : trainable) {
+      Tensor g = t.grad();
+      if (!g.defined()) continue;
+      double s = optim::grad_sum_squares({t});
+      auto it = shards.find(n);
+      (it != shards.end() && it->second.dim >= 0 ? split : replicated) += s;
+    }
+    split = grid.tp_group->all_reduce_scalar(split);
+    double norm = std::sqrt(split + replicated);
+    if (max_norm > 0 && std::isfinite(norm)) {
+      double scale = std::min(1.0, max_norm / (norm + 1e-6));
+      if (scale < 1.0) optim::scale_grads(params_of_trainable(), scale);
+    }
+    return norm;
+  }
+  std::vector<Tensor> params_of_trainable() const {
+    std::vector<Tensor> ps;
+    for (auto& [n, t] : trainable) ps.push_back(t);
+    return ps;
+  }
+
   Tensor logits_of(const SftBatch& b) {
     ForwardOptions fo;
     fo.positions = b.positions;
@@ -509,7 +583,8 @@ struct SftTrainer::Impl {
   }
 
   void print_generations(const char* when) {
-    if (!cfg.eval_generate || !is_root) return;  // the replicas are identical: rank 0 samples
+    // The replicas are identical: rank 0 samples, with its tp group (the forward is collective).
+    if (!cfg.eval_generate || grid.dp_rank != 0) return;
     std::vector<std::string> outs = sample_generations();
     for (size_t i = 0; i < outs.size(); ++i) {
       log << "sample" << (*when ? " " : "") << when << " | " << cfg.eval_generate->prompts[i]
@@ -561,10 +636,7 @@ struct SftTrainer::Impl {
           const uint64_t global_mb = uint64_t(i) * uint64_t(dp) + uint64_t(dp_rank);
           if (lora) set_lora_dropout_seed(*model, mix_seed(cfg.seed, uint64_t(step), global_mb));
           if (reducer) reducer->set_sync(i + 1 == mbs.size());  // reduce on the last one only
-          Tensor logits = logits_of(mbs[i]);
-          int64_t V = logits.size(-1);
-          Tensor ce = ops::cross_entropy(logits.view({-1, V}), mbs[i].labels.view({-1}), -100,
-                                         ops::Reduction::sum);
+          Tensor ce = loss_sum_of(mbs[i]);
           double v = ce.item();
           if (!std::isfinite(v)) {
             bad = true;
@@ -587,6 +659,8 @@ struct SftTrainer::Impl {
         if (zopt)
           gnorm = cfg.clip_grad_norm > 0 ? zopt->clip_grad_norm(cfg.clip_grad_norm)
                                          : std::sqrt(zopt->grad_sum_squares());
+        else if (grid.tp > 1)
+          gnorm = tp_clip_grad_norm(cfg.clip_grad_norm);
         else  // plain DP: the reduced gradients are the same on every rank
           gnorm = cfg.clip_grad_norm > 0 ? optim::clip_grad_norm(params, cfg.clip_grad_norm)
                                          : std::sqrt(optim::grad_sum_squares(params));

@@ -138,7 +138,7 @@ class DpSft : public ::testing::Test {
   static std::string check_dp_equals_single(const std::string& name, SftConfig dpc,
                                             const std::string& ref_name = "") {
     auto& w = *world();
-    const int n = w.size();
+    const int n = w.size() / int(dpc.parallel.tp);  // the data-parallel degree
     std::ostringstream dp_log;
     SftResult dres = SftTrainer(dpc, dp_log).train();
     EXPECT_EQ(dres.steps, 20);
@@ -147,6 +147,7 @@ class DpSft : public ::testing::Test {
       one.output_dir = (root_ / (ref_name.empty() ? name + "_one" : ref_name)).string();
       one.gradient_accumulation_steps = dpc.gradient_accumulation_steps * n;
       one.parallel.zero = 0;
+      one.parallel.tp = 1;
       Curve ref;
       if (ref_name.empty() || !fs::exists(fs::path(one.output_dir) / "metrics.jsonl")) {
         std::ostringstream log;
@@ -239,16 +240,89 @@ TEST_F(DpSft, LoraWithDropoutEqualsOneProcess) {
   check_dp_equals_single("lora", c);
 }
 
-TEST_F(DpSft, TensorParallelIsRefusedForNow) {
-  SftConfig c = config("tp", 1);
+// Tensor parallel (tp = 2; with 4 ranks a 2 x 2 grid): the curves equal one process with the same
+// global batch, for full fine-tuning and LoRA (no dropout: row-parallel layers draw their masks
+// per tp rank), and the checkpoints (full shapes) resume across layouts.
+TEST_F(DpSft, TensorParallelEqualsOneProcess) {
+  if (world()->size() % 2) GTEST_SKIP() << "tp = 2 needs an even number of ranks";
+  SftConfig c = config("tp", 2);
   c.parallel.tp = 2;
+  c.save_every_n_steps = 10;
+  std::string log = check_dp_equals_single("tp", c);
+  if (world()->rank() == 0) EXPECT_NE(log.find("tp 2"), std::string::npos) << log;
+}
+
+TEST_F(DpSft, TensorParallelLoraEqualsOneProcess) {
+  if (world()->size() % 2) GTEST_SKIP() << "tp = 2 needs an even number of ranks";
+  SftConfig c = config("tp_lora", 2);
+  c.parallel.tp = 2;
+  c.lora.enabled = true;
+  c.lora.r = 4;
+  c.lora.target_modules = {"all-linear"};
+  check_dp_equals_single("tp_lora", c);
+}
+
+// Copies `from`'s step-10 checkpoint and metrics into a fresh run directory `to` (rank 0).
+void seed_resume_dir(const fs::path& from, const fs::path& to) {
+  if (world()->rank() == 0) {
+    fs::remove_all(to);
+    fs::create_directories(to);
+    fs::copy_file(from / checkpoint_file_name(10), to / checkpoint_file_name(10));
+    fs::copy_file(from / "metrics.jsonl", to / "metrics.jsonl");
+  }
+  world()->barrier();
+}
+
+// (tp 2, dp n/2) -> one process.
+TEST_F(DpSft, TensorParallelCheckpointResumesInOneProcess) {
+  if (!checkpoint_support()) GTEST_SKIP() << "no HDF5 in this build";
+  if (world()->size() % 2) GTEST_SKIP() << "tp = 2 needs an even number of ranks";
+  const int dp = world()->size() / 2;
+  seed_resume_dir(root_ / "tp", root_ / "tp_to_one");
+  if (world()->rank() == 0) {
+    SftConfig c = config("tp_to_one", 2 * dp);
+    c.resume = true;
+    std::ostringstream log;
+    SftResult r = SftTrainer(c, log, parallel::make_single_communicator()).train();
+    EXPECT_EQ(r.steps, 20);
+    EXPECT_NE(log.str().find("resume: "), std::string::npos) << log.str();
+    expect_same_curve(read_curve(root_ / "tp_to_one" / "metrics.jsonl").loss,
+                      read_curve(root_ / "tp_one" / "metrics.jsonl").loss, 1e-5, "2 -> 1 loss");
+  }
+  world()->barrier();
+}
+
+// One process -> (tp 2, dp n/2).
+TEST_F(DpSft, OneProcessCheckpointResumesUnderTensorParallel) {
+  if (!checkpoint_support()) GTEST_SKIP() << "no HDF5 in this build";
+  if (world()->size() % 2) GTEST_SKIP() << "tp = 2 needs an even number of ranks";
+  seed_resume_dir(root_ / "tp_one", root_ / "one_to_tp");
+  SftConfig c = config("one_to_tp", 2);
+  c.parallel.tp = 2;
+  c.resume = true;
   std::ostringstream log;
-  try {
-    SftTrainer t(c, log);
-    FAIL() << "tp = 2 accepted";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("parallel.tp > 1 is not supported yet"),
-              std::string::npos);
+  SftResult r = SftTrainer(c, log).train();
+  EXPECT_EQ(r.steps, 20);
+  if (world()->rank() == 0) {
+    EXPECT_NE(log.str().find("resume: "), std::string::npos) << log.str();
+    expect_same_curve(read_curve(root_ / "one_to_tp" / "metrics.jsonl").loss,
+                      read_curve(root_ / "tp_one" / "metrics.jsonl").loss, 1e-5, "1 -> 2 loss");
+  }
+}
+
+// (tp 2, dp n/2) -> (tp 1, dp n): with 4 ranks, (tp2, dp2) -> (tp1, dp4).
+TEST_F(DpSft, TensorParallelCheckpointResumesAsDataParallel) {
+  if (!checkpoint_support()) GTEST_SKIP() << "no HDF5 in this build";
+  if (world()->size() % 2) GTEST_SKIP() << "tp = 2 needs an even number of ranks";
+  seed_resume_dir(root_ / "tp", root_ / "tp_to_dp");
+  SftConfig c = config("tp_to_dp", 1);  // 1 x dp n = 2 x dp n/2: the same global batch
+  c.resume = true;
+  std::ostringstream log;
+  SftResult r = SftTrainer(c, log).train();
+  EXPECT_EQ(r.steps, 20);
+  if (world()->rank() == 0) {
+    expect_same_curve(read_curve(root_ / "tp_to_dp" / "metrics.jsonl").loss,
+                      read_curve(root_ / "tp_one" / "metrics.jsonl").loss, 1e-5, "tp -> dp loss");
   }
 }
 
