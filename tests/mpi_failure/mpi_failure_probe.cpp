@@ -5,6 +5,8 @@
 //          (parallel::report_fatal_error: one "error on rank R of N" line, then MPI_Abort)
 //   kill   raise(SIGKILL): no handler runs, mpirun must notice and take the job down
 //   exit   std::_Exit(3) without MPI_Finalize: mpirun must notice the early exit
+//   kill_in_save  SIGKILL from a timer thread 1 ms (FTUNE_TEST_KILL_DELAY_US) into step N, while the ranks keep saving
+//          with no pause: the kill lands at a random point, usually inside a collective save
 // The other ranks keep calling collectives, which would block forever if mpirun did not kill them.
 //
 //   mpi_failure_probe run DIR     the job (under mpirun); checkpoints go to DIR/step_*.h5
@@ -17,11 +19,13 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <string>
 #include <thread>
 
 #include "core/error.h"
 #include "io/checkpoint.h"
+#include "parallel/checkpoint_io.h"
 #include "parallel/communicator.h"
 
 namespace ftune {
@@ -37,18 +41,21 @@ constexpr int64_t kRows = 8, kCols = 6;
 // The full [kRows, kCols] tensor of step s (what the check expects back).
 float value_at(int64_t step, int64_t i, int64_t j) { return float(step * 1000 + i * kCols + j); }
 
-// The checkpoint of step s, written by rank 0 ("w" and "b" as the check expects them).
+// Step s's checkpoint, sharded: "w" split along dim 0 over the ranks (each writes its rows into
+// the one file, parallel HDF5), "b" replicated.
 void save_step(const std::string& dir, int64_t step, parallel::Communicator& comm) {
-  if (comm.rank() != 0) return;
-  Tensor w = Tensor::empty({kRows, kCols}, DType::f32);
-  for (int64_t i = 0; i < kRows; ++i)
-    for (int64_t j = 0; j < kCols; ++j) w.data<float>()[i * kCols + j] = value_at(step, i, j);
+  const int r = comm.rank(), n = comm.size();
+  const int64_t rows = kRows / n, off = rows * r;
+  Tensor w = Tensor::empty({rows, kCols}, DType::f32);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < kCols; ++j) w.data<float>()[i * kCols + j] = value_at(step, off + i, j);
   Checkpoint ck;
   ck.step = step;
   ck.model.emplace_back("w", w);
-  ck.model.emplace_back("b", Tensor::full({kCols}, float(step), DType::f32));
+  ck.model.emplace_back("b", Tensor::full({kCols}, double(step), DType::f32));
   ck.trainer_state = {{"probe_step", step}};
-  save_checkpoint(dir + "/" + checkpoint_file_name(step), ck);
+  parallel::save_checkpoint_parallel(dir + "/" + checkpoint_file_name(step), ck,
+                                     {{"model/w", 0, off, {kRows, kCols}}}, comm);
 }
 
 int run(const std::string& dir) {
@@ -58,15 +65,24 @@ int run(const std::string& dir) {
   const int fail_step = env_int("FTUNE_TEST_FAIL_AT_STEP", 3);
   const char* mode_env = std::getenv("FTUNE_TEST_FAIL_MODE");
   const std::string mode = mode_env ? mode_env : "throw";
-  FTUNE_CHECK(mode == "throw" || mode == "kill" || mode == "exit", "[probe] FTUNE_TEST_FAIL_MODE '",
-              mode, "' is not throw, kill or exit");
+  FTUNE_CHECK(mode == "throw" || mode == "kill" || mode == "exit" || mode == "kill_in_save",
+              "[probe] FTUNE_TEST_FAIL_MODE '", mode, "' is not throw, kill, exit, kill_in_save");
+  const bool async_kill = mode == "kill_in_save";
   // Enough steps that the survivors are still stepping (in collectives) when the peer dies.
   for (int64_t step = 1; step <= 1000; ++step) {
     Tensor x = Tensor::full({1024}, 1.0f, DType::f32);
     world->all_reduce(x);
     FTUNE_CHECK(x.data<float>()[0] == float(world->size()), "[probe] all_reduce gave ",
                 x.data<float>()[0]);
+    if (async_kill && rank == fail_rank && step == fail_step) {
+      const int delay_us = env_int("FTUNE_TEST_KILL_DELAY_US", 1000);
+      std::thread([delay_us] {
+        std::this_thread::sleep_for(std::chrono::microseconds(delay_us));
+        ::raise(SIGKILL);
+      }).detach();
+    }
     save_step(dir, step, *world);
+    if (async_kill && step >= fail_step) continue;  // save back to back until the kill lands
     if (rank == fail_rank && step == fail_step) {
       if (mode == "kill") ::raise(SIGKILL);
       if (mode == "exit") std::_Exit(3);
@@ -95,8 +111,17 @@ int check(const std::string& dir, int64_t min_step) {
               ": b is wrong");
   FTUNE_CHECK(ck.trainer_state.value("probe_step", int64_t(-1)) == ck.step, "[probe] ", *path,
               ": trainer_state is wrong");
-  std::printf("mpi_failure_probe: %s (step %lld) is complete and correct\n", path->c_str(),
-              (long long)ck.step);
+  // A save cut short leaves at most a temp file, which never counts as a checkpoint.
+  int temps = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    const std::string name = e.path().filename().string();
+    if (name.find(".tmp-") == std::string::npos) continue;
+    ++temps;
+    FTUNE_CHECK(!is_valid_checkpoint(e.path().string()), "[probe] temp file ", name,
+                " passes as a valid checkpoint");
+  }
+  std::printf("mpi_failure_probe: %s (step %lld) is complete and correct; %d temp file(s), "
+              "none valid\n", path->c_str(), (long long)ck.step, temps);
   return 0;
 }
 

@@ -38,10 +38,10 @@ case "$mode" in
     n=$(count 'MPI_ABORT was invoked on rank')
     [ "$n" -le 1 ] || fail "Open MPI's MPI_ABORT notice appeared $n times"
     ;;
-  kill|exit)
+  kill|kill_in_save|exit)
     [ "$(count 'error on rank')" -eq 0 ] || fail "an error line although no rank threw"
     if "$mpiexec" --version 2>&1 | grep -q "Open MPI"; then
-      if [ "$mode" = kill ]; then pat='process rank 1 .*exited on signal 9'
+      if [ "$mode" != exit ]; then pat='process rank 1 .*exited on signal 9'
       else pat='Process name: +\[\[[0-9]+,[0-9]+\],1\]'  # the first rank that exited non-zero
       fi
       n=$(count "$pat")
