@@ -887,9 +887,9 @@ std::pair<std::string, std::string> split_tensor_path(const Ctx& c, const std::s
 // One tensor of a sharded save as this rank sees it.
 struct Part {
   std::string group, name;
-  Tensor local;       // this rank's tensor, on the CPU, contiguous
-  Shape full_shape;   // the dataset's shape
-  int64_t dim = -1;   // -1: replicated
+  Tensor local;      // this rank's tensor, on the CPU, contiguous
+  Shape full_shape;  // the dataset's shape
+  int64_t dim = -1;  // -1: replicated
   int64_t offset = 0;
   bool write = true;  // this rank writes `local` into the file
 };
@@ -961,15 +961,16 @@ void save_checkpoint_sharded(const std::string& path, const Checkpoint& local,
       const auto& ts = group == "model" ? local.model : local.optimizer.tensors;
       for (const auto& [n, t] : ts)
         if (n == name && t.shape() != s.full_shape)
-          c.fail("/", s.name, " is a slice ", shape_str(t.shape()), " of ",
-                 shape_str(s.full_shape), ", but this process is the only writer");
+          c.fail("/", s.name, " is a slice ", shape_str(t.shape()), " of ", shape_str(s.full_shape),
+                 ", but this process is the only writer");
     }
     save_checkpoint(path, local);
     return;
   }
 #if !defined(FTUNE_HAVE_MPI) || !defined(H5_HAVE_PARALLEL)
-  c.fail("this build's HDF5 has no MPI-IO (parallel HDF5): a sharded save needs one "
-         "(Debian: libhdf5-openmpi-dev)");
+  c.fail(
+      "this build's HDF5 has no MPI-IO (parallel HDF5): a sharded save needs one "
+      "(Debian: libhdf5-openmpi-dev)");
 #else
   MPI_Comm comm = *static_cast<MPI_Comm*>(mpi_comm);
   int rank = 0, size = 1;
@@ -998,16 +999,17 @@ void save_checkpoint_sharded(const std::string& path, const Checkpoint& local,
   // h and of ~h over ranks equal h and ~h only when every rank has h).
   std::string meta = str_cat(local.step, ";", local.optimizer.step, ";");
   for (const auto& p : parts)
-    meta += str_cat(p.group, "/", p.name, ":", dtype_name(p.local.dtype()),
-                    shape_str(p.full_shape), ";");
+    meta += str_cat(p.group, "/", p.name, ":", dtype_name(p.local.dtype()), shape_str(p.full_shape),
+                    ";");
   uint64_t h = 1469598103934665603ull;
   for (unsigned char ch : meta) h = (h ^ ch) * 1099511628211ull;
   uint64_t hs[2] = {h, ~h}, mx[2] = {0, 0};
   MPI_Allreduce(hs, mx, 2, MPI_UINT64_T, MPI_MAX, comm);
   if (mx[0] != h || mx[1] != ~h)
-    c.fail("the ranks disagree on the tensors of the checkpoint (names, order, dtypes, full "
-           "shapes) or on the step; this rank has ",
-           meta.size() > 300 ? meta.substr(0, 300) + "..." : meta);
+    c.fail(
+        "the ranks disagree on the tensors of the checkpoint (names, order, dtypes, full "
+        "shapes) or on the step; this rank has ",
+        meta.size() > 300 ? meta.substr(0, 300) + "..." : meta);
 
   // The written slices must cover every tensor: elements written, summed over ranks.
   std::vector<int64_t> written(parts.size()), total(parts.size());
@@ -1051,7 +1053,8 @@ void save_checkpoint_sharded(const std::string& path, const Checkpoint& local,
     c.check(H5Pset_dxpl_mpio(dxpl.get(), H5FD_MPIO_COLLECTIVE), "H5Pset_dxpl_mpio");
     for (const char* group : {"model", "optimizer"}) {
       Id g = create_group(c, file.get(), group);
-      if (std::string(group) == "optimizer") write_attr_i64(c, g.get(), "step", local.optimizer.step);
+      if (std::string(group) == "optimizer")
+        write_attr_i64(c, g.get(), "step", local.optimizer.step);
       const std::string where = std::string("/") + group;
       for (const auto& p : parts) {
         if (p.group != group) continue;
@@ -1139,8 +1142,8 @@ Checkpoint load_checkpoint_sharded(const std::string& path,
       }
       const TensorSlice& s = *it->second;
       if (!s.full_shape.empty() && s.full_shape != m.shape)
-        oc.c.fail(where, "/", m.name, " is ", shape_str(m.shape), " in the file, the model expects ",
-                  shape_str(s.full_shape));
+        oc.c.fail(where, "/", m.name, " is ", shape_str(m.shape),
+                  " in the file, the model expects ", shape_str(s.full_shape));
       out.emplace_back(m.name, oc.read_tensor_part(g, where, m, s.dim, s.offset, s.count));
       by_name.erase(it);
     }

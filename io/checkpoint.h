@@ -80,12 +80,12 @@ void prune_checkpoints(const std::string& dir, int64_t keep_last_n);
 // this rank holds the slice [offset, offset + count) along `dim` (a contiguous block of rows or
 // columns; tensor parallelism splits like that).
 struct TensorSlice {
-  std::string name;     // "model/<name>" or "optimizer/<name>": the dataset's path in the file
-  int64_t dim = 0;      // the split dimension
-  int64_t offset = 0;   // the slice's start along dim
-  Shape full_shape;     // the whole tensor's shape (what the file stores)
-  int64_t count = -1;   // its length along dim; -1: the local tensor's size (save) / to the end
-  bool write = true;    // save: false where another rank writes the same slice (a dp replica)
+  std::string name;    // "model/<name>" or "optimizer/<name>": the dataset's path in the file
+  int64_t dim = 0;     // the split dimension
+  int64_t offset = 0;  // the slice's start along dim
+  Shape full_shape;    // the whole tensor's shape (what the file stores)
+  int64_t count = -1;  // its length along dim; -1: the local tensor's size (save) / to the end
+  bool write = true;   // save: false where another rank writes the same slice (a dp replica)
 };
 
 // A collective save by every rank of an MPI communicator into ONE file with parallel HDF5 (MPI-IO):

@@ -7,8 +7,8 @@
 
 #include "core/allocator.h"
 #include "launch/commands.h"
-#include "parallel/communicator.h"
 #include "launch/recipe_commands.h"
+#include "parallel/communicator.h"
 
 int cmd_smoke();  // launch/smoke.cpp
 

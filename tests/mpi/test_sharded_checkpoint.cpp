@@ -61,18 +61,18 @@ struct Spec {
   std::string group, name;
   Shape shape;
   DType dtype;
-  int dim;          // -1: replicated
-  bool tp_grid;     // split over the "tp" pairs of ranks, written by dp replica 0 only
+  int dim;       // -1: replicated
+  bool tp_grid;  // split over the "tp" pairs of ranks, written by dp replica 0 only
 };
 
 std::vector<Spec> specs() {
   return {
-      {"model", "embed.weight", {12, 6}, DType::f32, 0, false},   // split rows
-      {"model", "proj.weight", {5, 16}, DType::bf16, 1, false},   // split columns
-      {"model", "norm.weight", {6}, DType::f16, -1, false},       // replicated
-      {"model", "uneven.weight", {7, 3}, DType::f32, 0, false},   // 7 rows over 2 or 4 ranks
-      {"model", "tp.weight", {4, 8}, DType::f32, 1, true},        // tp x dp: replicas skip
-      {"model", "scale", {}, DType::f32, -1, false},              // a scalar
+      {"model", "embed.weight", {12, 6}, DType::f32, 0, false},  // split rows
+      {"model", "proj.weight", {5, 16}, DType::bf16, 1, false},  // split columns
+      {"model", "norm.weight", {6}, DType::f16, -1, false},      // replicated
+      {"model", "uneven.weight", {7, 3}, DType::f32, 0, false},  // 7 rows over 2 or 4 ranks
+      {"model", "tp.weight", {4, 8}, DType::f32, 1, true},       // tp x dp: replicas skip
+      {"model", "scale", {}, DType::f32, -1, false},             // a scalar
       {"optimizer", "exp_avg.embed.weight", {12, 6}, DType::f32, 0, false},
       {"optimizer", "exp_avg_sq.embed.weight", {12, 6}, DType::f64, 0, false},
       {"optimizer", "count", {3}, DType::i64, -1, false},

@@ -5,7 +5,8 @@
 //          (parallel::report_fatal_error: one "error on rank R of N" line, then MPI_Abort)
 //   kill   raise(SIGKILL): no handler runs, mpirun must notice and take the job down
 //   exit   std::_Exit(3) without MPI_Finalize: mpirun must notice the early exit
-//   kill_in_save  SIGKILL from a timer thread 1 ms (FTUNE_TEST_KILL_DELAY_US) into step N, while the ranks keep saving
+//   kill_in_save  SIGKILL from a timer thread 1 ms (FTUNE_TEST_KILL_DELAY_US) into step N, while
+//   the ranks keep saving
 //          with no pause: the kill lands at a random point, usually inside a collective save
 // The other ranks keep calling collectives, which would block forever if mpirun did not kill them.
 //
@@ -97,8 +98,8 @@ int check(const std::string& dir, int64_t min_step) {
   auto path = latest_valid_checkpoint(dir);
   FTUNE_CHECK(path.has_value(), "[probe] no valid checkpoint in ", dir);
   Checkpoint ck = load_checkpoint(*path);
-  FTUNE_CHECK(ck.step >= min_step, "[probe] newest valid checkpoint ", *path, " is step ",
-              ck.step, ", expected >= ", min_step);
+  FTUNE_CHECK(ck.step >= min_step, "[probe] newest valid checkpoint ", *path, " is step ", ck.step,
+              ", expected >= ", min_step);
   FTUNE_CHECK(ck.model.size() == 2 && ck.model[0].first == "w" && ck.model[1].first == "b",
               "[probe] ", *path, ": unexpected tensors");
   const Tensor& w = ck.model[0].second;
@@ -120,8 +121,10 @@ int check(const std::string& dir, int64_t min_step) {
     FTUNE_CHECK(!is_valid_checkpoint(e.path().string()), "[probe] temp file ", name,
                 " passes as a valid checkpoint");
   }
-  std::printf("mpi_failure_probe: %s (step %lld) is complete and correct; %d temp file(s), "
-              "none valid\n", path->c_str(), (long long)ck.step, temps);
+  std::printf(
+      "mpi_failure_probe: %s (step %lld) is complete and correct; %d temp file(s), "
+      "none valid\n",
+      path->c_str(), (long long)ck.step, temps);
   return 0;
 }
 
