@@ -9,6 +9,7 @@
 #include <cinttypes>
 #include <cstdio>
 #include <cstring>
+#include <exception>
 #include <filesystem>
 #include <map>
 #include <mutex>
@@ -122,6 +123,16 @@ bool is_valid_checkpoint(const std::string&, std::string* why) {
   return false;
 }
 std::string describe_checkpoint(const std::string&, bool) { FTUNE_THROW(kNoHdf5); }
+void save_checkpoint_sharded(const std::string&, const Checkpoint&, const std::vector<TensorSlice>&,
+                             void*) {
+  FTUNE_THROW(kNoHdf5);
+}
+Tensor load_checkpoint_slice(const std::string&, const std::string&, int64_t, int64_t, int64_t) {
+  FTUNE_THROW(kNoHdf5);
+}
+Checkpoint load_checkpoint_sharded(const std::string&, const std::vector<TensorSlice>&) {
+  FTUNE_THROW(kNoHdf5);
+}
 
 #else  // FTUNE_HAVE_HDF5
 
@@ -464,25 +475,34 @@ void write_tensors(const Ctx& c, hid_t file, const char* group, const nn::NamedT
   }
 }
 
+void write_root_attrs(const Ctx& c, hid_t f, const Checkpoint& ck) {
+  write_attr_str(c, f, "ftune_format", kCheckpointFormatName);
+  write_attr_i64(c, f, "format_version", kCheckpointFormatVersion);
+  write_attr_i64(c, f, "step", ck.step);
+  write_attr_i64(c, f, "epoch", ck.epoch);
+  write_attr_i64(c, f, "adapter_only", ck.adapter_only ? 1 : 0);
+}
+
+// The strings, then complete=1, then flush: a file without complete=1 was cut short.
+void write_trailer(const Ctx& c, const std::string& tmp, hid_t f, const Checkpoint& ck) {
+  write_string_dataset(c, f, "trainer_state", ck.trainer_state.dump());
+  write_string_dataset(c, f, "recipe", ck.recipe_yaml);
+  write_string_dataset(c, f, "model_config", ck.model_config.dump());
+  write_string_dataset(c, f, "adapter_config", ck.adapter_config.dump());
+  write_attr_i64(c, f, "complete", 1);
+  c.check(H5Fflush(f, H5F_SCOPE_GLOBAL), "cannot flush ", tmp);
+}
+
 void write_file(const Ctx& c, const std::string& tmp, const Checkpoint& ck) {
   Id fapl = make_fapl(c);
   Id file = c.check(H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), H5Fclose,
                     "cannot create ", tmp);
   Id dxpl = make_dxpl(c);
   const hid_t f = file.get();
-  write_attr_str(c, f, "ftune_format", kCheckpointFormatName);
-  write_attr_i64(c, f, "format_version", kCheckpointFormatVersion);
-  write_attr_i64(c, f, "step", ck.step);
-  write_attr_i64(c, f, "epoch", ck.epoch);
-  write_attr_i64(c, f, "adapter_only", ck.adapter_only ? 1 : 0);
+  write_root_attrs(c, f, ck);
   write_tensors(c, f, "model", ck.model, dxpl.get());
   write_tensors(c, f, "optimizer", ck.optimizer.tensors, dxpl.get(), ck.optimizer.step);
-  write_string_dataset(c, f, "trainer_state", ck.trainer_state.dump());
-  write_string_dataset(c, f, "recipe", ck.recipe_yaml);
-  write_string_dataset(c, f, "model_config", ck.model_config.dump());
-  write_string_dataset(c, f, "adapter_config", ck.adapter_config.dump());
-  write_attr_i64(c, f, "complete", 1);  // last: a file without it was cut short
-  c.check(H5Fflush(f, H5F_SCOPE_GLOBAL), "cannot flush ", tmp);
+  write_trailer(c, tmp, f, ck);
   if (!file.close()) c.fail_h5("cannot close ", tmp);
 }
 
@@ -700,6 +720,34 @@ struct OpenCheckpoint {
     }
     return out;
   }
+  // The slice [offset, offset + count) along dim (count -1: to the end) of a tensor.
+  Tensor read_tensor_part(hid_t g, const std::string& where, const TensorMeta& m, int64_t dim,
+                          int64_t offset, int64_t count) {
+    const std::string what = where + "/" + m.name;
+    const int64_t nd = int64_t(m.shape.size());
+    if (dim < 0 || dim >= nd) c.fail(what, shape_str(m.shape), " has no dimension ", dim);
+    const int64_t full = m.shape[size_t(dim)];
+    if (count < 0) count = full - offset;
+    if (offset < 0 || count < 0 || offset + count > full)
+      c.fail(what, shape_str(m.shape), ": slice [", offset, ", ", offset + count,
+             ") along dimension ", dim, " is out of range");
+    Shape shape = m.shape;
+    shape[size_t(dim)] = count;
+    Tensor t = Tensor::empty(shape, m.dtype);
+    if (t.numel() == 0) return t;
+    Id d = open_dataset(c, g, m.name, what);
+    Id fspace = c.check(H5Dget_space(d.get()), H5Sclose, "H5Dget_space");
+    std::vector<hsize_t> start(size_t(nd), 0), cnt(shape.begin(), shape.end());
+    start[size_t(dim)] = hsize_t(offset);
+    c.check(H5Sselect_hyperslab(fspace.get(), H5S_SELECT_SET, start.data(), nullptr, cnt.data(),
+                                nullptr),
+            "cannot select the slice of ", what);
+    Id mspace = make_space(c, shape);
+    Id mtype = file_type(m.dtype, true);
+    c.check(H5Dread(d.get(), mtype.get(), mspace.get(), fspace.get(), H5P_DEFAULT, t.raw_data()),
+            "cannot read ", what);
+    return t;
+  }
   Tensor read_tensor(hid_t g, const std::string& where, const TensorMeta& m) {
     const std::string what = where + "/" + m.name;
     Id d = open_dataset(c, g, m.name, what);
@@ -821,6 +869,289 @@ std::string describe_checkpoint(const std::string& path, bool verbose) {
   std::istringstream r(h.recipe_yaml);
   for (std::string line; std::getline(r, line);) o << "  " << line << "\n";
   return o.str();
+}
+
+// ------------------------------------------------------------------ sharded (issue 5)
+
+namespace {
+
+// "model/<name>" or "optimizer/<name>" -> (group, name); anything else -> an Error.
+std::pair<std::string, std::string> split_tensor_path(const Ctx& c, const std::string& p) {
+  const size_t slash = p.find('/');
+  const std::string group = p.substr(0, slash == std::string::npos ? 0 : slash);
+  if ((group != "model" && group != "optimizer") || slash + 1 >= p.size())
+    c.fail("tensor \"", p, "\" is not \"model/<name>\" or \"optimizer/<name>\"");
+  return {group, p.substr(slash + 1)};
+}
+
+// One tensor of a sharded save as this rank sees it.
+struct Part {
+  std::string group, name;
+  Tensor local;      // this rank's tensor, on the CPU, contiguous
+  Shape full_shape;  // the dataset's shape
+  int64_t dim = -1;  // -1: replicated
+  int64_t offset = 0;
+  bool write = true;  // this rank writes `local` into the file
+};
+
+// Checks this rank's arguments and pairs every local tensor with its slice (or none).
+std::vector<Part> plan_parts(const Ctx& c, const Checkpoint& ck,
+                             const std::vector<TensorSlice>& slices, int rank) {
+  std::map<std::string, const TensorSlice*> by_name;
+  for (const auto& s : slices) {
+    split_tensor_path(c, s.name);
+    if (!by_name.emplace(s.name, &s).second) c.fail("slice of \"", s.name, "\" given twice");
+  }
+  std::vector<Part> parts;
+  auto add = [&](const char* group, const nn::NamedTensors& ts) {
+    for (const auto& [name, t] : ts) {
+      check_name(c, std::string("/") + group, name);
+      if (!t.defined()) c.fail("tensor /", group, "/", name, " is undefined");
+      Part p;
+      p.group = group;
+      p.name = name;
+      p.local = t.to(Device::cpu()).contiguous();
+      p.full_shape = p.local.shape();
+      p.write = rank == 0;
+      auto it = by_name.find(std::string(group) + "/" + name);
+      if (it != by_name.end()) {
+        const TensorSlice& s = *it->second;
+        const Shape& ls = p.local.shape();
+        const std::string what = str_cat("/", group, "/", name, " (local ", shape_str(ls),
+                                         ", full ", shape_str(s.full_shape), ")");
+        if (s.dim < 0 || s.dim >= int64_t(ls.size()) || s.full_shape.size() != ls.size())
+          c.fail(what, ": split dimension ", s.dim, " does not fit");
+        for (size_t d = 0; d < ls.size(); ++d)
+          if (int64_t(d) != s.dim && ls[d] != s.full_shape[d])
+            c.fail(what, ": the shapes differ outside the split dimension ", s.dim);
+        const int64_t n = ls[size_t(s.dim)];
+        if (s.count >= 0 && s.count != n)
+          c.fail(what, ": count ", s.count, " but the local tensor has ", n);
+        if (s.offset < 0 || s.offset + n > s.full_shape[size_t(s.dim)])
+          c.fail(what, ": slice [", s.offset, ", ", s.offset + n, ") is out of range");
+        p.full_shape = s.full_shape;
+        p.dim = s.dim;
+        p.offset = s.offset;
+        p.write = s.write;
+        by_name.erase(it);
+      }
+      parts.push_back(std::move(p));
+    }
+  };
+  add("model", ck.model);
+  add("optimizer", ck.optimizer.tensors);
+  if (!by_name.empty()) c.fail("slice of \"", by_name.begin()->first, "\" names no tensor");
+  // Names must be unique per group (the serial save checks the same).
+  std::map<std::string, int> seen;
+  for (const auto& p : parts)
+    if (++seen[p.group + "/" + p.name] > 1) c.fail("tensor /", p.group, "/", p.name, " twice");
+  return parts;
+}
+
+}  // namespace
+
+void save_checkpoint_sharded(const std::string& path, const Checkpoint& local,
+                             const std::vector<TensorSlice>& slices, void* mpi_comm) {
+  const Ctx c{path};
+  if (!mpi_comm) {
+    // One process: the slices must be the whole tensors; then it is an ordinary save.
+    plan_parts(c, local, slices, 0);
+    for (const auto& s : slices) {
+      const auto [group, name] = split_tensor_path(c, s.name);
+      const auto& ts = group == "model" ? local.model : local.optimizer.tensors;
+      for (const auto& [n, t] : ts)
+        if (n == name && t.shape() != s.full_shape)
+          c.fail("/", s.name, " is a slice ", shape_str(t.shape()), " of ", shape_str(s.full_shape),
+                 ", but this process is the only writer");
+    }
+    save_checkpoint(path, local);
+    return;
+  }
+#if !defined(FTUNE_HAVE_MPI) || !defined(H5_HAVE_PARALLEL)
+  c.fail(
+      "this build's HDF5 has no MPI-IO (parallel HDF5): a sharded save needs one "
+      "(Debian: libhdf5-openmpi-dev)");
+#else
+  MPI_Comm comm = *static_cast<MPI_Comm*>(mpi_comm);
+  int rank = 0, size = 1;
+  MPI_Comm_rank(comm, &rank);
+  MPI_Comm_size(comm, &size);
+
+  // Every rank learns whether any rank failed, so all throw together instead of some waiting in a
+  // collective for the others.
+  auto agree = [&](std::exception_ptr& my_error) {
+    int mine = my_error ? 1 : 0, any = 0;
+    MPI_Allreduce(&mine, &any, 1, MPI_INT, MPI_MAX, comm);
+    if (my_error) std::rethrow_exception(my_error);
+    if (any) c.fail("another rank of the sharded save failed (see its error)");
+  };
+
+  std::vector<Part> parts;
+  std::exception_ptr err;
+  try {
+    parts = plan_parts(c, local, slices, rank);
+  } catch (...) {
+    err = std::current_exception();
+  }
+  agree(err);
+
+  // The same metadata on every rank: names, order, dtypes, full shapes, steps (FNV-1a hash; max of
+  // h and of ~h over ranks equal h and ~h only when every rank has h).
+  std::string meta = str_cat(local.step, ";", local.optimizer.step, ";");
+  for (const auto& p : parts)
+    meta += str_cat(p.group, "/", p.name, ":", dtype_name(p.local.dtype()), shape_str(p.full_shape),
+                    ";");
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char ch : meta) h = (h ^ ch) * 1099511628211ull;
+  uint64_t hs[2] = {h, ~h}, mx[2] = {0, 0};
+  MPI_Allreduce(hs, mx, 2, MPI_UINT64_T, MPI_MAX, comm);
+  if (mx[0] != h || mx[1] != ~h)
+    c.fail(
+        "the ranks disagree on the tensors of the checkpoint (names, order, dtypes, full "
+        "shapes) or on the step; this rank has ",
+        meta.size() > 300 ? meta.substr(0, 300) + "..." : meta);
+
+  // The written slices must cover every tensor: elements written, summed over ranks.
+  std::vector<int64_t> written(parts.size()), total(parts.size());
+  for (size_t i = 0; i < parts.size(); ++i)
+    written[i] = parts[i].write ? parts[i].local.numel() : 0;
+  MPI_Allreduce(written.data(), total.data(), int(parts.size()), MPI_INT64_T, MPI_SUM, comm);
+  for (size_t i = 0; i < parts.size(); ++i)
+    if (total[i] != shape_numel(parts[i].full_shape))
+      c.fail("/", parts[i].group, "/", parts[i].name, shape_str(parts[i].full_shape), ": the ranks",
+             " write ", total[i], " elements, the tensor has ", shape_numel(parts[i].full_shape),
+             " (slices missing or written twice: set TensorSlice::write on one replica only)");
+
+  // Rank 0 names the temp file and makes the folder before anyone opens it.
+  int64_t pid = 0;
+  const std::string dir = path_dirname(path);
+  if (rank == 0) {
+    pid = ::getpid();
+    std::error_code ec;
+    fs::create_directories(dir, ec);
+    if (ec) {
+      try {
+        c.fail("cannot create the folder ", dir, ": ", ec.message());
+      } catch (...) {
+        err = std::current_exception();
+      }
+    }
+  }
+  agree(err);
+  MPI_Bcast(&pid, 1, MPI_INT64_T, 0, comm);
+  const std::string tmp = path + ".tmp-" + std::to_string(pid);
+
+  // Phase 1, collective (MPI-IO): groups, datasets with their attributes, each rank's slices.
+  // Variable-length strings cannot be written as parallel raw data, so they wait for phase 2.
+  try {
+    QuietHdf5 quiet;
+    Id fapl = c.check(H5Pcreate(H5P_FILE_ACCESS), H5Pclose, "H5Pcreate");
+    c.check(H5Pset_fapl_mpio(fapl.get(), comm, MPI_INFO_NULL), "H5Pset_fapl_mpio");
+    Id file = c.check(H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), H5Fclose,
+                      "cannot create ", tmp);
+    Id dxpl = c.check(H5Pcreate(H5P_DATASET_XFER), H5Pclose, "H5Pcreate");
+    c.check(H5Pset_dxpl_mpio(dxpl.get(), H5FD_MPIO_COLLECTIVE), "H5Pset_dxpl_mpio");
+    for (const char* group : {"model", "optimizer"}) {
+      Id g = create_group(c, file.get(), group);
+      if (std::string(group) == "optimizer")
+        write_attr_i64(c, g.get(), "step", local.optimizer.step);
+      const std::string where = std::string("/") + group;
+      for (const auto& p : parts) {
+        if (p.group != group) continue;
+        const std::string what = where + "/" + p.name;
+        Id d = create_tensor_dataset(c, g.get(), where, p.name, p.local.dtype(), p.full_shape);
+        if (p.write && p.local.numel() > 0) {
+          Shape off(p.full_shape.size(), 0);
+          if (p.dim >= 0) off[size_t(p.dim)] = p.offset;
+          write_tensor_slice(c, d.get(), what, off, p.local, dxpl.get());
+        } else {  // a collective write: this rank takes part with an empty selection
+          Id fspace = c.check(H5Dget_space(d.get()), H5Sclose, "H5Dget_space");
+          Id mspace = c.check(H5Scopy(fspace.get()), H5Sclose, "H5Scopy");
+          H5Sselect_none(fspace.get());
+          H5Sselect_none(mspace.get());
+          Id mtype = file_type(p.local.dtype(), true);
+          char dummy[16] = {};
+          c.check(H5Dwrite(d.get(), mtype.get(), mspace.get(), fspace.get(), dxpl.get(), dummy),
+                  "cannot write ", what);
+        }
+      }
+    }
+    if (!file.close()) c.fail_h5("cannot close ", tmp);
+  } catch (...) {
+    if (rank == 0) ::unlink(tmp.c_str());
+    throw;  // the other ranks may be inside a collective: main() takes the job down
+  }
+  MPI_Barrier(comm);  // every rank's data is in the file
+
+  // Phase 2, rank 0 alone (POSIX driver): the header, the strings, complete=1, fsync, rename.
+  if (rank == 0) {
+    try {
+      {
+        QuietHdf5 quiet;
+        Id fapl = make_fapl(c);
+        Id file = c.check(H5Fopen(tmp.c_str(), H5F_ACC_RDWR, fapl.get()), H5Fclose,
+                          "cannot reopen ", tmp);
+        write_root_attrs(c, file.get(), local);
+        write_trailer(c, tmp, file.get(), local);
+        if (!file.close()) c.fail_h5("cannot close ", tmp);
+      }
+      fsync_path(tmp, false);
+      if (::rename(tmp.c_str(), path.c_str()) != 0)
+        c.fail("cannot rename ", tmp, " onto it: ", std::strerror(errno));
+      fsync_path(dir, true);
+    } catch (...) {
+      ::unlink(tmp.c_str());
+      err = std::current_exception();
+    }
+  }
+  agree(err);  // the second barrier: after it the final file is in place for every rank
+#endif
+}
+
+Tensor load_checkpoint_slice(const std::string& path, const std::string& name, int64_t dim,
+                             int64_t offset, int64_t count) {
+  QuietHdf5 quiet;
+  OpenCheckpoint oc(path);
+  const auto [group, tname] = split_tensor_path(oc.c, name);
+  const bool model = group == "model";
+  for (const auto& m : model ? oc.model_meta : oc.optim_meta)
+    if (m.name == tname)
+      return oc.read_tensor_part(model ? oc.model.get() : oc.optimizer.get(), "/" + group, m, dim,
+                                 offset, count);
+  oc.c.fail("no tensor /", name);
+}
+
+Checkpoint load_checkpoint_sharded(const std::string& path,
+                                   const std::vector<TensorSlice>& slices) {
+  QuietHdf5 quiet;
+  OpenCheckpoint oc(path);
+  std::map<std::string, const TensorSlice*> by_name;
+  for (const auto& s : slices) {
+    split_tensor_path(oc.c, s.name);
+    by_name[s.name] = &s;
+  }
+  Checkpoint ck = std::move(oc.head);
+  auto read = [&](const char* group, hid_t g, const std::vector<TensorMeta>& metas,
+                  nn::NamedTensors& out) {
+    const std::string where = std::string("/") + group;
+    for (const auto& m : metas) {
+      auto it = by_name.find(std::string(group) + "/" + m.name);
+      if (it == by_name.end()) {
+        out.emplace_back(m.name, oc.read_tensor(g, where, m));
+        continue;
+      }
+      const TensorSlice& s = *it->second;
+      if (!s.full_shape.empty() && s.full_shape != m.shape)
+        oc.c.fail(where, "/", m.name, " is ", shape_str(m.shape),
+                  " in the file, the model expects ", shape_str(s.full_shape));
+      out.emplace_back(m.name, oc.read_tensor_part(g, where, m, s.dim, s.offset, s.count));
+      by_name.erase(it);
+    }
+  };
+  read("model", oc.model.get(), oc.model_meta, ck.model);
+  read("optimizer", oc.optimizer.get(), oc.optim_meta, ck.optimizer.tensors);
+  if (!by_name.empty()) oc.c.fail("no tensor /", by_name.begin()->first);
+  return ck;
 }
 
 #endif  // FTUNE_HAVE_HDF5

@@ -74,6 +74,46 @@ std::optional<std::string> latest_valid_checkpoint(const std::string& dir);
 // "step_*.h5.tmp-<pid>" whose writer process no longer exists on this host.
 void prune_checkpoints(const std::string& dir, int64_t keep_last_n);
 
+// ---- Sharded checkpoints (issue 5): several ranks, one file, tensors at full shape.
+
+// One rank's part of a tensor: the dataset "model/<name>" or "optimizer/<name>" has `full_shape`;
+// this rank holds the slice [offset, offset + count) along `dim` (a contiguous block of rows or
+// columns; tensor parallelism splits like that).
+struct TensorSlice {
+  std::string name;    // "model/<name>" or "optimizer/<name>": the dataset's path in the file
+  int64_t dim = 0;     // the split dimension
+  int64_t offset = 0;  // the slice's start along dim
+  Shape full_shape;    // the whole tensor's shape (what the file stores)
+  int64_t count = -1;  // its length along dim; -1: the local tensor's size (save) / to the end
+  bool write = true;   // save: false where another rank writes the same slice (a dp replica)
+};
+
+// A collective save by every rank of an MPI communicator into ONE file with parallel HDF5 (MPI-IO):
+// `local` holds this rank's tensors: the slice of each tensor named in `slices`, the whole
+// tensor for the others (replicated: written by rank 0 only). Every rank passes the same tensor
+// names, in the same order, with the same dtypes and full shapes (checked: an Error on every rank
+// otherwise), and the written slices must cover every tensor exactly (checked by element count).
+// The step, epoch, strings and trainer_state come from rank 0. The file is identical in layout to
+// save_checkpoint of the full tensors, and written with the same protocol: "<path>.tmp-<pid of
+// rank 0>" (tensor data collectively, then rank 0 adds the header and complete=1, fsyncs and
+// renames); when it returns on any rank, the final file is in place for all.
+// `mpi_comm` points to an MPI_Comm (parallel/checkpoint_io.h passes a Communicator's; io/ does not
+// depend on parallel/); nullptr: this process alone (the slices must then be whole tensors).
+// Throws on every rank when any rank's arguments are bad; an HDF5 or I/O error on one rank throws
+// there, and main() takes the job down (the other ranks may be inside a collective).
+void save_checkpoint_sharded(const std::string& path, const Checkpoint& local,
+                             const std::vector<TensorSlice>& slices, void* mpi_comm);
+
+// The slice [offset, offset + count) along `dim` of the tensor `name` ("model/<name>" or
+// "optimizer/<name>") of a checkpoint, whichever layout wrote it (count -1: to the end). Validates
+// the file as load_checkpoint does. Any number of processes may read one file at once.
+Tensor load_checkpoint_slice(const std::string& path, const std::string& name, int64_t dim,
+                             int64_t offset, int64_t count);
+
+// load_checkpoint, reading for each tensor named in `slices` only that slice (resume at another
+// tp/dp layout: each rank reads its part); other tensors come whole.
+Checkpoint load_checkpoint_sharded(const std::string& path, const std::vector<TensorSlice>& slices);
+
 // For `ftune inspect FILE`: format version, step, epoch, adapter_only, a model config summary,
 // tensor and parameter counts, bytes, optimizer state, trainer_state and the recipe; with
 // verbose, every tensor's name, shape and dtype. Reads no tensor data. Throws like load.

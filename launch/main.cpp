@@ -7,8 +7,8 @@
 
 #include "core/allocator.h"
 #include "launch/commands.h"
-#include "parallel/communicator.h"
 #include "launch/recipe_commands.h"
+#include "parallel/communicator.h"
 
 int cmd_smoke();  // launch/smoke.cpp
 
@@ -82,16 +82,8 @@ int main(int argc, char** argv) {
     if (*inspect) return ftune::cli::cmd_inspect(inspect_args);
     return 2;  // unreachable: a subcommand is required
   } catch (const std::exception& e) {
-    std::fflush(stdout);
-    // Under mpirun: name the failing rank, then take the whole job down so no other rank waits
-    // forever in a collective (each rank that fails prints its own reason once).
-    auto [rank, size] = ftune::parallel::job_rank_and_size();
-    if (size > 1) {
-      std::fprintf(stderr, "ftune: error on rank %d of %d: %s\n", rank, size, e.what());
-      std::fflush(stderr);
-      ftune::parallel::abort_job(1);
-    }
-    std::fprintf(stderr, "ftune: error: %s\n", e.what());
-    return 1;
+    // Under mpirun: names the failing rank, then takes the whole job down so no other rank waits
+    // forever in a collective (docs/distributed.md, "Failure handling").
+    return ftune::parallel::report_fatal_error("ftune", e.what());
   }
 }

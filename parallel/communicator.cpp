@@ -1,6 +1,8 @@
 #include "parallel/communicator.h"
 
+#include <cstdio>
 #include <cstdlib>
+#include <tuple>
 
 #include "core/error.h"
 
@@ -87,6 +89,37 @@ bool launched_by_mpi() {
     if (std::getenv(v)) return true;
   }
   return false;
+}
+
+namespace {
+// The launcher's rank and size (Open MPI, then PMI: MPICH, Slurm's srun), for errors raised before
+// MPI is initialised; {0, 1} outside a launcher.
+std::pair<int, int> launcher_rank_and_size() {
+  for (auto [r, n] : {std::pair{"OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"},
+                      std::pair{"PMI_RANK", "PMI_SIZE"}}) {
+    const char *rv = std::getenv(r), *nv = std::getenv(n);
+    if (rv && nv) return {std::atoi(rv), std::atoi(nv)};
+  }
+  return {0, 1};
+}
+}  // namespace
+
+int report_fatal_error(const char* prog, const char* what) {
+  std::fflush(stdout);
+  auto [rank, size] = job_rank_and_size();
+  const bool mpi_up = size > 1;
+  if (!mpi_up) std::tie(rank, size) = launcher_rank_and_size();
+  if (size > 1) {
+    std::fprintf(stderr, "%s: error on rank %d of %d: %s\n", prog, rank, size, what);
+    std::fflush(stderr);
+    // MPI_Abort: mpirun kills every rank of the job (SIGTERM, then SIGKILL), so no rank is left
+    // waiting in a collective for this one. Before MPI_Init, the non-zero exit code does it:
+    // mpirun aborts the job when a rank exits non-zero.
+    if (mpi_up) abort_job(1);
+    return 1;
+  }
+  std::fprintf(stderr, "%s: error: %s\n", prog, what);
+  return 1;
 }
 
 #ifndef FTUNE_HAVE_MPI

@@ -52,6 +52,10 @@ class Communicator {
   virtual void barrier() = 0;
   // Sub-communicators as MPI_Comm_split: ranks with the same color form one, ordered by key.
   virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
+  // The backend's own handle, for libraries that take one (parallel HDF5 takes an MPI_Comm):
+  // a pointer to this communicator's MPI_Comm for "mpi", nullptr for "single". Valid while the
+  // communicator lives.
+  virtual void* native_handle() { return nullptr; }
 
   // Conveniences over all_reduce for metrics (loss sums, token counts).
   double all_reduce_scalar(double v, ReduceOp op = ReduceOp::sum);
@@ -77,6 +81,12 @@ bool launched_by_mpi();
 // collective. A no-op without MPI or when MPI was never initialised.
 void abort_job(int code);
 void finalize_mpi();
+// main()'s error path, shared by the ftune CLI and the MPI test programs. In a job of several
+// ranks: prints "<prog>: error on rank R of N: <what>" once on stderr (only the failing rank
+// prints it) and, once MPI is initialised, calls abort_job(1), which does not return (before
+// MPI_Init it returns 1: mpirun aborts the job when a rank exits non-zero). Outside a job
+// prints "<prog>: error: <what>" and returns 1, main()'s exit code.
+int report_fatal_error(const char* prog, const char* what);
 // This process's rank in the job and the job's size when MPI is initialised, else {0, 1}.
 std::pair<int, int> job_rank_and_size();
 

@@ -225,6 +225,7 @@ class MpiCommunicator : public Communicator {
     check_mpi(MPI_Comm_split(comm_, color, key, &sub), "MPI_Comm_split");
     return std::make_unique<MpiCommunicator>(sub, true);
   }
+  void* native_handle() override { return &comm_; }
 
  private:
   static int int_count(int64_t n) {
