@@ -11,7 +11,7 @@ class App;
 namespace ftune::cli {
 
 struct GenerateArgs {
-  std::string model;  // HF model folder: config.json, weights, tokenizer.json
+  std::string model;  // HF model folder, HDF5 checkpoint, or a run's output_dir
   std::vector<std::string> prompts;
   int64_t max_new_tokens = -1;  // not given: 128, or fewer to fit the model's context
   double temperature = 0.0;     // 0: greedy

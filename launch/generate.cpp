@@ -1,20 +1,25 @@
 // `ftune generate`: sample from a HF model folder, streaming the text to stdout.
 #include "models/generate.h"
 
+#include <unistd.h>
+
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <vector>
 
 #include "core/error.h"
 #include "data/chat_template.h"
 #include "data/tokenizer.h"
+#include "io/checkpoint.h"
 #include "launch/commands.h"
 #include "models/transformer.h"
 
@@ -29,7 +34,10 @@ CLI::App* add_generate_command(CLI::App& app, GenerateArgs& a) {
       "generate",
       "generate text from a Hugging Face model folder (config.json, model.safetensors, "
       "tokenizer.json)");
-  g->add_option("--model,-m", a.model, "the model folder")->required();
+  g->add_option("--model,-m", a.model,
+                "a HF model folder, an HDF5 checkpoint, or a run's output_dir (its latest "
+                "checkpoint)")
+      ->required();
   g->add_option("--prompt,-p", a.prompts, "a prompt (repeat for a batch)")->required();
   g->add_option("--max-new-tokens,-n", a.max_new_tokens,
                 "new tokens per prompt at most (default: 128, or fewer to fit the model's "
@@ -150,7 +158,46 @@ class StreamPrinter {
 
 }  // namespace
 
-int cmd_generate(const GenerateArgs& a) {
+namespace {
+
+// A removed-on-exit folder for a checkpoint exported to a HF folder.
+struct TempDir {
+  fs::path path;
+  ~TempDir() {
+    std::error_code ec;
+    if (!path.empty()) fs::remove_all(path, ec);
+  }
+};
+
+}  // namespace
+
+int cmd_generate(const GenerateArgs& a_in) {
+  GenerateArgs a = a_in;
+  // A checkpoint (an .h5 file, or a run's output_dir) is exported to a temporary HF folder first
+  // (LoRA merged, tokenizer files copied), exactly as `ftune export --format hf` writes it.
+  TempDir tmp;
+  const bool is_ckpt_file = fs::is_regular_file(a.model) && fs::path(a.model).extension() == ".h5";
+  const bool is_run_dir = fs::is_directory(a.model) &&
+                          !fs::exists(fs::path(a.model) / "config.json") &&
+                          !list_checkpoints(a.model).empty();
+  if (is_ckpt_file || is_run_dir) {
+    tmp.path = fs::temp_directory_path() / ("ftune_generate_" + std::to_string(::getpid()));
+    fs::remove_all(tmp.path);
+    ExportArgs e;
+    e.checkpoint = a.model;
+    e.format = "hf";
+    e.output = tmp.path.string();
+    std::ostringstream quiet;
+    std::streambuf* old = std::cout.rdbuf(quiet.rdbuf());  // the export's one-line report
+    try {
+      cmd_export(e);
+    } catch (...) {
+      std::cout.rdbuf(old);
+      throw;
+    }
+    std::cout.rdbuf(old);
+    a.model = tmp.path.string();
+  }
   const fs::path dir(a.model);
   FTUNE_CHECK(fs::is_directory(dir), "[generate] model folder '", a.model,
               "' does not exist or is not a folder");

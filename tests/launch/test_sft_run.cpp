@@ -348,6 +348,18 @@ TEST_F(SftRun, ExportedHfAndPeftFoldersGiveTheTrainedModelsLogits) {
   EXPECT_EQ(run_ftune("export " + quote(run.string()) + " --format hf -o " + quote(hf.string()),
                       root_ / "export_again.log"),
             1);
+  // `ftune generate` samples from the run's latest checkpoint (exported on the fly) as from the
+  // exported HF folder: same greedy text.
+  ASSERT_EQ(run_ftune("generate --model " + quote(run.string()) + " --chat -n 6 -p 'add 1 and 2'",
+                      root_ / "gen_ckpt.log"),
+            0)
+      << slurp(root_ / "gen_ckpt.log");
+  ASSERT_EQ(run_ftune("generate --model " + quote(hf.string()) + " --chat -n 6 -p 'add 1 and 2'",
+                      root_ / "gen_hf.log"),
+            0)
+      << slurp(root_ / "gen_hf.log");
+  EXPECT_EQ(slurp(root_ / "gen_ckpt.log"), slurp(root_ / "gen_hf.log"));
+  EXPECT_FALSE(slurp(root_ / "gen_hf.log").empty());
   // `ftune inspect` reads the checkpoint.
   EXPECT_EQ(run_ftune("inspect " + quote(list_checkpoints(run.string()).back().second),
                       root_ / "inspect.log"),
