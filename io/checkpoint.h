@@ -1,5 +1,5 @@
 // Training checkpoints in HDF5: model (or adapter) tensors at full shape, optimizer state, step,
-// trainer state (sampler, RNG, ...), the resolved recipe and the model config, in one file per
+// trainer state (sampler, seed, counters, ...), the resolved recipe and the model config, in one file per
 // save. The layout is documented in docs/checkpoint-format.md (readable with h5py).
 //
 // A save goes to "<path>.tmp-<pid>" and is renamed onto <path> only when complete and fsynced, so
@@ -32,7 +32,7 @@ struct Checkpoint {
   bool adapter_only = false;  // model holds only the LoRA adapter tensors
   nn::NamedTensors model;     // dotted HF names -> tensors (f32, bf16, f16; full shapes)
   optim::OptimizerState optimizer;
-  // sampler position, rng, nan counter, best eval, ...
+  // sampler position, seed, nan counter, best eval, ...
   nlohmann::json trainer_state = nlohmann::json::object();
   std::string recipe_yaml;        // the resolved recipe
   nlohmann::json model_config;    // ModelConfig::to_json()

@@ -87,7 +87,7 @@ int cmd_export(const ExportArgs& a) {
     lo.target_modules = ac.at("target_modules").get<std::vector<std::string>>();
     apply_lora(*model, lo);
     load_named(*model, c.model, path);
-    if (tokenizer_dir.empty()) tokenizer_dir = base;
+    if (!a.base.empty() || tokenizer_dir.empty()) tokenizer_dir = base;
   } else {
     FTUNE_CHECK(a.format == "hf", "[export] ", path,
                 " holds full weights, not a LoRA adapter: use --format hf");
@@ -101,6 +101,10 @@ int cmd_export(const ExportArgs& a) {
     if (c.adapter_only) merge_lora(*model);
     model->save_pretrained(out.string());
     if (!tokenizer_dir.empty()) copy_tokenizer_files(tokenizer_dir, out);
+    if (!fs::exists(out / "tokenizer.json"))
+      std::cerr << "ftune export: warning: no tokenizer.json found at '" << tokenizer_dir
+                << "' (the run's tokenizer path): " << out.string()
+                << " has the weights but no tokenizer; copy the tokenizer files into it\n";
   }
   std::cout << "exported " << path << " (step " << c.step << ") as " << a.format << " to "
             << out.string() << "\n";

@@ -105,6 +105,7 @@ struct SftTrainer::Impl {
   int64_t tokens_seen = 0;
   std::string last_ckpt;
   int64_t last_saved_step = -1;
+  bool stopped_early = false;
 
   Impl(SftConfig c, std::ostream& l, std::shared_ptr<parallel::Communicator> w)
       : cfg(std::move(c)),
@@ -189,17 +190,23 @@ struct SftTrainer::Impl {
     SftDataStats st;
     std::vector<SftExample> train = load_sft_jsonl(cfg.dataset.path, tok, dopt, &st);
     if (!cfg.dataset.val_path.empty()) {
-      val_examples = load_sft_jsonl(cfg.dataset.val_path, tok, dopt);
+      SftDataStats vst;
+      val_examples = load_sft_jsonl(cfg.dataset.val_path, tok, dopt, &vst);
+      FTUNE_CHECK(!val_examples.empty(), "[sft] ", cfg.dataset.val_path, ": no held-out examples (",
+                  vst.lines, " lines, ", vst.dropped, " dropped by truncation: drop, ",
+                  vst.no_targets, " with no target token left after truncation)");
     } else if (cfg.dataset.val_size > 0) {
       auto [tr, va] = split_holdout(std::move(train), cfg.dataset.val_size, cfg.seed);
       train = std::move(tr);
       val_examples = std::move(va);
     }
     FTUNE_CHECK(!train.empty(), "[sft] ", cfg.dataset.path, ": no training examples (", st.lines,
-                " lines, ", st.dropped, " dropped by truncation: drop)");
+                " lines, ", st.dropped, " dropped by truncation: drop, ", st.no_targets,
+                " with no target token left after truncation)");
     log << "data: " << train.size() << " train examples (" << st.target_tokens
         << " target tokens in the file, " << st.truncated << " truncated, " << st.dropped
-        << " dropped), " << val_examples.size() << " held out\n";
+        << " dropped, " << st.no_targets << " without targets), " << val_examples.size()
+        << " held out\n";
 
     SftLoaderOptions lopt;
     lopt.batch_size = cfg.batch_size;
@@ -259,7 +266,13 @@ struct SftTrainer::Impl {
     log << "steps: " << total_steps << " (" << per_epoch << " micro-batches per epoch, " << accum
         << " per step)\n";
 
-    if (cfg.resume) restore();
+    if (cfg.resume) {
+      restore();
+    } else {
+      FTUNE_CHECK(list_checkpoints(out().string()).empty(), "[sft] ", out().string(),
+                  " already holds checkpoints of an earlier run: set resume: true to continue "
+                  "it, or choose another output_dir");
+    }
     if (step == 0 && is_root) {
       std::ofstream(metrics_path(), std::ios::trunc);  // a fresh run starts a fresh log
     }
@@ -286,10 +299,14 @@ struct SftTrainer::Impl {
          std::isfinite(best_eval) ? nlohmann::json(best_eval) : nlohmann::json(nullptr)},
         {"evals_without_improvement", evals_without_improvement},
         {"tokens_seen", tokens_seen},
+        {"early_stopped", stopped_early},
         {"total_steps", total_steps},
         {"seed", cfg.seed},
         {"parallel", {{"dp", dp}, {"tp", grid.tp}, {"zero", cfg.parallel.zero}}},
-        {"tokenizer_path", cfg.tokenizer.path.empty() ? cfg.model.path : cfg.tokenizer.path}};
+        {"tokenizer_path",
+         fs::absolute(cfg.tokenizer.path.empty() ? cfg.model.path : cfg.tokenizer.path)
+             .lexically_normal()
+             .string()}};
     c.recipe_yaml = cfg.resolved_yaml;
     c.model_config = model->config().to_json();
     if (lora) {
@@ -299,7 +316,7 @@ struct SftTrainer::Impl {
                           {"dropout", s.dropout},
                           {"use_rslora", s.use_rslora},
                           {"target_modules", s.target_modules},
-                          {"base_model", cfg.model.path}};
+                          {"base_model", fs::absolute(cfg.model.path).lexically_normal().string()}};
     } else {
       c.adapter_config = nullptr;
     }
@@ -368,6 +385,17 @@ struct SftTrainer::Impl {
                 lora ? "uses LoRA" : "does full fine-tuning");
     FTUNE_CHECK(c.model_config == model->config().to_json(), "[sft] resume: ", *latest,
                 " was written for another model config than ", cfg.model.path);
+    if (lora && c.adapter_config.is_object()) {
+      const nlohmann::json& ac = c.adapter_config;
+      const LoraSection& s = cfg.lora;
+      FTUNE_CHECK(ac.value("r", int64_t(-1)) == s.r && ac.value("alpha", -1.0) == s.alpha &&
+                      ac.value("dropout", -1.0) == s.dropout &&
+                      ac.value("use_rslora", !s.use_rslora) == s.use_rslora &&
+                      ac.value("target_modules", std::vector<std::string>{}) == s.target_modules,
+                  "[sft] resume: ", *latest, " was trained with other LoRA settings (", ac.dump(),
+                  ") than the recipe's lora section; resuming would not continue "
+                  "the same run");
+    }
     std::map<std::string, Tensor> by_name;
     for (auto& [n, t] : c.model) by_name[n] = slice_if_split(n, t);
     for (auto& [n, t] : c.optimizer.tensors) t = slice_if_split(param_of_state(n), t);
@@ -386,7 +414,11 @@ struct SftTrainer::Impl {
     else
       opt->import_state(c.optimizer);
     const nlohmann::json& ts = c.trainer_state;
-    train_loader->load_state(sampler_state_for_dp(ts.at("sampler"), *latest));
+    try {
+      train_loader->load_state(sampler_state_for_dp(ts.at("sampler"), *latest));
+    } catch (const Error& e) {
+      FTUNE_THROW("[sft] resume: ", *latest, ": ", e.what());
+    }
     step = c.step;
     skipped = ts.value("skipped_steps", int64_t(0));
     consecutive_bad = ts.value("consecutive_bad_steps", int64_t(0));
@@ -394,6 +426,7 @@ struct SftTrainer::Impl {
         ts.at("best_eval_loss").is_null() ? INFINITY : ts.at("best_eval_loss").get<double>();
     evals_without_improvement = ts.value("evals_without_improvement", int64_t(0));
     tokens_seen = ts.value("tokens_seen", int64_t(0));
+    stopped_early = ts.value("early_stopped", false);
     last_ckpt = *latest;
     last_saved_step = step;
     if (is_root) truncate_metrics_after(step);
@@ -598,6 +631,15 @@ struct SftTrainer::Impl {
     using clock = std::chrono::steady_clock;
     const int64_t accum = cfg.gradient_accumulation_steps;
     const bool has_val = !val_examples.empty();
+    if (step >= total_steps || stopped_early) {  // resumed from the run's last checkpoint
+      log << "nothing to do: the checkpoint is at step " << step << " of " << total_steps
+          << (stopped_early ? " (the run stopped early)" : "") << "\n";
+      res.steps = step;
+      res.skipped_steps = skipped;
+      res.early_stopped = stopped_early;
+      res.last_checkpoint = last_ckpt;
+      return res;
+    }
     if (step == 0 && has_val) {
       res.eval_before = evaluate();
       print_eval("before", *res.eval_before);
@@ -638,13 +680,13 @@ struct SftTrainer::Impl {
           if (reducer) reducer->set_sync(i + 1 == mbs.size());  // reduce on the last one only
           Tensor ce = loss_sum_of(mbs[i]);
           double v = ce.item();
+          loss_sum += v;  // a NaN/inf makes the logged loss NaN (metrics: null)
           if (!std::isfinite(v)) {
             bad = true;
             // With a reducer every rank must run every backward (the buckets are collectives);
             // the NaN then reaches every rank through the loss sum below.
             if (!reducer) break;
           }
-          loss_sum += v;
           ops::mul_scalar(ce, 1.0 / double(targets)).backward();
         }
         if (reducer) reducer->finish();
@@ -724,6 +766,7 @@ struct SftTrainer::Impl {
         print_eval("", m);
         print_generations("");
         stop = early_stop_after(m);
+        stopped_early = stop;  // before a save at this step, so the checkpoint records it
       }
       if (cfg.save_every_n_steps > 0 && step % cfg.save_every_n_steps == 0 && step < total_steps)
         save();

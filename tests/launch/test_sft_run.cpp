@@ -387,6 +387,26 @@ TEST_F(SftRun, ExportedHfAndPeftFoldersGiveTheTrainedModelsLogits) {
   }
 }
 
+TEST_F(SftRun, AFreshRunRefusesAFolderWithCheckpointsAndAFinishedRunResumesToNothing) {
+#ifndef FTUNE_HAVE_HDF5
+  GTEST_SKIP() << "this build has no HDF5 (checkpoints)";
+#endif
+  fs::path recipe = write_recipe("again", "");
+  const std::string args = "run " + quote(recipe.string()) + " max_steps=3 eval_every_n_steps=0";
+  ASSERT_EQ(run_ftune(args, root_ / "again1.log"), 0) << slurp(root_ / "again1.log");
+  // Without resume, the old run's checkpoints would mix with the new ones: refused.
+  EXPECT_EQ(run_ftune(args, root_ / "again2.log"), 1);
+  EXPECT_NE(slurp(root_ / "again2.log").find("already holds checkpoints"), std::string::npos)
+      << slurp(root_ / "again2.log");
+  // Resuming a finished run trains nothing and writes nothing more.
+  const std::string before = slurp(root_ / "again" / "metrics.jsonl");
+  ASSERT_EQ(run_ftune(args + " resume=true", root_ / "again3.log"), 0)
+      << slurp(root_ / "again3.log");
+  EXPECT_NE(slurp(root_ / "again3.log").find("nothing to do"), std::string::npos)
+      << slurp(root_ / "again3.log");
+  EXPECT_EQ(slurp(root_ / "again" / "metrics.jsonl"), before);
+}
+
 TEST(BuiltinRecipes, QuickstartAndPretrainValidateAgainstTheAssets) {
   const fs::path src(FTUNE_SOURCE_DIR);
   for (const char* r : {"recipes/quickstart_lora.yaml", "recipes/pretrain_tiny.yaml"}) {
