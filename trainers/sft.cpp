@@ -370,8 +370,9 @@ struct SftTrainer::Impl {
     int64_t found = -1;
     for (auto& [st, path] : list_checkpoints(out().string()))
       if (latest && path == *latest) found = st;
-    FTUNE_CHECK(world->all_reduce_int(found, parallel::ReduceOp::max) ==
-                    world->all_reduce_int(found, parallel::ReduceOp::min),
+    const int64_t found_max = world->all_reduce_int(found, parallel::ReduceOp::max);
+    const int64_t found_min = world->all_reduce_int(found, parallel::ReduceOp::min);
+    FTUNE_CHECK(found_max == found_min,
                 "[sft] resume: the ranks found different latest checkpoints in ", out().string(),
                 " (rank ", world->rank(), ": ", latest ? *latest : std::string("none"),
                 "); output_dir must be one directory shared by every rank");
