@@ -33,6 +33,11 @@ void ensure_mpi() {
     int inited = 0;
     MPI_Initialized(&inited);
     if (!inited) {
+      // Open MPI's non-blocking all-reduce (coll/libnbc) picks a binomial tree (reduce to one
+      // rank, then broadcast the whole buffer) below 4 ranks or for in-place buffers, i.e. for
+      // every call here: 2-3x slower than its ring on gradient buckets (bench/results/
+      // cpu_scaling.md). Ask for the ring unless the user set the parameter; other MPIs ignore it.
+      setenv("OMPI_MCA_coll_libnbc_iallreduce_algorithm", "1", /*overwrite=*/0);
       int provided = 0;
       // FUNNELED: only the main thread calls MPI (OpenMP threads never do).
       check_mpi(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided),
