@@ -4,6 +4,7 @@
 # (strong scaling: tp = world, fixed global batch), plus the baselines the efficiencies need.
 # Writes bench/results/cpu_scaling.md (table, machine, commands, load) and cpu_scaling.png.
 #   BUILD_DIR=build bench/scaling/run.sh            # WAIT_QUIET=600: seconds to wait for load < 1.5
+# The "Interpretation" section of cpu_scaling.md is written by hand after a run (rewrite it).
 # Threads: total threads = cores (2): 2 OpenMP threads at 1 rank, 1 per rank at 2 and 4 ranks;
 # the per-core baseline is 1 rank with 1 thread. OMP_WAIT_POLICY=passive (no spinning threads).
 set -euo pipefail
