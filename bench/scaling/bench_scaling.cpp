@@ -63,10 +63,10 @@ struct Flags {
 Flags parse(int argc, char** argv) {
   Flags f;
   std::map<std::string, int64_t*> ints = {
-      {"--tp", &f.tp},       {"--zero", &f.zero},         {"--layers", &f.layers},
-      {"--d", &f.d},         {"--heads", &f.heads},       {"--kv-heads", &f.kv},
-      {"--ffn", &f.ffn},     {"--vocab", &f.vocab},       {"--seq", &f.seq},
-      {"--batch", &f.batch}, {"--steps", &f.steps},       {"--warmup", &f.warmup}};
+      {"--tp", &f.tp},       {"--zero", &f.zero},   {"--layers", &f.layers},
+      {"--d", &f.d},         {"--heads", &f.heads}, {"--kv-heads", &f.kv},
+      {"--ffn", &f.ffn},     {"--vocab", &f.vocab}, {"--seq", &f.seq},
+      {"--batch", &f.batch}, {"--steps", &f.steps}, {"--warmup", &f.warmup}};
   std::map<std::string, double*> reals = {{"--bucket-mb", &f.bucket_mb}, {"--clip", &f.clip}};
   for (int i = 1; i < argc; i += 2) {
     std::string k = argv[i];
@@ -231,39 +231,38 @@ int main(int argc, char** argv) {
     const double step = median(step_ms);
     if (root) {
       const double tps = double(global_tokens) / (step / 1e3);
-      nlohmann::json out = {
-          {"world", world->size()},
-          {"tp", grid.tp},
-          {"dp", grid.dp},
-          {"zero", f.zero},
-          {"bucket_mb", f.bucket_mb},
-          {"buckets", reducer ? int64_t(reducer->num_buckets()) : 0},
-          {"omp_threads", omp_get_max_threads()},
-          {"layers", f.layers},
-          {"d", f.d},
-          {"heads", f.heads},
-          {"kv_heads", f.kv},
-          {"ffn", f.ffn},
-          {"vocab", f.vocab},
-          {"params", n_params},
-          {"seq", f.seq},
-          {"batch_per_replica", f.batch},
-          {"global_tokens", global_tokens},
-          {"steps", f.steps},
-          {"step_ms", step},
-          {"step_ms_min", *std::min_element(step_ms.begin(), step_ms.end())},
-          {"tokens_per_s", tps},
-          {"tokens_per_s_per_rank", tps / double(world->size())},
-          {"comm_ms", median(comm_mean)},
-          {"comm_ms_max_rank", median(comm_max)},
-          {"comm_frac", median(frac)},
-          {"comm_mib_per_step_rank0", double(comm_bytes) / (1024.0 * 1024.0)},
-          {"collectives_per_step_rank0", comm_calls},
-          {"rank0_fwd_ms", median(fwd_ms)},
-          {"rank0_bwd_ms", median(bwd_ms)},
-          {"rank0_finish_ms", median(finish_ms)},
-          {"rank0_opt_ms", median(opt_ms)},
-          {"loss", loss / double(f.batch * f.seq)}};
+      nlohmann::json out = {{"world", world->size()},
+                            {"tp", grid.tp},
+                            {"dp", grid.dp},
+                            {"zero", f.zero},
+                            {"bucket_mb", f.bucket_mb},
+                            {"buckets", reducer ? int64_t(reducer->num_buckets()) : 0},
+                            {"omp_threads", omp_get_max_threads()},
+                            {"layers", f.layers},
+                            {"d", f.d},
+                            {"heads", f.heads},
+                            {"kv_heads", f.kv},
+                            {"ffn", f.ffn},
+                            {"vocab", f.vocab},
+                            {"params", n_params},
+                            {"seq", f.seq},
+                            {"batch_per_replica", f.batch},
+                            {"global_tokens", global_tokens},
+                            {"steps", f.steps},
+                            {"step_ms", step},
+                            {"step_ms_min", *std::min_element(step_ms.begin(), step_ms.end())},
+                            {"tokens_per_s", tps},
+                            {"tokens_per_s_per_rank", tps / double(world->size())},
+                            {"comm_ms", median(comm_mean)},
+                            {"comm_ms_max_rank", median(comm_max)},
+                            {"comm_frac", median(frac)},
+                            {"comm_mib_per_step_rank0", double(comm_bytes) / (1024.0 * 1024.0)},
+                            {"collectives_per_step_rank0", comm_calls},
+                            {"rank0_fwd_ms", median(fwd_ms)},
+                            {"rank0_bwd_ms", median(bwd_ms)},
+                            {"rank0_finish_ms", median(finish_ms)},
+                            {"rank0_opt_ms", median(opt_ms)},
+                            {"loss", loss / double(f.batch * f.seq)}};
       std::printf("%s\n", out.dump().c_str());
       std::fflush(stdout);
     }

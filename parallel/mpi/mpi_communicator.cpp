@@ -90,9 +90,8 @@ class CommTimer {
   }
   ~CommTimer() {
     if (on_)
-      comm_stats_add(
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count(), bytes_,
-          collective_);
+      comm_stats_add(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count(),
+                     bytes_, collective_);
   }
   CommTimer(const CommTimer&) = delete;
   CommTimer& operator=(const CommTimer&) = delete;
