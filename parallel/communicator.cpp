@@ -23,6 +23,9 @@ int64_t Communicator::all_reduce_int(int64_t v, ReduceOp op) {
 
 namespace {
 
+bool g_stats_on = false;
+CommStats g_stats;
+
 class DoneWork : public Work {
  public:
   void wait() override {}
@@ -137,6 +140,17 @@ std::unique_ptr<Communicator> make_world_communicator(const std::string& backend
   return make_single_communicator();
 }
 #endif
+
+void set_comm_stats_enabled(bool on) { g_stats_on = on; }
+bool comm_stats_enabled() { return g_stats_on; }
+CommStats comm_stats() { return g_stats; }
+void reset_comm_stats() { g_stats = CommStats{}; }
+void comm_stats_add(double seconds, int64_t bytes, bool collective) {
+  if (!g_stats_on) return;
+  g_stats.seconds += seconds;
+  g_stats.bytes += bytes;
+  if (collective) ++g_stats.calls;
+}
 
 ProcessGrid make_grid(std::shared_ptr<Communicator> world, int tp) {
   FTUNE_CHECK(world != nullptr, "[parallel] make_grid: no world communicator");

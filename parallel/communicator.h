@@ -100,4 +100,23 @@ struct ProcessGrid {
 // Throws ftune::Error "[parallel] ..." when tp does not divide the world size.
 ProcessGrid make_grid(std::shared_ptr<Communicator> world, int tp);
 
+// Optional accounting of the time this process spends inside the MPI backend (benchmarks:
+// bench/scaling). Off by default; when on, the backend adds the wall time of every call that
+// enters MPI (blocking collectives, the start of async ones, Work::wait, Work::done, barrier)
+// and the bytes each collective puts on the wire from this rank (its input payload). It counts
+// time the calling thread is blocked or progressing MPI, not communication that overlaps
+// compute in the background. Main thread only (MPI runs FUNNELED); the single backend counts
+// nothing. Cost when off: one branch per call.
+struct CommStats {
+  double seconds = 0;  // wall time inside MPI calls
+  int64_t bytes = 0;   // payload bytes of the collectives started
+  int64_t calls = 0;   // collectives started (blocking or async; waits and tests not counted)
+};
+void set_comm_stats_enabled(bool on);
+bool comm_stats_enabled();
+CommStats comm_stats();
+void reset_comm_stats();
+// Used by backends: add one timed interval (and optionally a collective's bytes).
+void comm_stats_add(double seconds, int64_t bytes, bool collective);
+
 }  // namespace ftune::parallel

@@ -5,6 +5,7 @@
 #ifdef FTUNE_HAVE_MPI
 #include <mpi.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
@@ -32,6 +33,11 @@ void ensure_mpi() {
     int inited = 0;
     MPI_Initialized(&inited);
     if (!inited) {
+      // Open MPI's non-blocking all-reduce (coll/libnbc) picks a binomial tree (reduce to one
+      // rank, then broadcast the whole buffer) below 4 ranks or for in-place buffers, i.e. for
+      // every call here: 2-3x slower than its ring on gradient buckets (bench/results/
+      // cpu_scaling.md). Ask for the ring unless the user set the parameter; other MPIs ignore it.
+      setenv("OMPI_MCA_coll_libnbc_iallreduce_algorithm", "1", /*overwrite=*/0);
       int provided = 0;
       // FUNNELED: only the main thread calls MPI (OpenMP threads never do).
       check_mpi(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided),
@@ -74,6 +80,30 @@ MPI_Op mpi_op(ReduceOp op) {
   }
   return MPI_SUM;
 }
+
+// Adds the wall time of its scope to CommStats when accounting is on (reads no clock when off).
+class CommTimer {
+ public:
+  explicit CommTimer(int64_t bytes = 0, bool collective = false)
+      : on_(comm_stats_enabled()), bytes_(bytes), collective_(collective) {
+    if (on_) t0_ = std::chrono::steady_clock::now();
+  }
+  ~CommTimer() {
+    if (on_)
+      comm_stats_add(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count(),
+                     bytes_, collective_);
+  }
+  CommTimer(const CommTimer&) = delete;
+  CommTimer& operator=(const CommTimer&) = delete;
+
+ private:
+  bool on_;
+  int64_t bytes_;
+  bool collective_;
+  std::chrono::steady_clock::time_point t0_;
+};
+
+int64_t nbytes(const Tensor& t) { return t.numel() * int64_t(dtype_size(t.dtype())); }
 
 bool is_16bit(DType t) { return t == DType::bf16 || t == DType::f16; }
 
@@ -123,11 +153,13 @@ class MpiWork : public Work {
   void wait() override {
     if (finished_) return;
     finished_ = true;
+    CommTimer timer;
     check_mpi(MPI_Wait(&req_, MPI_STATUS_IGNORE), "MPI_Wait");
     out_.finish(size_, reduce_ ? op_ : ReduceOp::sum);
   }
   bool done() override {
     if (finished_) return true;
+    CommTimer timer;
     int flag = 0;
     check_mpi(MPI_Test(&req_, &flag, MPI_STATUS_IGNORE), "MPI_Test");
     if (flag) {
@@ -167,6 +199,7 @@ class MpiCommunicator : public Communicator {
 
   void all_reduce(Tensor& t, ReduceOp op) override { all_reduce_async(t, op)->wait(); }
   std::unique_ptr<Work> all_reduce_async(Tensor& t, ReduceOp op) override {
+    CommTimer timer(nbytes(t), true);
     Staged s = Staged::in(t, "all_reduce");
     MPI_Request req;
     check_mpi(MPI_Iallreduce(MPI_IN_PLACE, s.wire.raw_data(), int_count(s.wire.numel()),
@@ -178,6 +211,7 @@ class MpiCommunicator : public Communicator {
   void broadcast(Tensor& t, int root) override {
     FTUNE_CHECK(root >= 0 && root < size_, "[parallel] broadcast: root ", root, " of ", size_,
                 " ranks");
+    CommTimer timer(nbytes(t), true);
     Staged s = Staged::in(t, "broadcast");
     check_mpi(MPI_Bcast(s.wire.raw_data(), int_count(s.wire.numel()), mpi_type(s.wire.dtype()),
                         root, comm_),
@@ -192,6 +226,7 @@ class MpiCommunicator : public Communicator {
     FTUNE_CHECK(in.numel() == out.numel() * size_ && in.dtype() == out.dtype(),
                 "[parallel] reduce_scatter: in ", in.desc(), " must have ", size_,
                 " times the elements of out ", out.desc(), ", same dtype");
+    CommTimer timer(nbytes(in), true);
     Staged si = Staged::in(in, "reduce_scatter"), so = Staged::in(out, "reduce_scatter");
     MPI_Request req;
     check_mpi(MPI_Ireduce_scatter_block(si.wire.raw_data(), so.wire.raw_data(),
@@ -208,6 +243,7 @@ class MpiCommunicator : public Communicator {
     FTUNE_CHECK(out.numel() == in.numel() * size_ && in.dtype() == out.dtype(),
                 "[parallel] all_gather: out ", out.desc(), " must have ", size_,
                 " times the elements of in ", in.desc(), ", same dtype");
+    CommTimer timer(nbytes(in), true);
     Staged si = Staged::in(in, "all_gather"), so = Staged::in(out, "all_gather");
     MPI_Request req;
     check_mpi(MPI_Iallgather(si.wire.raw_data(), int_count(si.wire.numel()),
@@ -219,7 +255,10 @@ class MpiCommunicator : public Communicator {
     w->keep(si.wire);
     return w;
   }
-  void barrier() override { check_mpi(MPI_Barrier(comm_), "MPI_Barrier"); }
+  void barrier() override {
+    CommTimer timer;
+    check_mpi(MPI_Barrier(comm_), "MPI_Barrier");
+  }
   std::unique_ptr<Communicator> split(int color, int key) override {
     MPI_Comm sub;
     check_mpi(MPI_Comm_split(comm_, color, key, &sub), "MPI_Comm_split");
