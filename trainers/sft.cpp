@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <ostream>
 #include <sstream>
@@ -495,6 +496,24 @@ struct SftTrainer::Impl {
                                                   ops::Reduction::sum);
   }
 
+  // argmax over the full vocab from this rank's shard [N, V_r]: the global max per row, then the
+  // smallest index reaching it (torch's first occurrence), each one all-reduce over tp.
+  std::vector<int64_t> tp_argmax(const Tensor& flat_shard) {
+    const int64_t offset =
+        parallel::shard_range(model->config().vocab_size, grid.tp, grid.tp_rank).offset;
+    Tensor local_max = ops::amax(flat_shard, -1).contiguous();
+    std::vector<int64_t> local_idx = ops::argmax(flat_shard, -1).to_vector<int64_t>();
+    Tensor global_max = local_max.clone();
+    grid.tp_group->all_reduce(global_max, parallel::ReduceOp::max);
+    std::vector<float> lm = local_max.to_vector<float>(), gm = global_max.to_vector<float>();
+    std::vector<int64_t> cand(lm.size());
+    for (size_t i = 0; i < lm.size(); ++i)
+      cand[i] = lm[i] == gm[i] ? offset + local_idx[i] : std::numeric_limits<int64_t>::max();
+    Tensor c = Tensor::from_vector<int64_t>(cand, {int64_t(cand.size())});
+    grid.tp_group->all_reduce(c, parallel::ReduceOp::min);
+    return c.to_vector<int64_t>();
+  }
+
   // The global gradient norm under TP: split parameters' squares summed over the tp group,
   // replicated ones (identical on every tp rank) counted once. Clips like clip_grad_norm.
   double tp_clip_grad_norm(double max_norm) {
@@ -547,12 +566,24 @@ struct SftTrainer::Impl {
     while (loader.next(b)) {
       if (cfg.eval_max_batches > 0 && batches >= cfg.eval_max_batches) break;
       if (batches++ % dp != dp_rank) continue;
-      Tensor logits = logits_of(b);
-      int64_t V = logits.size(-1);
-      Tensor flat = logits.view({-1, V});
       Tensor labels = b.labels.view({-1});
-      loss_sum += ops::cross_entropy(flat, labels, -100, ops::Reduction::sum).item();
-      std::vector<int64_t> pred = ops::argmax(flat, -1).to_vector<int64_t>();
+      std::vector<int64_t> pred;
+      if (grid.tp == 1) {
+        Tensor logits = logits_of(b);
+        Tensor flat = logits.view({-1, logits.size(-1)});
+        loss_sum += ops::cross_entropy(flat, labels, -100, ops::Reduction::sum).item();
+        pred = ops::argmax(flat, -1).to_vector<int64_t>();
+      } else {  // on the vocab shards, as training: no gathered logits
+        ForwardOptions fo;
+        fo.positions = b.positions;
+        fo.cu_seqlens = b.cu_seqlens;
+        Tensor shard = model->forward_logits_shard(b.ids, fo);
+        Tensor flat = shard.view({-1, shard.size(-1)});
+        loss_sum += parallel::vocab_parallel_cross_entropy(flat, labels, grid.tp_group, -100,
+                                                           ops::Reduction::sum)
+                        .item();
+        pred = tp_argmax(flat);
+      }
       std::vector<int64_t> lab = labels.to_vector<int64_t>();
       for (size_t i = 0; i < lab.size(); ++i) {
         if (lab[i] == -100) continue;
