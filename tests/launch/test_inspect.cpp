@@ -12,29 +12,19 @@
 #include <vector>
 
 #include "io/checkpoint.h"
+#include "tests/test_util.h"
 
 namespace ftune {
 namespace {
 
 namespace fs = std::filesystem;
+using test_util::quote;
+using test_util::slurp;
 
 struct Result {
   int rc = -1;
   std::string out, err;
 };
-
-std::string quote(const std::string& s) {
-  std::string q = "'";
-  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return q + "'";
-}
-
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 class Inspect : public ::testing::Test {
  protected:

@@ -25,17 +25,14 @@
 #include "io/hf_config.h"
 #include "models/lora.h"
 #include "models/transformer.h"
+#include "tests/test_util.h"
 
 namespace ftune {
 namespace {
 
 namespace fs = std::filesystem;
-
-std::string quote(const std::string& s) {
-  std::string q = "'";
-  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return q + "'";
-}
+using test_util::quote;
+using test_util::slurp;
 
 // Runs ftune with args (already quoted), output to log; returns the exit code.
 int run_ftune(const std::string& args, const fs::path& log) {
@@ -43,13 +40,6 @@ int run_ftune(const std::string& args, const fs::path& log) {
                     args + " >" + quote(log.string()) + " 2>&1";
   int rc = std::system(cmd.c_str());
   return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
-}
-
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
 }
 
 struct Metrics {
@@ -94,42 +84,11 @@ class SftRun : public ::testing::Test {
     root_ = fs::temp_directory_path() / ("ftune_test_sft_" + std::to_string(::getpid()));
     fs::remove_all(root_);
     fs::create_directories(root_);
-    const fs::path tok = fs::path(FTUNE_SOURCE_DIR) / "tests/fixtures/tokenizers/gpt2";
     model_ = root_ / "model";
-    fs::create_directories(model_);
-    for (const char* f : {"tokenizer.json", "tokenizer_config.json"})
-      fs::copy_file(tok / f, model_ / f);
-    nlohmann::json cfg = {{"architectures", {"LlamaForCausalLM"}},
-                          {"model_type", "llama"},
-                          {"vocab_size", 832},
-                          {"hidden_size", 32},
-                          {"intermediate_size", 64},
-                          {"num_hidden_layers", 2},
-                          {"num_attention_heads", 4},
-                          {"num_key_value_heads", 2},
-                          {"max_position_embeddings", 128},
-                          {"rms_norm_eps", 1e-6},
-                          {"rope_theta", 10000.0},
-                          {"tie_word_embeddings", false}};
-    Transformer m(parse_hf_config(cfg, "test"));
-    m.init_random(7);
-    m.save_pretrained(model_.string());
-
-    // A learnable toy task: "add A and B" -> "A + B = C".
+    test_util::write_tiny_llama(model_);
     data_ = root_ / "train.jsonl";
-    std::ofstream d(data_);
     std::mt19937 rng(3);
-    for (int i = 0; i < 160; ++i) {
-      int a = int(rng() % 10), b = int(rng() % 10);
-      nlohmann::json ex = {
-          {"messages",
-           {{{"role", "user"},
-             {"content", "add " + std::to_string(a) + " and " + std::to_string(b)}},
-            {{"role", "assistant"},
-             {"content",
-              std::to_string(a) + " + " + std::to_string(b) + " = " + std::to_string(a + b)}}}}};
-      d << ex.dump() << "\n";
-    }
+    test_util::write_add_dataset(data_, 160, rng);
   }
   static void TearDownTestSuite() {
     if (!std::getenv("FTUNE_KEEP_TEST_DIR")) fs::remove_all(root_);  // keep it to read the logs

@@ -19,6 +19,7 @@
 #include "io/hf_config.h"
 #include "models/transformer.h"
 #include "tests/mpi/mpi_world.h"
+#include "tests/test_util.h"
 #include "trainers/sft.h"
 
 namespace ftune {
@@ -70,41 +71,12 @@ class DpSft : public ::testing::Test {
     if (w.rank() == 0) {
       fs::remove_all(root_);
       fs::create_directories(model_);
-      const fs::path tok = fs::path(FTUNE_SOURCE_DIR) / "tests/fixtures/tokenizers/gpt2";
-      for (const char* f : {"tokenizer.json", "tokenizer_config.json"})
-        fs::copy_file(tok / f, model_ / f);
-      nlohmann::json cfg = {{"architectures", {"LlamaForCausalLM"}},
-                            {"model_type", "llama"},
-                            {"vocab_size", 832},
-                            {"hidden_size", 32},
-                            {"intermediate_size", 64},
-                            {"num_hidden_layers", 2},
-                            {"num_attention_heads", 4},
-                            {"num_key_value_heads", 2},
-                            {"max_position_embeddings", 128},
-                            {"rms_norm_eps", 1e-6},
-                            {"rope_theta", 10000.0},
-                            {"tie_word_embeddings", false}};
-      Transformer m(parse_hf_config(cfg, "test"));
-      m.init_random(7);
-      m.save_pretrained(model_.string());
-      // "add A and B" -> "A + B = C"; 64 examples in batches of 2: 32 batches per epoch, which
-      // divide among 2 and 4 ranks (so no rank wraps around and the global batches match).
+      test_util::write_tiny_llama(model_);
+      // 64 examples in batches of 2: 32 batches per epoch, which divide among 2 and 4 ranks (so
+      // no rank wraps around and the global batches match).
       std::mt19937 rng(3);
-      for (auto [path, n] : {std::pair{data_, 64}, {val_, 12}}) {
-        std::ofstream d(path);
-        for (int i = 0; i < n; ++i) {
-          int a = int(rng() % 10), b = int(rng() % 10);
-          nlohmann::json ex = {
-              {"messages",
-               {{{"role", "user"},
-                 {"content", "add " + std::to_string(a) + " and " + std::to_string(b)}},
-                {{"role", "assistant"},
-                 {"content", std::to_string(a) + " + " + std::to_string(b) + " = " +
-                                 std::to_string(a + b)}}}}};
-          d << ex.dump() << "\n";
-        }
-      }
+      test_util::write_add_dataset(data_, 64, rng);
+      test_util::write_add_dataset(val_, 12, rng);
     }
     w.barrier();
   }
