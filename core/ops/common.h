@@ -15,6 +15,15 @@ void check_float(const char* op, const Tensor& t, const char* what);
 void check_index(const char* op, const Tensor& t, const char* what);  // i32 or i64
 // Ops whose CUDA twin does not exist yet throw "[op] has no GPU implementation".
 void require_cpu(const char* op, std::initializer_list<const Tensor*> ts);
+// The kernel twin for a device: FTUNE_KERNEL(x.device(), rms_norm_forward)(args...) calls
+// kernels::cuda::rms_norm_forward for a GPU tensor and kernels::cpu::rms_norm_forward otherwise.
+// The two share one signature (kernels/<family>.h declares both). Without CUDA a GPU tensor
+// cannot exist, so the CPU kernel is the only choice.
+#ifdef FTUNE_HAVE_CUDA
+#define FTUNE_KERNEL(dev, name) ((dev).is_cuda() ? &::ftune::kernels::cuda::name : &::ftune::kernels::cpu::name)
+#else
+#define FTUNE_KERNEL(dev, name) (&::ftune::kernels::cpu::name)
+#endif
 Shape broadcast_shapes(const char* op, const Shape& a, const Shape& b);
 int64_t wrap_dim(const char* op, int64_t d, int64_t nd);
 // Contiguous input for a kernel (no autograd record).

@@ -1,16 +1,6 @@
 // Device fill and cast over contiguous buffers: one grid-stride loop per dtype pair.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include "core/error.h"
 #include "kernels/copy.h"
-
-#define CUDA_CHECK(expr)                                                                      \
-  do {                                                                                        \
-    cudaError_t err_ = (expr);                                                                \
-    if (err_ != cudaSuccess) FTUNE_THROW("[cuda] ", #expr, ": ", cudaGetErrorString(err_)); \
-  } while (0)
+#include "kernels/cuda/common.cuh"
 
 namespace ftune::kernels::cuda {
 
@@ -40,10 +30,6 @@ __global__ void fill_kernel(D* __restrict__ dst, D value, int64_t n) {
     dst[i] = value;
 }
 
-template <class T>
-struct Tag {
-  using type = T;
-};
 
 // Calls f(Tag<T>{}) with the device storage type of t (C++17: no templated lambdas in .cu files).
 template <class F>
@@ -77,7 +63,7 @@ void fill(void* dst, DType dt, int64_t n, double value, int device) {
     else if constexpr (std::is_same_v<D, __half>) v = __float2half_rn(float(value));
     else if constexpr (std::is_same_v<D, bool>) v = value != 0.0;
     else v = D(value);
-    fill_kernel<D><<<grid_for(n), 256>>>(static_cast<D*>(dst), v, n);
+    fill_kernel<D><<<grid_for(n), 256, 0, stream()>>>(static_cast<D*>(dst), v, n);
   });
   CUDA_CHECK(cudaGetLastError());
 }
@@ -89,7 +75,7 @@ void cast(const void* src, DType sdt, void* dst, DType ddt, int64_t n, int devic
     using S = typename decltype(stag)::type;
     dispatch(ddt, "cast", [&](auto dtag) {
       using D = typename decltype(dtag)::type;
-      cast_kernel<S, D><<<grid_for(n), 256>>>(static_cast<const S*>(src), static_cast<D*>(dst), n);
+      cast_kernel<S, D><<<grid_for(n), 256, 0, stream()>>>(static_cast<const S*>(src), static_cast<D*>(dst), n);
     });
   });
   CUDA_CHECK(cudaGetLastError());

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The GPU check: every CUDA-vs-CPU test and the GPU benchmarks, on a lent H100/H200 (sm_90).
+#
+#   scripts/gpu_check.sh bundle      # here (no GPU needed): build for sm_90, then pack the test
+#                                    # and benchmark binaries with the non-CUDA shared libraries
+#                                    # they need into gpu_bundle/bundle.tar.xz (ignored by git)
+#   scripts/gpu_check.sh run         # on the GPU machine: unpack, run the tests and benchmarks,
+#                                    # logs under $OUT (default ./out), a short table last
+#
+# The device tool call (docs/gpu.md):  run(command="scripts/gpu_check.sh run", carry=["gpu_bundle"])
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+mode="${1:-}"
+
+bundle() {
+  set -e
+  source scripts/env.sh
+  local build="${FTUNE_GPU_BUILD:-build}"
+  if [ ! -f "$build/CMakeCache.txt" ]; then
+    scripts/setup_deps.sh
+    cmake -S . -B "$build" -G Ninja -DFTUNE_CUDA=ON -DFTUNE_CUDA_ARCHS=90 -DFTUNE_BUILD_BENCH=ON
+  fi
+  grep -q '^FTUNE_CUDA:BOOL=ON' "$build/CMakeCache.txt" || { echo "gpu_check: $build is not a CUDA build" >&2; exit 1; }
+  cmake --build "$build" -j"$FTUNE_JOBS" --target test_cuda bench_gpu
+  rm -rf gpu_bundle && mkdir -p gpu_bundle/stage/bin gpu_bundle/stage/lib
+  local bins=("$build/tests/test_cuda" "$build/bench/bench_gpu")
+  cp "${bins[@]}" gpu_bundle/stage/bin/
+  # Every shared library the binaries load, except glibc's and the CUDA libraries (cuBLAS, cuDNN,
+  # NCCL: the device image has its own, matching its driver).
+  for b in "${bins[@]}"; do ldd "$b"; done | awk '/=> \//{print $3}' | sort -u | while read -r lib; do
+    case "$(basename "$lib")" in
+      libc.so*|libm.so*|libdl.so*|libpthread.so*|librt.so*|ld-linux*|libstdc++*|libgcc_s*) ;;
+      libcuda.so*|libcublas*|libcudnn*|libnccl*|libcudart*) ;;
+      *) cp -L "$lib" gpu_bundle/stage/lib/ ;;
+    esac
+  done
+  cp bench/gpu/*.py gpu_bundle/stage/ 2>/dev/null || true
+  git rev-parse --short HEAD > gpu_bundle/stage/COMMIT 2>/dev/null || true
+  tar -C gpu_bundle/stage -cJf gpu_bundle/bundle.tar.xz .
+  rm -rf gpu_bundle/stage
+  du -sh gpu_bundle/bundle.tar.xz
+}
+
+run() {
+  OUT="${OUT:-$ROOT/out}"
+  mkdir -p "$OUT"
+  local B=/tmp/ftune_gpu
+  rm -rf "$B" && mkdir -p "$B" && tar -C "$B" -xJf gpu_bundle/bundle.tar.xz || { echo "gpu_check: no gpu_bundle/bundle.tar.xz (run 'scripts/gpu_check.sh bundle' here first)"; exit 1; }
+  # The device's CUDA libraries: the toolkit's, then torch's nvidia-* wheels.
+  local cudalibs=""
+  for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do [ -d "$d" ] && cudalibs="$cudalibs:$d"; done
+  local nv
+  nv=$(python3 -c "import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))" 2>/dev/null)/nvidia
+  for d in "$nv"/*/lib "$nv"/cu13/lib; do [ -d "$d" ] && cudalibs="$cudalibs:$d"; done
+  export LD_LIBRARY_PATH="$B/lib$cudalibs:${LD_LIBRARY_PATH:-}"
+  export OMP_NUM_THREADS=8
+  {
+    echo "commit $(cat $B/COMMIT 2>/dev/null) on $(hostname), $(date -u)"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1
+    ldd "$B/bin/test_cuda" | grep -E "cublas|not found" || true
+  } | tee "$OUT/env.txt"
+  local t0=$SECONDS
+  timeout 240 "$B/bin/test_cuda" --gtest_output=xml:"$OUT/test_cuda.xml" > "$OUT/test_cuda.log" 2>&1
+  local trc=$?
+  local t1=$SECONDS
+  grep -E "^\[  FAILED  \]|^\[  PASSED  \]|SKIPPED \]" "$OUT/test_cuda.log" | sort | uniq -c | sort -rn | head -40
+  tail -3 "$OUT/test_cuda.log"
+  timeout 240 "$B/bin/bench_gpu" --out "$OUT/bench_gpu.md" > "$OUT/bench_gpu.log" 2>&1
+  local brc=$?
+  local t2=$SECONDS
+  local prc=0
+  for py in "$B"/*.py; do
+    [ -e "$py" ] || continue
+    PYTHONUNBUFFERED=1 timeout 120 python3 "$py" >> "$OUT/torch_ref.log" 2>&1 || prc=$?
+  done
+  local t3=$SECONDS
+  echo
+  echo "== torch reference (tail) =="
+  tail -25 "$OUT/torch_ref.log" 2>/dev/null
+  echo
+  echo "== bench_gpu =="
+  sed -n '1,200p' "$OUT/bench_gpu.md" 2>/dev/null || tail -20 "$OUT/bench_gpu.log"
+  echo
+  echo "== summary =="
+  local pass fail skip
+  pass=$(grep -c "^\[       OK \]" "$OUT/test_cuda.log")
+  fail=$(grep -c "^\[  FAILED  \] [A-Za-z]" "$OUT/test_cuda.log")
+  skip=$(grep -c "^\[  SKIPPED \]" "$OUT/test_cuda.log")
+  printf "| step | rc | seconds | result |\n|---|---|---|---|\n"
+  printf "| test_cuda | %s | %s | %s passed, %s failed, %s skipped |\n" "$trc" $((t1 - t0)) "$pass" "$fail" "$skip"
+  printf "| bench_gpu | %s | %s | %s rows |\n" "$brc" $((t2 - t1)) "$(grep -c '^| [a-z]' "$OUT/bench_gpu.md" 2>/dev/null)"
+  printf "| torch ref | %s | %s | |\n" "$prc" $((t3 - t2))
+  [ "$trc" = 0 ] && [ "$brc" = 0 ]
+}
+
+case "$mode" in
+  bundle) bundle ;;
+  run) run ;;
+  *) echo "usage: scripts/gpu_check.sh bundle|run" >&2; exit 2 ;;
+esac
