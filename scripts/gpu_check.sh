@@ -64,8 +64,9 @@ run() {
   timeout 240 "$B/bin/test_cuda" --gtest_output=xml:"$OUT/test_cuda.xml" > "$OUT/test_cuda.log" 2>&1
   local trc=$?
   local t1=$SECONDS
-  grep -E "^\[  FAILED  \]|^\[  PASSED  \]|SKIPPED \]" "$OUT/test_cuda.log" | sort | uniq -c | sort -rn | head -40
-  tail -3 "$OUT/test_cuda.log"
+  echo "== test_cuda failures (first 40; full log in test_cuda.log) =="
+  grep -E "^\[  FAILED  \] [A-Za-z]" "$OUT/test_cuda.log" | sort -u | head -40
+  grep -B2 -A6 "Failure$" "$OUT/test_cuda.log" | head -60
   timeout 240 "$B/bin/bench_gpu" --out "$OUT/bench_gpu.md" > "$OUT/bench_gpu.log" 2>&1
   local brc=$?
   local t2=$SECONDS
