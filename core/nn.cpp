@@ -34,6 +34,38 @@ void Module::collect(const std::string& prefix, NamedTensors& out) const {
   for (const auto& [n, c] : children_) c->collect(prefix + n + ".", out);
 }
 
+void Module::move_params(Device dev, std::optional<DType> dt,
+                         std::unordered_map<const TensorImpl*, Tensor>& moved) {
+  for (auto& [n, p] : params_) {
+    if (!p->defined()) continue;
+    auto it = moved.find(p->impl());
+    if (it != moved.end()) {  // tied: the same new tensor
+      *p = it->second;
+      continue;
+    }
+    const bool convert = dt && is_floating(p->dtype()) && p->dtype() != *dt;
+    if (!convert && p->device() == dev) {
+      p->zero_grad();
+      moved.emplace(p->impl(), *p);
+      continue;
+    }
+    const bool rg = p->requires_grad();
+    Tensor t = p->detach();
+    if (convert) t = t.to(*dt);
+    if (t.device() != dev) t = t.to(dev);
+    t.set_requires_grad(rg);
+    t.set_name(p->name());
+    moved.emplace(p->impl(), t);
+    *p = t;
+  }
+  for (auto& [n, c] : children_) c->move_params(dev, dt, moved);
+}
+
+void Module::to_(Device dev, std::optional<DType> float_dtype) {
+  std::unordered_map<const TensorImpl*, Tensor> moved;
+  move_params(dev, float_dtype, moved);
+}
+
 NamedTensors Module::named_parameters() const {
   NamedTensors all, out;
   collect("", all);

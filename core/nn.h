@@ -5,6 +5,8 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <optional>
+#include <unordered_map>
 #include <string>
 #include <utility>
 #include <vector>
@@ -44,6 +46,11 @@ class Module {
   // Freezes (false) or unfreezes every parameter of this module and its submodules.
   void requires_grad_(bool on);
   void zero_grad();  // drops the gradients of every parameter
+  // Moves every parameter to dev and, when float_dtype is given, converts floating-point
+  // parameters to it (bf16 training: the optimizer keeps the f32 masters). Tied parameters stay
+  // tied, requires_grad is kept, gradients are dropped. Tensors held outside the registry (an
+  // optimizer's state) are not touched: move the model before making its optimizer.
+  void to_(Device dev, std::optional<DType> float_dtype = std::nullopt);
 
  protected:
   // Registers a member tensor; the registry follows the member if it is later reassigned (tying).
@@ -57,6 +64,8 @@ class Module {
  private:
   void add_child(const std::string& name, std::shared_ptr<Module> m);
   void collect(const std::string& prefix, NamedTensors& out) const;
+  void move_params(Device dev, std::optional<DType> dt,
+                   std::unordered_map<const TensorImpl*, Tensor>& moved);
 
   std::vector<std::pair<std::string, Tensor*>> params_;
   std::vector<std::pair<std::string, std::shared_ptr<Module>>> children_;

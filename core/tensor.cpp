@@ -180,35 +180,44 @@ void Tensor::copy_(const Tensor& src) {
     cpu_copy(*this, src);
     return;
   }
-  // Device copies move contiguous bytes of one dtype; conversion happens on the host side.
-  Tensor s = src;
-  if (src.device().is_cuda()) {
-    FTUNE_CHECK(src.is_contiguous(), "[copy_] strided copy from ", src.desc(), " has no GPU implementation");
-    if (device().is_cuda() && is_contiguous() && device() == src.device()) {
-      if (dtype() == src.dtype()) {
-        cuda_memcpy_d2d(raw_data(), src.raw_data(), size_t(numel()) * dtype_size(dtype()), device().index);
-      } else {
-#ifdef FTUNE_HAVE_CUDA
-        kernels::cuda::cast(src.raw_data(), src.dtype(), raw_data(), dtype(), numel(), device().index);
-#endif
-      }
+  // Same GPU: one kernel (cast and strides included). Across the PCIe bus the bytes move
+  // contiguous and in the source dtype; strides and conversion are done on the side that has them.
+  if (device().is_cuda() && src.device() == device()) {
+    if (is_contiguous() && src.is_contiguous() && dtype() == src.dtype()) {
+      cuda_memcpy_d2d(raw_data(), src.raw_data(), size_t(numel()) * dtype_size(dtype()), device().index);
       return;
     }
+#ifdef FTUNE_HAVE_CUDA
+    if (is_contiguous() && src.is_contiguous()) {
+      kernels::cuda::cast(src.raw_data(), src.dtype(), raw_data(), dtype(), numel(), device().index);
+    } else {
+      kernels::cuda::strided_copy(src.raw_data(), src.dtype(), src.strides().data(), raw_data(), dtype(),
+                                  strides().data(), shape().data(), int(dim()), device().index);
+    }
+#endif
+    return;
+  }
+  Tensor s = src;
+  if (src.device().is_cuda()) {
+    Tensor sc = src.is_contiguous() ? src.detach() : src.detach().contiguous();  // on its GPU
     Tensor h = Tensor::empty(src.shape(), src.dtype(), Device::cpu());
-    cuda_memcpy_d2h(h.raw_data(), src.raw_data(), size_t(numel()) * dtype_size(src.dtype()), src.device().index);
+    cuda_memcpy_d2h(h.raw_data(), sc.raw_data(), size_t(numel()) * dtype_size(src.dtype()), src.device().index);
     s = h;
   }
   if (device().is_cpu()) {
     cpu_copy(*this, s);
     return;
   }
-  FTUNE_CHECK(is_contiguous(), "[copy_] strided copy into ", desc(), " has no GPU implementation");
-  Tensor h = s;
-  if (s.dtype() != dtype() || !s.is_contiguous()) {
-    h = Tensor::empty(shape(), dtype(), Device::cpu());
-    cpu_copy(h, s);
+  // Host -> GPU: contiguous host bytes in the source dtype (fewer bytes over the bus for 16-bit
+  // sources), then one device-side copy when dtype or layout differ.
+  Tensor h = s.is_contiguous() ? s : s.contiguous();
+  if (is_contiguous() && h.dtype() == dtype()) {
+    cuda_memcpy_h2d(raw_data(), h.raw_data(), size_t(numel()) * dtype_size(dtype()), device().index);
+    return;
   }
-  cuda_memcpy_h2d(raw_data(), h.raw_data(), size_t(numel()) * dtype_size(dtype()), device().index);
+  Tensor staged = Tensor::empty(shape(), h.dtype(), device());
+  cuda_memcpy_h2d(staged.raw_data(), h.raw_data(), size_t(numel()) * dtype_size(h.dtype()), device().index);
+  copy_(staged);
 }
 
 void Tensor::fill_(double v) {

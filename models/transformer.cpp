@@ -613,7 +613,12 @@ Tensor Transformer::hidden_states(const Tensor& ids, const ForwardOptions& opt) 
     s.cu_q = cu.dtype() == DType::i32 ? cu : cu.to(DType::i32);
   }
 
-  Tensor h = impl_->body->forward(ids, s);
+  // Inputs follow the model: ids and positions built on the host (generation, evaluation) go to
+  // the GPU of a model that lives there. cu_seqlens stay where they are (the attention op reads
+  // the boundaries on the host to size its grid).
+  const Device dev = impl_->body->embed->weight.device();
+  if (s.positions.device() != dev) s.positions = s.positions.to(dev);
+  Tensor h = impl_->body->forward(ids.device() == dev ? ids : ids.to(dev), s);
   if (opt.cache) opt.cache->length += T;
   return h;
 }

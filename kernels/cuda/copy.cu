@@ -51,7 +51,60 @@ inline unsigned grid_for(int64_t n) {
   return unsigned(blocks < 65535 * 8 ? (blocks > 0 ? blocks : 1) : 65535 * 8);
 }
 
+constexpr int kMaxDims = 8;
+struct StridedLayout {
+  int ndim;
+  int64_t shape[kMaxDims];
+  int64_t src_stride[kMaxDims];
+  int64_t dst_stride[kMaxDims];
+};
+
+// One thread per element: the flat index is unravelled over the shape (last dim fastest), so
+// consecutive threads read consecutive elements of the innermost dim.
+template <class S, class D>
+__global__ void strided_copy_kernel(const S* __restrict__ src, D* __restrict__ dst, StridedLayout l,
+                                    int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t rem = i, so = 0, doff = 0;
+    for (int d = l.ndim - 1; d >= 0; --d) {
+      int64_t c = rem % l.shape[d];
+      rem /= l.shape[d];
+      so += c * l.src_stride[d];
+      doff += c * l.dst_stride[d];
+    }
+    dst[doff] = from_f64<D>(to_f64<S>(src[so]));
+  }
+}
+
 }  // namespace
+
+void strided_copy(const void* src, DType sdt, const int64_t* src_strides, void* dst, DType ddt,
+                  const int64_t* dst_strides, const int64_t* shape, int ndim, int device) {
+  FTUNE_CHECK(ndim <= kMaxDims, "[copy_] strided GPU copy of a ", ndim, "-d tensor (at most ", kMaxDims, ")");
+  StridedLayout l{};
+  int64_t n = 1;
+  // Dims of size 1 carry no offset; dropping them keeps the index math short.
+  for (int d = 0; d < ndim; ++d) {
+    if (shape[d] == 1) continue;
+    l.shape[l.ndim] = shape[d];
+    l.src_stride[l.ndim] = src_strides[d];
+    l.dst_stride[l.ndim] = dst_strides[d];
+    ++l.ndim;
+    n *= shape[d];
+  }
+  for (int d = 0; d < ndim; ++d) n = shape[d] == 0 ? 0 : n;
+  if (n == 0) return;
+  CUDA_CHECK(cudaSetDevice(device));
+  dispatch(sdt, "strided_copy", [&](auto stag) {
+    using S = typename decltype(stag)::type;
+    dispatch(ddt, "strided_copy", [&](auto dtag) {
+      using D = typename decltype(dtag)::type;
+      strided_copy_kernel<S, D><<<grid_for(n), 256, 0, stream()>>>(static_cast<const S*>(src),
+                                                                  static_cast<D*>(dst), l, n);
+    });
+  });
+  FTUNE_LAUNCH_CHECK("strided_copy");
+}
 
 void fill(void* dst, DType dt, int64_t n, double value, int device) {
   if (n == 0) return;

@@ -6,6 +6,8 @@
 #include <cmath>
 
 #include "core/allocator.h"
+#include "core/cuda_runtime.h"
+#include "core/ops.h"
 #include "tests/op_table.h"
 
 namespace ftune::test {
@@ -120,6 +122,85 @@ TEST(CudaRuntime, DeviceFillAndCastMatchHost) {
   }
   Tensor f = Tensor::full({4097}, -1.5, DType::bf16, Device::cuda(0));
   for (double x : f.to_vector<double>()) ASSERT_EQ(x, -1.5);
+}
+
+TEST(CudaRuntime, StridedCopiesMatchHost) {
+  std::string why = no_gpu_reason();
+  if (!why.empty()) GTEST_SKIP() << why;
+  cuda_set_alloc_poison(true);
+  Generator g(9);
+  Tensor h = randn({3, 5, 7, 11}, g);
+  Tensor d = h.to(Device::cuda(0));
+  // A permuted view made contiguous on the GPU, in f32 and converted to bf16.
+  Tensor hp = h.permute({2, 0, 3, 1}).contiguous();
+  Tensor dp = d.permute({2, 0, 3, 1}).contiguous();
+  ASSERT_TRUE(dp.device().is_cuda());
+  EXPECT_EQ(dp.to(Device::cpu()).to_vector<double>(), hp.to_vector<double>());
+  Tensor db = Tensor::empty(hp.shape(), DType::bf16, Device::cuda(0));
+  db.copy_(d.permute({2, 0, 3, 1}));
+  EXPECT_EQ(db.to(Device::cpu()).to_vector<double>(), hp.to(DType::bf16).to_vector<double>());
+  // Writes into a strided GPU view (the KV cache's slot update), from the GPU and from the host.
+  Tensor dst = Tensor::zeros({2, 9, 4}, DType::f32, Device::cuda(0));
+  Tensor src = randn({2, 3, 4}, g);
+  dst.slice(1, 5, 8).copy_(src.to(Device::cuda(0)));
+  dst.slice(1, 0, 3).copy_(src);
+  auto out = dst.to(Device::cpu());
+  EXPECT_EQ(out.slice(1, 5, 8).contiguous().to_vector<double>(), src.to_vector<double>());
+  EXPECT_EQ(out.slice(1, 0, 3).contiguous().to_vector<double>(), src.to_vector<double>());
+  EXPECT_EQ(out.slice(1, 3, 5).contiguous().to_vector<double>(), std::vector<double>(16, 0.0));
+  // A strided GPU source copied to the host.
+  Tensor ht = d.transpose(1, 3).to(Device::cpu());
+  EXPECT_EQ(ht.to_vector<double>(), h.transpose(1, 3).contiguous().to_vector<double>());
+  // Broadcast (stride-0) source.
+  Tensor e = d.slice(0, 0, 1).expand({3, 5, 7, 11}).contiguous();
+  EXPECT_EQ(e.to(Device::cpu()).to_vector<double>(),
+            h.slice(0, 0, 1).expand({3, 5, 7, 11}).contiguous().to_vector<double>());
+}
+
+TEST(CudaRuntime, StreamsEventsAndPerStreamPools) {
+  std::string why = no_gpu_reason();
+  if (!why.empty()) GTEST_SKIP() << why;
+  cuda::Stream s(0);
+  cuda::Event a, b;
+  Generator g(4);
+  Tensor h = randn({1 << 22}, g);
+  Tensor d;
+  {
+    cuda::StreamGuard guard(s.handle());
+    EXPECT_EQ(cuda::current_stream(), s.handle());
+    a.record(s.handle());
+    d = h.to(Device::cuda(0));
+    Tensor e = ops::mul_scalar(d, 2.0);  // launched on s when the op has a GPU twin
+    b.record(s.handle());
+    b.synchronize();
+    EXPECT_TRUE(b.query());
+    EXPECT_GE(a.elapsed_ms(b), 0.0f);
+  }
+  EXPECT_EQ(cuda::current_stream(), nullptr);
+  // A block freed by work on stream s is not handed to the default stream.
+  auto before = cuda_allocator_stats(0);
+  {
+    cuda::StreamGuard guard(s.handle());
+    Tensor t = Tensor::empty({9700001}, DType::f32, Device::cuda(0));
+  }
+  Tensor u = Tensor::empty({9700001}, DType::f32, Device::cuda(0));
+  EXPECT_EQ(cuda_allocator_stats(0).cache_hits, before.cache_hits);
+  {
+    cuda::StreamGuard guard(s.handle());
+    Tensor t = Tensor::empty({9700001}, DType::f32, Device::cuda(0));  // reuses the block of s
+  }
+  EXPECT_EQ(cuda_allocator_stats(0).cache_hits, before.cache_hits + 1);
+  EXPECT_EQ(d.to(Device::cpu()).to_vector<float>(), h.to_vector<float>());
+}
+
+TEST(CudaRuntime, SelectsDeviceByLocalRank) {
+  std::string why = no_gpu_reason();
+  if (!why.empty()) GTEST_SKIP() << why;
+  setenv("OMPI_COMM_WORLD_LOCAL_RANK", "3", 1);
+  EXPECT_EQ(cuda::local_rank_from_env(), 3);
+  EXPECT_EQ(cuda::select_device_for_local_rank(), 3 % cuda_device_count());
+  unsetenv("OMPI_COMM_WORLD_LOCAL_RANK");
+  EXPECT_EQ(cuda::select_device_for_local_rank(), 0);
 }
 
 }  // namespace
