@@ -228,6 +228,41 @@ void run_backward(const Tensor& root, const Tensor& grad_in, bool retain_graph) 
     for (auto& n : keep) n->release();
 }
 
+Tensor checkpoint(std::function<Tensor(const Tensor&)> f, const Tensor& x,
+                  const std::vector<Tensor>& params) {
+  std::vector<Tensor> inputs{x};
+  inputs.insert(inputs.end(), params.begin(), params.end());
+  if (!needs_record(inputs)) return f(x);
+  Tensor out;
+  {
+    NoGradGuard ng;
+    out = f(x.detach());
+  }
+  Tensor saved = x.detach();
+  record("checkpoint", out, inputs,
+         [f = std::move(f), saved, n = inputs.size()](const Tensor& g, const std::vector<bool>& need) {
+           std::vector<Tensor> grads(n);
+           Tensor xi = saved.detach();
+           if (need[0]) xi.set_requires_grad(true);
+           Tensor y;
+           {
+             const bool prev = grad_enabled();
+             set_grad_enabled(true);
+             try {
+               y = f(xi);
+             } catch (...) {
+               set_grad_enabled(prev);
+               throw;
+             }
+             set_grad_enabled(prev);
+           }
+           if (y.requires_grad()) run_backward(y, g, false);  // params accumulate here
+           if (need[0]) grads[0] = xi.grad();
+           return grads;
+         });
+  return out;
+}
+
 void Tensor::backward(const Tensor& grad, bool retain_graph) const {
   run_backward(*this, grad, retain_graph);
 }

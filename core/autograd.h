@@ -58,6 +58,15 @@ bool needs_record(const std::vector<Tensor>& inputs);
 // Attaches a Node to out when needs_record(inputs): out becomes a non-leaf requiring grad.
 void record(const char* name, Tensor& out, const std::vector<Tensor>& inputs, BackwardFn fn);
 
+// Activation checkpointing: y = f(x), run without recording; the backward runs f again with
+// recording on and backpropagates through that graph. Only x (and the outputs) stay alive between
+// forward and backward: the activations inside f are recomputed. params are the leaves f reads
+// (a block's weights); their gradients are accumulated into .grad() by the inner backward (hooks
+// fire there), and they make the op record even when x needs no gradient (a frozen embedding
+// under LoRA). f must be deterministic (seeded dropout is: masks come from the step's seed).
+Tensor checkpoint(std::function<Tensor(const Tensor&)> f, const Tensor& x,
+                  const std::vector<Tensor>& params);
+
 // Runs backward from root; grad defaults to ones (a scalar loss gets 1).
 void run_backward(const Tensor& root, const Tensor& grad, bool retain_graph);
 

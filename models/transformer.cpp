@@ -415,7 +415,15 @@ class Body : public nn::Module {
   Tensor forward(const Tensor& ids, const Step& s) const {
     Tensor x = embed->forward(ids);
     if (wpe) x = ops::add(x, wpe->forward(s.positions));  // [B, T, C] + [B, T, C] or [T, C]
-    for (const auto& b : blocks_) x = b->forward(x, s);
+    const bool ckpt = checkpointing && is_training() && grad_enabled() && !s.cache;
+    for (const auto& b : blocks_) {
+      if (ckpt) {
+        // The closure outlives this call (it runs in the backward): Step and block by value.
+        x = checkpoint([b, s](const Tensor& in) { return b->forward(in, s); }, x, b->parameters());
+      } else {
+        x = b->forward(x, s);
+      }
+    }
     return norm_->forward(x);
   }
   void shard_for_tp(const std::shared_ptr<parallel::Communicator>& tp) {
@@ -423,6 +431,7 @@ class Body : public nn::Module {
     for (auto& b : blocks_) b->shard_for_tp(tp);
   }
   std::shared_ptr<Embed> embed, wpe;
+  bool checkpointing = false;
 
  private:
   std::shared_ptr<nn::ModuleList> layers_;
@@ -640,6 +649,9 @@ Tensor Transformer::forward_logits_shard(const Tensor& ids, const ForwardOptions
 }
 
 const std::shared_ptr<parallel::Communicator>& Transformer::tp_group() const { return impl_->tp; }
+
+void Transformer::set_activation_checkpointing(bool on) { impl_->body->checkpointing = on; }
+bool Transformer::activation_checkpointing() const { return impl_->body->checkpointing; }
 
 int Transformer::tp_size() const { return impl_->tp ? impl_->tp->size() : 1; }
 

@@ -52,6 +52,11 @@ class Transformer : public nn::Module {
   // GPT-2's c_proj weights get std / sqrt(2 * n_layer) as in GPT2PreTrainedModel). Seeded.
   void init_random(uint64_t seed, double std = 0.02);
 
+  // Activation checkpointing per block: in training, each block's activations are recomputed in
+  // the backward instead of kept (recipe: enable_activation_checkpointing). Off by default.
+  void set_activation_checkpointing(bool on);
+  bool activation_checkpointing() const;
+
   // ids i32|i64 [B, T] -> hidden states after the final norm [B, T, hidden].
   Tensor hidden_states(const Tensor& ids, const ForwardOptions& opt = {});
   // ids [B, T] -> logits [B, T, vocab]. Under tensor parallelism the vocab shards are gathered
