@@ -55,6 +55,9 @@ std::string describe(const RecipeNode& n) {
 const std::map<std::string, std::string>& aliases() {
   static const std::map<std::string, std::string> m = {
       {"learning_rate", "optimizer.lr"},
+      {"gradient_checkpointing", "enable_activation_checkpointing"},
+      {"activation_checkpointing", "enable_activation_checkpointing"},
+      {"tf32", "allow_tf32"},
       {"num_epochs", "epochs"},
       {"num_train_epochs", "epochs"},
       {"micro_batch_size", "batch_size"},
@@ -491,7 +494,9 @@ void bind_sft_config(const RecipeNode& root, const std::string& file, SftConfig&
   int64_t seed = 0;
   top.integer("seed", seed, at_least(0));
   c.seed = uint64_t(seed);
-  top.choice("dtype", c.dtype, {"f32", "bf16"});
+  top.choice("dtype", c.dtype, {"f32", "bf16", "f16"});
+  top.boolean("enable_activation_checkpointing", c.enable_activation_checkpointing);
+  top.boolean("allow_tf32", c.allow_tf32);
   if (const RecipeNode* d = top.value("device"); d && d->kind == Kind::Scalar) {
     const std::string& s = d->text;
     const bool ok = s == "cpu" || s == "cuda" ||

@@ -22,13 +22,17 @@ bundle() {
     cmake -S . -B "$build" -G Ninja -DFTUNE_CUDA=ON -DFTUNE_CUDA_ARCHS=90 -DFTUNE_BUILD_BENCH=ON
   fi
   grep -q '^FTUNE_CUDA:BOOL=ON' "$build/CMakeCache.txt" || { echo "gpu_check: $build is not a CUDA build" >&2; exit 1; }
-  cmake --build "$build" -j"$FTUNE_JOBS" --target test_cuda bench_gpu
+  cmake --build "$build" -j"$FTUNE_JOBS" --target test_cuda bench_gpu ftune test_launch
   rm -rf gpu_bundle && mkdir -p gpu_bundle/stage/bin gpu_bundle/stage/lib
-  local bins=("$build/tests/test_cuda" "$build/bench/bench_gpu")
-  cp "${bins[@]}" gpu_bundle/stage/bin/
+  # Binaries keep their paths relative to the build dir: tests find ftune and the fixtures through
+  # absolute paths compiled in (FTUNE_BINARY, FTUNE_SOURCE_DIR), which `run` recreates.
+  local rel=(tests/test_cuda bench/bench_gpu ftune tests/test_launch)
+  for r in "${rel[@]}"; do mkdir -p "gpu_bundle/stage/bin/$(dirname "$r")"; cp "$build/$r" "gpu_bundle/stage/bin/$r"; done
+  (cd "$build" && pwd -P) > gpu_bundle/stage/BUILDDIR
+  pwd -P > gpu_bundle/stage/SRCDIR
   # Every shared library the binaries load, except glibc's and the CUDA libraries (cuBLAS, cuDNN,
   # NCCL: the device image has its own, matching its driver).
-  for b in "${bins[@]}"; do ldd "$b"; done | awk '/=> \//{print $3}' | sort -u | while read -r lib; do
+  for r in "${rel[@]}"; do ldd "$build/$r"; done | awk '/=> \//{print $3}' | sort -u | while read -r lib; do
     case "$(basename "$lib")" in
       libc.so*|libm.so*|libdl.so*|libpthread.so*|librt.so*|ld-linux*|libstdc++*|libgcc_s*) ;;
       libcuda.so*|libcublas*|libcudnn*|libnccl*|libcudart*) ;;
@@ -54,20 +58,36 @@ run() {
   nv=$(python3 -c "import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))" 2>/dev/null)/nvidia
   for d in "$nv"/*/lib "$nv"/cu13/lib; do [ -d "$d" ] && cudalibs="$cudalibs:$d"; done
   export LD_LIBRARY_PATH="$B/lib$cudalibs:${LD_LIBRARY_PATH:-}"
-  export OMP_NUM_THREADS=8
+  export OMP_NUM_THREADS=8 OMP_WAIT_POLICY=passive
+  # The absolute paths the tests were built with: the source dir (fixtures, recipes, assets) is
+  # this checkout, the build dir gets the binaries.
+  local src bld
+  src=$(cat "$B/SRCDIR"); bld=$(cat "$B/BUILDDIR")
+  if [ "$src" != "$ROOT" ] && [ ! -e "$src" ]; then mkdir -p "$(dirname "$src")" && ln -s "$ROOT" "$src"; fi
+  if [ ! -e "$bld" ]; then mkdir -p "$bld"; fi
+  cp -r "$B/bin/." "$bld/"
   {
     echo "commit $(cat $B/COMMIT 2>/dev/null) on $(hostname), $(date -u)"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1
-    ldd "$B/bin/test_cuda" | grep -E "cublas|not found" || true
+    ldd "$B/bin/tests/test_cuda" "$B/bin/ftune" | grep -E "cublas|not found" || true
   } | tee "$OUT/env.txt"
   local t0=$SECONDS
-  timeout 240 "$B/bin/test_cuda" --gtest_output=xml:"$OUT/test_cuda.xml" > "$OUT/test_cuda.log" 2>&1
+  timeout 240 "$bld/tests/test_cuda" --gtest_output=xml:"$OUT/test_cuda.xml" > "$OUT/test_cuda.log" 2>&1
   local trc=$?
   local t1=$SECONDS
   echo "== test_cuda failures (first 40; full log in test_cuda.log) =="
   grep -E "^\[  FAILED  \] [A-Za-z]" "$OUT/test_cuda.log" | sort -u | head -40
   grep -B2 -A6 "Failure$" "$OUT/test_cuda.log" | head -60
-  timeout 240 "$B/bin/bench_gpu" --out "$OUT/bench_gpu.md" > "$OUT/bench_gpu.log" 2>&1
+  # The trainer on the GPU: the GPU-vs-CPU run test, then the quickstart recipe in bf16.
+  timeout 150 "$bld/tests/test_launch" --gtest_filter='SftRun.Gpu*' > "$OUT/test_trainer.log" 2>&1
+  local lrc=$?
+  grep -E "^\[  FAILED  \]|Failure|^\[       OK \]" "$OUT/test_trainer.log" | head -20
+  (cd "$ROOT" && timeout 120 "$bld/ftune" run recipes/quickstart_lora.yaml device=cuda dtype=bf16 \
+      output_dir=/tmp/ftune_qs_gpu > "$OUT/quickstart_gpu.log" 2>&1)
+  local qrc=$?
+  grep -E "^epoch|eval|error" "$OUT/quickstart_gpu.log" | tail -8
+  local t15=$SECONDS
+  timeout 240 "$bld/bench/bench_gpu" --out "$OUT/bench_gpu.md" > "$OUT/bench_gpu.log" 2>&1
   local brc=$?
   local t2=$SECONDS
   local prc=0
@@ -90,7 +110,9 @@ run() {
   skip=$(grep -c "^\[  SKIPPED \]" "$OUT/test_cuda.log")
   printf "| step | rc | seconds | result |\n|---|---|---|---|\n"
   printf "| test_cuda | %s | %s | %s passed, %s failed, %s skipped |\n" "$trc" $((t1 - t0)) "$pass" "$fail" "$skip"
-  printf "| bench_gpu | %s | %s | %s rows |\n" "$brc" $((t2 - t1)) "$(grep -c '^| [a-z]' "$OUT/bench_gpu.md" 2>/dev/null)"
+  printf "| trainer test | %s | | %s |\n" "$lrc" "$(grep -c '^\[       OK \]' "$OUT/test_trainer.log") ok"
+  printf "| quickstart bf16 | %s | %s | %s |\n" "$qrc" $((t15 - t1)) "$(grep -E '^epoch' "$OUT/quickstart_gpu.log" | tail -1 | cut -c1-60)"
+  printf "| bench_gpu | %s | %s | %s rows |\n" "$brc" $((t2 - t15)) "$(grep -c '^| [a-z]' "$OUT/bench_gpu.md" 2>/dev/null)"
   printf "| torch ref | %s | %s | |\n" "$prc" $((t3 - t2))
   [ "$trc" = 0 ] && [ "$brc" = 0 ]
 }

@@ -83,8 +83,11 @@ struct SftConfig {
   std::string resolved_yaml;  // the resolved recipe, as printed and saved in checkpoints
   std::string output_dir = "output";
   uint64_t seed = 0;
-  std::string dtype = "f32";  // f32 | bf16 (the parameters' dtype)
-  std::string device = "cpu";
+  std::string dtype = "f32";  // f32 | bf16 | f16: the parameters' and activations' dtype (16-bit
+                              // types on the GPU only; AdamW keeps f32 masters)
+  std::string device = "cpu";  // cpu | cuda | cuda:N ("cuda": the GPU of the local rank)
+  bool enable_activation_checkpointing = false;  // recompute each block in the backward
+  bool allow_tf32 = false;  // f32 GEMMs on the GPU may use TF32 tensor cores
 
   ModelSection model;
   TokenizerSection tokenizer;

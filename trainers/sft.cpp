@@ -12,6 +12,7 @@
 
 #include "core/allocator.h"
 #include "core/autograd.h"
+#include "core/cuda_runtime.h"
 #include "core/error.h"
 #include "core/optim.h"
 #include "data/chat_template.h"
@@ -88,6 +89,8 @@ struct SftTrainer::Impl {
   std::unique_ptr<parallel::ShardedAdamW> zopt;       // ZeRO-1 (then `opt` is null)
   std::optional<ChatTemplate> chat;
   std::unique_ptr<Transformer> model;
+  Device device = Device::cpu();      // where the model trains
+  DType param_dtype = DType::f32;     // the parameters' and activations' dtype
   bool lora = false;
   nn::NamedTensors trainable;
   std::unique_ptr<optim::AdamW> opt;
@@ -124,10 +127,31 @@ struct SftTrainer::Impl {
   fs::path metrics_path() const { return out() / "metrics.jsonl"; }
 
   void setup() {
-    FTUNE_CHECK(cfg.dtype == "f32", "[sft] ", cfg.recipe_file, ": dtype ", cfg.dtype,
-                " is not supported on the CPU yet (use f32)");
-    FTUNE_CHECK(cfg.device == "cpu", "[sft] ", cfg.recipe_file, ": device ", cfg.device,
-                " has no trainer yet (the CUDA trainer is issue 7); use cpu");
+    if (cfg.device == "cpu") {
+      FTUNE_CHECK(cfg.dtype == "f32", "[sft] ", cfg.recipe_file, ": dtype ", cfg.dtype,
+                  " needs device: cuda (the CPU trains in f32)");
+    } else {
+      FTUNE_CHECK(cuda_available(), "[sft] ", cfg.recipe_file, ": device ", cfg.device,
+                  " but no GPU is usable here",
+#ifdef FTUNE_HAVE_CUDA
+                  " (CUDA found no device)"
+#else
+                  " (ftune was built without CUDA: FTUNE_CUDA=OFF)"
+#endif
+      );
+      int idx = 0;
+      if (cfg.device == "cuda") {
+        idx = cuda::select_device_for_local_rank();  // one GPU per local rank
+      } else {
+        idx = std::stoi(cfg.device.substr(5));
+        FTUNE_CHECK(idx < cuda_device_count(), "[sft] ", cfg.recipe_file, ": device ", cfg.device,
+                    " but this machine has ", cuda_device_count(), " GPU(s)");
+        cuda::set_device(idx);
+      }
+      device = Device::cuda(idx);
+      cuda::set_allow_tf32(cfg.allow_tf32);
+    }
+    param_dtype = cfg.dtype == "bf16" ? DType::bf16 : cfg.dtype == "f16" ? DType::f16 : DType::f32;
     FTUNE_CHECK(cfg.parallel.tp == 1 || cfg.parallel.zero == 0,
                 "[sft] parallel.zero: 1 with parallel.tp > 1 is not supported yet (use zero: 0)");
     grid = parallel::make_grid(world, int(cfg.parallel.tp));
@@ -171,8 +195,12 @@ struct SftTrainer::Impl {
                 " tokens, more than the model's vocab_size ", model->config().vocab_size);
 
     lora = cfg.lora.enabled;
+    if (lora) apply_lora(*model, lora_options(cfg.lora, cfg.seed));
+    // Onto the GPU in the training dtype (adapters included; AdamW keeps f32 masters of 16-bit
+    // parameters). The trainable list is taken after: the move replaces the tensors.
+    if (device.is_cuda() || param_dtype != DType::f32) model->to_(device, param_dtype);
+    model->set_activation_checkpointing(cfg.enable_activation_checkpointing);
     if (lora) {
-      apply_lora(*model, lora_options(cfg.lora, cfg.seed));
       trainable = lora_parameters(*model);
     } else {
       for (auto& [name, t] : model->named_parameters())
@@ -288,6 +316,10 @@ struct SftTrainer::Impl {
     c.adapter_only = lora;
     c.model = lora ? lora_parameters(*model) : model->named_parameters();
     c.optimizer = zopt ? zopt->export_state() : opt->export_state();
+    if (device.is_cuda()) {  // the file is written from host memory
+      for (auto& [n, t] : c.model) t = t.detach().to(Device::cpu());
+      for (auto& [n, t] : c.optimizer.tensors) t = t.detach().to(Device::cpu());
+    }
     if (grid.tp > 1) {  // full shapes, so the file does not depend on the layout (collective)
       for (auto& [n, t] : c.model) t = gather_if_split(n, t);
       for (auto& [n, t] : c.optimizer.tensors) t = gather_if_split(param_of_state(n), t);
@@ -539,6 +571,15 @@ struct SftTrainer::Impl {
     return ps;
   }
 
+  // The batch's tensors onto the training device (cu_seqlens stay on the host: the attention op
+  // sizes its grid from them).
+  void to_device(SftBatch& b) const {
+    if (device.is_cpu()) return;
+    b.ids = b.ids.to(device);
+    b.labels = b.labels.to(device);
+    if (b.positions.defined()) b.positions = b.positions.to(device);
+  }
+
   Tensor logits_of(const SftBatch& b) {
     ForwardOptions fo;
     fo.positions = b.positions;
@@ -566,6 +607,7 @@ struct SftTrainer::Impl {
     while (loader.next(b)) {
       if (cfg.eval_max_batches > 0 && batches >= cfg.eval_max_batches) break;
       if (batches++ % dp != dp_rank) continue;
+      to_device(b);
       Tensor labels = b.labels.view({-1});
       std::vector<int64_t> pred;
       if (grid.tp == 1) {
@@ -690,6 +732,7 @@ struct SftTrainer::Impl {
           bool ok = train_loader->next(b);  // the next epoch begins
           FTUNE_CHECK(ok, "[sft] the training loader produced no batch");
         }
+        to_device(b);
         targets += b.num_targets;
         tokens += b.num_tokens;
       }
@@ -775,9 +818,18 @@ struct SftTrainer::Impl {
         log << "epoch " << train_loader->epoch() + 1 << " | step " << step << "/" << total_steps
             << " | loss " << fmt_num("%.4f", loss) << " | lr " << fmt_num("%.3e", lr)
             << " | grad_norm " << fmt_num("%.3f", gnorm) << " | tok/s " << fmt_num("%.0f", tps)
-            << " | mem " << fmt_num("%.0f", rss) << " MiB\n";
+            << " | mem " << fmt_num("%.0f", rss) << " MiB";
+        if (device.is_cuda()) {
+          AllocatorStats gs = cuda_allocator_stats(device.index);
+          log << " | gpu " << fmt_num("%.0f", double(gs.current_bytes) / (1 << 20)) << " MiB (peak "
+              << fmt_num("%.0f", double(gs.peak_bytes) / (1 << 20)) << ")";
+        }
+        log << "\n";
         log.flush();
       }
+      nlohmann::json gpu_mem = nullptr;
+      if (device.is_cuda())
+        gpu_mem = double(cuda_allocator_stats(device.index).peak_bytes) / (1 << 20);
       write_metrics({{"split", "train"},
                      {"step", step},
                      {"epoch", train_loader->epoch()},
@@ -789,7 +841,8 @@ struct SftTrainer::Impl {
                      {"target_tokens", targets},
                      {"tokens_per_s", tps},
                      {"rss_mib", rss},
-                     {"peak_rss_mib", peak}});
+                     {"peak_rss_mib", peak},
+                     {"peak_gpu_mib", gpu_mem}});
 
       bool stop = false;
       if (has_val && cfg.eval_every_n_steps > 0 && step % cfg.eval_every_n_steps == 0 &&
