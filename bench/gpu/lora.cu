@@ -33,9 +33,8 @@ __global__ void axpy_bf16(const Bf* a, const Bf* b, Bf* out, float ca, float s, 
 }
 
 void axpy(const void* a, const void* b, void* out, float ca, float s, int64_t n) {
-  axpy_bf16<<<1024, 256, 0, kernels::cuda::stream()>>>(static_cast<const Bf*>(a),
-                                                      static_cast<const Bf*>(b),
-                                                      static_cast<Bf*>(out), ca, s, n);
+  axpy_bf16<<<1024, 256, 0, kernels::cuda::stream()>>>(
+      static_cast<const Bf*>(a), static_cast<const Bf*>(b), static_cast<Bf*>(out), ca, s, n);
   BENCH_CUDA(cudaGetLastError());
 }
 
@@ -77,18 +76,18 @@ FTUNE_GPU_BENCH(lora) {
         kernels::cuda::lora_dropout<bf16>((bf16*)x, (bf16*)xd, M * in, p, seed);
         xs = xd;
       }
-      mm(false, true, M, out, in, 1.f, x, in, w, in, 0.f, y, out);   // y = x W^T
-      mm(false, true, M, r, in, 1.f, xs, in, a, in, 0.f, u, r);      // t = drop(x) A^T
-      mm(false, true, M, out, r, 1.f, u, r, b, r, 0.f, l, out);      // l = t B^T
-      axpy(y, l, y, 1.f, s, M * out);                                // y += s l
-      axpy(g, nullptr, gl, s, 0.f, M * out);                         // gl = s g
-      mm(true, false, out, r, M, 1.f, gl, out, u, r, 0.f, db, r);    // dB = gl^T t
-      mm(false, false, M, r, out, 1.f, gl, out, b, r, 0.f, du, r);   // dt = gl B
-      mm(true, false, r, in, M, 1.f, du, r, xs, in, 0.f, da, in);    // dA = dt^T drop(x)
-      mm(false, false, M, in, out, 1.f, g, out, w, in, 0.f, dx, in); // dx = g W
-      mm(false, false, M, in, r, 1.f, du, r, a, in, 0.f, tmp, in);   // dx_l = dt A
+      mm(false, true, M, out, in, 1.f, x, in, w, in, 0.f, y, out);    // y = x W^T
+      mm(false, true, M, r, in, 1.f, xs, in, a, in, 0.f, u, r);       // t = drop(x) A^T
+      mm(false, true, M, out, r, 1.f, u, r, b, r, 0.f, l, out);       // l = t B^T
+      axpy(y, l, y, 1.f, s, M * out);                                 // y += s l
+      axpy(g, nullptr, gl, s, 0.f, M * out);                          // gl = s g
+      mm(true, false, out, r, M, 1.f, gl, out, u, r, 0.f, db, r);     // dB = gl^T t
+      mm(false, false, M, r, out, 1.f, gl, out, b, r, 0.f, du, r);    // dt = gl B
+      mm(true, false, r, in, M, 1.f, du, r, xs, in, 0.f, da, in);     // dA = dt^T drop(x)
+      mm(false, false, M, in, out, 1.f, g, out, w, in, 0.f, dx, in);  // dx = g W
+      mm(false, false, M, in, r, 1.f, du, r, a, in, 0.f, tmp, in);    // dx_l = dt A
       if (p > 0) kernels::cuda::lora_dropout<bf16>((bf16*)tmp, (bf16*)tmp, M * in, p, seed);
-      axpy(dx, tmp, dx, 1.f, 1.f, M * in);                           // dx += dx_l
+      axpy(dx, tmp, dx, 1.f, 1.f, M * in);  // dx += dx_l
     };
     Row row;
     row.name = "lora_linear fwd+bwd bf16 8192x4096x4096 r16 p=" + std::string(p > 0 ? "0.1" : "0");
@@ -102,12 +101,15 @@ FTUNE_GPU_BENCH(lora) {
     ctx.add(row);
     Row fwd;
     fwd.name = "lora_linear fwd bf16 8192x4096x4096 r16 p=" + std::string(p > 0 ? "0.1" : "0");
-    fwd.ms = ctx.time_ms([&] {
-      kernels::cuda::lora_forward<bf16>(d, (bf16*)x, (bf16*)w, nullptr, (bf16*)a, (bf16*)b, s, p,
-                                        seed, (bf16*)xd, (bf16*)u, (bf16*)y);
-    }, 3, 20);
+    fwd.ms = ctx.time_ms(
+        [&] {
+          kernels::cuda::lora_forward<bf16>(d, (bf16*)x, (bf16*)w, nullptr, (bf16*)a, (bf16*)b, s,
+                                            p, seed, (bf16*)xd, (bf16*)u, (bf16*)y);
+        },
+        3, 20);
     fwd.flops = 2.0 * M * in * out + 2.0 * M * in * r + 2.0 * M * out * r;
-    fwd.ref_ms = ctx.time_ms([&] { mm(false, true, M, out, in, 1.f, x, in, w, in, 0.f, y, out); }, 3, 20);
+    fwd.ref_ms =
+        ctx.time_ms([&] { mm(false, true, M, out, in, 1.f, x, in, w, in, 0.f, y, out); }, 3, 20);
     fwd.ref_name = "base GEMM alone";
     ctx.add(fwd);
   }

@@ -11,11 +11,11 @@
 #include "bench/gpu/gpu_bench.h"
 #include "kernels/matmul.h"
 
-#define BENCH_CUBLAS(expr)                                                       \
-  do {                                                                           \
-    cublasStatus_t st_ = (expr);                                                 \
-    if (st_ != CUBLAS_STATUS_SUCCESS)                                            \
-      FTUNE_THROW("[bench] ", #expr, ": ", cublasGetStatusString(st_));          \
+#define BENCH_CUBLAS(expr)                                              \
+  do {                                                                  \
+    cublasStatus_t st_ = (expr);                                        \
+    if (st_ != CUBLAS_STATUS_SUCCESS)                                   \
+      FTUNE_THROW("[bench] ", #expr, ": ", cublasGetStatusString(st_)); \
   } while (0)
 
 namespace {
@@ -41,7 +41,8 @@ double best_lt_ms(Ctx& ctx, int64_t m, int64_t n, int64_t k, const void* a, cons
   cublasLtMatmulPreference_t pref;
   BENCH_CUBLAS(cublasLtMatmulPreferenceCreate(&pref));
   uint64_t wsb = ws_bytes;
-  BENCH_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof(wsb)));
+  BENCH_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                    &wsb, sizeof(wsb)));
   cublasLtMatmulHeuristicResult_t res[8];
   int found = 0;
   BENCH_CUBLAS(cublasLtMatmulAlgoGetHeuristic(h, op, la, lb, lc, lc, pref, 8, res, &found));
@@ -52,8 +53,8 @@ double best_lt_ms(Ctx& ctx, int64_t m, int64_t n, int64_t k, const void* a, cons
     if (res[i].state != CUBLAS_STATUS_SUCCESS) continue;
     ++*tried;
     double ms = ctx.time_ms([&] {
-      BENCH_CUBLAS(cublasLtMatmul(h, op, &alpha, b, la, a, lb, &beta, c, lc, c, lc, &res[i].algo, ws,
-                                  ws_bytes, 0));
+      BENCH_CUBLAS(cublasLtMatmul(h, op, &alpha, b, la, a, lb, &beta, c, lc, c, lc, &res[i].algo,
+                                  ws, ws_bytes, 0));
     });
     best = std::min(best, ms);
   }
@@ -69,7 +70,8 @@ double best_lt_ms(Ctx& ctx, int64_t m, int64_t n, int64_t k, const void* a, cons
 }  // namespace
 
 FTUNE_GPU_BENCH(matmul) {
-  const int64_t shapes[][3] = {{4096, 4096, 4096}, {8192, 8192, 8192}, {8192, 4096, 4096}, {8192, 11008, 4096}};
+  const int64_t shapes[][3] = {
+      {4096, 4096, 4096}, {8192, 8192, 8192}, {8192, 4096, 4096}, {8192, 11008, 4096}};
   cublasHandle_t blas;
   BENCH_CUBLAS(cublasCreate(&blas));
   BENCH_CUBLAS(cublasSetStream(blas, 0));

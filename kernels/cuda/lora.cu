@@ -15,9 +15,18 @@ namespace ftune::kernels::cuda {
 namespace {
 
 // The device storage type of a host float type.
-template <class T> struct Dev { using type = T; };
-template <> struct Dev<bf16> { using type = __nv_bfloat16; };
-template <> struct Dev<f16> { using type = __half; };
+template <class T>
+struct Dev {
+  using type = T;
+};
+template <>
+struct Dev<bf16> {
+  using type = __nv_bfloat16;
+};
+template <>
+struct Dev<f16> {
+  using type = __half;
+};
 
 // Same rule as the CPU: dropped iff (bits >> 8) < ceil(p * 2^24).
 uint32_t drop_threshold(double p) { return uint32_t(std::ceil(p * 16777216.0)); }
@@ -27,7 +36,8 @@ constexpr int kGroup = 8;  // elements per thread: two Philox blocks, 16 or 32 b
 // kAcc false: out = keep ? x * inv : 0 (x and out may alias).
 // kAcc true:  out += keep ? x * inv : 0 (x is the tensor t of lora_dropout_accumulate).
 // Element i's mask is word i & 3 of Philox block i >> 2 under (seed, kLoraDropoutStream). The
-// products and sums are rounded separately (no FMA contraction) so f32 matches the CPU bit for bit.
+// products and sums are rounded separately (no FMA contraction): drop(x) in f32 matches the CPU
+// bit for bit, the accumulate to one rounding (the CPU build may contract acc + t * inv).
 template <class T, bool kAcc>
 __global__ void dropout_kernel(const T* x, T* out, int64_t n, uint32_t thr, float inv,
                                uint64_t seed, bool vec) {
@@ -125,7 +135,7 @@ void lora_forward(const LoraDims& d, const T* x, const T* w, const T* bias, cons
     lora_dropout<T>(x, xd, M * in, p, seed);
     xs = xd;
   }
-  mm<T>(false, true, M, r, in, 1.f, xs, in, a, in, 0.f, u, r);   // u = drop(x) A^T
+  mm<T>(false, true, M, r, in, 1.f, xs, in, a, in, 0.f, u, r);    // u = drop(x) A^T
   mm<T>(false, true, M, out, r, scale, u, r, b, r, 1.f, y, out);  // y += scale u B^T
 }
 
@@ -145,8 +155,8 @@ void lora_backward(const LoraDims& d, const T* g, const T* x, const T* w, const 
   mm<T>(false, false, M, r, out, scale, g, out, b, r, 0.f, du, r);           // du = scale g B
   if (dx) mm<T>(false, false, M, in, out, 1.f, g, out, w, in, 0.f, dx, in);  // dx = g W
   if (p == 0) {
-    if (da) mm<T>(true, false, r, in, M, 1.f, du, r, x, in, 0.f, da, in);    // dA = du^T x
-    if (dx) mm<T>(false, false, M, in, r, 1.f, du, r, a, in, 1.f, dx, in);   // dx += du A
+    if (da) mm<T>(true, false, r, in, M, 1.f, du, r, x, in, 0.f, da, in);   // dA = du^T x
+    if (dx) mm<T>(false, false, M, in, r, 1.f, du, r, a, in, 1.f, dx, in);  // dx += du A
     return;
   }
   const int64_t n = M * in;
@@ -156,18 +166,18 @@ void lora_backward(const LoraDims& d, const T* g, const T* x, const T* w, const 
   }
   if (dx) {
     mm<T>(false, false, M, in, r, 1.f, du, r, a, in, 0.f, xd, in);  // du A
-    lora_dropout_accumulate<T>(dx, xd, n, p, seed);                   // dx += drop'(du A)
+    lora_dropout_accumulate<T>(dx, xd, n, p, seed);                 // dx += drop'(du A)
   }
 }
 
-#define FTUNE_LORA_CUDA_INSTANTIATE(T)                                                              \
-  template void lora_dropout<T>(const T*, T*, int64_t, double, uint64_t);                           \
-  template void lora_dropout_accumulate<T>(T*, const T*, int64_t, double, uint64_t);                \
-  template void lora_forward<T>(const LoraDims&, const T*, const T*, const T*, const T*, const T*,  \
-                                float, double, uint64_t, T*, T*, T*);                               \
-  template void lora_backward<T>(const LoraDims&, const T*, const T*, const T*, const T*,           \
-                                 const T*, const T*, float, double, uint64_t, T*, T*, uint8_t*, T*, \
-                                 T*, T*);
+#define FTUNE_LORA_CUDA_INSTANTIATE(T)                                                             \
+  template void lora_dropout<T>(const T*, T*, int64_t, double, uint64_t);                          \
+  template void lora_dropout_accumulate<T>(T*, const T*, int64_t, double, uint64_t);               \
+  template void lora_forward<T>(const LoraDims&, const T*, const T*, const T*, const T*, const T*, \
+                                float, double, uint64_t, T*, T*, T*);                              \
+  template void lora_backward<T>(const LoraDims&, const T*, const T*, const T*, const T*,          \
+                                 const T*, const T*, float, double, uint64_t, T*, T*, uint8_t*,    \
+                                 T*, T*, T*);
 FTUNE_LORA_CUDA_INSTANTIATE(float)
 FTUNE_LORA_CUDA_INSTANTIATE(bf16)
 FTUNE_LORA_CUDA_INSTANTIATE(f16)

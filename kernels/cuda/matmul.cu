@@ -16,10 +16,10 @@
 #include "kernels/cuda/common.cuh"
 #include "kernels/matmul.h"
 
-#define CUBLAS_CHECK(expr)                                                                   \
-  do {                                                                                       \
-    cublasStatus_t st_ = (expr);                                                             \
-    if (st_ != CUBLAS_STATUS_SUCCESS)                                                        \
+#define CUBLAS_CHECK(expr)                                                                      \
+  do {                                                                                          \
+    cublasStatus_t st_ = (expr);                                                                \
+    if (st_ != CUBLAS_STATUS_SUCCESS)                                                           \
       FTUNE_THROW("[cublas] ", #expr, ": ", cublasLtGetStatusString(st_), " (", int(st_), ")"); \
   } while (0)
 
@@ -32,10 +32,14 @@ constexpr size_t kMaxPlans = 512;
 
 cudaDataType_t cuda_type(DType t) {
   switch (t) {
-    case DType::f32: return CUDA_R_32F;
-    case DType::bf16: return CUDA_R_16BF;
-    case DType::f16: return CUDA_R_16F;
-    default: FTUNE_THROW("[gemm] cuBLASLt GEMMs take f32, bf16 or f16, got ", dtype_name(t));
+    case DType::f32:
+      return CUDA_R_32F;
+    case DType::bf16:
+      return CUDA_R_16BF;
+    case DType::f16:
+      return CUDA_R_16F;
+    default:
+      FTUNE_THROW("[gemm] cuBLASLt GEMMs take f32, bf16 or f16, got ", dtype_name(t));
   }
 }
 
@@ -66,7 +70,8 @@ struct KeyHash {
     auto mix = [&](uint64_t v) { h = (h ^ v) * 1099511628211ull; };
     mix(uint64_t(k.device) | uint64_t(k.ta) << 8 | uint64_t(k.tb) << 9 | uint64_t(k.bias) << 10 |
         uint64_t(k.tf32) << 11 | uint64_t(k.ab) << 16 | uint64_t(k.c) << 24);
-    for (int64_t v : {k.m, k.n, k.k, k.lda, k.ldb, k.ldc, k.batch, k.sa, k.sb, k.sc}) mix(uint64_t(v));
+    for (int64_t v : {k.m, k.n, k.k, k.lda, k.ldb, k.ldc, k.batch, k.sa, k.sb, k.sc})
+      mix(uint64_t(v));
     mix(uint64_t(k.al_a) | uint64_t(k.al_b) << 16 | uint64_t(k.al_c) << 32);
     return size_t(h);
   }
@@ -114,7 +119,8 @@ cublasLtMatrixLayout_t make_layout(cudaDataType_t t, int64_t rows, int64_t cols,
   CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&l, t, uint64_t(rows), uint64_t(cols), ld));
   if (batch > 1) {
     int32_t b = int32_t(batch);
-    CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &b, sizeof(b)));
+    CUBLAS_CHECK(
+        cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &b, sizeof(b)));
     CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
                                                   &stride, sizeof(stride)));
   }
@@ -127,41 +133,52 @@ Plan& plan_for(const Key& key, cublasLtHandle_t h) {
   if (it != plans.end()) return *it->second;
   if (plans.size() >= kMaxPlans) plans.clear();  // shapes churn: start over rather than grow
   auto p = std::make_unique<Plan>();
-  const cublasComputeType_t ct = key.ab == DType::f32 && key.tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32
-                                                                  : CUBLAS_COMPUTE_32F;
+  const cublasComputeType_t ct =
+      key.ab == DType::f32 && key.tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
   CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->op, ct, CUDA_R_32F));
   // cuBLASLt's A is our B and its B is our A (see the top of the file).
   cublasOperation_t op_a = key.tb ? CUBLAS_OP_T : CUBLAS_OP_N;
   cublasOperation_t op_b = key.ta ? CUBLAS_OP_T : CUBLAS_OP_N;
-  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
-  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
+  CUBLAS_CHECK(
+      cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
+  CUBLAS_CHECK(
+      cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
   if (key.bias) {
     cublasLtEpilogue_t ep = CUBLASLT_EPILOGUE_BIAS;
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_EPILOGUE, &ep, sizeof(ep)));
+    CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_EPILOGUE, &ep, sizeof(ep)));
   }
   const cudaDataType_t tab = cuda_type(key.ab), tc = cuda_type(key.c);
   // Stored (pre-op) shapes, column-major: our row-major X [r, c] is X^T [c, r] there.
-  p->la = make_layout(tab, key.tb ? key.k : key.n, key.tb ? key.n : key.k, key.ldb, key.batch, key.sb);
-  p->lb = make_layout(tab, key.ta ? key.m : key.k, key.ta ? key.k : key.m, key.lda, key.batch, key.sa);
+  p->la =
+      make_layout(tab, key.tb ? key.k : key.n, key.tb ? key.n : key.k, key.ldb, key.batch, key.sb);
+  p->lb =
+      make_layout(tab, key.ta ? key.m : key.k, key.ta ? key.k : key.m, key.lda, key.batch, key.sa);
   p->lc = make_layout(tc, key.n, key.m, key.ldc, key.batch, key.sc);
 
   cublasLtMatmulPreference_t pref = nullptr;
   CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   uint64_t ws = kWorkspaceBytes;
   uint32_t al_a = key.al_b, al_b = key.al_a, al_c = key.al_c;  // swapped like the operands
-  cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
+  cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(
+      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
   if (st == CUBLAS_STATUS_SUCCESS)
-    st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, sizeof(al_a));
+    st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                                              &al_a, sizeof(al_a));
   if (st == CUBLAS_STATUS_SUCCESS)
-    st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof(al_b));
+    st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                                              &al_b, sizeof(al_b));
   if (st == CUBLAS_STATUS_SUCCESS)
-    st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof(al_c));
+    st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                                              &al_c, sizeof(al_c));
   if (st == CUBLAS_STATUS_SUCCESS)
-    st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof(al_c));
+    st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                                              &al_c, sizeof(al_c));
   cublasLtMatmulHeuristicResult_t res{};
   int found = 0;
   if (st == CUBLAS_STATUS_SUCCESS)
-    st = cublasLtMatmulAlgoGetHeuristic(h, p->op, p->la, p->lb, p->lc, p->lc, pref, 1, &res, &found);
+    st =
+        cublasLtMatmulAlgoGetHeuristic(h, p->op, p->la, p->lb, p->lc, p->lc, pref, 1, &res, &found);
   cublasLtMatmulPreferenceDestroy(pref);
   CUBLAS_CHECK(st);
   FTUNE_CHECK(found > 0, "[gemm] cuBLASLt has no algorithm for ", key.ta ? "A^T" : "A", " ",
@@ -206,18 +223,31 @@ void gemm(const GemmArgs& g) {
     cuda::dispatch_float(g.c_dtype, "gemm", [&](auto tag) {
       using T = typename decltype(tag)::type;
       scale_bias_kernel<T><<<grid_1d(g.batch * g.m * g.n, 256), 256, 0, s>>>(
-          static_cast<T*>(g.c), static_cast<const T*>(g.bias), g.m, g.n, g.ldc, g.batch,
-          g.stride_c, g.beta);
+          static_cast<T*>(g.c), static_cast<const T*>(g.bias), g.m, g.n, g.ldc, g.batch, g.stride_c,
+          g.beta);
     });
     FTUNE_LAUNCH_CHECK("gemm");
     return;
   }
   FTUNE_CHECK(g.a && g.b, "[gemm] A or B is null");
-  FTUNE_CHECK(g.lda >= (g.trans_a ? g.m : g.k) && g.ldb >= (g.trans_b ? g.k : g.n),
-              "[gemm] lda ", g.lda, " / ldb ", g.ldb, " too small for m=", g.m, " n=", g.n,
-              " k=", g.k);
+  FTUNE_CHECK(g.lda >= (g.trans_a ? g.m : g.k) && g.ldb >= (g.trans_b ? g.k : g.n), "[gemm] lda ",
+              g.lda, " / ldb ", g.ldb, " too small for m=", g.m, " n=", g.n, " k=", g.k);
   FTUNE_CHECK(g.batch <= INT32_MAX, "[gemm] batch ", g.batch, " too large");
   const size_t eab = dtype_size(g.ab_dtype), ec = dtype_size(g.c_dtype);
+  FTUNE_CHECK(g.batch == 1 || g.stride_c >= g.m * g.ldc - (g.ldc - g.n),
+              "[gemm] batch entries of C overlap (stride_c ", g.stride_c, ")");
+  if (g.batch > 1 && (g.stride_a == 0 || g.stride_b == 0)) {
+    // A shared operand: one GEMM per entry rather than rely on a zero batch stride in cuBLASLt.
+    for (int64_t i = 0; i < g.batch; ++i) {
+      GemmArgs one = g;
+      one.batch = 1;
+      one.a = static_cast<const char*>(g.a) + i * g.stride_a * int64_t(eab);
+      one.b = static_cast<const char*>(g.b) + i * g.stride_b * int64_t(eab);
+      one.c = static_cast<char*>(g.c) + i * g.stride_c * int64_t(ec);
+      gemm(one);
+    }
+    return;
+  }
   Key key;
   key.device = dev;
   key.ta = g.trans_a;
@@ -243,7 +273,8 @@ void gemm(const GemmArgs& g) {
   Plan& p = plan_for(key, h);
   if (g.bias) {  // the pointer is per call; the descriptor is this thread's own
     const void* bp = g.bias;
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof(bp)));
+    CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof(bp)));
   }
   CUBLAS_CHECK(cublasLtMatmul(h, p.op, &g.alpha, g.b, p.la, g.a, p.lb, &g.beta, g.c, p.lc, g.c,
                               p.lc, &p.algo, workspace(dev, s), kWorkspaceBytes, s));

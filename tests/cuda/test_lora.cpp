@@ -1,7 +1,8 @@
 // The fused LoRA linear on the GPU against the CPU kernel (kernels/lora.h) on the same
-// dtype-rounded inputs: the dropout mask bit for bit (aligned, misaligned, in place, accumulate),
-// the forward (y and the saved u) and every gradient (dx, dA, dB, and the subsets the op asks
-// for), with and without dropout and bias, f32 / bf16 / f16, odd sizes; then the op with autograd.
+// dtype-rounded inputs: the dropout mask bit for bit (aligned, misaligned, in place; the accumulate
+// to one rounding), the forward (y and the saved u) and every gradient (dx, dA, dB, and the subsets
+// the op asks for), with and without dropout and bias, f32 / bf16 / f16, odd sizes; then the op
+// with autograd.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -33,10 +34,17 @@ double rms(const Tensor& t) {
 template <class F>
 void for_dtype(DType dt, F&& f) {
   switch (dt) {
-    case DType::f32: f.template operator()<float>(); return;
-    case DType::bf16: f.template operator()<bf16>(); return;
-    case DType::f16: f.template operator()<f16>(); return;
-    default: FAIL();
+    case DType::f32:
+      f.template operator()<float>();
+      return;
+    case DType::bf16:
+      f.template operator()<bf16>();
+      return;
+    case DType::f16:
+      f.template operator()<f16>();
+      return;
+    default:
+      FAIL();
   }
 }
 
@@ -47,7 +55,8 @@ T* ptr(const Tensor& t) {
 
 Tensor gpu_empty(const Shape& s, DType dt) { return Tensor::empty(s, dt, Device::cuda(0)); }
 
-// ---- dropout mask ---------------------------------------------------------------------------------
+// ---- dropout mask
+// ---------------------------------------------------------------------------------
 
 TEST(CudaLora, DropoutMaskMatchesCpuExactly) {
   FTUNE_REQUIRE_GPU();
@@ -75,12 +84,15 @@ TEST(CudaLora, DropoutMaskMatchesCpuExactly) {
             kernels::cuda::lora_dropout<T>(ptr<T>(dx) + offset, ptr<T>(dout) + offset, n, p, seed);
             kernels::cuda::lora_dropout<T>(ptr<T>(dinplace) + offset, ptr<T>(dinplace) + offset, n,
                                            p, seed);
-            kernels::cuda::lora_dropout_accumulate<T>(ptr<T>(dacc) + offset, ptr<T>(dx) + offset,
-                                                      n, p, seed);
+            kernels::cuda::lora_dropout_accumulate<T>(ptr<T>(dacc) + offset, ptr<T>(dx) + offset, n,
+                                                      p, seed);
           });
           EXPECT_TRUE(all_close(to_host(dout), ref, 0, 0));
           EXPECT_TRUE(all_close(to_host(dinplace), ref, 0, 0));
-          EXPECT_TRUE(all_close(to_host(dacc), ref_acc, 0, 0));
+          // acc + t * inv: the CPU compiler may contract it into an FMA (x86-64-v3), the GPU
+          // kernel never does, so allow one rounding of difference.
+          const double ulp = dt == DType::f32 ? 2e-7 : dt == DType::bf16 ? 1.0 / 128 : 1.0 / 1024;
+          EXPECT_TRUE(all_close(to_host(dacc), ref_acc, 1e-6, ulp));
           if (n >= 1000) {  // the mask really drops about p of the elements
             auto v = to_host(dout).to_vector<double>();
             int64_t zeros = 0;
@@ -90,7 +102,8 @@ TEST(CudaLora, DropoutMaskMatchesCpuExactly) {
         }
 }
 
-// ---- forward and backward against the CPU kernel ----------------------------------------------------
+// ---- forward and backward against the CPU kernel
+// ----------------------------------------------------
 
 struct Inputs {
   kernels::LoraDims d;
@@ -117,8 +130,8 @@ std::string describe(const kernels::LoraDims& d, DType dt, double p, bool bias) 
   return s.str();
 }
 
-const kernels::LoraDims kDims[] = {{1, 7, 5, 1}, {129, 1000, 7, 8}, {257, 129, 1000, 16},
-                                   {64, 256, 384, 4}, {0, 33, 17, 2}};
+const kernels::LoraDims kDims[] = {
+    {1, 7, 5, 1}, {129, 1000, 7, 8}, {257, 129, 1000, 16}, {64, 256, 384, 4}, {0, 33, 17, 2}};
 const float kScale = 0.5f;
 
 TEST(CudaLora, ForwardMatchesCpu) {
@@ -134,11 +147,10 @@ TEST(CudaLora, ForwardMatchesCpu) {
           const uint64_t dseed = 77 + seed;
           Tensor ry = Tensor::empty({d.m, d.out}), ru = Tensor::empty({d.m, d.r});
           Tensor rxd = Tensor::empty({d.m, d.in});
-          kernels::cpu::lora_forward<float>(d, in.x.data<float>(), in.w.data<float>(),
-                                            bias ? in.bias.data<float>() : nullptr,
-                                            in.a.data<float>(), in.b.data<float>(), kScale, p,
-                                            dseed, rxd.data<float>(), ru.data<float>(),
-                                            ry.data<float>());
+          kernels::cpu::lora_forward<float>(
+              d, in.x.data<float>(), in.w.data<float>(), bias ? in.bias.data<float>() : nullptr,
+              in.a.data<float>(), in.b.data<float>(), kScale, p, dseed, rxd.data<float>(),
+              ru.data<float>(), ry.data<float>());
           Tensor x = to_gpu(in.x, dt), w = to_gpu(in.w, dt), bi = to_gpu(in.bias, dt);
           Tensor a = to_gpu(in.a, dt), b = to_gpu(in.b, dt);
           Tensor y = gpu_empty({d.m, d.out}, dt), u = gpu_empty({d.m, d.r}, dt);
@@ -189,7 +201,8 @@ TEST(CudaLora, BackwardMatchesCpu) {
 
           Tensor g = to_gpu(in.g, dt);
           Tensor x = nda ? to_gpu(in.x, dt) : Tensor(), w = ndx ? to_gpu(in.w, dt) : Tensor();
-          Tensor a = ndx ? to_gpu(in.a, dt) : Tensor(), b = ndx || nda ? to_gpu(in.b, dt) : Tensor();
+          Tensor a = ndx ? to_gpu(in.a, dt) : Tensor(),
+                 b = ndx || nda ? to_gpu(in.b, dt) : Tensor();
           Tensor u = ndb ? to_gpu(hu, dt) : Tensor();
           Tensor dx = ndx ? gpu_empty({d.m, d.in}, dt) : Tensor();
           Tensor da = nda ? gpu_empty({d.r, d.in}, dt) : Tensor();
@@ -197,10 +210,9 @@ TEST(CudaLora, BackwardMatchesCpu) {
           Tensor du = ndx || nda ? gpu_empty({d.m, d.r}, dt) : Tensor();
           Tensor xd = p > 0 && (ndx || nda) ? gpu_empty({d.m, d.in}, dt) : Tensor();
           for_dtype(dt, [&]<class T>() {
-            kernels::cuda::lora_backward<T>(d, ptr<T>(g), ptr<T>(x), ptr<T>(w), ptr<T>(a),
-                                            ptr<T>(b), ptr<T>(u), kScale, p, dseed, ptr<T>(du),
-                                            ptr<T>(xd), nullptr, ptr<T>(dx), ptr<T>(da),
-                                            ptr<T>(db));
+            kernels::cuda::lora_backward<T>(
+                d, ptr<T>(g), ptr<T>(x), ptr<T>(w), ptr<T>(a), ptr<T>(b), ptr<T>(u), kScale, p,
+                dseed, ptr<T>(du), ptr<T>(xd), nullptr, ptr<T>(dx), ptr<T>(da), ptr<T>(db));
           });
           if (ndx) EXPECT_TRUE(close_scaled(to_host(dx), rdx, dt)) << "dx";
           if (nda) EXPECT_TRUE(close_scaled(to_host(da), rda, dt)) << "dA";
@@ -225,14 +237,15 @@ TEST(CudaLora, AdapterReachesDx) {
   kernels::cuda::lora_backward<float>(d, ptr<float>(g), nullptr, ptr<float>(w), ptr<float>(a),
                                       ptr<float>(b), nullptr, kScale, 0.0, 1, ptr<float>(du),
                                       nullptr, nullptr, ptr<float>(with0), nullptr, nullptr);
-  kernels::cuda::lora_backward<float>(d, ptr<float>(g), nullptr, ptr<float>(w), ptr<float>(a),
-                                      ptr<float>(b), nullptr, kScale, 0.5, 1, ptr<float>(du),
-                                      ptr<float>(xd), nullptr, ptr<float>(with_p), nullptr, nullptr);
+  kernels::cuda::lora_backward<float>(
+      d, ptr<float>(g), nullptr, ptr<float>(w), ptr<float>(a), ptr<float>(b), nullptr, kScale, 0.5,
+      1, ptr<float>(du), ptr<float>(xd), nullptr, ptr<float>(with_p), nullptr, nullptr);
   EXPECT_GT(rel_l2(to_host(with0), to_host(base)), 1e-2);
   EXPECT_GT(rel_l2(to_host(with_p), to_host(with0)), 1e-3);
 }
 
-// ---- the op with autograd ---------------------------------------------------------------------------
+// ---- the op with autograd
+// ---------------------------------------------------------------------------
 
 TEST(CudaLora, OpBf16WithDropoutAndGradients) {
   FTUNE_REQUIRE_GPU();
@@ -247,7 +260,8 @@ TEST(CudaLora, OpBf16WithDropoutAndGradients) {
     Tensor hg = in.g.view({2, 33, d.out});
     Tensor cx = hx.clone().set_requires_grad(true), ca = in.a.clone().set_requires_grad(true);
     Tensor cb = in.b.clone().set_requires_grad(true);
-    Tensor gx = to_gpu(hx, dt).set_requires_grad(true), ga = to_gpu(in.a, dt).set_requires_grad(true);
+    Tensor gx = to_gpu(hx, dt).set_requires_grad(true),
+           ga = to_gpu(in.a, dt).set_requires_grad(true);
     Tensor gb = to_gpu(in.b, dt).set_requires_grad(true);
     Tensor cy = ops::lora_linear(cx, in.w, in.bias, ca, cb, scale, p, seed);
     Tensor gy = ops::lora_linear(gx, to_gpu(in.w, dt), to_gpu(in.bias, dt), ga, gb, scale, p, seed);

@@ -17,21 +17,21 @@ namespace ftune::test {
 namespace {
 
 struct Case {
-  DType dt = DType::f32;        // A and B
-  DType cdt = DType::f32;       // C
+  DType dt = DType::f32;   // A and B
+  DType cdt = DType::f32;  // C
   bool ta = false, tb = false;
   int64_t m = 1, n = 1, k = 1, batch = 1;
-  bool shared_b = false;        // stride_b = 0
+  bool shared_b = false;  // stride_b = 0
   bool bias = false;
   float alpha = 1.f, beta = 0.f;
 };
 
 std::string describe(const Case& c) {
   std::ostringstream s;
-  s << dtype_name(c.dt) << "->" << dtype_name(c.cdt) << (c.ta ? " A^T" : " A") << (c.tb ? " B^T" : " B")
-    << " m=" << c.m << " n=" << c.n << " k=" << c.k << " batch=" << c.batch
-    << (c.shared_b ? " shared_b" : "") << (c.bias ? " bias" : "") << " alpha=" << c.alpha
-    << " beta=" << c.beta;
+  s << dtype_name(c.dt) << "->" << dtype_name(c.cdt) << (c.ta ? " A^T" : " A")
+    << (c.tb ? " B^T" : " B") << " m=" << c.m << " n=" << c.n << " k=" << c.k
+    << " batch=" << c.batch << (c.shared_b ? " shared_b" : "") << (c.bias ? " bias" : "")
+    << " alpha=" << c.alpha << " beta=" << c.beta;
   return s.str();
 }
 
@@ -58,7 +58,8 @@ void run_case(const Case& c, uint64_t seed) {
   Tensor hc = rand_host({c.batch, c.m, c.n}, gen, c.cdt);
   Tensor hbias = rand_host({c.n}, gen, c.cdt);
   Tensor da = to_gpu(ha, c.dt), db = to_gpu(hb, c.dt);
-  Tensor dc = c.beta != 0.f ? to_gpu(hc, c.cdt) : Tensor::empty({c.batch, c.m, c.n}, c.cdt, Device::cuda(0));
+  Tensor dc = c.beta != 0.f ? to_gpu(hc, c.cdt)
+                            : Tensor::empty({c.batch, c.m, c.n}, c.cdt, Device::cuda(0));
   Tensor dbias = to_gpu(hbias, c.cdt);
 
   kernels::cuda::GemmArgs g;
@@ -121,8 +122,8 @@ TEST(CudaGemm, EverySizeF32AndBf16) {
 TEST(CudaGemm, TransposesEveryDtype) {
   FTUNE_REQUIRE_GPU();
   ftune::cuda::set_allow_tf32(false);
-  const int64_t shapes[][3] = {{1, 1, 1},   {7, 129, 1000}, {129, 1000, 7}, {1000, 7, 129},
-                               {1, 1000, 129}, {1000, 1, 7}, {129, 129, 1}, {256, 512, 1024}};
+  const int64_t shapes[][3] = {{1, 1, 1},      {7, 129, 1000}, {129, 1000, 7}, {1000, 7, 129},
+                               {1, 1000, 129}, {1000, 1, 7},   {129, 129, 1},  {256, 512, 1024}};
   uint64_t seed = 100;
   for (DType dt : {DType::f32, DType::bf16, DType::f16})
     for (int t = 0; t < 4; ++t)
@@ -297,7 +298,8 @@ TEST(CudaGemm, OpsBf16WithGradients) {
     Tensor hbm = rand_host(shared ? Shape{40, 17} : Shape{3, 40, 17}, gen, dt);
     Tensor hgm = rand_host({3, 33, 17}, gen, dt);
     Tensor ca = ha.clone().set_requires_grad(true), cbm = hbm.clone().set_requires_grad(true);
-    Tensor ga = to_gpu(ha, dt).set_requires_grad(true), gbm = to_gpu(hbm, dt).set_requires_grad(true);
+    Tensor ga = to_gpu(ha, dt).set_requires_grad(true),
+           gbm = to_gpu(hbm, dt).set_requires_grad(true);
     Tensor co = ops::matmul(ca, cbm), go = ops::matmul(ga, gbm);
     EXPECT_TRUE(all_close(to_host(go), co, 1e-4 * std::sqrt(40.0), dtype_rtol(dt)));
     co.backward(hgm);
