@@ -97,7 +97,7 @@ TEST(CudaLora, DropoutMaskMatchesCpuExactly) {
             auto v = to_host(dout).to_vector<double>();
             int64_t zeros = 0;
             for (int64_t i = offset; i < n + offset; ++i) zeros += v[i] == 0.0;
-            EXPECT_NEAR(double(zeros) / double(n), p, 0.05);
+            EXPECT_NEAR(double(zeros) / double(n), p, 0.07);
           }
         }
 }
