@@ -42,4 +42,25 @@ void lora_backward(const LoraDims& d, const T* g, const T* x, const T* w, const 
                    T* da, T* db);
 
 }  // namespace cpu
+
+// The GPU twins (kernels/cuda/lora.cu), T = float, bf16 or f16: the same mask, shapes and
+// contracts as above. GEMMs run on cuBLASLt with f32 accumulation (the bias in the base GEMM's
+// epilogue); the dropout passes are one vectorized kernel each. scale is f32 (for T = float the
+// signatures are exactly the CPU's). keep is not used on the GPU (each pass redraws the mask,
+// cheaper there than a byte mask in memory) and may be null.
+namespace cuda {
+
+template <class T>
+void lora_dropout(const T* x, T* out, int64_t n, double p, uint64_t seed);
+template <class T>
+void lora_dropout_accumulate(T* acc, const T* t, int64_t n, double p, uint64_t seed);
+template <class T>
+void lora_forward(const LoraDims& d, const T* x, const T* w, const T* bias, const T* a, const T* b,
+                  float scale, double p, uint64_t seed, T* xd, T* u, T* y);
+template <class T>
+void lora_backward(const LoraDims& d, const T* g, const T* x, const T* w, const T* a, const T* b,
+                   const T* u, float scale, double p, uint64_t seed, T* du, T* xd, uint8_t* keep,
+                   T* dx, T* da, T* db);
+
+}  // namespace cuda
 }  // namespace ftune::kernels

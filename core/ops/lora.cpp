@@ -12,6 +12,17 @@ template <class T>
 T* ptr_or_null(const Tensor& t) {
   return t.defined() ? t.data<T>() : nullptr;
 }
+
+// The GPU kernels take f32, bf16 and f16 (the CPU ones f32 and f64).
+template <class F>
+void dispatch_gpu_float(DType t, const char* op, F&& f) {
+  switch (t) {
+    case DType::f32: f.template operator()<float>(); return;
+    case DType::bf16: f.template operator()<bf16>(); return;
+    case DType::f16: f.template operator()<f16>(); return;
+    default: FTUNE_THROW("[", op, "] the GPU computes in f32, bf16 or f16, got ", dtype_name(t));
+  }
+}
 }  // namespace
 
 // W and b are frozen: they are not inputs of the recorded node, so they never get a gradient,
@@ -26,7 +37,10 @@ Tensor lora_linear(const Tensor& x, const Tensor& w, const Tensor& b, const Tens
   check_same_device(op, {&x, &w, &b, &lora_a, &lora_b});
   check_same_dtype(op, {&x, &w, &b, &lora_a, &lora_b});
   check_float(op, x, "x");
+#ifndef FTUNE_HAVE_CUDA
   require_cpu(op, {&x, &w, &b, &lora_a, &lora_b});
+#endif
+  const bool gpu = x.device().is_cuda();
   FTUNE_CHECK(w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1), "[lora_linear] x ", x.desc(),
               " does not match weight ", w.desc(), " (expected weight [out, ", x.size(-1), "])");
   const int64_t in = w.size(1), outf = w.size(0);
@@ -51,11 +65,21 @@ Tensor lora_linear(const Tensor& x, const Tensor& w, const Tensor& b, const Tens
   Tensor y = Tensor::empty(out_shape, x.dtype(), x.device());
   Tensor u = Tensor::empty({d.m, r}, x.dtype(), x.device());
   Tensor xd = dropout > 0 ? Tensor::empty({d.m, in}, x.dtype(), x.device()) : Tensor();
-  dispatch_float(x.dtype(), op, [&]<class T>() {
-    kernels::cpu::lora_forward<T>(d, x2.data<T>(), w2.data<T>(), ptr_or_null<T>(bias2),
-                                  a2.data<T>(), b2.data<T>(), T(scale), dropout, seed,
-                                  ptr_or_null<T>(xd), u.data<T>(), y.data<T>());
-  });
+  if (gpu) {
+#ifdef FTUNE_HAVE_CUDA
+    dispatch_gpu_float(x.dtype(), op, [&]<class T>() {
+      kernels::cuda::lora_forward<T>(d, x2.data<T>(), w2.data<T>(), ptr_or_null<T>(bias2),
+                                     a2.data<T>(), b2.data<T>(), float(scale), dropout, seed,
+                                     ptr_or_null<T>(xd), u.data<T>(), y.data<T>());
+    });
+#endif
+  } else {
+    dispatch_float(x.dtype(), op, [&]<class T>() {
+      kernels::cpu::lora_forward<T>(d, x2.data<T>(), w2.data<T>(), ptr_or_null<T>(bias2),
+                                    a2.data<T>(), b2.data<T>(), T(scale), dropout, seed,
+                                    ptr_or_null<T>(xd), u.data<T>(), y.data<T>());
+    });
+  }
   if (!needs_record({&x, &lora_a, &lora_b})) return y;
 
   // Save only what the requested gradients use: x for dA, W and A for dx, B for dx and dA,
@@ -65,18 +89,33 @@ Tensor lora_linear(const Tensor& x, const Tensor& w, const Tensor& b, const Tens
   Tensor bs = gx || ga ? b2 : Tensor(), us = gb ? u : Tensor();
   Shape xshape = x.shape();
   record(op, y, {x, lora_a, lora_b},
-         [d, xs, ws, as, bs, us, xshape, scale, dropout, seed](const Tensor& g,
-                                                               const std::vector<bool>& need) {
+         [d, xs, ws, as, bs, us, xshape, scale, dropout, seed, gpu](
+             const Tensor& g, const std::vector<bool>& need) {
            Tensor gc = contig(g);
            const DType dt = gc.dtype();
-           Tensor dx = need[0] ? Tensor::empty(xshape, dt) : Tensor();
-           Tensor da = need[1] ? Tensor::empty({d.r, d.in}, dt) : Tensor();
-           Tensor db = need[2] ? Tensor::empty({d.out, d.r}, dt) : Tensor();
-           Tensor du = need[0] || need[1] ? Tensor::empty({d.m, d.r}, dt) : Tensor();
-           Tensor scratch =
-               dropout > 0 && (need[0] || need[1]) ? Tensor::empty({d.m, d.in}, dt) : Tensor();
-           Tensor keep =
-               dropout > 0 && need[0] && need[1] ? Tensor::empty({d.m, d.in}, DType::b8) : Tensor();
+           const Device dev = gc.device();
+           Tensor dx = need[0] ? Tensor::empty(xshape, dt, dev) : Tensor();
+           Tensor da = need[1] ? Tensor::empty({d.r, d.in}, dt, dev) : Tensor();
+           Tensor db = need[2] ? Tensor::empty({d.out, d.r}, dt, dev) : Tensor();
+           Tensor du = need[0] || need[1] ? Tensor::empty({d.m, d.r}, dt, dev) : Tensor();
+           Tensor scratch = dropout > 0 && (need[0] || need[1])
+                                ? Tensor::empty({d.m, d.in}, dt, dev)
+                                : Tensor();
+           if (gpu) {  // the GPU redraws the mask in each pass: no keep bytes
+#ifdef FTUNE_HAVE_CUDA
+             dispatch_gpu_float(dt, "lora_linear_backward", [&]<class T>() {
+               kernels::cuda::lora_backward<T>(
+                   d, gc.data<T>(), ptr_or_null<T>(xs), ptr_or_null<T>(ws), ptr_or_null<T>(as),
+                   ptr_or_null<T>(bs), ptr_or_null<T>(us), float(scale), dropout, seed,
+                   ptr_or_null<T>(du), ptr_or_null<T>(scratch), nullptr, ptr_or_null<T>(dx),
+                   ptr_or_null<T>(da), ptr_or_null<T>(db));
+             });
+#endif
+             return std::vector<Tensor>{dx, da, db};
+           }
+           Tensor keep = dropout > 0 && need[0] && need[1]
+                             ? Tensor::empty({d.m, d.in}, DType::b8, dev)
+                             : Tensor();
            dispatch_float(dt, "lora_linear_backward", [&]<class T>() {
              kernels::cpu::lora_backward<T>(
                  d, gc.data<T>(), ptr_or_null<T>(xs), ptr_or_null<T>(ws), ptr_or_null<T>(as),

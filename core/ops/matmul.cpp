@@ -14,6 +14,31 @@ Tensor bmm_raw(const Tensor& a, bool ta, const Tensor& b, bool tb) {
   int64_t k = ta ? a.shape()[1] : a.shape()[2];
   int64_t n = tb ? b.shape()[1] : b.shape()[2];
   Tensor out = Tensor::empty({batch, m, n}, a.dtype(), a.device());
+#ifdef FTUNE_HAVE_CUDA
+  if (a.device().is_cuda()) {  // one strided-batched cuBLASLt GEMM (bf16/f16 too)
+    const bool shared_b = b.shape()[0] == 1;
+    const bool fold = shared_b && !ta && batch > 1;  // the batch folded into m, as on the CPU
+    kernels::cuda::GemmArgs g;
+    g.trans_a = ta;
+    g.trans_b = tb;
+    g.m = fold ? batch * m : m;
+    g.n = n;
+    g.k = k;
+    g.ab_dtype = g.c_dtype = a.dtype();
+    g.a = a.raw_data();
+    g.lda = a.shape()[2];
+    g.b = b.raw_data();
+    g.ldb = b.shape()[2];
+    g.c = out.raw_data();
+    g.ldc = n;
+    g.batch = fold ? 1 : batch;
+    g.stride_a = a.shape()[1] * a.shape()[2];
+    g.stride_b = shared_b ? 0 : b.shape()[1] * b.shape()[2];
+    g.stride_c = m * n;
+    kernels::cuda::gemm(g);
+    return out;
+  }
+#endif
   dispatch_float(a.dtype(), "matmul", [&]<class T>() {
     const T* pa = a.data<T>();
     const T* pb = b.data<T>();
@@ -32,6 +57,32 @@ Tensor bmm_raw(const Tensor& a, bool ta, const Tensor& b, bool tb) {
   return out;
 }
 
+// One GPU GEMM on contiguous buffers of one dtype: c = op(a) op(b) (+ bias).
+void linear_gpu(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const Tensor& a, int64_t lda,
+                const Tensor& b, int64_t ldb, Tensor& c, int64_t ldc, const Tensor& bias) {
+#ifdef FTUNE_HAVE_CUDA
+  kernels::cuda::GemmArgs g;
+  g.trans_a = ta;
+  g.trans_b = tb;
+  g.m = m;
+  g.n = n;
+  g.k = k;
+  g.ab_dtype = g.c_dtype = c.dtype();
+  g.a = a.raw_data();
+  g.lda = lda;
+  g.b = b.raw_data();
+  g.ldb = ldb;
+  g.c = c.raw_data();
+  g.ldc = ldc;
+  g.bias = bias.defined() ? bias.raw_data() : nullptr;
+  kernels::cuda::gemm(g);
+#else
+  (void)ta, (void)tb, (void)m, (void)n, (void)k, (void)a, (void)lda, (void)b, (void)ldb, (void)c,
+      (void)ldc, (void)bias;
+  FTUNE_THROW("[linear] has no GPU implementation (built without CUDA)");
+#endif
+}
+
 }  // namespace
 
 Tensor matmul(const Tensor& a, const Tensor& b) {
@@ -40,7 +91,6 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
   check_same_device("matmul", {&a, &b});
   check_same_dtype("matmul", {&a, &b});
   check_float("matmul", a, "a");
-  require_cpu("matmul", {&a, &b});
   FTUNE_CHECK(a.dim() >= 2 && b.dim() >= 2, "[matmul] needs >= 2-d inputs, got ", a.desc(), " @ ", b.desc());
   int64_t m = a.size(-2), k = a.size(-1), n = b.size(-1);
   FTUNE_CHECK(b.size(-2) == k, "[matmul] inner dims differ: ", a.desc(), " @ ", b.desc());
@@ -86,7 +136,6 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b) {
   check_same_device("linear", {&x, &w, &b});
   check_same_dtype("linear", {&x, &w, &b});
   check_float("linear", x, "x");
-  require_cpu("linear", {&x, &w, &b});
   FTUNE_CHECK(w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1), "[linear] x ", x.desc(),
               " does not match weight ", w.desc(), " (expected weight [out, ", x.size(-1), "])");
   const int64_t in = w.size(1), outf = w.size(0);
@@ -97,17 +146,21 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b) {
   Shape out_shape = x.shape();
   out_shape.back() = outf;
   Tensor y = Tensor::empty(out_shape, x.dtype(), x.device());
-  dispatch_float(x.dtype(), "linear", [&]<class T>() {
-    T* py = y.data<T>();
-    if (b2.defined()) {  // seed C with the bias, then beta = 1
-      const T* pb = b2.data<T>();
+  if (x.device().is_cuda()) {
+    linear_gpu(false, true, M, outf, in, x2, in, w2, in, y, outf, b2);  // bias in the epilogue
+  } else {
+    dispatch_float(x.dtype(), "linear", [&]<class T>() {
+      T* py = y.data<T>();
+      if (b2.defined()) {  // seed C with the bias, then beta = 1
+        const T* pb = b2.data<T>();
 #pragma omp parallel for schedule(static) if (M * outf > (1 << 16))
-      for (int64_t r = 0; r < M; ++r)
-        for (int64_t j = 0; j < outf; ++j) py[r * outf + j] = pb[j];
-    }
-    kernels::cpu::gemm<T>(false, true, M, outf, in, T(1), x2.data<T>(), in, w2.data<T>(), in,
-                          b2.defined() ? T(1) : T(0), py, outf);
-  });
+        for (int64_t r = 0; r < M; ++r)
+          for (int64_t j = 0; j < outf; ++j) py[r * outf + j] = pb[j];
+      }
+      kernels::cpu::gemm<T>(false, true, M, outf, in, T(1), x2.data<T>(), in, w2.data<T>(), in,
+                            b2.defined() ? T(1) : T(0), py, outf);
+    });
+  }
   if (!needs_record({&x, &w, &b})) return y;
   Tensor xs = w.requires_grad() ? x2 : Tensor();
   Tensor ws = x.requires_grad() ? w2 : Tensor();
@@ -115,6 +168,22 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b) {
   record("linear", y, {x, w, b}, [xs, ws, xshape, M, in, outf](const Tensor& g, const std::vector<bool>& need) {
     Tensor gc = contig(g);
     Tensor gx, gw, gb;
+    if (gc.device().is_cuda()) {
+      if (need[0]) {
+        gx = Tensor::empty(xshape, gc.dtype(), gc.device());
+        linear_gpu(false, false, M, in, outf, gc, outf, ws, in, gx, in, Tensor());  // g W
+      }
+      if (need[1]) {
+        gw = Tensor::empty({outf, in}, gc.dtype(), gc.device());
+        linear_gpu(true, false, outf, in, M, gc, outf, xs, in, gw, in, Tensor());  // g^T x
+      }
+      if (need[2]) {  // g^T 1: the column sums as one more GEMM (f32 accumulation)
+        gb = Tensor::empty({outf}, gc.dtype(), gc.device());
+        Tensor ones = Tensor::ones({M}, gc.dtype(), gc.device());
+        linear_gpu(true, false, outf, 1, M, gc, outf, ones, 1, gb, 1, Tensor());
+      }
+      return std::vector<Tensor>{gx, gw, gb};
+    }
     dispatch_float(gc.dtype(), "linear_backward", [&]<class T>() {
       const T* pg = gc.data<T>();
       if (need[0]) {
