@@ -6,7 +6,10 @@
 // bench/sft/run.sh runs both side by side (bench/results/cpu_sft_step.md).
 //   bench_sft [--model DIR | --layers 4 --d 512 --heads 8 --kv-heads 8 --ffn 1376 --vocab 2048]
 //             [--seq 256] [--batch 8] [--lora-r 8 (0: full)] [--targets all-linear] [--steps 8]
-//             [--warmup 2]
+//             [--warmup 2] [--device cpu|cuda] [--dtype f32|bf16] [--ckpt 0|1] [--tie 1|0]
+// On the GPU the step ends with the loss read back (as the trainer's NaN guard does), so each timed
+// step includes its whole device work; peak_gpu_mib is the caching allocator's high-water mark, and
+// mfu counts 6 * params * tokens (+ attention) against the H100/H200 dense bf16 rate.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -19,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "core/allocator.h"
 #include "core/optim.h"
 #include "core/rng.h"
 #include "io/hf_config.h"
@@ -42,7 +46,8 @@ double peak_rss_mib() {
 int main(int argc, char** argv) {
   std::string model_dir, targets = "all-linear";
   int64_t layers = 4, d = 512, heads = 8, kv = 8, ffn = 1376, vocab = 2048, seq = 256, batch = 8;
-  int64_t lora_r = 8, steps = 8, warmup = 2;
+  int64_t lora_r = 8, steps = 8, warmup = 2, ckpt = 0, tie = 1;
+  std::string device = "cpu", dtype = "f32";
   for (int i = 1; i < argc; i += 2) {
     std::string k = argv[i];
     if (i + 1 >= argc) {
@@ -76,6 +81,14 @@ int main(int argc, char** argv) {
       steps = std::stoll(v);
     else if (k == "--warmup")
       warmup = std::stoll(v);
+    else if (k == "--device")
+      device = v;
+    else if (k == "--dtype")
+      dtype = v;
+    else if (k == "--ckpt")
+      ckpt = std::stoll(v);
+    else if (k == "--tie")
+      tie = std::stoll(v);
     else {
       std::fprintf(stderr, "bench_sft: unknown option %s\n", k.c_str());
       return 2;
@@ -100,7 +113,7 @@ int main(int argc, char** argv) {
                             {"num_key_value_heads", kv},
                             {"max_position_embeddings", std::max<int64_t>(seq, 512)},
                             {"rms_norm_eps", 1e-5},
-                            {"tie_word_embeddings", true}};
+                            {"tie_word_embeddings", tie != 0}};
       model = std::make_unique<Transformer>(parse_hf_config(cfg, "bench"));
       model->init_random(1);
     }
@@ -118,6 +131,16 @@ int main(int argc, char** argv) {
       for (auto& [n, t] : model->named_parameters())
         if (t.requires_grad()) trainable.emplace_back(n, t);
     }
+    const Device dev = device == "cuda" ? Device::cuda(0) : Device::cpu();
+    const DType dt = dtype == "bf16" ? DType::bf16 : dtype == "f16" ? DType::f16 : DType::f32;
+    if (dev.is_cuda() || dt != DType::f32) {
+      model->to_(dev, dt);
+      trainable = lora_r > 0 ? lora_parameters(*model) : nn::NamedTensors{};
+      if (lora_r == 0)
+        for (auto& [n, t] : model->named_parameters())
+          if (t.requires_grad()) trainable.emplace_back(n, t);
+    }
+    model->set_activation_checkpointing(ckpt != 0);
     model->train();  // as the trainer does (LoRA dropout is 0 here, so it changes no math)
     std::vector<Tensor> params;
     int64_t n_train = 0;
@@ -127,8 +150,8 @@ int main(int argc, char** argv) {
     }
     optim::AdamW opt(optim::decay_groups(trainable, 0.01), {});
     Generator gen(5);
-    Tensor ids = randint({batch, seq}, gen, 0, mc.vocab_size, DType::i32);
-    Tensor labels = randint({batch * seq}, gen, 0, mc.vocab_size, DType::i64);
+    Tensor ids = randint({batch, seq}, gen, 0, mc.vocab_size, DType::i32).to(dev);
+    Tensor labels = randint({batch * seq}, gen, 0, mc.vocab_size, DType::i64).to(dev);
     std::vector<double> ms;
     for (int64_t s = 0; s < warmup + steps; ++s) {
       auto t0 = std::chrono::steady_clock::now();
@@ -153,7 +176,21 @@ int main(int argc, char** argv) {
     int64_t state_bytes = 0;
     for (auto& [n, t] : opt.export_state().tensors)
       state_bytes += t.numel() * int64_t(dtype_size(t.dtype()));
+    // Training FLOPs per token: 6 per parameter touched by a GEMM (forward 2, backward 4; the
+    // embedding lookup is not a GEMM, a tied lm_head is), plus causal attention's
+    // 6 * 2 * seq * d per layer (QK^T and PV, forward + backward, halved by the mask).
+    const double gemm_params = double(base_params) - (tie ? 0.0 : double(mc.vocab_size * mc.hidden_size));
+    const double flops_per_token = 6.0 * gemm_params + 6.0 * double(mc.num_hidden_layers) *
+                                                         double(seq) * double(mc.num_attention_heads * mc.head_dim);
+    const double tps = double(batch * seq) / (median / 1e3);
+    nlohmann::json gpu = nullptr;
+    if (dev.is_cuda()) gpu = double(cuda_allocator_stats(0).peak_bytes) / (1 << 20);
     nlohmann::json out = {{"model", model_dir.empty() ? "random" : model_dir},
+                          {"device", device},
+                          {"dtype", dtype},
+                          {"activation_checkpointing", ckpt != 0},
+                          {"peak_gpu_mib", gpu},
+                          {"mfu_vs_989tflops", dev.is_cuda() ? nlohmann::json(tps * flops_per_token / 989e12) : nlohmann::json(nullptr)},
                           {"layers", mc.num_hidden_layers},
                           {"d", mc.hidden_size},
                           {"vocab", mc.vocab_size},

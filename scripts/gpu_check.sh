@@ -22,11 +22,11 @@ bundle() {
     cmake -S . -B "$build" -G Ninja -DFTUNE_CUDA=ON -DFTUNE_CUDA_ARCHS=90 -DFTUNE_BUILD_BENCH=ON
   fi
   grep -q '^FTUNE_CUDA:BOOL=ON' "$build/CMakeCache.txt" || { echo "gpu_check: $build is not a CUDA build" >&2; exit 1; }
-  cmake --build "$build" -j"$FTUNE_JOBS" --target test_cuda bench_gpu ftune test_launch
+  cmake --build "$build" -j"$FTUNE_JOBS" --target test_cuda bench_gpu ftune test_launch bench_sft
   rm -rf gpu_bundle && mkdir -p gpu_bundle/stage/bin gpu_bundle/stage/lib
   # Binaries keep their paths relative to the build dir: tests find ftune and the fixtures through
   # absolute paths compiled in (FTUNE_BINARY, FTUNE_SOURCE_DIR), which `run` recreates.
-  local rel=(tests/test_cuda bench/bench_gpu ftune tests/test_launch)
+  local rel=(tests/test_cuda bench/bench_gpu ftune tests/test_launch bench/bench_sft)
   for r in "${rel[@]}"; do mkdir -p "gpu_bundle/stage/bin/$(dirname "$r")"; cp "$build/$r" "gpu_bundle/stage/bin/$r"; done
   (cd "$build" && pwd -P) > gpu_bundle/stage/BUILDDIR
   pwd -P > gpu_bundle/stage/SRCDIR
@@ -96,6 +96,31 @@ run() {
     PYTHONUNBUFFERED=1 timeout 120 python3 "$py" >> "$OUT/torch_ref.log" 2>&1 || prc=$?
   done
   local t3=$SECONDS
+  # End to end (issue 7): one SFT step of a ~0.5B Llama-style model (Qwen2.5-0.5B's shapes: d 896,
+  # 24 layers, 14 heads of 64, 2 kv heads, ffn 4864, vocab 151936 tied) at seq 2048, bf16, LoRA
+  # and full, ftune vs transformers + peft on the same shapes. GPU_CHECK_E2E=0 skips it.
+  if [ "${GPU_CHECK_E2E:-1}" = 1 ]; then
+    local shape="--layers 24 --d 896 --heads 14 --kv-heads 2 --ffn 4864 --vocab 151936 --seq 2048 --batch 4 --steps 4 --warmup 2 --device cuda --dtype bf16"
+    for mode in "--lora-r 16" "--lora-r 0"; do
+      timeout 150 "$bld/bench/bench_sft" $shape $mode >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft $mode failed: $?" >> "$OUT/e2e.log"
+      (cd "$ROOT" && PYTHONUNBUFFERED=1 timeout 150 python3 bench/sft/peft_step.py $shape $mode >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log") || echo "peft_step $mode failed: $?" >> "$OUT/e2e.log"
+    done
+    echo "== end-to-end SFT step (e2e.jsonl) =="
+    python3 - "$OUT/e2e.jsonl" <<'PY' || tail -5 "$OUT/e2e.log"
+import json, sys
+print("| impl | mode | ms/step | tokens/s | MFU | peak GPU MiB |")
+print("|---|---|---|---|---|---|")
+for line in open(sys.argv[1]):
+    try:
+        j = json.loads(line)
+    except Exception:
+        continue
+    print(f"| {j.get('impl', 'ftune')} | {j['mode']} | {j['ms_per_step']:.1f} | {j['tokens_per_s']:.0f} | "
+          f"{(j.get('mfu_vs_989tflops') or 0) * 100:.1f}% | {j.get('peak_gpu_mib') or 0:.0f} |")
+PY
+    tail -3 "$OUT/e2e.log" 2>/dev/null
+  fi
+  local t4=$SECONDS
   echo
   echo "== torch reference (tail) =="
   tail -25 "$OUT/torch_ref.log" 2>/dev/null
@@ -114,6 +139,7 @@ run() {
   printf "| quickstart bf16 | %s | %s | %s |\n" "$qrc" $((t15 - t1)) "$(grep -E '^epoch' "$OUT/quickstart_gpu.log" | tail -1 | cut -c1-60)"
   printf "| bench_gpu | %s | %s | %s rows |\n" "$brc" $((t2 - t15)) "$(grep -c '^| [a-z]' "$OUT/bench_gpu.md" 2>/dev/null)"
   printf "| torch ref | %s | %s | |\n" "$prc" $((t3 - t2))
+  printf "| e2e sft | | %s | %s rows |\n" $((t4 - t3)) "$(grep -c ms_per_step "$OUT/e2e.jsonl" 2>/dev/null)"
   [ "$trc" = 0 ] && [ "$brc" = 0 ]
 }
 

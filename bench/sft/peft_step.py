@@ -49,6 +49,10 @@ def main():
     ap.add_argument("--targets", default="all-linear")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--dtype", default="f32", help="f32 | bf16 (the model is loaded in it)")
+    ap.add_argument("--ckpt", type=int, default=0, help="1: gradient checkpointing")
+    ap.add_argument("--tie", type=int, default=1)
     a = ap.parse_args()
     if a.steps < 1 or a.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
@@ -69,9 +73,14 @@ def main():
         cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.d, intermediate_size=a.ffn,
                           num_hidden_layers=a.layers, num_attention_heads=a.heads,
                           num_key_value_heads=a.kv_heads, max_position_embeddings=max(a.seq, 512),
-                          rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_act="silu")
+                          rms_norm_eps=1e-5, tie_word_embeddings=bool(a.tie), hidden_act="silu")
         cfg._attn_implementation = "sdpa"
         model = LlamaForCausalLM(cfg)
+    dev = torch.device(a.device)
+    tdt = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    model = model.to(device=dev, dtype=tdt)
+    if a.ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     attn_impl = model.config._attn_implementation
     base_params = sum(p.numel() for p in model.parameters())
     mc = model.config
@@ -93,19 +102,23 @@ def main():
     opt = torch.optim.AdamW(groups, lr=1e-3)
 
     g = torch.Generator().manual_seed(5)
-    ids = torch.randint(0, mc.vocab_size, (a.batch, a.seq), generator=g)
-    labels = torch.randint(0, mc.vocab_size, (a.batch * a.seq,), generator=g)
+    ids = torch.randint(0, mc.vocab_size, (a.batch, a.seq), generator=g).to(dev)
+    labels = torch.randint(0, mc.vocab_size, (a.batch * a.seq,), generator=g).to(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     ms = []
     for s in range(a.warmup + a.steps):
         t0 = time.perf_counter()
         logits = model(input_ids=ids).logits
-        loss = F.cross_entropy(logits.view(a.batch * a.seq, mc.vocab_size), labels)
+        loss = F.cross_entropy(logits.view(a.batch * a.seq, mc.vocab_size).float(), labels)
         if not torch.isfinite(loss).item():
             raise RuntimeError("non-finite loss")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         t = (time.perf_counter() - t0) * 1e3
         if s >= a.warmup:
             ms.append(t)
@@ -113,6 +126,9 @@ def main():
     state_bytes = sum(v.numel() * v.element_size() for st in opt.state.values()
                       for v in st.values() if torch.is_tensor(v))
     med = statistics.median(ms)
+    tps = a.batch * a.seq / (med / 1e3)
+    gemm_params = base_params - (0 if a.tie else mc.vocab_size * mc.hidden_size)
+    flops_tok = 6.0 * gemm_params + 6.0 * mc.num_hidden_layers * a.seq * mc.hidden_size
     print(json.dumps({
         "impl": "torch+peft" if a.lora_r > 0 else "torch",
         "model": a.model or "random", "layers": mc.num_hidden_layers, "d": mc.hidden_size,
@@ -122,6 +138,9 @@ def main():
         "tokens_per_s": a.batch * a.seq / (med / 1e3), "peak_rss_mib": peak,
         "rss_base_mib": rss_base, "adamw_state_mib": state_bytes / (1024.0 * 1024.0),
         "threads": torch.get_num_threads(), "attn_implementation": attn_impl,
+        "device": a.device, "dtype": a.dtype, "activation_checkpointing": bool(a.ckpt),
+        "peak_gpu_mib": (torch.cuda.max_memory_allocated() / 2**20) if dev.type == "cuda" else None,
+        "mfu_vs_989tflops": (tps * flops_tok / 989e12) if dev.type == "cuda" else None,
         "torch": torch.__version__}))
 
 
