@@ -109,7 +109,7 @@ Strided<NI> coalesce(const char* op, const Shape& shape, const Tensor* const (&i
     for (int k = 0; k < NI; ++k) st[k][nd] = in[k]->strides()[d];
     ++nd;
   }
-  // Merge from the innermost dim outwards into a compact list (innermost last).
+  // Walk outer to inner, appending each dim to the list or folding it into the last entry.
   int m = 0;
   int64_t msz[64];
   int64_t mst[NI][64];
