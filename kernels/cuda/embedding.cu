@@ -1,12 +1,11 @@
 // CUDA twins of kernels/embedding.h.
 // forward: a row gather, each row copied in the widest unit (16 bytes when aligned).
 // backward (deterministic): the positions are sorted by id (CUB radix sort, stable, so equal ids
-// keep increasing n), cut into runs of one id, and each (run, column slice) is summed by one warp
-// in increasing n into f32 registers, then written once: every dweight element has exactly one
-// writer and one summation order, the CPU's (bitwise equal to it in f32). Rows no id touches are
-// zeroed first. With ftune::cuda::deterministic() off, f32 takes a float-atomic scatter instead.
+// keep increasing n) and summed per run of one id in f32 by fixed tiles of the sorted order (see
+// tile_sum_kernel): every dweight element has one writer and one summation order, no atomics.
+// Rows no id touches are zeroed first. With ftune::cuda::deterministic() off, f32 takes a
+// float-atomic scatter instead.
 #include <cub/device/device_radix_sort.cuh>
-#include <cub/device/device_select.cuh>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/embedding.h"
@@ -53,57 +52,135 @@ __global__ void sort_prep_kernel(const I* __restrict__ ids, int64_t n, uint32_t*
   }
 }
 
-__global__ void run_flags_kernel(const uint32_t* __restrict__ keys, int64_t n, uint8_t* __restrict__ flags) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    flags[i] = i == 0 || keys[i] != keys[i - 1];
+// The sorted positions are cut into fixed tiles of kTile. One warp per (tile, slice of 32*V
+// columns) walks its tile in order, summing each run of one id in f32:
+//   - a run that begins and ends in the tile is written to dweight directly;
+//   - the tile's first run, when it began in an earlier tile, goes to part[tile][0] (head);
+//   - the tile's last run, when it continues into the next tile (and began in this one), goes to
+//     part[tile][1] (tail).
+// tile_carry_kernel then adds, for each run that crosses tiles, its tail and the following tiles'
+// heads in tile order. Every element has one writer and a fixed order of summation (within a
+// tile, increasing n, which is the CPU's order); long runs are summed by many warps at once.
+constexpr int kTile = 64;
+
+template <int V>
+__device__ __forceinline__ void store_f32(float* p, const float (&a)[V]) {
+  if constexpr (V % 4 == 0) {
+#pragma unroll
+    for (int e = 0; e < V; e += 4) *reinterpret_cast<float4*>(p + e) = make_float4(a[e], a[e + 1], a[e + 2], a[e + 3]);
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) p[e] = a[e];
+  }
+}
+template <int V>
+__device__ __forceinline__ void add_f32(const float* p, float (&a)[V]) {
+  if constexpr (V % 4 == 0) {
+#pragma unroll
+    for (int e = 0; e < V; e += 4) {
+      const float4 q = *reinterpret_cast<const float4*>(p + e);
+      a[e] += q.x;
+      a[e + 1] += q.y;
+      a[e + 2] += q.z;
+      a[e + 3] += q.w;
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) a[e] += p[e];
+  }
 }
 
-// One warp per (run, slice of 32*V columns): sums dy rows of the run in increasing n.
 template <class T, bool VEC>
-__global__ void run_sum_kernel(const T* __restrict__ dy, const uint32_t* __restrict__ keys,
-                               const int32_t* __restrict__ order, const int32_t* __restrict__ starts,
-                               const int32_t* __restrict__ num_runs, int64_t n, int64_t D, int64_t slices,
-                               T* __restrict__ dw) {
+__global__ void tile_sum_kernel(const T* __restrict__ dy, const uint32_t* __restrict__ keys,
+                                const int32_t* __restrict__ order, int64_t n, int64_t D, int64_t slices,
+                                int64_t tiles, float* __restrict__ part, T* __restrict__ dw) {
   constexpr int V = VEC ? kVec<T> : 1;
+  constexpr int U = 4;  // rows loaded ahead of their (in-order) accumulation
   const int lane = threadIdx.x & 31;
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
-  const int64_t runs = *num_runs;
-  for (int64_t item = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; item < runs * slices; item += warps) {
-    const int64_t r = item / slices, s = item - r * slices;
+  for (int64_t item = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; item < tiles * slices; item += warps) {
+    const int64_t t = item / slices, s = item - t * slices;
     const int64_t c0 = (s * 32 + lane) * V;
     if (c0 >= D) continue;  // no shuffles below: a lane may leave alone
-    const int64_t k0 = starts[r], k1 = r + 1 < runs ? starts[r + 1] : n;
+    const int64_t ts = t * kTile, te = min(n, ts + kTile);
     float acc[V];
 #pragma unroll
     for (int e = 0; e < V; ++e) acc[e] = 0.f;
-    int64_t k = k0;
-    // Four rows' loads in flight, added in order.
-    for (; k + 4 <= k1; k += 4) {
-      float x[4][V];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const T* src = dy + int64_t(order[k + u]) * D + c0;
+    uint32_t id = keys[ts];
+    int64_t rs = ts;  // first position of the current run in this tile
+    // Writes the run [rs, k) of id: dweight, or a head/tail partial when it crosses the tile.
+    auto flush = [&](int64_t k) {
+      const bool began_before = rs == ts && ts > 0 && keys[ts - 1] == id;
+      const bool continues = k == te && te < n && keys[te] == id;
+      if (began_before || continues) {
+        store_f32<V>(part + (t * 2 + (began_before ? 0 : 1)) * D + c0, acc);
+      } else {
+        T* dst = dw + int64_t(id) * D + c0;
         if constexpr (VEC)
-          load_vec(src, x[u]);
+          store_vec(dst, acc);
         else
-          x[u][0] = to_f(*src);
+          *dst = from_f<T>(acc[0]);
+      }
+    };
+    for (int64_t k = ts; k < te; k += U) {
+      uint32_t kid[U];
+      float x[U][V];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (k + u < te) {
+          kid[u] = keys[k + u];
+          const T* src = dy + int64_t(order[k + u]) * D + c0;
+          if constexpr (VEC)
+            load_vec(src, x[u]);
+          else
+            x[u][0] = to_f(*src);
+        }
       }
 #pragma unroll
-      for (int u = 0; u < 4; ++u)
+      for (int u = 0; u < U; ++u) {
+        if (k + u < te) {
+          if (kid[u] != id) {
+            flush(k + u);
+            id = kid[u];
+            rs = k + u;
 #pragma unroll
-        for (int e = 0; e < V; ++e) acc[e] += x[u][e];
-    }
-    for (; k < k1; ++k) {
-      const T* src = dy + int64_t(order[k]) * D + c0;
-      float x[V];
-      if constexpr (VEC)
-        load_vec(src, x);
-      else
-        x[0] = to_f(*src);
+            for (int e = 0; e < V; ++e) acc[e] = 0.f;
+          }
 #pragma unroll
-      for (int e = 0; e < V; ++e) acc[e] += x[e];
+          for (int e = 0; e < V; ++e) acc[e] += x[u][e];
+        }
+      }
     }
-    T* dst = dw + int64_t(keys[k0]) * D + c0;
+    flush(te);
+  }
+}
+
+// For each run that begins in tile t and continues past it: tail(t) + head(t+1) + ... in order.
+template <class T, bool VEC>
+__global__ void tile_carry_kernel(const uint32_t* __restrict__ keys, int64_t n, int64_t D, int64_t slices,
+                                  int64_t tiles, const float* __restrict__ part, T* __restrict__ dw) {
+  constexpr int V = VEC ? kVec<T> : 1;
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
+  for (int64_t item = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; item < tiles * slices; item += warps) {
+    const int64_t t = item / slices, s = item - t * slices;
+    const int64_t c0 = (s * 32 + lane) * V;
+    if (c0 >= D) continue;
+    const int64_t ts = t * kTile, te = min(n, ts + kTile);
+    if (te >= n) continue;
+    const uint32_t id = keys[te - 1];
+    if (keys[te] != id) continue;                      // the last run ends in this tile
+    if (ts > 0 && keys[ts - 1] == id) continue;        // the whole tile is a run from before
+    float acc[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) acc[e] = 0.f;
+    add_f32<V>(part + (t * 2 + 1) * D + c0, acc);
+    for (int64_t t2 = t + 1; t2 < tiles; ++t2) {
+      add_f32<V>(part + t2 * 2 * D + c0, acc);
+      const int64_t e2 = min(n, (t2 + 1) * kTile);
+      if (e2 >= n || keys[e2] != id) break;
+    }
+    T* dst = dw + int64_t(id) * D + c0;
     if constexpr (VEC)
       store_vec(dst, acc);
     else
@@ -205,15 +282,10 @@ void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor& dweight) {
 
   Tensor keys = Tensor::empty({n}, DType::i32, dev), keys_sorted = Tensor::empty({n}, DType::i32, dev);
   Tensor pos = Tensor::empty({n}, DType::i32, dev), order = Tensor::empty({n}, DType::i32, dev);
-  Tensor flags = Tensor::empty({n}, DType::b8, dev), starts = Tensor::empty({n}, DType::i32, dev);
-  Tensor num_runs = Tensor::empty({1}, DType::i32, dev);
   auto* k_in = static_cast<uint32_t*>(keys.raw_data());
   auto* k_out = static_cast<uint32_t*>(keys_sorted.raw_data());
   auto* p_in = static_cast<int32_t*>(pos.raw_data());
   auto* p_out = static_cast<int32_t*>(order.raw_data());
-  auto* fl = static_cast<uint8_t*>(flags.raw_data());
-  auto* st = static_cast<int32_t*>(starts.raw_data());
-  auto* nr = static_cast<int32_t*>(num_runs.raw_data());
   const int ni = int(n);
   int end_bit = 1;
   while (end_bit < 32 && (int64_t(1) << end_bit) < V) ++end_bit;
@@ -223,32 +295,35 @@ void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor& dweight) {
     sort_prep_kernel<I><<<grid_1d(n, 256), 256, 0, stream()>>>(static_cast<const I*>(ids.raw_data()), n, k_in, p_in);
   });
   FTUNE_LAUNCH_CHECK(op);
-  size_t sort_bytes = 0, select_bytes = 0;
+  size_t sort_bytes = 0;
   CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, k_in, k_out, p_in, p_out, ni, 0, end_bit, stream()));
-  CUDA_CHECK(cub::DeviceSelect::Flagged(nullptr, select_bytes, p_in, fl, st, nr, ni, stream()));
-  Tensor temp = Tensor::empty({int64_t(std::max(sort_bytes, select_bytes)) + 1}, DType::b8, dev);
+  Tensor temp = Tensor::empty({int64_t(sort_bytes) + 1}, DType::b8, dev);
   size_t temp_bytes = size_t(temp.numel());
   // Stable: positions with equal ids stay in increasing n.
   CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.raw_data(), temp_bytes, k_in, k_out, p_in, p_out, ni, 0, end_bit,
                                              stream()));
-  run_flags_kernel<<<grid_1d(n, 256), 256, 0, stream()>>>(k_out, n, fl);
-  FTUNE_LAUNCH_CHECK(op);
-  // Run starts: the sorted positions k where the id changes (p_in still holds 0..n-1).
-  temp_bytes = size_t(temp.numel());
-  CUDA_CHECK(cub::DeviceSelect::Flagged(temp.raw_data(), temp_bytes, p_in, fl, st, nr, ni, stream()));
 
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  Tensor part = Tensor::empty({tiles, 2, D}, DType::f32, dev);  // head/tail partials per tile
+  float* pp = part.data<float>();
   kernels::cuda::dispatch_float(dweight.dtype(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
     constexpr int Vw = kVec<T>;
     const bool vec = D % Vw == 0 && aligned16(dy.raw_data()) && aligned16(dweight.raw_data());
-    const int64_t slices = (D + 32 * (vec ? Vw : 1) - 1) / (32 * (vec ? Vw : 1));
-    const unsigned grid = cap_grid((n * slices + 7) / 8);  // 8 warps a block; at most n runs
+    const int64_t width = 32 * (vec ? Vw : 1);
+    const int64_t slices = (D + width - 1) / width;
+    const unsigned grid = cap_grid((tiles * slices + 7) / 8);  // 8 warps a block
     const T* pdy = static_cast<const T*>(dy.raw_data());
     T* pdw = static_cast<T*>(dweight.raw_data());
-    if (vec)
-      run_sum_kernel<T, true><<<grid, 256, 0, stream()>>>(pdy, k_out, p_out, st, nr, n, D, slices, pdw);
-    else
-      run_sum_kernel<T, false><<<grid, 256, 0, stream()>>>(pdy, k_out, p_out, st, nr, n, D, slices, pdw);
+    if (vec) {
+      tile_sum_kernel<T, true><<<grid, 256, 0, stream()>>>(pdy, k_out, p_out, n, D, slices, tiles, pp, pdw);
+      FTUNE_LAUNCH_CHECK(op);
+      tile_carry_kernel<T, true><<<grid, 256, 0, stream()>>>(k_out, n, D, slices, tiles, pp, pdw);
+    } else {
+      tile_sum_kernel<T, false><<<grid, 256, 0, stream()>>>(pdy, k_out, p_out, n, D, slices, tiles, pp, pdw);
+      FTUNE_LAUNCH_CHECK(op);
+      tile_carry_kernel<T, false><<<grid, 256, 0, stream()>>>(k_out, n, D, slices, tiles, pp, pdw);
+    }
   });
   FTUNE_LAUNCH_CHECK(op);
 }
