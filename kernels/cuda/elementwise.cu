@@ -136,17 +136,21 @@ Strided<NI> coalesce(const char* op, const Shape& shape, const Tensor* const (&i
   return s;
 }
 
-template <class T, int NI, class F>
+// Idx: the type of the flat index's div/mod walk (32-bit when out has < 2^31 elements: several
+// times cheaper than 64-bit division); offsets are 64-bit.
+template <class T, int NI, class Idx, class F>
 __global__ void strided_kernel(Strided<NI> s, Ptrs<T, NI> in, T* __restrict__ out, int64_t n, F f) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
     int64_t off[NI];
 #pragma unroll
     for (int k = 0; k < NI; ++k) off[k] = 0;
-    int64_t r = i;
+    Idx r = Idx(i);
     for (int d = s.nd - 1; d >= 0; --d) {
-      const int64_t c = r % s.size[d];
-      r /= s.size[d];
+      const Idx size = Idx(s.size[d]);
+      const Idx q = r / size;
+      const int64_t c = int64_t(r - q * size);
+      r = q;
 #pragma unroll
       for (int k = 0; k < NI; ++k) off[k] += c * s.stride[k][d];
     }
@@ -174,7 +178,11 @@ void launch_strided_or_map(const char* op, const Tensor* const (&in)[NI], Tensor
     launch_map<T, NI, 1>(op, p, o, n, f);
     return;
   }
-  strided_kernel<T, NI, F><<<grid_1d(n, 256), 256, 0, stream()>>>(s, p, static_cast<T*>(out.raw_data()), n, f);
+  T* po = static_cast<T*>(out.raw_data());
+  if (n < (int64_t(1) << 31))
+    strided_kernel<T, NI, uint32_t, F><<<grid_1d(n, 256), 256, 0, stream()>>>(s, p, po, n, f);
+  else
+    strided_kernel<T, NI, uint64_t, F><<<grid_1d(n, 256), 256, 0, stream()>>>(s, p, po, n, f);
   FTUNE_LAUNCH_CHECK(op);
 }
 
@@ -272,18 +280,29 @@ __device__ __forceinline__ void warp_amax(float& v, int64_t& i) {
 
 constexpr int64_t kNoIndex = INT64_MAX;
 
-// Max (and its index) over n of a contiguous [rows, n]: one block per row.
-template <class T>
+// Max (and its index) over n of a contiguous [rows, n]: one block per row. VEC: 16-byte loads
+// (rows 16-byte aligned, n a multiple of kVec); the combine is order-free, so any split works.
+template <class T, bool VEC>
 __global__ void row_amax_kernel(const T* __restrict__ a, int64_t rows, int64_t n, T* __restrict__ out,
                                 int64_t* __restrict__ idx) {
   __shared__ float sv[32];
   __shared__ int64_t si[32];
+  constexpr int V = VEC ? kVec<T> : 1;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const T* r = a + row * n;
     float v = -INFINITY;
     int64_t i = kNoIndex;
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) amax_combine(v, i, to_f(r[j]), j);
+    for (int64_t j = int64_t(threadIdx.x) * V; j < n; j += int64_t(blockDim.x) * V) {
+      if constexpr (VEC) {
+        float x[V];
+        load_vec(r + j, x);
+#pragma unroll
+        for (int e = 0; e < V; ++e) amax_combine(v, i, x[e], j + e);
+      } else {
+        amax_combine(v, i, to_f(r[j]), j);
+      }
+    }
     warp_amax(v, i);
     __syncthreads();  // sv/si of the previous row were read
     if (lane == 0) {
@@ -496,7 +515,10 @@ void amax_dim(const Tensor& a, int64_t outer, int64_t n, int64_t inner, Tensor& 
     const T* pa = static_cast<const T*>(a.raw_data());
     T* po = static_cast<T*>(out.raw_data());
     if (inner == 1) {
-      row_amax_kernel<T><<<cap_grid(outer), kRowThreads, 0, stream()>>>(pa, outer, n, po, pi);
+      if (aligned16(pa) && n % kVec<T> == 0)
+        row_amax_kernel<T, true><<<cap_grid(outer), kRowThreads, 0, stream()>>>(pa, outer, n, po, pi);
+      else
+        row_amax_kernel<T, false><<<cap_grid(outer), kRowThreads, 0, stream()>>>(pa, outer, n, po, pi);
     } else {
       const int64_t tiles = ceil_div(inner, 32);
       col_amax_kernel<T><<<cap_grid(outer * tiles), dim3(32, 8), 0, stream()>>>(pa, outer, n, inner, tiles, po, pi);
