@@ -63,6 +63,22 @@ FTUNE_GPU_BENCH(elementwise) {
   }
   cuda_empty_cache();
   {
+    // Broadcast (the strided path) and the reductions of a bias gradient / a row sum.
+    const int64_t R = 65536, C = 4096;
+    Tensor x = rand_dev({R, C}, bf, 9), bias = rand_dev({C}, bf, 10), out = Tensor::empty({R, C}, bf, Device::cuda(0));
+    double ms = ctx.time_ms([&] { kernels::cuda::binary(kernels::BinaryOp::add, x, bias.expand({R, C}), out); });
+    ctx.add(Row{"add bf16 [64k, 4096] + [4096] (broadcast)", ms, 2 * e2 * R * C + e2 * C});
+    Tensor col = Tensor::empty({C}, bf, Device::cuda(0)), row = Tensor::empty({R}, bf, Device::cuda(0));
+    ms = ctx.time_ms([&] { kernels::cuda::sum_dim(x, 1, R, C, col); });
+    ctx.add(Row{"sum bf16 [64k, 4096] over dim 0", ms, e2 * R * C + e2 * C});
+    ms = ctx.time_ms([&] { kernels::cuda::sum_dim(x, R, C, 1, row); });
+    ctx.add(Row{"sum bf16 [64k, 4096] over dim 1", ms, e2 * R * C + e2 * R});
+    Tensor idx = Tensor::empty({R}, DType::i64, Device::cuda(0));
+    ms = ctx.time_ms([&] { kernels::cuda::amax_dim(x, R, C, 1, row, &idx); });
+    ctx.add(Row{"amax+argmax bf16 [64k, 4096] over dim 1", ms, e2 * R * C + 10.0 * R});
+  }
+  cuda_empty_cache();
+  {
     // RoPE on a Llama-8B-like q: [16, 4096, 32, 128] = 256M elements, positions [T].
     const int64_t B = 16, T = 4096, H = 32, D = 128;
     Tensor x = rand_dev({B, T, H, D}, bf, 5), out = Tensor::empty({B, T, H, D}, bf, Device::cuda(0));
