@@ -225,29 +225,48 @@ __global__ void row_sum_kernel(const T* __restrict__ a, int64_t rows, int64_t n,
 }
 
 // Sum of a contiguous [outer, n, inner] over n, n cut into `splits` chunks: out[o, c, i].
-// Block (32, 8): x walks 32 columns of inner, y splits the chunk's rows; the 8 partials are
-// added in y order.
-template <class T, class O>
+// Block (32, 8): x walks a tile of 32*V columns of inner (V consecutive columns a thread: 16-byte
+// loads when VEC, which needs inner % kVec == 0 and an aligned base), y splits the chunk's rows;
+// the 8 partials are added in y order.
+template <class T, class O, bool VEC>
 __global__ void col_sum_kernel(const T* __restrict__ a, int64_t outer, int64_t n, int64_t inner,
                                int64_t tiles, int64_t splits, int64_t chunk, O* __restrict__ out) {
-  __shared__ float shm[8][33];
+  constexpr int V = VEC ? kVec<T> : 1;
+  __shared__ float shm[8][32 * V + 1];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t items = outer * tiles * splits;
   for (int64_t it = blockIdx.x; it < items; it += gridDim.x) {
     const int64_t o = it / (tiles * splits), rem = it - o * tiles * splits;
     const int64_t tile = rem / splits, c = rem - tile * splits;
-    const int64_t i = tile * 32 + tx;
+    const int64_t i0 = (tile * 32 + tx) * V;  // inner % V == 0: i0 < inner covers all V columns
     const int64_t start = c * chunk, end = min(n, start + chunk);
-    float acc = 0.f;
-    if (i < inner)
-      for (int64_t j = start + ty; j < end; j += 8) acc += to_f(a[(o * n + j) * inner + i]);
-    shm[ty][tx] = acc;
-    __syncthreads();
-    if (ty == 0 && i < inner) {
-      float s = 0.f;
+    float acc[V];
 #pragma unroll
-      for (int y = 0; y < 8; ++y) s += shm[y][tx];
-      out[(o * splits + c) * inner + i] = from_f<O>(s);
+    for (int e = 0; e < V; ++e) acc[e] = 0.f;
+    if (i0 < inner) {
+      for (int64_t j = start + ty; j < end; j += 8) {
+        const T* p = a + (o * n + j) * inner + i0;
+        if constexpr (VEC) {
+          float x[V];
+          load_vec(p, x);
+#pragma unroll
+          for (int e = 0; e < V; ++e) acc[e] += x[e];
+        } else {
+          acc[0] += to_f(*p);
+        }
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < V; ++e) shm[ty][tx * V + e] = acc[e];
+    __syncthreads();
+    if (ty == 0 && i0 < inner) {
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        float sum = 0.f;
+#pragma unroll
+        for (int y = 0; y < 8; ++y) sum += shm[y][tx * V + e];
+        out[(o * splits + c) * inner + i0 + e] = from_f<O>(sum);
+      }
     }
     __syncthreads();  // shm is rewritten by the next item
   }
@@ -470,25 +489,35 @@ void sum_dim(const Tensor& a, int64_t outer, int64_t n, int64_t inner, Tensor& o
       FTUNE_LAUNCH_CHECK(name);
       return;
     }
-    const int64_t tiles = ceil_div(inner, 32);
+    // Columns: enough (o, tile, chunk) blocks to fill the GPU, each thread with 16-byte loads.
+    auto columns = [&](auto in_tag, auto out_tag, const auto* src, int64_t outer_, int64_t n_, int64_t splits_,
+                       int64_t chunk_, auto* dst) {
+      using In = typename decltype(in_tag)::type;
+      using Out = typename decltype(out_tag)::type;
+      const bool vec = aligned16(src) && inner % kVec<In> == 0;
+      const int64_t tiles = ceil_div(inner, 32 * (vec ? kVec<In> : 1));
+      const unsigned grid = cap_grid(outer_ * tiles * splits_);
+      if (vec)
+        col_sum_kernel<In, Out, true><<<grid, dim3(32, 8), 0, stream()>>>(src, outer_, n_, inner, tiles, splits_, chunk_, dst);
+      else
+        col_sum_kernel<In, Out, false><<<grid, dim3(32, 8), 0, stream()>>>(src, outer_, n_, inner, tiles, splits_, chunk_, dst);
+      FTUNE_LAUNCH_CHECK(name);
+    };
+    const bool vec = aligned16(pa) && inner % V == 0;
+    const int64_t tiles = ceil_div(inner, 32 * (vec ? V : 1));
+    const int64_t col_target = 2 * target;  // 8 blocks an SM: bytes in flight for a few wide tiles
     int64_t splits = 1;
-    if (outer * tiles < target && n > 256) splits = std::min(ceil_div(target, outer * tiles), ceil_div(n, 128));
+    if (outer * tiles < col_target && n > 256) splits = std::min(ceil_div(col_target, outer * tiles), ceil_div(n, 128));
     const int64_t chunk = ceil_div(n, splits);
     splits = ceil_div(n, chunk);
-    const dim3 block(32, 8);
     if (splits == 1) {
-      col_sum_kernel<T, T><<<cap_grid(outer * tiles), block, 0, stream()>>>(pa, outer, n, inner, tiles, 1, chunk, po);
-      FTUNE_LAUNCH_CHECK(name);
+      columns(Tag<T>{}, Tag<T>{}, pa, outer, n, 1, chunk, po);
       return;
     }
     Tensor part = Tensor::empty({outer, splits, inner}, DType::f32, a.device());
     float* pp = part.data<float>();
-    col_sum_kernel<T, float><<<cap_grid(outer * tiles * splits), block, 0, stream()>>>(pa, outer, n, inner, tiles,
-                                                                                     splits, chunk, pp);
-    FTUNE_LAUNCH_CHECK(name);
-    col_sum_kernel<float, T><<<cap_grid(outer * tiles), block, 0, stream()>>>(pp, outer, splits, inner, tiles, 1,
-                                                                            splits, po);
-    FTUNE_LAUNCH_CHECK(name);
+    columns(Tag<T>{}, Tag<float>{}, pa, outer, n, splits, chunk, pp);
+    columns(Tag<float>{}, Tag<T>{}, static_cast<const float*>(pp), outer, splits, 1, splits, po);
   });
 }
 
