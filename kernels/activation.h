@@ -18,3 +18,16 @@ void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& dy, Ten
                      Tensor& dup);
 
 }  // namespace ftune::kernels::cpu
+
+// The GPU twins (f32/bf16/f16, math in f32, 16-byte vector loads when the buffers are aligned).
+namespace ftune::kernels::cuda {
+
+void gelu_forward(const Tensor& x, Tensor& y);
+void gelu_backward(const Tensor& x, const Tensor& dy, Tensor& dx);
+void silu_forward(const Tensor& x, Tensor& y);
+void silu_backward(const Tensor& x, const Tensor& dy, Tensor& dx);
+void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& y);
+void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& dy, Tensor& dgate,
+                     Tensor& dup);
+
+}  // namespace ftune::kernels::cuda

@@ -22,4 +22,16 @@ void sum_dim(const Tensor& a, int64_t outer, int64_t n, int64_t inner, Tensor& o
 void amax_dim(const Tensor& a, int64_t outer, int64_t n, int64_t inner, Tensor& out, Tensor* argmax);
 }  // namespace cpu
 
+// The GPU twins: same contracts, f32/bf16/f16, math and accumulation in f32 (sum_dim too), no
+// atomics (deterministic). binary/unary inputs may be any strided view (broadcast stride 0).
+namespace cuda {
+void binary(BinaryOp op, const Tensor& a, const Tensor& b, Tensor& out);
+void unary(UnaryOp op, const Tensor& a, Tensor& out, double scalar = 0.0);
+void unary_backward(UnaryOp op, const Tensor& x, const Tensor& y, const Tensor& dy, Tensor& dx, double scalar);
+void axpy(Tensor& a, const Tensor& b, double alpha);
+void scale_(Tensor& a, double s);
+void sum_dim(const Tensor& a, int64_t outer, int64_t n, int64_t inner, Tensor& out);
+void amax_dim(const Tensor& a, int64_t outer, int64_t n, int64_t inner, Tensor& out, Tensor* argmax);
+}  // namespace cuda
+
 }  // namespace ftune::kernels

@@ -17,3 +17,15 @@ void embedding_forward(const Tensor& weight, const Tensor& ids, Tensor& out);
 void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor& dweight);
 
 }  // namespace ftune::kernels::cpu
+
+// The GPU twins, same contracts (f32/bf16/f16 weight). first_bad_id reads one i64 back (a sync).
+// embedding_backward is deterministic (sorted ids, one writer per dweight element summing in
+// increasing n, as the CPU does) unless ftune::cuda::deterministic() is off, when f32 uses float
+// atomics.
+namespace ftune::kernels::cuda {
+
+int64_t first_bad_id(const Tensor& ids, int64_t V);
+void embedding_forward(const Tensor& weight, const Tensor& ids, Tensor& out);
+void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor& dweight);
+
+}  // namespace ftune::kernels::cuda

@@ -13,3 +13,10 @@ namespace ftune::kernels::cpu {
 void rope(const Tensor& x, const Tensor& positions, double theta, bool inverse, Tensor& out);
 
 }  // namespace ftune::kernels::cpu
+
+// The GPU twin: f32/bf16/f16 x; angles in f64, cos/sin rounded to f32, the rotation in f32.
+namespace ftune::kernels::cuda {
+
+void rope(const Tensor& x, const Tensor& positions, double theta, bool inverse, Tensor& out);
+
+}  // namespace ftune::kernels::cuda

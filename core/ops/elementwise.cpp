@@ -26,10 +26,9 @@ Tensor binary_fwd(BinaryOp op, const Tensor& a, const Tensor& b) {
   check_same_device(name, {&a, &b});
   check_same_dtype(name, {&a, &b});
   check_float(name, a, "a");
-  require_cpu(name, {&a, &b});
   Shape out_shape = broadcast_shapes(name, a.shape(), b.shape());
   Tensor out = Tensor::empty(out_shape, a.dtype(), a.device());
-  kernels::cpu::binary(op, a.detach().expand(out_shape), b.detach().expand(out_shape), out);
+  FTUNE_KERNEL(a.device(), binary)(op, a.detach().expand(out_shape), b.detach().expand(out_shape), out);
   return out;
 }
 
@@ -86,9 +85,8 @@ Tensor unary(UnaryOp op, const Tensor& a, double s = 0.0) {
   const char* name = unary_name(op);
   check_defined(name, a, "input");
   check_float(name, a, "input");
-  require_cpu(name, {&a});
   Tensor out = Tensor::empty(a.shape(), a.dtype(), a.device());
-  kernels::cpu::unary(op, a.detach(), out, s);
+  FTUNE_KERNEL(a.device(), unary)(op, a.detach(), out, s);
   if (!needs_record({&a})) return out;
   bool needs_x = op == UnaryOp::log || op == UnaryOp::relu || op == UnaryOp::square;
   bool needs_y = op == UnaryOp::exp || op == UnaryOp::sqrt || op == UnaryOp::tanh || op == UnaryOp::sigmoid;
@@ -97,7 +95,7 @@ Tensor unary(UnaryOp op, const Tensor& a, double s = 0.0) {
   record(name, out, {a}, [op, x, y, s](const Tensor& g, const std::vector<bool>&) {
     Tensor gc = contig(g);
     Tensor dx = Tensor::empty(gc.shape(), gc.dtype(), gc.device());
-    kernels::cpu::unary_backward(op, x.defined() ? x : gc, y.defined() ? y : gc, gc, dx, s);
+    FTUNE_KERNEL(gc.device(), unary_backward)(op, x.defined() ? x : gc, y.defined() ? y : gc, gc, dx, s);
     return std::vector<Tensor>{dx};
   });
   return out;
@@ -123,7 +121,7 @@ Tensor square(const Tensor& a) { return unary(UnaryOp::square, a); }
 Tensor where_mask(const Tensor& mask, const Tensor& a, double fill) {
   FTUNE_CHECK(mask.dtype() == DType::b8, "[where_mask] mask must be bool, got ", mask.desc());
   FTUNE_CHECK(mask.shape() == a.shape(), "[where_mask] mask ", mask.desc(), " vs input ", a.desc());
-  require_cpu("where_mask", {&mask, &a});
+  check_same_device("where_mask", {&mask, &a});
   Tensor m = mask.to(a.dtype());  // 1/0 in a's dtype
   Tensor keep = mul(a, m);
   Tensor fillt = mul_scalar(add_scalar(neg(m), 1.0), fill);
@@ -133,18 +131,16 @@ Tensor where_mask(const Tensor& mask, const Tensor& a, double fill) {
 void add_(Tensor& a, const Tensor& b, double alpha) {
   FTUNE_CHECK(a.shape() == b.shape(), "[add_] shape mismatch: ", a.desc(), " += ", b.desc());
   check_same_device("add_", {&a, &b});
-  require_cpu("add_", {&a, &b});
   FTUNE_CHECK(a.is_contiguous(), "[add_] destination must be contiguous: ", a.desc());
   Tensor bb = b.dtype() == a.dtype() ? contig(b) : b.detach().to(a.dtype()).contiguous();
   a.bump_version();
-  kernels::cpu::axpy(a, bb, alpha);
+  FTUNE_KERNEL(a.device(), axpy)(a, bb, alpha);
 }
 
 void mul_(Tensor& a, double s) {
-  require_cpu("mul_", {&a});
   FTUNE_CHECK(a.is_contiguous(), "[mul_] destination must be contiguous: ", a.desc());
   a.bump_version();
-  kernels::cpu::scale_(a, s);
+  FTUNE_KERNEL(a.device(), scale_)(a, s);
 }
 
 Tensor cast(const Tensor& a, DType dt) {

@@ -54,7 +54,6 @@ using ActBwd = void (*)(const Tensor&, const Tensor&, Tensor&);
 Tensor activation(const char* op, const Tensor& x, ActFwd fwd, ActBwd bwd) {
   check_defined(op, x, "x");
   check_float(op, x, "x");
-  require_cpu(op, {&x});
   Tensor xc = contig(x);
   Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
   fwd(xc, out);
@@ -75,18 +74,17 @@ Tensor embedding(const Tensor& weight, const Tensor& ids) {
   check_same_device("embedding", {&weight, &ids});
   check_float("embedding", weight, "weight");
   check_index("embedding", ids, "ids");
-  require_cpu("embedding", {&weight, &ids});
   FTUNE_CHECK(weight.dim() == 2, "[embedding] weight must be [V, D], got ", weight.desc());
   const int64_t V = weight.size(0), D = weight.size(1);
   Tensor w = contig(weight), idc = contig(ids);
-  const int64_t bad = kernels::cpu::first_bad_id(idc, V);
-  FTUNE_CHECK(bad < 0, "[embedding] id ", bad < 0 ? 0 : id_at(idc, bad), " at position ",
+  const int64_t bad = FTUNE_KERNEL(idc.device(), first_bad_id)(idc, V);
+  FTUNE_CHECK(bad < 0, "[embedding] id ", bad < 0 ? 0 : id_at(idc.to(Device::cpu()), bad), " at position ",
               index_str(ids.shape(), bad < 0 ? 0 : bad), " of ids ", ids.desc(),
               " is out of range [0, ", V, ") for weight ", weight.desc());
   Shape os = ids.shape();
   os.push_back(D);
   Tensor out = Tensor::empty(os, weight.dtype(), weight.device());
-  kernels::cpu::embedding_forward(w, idc, out);
+  FTUNE_KERNEL(w.device(), embedding_forward)(w, idc, out);
   if (!needs_record({&weight})) return out;
   Shape ws = weight.shape();
   record("embedding", out, {weight, ids},
@@ -94,7 +92,7 @@ Tensor embedding(const Tensor& weight, const Tensor& ids) {
            Tensor dw;
            if (need[0]) {
              dw = Tensor::empty(ws, g.dtype(), g.device());
-             kernels::cpu::embedding_backward(contig(g), idc, dw);
+             FTUNE_KERNEL(g.device(), embedding_backward)(contig(g), idc, dw);
            }
            return std::vector<Tensor>{dw, Tensor()};
          });
@@ -151,7 +149,6 @@ Tensor rope(const Tensor& x, const Tensor& positions, double theta) {
   check_same_device("rope", {&x, &positions});
   check_float("rope", x, "x");
   check_index("rope", positions, "positions");
-  require_cpu("rope", {&x, &positions});
   FTUNE_CHECK(x.dim() == 4, "[rope] x must be [B, T, H, D], got ", x.desc());
   const int64_t B = x.size(0), T = x.size(1), D = x.size(3);
   FTUNE_CHECK(D % 2 == 0, "[rope] head_dim D must be even, got x ", x.desc());
@@ -162,24 +159,26 @@ Tensor rope(const Tensor& x, const Tensor& positions, double theta) {
               theta);
   Tensor pc = contig(positions);
   Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
-  kernels::cpu::rope(contig(x), pc, theta, false, out);
+  FTUNE_KERNEL(x.device(), rope)(contig(x), pc, theta, false, out);
   if (!needs_record({&x})) return out;
   // A rotation: the backward is the inverse rotation of dy; positions get no gradient.
   record("rope", out, {x}, [pc, theta](const Tensor& g, const std::vector<bool>&) {
     Tensor gc = contig(g);
     Tensor dx = Tensor::empty(gc.shape(), gc.dtype(), gc.device());
-    kernels::cpu::rope(gc, pc, theta, true, dx);
+    FTUNE_KERNEL(gc.device(), rope)(gc, pc, theta, true, dx);
     return std::vector<Tensor>{dx};
   });
   return out;
 }
 
 Tensor gelu(const Tensor& x) {
-  return activation("gelu", x, kernels::cpu::gelu_forward, kernels::cpu::gelu_backward);
+  return activation("gelu", x, FTUNE_KERNEL(x.device(), gelu_forward),
+                    FTUNE_KERNEL(x.device(), gelu_backward));
 }
 
 Tensor silu(const Tensor& x) {
-  return activation("silu", x, kernels::cpu::silu_forward, kernels::cpu::silu_backward);
+  return activation("silu", x, FTUNE_KERNEL(x.device(), silu_forward),
+                    FTUNE_KERNEL(x.device(), silu_backward));
 }
 
 Tensor swiglu(const Tensor& gate, const Tensor& up) {
@@ -188,18 +187,17 @@ Tensor swiglu(const Tensor& gate, const Tensor& up) {
   check_same_device("swiglu", {&gate, &up});
   check_float("swiglu", gate, "gate");
   check_same_dtype("swiglu", {&gate, &up});
-  require_cpu("swiglu", {&gate, &up});
   FTUNE_CHECK(gate.shape() == up.shape(), "[swiglu] gate ", gate.desc(), " and up ", up.desc(),
               " must have the same shape");
   Tensor gc = contig(gate), uc = contig(up);
   Tensor out = Tensor::empty(gate.shape(), gate.dtype(), gate.device());
-  kernels::cpu::swiglu_forward(gc, uc, out);
+  FTUNE_KERNEL(gc.device(), swiglu_forward)(gc, uc, out);
   if (!needs_record({&gate, &up})) return out;
   record("swiglu", out, {gate, up}, [gc, uc](const Tensor& g, const std::vector<bool>& need) {
     Tensor dg, du;
     if (need[0]) dg = Tensor::empty(gc.shape(), gc.dtype(), gc.device());
     if (need[1]) du = Tensor::empty(uc.shape(), uc.dtype(), uc.device());
-    kernels::cpu::swiglu_backward(gc, uc, contig(g), dg, du);
+    FTUNE_KERNEL(gc.device(), swiglu_backward)(gc, uc, contig(g), dg, du);
     return std::vector<Tensor>{dg, du};
   });
   return out;

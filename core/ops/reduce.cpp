@@ -17,11 +17,20 @@ Tensor reduce_sum_dim(const Tensor& a, int64_t d, bool keepdim) {
   Shape os = a.shape();
   os[d] = 1;
   Tensor out = Tensor::empty(os, a.dtype(), a.device());
-  kernels::cpu::sum_dim(c, outer, a.shape()[d], inner, out);
+  FTUNE_KERNEL(a.device(), sum_dim)(c, outer, a.shape()[d], inner, out);
   if (!keepdim) {
     os.erase(os.begin() + d);
     out = out.view(os);
   }
+  return out;
+}
+
+// g broadcast to shape, materialized: the gradient of a sum. On the GPU a copy kernel does it
+// (x * 1 is exact), since Tensor::contiguous has no strided GPU copy.
+Tensor expand_dense(const Tensor& g, const Shape& shape) {
+  if (!g.device().is_cuda()) return g.expand(shape).contiguous();
+  Tensor out = Tensor::empty(shape, g.dtype(), g.device());
+  FTUNE_KERNEL(g.device(), unary)(kernels::UnaryOp::mul_scalar, g.detach().expand(shape), out, 1.0);
   return out;
 }
 
@@ -30,14 +39,13 @@ Tensor reduce_sum_dim(const Tensor& a, int64_t d, bool keepdim) {
 Tensor sum(const Tensor& a) {
   check_defined("sum", a, "input");
   check_float("sum", a, "input");
-  require_cpu("sum", {&a});
   Tensor c = contig(a).view({1, a.numel(), 1});
   Tensor out = Tensor::empty({1, 1}, a.dtype(), a.device());
-  kernels::cpu::sum_dim(c, 1, a.numel(), 1, out);
+  FTUNE_KERNEL(a.device(), sum_dim)(c, 1, a.numel(), 1, out);
   out = out.view({});
   Shape in_shape = a.shape();
   record("sum", out, {a}, [in_shape](const Tensor& g, const std::vector<bool>&) {
-    return std::vector<Tensor>{g.expand(in_shape).contiguous()};
+    return std::vector<Tensor>{expand_dense(g, in_shape)};
   });
   return out;
 }
@@ -45,13 +53,12 @@ Tensor sum(const Tensor& a) {
 Tensor sum(const Tensor& a, int64_t dim, bool keepdim) {
   check_defined("sum", a, "input");
   check_float("sum", a, "input");
-  require_cpu("sum", {&a});
   int64_t d = wrap_dim("sum", dim, a.dim());
   Tensor out = reduce_sum_dim(a, d, keepdim);
   Shape in_shape = a.shape();
   record("sum_dim", out, {a}, [in_shape, d, keepdim](const Tensor& g, const std::vector<bool>&) {
     Tensor gg = keepdim ? g : g.unsqueeze(d);
-    return std::vector<Tensor>{gg.expand(in_shape).contiguous()};
+    return std::vector<Tensor>{expand_dense(gg, in_shape)};
   });
   return out;
 }
@@ -65,7 +72,6 @@ Tensor mean(const Tensor& a, int64_t dim, bool keepdim) {
 
 Tensor amax(const Tensor& a, int64_t dim, bool keepdim) {
   check_float("amax", a, "input");
-  require_cpu("amax", {&a});
   int64_t d = wrap_dim("amax", dim, a.dim());
   FTUNE_CHECK(a.shape()[d] > 0, "[amax] empty dim ", d, " of ", a.desc());
   int64_t outer = 1, inner = 1;
@@ -74,7 +80,7 @@ Tensor amax(const Tensor& a, int64_t dim, bool keepdim) {
   Shape os = a.shape();
   os[d] = 1;
   Tensor out = Tensor::empty(os, a.dtype(), a.device());
-  kernels::cpu::amax_dim(contig(a), outer, a.shape()[d], inner, out, nullptr);
+  FTUNE_KERNEL(a.device(), amax_dim)(contig(a), outer, a.shape()[d], inner, out, nullptr);
   if (!keepdim) {
     os.erase(os.begin() + d);
     out = out.view(os);
@@ -84,7 +90,6 @@ Tensor amax(const Tensor& a, int64_t dim, bool keepdim) {
 
 Tensor argmax(const Tensor& a, int64_t dim) {
   check_float("argmax", a, "input");
-  require_cpu("argmax", {&a});
   int64_t d = wrap_dim("argmax", dim, a.dim());
   FTUNE_CHECK(a.shape()[d] > 0, "[argmax] empty dim ", d, " of ", a.desc());
   int64_t outer = 1, inner = 1;
@@ -94,7 +99,7 @@ Tensor argmax(const Tensor& a, int64_t dim) {
   os[d] = 1;
   Tensor out = Tensor::empty(os, a.dtype(), a.device());
   Tensor idx = Tensor::empty(os, DType::i64, a.device());
-  kernels::cpu::amax_dim(contig(a), outer, a.shape()[d], inner, out, &idx);
+  FTUNE_KERNEL(a.device(), amax_dim)(contig(a), outer, a.shape()[d], inner, out, &idx);
   os.erase(os.begin() + d);
   return idx.view(os);
 }
