@@ -7,8 +7,9 @@
 // longer than the register cache re-read the rest (from L2). Statistics are f32.
 //
 // dweight/dbias are deterministic without atomics: each row group (warp or block) keeps its column
-// sums over the rows it handles in registers and writes them to its own row of a [groups, D] f32
-// buffer; a second kernel sums that buffer over groups in a fixed order.
+// sums over the rows it handles in registers; each block writes its sums (its warps' added in
+// order) to its own row of a [blocks, D] f32 buffer; a second kernel sums that buffer over blocks
+// in a fixed order.
 #include <climits>
 #include <type_traits>
 
@@ -27,6 +28,8 @@ constexpr int kWarpRowsPerBlock = 8;  // warp-per-row kernels run 256 threads
 // Block-per-row kernels run at most 512 threads, so that a thread may use 128 registers (the
 // register cache fits without spilling; 1024 threads would cap it at 64).
 constexpr int kMaxThreads = 512;
+// The longest row of the warp-per-row backward: 32 lanes x 16 elements.
+constexpr int kWarpMaxD = 32 * 16;
 
 // Chunk c of a row is its elements [c*V, c*V + V). kVecOK (D % V == 0 and every pointer 16-byte
 // aligned): one 16-byte access. Otherwise element by element: past D reads give 0, writes are
@@ -193,19 +196,21 @@ norm_fwd_kernel(const T* x, const T* res, const T* __restrict__ w, const T* __re
 // With xhat = (x - mean) * rstd and gw = dy * w:
 //   dx = rstd * (gw - mean(gw) - xhat * mean(gw * xhat))   (RMSNorm: no mean(gw) term)
 // and this row group's column sums of dy * xhat (pw) and dy (pb) over its rows go to row `group`
-// of the [groups, D] buffers. dx, pw, pb may each be null.
+// of the [blocks, D] buffers. dx, pw, pb may each be null.
 template <class T, int kMax, bool kVecOK, bool kWarp, bool kCenter>
 __global__ void __launch_bounds__(kMaxThreads)
 norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w,
                 const float* __restrict__ mean, const float* __restrict__ rstd, T* __restrict__ dx,
                 float* __restrict__ pw, float* __restrict__ pb, int64_t N, int D) {
   constexpr int V = kVec<T>;
+  static_assert(!kWarp || 32 * kMax * V <= kWarpMaxD, "warp rows must fit the shared buffer");
   __shared__ float shm[32];
   const Geo g = geo<kWarp>();
   const int C = (D + V - 1) / V;
   const float inv_d = 1.f / float(D);
-  float* pwr = pw ? pw + g.group * D : nullptr;
-  float* pbr = pb ? pb + g.group * D : nullptr;
+  // The partial-sum row: the block's (warps combine theirs in shared memory at the end).
+  float* pwr = pw ? pw + int64_t(blockIdx.x) * D : nullptr;
+  float* pbr = pb ? pb + int64_t(blockIdx.x) * D : nullptr;
   // Columns past the register cache are summed in place in this group's own buffer row (only this
   // thread touches them): start them at 0.
   for (int c = g.lane + kMax * g.size; c < C; c += g.size) {
@@ -242,7 +247,7 @@ norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __re
         for (int i = 0; i < V; ++i) {
           const float xh = (xc[k][i] - mu) * rs;
           aw[k][i] += gc[k][i] * xh;  // past D, dy reads as 0: nothing is added
-          ab[k][i] += gc[k][i];
+          if constexpr (kCenter) ab[k][i] += gc[k][i];  // RMSNorm has no bias
           gc[k][i] *= wv[i];
           sg += gc[k][i];
           sgx += gc[k][i] * xh;
@@ -290,39 +295,67 @@ norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __re
       store_chunk<T, kVecOK>(dxr, c, D, o);
     }
   }
+  if constexpr (kWarp) {
+    // Sum the warps' columns in warp order through shared memory (D <= kWarpMaxD here).
+    __shared__ float red[kWarpRowsPerBlock][kWarpMaxD];
+    const int wid = threadIdx.x >> 5;
+    for (int which = 0; which < (kCenter ? 2 : 1); ++which) {
+      float* out = which == 0 ? pwr : pbr;
+      if (!out) continue;  // uniform
 #pragma unroll
-  for (int k = 0; k < kMax; ++k) {
-    const int c = g.lane + k * g.size;
-    if (c < C) {
+      for (int k = 0; k < kMax; ++k) {
+        const int c = g.lane + k * g.size;
+        if (c < C) {
 #pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const int j = c * V + i;
-        if (j < D) {
-          if (pwr) pwr[j] = aw[k][i];
-          if (pbr) pbr[j] = ab[k][i];
+          for (int i = 0; i < V; ++i)
+            if (c * V + i < D) red[wid][c * V + i] = which == 0 ? aw[k][i] : ab[k][i];
+        }
+      }
+      __syncthreads();
+      for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        float t = 0.f;
+#pragma unroll
+        for (int q = 0; q < kWarpRowsPerBlock; ++q) t += red[q][j];
+        out[j] = t;
+      }
+      __syncthreads();  // red is rewritten for dbias
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kMax; ++k) {
+      const int c = g.lane + k * g.size;
+      if (c < C) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const int j = c * V + i;
+          if (j < D) {
+            if (pwr) pwr[j] = aw[k][i];
+            if (kCenter && pbr) pbr[j] = ab[k][i];
+          }
         }
       }
     }
   }
 }
 
-// out[j] = sum over g of part[g, j], g in a fixed order (thread row ty sums g = ty, ty + 8, ...;
-// then the 8 sums are added in order): deterministic. Block (32, 8), a tile of 32 columns.
+// out[j] = sum over g of part[g, j], g in a fixed order (thread row ty sums g = ty, ty + 32, ...;
+// then the 32 sums are added in order): deterministic. Block (32, 32), a tile of 32 columns.
+constexpr int kSumRows = 32;
 template <class T>
 __global__ void column_sum_kernel(const float* __restrict__ part, int64_t groups, int D,
                                   T* __restrict__ out) {
-  __shared__ float tile[8][33];
+  __shared__ float tile[kSumRows][33];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int j = blockIdx.x * 32 + tx;
   float s = 0.f;
   if (j < D)
-    for (int64_t q = ty; q < groups; q += 8) s += part[q * D + j];
+    for (int64_t q = ty; q < groups; q += kSumRows) s += part[q * D + j];
   tile[ty][tx] = s;
   __syncthreads();
   if (ty == 0 && j < D) {
     float t = 0.f;
 #pragma unroll
-    for (int q = 0; q < 8; ++q) t += tile[q][tx];
+    for (int q = 0; q < kSumRows; ++q) t += tile[q][tx];
     out[j] = from_f<T>(t);
   }
 }
@@ -469,7 +502,7 @@ void backward_impl(const char* op, bool center, const Tensor& dy, const Tensor& 
               int64_t(std::max(per_sm, 1)) * ftune::cuda::device_sm_count(x.device().index);
           const int64_t grid = std::max<int64_t>(
               1, std::min((s.N + rows_per_block - 1) / rows_per_block, cap));
-          const int64_t groups = grid * rows_per_block;
+          const int64_t groups = grid;  // one partial row per block
           Tensor pw, pb;
           if (dweight.defined()) pw = Tensor::empty({groups, s.D}, DType::f32, x.device());
           if (dbias.defined()) pb = Tensor::empty({groups, s.D}, DType::f32, x.device());
@@ -478,7 +511,7 @@ void backward_impl(const char* op, bool center, const Tensor& dy, const Tensor& 
           kernel<<<unsigned(grid), threads, 0, stream()>>>(dyp, xp, wp, mp, sp, dxp, pwp, pbp,
                                                            s.N, s.D);
           FTUNE_LAUNCH_CHECK(op);
-          const dim3 block(32, 8);
+          const dim3 block(32, kSumRows);
           const unsigned cgrid = unsigned((s.D + 31) / 32);
           if (pwp) {
             column_sum_kernel<T><<<cgrid, block, 0, stream()>>>(
