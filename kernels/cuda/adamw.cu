@@ -19,6 +19,7 @@ namespace {
 
 constexpr int64_t kChunk = 16384;  // elements; a multiple of every vector width
 constexpr int kThreads = 256;
+constexpr int kUnroll = 4;  // vectors per thread in flight in the sum-of-squares and scale loops
 
 // ---- descriptor tables --------------------------------------------------------------------------
 // Pinned host staging for the tables, reused across calls: the previous copy out of it must have
@@ -209,7 +210,19 @@ __device__ __forceinline__ float chunk_sumsq(const T* x, int64_t len, bool vec) 
     constexpr int V = kVec<T>;
     float s = 0.f;
     const int64_t nv = vec ? len / V : 0;
-    for (int64_t k = threadIdx.x; k < nv; k += blockDim.x) {
+    const int64_t bd = blockDim.x;
+    int64_t k = threadIdx.x;
+    // kUnroll 16-byte loads in flight per thread before they are summed.
+    for (; k + (kUnroll - 1) * bd < nv; k += kUnroll * bd) {
+      float f[kUnroll][V];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) load_vec(x + (k + u * bd) * V, f[u]);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+        for (int i = 0; i < V; ++i) s += f[u][i] * f[u][i];
+    }
+    for (; k < nv; k += bd) {
       float f[V];
       load_vec(x + k * V, f);
 #pragma unroll
@@ -256,7 +269,20 @@ __device__ __forceinline__ void chunk_scale(T* x, int64_t len, bool vec, double 
     constexpr int V = kVec<T>;
     const float sf = float(s);  // as the CPU: x = T(float(x) * float(s))
     const int64_t nv = vec ? len / V : 0;
-    for (int64_t k = threadIdx.x; k < nv; k += blockDim.x) {
+    const int64_t bd = blockDim.x;
+    int64_t k = threadIdx.x;
+    for (; k + (kUnroll - 1) * bd < nv; k += kUnroll * bd) {
+      float f[kUnroll][V];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) load_vec(x + (k + u * bd) * V, f[u]);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) f[u][i] *= sf;
+        store_vec(x + (k + u * bd) * V, f[u]);
+      }
+    }
+    for (; k < nv; k += bd) {
       float f[V];
       load_vec(x + k * V, f);
 #pragma unroll
@@ -348,7 +374,7 @@ double sum_squares_multi(const std::vector<DeviceArray>& xs) {
   if (table.empty()) return 0.0;
   Tensor dev = upload_table(table);
   // The block count depends only on the device: the same inputs give the same sum.
-  const unsigned grid = blocks_for(chunks, 4);
+  const unsigned grid = blocks_for(chunks, 8);
   Tensor part = Tensor::empty({int64_t(grid)}, DType::f64, dev.device());
   sumsq_multi_kernel<<<grid, kThreads, 0, stream()>>>(static_cast<const ArrDesc*>(dev.raw_data()),
                                                       int(table.size()), chunks,
