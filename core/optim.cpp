@@ -6,6 +6,7 @@
 #include <unordered_set>
 
 #include "core/autograd.h"
+#include "core/cuda_runtime.h"
 #include "kernels/adamw.h"
 
 namespace ftune::optim {
@@ -27,6 +28,28 @@ std::vector<ParamGroup> decay_groups(const NamedTensors& params, double weight_d
 namespace {
 
 bool is_16bit(DType t) { return t == DType::bf16 || t == DType::f16; }
+
+// A copy on the host (export_state hands out host tensors whatever the params' device).
+Tensor host_copy(const Tensor& t) { return t.device().is_cpu() ? t.clone() : t.to(Device::cpu()); }
+
+#ifdef FTUNE_HAVE_CUDA
+kernels::cuda::AdamWTensor gpu_slot(const Tensor& param, const Tensor& master, const Tensor& grad,
+                                    const Tensor& m, const Tensor& v,
+                                    const kernels::AdamWConsts& c) {
+  kernels::cuda::AdamWTensor t;
+  const bool f32 = param.dtype() == DType::f32;
+  t.master = static_cast<float*>(f32 ? param.raw_data() : master.raw_data());
+  t.param = f32 ? nullptr : param.raw_data();
+  t.param_dtype = param.dtype();
+  t.grad = grad.raw_data();
+  t.grad_dtype = grad.dtype();
+  t.m = static_cast<float*>(m.raw_data());
+  t.v = static_cast<float*>(v.raw_data());
+  t.n = param.numel();
+  t.c = c;
+  return t;
+}
+#endif
 
 // Runs the fused kernel for one parameter: P is the param's storage type, G the gradient's.
 void update_param(const Tensor& param, Tensor& master, const Tensor& grad, Tensor& m, Tensor& v,
@@ -79,8 +102,6 @@ AdamW::AdamW(std::vector<ParamGroup> groups, AdamWOptions opt)
       FTUNE_CHECK(p.defined(), "[adamw] parameter '", name, "' is undefined");
       FTUNE_CHECK(p.dtype() == DType::f32 || is_16bit(p.dtype()), "[adamw] parameter '", name,
                   "' is ", p.desc(), "; parameters are f32, bf16 or f16");
-      FTUNE_CHECK(p.device().is_cpu(), "[adamw] has no GPU implementation yet (parameter '", name,
-                  "' is ", p.desc(), ")");
       FTUNE_CHECK(p.is_contiguous() && p.is_leaf(), "[adamw] parameter '", name,
                   "' must be a contiguous leaf tensor, got ", p.desc());
       FTUNE_CHECK(names.insert(name).second, "[adamw] two parameters are named '", name, "'");
@@ -89,8 +110,8 @@ AdamW::AdamW(std::vector<ParamGroup> groups, AdamWOptions opt)
       Slot s;
       s.name = name;
       s.param = p;
-      s.m = Tensor::zeros(p.shape());
-      s.v = Tensor::zeros(p.shape());
+      s.m = Tensor::zeros(p.shape(), DType::f32, p.device());  // state lives with the param
+      s.v = Tensor::zeros(p.shape(), DType::f32, p.device());
       s.group = gi;
       slots_.push_back(std::move(s));
     }
@@ -109,14 +130,27 @@ void AdamW::step() {
                 g.desc(), " of parameter '", s.name, "' ", s.param.desc(), " (expected ",
                 dtype_name(s.param.dtype()),
                 s.param.dtype() == DType::f32 ? ")" : " or f32)");
-    FTUNE_CHECK(g.device().is_cpu(), "[adamw] has no GPU implementation yet (gradient of '", s.name,
-                "' is ", g.desc(), ")");
+    FTUNE_CHECK(g.device() == s.param.device(), "[adamw] gradient ", g.desc(), " of parameter '",
+                s.name, "' ", s.param.desc(), " is on another device");
   }
   ++step_;
+  // GPU params are updated together after the loop, in one multi-tensor launch per device.
+#ifdef FTUNE_HAVE_CUDA
+  std::vector<Tensor> keep;  // contiguous copies of gradients, alive until the launch
+  std::vector<kernels::cuda::AdamWTensor> on_gpu;
+  int gpu_dev = -1;
+  auto flush_gpu = [&] {
+    if (on_gpu.empty()) return;
+    ftune::cuda::set_device(gpu_dev);
+    kernels::cuda::adamw_update_multi(on_gpu);
+    on_gpu.clear();
+  };
+#endif
   for (Slot& s : slots_) {
     Tensor g = s.param.grad();
     if (!g.defined()) continue;
     if (!g.is_contiguous()) g = g.contiguous();
+    // The master is taken on the param's device (a device cast for GPU params).
     if (is_16bit(s.param.dtype()) && !s.master.defined()) s.master = s.param.to(DType::f32);
     ++s.step;
     const ParamGroup& grp = groups_[s.group];
@@ -130,8 +164,21 @@ void AdamW::step() {
     c.eps = float(opt_.eps);
     c.step_size = float(lr / (1.0 - std::pow(opt_.beta1, t)));
     c.bc2_sqrt = float(std::sqrt(1.0 - std::pow(opt_.beta2, t)));
-    update_param(s.param, s.master, g, s.m, s.v, c);
+    if (s.param.device().is_cpu()) {
+      update_param(s.param, s.master, g, s.m, s.v, c);
+      continue;
+    }
+#ifdef FTUNE_HAVE_CUDA
+    if (s.param.device().index != gpu_dev) flush_gpu();
+    gpu_dev = s.param.device().index;
+    s.param.bump_version();  // the update writes the parameter in place
+    keep.push_back(g);
+    on_gpu.push_back(gpu_slot(s.param, s.master, g, s.m, s.v, c));
+#endif
   }
+#ifdef FTUNE_HAVE_CUDA
+  flush_gpu();
+#endif
 }
 
 void AdamW::zero_grad() {
@@ -143,12 +190,13 @@ OptimizerState AdamW::export_state() const {
   OptimizerState st;
   st.step = step_;
   for (const Slot& s : slots_) {
-    st.tensors.emplace_back(s.name + ".exp_avg", s.m.clone());
-    st.tensors.emplace_back(s.name + ".exp_avg_sq", s.v.clone());
+    st.tensors.emplace_back(s.name + ".exp_avg", host_copy(s.m));
+    st.tensors.emplace_back(s.name + ".exp_avg_sq", host_copy(s.v));
     st.tensors.emplace_back(s.name + ".step", Tensor::full({}, double(s.step), DType::i64));
     if (is_16bit(s.param.dtype()))  // before the first update the master is the param itself
       st.tensors.emplace_back(s.name + ".master",
-                              s.master.defined() ? s.master.clone() : s.param.to(DType::f32));
+                              s.master.defined() ? host_copy(s.master)
+                                                 : s.param.to(DType::f32).to(Device::cpu()));
   }
   return st;
 }
@@ -189,7 +237,7 @@ void AdamW::import_state(const OptimizerState& state) {
     s.step = int64_t(get(s.name + ".step", {}).item());
     s.master = Tensor();
     if (is_16bit(s.param.dtype()) && by_name.count(s.name + ".master")) {
-      s.master = Tensor::empty(s.param.shape());
+      s.master = Tensor::empty(s.param.shape(), DType::f32, s.param.device());
       s.master.copy_(get(s.name + ".master", s.param.shape()));
       s.param.copy_(s.master);
     }
@@ -234,19 +282,33 @@ double LRSchedule::multiplier(int64_t step) const {
 // ---------------------------------------------------------------- gradient norm
 
 namespace {
+// Calls f on each defined CPU gradient, and collects the GPU ones (all on one device) in gpu.
 template <class F>
-void for_each_grad(const std::vector<Tensor>& params, F&& f) {
+void for_each_grad(const std::vector<Tensor>& params, F&& f, std::vector<Tensor>* gpu) {
   for (const Tensor& p : params) {
     if (!p.defined()) continue;
     Tensor g = p.grad();
     if (!g.defined()) continue;
-    FTUNE_CHECK(g.device().is_cpu(), "[clip_grad_norm] has no GPU implementation yet (", g.desc(),
-                ")");
     FTUNE_CHECK(is_floating(g.dtype()), "[clip_grad_norm] gradient ", g.desc());
     FTUNE_CHECK(g.is_contiguous(), "[clip_grad_norm] non-contiguous gradient ", g.desc());
-    f(g);
+    if (g.device().is_cpu()) {
+      f(g);
+      continue;
+    }
+    FTUNE_CHECK(gpu->empty() || gpu->front().device() == g.device(), "[clip_grad_norm] gradients ",
+                "on two GPUs: ", gpu->empty() ? "" : gpu->front().desc(), " and ", g.desc());
+    gpu->push_back(g);
   }
 }
+
+#ifdef FTUNE_HAVE_CUDA
+std::vector<kernels::cuda::DeviceArray> device_arrays(const std::vector<Tensor>& gs) {
+  std::vector<kernels::cuda::DeviceArray> out;
+  for (const Tensor& g : gs) out.push_back({g.raw_data(), g.dtype(), g.numel()});
+  if (!gs.empty()) ftune::cuda::set_device(gs.front().device().index);
+  return out;
+}
+#endif
 
 template <class F>
 void dispatch_grad(const Tensor& g, F&& f) {
@@ -271,17 +333,32 @@ void dispatch_grad(const Tensor& g, F&& f) {
 
 double grad_sum_squares(const std::vector<Tensor>& params) {
   double acc = 0.0;
-  for_each_grad(params, [&](const Tensor& g) {
-    dispatch_grad(g,
-                  [&]<class T>() { acc += kernels::cpu::sum_squares<T>(g.data<T>(), g.numel()); });
-  });
+  std::vector<Tensor> gpu;
+  for_each_grad(
+      params,
+      [&](const Tensor& g) {
+        dispatch_grad(
+            g, [&]<class T>() { acc += kernels::cpu::sum_squares<T>(g.data<T>(), g.numel()); });
+      },
+      &gpu);
+#ifdef FTUNE_HAVE_CUDA
+  if (!gpu.empty()) acc += kernels::cuda::sum_squares_multi(device_arrays(gpu));  // one launch
+#endif
   return acc;
 }
 
 void scale_grads(const std::vector<Tensor>& params, double s) {
-  for_each_grad(params, [&](const Tensor& g) {
-    dispatch_grad(g, [&]<class T>() { kernels::cpu::scale_inplace<T>(g.data<T>(), g.numel(), s); });
-  });
+  std::vector<Tensor> gpu;
+  for_each_grad(
+      params,
+      [&](const Tensor& g) {
+        dispatch_grad(
+            g, [&]<class T>() { kernels::cpu::scale_inplace<T>(g.data<T>(), g.numel(), s); });
+      },
+      &gpu);
+#ifdef FTUNE_HAVE_CUDA
+  if (!gpu.empty()) kernels::cuda::scale_inplace_multi(device_arrays(gpu), s);
+#endif
 }
 
 double clip_grad_norm(const std::vector<Tensor>& params, double max_norm) {

@@ -1,6 +1,9 @@
 // Fused AdamW update and the gradient-norm helpers of the optimizer (core/optim.h).
 #pragma once
 #include <cstdint>
+#include <vector>
+
+#include "core/dtype.h"
 
 namespace ftune::kernels {
 
@@ -31,4 +34,42 @@ template <class T>
 void scale_inplace(T* x, int64_t n, double s);
 
 }  // namespace cpu
+
+// The GPU versions (kernels/cuda/adamw.cu) work on many tensors in one launch (multi-tensor
+// apply): a small table of per-tensor pointers and sizes goes to the device, and the blocks walk
+// fixed-size chunks of all tensors. All pointers are device pointers of the current device; the
+// kernels run on the current stream.
+namespace cuda {
+
+// One parameter of a multi-tensor AdamW step. param_dtype f32: master is the param (param is
+// unused). bf16/f16: master is its f32 copy, updated, then written rounded into param. grad is
+// grad_dtype (f32, or the param's 16-bit dtype). Per-tensor constants: each param has its own
+// step count and group (lr, weight decay).
+struct AdamWTensor {
+  float* master = nullptr;
+  void* param = nullptr;
+  DType param_dtype = DType::f32;
+  const void* grad = nullptr;
+  DType grad_dtype = DType::f32;
+  float* m = nullptr;
+  float* v = nullptr;
+  int64_t n = 0;
+  AdamWConsts c;
+};
+// One launch for all tensors, with the arithmetic (and its order) of cpu::adamw_update.
+void adamw_update_multi(const std::vector<AdamWTensor>& ts);
+
+// A device array (f32, f64, bf16 or f16) for the gradient-norm helpers.
+struct DeviceArray {
+  void* data = nullptr;
+  DType dtype = DType::f32;
+  int64_t n = 0;
+};
+// sum over all arrays of sum(x^2), f32 within a chunk, f64 across chunks and blocks; the order of
+// the sums is fixed for a device, so the result is reproducible. Waits for the result (host value).
+double sum_squares_multi(const std::vector<DeviceArray>& xs);
+// x *= s in place for every array (one launch).
+void scale_inplace_multi(const std::vector<DeviceArray>& xs, double s);
+
+}  // namespace cuda
 }  // namespace ftune::kernels

@@ -1,6 +1,9 @@
-// LayerNorm and RMSNorm over the last dim, with hand-written backward kernels.
+// LayerNorm and RMSNorm over the last dim, with hand-written backward kernels, and the fused
+// residual add + norm forward of a pre-norm transformer block.
 // x, y, dy, dx are [N, D] contiguous; weight, bias, dweight, dbias are [D] (x's dtype); mean and
-// rstd are [N] f64, saved by the forward for the backward. Row statistics accumulate in f64.
+// rstd are [N], saved by the forward for the backward: f64 on the CPU (row statistics accumulate
+// in f64), f32 on the GPU (statistics in f32; 16-byte loads; dweight/dbias summed over rows
+// deterministically, without atomics).
 #pragma once
 
 #include "core/tensor.h"
@@ -20,4 +23,31 @@ void rms_norm_forward(const Tensor& x, const Tensor& weight, double eps, Tensor&
 void rms_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& rstd,
                        Tensor& dx, Tensor& dweight);
 
+// h = x + residual (rounded to x's dtype, written to h_out: the next block's residual), then
+// y = norm(h) with its statistics, in one pass on the GPU. h_out may be residual itself (in place).
+// The backward is the plain norm backward on h (and dh flows to both x and residual).
+void rms_norm_residual_forward(const Tensor& x, const Tensor& residual, const Tensor& weight,
+                               double eps, Tensor& y, Tensor& h_out, Tensor& rstd);
+void layer_norm_residual_forward(const Tensor& x, const Tensor& residual, const Tensor& weight,
+                                 const Tensor& bias, double eps, Tensor& y, Tensor& h_out,
+                                 Tensor& mean, Tensor& rstd);
+
 }  // namespace ftune::kernels::cpu
+
+namespace ftune::kernels::cuda {  // the GPU twins (kernels/cuda/norm.cu); mean and rstd are f32
+
+void layer_norm_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps,
+                        Tensor& y, Tensor& mean, Tensor& rstd);
+void layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
+                         const Tensor& mean, const Tensor& rstd, Tensor& dx, Tensor& dweight,
+                         Tensor& dbias);
+void rms_norm_forward(const Tensor& x, const Tensor& weight, double eps, Tensor& y, Tensor& rstd);
+void rms_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& rstd,
+                       Tensor& dx, Tensor& dweight);
+void rms_norm_residual_forward(const Tensor& x, const Tensor& residual, const Tensor& weight,
+                               double eps, Tensor& y, Tensor& h_out, Tensor& rstd);
+void layer_norm_residual_forward(const Tensor& x, const Tensor& residual, const Tensor& weight,
+                                 const Tensor& bias, double eps, Tensor& y, Tensor& h_out,
+                                 Tensor& mean, Tensor& rstd);
+
+}  // namespace ftune::kernels::cuda

@@ -36,7 +36,6 @@ void check_norm(const char* op, const Tensor& x, const Tensor& weight, const Ten
   check_same_device(op, {&x, &weight, &bias});
   check_float(op, x, "x");
   check_same_dtype(op, {&x, &weight, &bias});
-  require_cpu(op, {&x, &weight, &bias});
   FTUNE_CHECK(x.dim() >= 1, "[", op, "] x must have at least 1 dim, got ", x.desc());
   const int64_t D = x.size(-1);
   FTUNE_CHECK(weight.shape() == Shape{D}, "[", op, "] weight must be [", D, "] (the last dim of x ",
@@ -46,6 +45,9 @@ void check_norm(const char* op, const Tensor& x, const Tensor& weight, const Ten
   FTUNE_CHECK(std::isfinite(eps) && eps >= 0.0, "[", op, "] eps must be finite and >= 0, got ",
               eps);
 }
+
+// The saved row statistics: f64 on the CPU, f32 on the GPU (kernels/norm.h).
+DType norm_stats_dtype(const Tensor& x) { return x.device().is_cuda() ? DType::f32 : DType::f64; }
 
 // One-input elementwise activation: forward kernel, and a backward from the saved input.
 using ActFwd = void (*)(const Tensor&, Tensor&);
@@ -104,11 +106,11 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, dou
   const int64_t D = x.size(-1), N = x.numel() / std::max<int64_t>(D, 1);
   Tensor xc = contig(x);
   Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
-  Tensor mean = Tensor::empty({N}, DType::f64, x.device());  // f64: see kernels/norm.h
-  Tensor rstd = Tensor::empty({N}, DType::f64, x.device());
+  Tensor mean = Tensor::empty({N}, norm_stats_dtype(x), x.device());
+  Tensor rstd = Tensor::empty({N}, norm_stats_dtype(x), x.device());
   Tensor wc = contig(weight);
-  kernels::cpu::layer_norm_forward(xc, wc, bias.defined() ? contig(bias) : Tensor(), eps, out, mean,
-                                   rstd);
+  FTUNE_KERNEL(x.device(), layer_norm_forward)(xc, wc, bias.defined() ? contig(bias) : Tensor(),
+                                               eps, out, mean, rstd);
   if (!needs_record({&x, &weight, &bias})) return out;
   bool has_bias = bias.defined();
   record("layer_norm", out, {x, weight, bias},
@@ -117,7 +119,8 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, dou
            if (need[0]) dx = Tensor::empty(xc.shape(), xc.dtype(), xc.device());
            if (need[1]) dw = Tensor::empty(wc.shape(), wc.dtype(), wc.device());
            if (has_bias && need[2]) db = Tensor::empty(wc.shape(), wc.dtype(), wc.device());
-           kernels::cpu::layer_norm_backward(contig(g), xc, wc, mean, rstd, dx, dw, db);
+           FTUNE_KERNEL(xc.device(), layer_norm_backward)(contig(g), xc, wc, mean, rstd, dx, dw,
+                                                          db);
            return std::vector<Tensor>{dx, dw, db};
          });
   return out;
@@ -128,16 +131,16 @@ Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
   const int64_t D = x.size(-1), N = x.numel() / std::max<int64_t>(D, 1);
   Tensor xc = contig(x);
   Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
-  Tensor rstd = Tensor::empty({N}, DType::f64, x.device());
+  Tensor rstd = Tensor::empty({N}, norm_stats_dtype(x), x.device());
   Tensor wc = contig(weight);
-  kernels::cpu::rms_norm_forward(xc, wc, eps, out, rstd);
+  FTUNE_KERNEL(x.device(), rms_norm_forward)(xc, wc, eps, out, rstd);
   if (!needs_record({&x, &weight})) return out;
   record("rms_norm", out, {x, weight},
          [xc, wc, rstd](const Tensor& g, const std::vector<bool>& need) {
            Tensor dx, dw;
            if (need[0]) dx = Tensor::empty(xc.shape(), xc.dtype(), xc.device());
            if (need[1]) dw = Tensor::empty(wc.shape(), wc.dtype(), wc.device());
-           kernels::cpu::rms_norm_backward(contig(g), xc, wc, rstd, dx, dw);
+           FTUNE_KERNEL(xc.device(), rms_norm_backward)(contig(g), xc, wc, rstd, dx, dw);
            return std::vector<Tensor>{dx, dw};
          });
   return out;

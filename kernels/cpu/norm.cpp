@@ -134,6 +134,21 @@ void norm_backward_t(const T* dy, const T* x, const T* w, const double* mean, co
   if (db) reduce(pb, db);
 }
 
+// h = x + r in T: the residual stream as the fused GPU kernel writes it.
+template <class T>
+void add_rows(const T* x, const T* r, T* h, int64_t n) {
+#pragma omp parallel for simd schedule(static) if (n > kParallelMin)
+  for (int64_t i = 0; i < n; ++i) h[i] = T(x[i] + r[i]);
+}
+
+void check_residual(const char* op, const Tensor& x, const Tensor& residual, const Tensor& h) {
+  FTUNE_CHECK(residual.defined() && h.defined(), "[", op, "] residual and h_out must be defined");
+  FTUNE_CHECK(residual.shape() == x.shape() && h.shape() == x.shape() &&
+                  residual.dtype() == x.dtype() && h.dtype() == x.dtype(),
+              "[", op, "] residual ", residual.desc(), " and h_out ", h.desc(), " must match x ",
+              x.desc());
+}
+
 template <class T>
 T* ptr_or_null(const Tensor& t) {
   return t.defined() ? t.data<T>() : nullptr;
@@ -177,6 +192,25 @@ void rms_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight, 
                               rstd.data<double>(), N, D, ptr_or_null<T>(dx),
                               ptr_or_null<T>(dweight), nullptr);
   });
+}
+
+void rms_norm_residual_forward(const Tensor& x, const Tensor& residual, const Tensor& weight,
+                               double eps, Tensor& y, Tensor& h_out, Tensor& rstd) {
+  check_residual("rms_norm_residual", x, residual, h_out);
+  dispatch_float(x.dtype(), "rms_norm_residual", [&]<class T>() {
+    add_rows<T>(x.data<T>(), residual.data<T>(), h_out.data<T>(), x.numel());
+  });
+  rms_norm_forward(h_out, weight, eps, y, rstd);
+}
+
+void layer_norm_residual_forward(const Tensor& x, const Tensor& residual, const Tensor& weight,
+                                 const Tensor& bias, double eps, Tensor& y, Tensor& h_out,
+                                 Tensor& mean, Tensor& rstd) {
+  check_residual("layer_norm_residual", x, residual, h_out);
+  dispatch_float(x.dtype(), "layer_norm_residual", [&]<class T>() {
+    add_rows<T>(x.data<T>(), residual.data<T>(), h_out.data<T>(), x.numel());
+  });
+  layer_norm_forward(h_out, weight, bias, eps, y, mean, rstd);
 }
 
 }  // namespace ftune::kernels::cpu
