@@ -291,17 +291,25 @@ __global__ void __launch_bounds__(kThreads) nll_bwd_kernel(const T* __restrict__
   const int64_t t = tgt[row];
   const T* xr = x + row * v;
   T* dr = dx + row * v;
-  if (t == ignore) {  // zeros, written through the same sweep (the row is read but not used)
-    sweep<W, T>(xr, nullptr, dr, nullptr, v, [](const auto&, const auto&, auto&, auto&, int64_t) {});
+  if (t == ignore) {  // zeros, without reading the row (prompt tokens can be half of a batch)
+    const int64_t head = head_of<W>(dr, v), nvec = (v - head) / W;
+    float z[W];
+#pragma unroll
+    for (int e = 0; e < W; ++e) z[e] = 0.f;
+    for (int64_t j = threadIdx.x; j < head; j += blockDim.x) dr[j] = from_f<T>(0.f);
+    for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) store_w<W>(dr + head + k * W, z);
+    for (int64_t j = head + nvec * W + threadIdx.x; j < v; j += blockDim.x) dr[j] = from_f<T>(0.f);
     return;
   }
   const float gi = g[row * g_stride] * scale, m = stat[2 * row], ls = stat[2 * row + 1];
   sweep<W, T>(xr, nullptr, dr, nullptr, v, [&](const auto& a, const auto&, auto& o, auto&, int64_t j) {
 #pragma unroll
-    for (int e = 0; e < len(a); ++e) {
-      float d = exp_f((a[e] - m) - ls) * gi;
-      if (j + e == t) d -= gi;
-      o[e] = d;
+    for (int e = 0; e < len(a); ++e) o[e] = exp_f((a[e] - m) - ls) * gi;
+    const int64_t d = t - j;  // the target in this group: one test per group, not per element
+    if (d >= 0 && d < len(a)) {
+#pragma unroll
+      for (int e = 0; e < len(a); ++e)
+        if (e == d) o[e] -= gi;
     }
   });
 }
