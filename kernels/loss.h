@@ -8,6 +8,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "core/dtype.h"
+
 namespace ftune::kernels {
 
 // Vocabulary chunk of the online passes: 4096 floats (16 KiB) stay in L1 between the max and the
@@ -68,4 +70,37 @@ void kl_backward(const T* s, const T* t, const T* stats, const T* g, int64_t n, 
                  Divergence kind, double beta, double inv_temp, T* ds, T* dt);
 
 }  // namespace cpu
+
+// CUDA twins (kernels/cuda/loss.cu). Same formulas as the CPU ones, but the logits (and the [N, V]
+// outputs) are f32, bf16 or f16 (`dt`), everything per row (stats, nll, h, kl, g) is f32 and stats
+// keep the CPU layouts. One CTA per row sweeps the vocabulary with 16-byte loads and an online
+// (max, sum-exp) in f32, so a forward reads the row once (KL: twice) and a backward reads it once
+// and writes the gradient once. All pointers are device pointers; `out`-style arguments of `dt`
+// are [N, V] in the logits dtype. Launched on the current stream.
+namespace cuda {
+
+void row_stats(const void* x, DType dt, int64_t n, int64_t v, float* stat);
+void softmax_forward(const void* x, DType dt, int64_t n, int64_t v, bool log, void* out);
+void softmax_backward(const void* y, const void* dy, DType dt, int64_t n, int64_t v, bool log,
+                      void* dx);
+// out [N] in out_dt (any float dtype but f64): sign * nll (sign -1: token log-probs); ignored rows
+// get 0 and stat 0. tgt: device i64 [N].
+void nll_forward(const void* x, DType dt, const int64_t* tgt, int64_t n, int64_t v, int64_t ignore,
+                 float* stat, void* out, DType out_dt, float sign);
+void nll_backward(const void* x, DType dt, const int64_t* tgt, const float* stat, const float* g,
+                  int64_t g_stride, float scale, int64_t n, int64_t v, int64_t ignore, void* dx);
+void entropy_forward(const void* x, DType dt, int64_t n, int64_t v, float* stat, float* h);
+void entropy_backward(const void* x, DType dt, const float* stat, const float* h, const float* g,
+                      int64_t n, int64_t v, void* dx);
+void kl_forward(const void* s, const void* t, DType dt, int64_t n, int64_t v, Divergence kind,
+                double beta, double inv_temp, float* out, float* stats);
+// ds, dt_out may be null (not wanted).
+void kl_backward(const void* s, const void* t, DType dt, const float* stats, const float* g,
+                 int64_t n, int64_t v, Divergence kind, double beta, double inv_temp, void* ds,
+                 void* dt_out);
+// out[0] = scale * sum(x[0, n)) stored in out_dt: the loss reductions, one CTA in a fixed order
+// (deterministic), f64 partial sums.
+void sum_scaled(const float* x, int64_t n, double scale, void* out, DType out_dt);
+
+}  // namespace cuda
 }  // namespace ftune::kernels
