@@ -772,6 +772,326 @@ __global__ void __launch_bounds__(kFaThreads) fa_fwd_kernel(Args a) {
   }
 }
 
+// ---- fast path backward ---------------------------------------------------------------------------
+// Two kernels, no atomics. Both use the fragment layouts documented above fa_fwd_kernel.
+//
+// fa_bwd_dkdv_kernel: one CTA per (64 keys, kv head, sequence); warp w owns keys 16w..16w+15 and
+// keeps dK, dV [16 x D] in registers. It walks every (query head of the group, 64-row query tile)
+// that sees its keys, with the next Q / dO tile (and its lse, Delta) loading while the current one
+// is used (two buffers). Per tile, with the keys as the M dimension:
+//   S^T = K Q^T          A = K rows (ldmatrix),       B = Q^T  (ldmatrix of Q rows)
+//   P^T = exp(scale S^T - lse[col])  (masked: 0)
+//   dV += P^T dO         A = P^T (the S^T accumulators packed), B = dO (ldmatrix.trans)
+//   dP^T = V dO^T        A = V rows,                  B = dO^T (ldmatrix of dO rows)
+//   dS^T = P^T (dP^T - Delta[col])
+//   dK += dS^T Q         A = dS^T packed,             B = Q (ldmatrix.trans)
+// P and dS are rounded to the input type for the products (as FlashAttention does).
+constexpr int kBwdBM = 64;  // query rows per inner tile
+
+template <class T, int D>
+__global__ void __launch_bounds__(kFaThreads) fa_bwd_dkdv_kernel(Args a) {
+  constexpr int LDS = kFaLds<D>;
+  constexpr int kTile = 64 * LDS;
+  extern __shared__ __align__(16) unsigned char fa_smem[];
+  T* sK = reinterpret_cast<T*>(fa_smem);  // [64][LDS]
+  T* sV = sK + kTile;                     // [64][LDS]
+  T* sQ = sV + kTile;                     // [2][64][LDS]
+  T* sG = sQ + 2 * kTile;                 // [2][64][LDS] dO
+  float* sL = reinterpret_cast<float*>(sG + 2 * kTile);  // [2][64] lse in log2 units
+  float* sDl = sL + 2 * kBwdBM;                          // [2][64] Delta
+  SeqDesc s;
+  int c0;
+  tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, c0);
+  const int hk = blockIdx.y, group = a.H / a.Hkv;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int keys = min(64, s.len_k - c0), off = s.len_k - s.len_q;
+  const int64_t ldq = int64_t(a.H) * D, ldk = int64_t(a.Hkv) * D;
+  const T* qbase = static_cast<const T*>(a.q);
+  const T* gbase = static_cast<const T*>(a.dout);
+  const int64_t koff = int64_t(s.k_start + c0) * ldk + int64_t(hk) * D;
+  fa_load<T, D>(sK, static_cast<const T*>(a.k) + koff, ldk, keys, qbase);
+  fa_load<T, D>(sV, static_cast<const T*>(a.v) + koff, ldk, keys, qbase);
+
+  // Query row r sees key c iff r + off >= c: rows before c0 - off see none of these keys.
+  const int first_row = a.causal ? max(0, c0 - off) : 0;
+  const int nrt = s.len_q > first_row ? (s.len_q - first_row + kBwdBM - 1) / kBwdBM : 0;
+  const int n_it = group * nrt;
+  const float log2e = 1.4426950408889634f, sl2 = a.scale * log2e;
+
+  // Issues the loads of iteration it into buffer `buf`.
+  auto load_it = [&](int it, int buf) {
+    const int h = hk * group + it / nrt, r0 = first_row + (it % nrt) * kBwdBM;
+    const int rows = min(kBwdBM, s.len_q - r0);
+    const int64_t qoff = int64_t(s.q_start + r0) * ldq + int64_t(h) * D;
+    fa_load<T, D>(sQ + buf * kTile, qbase + qoff, ldq, rows, qbase);
+    fa_load<T, D>(sG + buf * kTile, gbase + qoff, ldq, rows, qbase);
+    for (int r = threadIdx.x; r < kBwdBM; r += kFaThreads) {
+      const int64_t idx = int64_t(h) * a.nq + s.q_start + r0 + r;
+      sL[buf * kBwdBM + r] = r < rows ? a.lse[idx] * log2e : INFINITY;
+      sDl[buf * kBwdBM + r] = r < rows ? a.delta[idx] : 0.f;
+    }
+  };
+  if (n_it > 0) load_it(0, 0);
+  cp_async_commit();
+
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
+  // This thread's two keys (accumulator rows g and g + 8 of the warp), within the sequence.
+  const int key_a = c0 + warp * 16 + g, key_b = key_a + 8;
+
+  for (int it = 0; it < n_it; ++it) {
+    const int buf = it & 1;
+    const int r0 = first_row + (it % nrt) * kBwdBM;
+    cp_async_wait_all();
+    __syncthreads();  // tile `it` landed; buffer buf ^ 1 (tile it - 1) is no longer read
+    if (it + 1 < n_it) load_it(it + 1, buf ^ 1);
+    cp_async_commit();
+    const T* q = sQ + buf * kTile;
+    const T* go = sG + buf * kTile;
+    const float* lse2 = sL + buf * kBwdBM;
+    const float* dl = sDl + buf * kBwdBM;
+
+    float st[kBwdBM / 8][4];  // S^T, then P^T, then dS^T: [16 keys][64 rows] per warp
+#pragma unroll
+    for (int i = 0; i < kBwdBM / 8; ++i) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t ka[4];
+      ldsm_x4(ka, sK + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int nb = 0; nb < kBwdBM / 16; ++nb) {
+        uint32_t b[4];
+        ldsm_x4(b, q + (nb * 16 + (lane & 7) + (lane >> 4) * 8) * LDS + kk * 16 +
+                       ((lane >> 3) & 1) * 8);
+        mma16816<T>(st[2 * nb], ka, b[0], b[1]);
+        mma16816<T>(st[2 * nb + 1], ka, b[2], b[3]);
+      }
+    }
+    const bool need_mask = r0 + kBwdBM > s.len_q || c0 + 64 > s.len_k ||
+                           (a.causal && c0 + 63 > r0 + off);
+#pragma unroll
+    for (int nb = 0; nb < kBwdBM / 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = nb * 8 + 2 * t + (e & 1);  // query row within the tile
+        float p = exp2f(st[nb][e] * sl2 - lse2[col]);
+        if (need_mask) {
+          const int r = r0 + col, c = e < 2 ? key_a : key_b;
+          if (r >= s.len_q || c >= s.len_k || (a.causal && c > r + off)) p = 0.f;
+        }
+        st[nb][e] = p;
+      }
+    // dV += P^T dO
+#pragma unroll
+    for (int kk = 0; kk < kBwdBM / 16; ++kk) {
+      uint32_t pa[4];
+      pa[0] = pack2<T>(st[2 * kk][0], st[2 * kk][1]);
+      pa[1] = pack2<T>(st[2 * kk][2], st[2 * kk][3]);
+      pa[2] = pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+      pa[3] = pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+#pragma unroll
+      for (int nd = 0; nd < D / 16; ++nd) {
+        uint32_t b[4];
+        ldsm_x4_t(b, go + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + nd * 16 +
+                         (lane >> 4) * 8);
+        mma16816<T>(dv[2 * nd], pa, b[0], b[1]);
+        mma16816<T>(dv[2 * nd + 1], pa, b[2], b[3]);
+      }
+    }
+    // dP^T = V dO^T, then dS^T = P^T (dP^T - Delta) in place of P^T
+    {
+      float dpt[kBwdBM / 8][4];
+#pragma unroll
+      for (int i = 0; i < kBwdBM / 8; ++i) dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t va[4];
+        ldsm_x4(va, sV + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+        for (int nb = 0; nb < kBwdBM / 16; ++nb) {
+          uint32_t b[4];
+          ldsm_x4(b, go + (nb * 16 + (lane & 7) + (lane >> 4) * 8) * LDS + kk * 16 +
+                          ((lane >> 3) & 1) * 8);
+          mma16816<T>(dpt[2 * nb], va, b[0], b[1]);
+          mma16816<T>(dpt[2 * nb + 1], va, b[2], b[3]);
+        }
+      }
+#pragma unroll
+      for (int nb = 0; nb < kBwdBM / 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) st[nb][e] *= dpt[nb][e] - dl[nb * 8 + 2 * t + (e & 1)];
+    }
+    // dK += dS^T Q  (scaled at the end)
+#pragma unroll
+    for (int kk = 0; kk < kBwdBM / 16; ++kk) {
+      uint32_t pa[4];
+      pa[0] = pack2<T>(st[2 * kk][0], st[2 * kk][1]);
+      pa[1] = pack2<T>(st[2 * kk][2], st[2 * kk][3]);
+      pa[2] = pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+      pa[3] = pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+#pragma unroll
+      for (int nd = 0; nd < D / 16; ++nd) {
+        uint32_t b[4];
+        ldsm_x4_t(b, q + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + nd * 16 +
+                        (lane >> 4) * 8);
+        mma16816<T>(dk[2 * nd], pa, b[0], b[1]);
+        mma16816<T>(dk[2 * nd + 1], pa, b[2], b[3]);
+      }
+    }
+  }
+  cp_async_wait_all();
+
+  T* gk = static_cast<T*>(a.dk);
+  T* gv = static_cast<T*>(a.dv);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int j = warp * 16 + g + 8 * i;
+    if (j >= keys) continue;
+    const int64_t base = int64_t(s.k_start + c0 + j) * ldk + int64_t(hk) * D;
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd) {
+      if (gk)
+        *reinterpret_cast<uint32_t*>(gk + base + nd * 8 + 2 * t) =
+            pack2<T>(dk[nd][2 * i] * a.scale, dk[nd][2 * i + 1] * a.scale);
+      if (gv)
+        *reinterpret_cast<uint32_t*>(gv + base + nd * 8 + 2 * t) =
+            pack2<T>(dv[nd][2 * i], dv[nd][2 * i + 1]);
+    }
+  }
+}
+
+// fa_bwd_dq_kernel: one CTA per (64 query rows, head, sequence), warp w owns rows 16w..16w+15
+// and keeps dQ [16 x D] in registers; K/V tiles of 64 keys double-buffered. Per tile:
+//   S = Q K^T, dP = dO V^T (A from Q / dO rows, B from K / V rows), P = exp(scale S - lse),
+//   dS = P (dP - Delta), dQ += dS K (A = dS packed, B = K via ldmatrix.trans).
+template <class T, int D>
+__global__ void __launch_bounds__(kFaThreads) fa_bwd_dq_kernel(Args a) {
+  constexpr int LDS = kFaLds<D>;
+  constexpr int kTile = 64 * LDS;
+  extern __shared__ __align__(16) unsigned char fa_smem[];
+  T* sQ = reinterpret_cast<T*>(fa_smem);  // [64][LDS]
+  T* sG = sQ + kTile;                     // [64][LDS] dO
+  T* sK = sG + kTile;                     // [2][64][LDS]
+  T* sV = sK + 2 * kTile;                 // [2][64][LDS]
+  SeqDesc s;
+  int r0;
+  tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, r0);
+  const int h = blockIdx.y, hk = h / (a.H / a.Hkv);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int rows = min(kFaBM, s.len_q - r0), off = s.len_k - s.len_q;
+  const int64_t ldq = int64_t(a.H) * D, ldk = int64_t(a.Hkv) * D;
+  const T* qbase = static_cast<const T*>(a.q);
+  const int64_t qoff = int64_t(s.q_start + r0) * ldq + int64_t(h) * D;
+  const T* k = static_cast<const T*>(a.k) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
+  const T* v = static_cast<const T*>(a.v) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
+  const int col_end = visible_end(s, r0, rows, a.causal);
+  const int ntiles = (col_end + kFaBN - 1) / kFaBN;
+  fa_load<T, D>(sQ, qbase + qoff, ldq, rows, qbase);
+  fa_load<T, D>(sG, static_cast<const T*>(a.dout) + qoff, ldq, rows, qbase);
+  if (ntiles > 0) {
+    fa_load<T, D>(sK, k, ldk, min(kFaBN, col_end), qbase);
+    fa_load<T, D>(sV, v, ldk, min(kFaBN, col_end), qbase);
+  }
+  cp_async_commit();
+
+  const float log2e = 1.4426950408889634f, sl2 = a.scale * log2e;
+  const int row_a = r0 + warp * 16 + g, row_b = row_a + 8;  // within the sequence
+  float lse2[2], dl[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = warp * 16 + g + 8 * i;
+    const int64_t idx = int64_t(h) * a.nq + s.q_start + r0 + r;
+    lse2[i] = r < rows ? a.lse[idx] * log2e : INFINITY;
+    dl[i] = r < rows ? a.delta[idx] : 0.f;
+  }
+  float dq[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+
+  for (int jt = 0; jt < ntiles; ++jt) {
+    const int c0 = jt * kFaBN, buf = jt & 1;
+    cp_async_wait_all();
+    __syncthreads();  // tile jt landed; buffer buf ^ 1 (tile jt - 1) is no longer read
+    if (jt + 1 < ntiles) {
+      const int valid = min(kFaBN, col_end - c0 - kFaBN);
+      fa_load<T, D>(sK + (buf ^ 1) * kTile, k + int64_t(c0 + kFaBN) * ldk, ldk, valid, qbase);
+      fa_load<T, D>(sV + (buf ^ 1) * kTile, v + int64_t(c0 + kFaBN) * ldk, ldk, valid, qbase);
+    }
+    cp_async_commit();
+    const T* kt = sK + buf * kTile;
+    const T* vt = sV + buf * kTile;
+
+    float sc[kFaBN / 8][4], dp[kFaBN / 8][4];
+#pragma unroll
+    for (int i = 0; i < kFaBN / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sc[i][e] = dp[i][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t qa[4], ga[4];
+      ldsm_x4(qa, sQ + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+      ldsm_x4(ga, sG + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int nb = 0; nb < kFaBN / 16; ++nb) {
+        const int at = (nb * 16 + (lane & 7) + (lane >> 4) * 8) * LDS + kk * 16 +
+                       ((lane >> 3) & 1) * 8;
+        uint32_t b[4];
+        ldsm_x4(b, kt + at);
+        mma16816<T>(sc[2 * nb], qa, b[0], b[1]);
+        mma16816<T>(sc[2 * nb + 1], qa, b[2], b[3]);
+        ldsm_x4(b, vt + at);
+        mma16816<T>(dp[2 * nb], ga, b[0], b[1]);
+        mma16816<T>(dp[2 * nb + 1], ga, b[2], b[3]);
+      }
+    }
+    const bool need_mask = c0 + kFaBN > s.len_k || (a.causal && c0 + kFaBN - 1 > r0 + off);
+#pragma unroll
+    for (int nb = 0; nb < kFaBN / 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float p = exp2f(sc[nb][e] * sl2 - lse2[e >> 1]);
+        if (need_mask) {
+          const int col = c0 + nb * 8 + 2 * t + (e & 1);
+          const int row = e < 2 ? row_a : row_b;
+          if (col >= s.len_k || (a.causal && col > row + off)) p = 0.f;
+        }
+        sc[nb][e] = p * (dp[nb][e] - dl[e >> 1]);
+      }
+#pragma unroll
+    for (int kk = 0; kk < kFaBN / 16; ++kk) {
+      uint32_t pa[4];
+      pa[0] = pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
+      pa[1] = pack2<T>(sc[2 * kk][2], sc[2 * kk][3]);
+      pa[2] = pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+      pa[3] = pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+#pragma unroll
+      for (int nd = 0; nd < D / 16; ++nd) {
+        uint32_t b[4];
+        ldsm_x4_t(b, kt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + nd * 16 +
+                         (lane >> 4) * 8);
+        mma16816<T>(dq[2 * nd], pa, b[0], b[1]);
+        mma16816<T>(dq[2 * nd + 1], pa, b[2], b[3]);
+      }
+    }
+  }
+  cp_async_wait_all();
+
+  T* gq = static_cast<T*>(a.dq);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = warp * 16 + g + 8 * i;
+    if (r >= rows) continue;
+    T* row = gq + int64_t(s.q_start + r0 + r) * ldq + int64_t(h) * D;
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd)
+      *reinterpret_cast<uint32_t*>(row + nd * 8 + 2 * t) =
+          pack2<T>(dq[nd][2 * i] * a.scale, dq[nd][2 * i + 1] * a.scale);
+  }
+}
+
 // ---- host side ------------------------------------------------------------------------------------
 
 // Keeps the device copies of the sequence table and the tile list alive until the launch is
@@ -955,6 +1275,37 @@ void decode_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType
   });
 }
 
+template <class T, int D>
+void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const Args& a, int dev) {
+  constexpr size_t kTileBytes = size_t(64) * kFaLds<D> * sizeof(T);
+  if (a.dk || a.dv) {
+    Tables t = make_tiles(seqs, 64, true, p.causal, dev);
+    if (t.nx > 0) {
+      FTUNE_CHECK(t.nz <= 65535, "[attention_backward] batch of ", t.nz, " rows");
+      Args b = a;
+      b.map = t.map;
+      const size_t smem = 6 * kTileBytes + 4 * kBwdBM * sizeof(float);
+      set_smem(fa_bwd_dkdv_kernel<T, D>, smem);
+      fa_bwd_dkdv_kernel<T, D><<<dim3(t.nx, unsigned(p.num_kv_heads), t.nz), kFaThreads, smem,
+                                 stream()>>>(b);
+      FTUNE_LAUNCH_CHECK("attention_backward dk/dv (tensor cores)");
+    }
+  }
+  if (a.dq) {
+    Tables t = make_tiles(seqs, kFaBM, false, p.causal, dev);
+    if (t.nx > 0) {
+      FTUNE_CHECK(t.nz <= 65535, "[attention_backward] batch of ", t.nz, " rows");
+      Args b = a;
+      b.map = t.map;
+      const size_t smem = 6 * kTileBytes;
+      set_smem(fa_bwd_dq_kernel<T, D>, smem);
+      fa_bwd_dq_kernel<T, D><<<dim3(t.nx, unsigned(p.num_heads), t.nz), kFaThreads, smem,
+                               stream()>>>(b);
+      FTUNE_LAUNCH_CHECK("attention_backward dq (tensor cores)");
+    }
+  }
+}
+
 }  // namespace
 
 void attention_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType dt,
@@ -1038,6 +1389,7 @@ void attention_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, D
 
   // cu_seqlens cover every token, so the dq tiles (over queries) and the dk/dv tiles (over
   // keys) of all sequences together write every element.
+  const bool fast = fast_ok(dt, D, {q, k, v, out, dout, dq, dk, dv});
   Tensor delta = Tensor::empty({std::max<int64_t>(1, H * p.nq)}, DType::f32, Device::cuda(dev));
   a.delta = delta.data<float>();
   ::ftune::kernels::cuda::dispatch_float(dt, "attention_backward", [&](auto tag) {
@@ -1048,6 +1400,13 @@ void attention_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, D
           static_cast<const T*>(out), static_cast<const T*>(dout), delta.data<float>(), int(p.nq), int(H),
           D);
       FTUNE_LAUNCH_CHECK("attention_backward delta");
+    }
+    if constexpr (!std::is_same_v<T, float>) {
+      if (fast) {
+        if (D == 64) fast_backward<T, 64>(p, seqs, a, dev);
+        else fast_backward<T, 128>(p, seqs, a, dev);
+        return;
+      }
     }
     dispatch_npl(D, [&](auto npl) {
       constexpr int NPL = decltype(npl)::value;
