@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "bench/gpu/gpu_bench.h"
+#include "core/cuda_runtime.h"
 #include "core/dtype.h"
 #include "kernels/attention.h"
 
@@ -69,6 +70,14 @@ FTUNE_GPU_BENCH(attention) {
         rb.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, reps);
         rb.flops = 3.5 * fwd_flops;
         ctx.add(rb);
+        // Determinism off: dQ by f32 atomics in the dK/dV kernel (no second pass).
+        cuda::set_deterministic(false);
+        bench::Row ra;
+        ra.name = "attn_fwd+bwd " + shape + " atomic-dq";
+        ra.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, reps);
+        ra.flops = 3.5 * fwd_flops;
+        ctx.add(ra);
+        cuda::set_deterministic(true);
       }
       for (void* ptr : {q, k, v, go, o, dq, dk, dv, static_cast<void*>(lse)}) bench::free_device(ptr);
     }

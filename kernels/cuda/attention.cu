@@ -64,6 +64,7 @@ struct Args {
   const void* dout;
   float* lse;          // forward: written; backward: read
   const float* delta;  // backward: rowsum(dO * O) [H, Nq]
+  float* dq_accum;     // backward without determinism: f32 [Nq, H, D] summed by atomics
   void* out;           // forward output
   void* dq;
   void* dk;
@@ -786,9 +787,13 @@ __global__ void __launch_bounds__(kFaThreads) fa_fwd_kernel(Args a) {
 //   dS^T = P^T (dP^T - Delta[col])
 //   dK += dS^T Q         A = dS^T packed,             B = Q (ldmatrix.trans)
 // P and dS are rounded to the input type for the products (as FlashAttention does).
+// kAtomicDq (only when ftune::cuda::deterministic() is off): the CTA also forms dQ's share of its
+// keys, dQ_tile += dS K, through dS staged in shared memory ([64 rows][64 keys], warp w then
+// owns rows 16w..16w+15), and adds it to the f32 dq_accum with atomics; no separate dQ pass.
 constexpr int kBwdBM = 64;  // query rows per inner tile
+constexpr int kDsLds = 64 + 8;  // row stride of the staged dS (elements)
 
-template <class T, int D>
+template <class T, int D, bool kAtomicDq>
 __global__ void __launch_bounds__(kFaThreads) fa_bwd_dkdv_kernel(Args a) {
   constexpr int LDS = kFaLds<D>;
   constexpr int kTile = 64 * LDS;
@@ -799,6 +804,7 @@ __global__ void __launch_bounds__(kFaThreads) fa_bwd_dkdv_kernel(Args a) {
   T* sG = sQ + 2 * kTile;                 // [2][64][LDS] dO
   float* sL = reinterpret_cast<float*>(sG + 2 * kTile);  // [2][64] lse in log2 units
   float* sDl = sL + 2 * kBwdBM;                          // [2][64] Delta
+  T* sDs = reinterpret_cast<T*>(sDl + 2 * kBwdBM);       // [64][kDsLds] dS (kAtomicDq only)
   SeqDesc s;
   int c0;
   tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, c0);
@@ -924,6 +930,42 @@ __global__ void __launch_bounds__(kFaThreads) fa_bwd_dkdv_kernel(Args a) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) st[nb][e] *= dpt[nb][e] - dl[nb * 8 + 2 * t + (e & 1)];
     }
+    if constexpr (kAtomicDq) {
+      // dS[row][key] into shared memory; every warp then multiplies 16 rows of it by K.
+#pragma unroll
+      for (int nb = 0; nb < kBwdBM / 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          sDs[(nb * 8 + 2 * t + (e & 1)) * kDsLds + warp * 16 + g + 8 * (e >> 1)] =
+              from_f<T>(st[nb][e]);
+      __syncthreads();  // the previous tile's readers passed the loop-top barrier already
+      const int h = hk * group + it / nrt;
+      float* dqa = a.dq_accum + (int64_t(s.q_start + r0) * a.H + h) * D;  // rows: stride H * D
+#pragma unroll
+      for (int nd = 0; nd < D / 16; ++nd) {
+        float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+        for (int kk = 0; kk < 64 / 16; ++kk) {
+          uint32_t af[4], b[4];
+          ldsm_x4(af, sDs + (warp * 16 + (lane & 15)) * kDsLds + kk * 16 + (lane >> 4) * 8);
+          ldsm_x4_t(b, sK + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + nd * 16 +
+                           (lane >> 4) * 8);
+          mma16816<T>(acc[0], af, b[0], b[1]);
+          mma16816<T>(acc[1], af, b[2], b[3]);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int r = warp * 16 + g + 8 * i;
+          if (r0 + r >= s.len_q) continue;
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            float* dst = dqa + int64_t(r) * a.H * D + nd * 16 + j * 8 + 2 * t;
+            atomicAdd(dst, acc[j][2 * i]);
+            atomicAdd(dst + 1, acc[j][2 * i + 1]);
+          }
+        }
+      }
+    }
     // dK += dS^T Q  (scaled at the end)
 #pragma unroll
     for (int kk = 0; kk < kBwdBM / 16; ++kk) {
@@ -961,6 +1003,15 @@ __global__ void __launch_bounds__(kFaThreads) fa_bwd_dkdv_kernel(Args a) {
             pack2<T>(dv[nd][2 * i], dv[nd][2 * i + 1]);
     }
   }
+}
+
+// dq = scale * dq_accum, in the input type.
+template <class T>
+__global__ void dq_convert_kernel(const float* __restrict__ acc, T* __restrict__ dq, int64_t n,
+                                  float scale) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    dq[i] = from_f<T>(acc[i] * scale);
 }
 
 // fa_bwd_dq_kernel: one CTA per (64 query rows, head, sequence), warp w owns rows 16w..16w+15
@@ -1278,18 +1329,43 @@ void decode_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType
 template <class T, int D>
 void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const Args& a, int dev) {
   constexpr size_t kTileBytes = size_t(64) * kFaLds<D> * sizeof(T);
-  if (a.dk || a.dv) {
+  // Without determinism dQ comes from the dK/dV kernel through f32 atomics (FlashAttention-2's
+  // way: no second pass recomputing S and dP).
+  const bool atomic_dq = a.dq && !ftune::cuda::deterministic();
+  Tensor accum;
+  if (atomic_dq) {
+    const int64_t n = p.nq * p.num_heads * p.head_dim;
+    accum = Tensor::empty({std::max<int64_t>(n, 1)}, DType::f32, Device::cuda(dev));
+    CUDA_CHECK(cudaMemsetAsync(accum.raw_data(), 0, size_t(n) * sizeof(float), stream()));
+  }
+  if (a.dk || a.dv || atomic_dq) {
     Tables t = make_tiles(seqs, 64, true, p.causal, dev);
     if (t.nx > 0) {
       FTUNE_CHECK(t.nz <= 65535, "[attention_backward] batch of ", t.nz, " rows");
       Args b = a;
       b.map = t.map;
-      const size_t smem = 6 * kTileBytes + 4 * kBwdBM * sizeof(float);
-      set_smem(fa_bwd_dkdv_kernel<T, D>, smem);
-      fa_bwd_dkdv_kernel<T, D><<<dim3(t.nx, unsigned(p.num_kv_heads), t.nz), kFaThreads, smem,
-                                 stream()>>>(b);
+      if (atomic_dq) {
+        b.dq_accum = accum.data<float>();
+        const size_t smem =
+            6 * kTileBytes + 4 * kBwdBM * sizeof(float) + size_t(kBwdBM) * kDsLds * sizeof(T);
+        set_smem(fa_bwd_dkdv_kernel<T, D, true>, smem);
+        fa_bwd_dkdv_kernel<T, D, true><<<dim3(t.nx, unsigned(p.num_kv_heads), t.nz),
+                                         kFaThreads, smem, stream()>>>(b);
+      } else {
+        const size_t smem = 6 * kTileBytes + 4 * kBwdBM * sizeof(float);
+        set_smem(fa_bwd_dkdv_kernel<T, D, false>, smem);
+        fa_bwd_dkdv_kernel<T, D, false><<<dim3(t.nx, unsigned(p.num_kv_heads), t.nz),
+                                          kFaThreads, smem, stream()>>>(b);
+      }
       FTUNE_LAUNCH_CHECK("attention_backward dk/dv (tensor cores)");
     }
+  }
+  if (atomic_dq) {
+    const int64_t n = p.nq * p.num_heads * p.head_dim;
+    dq_convert_kernel<T><<<grid_1d(n, 256), 256, 0, stream()>>>(accum.data<float>(),
+                                                               static_cast<T*>(a.dq), n, a.scale);
+    FTUNE_LAUNCH_CHECK("attention_backward dq convert");
+    return;
   }
   if (a.dq) {
     Tables t = make_tiles(seqs, kFaBM, false, p.causal, dev);

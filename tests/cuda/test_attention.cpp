@@ -253,6 +253,48 @@ TEST(CudaAttention, LargeTensorCoreCase) {
   }
 }
 
+// Deterministic off: the tensor-core backward forms dQ with f32 atomics inside the dK/dV kernel.
+TEST(CudaAttention, AtomicDqWhenNotDeterministic) {
+  FTUNE_REQUIRE_GPU();
+  struct Restore {
+    bool was = cuda::deterministic();
+    ~Restore() { cuda::set_deterministic(was); }
+  } restore;
+  cuda::set_deterministic(false);
+  for (int64_t d : {64, 128})
+    for (bool causal : {true, false})
+      for (DType dt : {DType::bf16, DType::f16}) {
+        Case c;
+        c.cu_q = {0, 5, 5, 45, 175, 176, 242};
+        c.cu_k = {0, 70, 79, 109, 239, 240, 440};
+        c.d = d;
+        c.causal = causal;
+        check_case(c, dt, 10);
+        Case u;
+        u.b = 2;
+        u.tq = u.tk = 300;
+        u.d = d;
+        u.causal = causal;
+        check_case(u, dt, 11);
+      }
+}
+
+// The default (deterministic) backward gives the same bits on every run.
+TEST(CudaAttention, DeterministicBackwardIsBitwiseRepeatable) {
+  FTUNE_REQUIRE_GPU();
+  ASSERT_TRUE(cuda::deterministic());
+  for (DType dt : {DType::bf16, DType::f32}) {
+    Case c;
+    c.cu_q = c.cu_k = {0, 1, 18, 146, 446};
+    c.d = 128;
+    Inputs in = make_inputs(c, dt, 12);
+    Result a = run_gpu(c, in, dt), b = run_gpu(c, in, dt);
+    EXPECT_EQ(a.dq.to_vector<float>(), b.dq.to_vector<float>()) << dtype_name(dt);
+    EXPECT_EQ(a.dk.to_vector<float>(), b.dk.to_vector<float>()) << dtype_name(dt);
+    EXPECT_EQ(a.dv.to_vector<float>(), b.dv.to_vector<float>()) << dtype_name(dt);
+  }
+}
+
 TEST(CudaAttention, SomeGradientsOnly) {
   FTUNE_REQUIRE_GPU();
   Case c;
