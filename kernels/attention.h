@@ -73,4 +73,8 @@ void attention_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, D
                         const void* q, const void* k, const void* v, const void* out,
                         const float* lse, const void* dout, void* dq, void* dk, void* dv);
 
+// Benchmark hook: query rows per CTA of the tensor-core forward in blocks of 64 (1 or 2; 0
+// restores the default, 1). Same results either way.
+void set_attention_fwd_row_blocks(int n);
+
 }  // namespace ftune::kernels::cuda

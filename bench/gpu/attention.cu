@@ -64,6 +64,14 @@ FTUNE_GPU_BENCH(attention) {
         r.ms = ctx.time_ms(fwd, 3, reps);
         r.flops = fwd_flops;
         ctx.add(r);
+        // The same with 128-row CTAs (the default is 64): which one should be the default.
+        kernels::cuda::set_attention_fwd_row_blocks(2);
+        bench::Row r2;
+        r2.name = "attn_fwd " + shape + " bm128";
+        r2.ms = ctx.time_ms(fwd, 3, reps);
+        r2.flops = fwd_flops;
+        ctx.add(r2);
+        kernels::cuda::set_attention_fwd_row_blocks(0);
         fwd();  // a real lse for the backward
         bench::Row rb;
         rb.name = "attn_fwd+bwd " + shape;

@@ -623,21 +623,25 @@ __device__ __forceinline__ void fa_load(T* sm, const T* g, int64_t ld, int valid
   }
 }
 
-// Forward, one CTA per (64 query rows, head, sequence). Warp w owns rows 16w..16w+15; K tiles
-// of 64 keys; V of tile j loads while S = Q K_j^T is computed, K of tile j+1 while O += P V_j.
-template <class T, int D>
+// Forward, one CTA per (64 MA query rows, head, sequence). Warp w owns the MA row blocks
+// 64 a + 16 w .. +15 (a < MA): each K / V fragment read from shared memory feeds MA products.
+// K tiles of 64 keys; V of tile j loads while S = Q K_j^T is computed, K of tile j+1 while
+// O += P V_j. Q's fragments stay in registers when they fit (kQRegs), else are re-read per tile.
+template <class T, int D, int MA>
 __global__ void __launch_bounds__(kFaThreads) fa_fwd_kernel(Args a) {
   constexpr int LDS = kFaLds<D>;
+  constexpr int BM = 64 * MA;
+  constexpr bool kQRegs = MA * D <= 128;
   extern __shared__ __align__(16) unsigned char fa_smem[];
-  T* sQ = reinterpret_cast<T*>(fa_smem);  // [64][LDS]
-  T* sK = sQ + kFaBM * LDS;               // [64][LDS]
+  T* sQ = reinterpret_cast<T*>(fa_smem);  // [BM][LDS]
+  T* sK = sQ + BM * LDS;                  // [64][LDS]
   T* sV = sK + kFaBN * LDS;               // [64][LDS]
   SeqDesc s;
   int r0;
   tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, r0);
   const int h = blockIdx.y, hk = h / (a.H / a.Hkv);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int rows = min(kFaBM, s.len_q - r0), off = s.len_k - s.len_q;
+  const int rows = min(BM, s.len_q - r0), off = s.len_k - s.len_q;
   const int64_t ldq = int64_t(a.H) * D, ldk = int64_t(a.Hkv) * D;
   const T* qbase = static_cast<const T*>(a.q);
   const T* q = qbase + int64_t(s.q_start + r0) * ldq + int64_t(h) * D;
@@ -646,87 +650,120 @@ __global__ void __launch_bounds__(kFaThreads) fa_fwd_kernel(Args a) {
   const int col_end = visible_end(s, r0, rows, a.causal);
   const int ntiles = (col_end + kFaBN - 1) / kFaBN;
 
-  fa_load<T, D>(sQ, q, ldq, rows, qbase);
+#pragma unroll
+  for (int am = 0; am < MA; ++am)
+    fa_load<T, D>(sQ + am * 64 * LDS, q + int64_t(am) * 64 * ldq, ldq, rows - am * 64, qbase);
   if (ntiles > 0) fa_load<T, D>(sK, k, ldk, min(kFaBN, col_end), qbase);
   cp_async_commit();
 
   const float sl2 = a.scale * 1.4426950408889634f;  // scores in log2 units: exp2 in the softmax
-  float o[D / 8][4];
+  float o[MA][D / 8][4];
+  float m[MA][2], l[MA][2];  // rows g and g + 8 of each of the warp's row blocks
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // rows g and g + 8 of the warp
-  uint32_t qf[D / 16][4];
-  // Absolute rows (within the sequence) of this thread's two accumulator rows.
-  const int row_a = r0 + warp * 16 + g, row_b = row_a + 8;
+  for (int am = 0; am < MA; ++am) {
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[am][i][0] = o[am][i][1] = o[am][i][2] = o[am][i][3] = 0.f;
+    m[am][0] = m[am][1] = -INFINITY;
+    l[am][0] = l[am][1] = 0.f;
+  }
+  uint32_t qf[kQRegs ? MA : 1][kQRegs ? D / 16 : 1][4];
+  // The shared-memory row of the A fragment of row block am, and the row (within the sequence)
+  // of this thread's accumulator rows g (i = 0) and g + 8 (i = 1).
+  auto q_at = [&](int am, int kk) {
+    return sQ + (am * 64 + warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8;
+  };
+  auto row_of = [&](int am, int i) { return r0 + am * 64 + warp * 16 + g + 8 * i; };
 
   for (int jt = 0; jt < ntiles; ++jt) {
     const int c0 = jt * kFaBN;
     cp_async_wait_all();
     __syncthreads();  // K_j (and Q) landed for every thread; V_{j-1} no longer read
-    if (jt == 0) {
+    if constexpr (kQRegs) {
+      if (jt == 0) {
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
-        ldsm_x4(qf[kk], sQ + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+        for (int am = 0; am < MA; ++am)
+#pragma unroll
+          for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qf[am][kk], q_at(am, kk));
+      }
     }
     fa_load<T, D>(sV, v + int64_t(c0) * ldk, ldk, min(kFaBN, col_end - c0), qbase);
     cp_async_commit();
 
-    float sc[kFaBN / 8][4];
+    float sc[MA][kFaBN / 8][4];
 #pragma unroll
-    for (int i = 0; i < kFaBN / 8; ++i) sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.f;
+    for (int am = 0; am < MA; ++am)
+#pragma unroll
+      for (int i = 0; i < kFaBN / 8; ++i) sc[am][i][0] = sc[am][i][1] = sc[am][i][2] = sc[am][i][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t qa[MA][4];
+#pragma unroll
+      for (int am = 0; am < MA; ++am) {
+        if constexpr (kQRegs) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) qa[am][e] = qf[am][kk][e];
+        } else {
+          ldsm_x4(qa[am], q_at(am, kk));
+        }
+      }
 #pragma unroll
       for (int nb = 0; nb < kFaBN / 16; ++nb) {
         uint32_t b[4];
         ldsm_x4(b, sK + (nb * 16 + (lane & 7) + (lane >> 4) * 8) * LDS + kk * 16 +
                        ((lane >> 3) & 1) * 8);
-        mma16816<T>(sc[2 * nb], qf[kk], b[0], b[1]);
-        mma16816<T>(sc[2 * nb + 1], qf[kk], b[2], b[3]);
+#pragma unroll
+        for (int am = 0; am < MA; ++am) {
+          mma16816<T>(sc[am][2 * nb], qa[am], b[0], b[1]);
+          mma16816<T>(sc[am][2 * nb + 1], qa[am], b[2], b[3]);
+        }
       }
     }
     // Mask (ragged end of the keys; causal diagonal) and scale to log2 units.
     const bool need_mask = c0 + kFaBN > s.len_k || (a.causal && c0 + kFaBN - 1 > r0 + off);
 #pragma unroll
-    for (int nb = 0; nb < kFaBN / 8; ++nb)
+    for (int am = 0; am < MA; ++am) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = sc[nb][e] * sl2;
-        if (need_mask) {
-          const int col = c0 + nb * 8 + 2 * t + (e & 1);
-          const int row = e < 2 ? row_a : row_b;
-          if (col >= s.len_k || (a.causal && col > row + off)) x = -INFINITY;
+      for (int nb = 0; nb < kFaBN / 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float x = sc[am][nb][e] * sl2;
+          if (need_mask) {
+            const int col = c0 + nb * 8 + 2 * t + (e & 1);
+            const int row = row_of(am, e >> 1);
+            if (col >= s.len_k || (a.causal && col > row + off)) x = -INFINITY;
+          }
+          sc[am][nb][e] = x;
         }
-        sc[nb][e] = x;
+      float mu[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nb = 0; nb < kFaBN / 8; ++nb)
+          mx = fmaxf(mx, fmaxf(sc[am][nb][2 * i], sc[am][nb][2 * i + 1]));
+        // The 4 threads of a quad (same g) hold the row's 64 columns between them.
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float mn = fmaxf(m[am][i], mx);
+        mu[i] = mn == -INFINITY ? 0.f : mn;  // no key seen yet: p = alpha = 0, no NaN
+        const float alpha = exp2f(m[am][i] - mu[i]);
+        m[am][i] = mn;
+        l[am][i] *= alpha;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; ++nd) {
+          o[am][nd][2 * i] *= alpha;
+          o[am][nd][2 * i + 1] *= alpha;
+        }
       }
-    float mu[2];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      float mx = -INFINITY;
+      for (int nb = 0; nb < kFaBN / 8; ++nb)
 #pragma unroll
-      for (int nb = 0; nb < kFaBN / 8; ++nb) mx = fmaxf(mx, fmaxf(sc[nb][2 * i], sc[nb][2 * i + 1]));
-      // The 4 threads of a quad (same g) hold the row's 64 columns between them.
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float mn = fmaxf(m[i], mx);
-      mu[i] = mn == -INFINITY ? 0.f : mn;  // no key seen yet: p = alpha = 0, no NaN
-      const float alpha = exp2f(m[i] - mu[i]);
-      m[i] = mn;
-      l[i] *= alpha;
-#pragma unroll
-      for (int nd = 0; nd < D / 8; ++nd) {
-        o[nd][2 * i] *= alpha;
-        o[nd][2 * i + 1] *= alpha;
-      }
+        for (int e = 0; e < 4; ++e) {
+          const float p = exp2f(sc[am][nb][e] - mu[e >> 1]);
+          sc[am][nb][e] = p;
+          l[am][e >> 1] += p;  // this thread's share of the row sum; the quad sums it at the end
+        }
     }
-#pragma unroll
-    for (int nb = 0; nb < kFaBN / 8; ++nb)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float p = exp2f(sc[nb][e] - mu[e >> 1]);
-        sc[nb][e] = p;
-        l[e >> 1] += p;  // this thread's share of the row sum; the quad sums it at the end
-      }
 
     cp_async_wait_all();
     __syncthreads();  // V_j landed; every warp is done with K_j
@@ -736,18 +773,24 @@ __global__ void __launch_bounds__(kFaThreads) fa_fwd_kernel(Args a) {
     cp_async_commit();
 #pragma unroll
     for (int kk = 0; kk < kFaBN / 16; ++kk) {
-      uint32_t pa[4];
-      pa[0] = pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
-      pa[1] = pack2<T>(sc[2 * kk][2], sc[2 * kk][3]);
-      pa[2] = pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-      pa[3] = pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+      uint32_t pa[MA][4];
+#pragma unroll
+      for (int am = 0; am < MA; ++am) {
+        pa[am][0] = pack2<T>(sc[am][2 * kk][0], sc[am][2 * kk][1]);
+        pa[am][1] = pack2<T>(sc[am][2 * kk][2], sc[am][2 * kk][3]);
+        pa[am][2] = pack2<T>(sc[am][2 * kk + 1][0], sc[am][2 * kk + 1][1]);
+        pa[am][3] = pack2<T>(sc[am][2 * kk + 1][2], sc[am][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int nd = 0; nd < D / 16; ++nd) {
         uint32_t b[4];
         ldsm_x4_t(b, sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + nd * 16 +
                          (lane >> 4) * 8);
-        mma16816<T>(o[2 * nd], pa, b[0], b[1]);
-        mma16816<T>(o[2 * nd + 1], pa, b[2], b[3]);
+#pragma unroll
+        for (int am = 0; am < MA; ++am) {
+          mma16816<T>(o[am][2 * nd], pa[am], b[0], b[1]);
+          mma16816<T>(o[am][2 * nd + 1], pa[am], b[2], b[3]);
+        }
       }
     }
   }
@@ -755,22 +798,25 @@ __global__ void __launch_bounds__(kFaThreads) fa_fwd_kernel(Args a) {
 
   T* out = static_cast<T*>(a.out);
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    float li = l[i];
-    li += __shfl_xor_sync(0xffffffffu, li, 1);
-    li += __shfl_xor_sync(0xffffffffu, li, 2);
-    const int r = warp * 16 + g + 8 * i;
-    if (r >= rows) continue;
-    const int64_t tok = s.q_start + r0 + r;
-    const float inv = li > 0.f ? 1.f / li : 0.f;
-    T* orow = out + tok * ldq + int64_t(h) * D;
+  for (int am = 0; am < MA; ++am)
 #pragma unroll
-    for (int nd = 0; nd < D / 8; ++nd)
-      *reinterpret_cast<uint32_t*>(orow + nd * 8 + 2 * t) =
-          pack2<T>(o[nd][2 * i] * inv, o[nd][2 * i + 1] * inv);
-    if (t == 0)
-      a.lse[int64_t(h) * a.nq + tok] = li > 0.f ? m[i] * 0.6931471805599453f + logf(li) : INFINITY;
-  }
+    for (int i = 0; i < 2; ++i) {
+      float li = l[am][i];
+      li += __shfl_xor_sync(0xffffffffu, li, 1);
+      li += __shfl_xor_sync(0xffffffffu, li, 2);
+      const int r = am * 64 + warp * 16 + g + 8 * i;
+      if (r >= rows) continue;
+      const int64_t tok = s.q_start + r0 + r;
+      const float inv = li > 0.f ? 1.f / li : 0.f;
+      T* orow = out + tok * ldq + int64_t(h) * D;
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd)
+        *reinterpret_cast<uint32_t*>(orow + nd * 8 + 2 * t) =
+            pack2<T>(o[am][nd][2 * i] * inv, o[am][nd][2 * i + 1] * inv);
+      if (t == 0)
+        a.lse[int64_t(h) * a.nq + tok] =
+            li > 0.f ? m[am][i] * 0.6931471805599453f + logf(li) : INFINITY;
+    }
 }
 
 // ---- fast path backward ---------------------------------------------------------------------------
@@ -1145,6 +1191,9 @@ __global__ void __launch_bounds__(kFaThreads) fa_bwd_dq_kernel(Args a) {
 
 // ---- host side ------------------------------------------------------------------------------------
 
+// 64-row blocks per CTA of the tensor-core forward; 0: the default (1; the benchmark compares 2).
+int g_fwd_row_blocks = 0;
+
 // Keeps the device copies of the sequence table and the tile list alive until the launch is
 // queued (the caching allocator is stream-ordered, so freeing them afterwards is safe).
 struct Tables {
@@ -1384,6 +1433,12 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
 
 }  // namespace
 
+void set_attention_fwd_row_blocks(int n) {
+  FTUNE_CHECK(n >= 0 && n <= 2, "[attention] forward row blocks must be 0 (default), 1 or 2, got ",
+              n);
+  g_fwd_row_blocks = n;
+}
+
 void attention_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType dt,
                        const void* q, const void* k, const void* v, void* out, float* lse) {
   check_params("attention", p, seqs);
@@ -1407,21 +1462,27 @@ void attention_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DT
   }
 
   if (fast_ok(dt, D, {q, k, v, out})) {
-    Tables t = make_tiles(seqs, kFaBM, false, p.causal, dev);
+    const int ma = g_fwd_row_blocks > 0 ? g_fwd_row_blocks : 1;
+    Tables t = make_tiles(seqs, 64 * ma, false, p.causal, dev);
     if (t.nx == 0) return;
     FTUNE_CHECK(t.nz <= 65535, "[attention] batch of ", t.nz, " rows (at most 65535)");
     a.map = t.map;
     ::ftune::kernels::cuda::dispatch_float(dt, "attention", [&](auto tag) {
       using T = typename decltype(tag)::type;
       if constexpr (!std::is_same_v<T, float>) {
-        auto launch = [&](auto kernel, int d) {
-          const size_t smem = size_t(3) * 64 * (d + 8) * sizeof(T);
+        auto launch = [&](auto kernel, int d, int blocks) {
+          const size_t smem = size_t(64 * blocks + 2 * kFaBN) * (d + 8) * sizeof(T);
           set_smem(kernel, smem);
           kernel<<<dim3(t.nx, unsigned(p.num_heads), t.nz), kFaThreads, smem, stream()>>>(a);
           FTUNE_LAUNCH_CHECK("attention forward (tensor cores)");
         };
-        if (D == 64) launch(fa_fwd_kernel<T, 64>, 64);
-        else launch(fa_fwd_kernel<T, 128>, 128);
+        if (D == 64) {
+          if (ma == 2) launch(fa_fwd_kernel<T, 64, 2>, 64, 2);
+          else launch(fa_fwd_kernel<T, 64, 1>, 64, 1);
+        } else {
+          if (ma == 2) launch(fa_fwd_kernel<T, 128, 2>, 128, 2);
+          else launch(fa_fwd_kernel<T, 128, 1>, 128, 1);
+        }
       }
     });
     return;

@@ -295,6 +295,32 @@ TEST(CudaAttention, DeterministicBackwardIsBitwiseRepeatable) {
   }
 }
 
+// The tensor-core forward with 128-row CTAs (two 64-row blocks per warp group; a benchmark
+// option) gives the same answers.
+TEST(CudaAttention, ForwardWith128RowBlocks) {
+  FTUNE_REQUIRE_GPU();
+  struct Restore {
+    ~Restore() { kernels::cuda::set_attention_fwd_row_blocks(0); }
+  } restore;
+  kernels::cuda::set_attention_fwd_row_blocks(2);
+  for (int64_t d : {64, 128})
+    for (bool causal : {true, false})
+      for (DType dt : {DType::bf16, DType::f16}) {
+        Case c;
+        c.cu_q = {0, 5, 5, 45, 175, 176, 242};
+        c.cu_k = {0, 70, 79, 109, 239, 240, 440};
+        c.d = d;
+        c.causal = causal;
+        check_case(c, dt, 13);
+        Case u;
+        u.b = 2;
+        u.tq = u.tk = 300;
+        u.d = d;
+        u.causal = causal;
+        check_case(u, dt, 14);
+      }
+}
+
 TEST(CudaAttention, SomeGradientsOnly) {
   FTUNE_REQUIRE_GPU();
   Case c;
