@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bench/gpu/gpu_bench.h"
@@ -91,9 +92,10 @@ FTUNE_GPU_BENCH(attention) {
     }
   }
 
-  // Decode: 64 sequences, one query each, over 4096 cached tokens; 32 query heads on 8 kv heads.
-  {
-    const int64_t B = 64, T = 4096, H = 32, Hkv = 8, D = 128;
+  // Decode: one query per sequence over the cached tokens; 32 query heads on 8 kv heads. Many
+  // short caches, and a few long ones (keys split across CTAs, then merged).
+  for (auto [B, T] : {std::pair<int64_t, int64_t>{64, 4096}, {4, 32768}}) {
+    const int64_t H = 32, Hkv = 8, D = 128;
     void* q = bench::random_device(2, B * H * D, 1, 1.f, 11);
     void* k = bench::random_device(2, B * T * Hkv * D, 1, 1.f, 12);
     void* v = bench::random_device(2, B * T * Hkv * D, 1, 1.f, 13);
@@ -108,7 +110,7 @@ FTUNE_GPU_BENCH(attention) {
     p.scale = 1.0 / std::sqrt(double(D));
     const auto seqs = batch(B, 1, T);
     bench::Row r;
-    r.name = "attn_decode bf16 d128 h32/8 b64 kv4096";
+    r.name = "attn_decode bf16 d128 h32/8 b" + std::to_string(B) + " kv" + std::to_string(T);
     r.ms = ctx.time_ms(
         [&] { kernels::cuda::attention_forward(p, seqs, DType::bf16, q, k, v, o, lse); }, 3, 20);
     r.bytes = 2.0 * B * T * Hkv * D * 2;

@@ -414,10 +414,10 @@ __global__ void __launch_bounds__(kGenThreads) gen_dkv_kernel(Args a) {
 
 // ---- decode path ----------------------------------------------------------------------------------
 // One query per sequence. CTA (split, head, entry) of 4 warps reads keys [split * chunk, ...):
-// warp w takes keys w, w + 4, ...; lanes own d = lane + 32 i. The 4 warp states merge in shared
+// warp w takes the blocks of 4 keys 4w, 4w + 16, ...; lanes own d = lane + 32 i. The 4 warp states merge in shared
 // memory; with one split that is the answer, else the partial (max, sum, unnormalized output)
 // goes to `part` and decode_combine_kernel merges the splits.
-constexpr int kDecWarps = 4;
+constexpr int kDecWarps = 4, kDecUnroll = 4;
 
 template <class T, int NPL>
 __global__ void __launch_bounds__(kDecWarps * 32) decode_kernel(Args a, int chunk, float* part) {
@@ -444,27 +444,47 @@ __global__ void __launch_bounds__(kDecWarps * 32) decode_kernel(Args a, int chun
     qv[i] = d < D ? to_f(q[d]) * a.scale : 0.f;
     acc[i] = 0.f;
   }
-  // One query sees every key of its sequence, causal or not (bottom-right alignment).
+  // One query sees every key of its sequence, causal or not (bottom-right alignment). Warp w
+  // takes blocks of kDecUnroll consecutive keys, every block's loads issued before any use (more
+  // bytes in flight per warp).
   const int kb = split * chunk, ke = min(s.len_k, kb + chunk);
   float m = -INFINITY, l = 0.f;
-  for (int j = kb + warp; j < ke; j += kDecWarps) {
-    const T* kr = k + int64_t(j) * ldk;
-    const T* vr = v + int64_t(j) * ldk;
-    float part_dot = 0.f, vv[NPL];
+  for (int j0 = kb + warp * kDecUnroll; j0 < ke; j0 += kDecWarps * kDecUnroll) {
+    float kv[kDecUnroll][NPL], vv[kDecUnroll][NPL];
 #pragma unroll
-    for (int i = 0; i < NPL; ++i) {
-      const int d = lane + 32 * i;
-      const bool in = d < D;
-      part_dot += in ? qv[i] * to_f(kr[d]) : 0.f;
-      vv[i] = in ? to_f(vr[d]) : 0.f;
+    for (int u = 0; u < kDecUnroll; ++u) {
+      const bool key_in = j0 + u < ke;
+      const T* kr = k + int64_t(j0 + u) * ldk;
+      const T* vr = v + int64_t(j0 + u) * ldk;
+#pragma unroll
+      for (int i = 0; i < NPL; ++i) {
+        const int d = lane + 32 * i;
+        const bool in = key_in && d < D;
+        kv[u][i] = in ? to_f(kr[d]) : 0.f;
+        vv[u][i] = in ? to_f(vr[d]) : 0.f;
+      }
     }
-    const float x = warp_sum(part_dot);
-    const float mn = fmaxf(m, x);
-    const float alpha = expf(m - mn);  // m = -inf on the first key: 0
-    const float p = expf(x - mn);
-    l = l * alpha + p;
+    float x[kDecUnroll], mx = -INFINITY;
 #pragma unroll
-    for (int i = 0; i < NPL; ++i) acc[i] = acc[i] * alpha + p * vv[i];
+    for (int u = 0; u < kDecUnroll; ++u) {
+      float part_dot = 0.f;
+#pragma unroll
+      for (int i = 0; i < NPL; ++i) part_dot += qv[i] * kv[u][i];
+      x[u] = j0 + u < ke ? warp_sum(part_dot) : -INFINITY;
+      mx = fmaxf(mx, x[u]);
+    }
+    const float mn = fmaxf(m, mx);     // finite: key j0 is in range
+    const float alpha = expf(m - mn);  // m = -inf on the first block: 0
+    l *= alpha;
+#pragma unroll
+    for (int i = 0; i < NPL; ++i) acc[i] *= alpha;
+#pragma unroll
+    for (int u = 0; u < kDecUnroll; ++u) {
+      const float p = expf(x[u] - mn);  // a key past the end: exp(-inf) = 0
+      l += p;
+#pragma unroll
+      for (int i = 0; i < NPL; ++i) acc[i] += p * vv[u][i];
+    }
     m = mn;
   }
 #pragma unroll
@@ -1347,9 +1367,10 @@ void decode_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType
   }
   a.map = t.map;
   FTUNE_CHECK(t.nz <= 65535, "[attention] decode over ", t.nz, " sequences (at most 65535)");
-  // Enough CTAs for two waves, each split at least 256 keys.
+  // Enough CTAs for 8 per SM (each only 4 warps, and a decode step is memory-bound: bytes in
+  // flight matter), each split at least 256 keys.
   const int64_t ctas = int64_t(t.nz) * p.num_heads;
-  const int64_t want = 2 * int64_t(ftune::cuda::device_sm_count(dev));
+  const int64_t want = 8 * int64_t(ftune::cuda::device_sm_count(dev));
   int64_t splits = std::clamp<int64_t>((want + ctas - 1) / ctas, 1, std::max<int64_t>(1, (max_k + 255) / 256));
   const int chunk = int(std::max<int64_t>(1, (max_k + splits - 1) / splits));
   splits = std::max<int64_t>(1, (max_k + chunk - 1) / chunk);
