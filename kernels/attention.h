@@ -20,6 +20,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "core/dtype.h"
+
 namespace ftune::kernels::cpu {
 
 struct AttnSeq {
@@ -50,3 +52,29 @@ void attention_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, c
                         T* dk, T* dv);
 
 }  // namespace ftune::kernels::cpu
+
+// The CUDA twin (kernels/cuda/attention.cu): the same layout, sequences and parameters. q, k, v,
+// out, dout, dq, dk, dv are device buffers of dtype dt (f32, bf16 or f16); lse [H, Nq] is f32 on
+// the GPU whatever dt is (the statistic the backward recomputes P from). block_q / block_k are
+// ignored: the kernels pick their own tiles. Paths: bf16/f16 with head_dim 64 or 128 run the
+// tensor-core (mma.sync) kernels; any other dtype or head_dim <= 256 a simple tiled kernel; a
+// forward whose sequences all have at most one query (decoding over a KV cache) a split-key
+// decode kernel. Launched on the current stream.
+namespace ftune::kernels::cuda {
+
+using cpu::AttnParams;
+using cpu::AttnSeq;
+
+void attention_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType dt,
+                       const void* q, const void* k, const void* v, void* out, float* lse);
+
+// dq, dk, dv are written in full; any may be null. Deterministic: no float atomics.
+void attention_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType dt,
+                        const void* q, const void* k, const void* v, const void* out,
+                        const float* lse, const void* dout, void* dq, void* dk, void* dv);
+
+// Benchmark hook: query rows per CTA of the tensor-core forward in blocks of 64 (1 or 2; 0
+// restores the default, 1). Same results either way.
+void set_attention_fwd_row_blocks(int n);
+
+}  // namespace ftune::kernels::cuda

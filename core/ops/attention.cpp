@@ -45,10 +45,15 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, const Attent
   check_defined("attention", v, "v");
   const Tensor& cq = opt.cu_seqlens_q;
   const Tensor& ck = opt.cu_seqlens_k;
-  check_same_device("attention", {&q, &k, &v, &cq, &ck});
+  check_same_device("attention", {&q, &k, &v});
+  // cu_seqlens are read on the host: they may stay there when q is on the GPU.
+  for (const Tensor* c : {&cq, &ck})
+    FTUNE_CHECK(!c->defined() || c->device().is_cpu() || c->device() == q.device(),
+                "[attention] cu_seqlens on ", c->desc(), " must be on the CPU or with q ",
+                q.desc());
   check_same_dtype("attention", {&q, &k, &v});
   check_float("attention", q, "q");
-  require_cpu("attention", {&q, &k, &v, &cq, &ck});
+  const bool gpu = q.device().is_cuda();
   FTUNE_CHECK(v.shape() == k.shape(), "[attention] v ", v.desc(), " must have the shape of k ",
               k.desc());
   const bool varlen = cq.defined() || ck.defined();
@@ -96,21 +101,39 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, const Attent
 
   Tensor qc = contig(q), kc = contig(k), vc = contig(v);
   Tensor out = Tensor::empty(q.shape(), q.dtype(), q.device());
-  Tensor lse = Tensor::empty({H, p.nq}, q.dtype(), q.device());
-  dispatch_float(q.dtype(), "attention", [&]<class T>() {
-    kernels::cpu::attention_forward<T>(p, seqs, qc.data<T>(), kc.data<T>(), vc.data<T>(),
-                                       out.data<T>(), lse.data<T>());
-  });
+  // The GPU keeps the logsumexp in f32 for every input dtype.
+  Tensor lse = Tensor::empty({H, p.nq}, gpu ? DType::f32 : q.dtype(), q.device());
+  if (gpu) {
+#ifdef FTUNE_HAVE_CUDA
+    kernels::cuda::attention_forward(p, seqs, q.dtype(), qc.raw_data(), kc.raw_data(),
+                                     vc.raw_data(), out.raw_data(), lse.data<float>());
+#endif
+  } else {
+    dispatch_float(q.dtype(), "attention", [&]<class T>() {
+      kernels::cpu::attention_forward<T>(p, seqs, qc.data<T>(), kc.data<T>(), vc.data<T>(),
+                                         out.data<T>(), lse.data<T>());
+    });
+  }
   if (!needs_record({&q, &k, &v})) return out;
 
   Tensor saved_out = out.detach();
   record("attention", out, {q, k, v},
          [p, seqs, qc, kc, vc, saved_out, lse](const Tensor& g, const std::vector<bool>& need) {
-           Tensor gc = contig(g);
+           Tensor gc = g.dtype() == qc.dtype() ? contig(g) : g.detach().to(qc.dtype());
            Tensor dq, dk, dv;
            if (need[0]) dq = Tensor::empty(qc.shape(), qc.dtype(), qc.device());
            if (need[1]) dk = Tensor::empty(kc.shape(), kc.dtype(), kc.device());
            if (need[2]) dv = Tensor::empty(vc.shape(), vc.dtype(), vc.device());
+           if (gc.device().is_cuda()) {
+#ifdef FTUNE_HAVE_CUDA
+             kernels::cuda::attention_backward(
+                 p, seqs, gc.dtype(), qc.raw_data(), kc.raw_data(), vc.raw_data(),
+                 saved_out.raw_data(), lse.data<float>(), gc.raw_data(),
+                 dq.defined() ? dq.raw_data() : nullptr, dk.defined() ? dk.raw_data() : nullptr,
+                 dv.defined() ? dv.raw_data() : nullptr);
+#endif
+             return std::vector<Tensor>{dq, dk, dv};
+           }
            dispatch_float(gc.dtype(), "attention_backward", [&]<class T>() {
              kernels::cpu::attention_backward<T>(
                  p, seqs, qc.data<T>(), kc.data<T>(), vc.data<T>(), saved_out.data<T>(),

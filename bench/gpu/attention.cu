@@ -1,0 +1,121 @@
+// Fused attention (kernels/cuda/attention.cu), bf16: TFLOP/s of the forward and of forward +
+// backward with FlashAttention's convention (forward 4 B H N^2 D, halved when causal; backward
+// 2.5x the forward), head_dim 64 (32 heads) and 128 (16 heads), seq 512..8192 with B N = 16k
+// tokens, causal and not. The torch SDPA numbers on the same shapes come from
+// torch_attention.py. Plus one decode step over a long KV cache (GB/s: K and V read once).
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "bench/gpu/gpu_bench.h"
+#include "core/cuda_runtime.h"
+#include "core/dtype.h"
+#include "kernels/attention.h"
+
+namespace {
+
+using ftune::kernels::cpu::AttnParams;
+using ftune::kernels::cpu::AttnSeq;
+
+std::vector<AttnSeq> batch(int64_t B, int64_t tq, int64_t tk) {
+  std::vector<AttnSeq> s;
+  for (int64_t b = 0; b < B; ++b) s.push_back({b * tq, tq, b * tk, tk});
+  return s;
+}
+
+}  // namespace
+
+FTUNE_GPU_BENCH(attention) {
+  using namespace ftune;
+  const int64_t tokens = 16384;
+  for (int64_t D : {64, 128}) {
+    const int64_t H = 2048 / D;
+    for (int64_t N : {512, 1024, 2048, 4096, 8192}) {
+      const int64_t B = tokens / N, n = B * N * H * D;
+      void* q = bench::random_device(2, n, 1, 1.f, 1);
+      void* k = bench::random_device(2, n, 1, 1.f, 2);
+      void* v = bench::random_device(2, n, 1, 1.f, 3);
+      void* go = bench::random_device(2, n, 1, 1.f, 4);
+      void* o = bench::random_device(2, n, 1, 1.f, 5);
+      void* dq = bench::random_device(2, n, 1, 1.f, 6);
+      void* dk = bench::random_device(2, n, 1, 1.f, 7);
+      void* dv = bench::random_device(2, n, 1, 1.f, 8);
+      float* lse = static_cast<float*>(bench::random_device(4, H * B * N, 0, 1.f, 9));
+      for (bool causal : {false, true}) {
+        AttnParams p;
+        p.num_heads = p.num_kv_heads = H;
+        p.head_dim = D;
+        p.nq = p.nk = B * N;
+        p.scale = 1.0 / std::sqrt(double(D));
+        p.causal = causal;
+        const auto seqs = batch(B, N, N);
+        const double fwd_flops = 4.0 * B * H * N * N * D * (causal ? 0.5 : 1.0);
+        auto fwd = [&] { kernels::cuda::attention_forward(p, seqs, DType::bf16, q, k, v, o, lse); };
+        auto bwd = [&] {
+          kernels::cuda::attention_backward(p, seqs, DType::bf16, q, k, v, o, lse, go, dq, dk, dv);
+        };
+        const int reps = N >= 4096 ? 10 : 20;
+        const std::string shape = "bf16 d" + std::to_string(D) + " h" + std::to_string(H) +
+                                  " b" + std::to_string(B) + " n" + std::to_string(N) +
+                                  (causal ? " causal" : "");
+        bench::Row r;
+        r.name = "attn_fwd " + shape;
+        r.ms = ctx.time_ms(fwd, 3, reps);
+        r.flops = fwd_flops;
+        ctx.add(r);
+        // The same with 128-row CTAs (the default is 64): which one should be the default.
+        kernels::cuda::set_attention_fwd_row_blocks(2);
+        bench::Row r2;
+        r2.name = "attn_fwd " + shape + " bm128";
+        r2.ms = ctx.time_ms(fwd, 3, reps);
+        r2.flops = fwd_flops;
+        ctx.add(r2);
+        kernels::cuda::set_attention_fwd_row_blocks(0);
+        fwd();  // a real lse for the backward
+        bench::Row rb;
+        rb.name = "attn_fwd+bwd " + shape;
+        rb.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, reps);
+        rb.flops = 3.5 * fwd_flops;
+        ctx.add(rb);
+        // Determinism off: dQ by f32 atomics in the dK/dV kernel (no second pass).
+        cuda::set_deterministic(false);
+        bench::Row ra;
+        ra.name = "attn_fwd+bwd " + shape + " atomic-dq";
+        ra.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, reps);
+        ra.flops = 3.5 * fwd_flops;
+        ctx.add(ra);
+        cuda::set_deterministic(true);
+      }
+      for (void* ptr : {q, k, v, go, o, dq, dk, dv, static_cast<void*>(lse)}) bench::free_device(ptr);
+    }
+  }
+
+  // Decode: one query per sequence over the cached tokens; 32 query heads on 8 kv heads. Many
+  // short caches, and a few long ones (keys split across CTAs, then merged).
+  for (auto [B, T] : {std::pair<int64_t, int64_t>{64, 4096}, {4, 32768}}) {
+    const int64_t H = 32, Hkv = 8, D = 128;
+    void* q = bench::random_device(2, B * H * D, 1, 1.f, 11);
+    void* k = bench::random_device(2, B * T * Hkv * D, 1, 1.f, 12);
+    void* v = bench::random_device(2, B * T * Hkv * D, 1, 1.f, 13);
+    void* o = bench::random_device(2, B * H * D, 1, 1.f, 14);
+    float* lse = static_cast<float*>(bench::random_device(4, H * B, 0, 1.f, 15));
+    AttnParams p;
+    p.num_heads = H;
+    p.num_kv_heads = Hkv;
+    p.head_dim = D;
+    p.nq = B;
+    p.nk = B * T;
+    p.scale = 1.0 / std::sqrt(double(D));
+    const auto seqs = batch(B, 1, T);
+    bench::Row r;
+    r.name = "attn_decode bf16 d128 h32/8 b" + std::to_string(B) + " kv" + std::to_string(T);
+    r.ms = ctx.time_ms(
+        [&] { kernels::cuda::attention_forward(p, seqs, DType::bf16, q, k, v, o, lse); }, 3, 20);
+    r.bytes = 2.0 * B * T * Hkv * D * 2;
+    r.note = "K, V read once";
+    ctx.add(r);
+    for (void* ptr : {q, k, v, o, static_cast<void*>(lse)}) bench::free_device(ptr);
+  }
+}

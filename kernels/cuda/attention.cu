@@ -1,0 +1,1604 @@
+// Fused attention on the GPU (FlashAttention-2): the CUDA twin of kernels/cpu/attention.cpp.
+//
+// Paths (chosen per call by the launchers at the bottom):
+//   - fast: bf16/f16, head_dim 64 or 128, 16-byte aligned buffers. Tensor cores through
+//     mma.sync.m16n8k16 (sm_80+), operands fetched from shared memory with ldmatrix, K/V tiles
+//     staged with cp.async. Forward only for now; see fa_fwd_kernel.
+//   - general: any float dtype, any head_dim <= 256. A plain tiled kernel in f32 on CUDA cores,
+//     written to be obviously right (it is also the reference the fast path is tested beside).
+//   - decode: every sequence has at most one query (generation over a KV cache): keys split
+//     across CTAs (flash-decoding), the partial softmax states merged by a second kernel.
+// All accumulate in f32; the logsumexp is saved in f32 ([H, Nq]; +inf for a row that sees no
+// key, whose output is 0). The backward recomputes P from it after a preprocess pass
+// Delta = rowsum(dO * O), computes dK/dV with one CTA per key tile (looping over the query
+// tiles and the query heads of its kv head: grouped-query needs no atomics), and dQ in a
+// separate pass with one CTA per query tile: deterministic, no float atomics.
+#include "kernels/attention.h"
+#include "kernels/cuda/common.cuh"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace ftune::kernels::cuda {
+
+namespace {
+
+// ---- sequences and tiles --------------------------------------------------------------------------
+
+struct SeqDesc {
+  int q_start, len_q, k_start, len_k;
+};
+
+// Which sequence and which first row (or key) a CTA owns. A uniform batch (every batch row one
+// sequence of tq queries and tk keys) needs no table: the batch row is blockIdx.z and the tile
+// index * block the first row. Packed sequences read a (seq, first) table built on the host.
+struct TileMap {
+  const SeqDesc* seqs = nullptr;  // null: uniform batch
+  const int2* tiles = nullptr;    // (seq, first row or key) per tile index
+  int tq = 0, tk = 0;             // uniform: queries and keys per batch row
+  int block = 0;                  // uniform: rows (or keys) per tile
+  bool reverse = false;           // uniform: last (causal: heaviest) tiles first
+};
+
+__device__ __forceinline__ void tile_of(const TileMap& m, int idx, int nidx, int batch_row,
+                                        SeqDesc& s, int& first) {
+  if (m.seqs) {
+    const int2 t = m.tiles[idx];
+    s = m.seqs[t.x];
+    first = t.y;
+  } else {
+    s.q_start = batch_row * m.tq;
+    s.len_q = m.tq;
+    s.k_start = batch_row * m.tk;
+    s.len_k = m.tk;
+    first = (m.reverse ? nidx - 1 - idx : idx) * m.block;
+  }
+}
+
+struct Args {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* o;
+  const void* dout;
+  float* lse;          // forward: written; backward: read
+  const float* delta;  // backward: rowsum(dO * O) [H, Nq]
+  float* dq_accum;     // backward without determinism: f32 [Nq, H, D] summed by atomics
+  void* out;           // forward output
+  void* dq;
+  void* dk;
+  void* dv;
+  int H, Hkv, D, nq;
+  float scale;
+  bool causal;
+  TileMap map;
+};
+
+// Keys the last row of a query tile [r0, r0 + rows) may see: [0, col_end).
+__device__ __forceinline__ int visible_end(const SeqDesc& s, int r0, int rows, bool causal) {
+  if (!causal) return s.len_k;
+  return max(0, min(s.len_k, r0 + rows + s.len_k - s.len_q));
+}
+
+// ---- general path ---------------------------------------------------------------------------------
+// CTA = 8 warps, 32 query rows (4 per warp), key tiles of 32 (one per lane). Q/dO tiles and K/V
+// tiles live in shared memory as f32. The score of row r and key lane is computed by the warp
+// that owns r, so the softmax is a warp reduction; for O += P V each lane owns the head-dim
+// elements d = lane + 32 i (i < NPL) and receives P[r][j] by a shuffle from lane j.
+constexpr int kGenWarps = 8, kGenRowsPerWarp = 4;
+constexpr int kGenBM = kGenWarps * kGenRowsPerWarp;  // 32 rows (or keys) per CTA
+constexpr int kGenBN = 32;                           // keys (or rows) per inner tile = lanes
+constexpr int kGenThreads = kGenWarps * 32;
+
+// Odd row stride (in floats) for tiles read with lane = row: conflict-free banks.
+__host__ __device__ __forceinline__ int odd_stride(int d) { return (d & 1) ? d + 2 : d + 1; }
+
+// Copies rows [0, nrows) of a [*, ld] tile (head offset already applied) into shared f32 with row
+// stride lds; rows >= valid are zero.
+template <class T>
+__device__ __forceinline__ void gen_load(float* sm, int lds, const T* g, int64_t ld, int nrows,
+                                         int valid, int D, float mul) {
+  for (int i = threadIdx.x; i < nrows * D; i += blockDim.x) {
+    const int r = i / D, d = i - r * D;
+    sm[r * lds + d] = r < valid ? to_f(g[int64_t(r) * ld + d]) * mul : 0.f;
+  }
+}
+
+template <class T, int NPL>
+__global__ void __launch_bounds__(kGenThreads) gen_fwd_kernel(Args a) {
+  extern __shared__ float smem[];
+  const int D = a.D, lds = odd_stride(D);
+  float* sq = smem;                // [32][D]   (read as broadcasts)
+  float* sk = sq + kGenBM * D;     // [32][lds] (lane = key)
+  float* sv = sk + kGenBN * lds;   // [32][lds] (lane = d)
+  SeqDesc s;
+  int r0;
+  tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, r0);
+  const int h = blockIdx.y, hk = h / (a.H / a.Hkv);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int rows = min(kGenBM, s.len_q - r0), off = s.len_k - s.len_q;
+  const int64_t ldq = int64_t(a.H) * D, ldk = int64_t(a.Hkv) * D;
+  const T* q = static_cast<const T*>(a.q) + int64_t(s.q_start + r0) * ldq + int64_t(h) * D;
+  const T* k = static_cast<const T*>(a.k) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
+  const T* v = static_cast<const T*>(a.v) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
+  gen_load(sq, D, q, ldq, kGenBM, rows, D, a.scale);
+  const int col_end = visible_end(s, r0, rows, a.causal);
+
+  float m[kGenRowsPerWarp], l[kGenRowsPerWarp], acc[kGenRowsPerWarp][NPL];
+#pragma unroll
+  for (int rr = 0; rr < kGenRowsPerWarp; ++rr) {
+    m[rr] = -INFINITY;
+    l[rr] = 0.f;
+#pragma unroll
+    for (int i = 0; i < NPL; ++i) acc[rr][i] = 0.f;
+  }
+  for (int c0 = 0; c0 < col_end; c0 += kGenBN) {
+    __syncthreads();  // the previous tile's K/V are no longer read
+    const int valid = min(kGenBN, s.len_k - c0);
+    gen_load(sk, lds, k + int64_t(c0) * ldk, ldk, kGenBN, valid, D, 1.f);
+    gen_load(sv, lds, v + int64_t(c0) * ldk, ldk, kGenBN, valid, D, 1.f);
+    __syncthreads();
+    float sc[kGenRowsPerWarp];
+#pragma unroll
+    for (int rr = 0; rr < kGenRowsPerWarp; ++rr) sc[rr] = 0.f;
+    for (int d = 0; d < D; ++d) {
+      const float kv = sk[lane * lds + d];
+#pragma unroll
+      for (int rr = 0; rr < kGenRowsPerWarp; ++rr)
+        sc[rr] += sq[(warp * kGenRowsPerWarp + rr) * D + d] * kv;
+    }
+    const int c = c0 + lane;
+    float pr[kGenRowsPerWarp];
+#pragma unroll
+    for (int rr = 0; rr < kGenRowsPerWarp; ++rr) {
+      const int r = r0 + warp * kGenRowsPerWarp + rr;
+      const bool ok = c < s.len_k && (!a.causal || c <= r + off);
+      const float x = ok ? sc[rr] : -INFINITY;
+      const float mn = fmaxf(m[rr], warp_max(x));
+      const float mu = mn == -INFINITY ? 0.f : mn;  // a row with no key yet: keep p = alpha = 0
+      const float p = expf(x - mu);
+      const float alpha = expf(m[rr] - mu);
+      l[rr] = l[rr] * alpha + warp_sum(p);
+      m[rr] = mn;
+#pragma unroll
+      for (int i = 0; i < NPL; ++i) acc[rr][i] *= alpha;
+      pr[rr] = p;
+    }
+    for (int j = 0; j < kGenBN; ++j) {
+      float pj[kGenRowsPerWarp];
+#pragma unroll
+      for (int rr = 0; rr < kGenRowsPerWarp; ++rr) pj[rr] = __shfl_sync(0xffffffffu, pr[rr], j);
+#pragma unroll
+      for (int i = 0; i < NPL; ++i) {
+        const int d = lane + 32 * i;
+        if (d < D) {
+          const float vv = sv[j * lds + d];
+#pragma unroll
+          for (int rr = 0; rr < kGenRowsPerWarp; ++rr) acc[rr][i] += pj[rr] * vv;
+        }
+      }
+    }
+  }
+  T* out = static_cast<T*>(a.out);
+#pragma unroll
+  for (int rr = 0; rr < kGenRowsPerWarp; ++rr) {
+    const int r = warp * kGenRowsPerWarp + rr;
+    if (r >= rows) continue;
+    const int64_t tok = s.q_start + r0 + r;
+    const float inv = l[rr] > 0.f ? 1.f / l[rr] : 0.f;
+#pragma unroll
+    for (int i = 0; i < NPL; ++i) {
+      const int d = lane + 32 * i;
+      if (d < D) out[tok * ldq + int64_t(h) * D + d] = from_f<T>(acc[rr][i] * inv);
+    }
+    if (lane == 0) a.lse[int64_t(h) * a.nq + tok] = l[rr] > 0.f ? m[rr] + logf(l[rr]) : INFINITY;
+  }
+}
+
+// Delta [H, Nq] = rowsum(dO * O) in f32, one warp per (token, head).
+template <class T>
+__global__ void bwd_delta_kernel(const T* __restrict__ o, const T* __restrict__ dout,
+                                 float* __restrict__ delta, int nq, int H, int D) {
+  const int lane = threadIdx.x & 31;
+  const int64_t nwarps = int64_t(gridDim.x) * (blockDim.x >> 5);
+  for (int64_t w = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5); w < int64_t(nq) * H;
+       w += nwarps) {
+    const int64_t tok = w / H, h = w - tok * H;
+    const T* op = o + w * D;  // [Nq, H, D]: row (tok, h) starts at (tok * H + h) * D = w * D
+    const T* gp = dout + w * D;
+    float acc = 0.f;
+    for (int d = lane; d < D; d += 32) acc += to_f(op[d]) * to_f(gp[d]);
+    acc = warp_sum(acc);
+    if (lane == 0) delta[h * nq + tok] = acc;
+  }
+}
+
+// dQ for one query tile: the forward's structure (warp owns 4 rows, lane = key) recomputing
+// P = exp(scale q.k - lse) and dS = P * (dO.v - Delta); dQ = scale * dS K.
+template <class T, int NPL>
+__global__ void __launch_bounds__(kGenThreads) gen_dq_kernel(Args a) {
+  extern __shared__ float smem[];
+  const int D = a.D, lds = odd_stride(D);
+  float* sq = smem;                // [32][D]
+  float* sdo = sq + kGenBM * D;    // [32][D]
+  float* sk = sdo + kGenBM * D;    // [32][lds]
+  float* sv = sk + kGenBN * lds;   // [32][lds]
+  SeqDesc s;
+  int r0;
+  tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, r0);
+  const int h = blockIdx.y, hk = h / (a.H / a.Hkv);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int rows = min(kGenBM, s.len_q - r0), off = s.len_k - s.len_q;
+  const int64_t ldq = int64_t(a.H) * D, ldk = int64_t(a.Hkv) * D;
+  const int64_t qoff = int64_t(s.q_start + r0) * ldq + int64_t(h) * D;
+  const T* k = static_cast<const T*>(a.k) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
+  const T* v = static_cast<const T*>(a.v) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
+  gen_load(sq, D, static_cast<const T*>(a.q) + qoff, ldq, kGenBM, rows, D, 1.f);
+  gen_load(sdo, D, static_cast<const T*>(a.dout) + qoff, ldq, kGenBM, rows, D, 1.f);
+  const int col_end = visible_end(s, r0, rows, a.causal);
+
+  float lse[kGenRowsPerWarp], dl[kGenRowsPerWarp], acc[kGenRowsPerWarp][NPL];
+#pragma unroll
+  for (int rr = 0; rr < kGenRowsPerWarp; ++rr) {
+    const int r = warp * kGenRowsPerWarp + rr;
+    const int64_t idx = int64_t(h) * a.nq + s.q_start + r0 + r;
+    lse[rr] = r < rows ? a.lse[idx] : INFINITY;
+    dl[rr] = r < rows ? a.delta[idx] : 0.f;
+#pragma unroll
+    for (int i = 0; i < NPL; ++i) acc[rr][i] = 0.f;
+  }
+  for (int c0 = 0; c0 < col_end; c0 += kGenBN) {
+    __syncthreads();
+    const int valid = min(kGenBN, s.len_k - c0);
+    gen_load(sk, lds, k + int64_t(c0) * ldk, ldk, kGenBN, valid, D, 1.f);
+    gen_load(sv, lds, v + int64_t(c0) * ldk, ldk, kGenBN, valid, D, 1.f);
+    __syncthreads();
+    float sc[kGenRowsPerWarp], dp[kGenRowsPerWarp];
+#pragma unroll
+    for (int rr = 0; rr < kGenRowsPerWarp; ++rr) sc[rr] = dp[rr] = 0.f;
+    for (int d = 0; d < D; ++d) {
+      const float kv = sk[lane * lds + d], vv = sv[lane * lds + d];
+#pragma unroll
+      for (int rr = 0; rr < kGenRowsPerWarp; ++rr) {
+        const int r = warp * kGenRowsPerWarp + rr;
+        sc[rr] += sq[r * D + d] * kv;
+        dp[rr] += sdo[r * D + d] * vv;
+      }
+    }
+    const int c = c0 + lane;
+    float ds[kGenRowsPerWarp];
+#pragma unroll
+    for (int rr = 0; rr < kGenRowsPerWarp; ++rr) {
+      const int r = r0 + warp * kGenRowsPerWarp + rr;
+      const bool ok = c < s.len_k && (!a.causal || c <= r + off);
+      const float p = ok ? expf(sc[rr] * a.scale - lse[rr]) : 0.f;  // lse = +inf: p = 0
+      ds[rr] = p * (dp[rr] - dl[rr]);
+    }
+    for (int j = 0; j < kGenBN; ++j) {
+      float dj[kGenRowsPerWarp];
+#pragma unroll
+      for (int rr = 0; rr < kGenRowsPerWarp; ++rr) dj[rr] = __shfl_sync(0xffffffffu, ds[rr], j);
+#pragma unroll
+      for (int i = 0; i < NPL; ++i) {
+        const int d = lane + 32 * i;
+        if (d < D) {
+          const float kv = sk[j * lds + d];
+#pragma unroll
+          for (int rr = 0; rr < kGenRowsPerWarp; ++rr) acc[rr][i] += dj[rr] * kv;
+        }
+      }
+    }
+  }
+  T* dq = static_cast<T*>(a.dq);
+#pragma unroll
+  for (int rr = 0; rr < kGenRowsPerWarp; ++rr) {
+    const int r = warp * kGenRowsPerWarp + rr;
+    if (r >= rows) continue;
+    const int64_t base = int64_t(s.q_start + r0 + r) * ldq + int64_t(h) * D;
+#pragma unroll
+    for (int i = 0; i < NPL; ++i) {
+      const int d = lane + 32 * i;
+      if (d < D) dq[base + d] = from_f<T>(acc[rr][i] * a.scale);
+    }
+  }
+}
+
+// dK, dV for one key tile of 32 keys (warp owns 4 keys, lane = query row of the inner tile),
+// looping over every query head of its kv head and every query tile that sees the keys.
+// dV = P^T dO, dK = scale * dS^T Q; each lane owns d = lane + 32 i and receives P / dS of
+// query row i by a shuffle.
+template <class T, int NPL>
+__global__ void __launch_bounds__(kGenThreads) gen_dkv_kernel(Args a) {
+  extern __shared__ float smem[];
+  const int D = a.D, lds = odd_stride(D);
+  float* sk = smem;                // [32][D] keys (broadcast)
+  float* sv = sk + kGenBM * D;     // [32][D]
+  float* sq = sv + kGenBM * D;     // [32][lds] (lane = row for the dots, lane = d for the sums)
+  float* sdo = sq + kGenBN * lds;  // [32][lds]
+  float* slse = sdo + kGenBN * lds;  // [32]
+  float* sdl = slse + kGenBN;        // [32]
+  SeqDesc s;
+  int c0;
+  tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, c0);
+  const int hk = blockIdx.y, group = a.H / a.Hkv;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int keys = min(kGenBM, s.len_k - c0), off = s.len_k - s.len_q;
+  const int64_t ldq = int64_t(a.H) * D, ldk = int64_t(a.Hkv) * D;
+  const int64_t koff = int64_t(s.k_start + c0) * ldk + int64_t(hk) * D;
+  gen_load(sk, D, static_cast<const T*>(a.k) + koff, ldk, kGenBM, keys, D, 1.f);
+  gen_load(sv, D, static_cast<const T*>(a.v) + koff, ldk, kGenBM, keys, D, 1.f);
+  // Query row r sees key c iff r + off >= c: rows before c0 - off see none of these keys.
+  const int first_row = a.causal ? max(0, c0 - off) : 0;
+
+  float dk[kGenRowsPerWarp][NPL], dv[kGenRowsPerWarp][NPL];
+#pragma unroll
+  for (int kk = 0; kk < kGenRowsPerWarp; ++kk)
+#pragma unroll
+    for (int i = 0; i < NPL; ++i) dk[kk][i] = dv[kk][i] = 0.f;
+
+  for (int h = hk * group; h < (hk + 1) * group; ++h) {
+    for (int r0 = first_row; r0 < s.len_q; r0 += kGenBN) {
+      const int rows = min(kGenBN, s.len_q - r0);
+      const int64_t qoff = int64_t(s.q_start + r0) * ldq + int64_t(h) * D;
+      __syncthreads();  // the previous tile is no longer read
+      gen_load(sq, lds, static_cast<const T*>(a.q) + qoff, ldq, kGenBN, rows, D, 1.f);
+      gen_load(sdo, lds, static_cast<const T*>(a.dout) + qoff, ldq, kGenBN, rows, D, 1.f);
+      if (threadIdx.x < kGenBN) {
+        const int r = threadIdx.x;
+        const int64_t idx = int64_t(h) * a.nq + s.q_start + r0 + r;
+        slse[r] = r < rows ? a.lse[idx] : INFINITY;
+        sdl[r] = r < rows ? a.delta[idx] : 0.f;
+      }
+      __syncthreads();
+      float sc[kGenRowsPerWarp], dp[kGenRowsPerWarp];
+#pragma unroll
+      for (int kk = 0; kk < kGenRowsPerWarp; ++kk) sc[kk] = dp[kk] = 0.f;
+      for (int d = 0; d < D; ++d) {
+        const float qv = sq[lane * lds + d], gv = sdo[lane * lds + d];
+#pragma unroll
+        for (int kk = 0; kk < kGenRowsPerWarp; ++kk) {
+          const int j = warp * kGenRowsPerWarp + kk;
+          sc[kk] += qv * sk[j * D + d];
+          dp[kk] += gv * sv[j * D + d];
+        }
+      }
+      const int r = r0 + lane;
+      const float lse = slse[lane], dl = sdl[lane];
+      float p[kGenRowsPerWarp], ds[kGenRowsPerWarp];
+#pragma unroll
+      for (int kk = 0; kk < kGenRowsPerWarp; ++kk) {
+        const int c = c0 + warp * kGenRowsPerWarp + kk;
+        const bool ok = r < s.len_q && c < s.len_k && (!a.causal || c <= r + off);
+        p[kk] = ok ? expf(sc[kk] * a.scale - lse) : 0.f;
+        ds[kk] = p[kk] * (dp[kk] - dl);
+      }
+      for (int i = 0; i < kGenBN; ++i) {
+        float pi[kGenRowsPerWarp], di[kGenRowsPerWarp];
+#pragma unroll
+        for (int kk = 0; kk < kGenRowsPerWarp; ++kk) {
+          pi[kk] = __shfl_sync(0xffffffffu, p[kk], i);
+          di[kk] = __shfl_sync(0xffffffffu, ds[kk], i);
+        }
+#pragma unroll
+        for (int e = 0; e < NPL; ++e) {
+          const int d = lane + 32 * e;
+          if (d < D) {
+            const float qv = sq[i * lds + d], gv = sdo[i * lds + d];
+#pragma unroll
+            for (int kk = 0; kk < kGenRowsPerWarp; ++kk) {
+              dv[kk][e] += pi[kk] * gv;
+              dk[kk][e] += di[kk] * qv;
+            }
+          }
+        }
+      }
+    }
+  }
+  T* gk = static_cast<T*>(a.dk);
+  T* gvv = static_cast<T*>(a.dv);
+#pragma unroll
+  for (int kk = 0; kk < kGenRowsPerWarp; ++kk) {
+    const int j = warp * kGenRowsPerWarp + kk;
+    if (j >= keys) continue;
+    const int64_t base = int64_t(s.k_start + c0 + j) * ldk + int64_t(hk) * D;
+#pragma unroll
+    for (int e = 0; e < NPL; ++e) {
+      const int d = lane + 32 * e;
+      if (d >= D) continue;
+      if (gk) gk[base + d] = from_f<T>(dk[kk][e] * a.scale);
+      if (gvv) gvv[base + d] = from_f<T>(dv[kk][e]);
+    }
+  }
+}
+
+// ---- decode path ----------------------------------------------------------------------------------
+// One query per sequence. CTA (split, head, entry) of 4 warps reads keys [split * chunk, ...):
+// warp w takes the blocks of 4 keys 4w, 4w + 16, ...; lanes own d = lane + 32 i. The 4 warp states merge in shared
+// memory; with one split that is the answer, else the partial (max, sum, unnormalized output)
+// goes to `part` and decode_combine_kernel merges the splits.
+constexpr int kDecWarps = 4, kDecUnroll = 4;
+
+template <class T, int NPL>
+__global__ void __launch_bounds__(kDecWarps * 32) decode_kernel(Args a, int chunk, float* part) {
+  extern __shared__ float smem[];
+  const int D = a.D;
+  float* s_acc = smem;                    // [4][D]
+  float* s_m = s_acc + kDecWarps * D;     // [4]
+  float* s_l = s_m + kDecWarps;           // [4]
+  SeqDesc s;
+  int unused;
+  tile_of(a.map, blockIdx.z, gridDim.z, blockIdx.z, s, unused);
+  const int split = blockIdx.x, splits = gridDim.x;
+  const int h = blockIdx.y, hk = h / (a.H / a.Hkv);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t ldq = int64_t(a.H) * D, ldk = int64_t(a.Hkv) * D;
+  const int64_t tok = s.q_start;
+  const T* q = static_cast<const T*>(a.q) + tok * ldq + int64_t(h) * D;
+  const T* k = static_cast<const T*>(a.k) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
+  const T* v = static_cast<const T*>(a.v) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
+  float qv[NPL], acc[NPL];
+#pragma unroll
+  for (int i = 0; i < NPL; ++i) {
+    const int d = lane + 32 * i;
+    qv[i] = d < D ? to_f(q[d]) * a.scale : 0.f;
+    acc[i] = 0.f;
+  }
+  // One query sees every key of its sequence, causal or not (bottom-right alignment). Warp w
+  // takes blocks of kDecUnroll consecutive keys, every block's loads issued before any use (more
+  // bytes in flight per warp).
+  const int kb = split * chunk, ke = min(s.len_k, kb + chunk);
+  float m = -INFINITY, l = 0.f;
+  for (int j0 = kb + warp * kDecUnroll; j0 < ke; j0 += kDecWarps * kDecUnroll) {
+    float kv[kDecUnroll][NPL], vv[kDecUnroll][NPL];
+#pragma unroll
+    for (int u = 0; u < kDecUnroll; ++u) {
+      const bool key_in = j0 + u < ke;
+      const T* kr = k + int64_t(j0 + u) * ldk;
+      const T* vr = v + int64_t(j0 + u) * ldk;
+#pragma unroll
+      for (int i = 0; i < NPL; ++i) {
+        const int d = lane + 32 * i;
+        const bool in = key_in && d < D;
+        kv[u][i] = in ? to_f(kr[d]) : 0.f;
+        vv[u][i] = in ? to_f(vr[d]) : 0.f;
+      }
+    }
+    float x[kDecUnroll], mx = -INFINITY;
+#pragma unroll
+    for (int u = 0; u < kDecUnroll; ++u) {
+      float part_dot = 0.f;
+#pragma unroll
+      for (int i = 0; i < NPL; ++i) part_dot += qv[i] * kv[u][i];
+      x[u] = j0 + u < ke ? warp_sum(part_dot) : -INFINITY;
+      mx = fmaxf(mx, x[u]);
+    }
+    const float mn = fmaxf(m, mx);     // finite: key j0 is in range
+    const float alpha = expf(m - mn);  // m = -inf on the first block: 0
+    l *= alpha;
+#pragma unroll
+    for (int i = 0; i < NPL; ++i) acc[i] *= alpha;
+#pragma unroll
+    for (int u = 0; u < kDecUnroll; ++u) {
+      const float p = expf(x[u] - mn);  // a key past the end: exp(-inf) = 0
+      l += p;
+#pragma unroll
+      for (int i = 0; i < NPL; ++i) acc[i] += p * vv[u][i];
+    }
+    m = mn;
+  }
+#pragma unroll
+  for (int i = 0; i < NPL; ++i) {
+    const int d = lane + 32 * i;
+    if (d < D) s_acc[warp * D + d] = acc[i];
+  }
+  if (lane == 0) {
+    s_m[warp] = m;
+    s_l[warp] = l;
+  }
+  __syncthreads();
+  float M = -INFINITY;
+  for (int w = 0; w < kDecWarps; ++w) M = fmaxf(M, s_m[w]);
+  float wt[kDecWarps], L = 0.f;
+  for (int w = 0; w < kDecWarps; ++w) {
+    wt[w] = s_m[w] == -INFINITY ? 0.f : expf(s_m[w] - M);
+    L += s_l[w] * wt[w];
+  }
+  const int64_t entry = blockIdx.z;
+  float* pp = part + ((entry * a.H + h) * splits + split) * int64_t(D + 2);
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float o = 0.f;
+    for (int w = 0; w < kDecWarps; ++w) o += s_acc[w * D + d] * wt[w];
+    if (splits == 1)
+      static_cast<T*>(a.out)[tok * ldq + int64_t(h) * D + d] = from_f<T>(L > 0.f ? o / L : 0.f);
+    else
+      pp[d] = o;
+  }
+  if (threadIdx.x == 0) {
+    if (splits == 1)
+      a.lse[int64_t(h) * a.nq + tok] = L > 0.f ? M + logf(L) : INFINITY;
+    else {
+      pp[D] = M;
+      pp[D + 1] = L;
+    }
+  }
+}
+
+template <class T>
+__global__ void decode_combine_kernel(Args a, int splits, const float* part) {
+  SeqDesc s;
+  int unused;
+  tile_of(a.map, blockIdx.y, gridDim.y, blockIdx.y, s, unused);
+  const int h = blockIdx.x, D = a.D;
+  const int64_t tok = s.q_start, entry = blockIdx.y;
+  const float* pp = part + (entry * a.H + h) * splits * int64_t(D + 2);
+  float M = -INFINITY;
+  for (int i = 0; i < splits; ++i) M = fmaxf(M, pp[i * (D + 2) + D]);
+  float L = 0.f;
+  for (int i = 0; i < splits; ++i) {
+    const float mi = pp[i * (D + 2) + D];
+    if (mi != -INFINITY) L += pp[i * (D + 2) + D + 1] * expf(mi - M);
+  }
+  const float inv = L > 0.f ? 1.f / L : 0.f;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float o = 0.f;
+    for (int i = 0; i < splits; ++i) {
+      const float mi = pp[i * (D + 2) + D];
+      if (mi != -INFINITY) o += pp[i * (D + 2) + d] * expf(mi - M);
+    }
+    static_cast<T*>(a.out)[tok * int64_t(a.H) * D + int64_t(h) * D + d] = from_f<T>(o * inv);
+  }
+  if (threadIdx.x == 0) a.lse[int64_t(h) * a.nq + tok] = L > 0.f ? M + logf(L) : INFINITY;
+}
+
+// ---- fast path: tensor cores ----------------------------------------------------------------------
+//
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: D[16x8] += A[16x16] * B[16x8]. With
+// g = lane / 4 and t = lane % 4, the fragments (PTX ISA, "Matrix fragments for mma.m16n8k16"):
+//   A (4 x .b32, two 16-bit elements each, the lower column in the low half):
+//     a0 = A[g][2t..2t+1]   a1 = A[g+8][2t..2t+1]   a2 = A[g][2t+8..2t+9]   a3 = A[g+8][2t+8..]
+//   B (2 x .b32):  b0 = B[2t..2t+1][g]   b1 = B[2t+8..2t+9][g]    (k index pairs, column g)
+//   C/D (4 x f32): c0, c1 = C[g][2t..2t+1]   c2, c3 = C[g+8][2t..2t+1]
+// ldmatrix.m8n8.x4.b16: lanes 8i..8i+7 give the row addresses of matrix i (8 rows of 16 bytes);
+// register i then holds row g, elements 2t..2t+1 of matrix i; with .trans it holds element
+// [2t][g], [2t+1][g] (the transposed 8x8 matrix's row g).
+// Hence, for a row-major tile X[rows][cols] in shared memory:
+//   A fragment of X[r0..r0+15][k0..k0+15]: ldmatrix.x4 with lane -> &X[r0 + lane % 16][k0 + (lane / 16) * 8]
+//     (matrices: rows 0-7/k 0-7, rows 8-15/k 0-7, rows 0-7/k 8-15, rows 8-15/k 8-15 = a0..a3).
+//   B fragments with B = X^T (X = K[key][dim], S = Q K^T, k = dim), for 16 keys n0..n0+15:
+//     ldmatrix.x4 with lane -> &X[n0 + lane % 8 + (lane / 16) * 8][k0 + ((lane / 8) % 2) * 8]
+//     gives {b0, b1} of keys n0..n0+7 in r0, r1 and of keys n0+8..n0+15 in r2, r3.
+//   B fragments with B = X (X = V[key][dim], O = P V, k = key), for 16 dims n0..n0+15:
+//     ldmatrix.x4.trans with lane -> &X[k0 + lane % 8 + ((lane / 8) % 2) * 8][n0 + (lane / 16) * 8]
+//     gives {b0, b1} of dims n0..n0+7 in r0, r1 and of dims n0+8..n0+15 in r2, r3.
+//   The S accumulators of keys 16kk..16kk+15 (n-blocks 2kk, 2kk+1) are, packed to 16 bits, the A
+//   fragment of P for the PV product: a0 = S[2kk].c0c1, a1 = S[2kk].c2c3, a2 = S[2kk+1].c0c1,
+//   a3 = S[2kk+1].c2c3.
+// Shared tiles have a row stride of D + 8 elements: consecutive rows shift by 16 bytes, so the 8
+// row addresses of one ldmatrix matrix fall in distinct bank groups (no conflicts).
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16-byte global -> shared copy; src_bytes = 0 writes zeros without reading src.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+
+template <class T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as a .b32 of two 16-bit T, lo in the low half (the lower column).
+template <class T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  } else {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+}
+
+constexpr int kFaBM = 64, kFaBN = 64, kFaThreads = 128;  // 4 warps x 16 query rows
+template <int D> constexpr int kFaLds = D + 8;            // shared row stride (elements)
+
+// Rows [0, 64) of a tile into shared memory (row stride D + 8); rows >= valid are zero.
+template <class T, int D>
+__device__ __forceinline__ void fa_load(T* sm, const T* g, int64_t ld, int valid, const T* any) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  for (int i = threadIdx.x; i < 64 * kChunks; i += kFaThreads) {
+    const int r = i / kChunks, c = (i - r * kChunks) * 8;
+    const bool ok = r < valid;
+    cp_async16(sm + r * kFaLds<D> + c, ok ? g + int64_t(r) * ld + c : any, ok ? 16 : 0);
+  }
+}
+
+// Forward, one CTA per (64 MA query rows, head, sequence). Warp w owns the MA row blocks
+// 64 a + 16 w .. +15 (a < MA): each K / V fragment read from shared memory feeds MA products.
+// K tiles of 64 keys; V of tile j loads while S = Q K_j^T is computed, K of tile j+1 while
+// O += P V_j. Q's fragments stay in registers when they fit (kQRegs), else are re-read per tile.
+template <class T, int D, int MA>
+__global__ void __launch_bounds__(kFaThreads) fa_fwd_kernel(Args a) {
+  constexpr int LDS = kFaLds<D>;
+  constexpr int BM = 64 * MA;
+  constexpr bool kQRegs = MA * D <= 128;
+  extern __shared__ __align__(16) unsigned char fa_smem[];
+  T* sQ = reinterpret_cast<T*>(fa_smem);  // [BM][LDS]
+  T* sK = sQ + BM * LDS;                  // [64][LDS]
+  T* sV = sK + kFaBN * LDS;               // [64][LDS]
+  SeqDesc s;
+  int r0;
+  tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, r0);
+  const int h = blockIdx.y, hk = h / (a.H / a.Hkv);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int rows = min(BM, s.len_q - r0), off = s.len_k - s.len_q;
+  const int64_t ldq = int64_t(a.H) * D, ldk = int64_t(a.Hkv) * D;
+  const T* qbase = static_cast<const T*>(a.q);
+  const T* q = qbase + int64_t(s.q_start + r0) * ldq + int64_t(h) * D;
+  const T* k = static_cast<const T*>(a.k) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
+  const T* v = static_cast<const T*>(a.v) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
+  const int col_end = visible_end(s, r0, rows, a.causal);
+  const int ntiles = (col_end + kFaBN - 1) / kFaBN;
+
+#pragma unroll
+  for (int am = 0; am < MA; ++am)
+    fa_load<T, D>(sQ + am * 64 * LDS, q + int64_t(am) * 64 * ldq, ldq, rows - am * 64, qbase);
+  if (ntiles > 0) fa_load<T, D>(sK, k, ldk, min(kFaBN, col_end), qbase);
+  cp_async_commit();
+
+  const float sl2 = a.scale * 1.4426950408889634f;  // scores in log2 units: exp2 in the softmax
+  float o[MA][D / 8][4];
+  float m[MA][2], l[MA][2];  // rows g and g + 8 of each of the warp's row blocks
+#pragma unroll
+  for (int am = 0; am < MA; ++am) {
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[am][i][0] = o[am][i][1] = o[am][i][2] = o[am][i][3] = 0.f;
+    m[am][0] = m[am][1] = -INFINITY;
+    l[am][0] = l[am][1] = 0.f;
+  }
+  uint32_t qf[kQRegs ? MA : 1][kQRegs ? D / 16 : 1][4];
+  // The shared-memory row of the A fragment of row block am, and the row (within the sequence)
+  // of this thread's accumulator rows g (i = 0) and g + 8 (i = 1).
+  auto q_at = [&](int am, int kk) {
+    return sQ + (am * 64 + warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8;
+  };
+  auto row_of = [&](int am, int i) { return r0 + am * 64 + warp * 16 + g + 8 * i; };
+
+  for (int jt = 0; jt < ntiles; ++jt) {
+    const int c0 = jt * kFaBN;
+    cp_async_wait_all();
+    __syncthreads();  // K_j (and Q) landed for every thread; V_{j-1} no longer read
+    if constexpr (kQRegs) {
+      if (jt == 0) {
+#pragma unroll
+        for (int am = 0; am < MA; ++am)
+#pragma unroll
+          for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qf[am][kk], q_at(am, kk));
+      }
+    }
+    fa_load<T, D>(sV, v + int64_t(c0) * ldk, ldk, min(kFaBN, col_end - c0), qbase);
+    cp_async_commit();
+
+    float sc[MA][kFaBN / 8][4];
+#pragma unroll
+    for (int am = 0; am < MA; ++am)
+#pragma unroll
+      for (int i = 0; i < kFaBN / 8; ++i) sc[am][i][0] = sc[am][i][1] = sc[am][i][2] = sc[am][i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t qa[MA][4];
+#pragma unroll
+      for (int am = 0; am < MA; ++am) {
+        if constexpr (kQRegs) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) qa[am][e] = qf[am][kk][e];
+        } else {
+          ldsm_x4(qa[am], q_at(am, kk));
+        }
+      }
+#pragma unroll
+      for (int nb = 0; nb < kFaBN / 16; ++nb) {
+        uint32_t b[4];
+        ldsm_x4(b, sK + (nb * 16 + (lane & 7) + (lane >> 4) * 8) * LDS + kk * 16 +
+                       ((lane >> 3) & 1) * 8);
+#pragma unroll
+        for (int am = 0; am < MA; ++am) {
+          mma16816<T>(sc[am][2 * nb], qa[am], b[0], b[1]);
+          mma16816<T>(sc[am][2 * nb + 1], qa[am], b[2], b[3]);
+        }
+      }
+    }
+    // Mask (ragged end of the keys; causal diagonal) and scale to log2 units.
+    const bool need_mask = c0 + kFaBN > s.len_k || (a.causal && c0 + kFaBN - 1 > r0 + off);
+#pragma unroll
+    for (int am = 0; am < MA; ++am) {
+#pragma unroll
+      for (int nb = 0; nb < kFaBN / 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float x = sc[am][nb][e] * sl2;
+          if (need_mask) {
+            const int col = c0 + nb * 8 + 2 * t + (e & 1);
+            const int row = row_of(am, e >> 1);
+            if (col >= s.len_k || (a.causal && col > row + off)) x = -INFINITY;
+          }
+          sc[am][nb][e] = x;
+        }
+      float mu[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nb = 0; nb < kFaBN / 8; ++nb)
+          mx = fmaxf(mx, fmaxf(sc[am][nb][2 * i], sc[am][nb][2 * i + 1]));
+        // The 4 threads of a quad (same g) hold the row's 64 columns between them.
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float mn = fmaxf(m[am][i], mx);
+        mu[i] = mn == -INFINITY ? 0.f : mn;  // no key seen yet: p = alpha = 0, no NaN
+        const float alpha = exp2f(m[am][i] - mu[i]);
+        m[am][i] = mn;
+        l[am][i] *= alpha;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; ++nd) {
+          o[am][nd][2 * i] *= alpha;
+          o[am][nd][2 * i + 1] *= alpha;
+        }
+      }
+#pragma unroll
+      for (int nb = 0; nb < kFaBN / 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float p = exp2f(sc[am][nb][e] - mu[e >> 1]);
+          sc[am][nb][e] = p;
+          l[am][e >> 1] += p;  // this thread's share of the row sum; the quad sums it at the end
+        }
+    }
+
+    cp_async_wait_all();
+    __syncthreads();  // V_j landed; every warp is done with K_j
+    if (jt + 1 < ntiles)
+      fa_load<T, D>(sK, k + int64_t(c0 + kFaBN) * ldk, ldk, min(kFaBN, col_end - c0 - kFaBN),
+                    qbase);
+    cp_async_commit();
+#pragma unroll
+    for (int kk = 0; kk < kFaBN / 16; ++kk) {
+      uint32_t pa[MA][4];
+#pragma unroll
+      for (int am = 0; am < MA; ++am) {
+        pa[am][0] = pack2<T>(sc[am][2 * kk][0], sc[am][2 * kk][1]);
+        pa[am][1] = pack2<T>(sc[am][2 * kk][2], sc[am][2 * kk][3]);
+        pa[am][2] = pack2<T>(sc[am][2 * kk + 1][0], sc[am][2 * kk + 1][1]);
+        pa[am][3] = pack2<T>(sc[am][2 * kk + 1][2], sc[am][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int nd = 0; nd < D / 16; ++nd) {
+        uint32_t b[4];
+        ldsm_x4_t(b, sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + nd * 16 +
+                         (lane >> 4) * 8);
+#pragma unroll
+        for (int am = 0; am < MA; ++am) {
+          mma16816<T>(o[am][2 * nd], pa[am], b[0], b[1]);
+          mma16816<T>(o[am][2 * nd + 1], pa[am], b[2], b[3]);
+        }
+      }
+    }
+  }
+  cp_async_wait_all();  // no copy may be in flight when the CTA exits
+
+  T* out = static_cast<T*>(a.out);
+#pragma unroll
+  for (int am = 0; am < MA; ++am)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float li = l[am][i];
+      li += __shfl_xor_sync(0xffffffffu, li, 1);
+      li += __shfl_xor_sync(0xffffffffu, li, 2);
+      const int r = am * 64 + warp * 16 + g + 8 * i;
+      if (r >= rows) continue;
+      const int64_t tok = s.q_start + r0 + r;
+      const float inv = li > 0.f ? 1.f / li : 0.f;
+      T* orow = out + tok * ldq + int64_t(h) * D;
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd)
+        *reinterpret_cast<uint32_t*>(orow + nd * 8 + 2 * t) =
+            pack2<T>(o[am][nd][2 * i] * inv, o[am][nd][2 * i + 1] * inv);
+      if (t == 0)
+        a.lse[int64_t(h) * a.nq + tok] =
+            li > 0.f ? m[am][i] * 0.6931471805599453f + logf(li) : INFINITY;
+    }
+}
+
+// ---- fast path backward ---------------------------------------------------------------------------
+// Two kernels, no atomics. Both use the fragment layouts documented above fa_fwd_kernel.
+//
+// fa_bwd_dkdv_kernel: one CTA per (64 keys, kv head, sequence); warp w owns keys 16w..16w+15 and
+// keeps dK, dV [16 x D] in registers. It walks every (query head of the group, 64-row query tile)
+// that sees its keys, with the next Q / dO tile (and its lse, Delta) loading while the current one
+// is used (two buffers). Per tile, with the keys as the M dimension:
+//   S^T = K Q^T          A = K rows (ldmatrix),       B = Q^T  (ldmatrix of Q rows)
+//   P^T = exp(scale S^T - lse[col])  (masked: 0)
+//   dV += P^T dO         A = P^T (the S^T accumulators packed), B = dO (ldmatrix.trans)
+//   dP^T = V dO^T        A = V rows,                  B = dO^T (ldmatrix of dO rows)
+//   dS^T = P^T (dP^T - Delta[col])
+//   dK += dS^T Q         A = dS^T packed,             B = Q (ldmatrix.trans)
+// P and dS are rounded to the input type for the products (as FlashAttention does).
+// kAtomicDq (only when ftune::cuda::deterministic() is off): the CTA also forms dQ's share of its
+// keys, dQ_tile += dS K, through dS staged in shared memory ([64 rows][64 keys], warp w then
+// owns rows 16w..16w+15), and adds it to the f32 dq_accum with atomics; no separate dQ pass.
+constexpr int kBwdBM = 64;  // query rows per inner tile
+constexpr int kDsLds = 64 + 8;  // row stride of the staged dS (elements)
+
+template <class T, int D, bool kAtomicDq>
+__global__ void __launch_bounds__(kFaThreads) fa_bwd_dkdv_kernel(Args a) {
+  constexpr int LDS = kFaLds<D>;
+  constexpr int kTile = 64 * LDS;
+  extern __shared__ __align__(16) unsigned char fa_smem[];
+  T* sK = reinterpret_cast<T*>(fa_smem);  // [64][LDS]
+  T* sV = sK + kTile;                     // [64][LDS]
+  T* sQ = sV + kTile;                     // [2][64][LDS]
+  T* sG = sQ + 2 * kTile;                 // [2][64][LDS] dO
+  float* sL = reinterpret_cast<float*>(sG + 2 * kTile);  // [2][64] lse in log2 units
+  float* sDl = sL + 2 * kBwdBM;                          // [2][64] Delta
+  T* sDs = reinterpret_cast<T*>(sDl + 2 * kBwdBM);       // [64][kDsLds] dS (kAtomicDq only)
+  SeqDesc s;
+  int c0;
+  tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, c0);
+  const int hk = blockIdx.y, group = a.H / a.Hkv;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int keys = min(64, s.len_k - c0), off = s.len_k - s.len_q;
+  const int64_t ldq = int64_t(a.H) * D, ldk = int64_t(a.Hkv) * D;
+  const T* qbase = static_cast<const T*>(a.q);
+  const T* gbase = static_cast<const T*>(a.dout);
+  const int64_t koff = int64_t(s.k_start + c0) * ldk + int64_t(hk) * D;
+  fa_load<T, D>(sK, static_cast<const T*>(a.k) + koff, ldk, keys, qbase);
+  fa_load<T, D>(sV, static_cast<const T*>(a.v) + koff, ldk, keys, qbase);
+
+  // Query row r sees key c iff r + off >= c: rows before c0 - off see none of these keys.
+  const int first_row = a.causal ? max(0, c0 - off) : 0;
+  const int nrt = s.len_q > first_row ? (s.len_q - first_row + kBwdBM - 1) / kBwdBM : 0;
+  const int n_it = group * nrt;
+  const float log2e = 1.4426950408889634f, sl2 = a.scale * log2e;
+
+  // Issues the loads of iteration it into buffer `buf`.
+  auto load_it = [&](int it, int buf) {
+    const int h = hk * group + it / nrt, r0 = first_row + (it % nrt) * kBwdBM;
+    const int rows = min(kBwdBM, s.len_q - r0);
+    const int64_t qoff = int64_t(s.q_start + r0) * ldq + int64_t(h) * D;
+    fa_load<T, D>(sQ + buf * kTile, qbase + qoff, ldq, rows, qbase);
+    fa_load<T, D>(sG + buf * kTile, gbase + qoff, ldq, rows, qbase);
+    for (int r = threadIdx.x; r < kBwdBM; r += kFaThreads) {
+      const int64_t idx = int64_t(h) * a.nq + s.q_start + r0 + r;
+      sL[buf * kBwdBM + r] = r < rows ? a.lse[idx] * log2e : INFINITY;
+      sDl[buf * kBwdBM + r] = r < rows ? a.delta[idx] : 0.f;
+    }
+  };
+  if (n_it > 0) load_it(0, 0);
+  cp_async_commit();
+
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
+  // This thread's two keys (accumulator rows g and g + 8 of the warp), within the sequence.
+  const int key_a = c0 + warp * 16 + g, key_b = key_a + 8;
+
+  for (int it = 0; it < n_it; ++it) {
+    const int buf = it & 1;
+    const int r0 = first_row + (it % nrt) * kBwdBM;
+    cp_async_wait_all();
+    __syncthreads();  // tile `it` landed; buffer buf ^ 1 (tile it - 1) is no longer read
+    if (it + 1 < n_it) load_it(it + 1, buf ^ 1);
+    cp_async_commit();
+    const T* q = sQ + buf * kTile;
+    const T* go = sG + buf * kTile;
+    const float* lse2 = sL + buf * kBwdBM;
+    const float* dl = sDl + buf * kBwdBM;
+
+    float st[kBwdBM / 8][4];  // S^T, then P^T, then dS^T: [16 keys][64 rows] per warp
+#pragma unroll
+    for (int i = 0; i < kBwdBM / 8; ++i) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t ka[4];
+      ldsm_x4(ka, sK + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int nb = 0; nb < kBwdBM / 16; ++nb) {
+        uint32_t b[4];
+        ldsm_x4(b, q + (nb * 16 + (lane & 7) + (lane >> 4) * 8) * LDS + kk * 16 +
+                       ((lane >> 3) & 1) * 8);
+        mma16816<T>(st[2 * nb], ka, b[0], b[1]);
+        mma16816<T>(st[2 * nb + 1], ka, b[2], b[3]);
+      }
+    }
+    const bool need_mask = r0 + kBwdBM > s.len_q || c0 + 64 > s.len_k ||
+                           (a.causal && c0 + 63 > r0 + off);
+#pragma unroll
+    for (int nb = 0; nb < kBwdBM / 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = nb * 8 + 2 * t + (e & 1);  // query row within the tile
+        float p = exp2f(st[nb][e] * sl2 - lse2[col]);
+        if (need_mask) {
+          const int r = r0 + col, c = e < 2 ? key_a : key_b;
+          if (r >= s.len_q || c >= s.len_k || (a.causal && c > r + off)) p = 0.f;
+        }
+        st[nb][e] = p;
+      }
+    // dV += P^T dO
+#pragma unroll
+    for (int kk = 0; kk < kBwdBM / 16; ++kk) {
+      uint32_t pa[4];
+      pa[0] = pack2<T>(st[2 * kk][0], st[2 * kk][1]);
+      pa[1] = pack2<T>(st[2 * kk][2], st[2 * kk][3]);
+      pa[2] = pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+      pa[3] = pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+#pragma unroll
+      for (int nd = 0; nd < D / 16; ++nd) {
+        uint32_t b[4];
+        ldsm_x4_t(b, go + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + nd * 16 +
+                         (lane >> 4) * 8);
+        mma16816<T>(dv[2 * nd], pa, b[0], b[1]);
+        mma16816<T>(dv[2 * nd + 1], pa, b[2], b[3]);
+      }
+    }
+    // dP^T = V dO^T, then dS^T = P^T (dP^T - Delta) in place of P^T
+    {
+      float dpt[kBwdBM / 8][4];
+#pragma unroll
+      for (int i = 0; i < kBwdBM / 8; ++i) dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t va[4];
+        ldsm_x4(va, sV + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+        for (int nb = 0; nb < kBwdBM / 16; ++nb) {
+          uint32_t b[4];
+          ldsm_x4(b, go + (nb * 16 + (lane & 7) + (lane >> 4) * 8) * LDS + kk * 16 +
+                          ((lane >> 3) & 1) * 8);
+          mma16816<T>(dpt[2 * nb], va, b[0], b[1]);
+          mma16816<T>(dpt[2 * nb + 1], va, b[2], b[3]);
+        }
+      }
+#pragma unroll
+      for (int nb = 0; nb < kBwdBM / 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) st[nb][e] *= dpt[nb][e] - dl[nb * 8 + 2 * t + (e & 1)];
+    }
+    if constexpr (kAtomicDq) {
+      // dS[row][key] into shared memory; every warp then multiplies 16 rows of it by K.
+#pragma unroll
+      for (int nb = 0; nb < kBwdBM / 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          sDs[(nb * 8 + 2 * t + (e & 1)) * kDsLds + warp * 16 + g + 8 * (e >> 1)] =
+              from_f<T>(st[nb][e]);
+      __syncthreads();  // the previous tile's readers passed the loop-top barrier already
+      const int h = hk * group + it / nrt;
+      float* dqa = a.dq_accum + (int64_t(s.q_start + r0) * a.H + h) * D;  // rows: stride H * D
+#pragma unroll
+      for (int nd = 0; nd < D / 16; ++nd) {
+        float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+        for (int kk = 0; kk < 64 / 16; ++kk) {
+          uint32_t af[4], b[4];
+          ldsm_x4(af, sDs + (warp * 16 + (lane & 15)) * kDsLds + kk * 16 + (lane >> 4) * 8);
+          ldsm_x4_t(b, sK + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + nd * 16 +
+                           (lane >> 4) * 8);
+          mma16816<T>(acc[0], af, b[0], b[1]);
+          mma16816<T>(acc[1], af, b[2], b[3]);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int r = warp * 16 + g + 8 * i;
+          if (r0 + r >= s.len_q) continue;
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            float* dst = dqa + int64_t(r) * a.H * D + nd * 16 + j * 8 + 2 * t;
+            atomicAdd(dst, acc[j][2 * i]);
+            atomicAdd(dst + 1, acc[j][2 * i + 1]);
+          }
+        }
+      }
+    }
+    // dK += dS^T Q  (scaled at the end)
+#pragma unroll
+    for (int kk = 0; kk < kBwdBM / 16; ++kk) {
+      uint32_t pa[4];
+      pa[0] = pack2<T>(st[2 * kk][0], st[2 * kk][1]);
+      pa[1] = pack2<T>(st[2 * kk][2], st[2 * kk][3]);
+      pa[2] = pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+      pa[3] = pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+#pragma unroll
+      for (int nd = 0; nd < D / 16; ++nd) {
+        uint32_t b[4];
+        ldsm_x4_t(b, q + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + nd * 16 +
+                        (lane >> 4) * 8);
+        mma16816<T>(dk[2 * nd], pa, b[0], b[1]);
+        mma16816<T>(dk[2 * nd + 1], pa, b[2], b[3]);
+      }
+    }
+  }
+  cp_async_wait_all();
+
+  T* gk = static_cast<T*>(a.dk);
+  T* gv = static_cast<T*>(a.dv);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int j = warp * 16 + g + 8 * i;
+    if (j >= keys) continue;
+    const int64_t base = int64_t(s.k_start + c0 + j) * ldk + int64_t(hk) * D;
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd) {
+      if (gk)
+        *reinterpret_cast<uint32_t*>(gk + base + nd * 8 + 2 * t) =
+            pack2<T>(dk[nd][2 * i] * a.scale, dk[nd][2 * i + 1] * a.scale);
+      if (gv)
+        *reinterpret_cast<uint32_t*>(gv + base + nd * 8 + 2 * t) =
+            pack2<T>(dv[nd][2 * i], dv[nd][2 * i + 1]);
+    }
+  }
+}
+
+// dq = scale * dq_accum, in the input type.
+template <class T>
+__global__ void dq_convert_kernel(const float* __restrict__ acc, T* __restrict__ dq, int64_t n,
+                                  float scale) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    dq[i] = from_f<T>(acc[i] * scale);
+}
+
+// fa_bwd_dq_kernel: one CTA per (64 query rows, head, sequence), warp w owns rows 16w..16w+15
+// and keeps dQ [16 x D] in registers; K/V tiles of 64 keys double-buffered. Per tile:
+//   S = Q K^T, dP = dO V^T (A from Q / dO rows, B from K / V rows), P = exp(scale S - lse),
+//   dS = P (dP - Delta), dQ += dS K (A = dS packed, B = K via ldmatrix.trans).
+template <class T, int D>
+__global__ void __launch_bounds__(kFaThreads) fa_bwd_dq_kernel(Args a) {
+  constexpr int LDS = kFaLds<D>;
+  constexpr int kTile = 64 * LDS;
+  extern __shared__ __align__(16) unsigned char fa_smem[];
+  T* sQ = reinterpret_cast<T*>(fa_smem);  // [64][LDS]
+  T* sG = sQ + kTile;                     // [64][LDS] dO
+  T* sK = sG + kTile;                     // [2][64][LDS]
+  T* sV = sK + 2 * kTile;                 // [2][64][LDS]
+  SeqDesc s;
+  int r0;
+  tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, r0);
+  const int h = blockIdx.y, hk = h / (a.H / a.Hkv);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int rows = min(kFaBM, s.len_q - r0), off = s.len_k - s.len_q;
+  const int64_t ldq = int64_t(a.H) * D, ldk = int64_t(a.Hkv) * D;
+  const T* qbase = static_cast<const T*>(a.q);
+  const int64_t qoff = int64_t(s.q_start + r0) * ldq + int64_t(h) * D;
+  const T* k = static_cast<const T*>(a.k) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
+  const T* v = static_cast<const T*>(a.v) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
+  const int col_end = visible_end(s, r0, rows, a.causal);
+  const int ntiles = (col_end + kFaBN - 1) / kFaBN;
+  fa_load<T, D>(sQ, qbase + qoff, ldq, rows, qbase);
+  fa_load<T, D>(sG, static_cast<const T*>(a.dout) + qoff, ldq, rows, qbase);
+  if (ntiles > 0) {
+    fa_load<T, D>(sK, k, ldk, min(kFaBN, col_end), qbase);
+    fa_load<T, D>(sV, v, ldk, min(kFaBN, col_end), qbase);
+  }
+  cp_async_commit();
+
+  const float log2e = 1.4426950408889634f, sl2 = a.scale * log2e;
+  const int row_a = r0 + warp * 16 + g, row_b = row_a + 8;  // within the sequence
+  float lse2[2], dl[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = warp * 16 + g + 8 * i;
+    const int64_t idx = int64_t(h) * a.nq + s.q_start + r0 + r;
+    lse2[i] = r < rows ? a.lse[idx] * log2e : INFINITY;
+    dl[i] = r < rows ? a.delta[idx] : 0.f;
+  }
+  float dq[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+
+  for (int jt = 0; jt < ntiles; ++jt) {
+    const int c0 = jt * kFaBN, buf = jt & 1;
+    cp_async_wait_all();
+    __syncthreads();  // tile jt landed; buffer buf ^ 1 (tile jt - 1) is no longer read
+    if (jt + 1 < ntiles) {
+      const int valid = min(kFaBN, col_end - c0 - kFaBN);
+      fa_load<T, D>(sK + (buf ^ 1) * kTile, k + int64_t(c0 + kFaBN) * ldk, ldk, valid, qbase);
+      fa_load<T, D>(sV + (buf ^ 1) * kTile, v + int64_t(c0 + kFaBN) * ldk, ldk, valid, qbase);
+    }
+    cp_async_commit();
+    const T* kt = sK + buf * kTile;
+    const T* vt = sV + buf * kTile;
+
+    float sc[kFaBN / 8][4], dp[kFaBN / 8][4];
+#pragma unroll
+    for (int i = 0; i < kFaBN / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sc[i][e] = dp[i][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t qa[4], ga[4];
+      ldsm_x4(qa, sQ + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+      ldsm_x4(ga, sG + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int nb = 0; nb < kFaBN / 16; ++nb) {
+        const int at = (nb * 16 + (lane & 7) + (lane >> 4) * 8) * LDS + kk * 16 +
+                       ((lane >> 3) & 1) * 8;
+        uint32_t b[4];
+        ldsm_x4(b, kt + at);
+        mma16816<T>(sc[2 * nb], qa, b[0], b[1]);
+        mma16816<T>(sc[2 * nb + 1], qa, b[2], b[3]);
+        ldsm_x4(b, vt + at);
+        mma16816<T>(dp[2 * nb], ga, b[0], b[1]);
+        mma16816<T>(dp[2 * nb + 1], ga, b[2], b[3]);
+      }
+    }
+    const bool need_mask = c0 + kFaBN > s.len_k || (a.causal && c0 + kFaBN - 1 > r0 + off);
+#pragma unroll
+    for (int nb = 0; nb < kFaBN / 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float p = exp2f(sc[nb][e] * sl2 - lse2[e >> 1]);
+        if (need_mask) {
+          const int col = c0 + nb * 8 + 2 * t + (e & 1);
+          const int row = e < 2 ? row_a : row_b;
+          if (col >= s.len_k || (a.causal && col > row + off)) p = 0.f;
+        }
+        sc[nb][e] = p * (dp[nb][e] - dl[e >> 1]);
+      }
+#pragma unroll
+    for (int kk = 0; kk < kFaBN / 16; ++kk) {
+      uint32_t pa[4];
+      pa[0] = pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
+      pa[1] = pack2<T>(sc[2 * kk][2], sc[2 * kk][3]);
+      pa[2] = pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+      pa[3] = pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+#pragma unroll
+      for (int nd = 0; nd < D / 16; ++nd) {
+        uint32_t b[4];
+        ldsm_x4_t(b, kt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + nd * 16 +
+                         (lane >> 4) * 8);
+        mma16816<T>(dq[2 * nd], pa, b[0], b[1]);
+        mma16816<T>(dq[2 * nd + 1], pa, b[2], b[3]);
+      }
+    }
+  }
+  cp_async_wait_all();
+
+  T* gq = static_cast<T*>(a.dq);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = warp * 16 + g + 8 * i;
+    if (r >= rows) continue;
+    T* row = gq + int64_t(s.q_start + r0 + r) * ldq + int64_t(h) * D;
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd)
+      *reinterpret_cast<uint32_t*>(row + nd * 8 + 2 * t) =
+          pack2<T>(dq[nd][2 * i] * a.scale, dq[nd][2 * i + 1] * a.scale);
+  }
+}
+
+// ---- host side ------------------------------------------------------------------------------------
+
+// 64-row blocks per CTA of the tensor-core forward; 0: the default (1; the benchmark compares 2).
+int g_fwd_row_blocks = 0;
+
+// Keeps the device copies of the sequence table and the tile list alive until the launch is
+// queued (the caching allocator is stream-ordered, so freeing them afterwards is safe).
+struct Tables {
+  Tensor seqs, tiles;
+  TileMap map;
+  unsigned nx = 0, nz = 1;  // grid.x (tiles) and grid.z (batch rows)
+};
+
+bool uniform_batch(const std::vector<AttnSeq>& seqs) {
+  if (seqs.empty()) return false;
+  const int64_t tq = seqs[0].len_q, tk = seqs[0].len_k;
+  for (size_t i = 0; i < seqs.size(); ++i)
+    if (seqs[i].len_q != tq || seqs[i].len_k != tk || seqs[i].q_start != int64_t(i) * tq ||
+        seqs[i].k_start != int64_t(i) * tk)
+      return false;
+  return true;
+}
+
+Tensor upload_i32(const std::vector<int32_t>& v, int dev) {
+  return Tensor::from_vector(v, {int64_t(v.size())}, Device::cuda(dev));
+}
+
+// Tiles of `block` rows (over_keys: keys) of every sequence. Uniform batches launch a
+// (tiles, heads, batch) grid without a table; packed sequences upload (seq, first) pairs,
+// costliest first (causal tiles late in a sequence see more keys).
+Tables make_tiles(const std::vector<AttnSeq>& seqs, int block, bool over_keys, bool causal,
+                  int dev) {
+  Tables t;
+  if (uniform_batch(seqs)) {
+    const int64_t n = over_keys ? seqs[0].len_k : seqs[0].len_q;
+    t.map.tq = int(seqs[0].len_q);
+    t.map.tk = int(seqs[0].len_k);
+    t.map.block = block;
+    t.map.reverse = causal && !over_keys;
+    t.nx = unsigned((n + block - 1) / block);
+    t.nz = unsigned(seqs.size());
+    return t;
+  }
+  std::vector<int32_t> sv;
+  struct Tile {
+    int32_t seq, first;
+    int64_t cost;
+  };
+  std::vector<Tile> tiles;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const AttnSeq& s = seqs[i];
+    sv.insert(sv.end(), {int32_t(s.q_start), int32_t(s.len_q), int32_t(s.k_start),
+                         int32_t(s.len_k)});
+    const int64_t n = over_keys ? s.len_k : s.len_q;
+    for (int64_t f = 0; f < n; f += block) {
+      const int64_t e = std::min(f + block, n);
+      int64_t cost;
+      if (over_keys)  // query rows that see keys [f, e)
+        cost = causal ? s.len_q - std::clamp<int64_t>(f - (s.len_k - s.len_q), 0, s.len_q)
+                      : s.len_q;
+      else
+        cost = causal ? std::clamp<int64_t>(e + s.len_k - s.len_q, 0, s.len_k) : s.len_k;
+      tiles.push_back({int32_t(i), int32_t(f), cost});
+    }
+  }
+  std::stable_sort(tiles.begin(), tiles.end(),
+                   [](const Tile& x, const Tile& y) { return x.cost > y.cost; });
+  std::vector<int32_t> tv;
+  for (const Tile& x : tiles) tv.insert(tv.end(), {x.seq, x.first});
+  t.nx = unsigned(tiles.size());
+  if (t.nx == 0) return t;
+  t.seqs = upload_i32(sv, dev);
+  t.tiles = upload_i32(tv, dev);
+  t.map.seqs = reinterpret_cast<const SeqDesc*>(t.seqs.raw_data());
+  t.map.tiles = reinterpret_cast<const int2*>(t.tiles.raw_data());
+  return t;
+}
+
+void check_params(const char* op, const AttnParams& p, const std::vector<AttnSeq>& seqs) {
+  FTUNE_CHECK(p.head_dim > 0 && p.head_dim <= 256 && p.num_kv_heads > 0 && p.num_heads > 0 &&
+                  p.num_heads % p.num_kv_heads == 0,
+              "[", op, "] the CUDA kernel takes head_dim 1..256 and query heads a multiple of kv ",
+              "heads, got head_dim ", p.head_dim, ", heads ", p.num_heads, "/", p.num_kv_heads);
+  FTUNE_CHECK(p.nq * p.num_heads * p.head_dim < (int64_t(1) << 40) && p.nq < INT32_MAX &&
+                  p.nk < INT32_MAX && p.num_heads < 65536,
+              "[", op, "] too many tokens or heads: nq ", p.nq, ", nk ", p.nk);
+  for (const AttnSeq& s : seqs)
+    FTUNE_CHECK(s.len_q >= 0 && s.len_k >= 0 && s.q_start >= 0 && s.k_start >= 0 &&
+                    s.q_start + s.len_q <= p.nq && s.k_start + s.len_k <= p.nk,
+                "[", op, "] sequence outside the tokens: q ", s.q_start, "+", s.len_q, " of ",
+                p.nq, ", k ", s.k_start, "+", s.len_k, " of ", p.nk);
+}
+
+Args make_args(const AttnParams& p) {
+  Args a{};
+  a.H = int(p.num_heads);
+  a.Hkv = int(p.num_kv_heads);
+  a.D = int(p.head_dim);
+  a.nq = int(p.nq);
+  a.scale = float(p.scale);
+  a.causal = p.causal;
+  return a;
+}
+
+// Per-lane head-dim elements of the general kernels: D <= 32 * NPL.
+template <class F>
+void dispatch_npl(int D, F&& f) {
+  if (D <= 32) f(std::integral_constant<int, 1>{});
+  else if (D <= 64) f(std::integral_constant<int, 2>{});
+  else if (D <= 128) f(std::integral_constant<int, 4>{});
+  else f(std::integral_constant<int, 8>{});
+}
+
+template <class K>
+void set_smem(K kernel, size_t bytes) {
+  if (bytes > 48 * 1024)
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    int(bytes)));
+}
+
+bool fast_ok(DType dt, int D, std::initializer_list<const void*> ptrs) {
+  if (dt == DType::f32 || (D != 64 && D != 128)) return false;
+  for (const void* p : ptrs)
+    if (p && !aligned16(p)) return false;
+  return true;
+}
+
+void decode_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType dt, Args a,
+                    int dev) {
+  // Entries: the sequences with a query. Uniform batches (one query per row) need no table.
+  Tables t;
+  int64_t max_k = 0;
+  if (uniform_batch(seqs)) {
+    t.nz = unsigned(seqs.size());
+    t.map.tq = 1;
+    t.map.tk = int(seqs[0].len_k);
+    t.map.block = 1;
+    max_k = seqs[0].len_k;
+  } else {
+    std::vector<int32_t> sv, tv;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      const AttnSeq& s = seqs[i];
+      sv.insert(sv.end(), {int32_t(s.q_start), int32_t(s.len_q), int32_t(s.k_start),
+                           int32_t(s.len_k)});
+      if (s.len_q == 1) {
+        tv.insert(tv.end(), {int32_t(i), 0});
+        max_k = std::max(max_k, s.len_k);
+      }
+    }
+    t.nz = unsigned(tv.size() / 2);
+    if (t.nz == 0) return;
+    t.seqs = upload_i32(sv, dev);
+    t.tiles = upload_i32(tv, dev);
+    t.map.seqs = reinterpret_cast<const SeqDesc*>(t.seqs.raw_data());
+    t.map.tiles = reinterpret_cast<const int2*>(t.tiles.raw_data());
+  }
+  a.map = t.map;
+  FTUNE_CHECK(t.nz <= 65535, "[attention] decode over ", t.nz, " sequences (at most 65535)");
+  // Enough CTAs for 8 per SM (each only 4 warps, and a decode step is memory-bound: bytes in
+  // flight matter), each split at least 256 keys.
+  const int64_t ctas = int64_t(t.nz) * p.num_heads;
+  const int64_t want = 8 * int64_t(ftune::cuda::device_sm_count(dev));
+  int64_t splits = std::clamp<int64_t>((want + ctas - 1) / ctas, 1, std::max<int64_t>(1, (max_k + 255) / 256));
+  const int chunk = int(std::max<int64_t>(1, (max_k + splits - 1) / splits));
+  splits = std::max<int64_t>(1, (max_k + chunk - 1) / chunk);
+  Tensor part;
+  if (splits > 1)
+    part = Tensor::empty({ctas * splits * (p.head_dim + 2)}, DType::f32, Device::cuda(dev));
+  float* pp = splits > 1 ? part.data<float>() : nullptr;
+  const int D = a.D;
+  const size_t smem = (size_t(kDecWarps) * D + 2 * kDecWarps) * sizeof(float);
+  ::ftune::kernels::cuda::dispatch_float(dt, "attention", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dispatch_npl(D, [&](auto npl) {
+      constexpr int NPL = decltype(npl)::value;
+      decode_kernel<T, NPL><<<dim3(unsigned(splits), unsigned(p.num_heads), t.nz),
+                              kDecWarps * 32, smem, stream()>>>(a, chunk, pp);
+      FTUNE_LAUNCH_CHECK("attention decode");
+    });
+    if (splits > 1) {
+      decode_combine_kernel<T><<<dim3(unsigned(p.num_heads), t.nz), 128, 0, stream()>>>(
+          a, int(splits), pp);
+      FTUNE_LAUNCH_CHECK("attention decode combine");
+    }
+  });
+}
+
+template <class T, int D>
+void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const Args& a, int dev) {
+  constexpr size_t kTileBytes = size_t(64) * kFaLds<D> * sizeof(T);
+  // Without determinism dQ comes from the dK/dV kernel through f32 atomics (FlashAttention-2's
+  // way: no second pass recomputing S and dP).
+  const bool atomic_dq = a.dq && !ftune::cuda::deterministic();
+  Tensor accum;
+  if (atomic_dq) {
+    const int64_t n = p.nq * p.num_heads * p.head_dim;
+    accum = Tensor::empty({std::max<int64_t>(n, 1)}, DType::f32, Device::cuda(dev));
+    CUDA_CHECK(cudaMemsetAsync(accum.raw_data(), 0, size_t(n) * sizeof(float), stream()));
+  }
+  if (a.dk || a.dv || atomic_dq) {
+    Tables t = make_tiles(seqs, 64, true, p.causal, dev);
+    if (t.nx > 0) {
+      FTUNE_CHECK(t.nz <= 65535, "[attention_backward] batch of ", t.nz, " rows");
+      Args b = a;
+      b.map = t.map;
+      if (atomic_dq) {
+        b.dq_accum = accum.data<float>();
+        const size_t smem =
+            6 * kTileBytes + 4 * kBwdBM * sizeof(float) + size_t(kBwdBM) * kDsLds * sizeof(T);
+        set_smem(fa_bwd_dkdv_kernel<T, D, true>, smem);
+        fa_bwd_dkdv_kernel<T, D, true><<<dim3(t.nx, unsigned(p.num_kv_heads), t.nz),
+                                         kFaThreads, smem, stream()>>>(b);
+      } else {
+        const size_t smem = 6 * kTileBytes + 4 * kBwdBM * sizeof(float);
+        set_smem(fa_bwd_dkdv_kernel<T, D, false>, smem);
+        fa_bwd_dkdv_kernel<T, D, false><<<dim3(t.nx, unsigned(p.num_kv_heads), t.nz),
+                                          kFaThreads, smem, stream()>>>(b);
+      }
+      FTUNE_LAUNCH_CHECK("attention_backward dk/dv (tensor cores)");
+    }
+  }
+  if (atomic_dq) {
+    const int64_t n = p.nq * p.num_heads * p.head_dim;
+    dq_convert_kernel<T><<<grid_1d(n, 256), 256, 0, stream()>>>(accum.data<float>(),
+                                                               static_cast<T*>(a.dq), n, a.scale);
+    FTUNE_LAUNCH_CHECK("attention_backward dq convert");
+    return;
+  }
+  if (a.dq) {
+    Tables t = make_tiles(seqs, kFaBM, false, p.causal, dev);
+    if (t.nx > 0) {
+      FTUNE_CHECK(t.nz <= 65535, "[attention_backward] batch of ", t.nz, " rows");
+      Args b = a;
+      b.map = t.map;
+      const size_t smem = 6 * kTileBytes;
+      set_smem(fa_bwd_dq_kernel<T, D>, smem);
+      fa_bwd_dq_kernel<T, D><<<dim3(t.nx, unsigned(p.num_heads), t.nz), kFaThreads, smem,
+                               stream()>>>(b);
+      FTUNE_LAUNCH_CHECK("attention_backward dq (tensor cores)");
+    }
+  }
+}
+
+}  // namespace
+
+void set_attention_fwd_row_blocks(int n) {
+  FTUNE_CHECK(n >= 0 && n <= 2, "[attention] forward row blocks must be 0 (default), 1 or 2, got ",
+              n);
+  g_fwd_row_blocks = n;
+}
+
+void attention_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType dt,
+                       const void* q, const void* k, const void* v, void* out, float* lse) {
+  check_params("attention", p, seqs);
+  if (p.nq == 0) return;
+  const int dev = ftune::cuda::current_device();
+  Args a = make_args(p);
+  a.q = q;
+  a.k = k;
+  a.v = v;
+  a.out = out;
+  a.lse = lse;
+  const int D = a.D;
+
+  bool decode = !seqs.empty();
+  for (const AttnSeq& s : seqs) decode = decode && s.len_q <= 1;
+  if (decode) {
+    // Rows of sequences without a query do not exist; but a sequence may have len_q = 0 and a
+    // token may belong to no query (cu_seqlens cover every token, so none is left unwritten).
+    decode_forward(p, seqs, dt, a, dev);
+    return;
+  }
+
+  if (fast_ok(dt, D, {q, k, v, out})) {
+    const int ma = g_fwd_row_blocks > 0 ? g_fwd_row_blocks : 1;
+    Tables t = make_tiles(seqs, 64 * ma, false, p.causal, dev);
+    if (t.nx == 0) return;
+    FTUNE_CHECK(t.nz <= 65535, "[attention] batch of ", t.nz, " rows (at most 65535)");
+    a.map = t.map;
+    ::ftune::kernels::cuda::dispatch_float(dt, "attention", [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      if constexpr (!std::is_same_v<T, float>) {
+        auto launch = [&](auto kernel, int d, int blocks) {
+          const size_t smem = size_t(64 * blocks + 2 * kFaBN) * (d + 8) * sizeof(T);
+          set_smem(kernel, smem);
+          kernel<<<dim3(t.nx, unsigned(p.num_heads), t.nz), kFaThreads, smem, stream()>>>(a);
+          FTUNE_LAUNCH_CHECK("attention forward (tensor cores)");
+        };
+        if (D == 64) {
+          if (ma == 2) launch(fa_fwd_kernel<T, 64, 2>, 64, 2);
+          else launch(fa_fwd_kernel<T, 64, 1>, 64, 1);
+        } else {
+          if (ma == 2) launch(fa_fwd_kernel<T, 128, 2>, 128, 2);
+          else launch(fa_fwd_kernel<T, 128, 1>, 128, 1);
+        }
+      }
+    });
+    return;
+  }
+
+  Tables t = make_tiles(seqs, kGenBM, false, p.causal, dev);
+  if (t.nx == 0) return;
+  FTUNE_CHECK(t.nz <= 65535, "[attention] batch of ", t.nz, " rows (at most 65535)");
+  a.map = t.map;
+  const size_t smem = (size_t(kGenBM) * D + 2 * size_t(kGenBN) * odd_stride(D)) * sizeof(float);
+  ::ftune::kernels::cuda::dispatch_float(dt, "attention", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dispatch_npl(D, [&](auto npl) {
+      constexpr int NPL = decltype(npl)::value;
+      set_smem(gen_fwd_kernel<T, NPL>, smem);
+      gen_fwd_kernel<T, NPL><<<dim3(t.nx, unsigned(p.num_heads), t.nz), kGenThreads, smem,
+                               stream()>>>(a);
+      FTUNE_LAUNCH_CHECK("attention forward");
+    });
+  });
+}
+
+void attention_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType dt,
+                        const void* q, const void* k, const void* v, const void* out,
+                        const float* lse, const void* dout, void* dq, void* dk, void* dv) {
+  check_params("attention_backward", p, seqs);
+  if (!dq && !dk && !dv) return;
+  const int dev = ftune::cuda::current_device();
+  Args a = make_args(p);
+  a.q = q;
+  a.k = k;
+  a.v = v;
+  a.o = out;
+  a.dout = dout;
+  a.lse = const_cast<float*>(lse);
+  a.dq = dq;
+  a.dk = dk;
+  a.dv = dv;
+  const int D = a.D;
+  const int64_t H = p.num_heads;
+
+  // cu_seqlens cover every token, so the dq tiles (over queries) and the dk/dv tiles (over
+  // keys) of all sequences together write every element.
+  const bool fast = fast_ok(dt, D, {q, k, v, out, dout, dq, dk, dv});
+  Tensor delta = Tensor::empty({std::max<int64_t>(1, H * p.nq)}, DType::f32, Device::cuda(dev));
+  a.delta = delta.data<float>();
+  ::ftune::kernels::cuda::dispatch_float(dt, "attention_backward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if (p.nq > 0) {
+      const int64_t warps = p.nq * H;
+      bwd_delta_kernel<T><<<grid_1d(warps * 32, 256), 256, 0, stream()>>>(
+          static_cast<const T*>(out), static_cast<const T*>(dout), delta.data<float>(), int(p.nq), int(H),
+          D);
+      FTUNE_LAUNCH_CHECK("attention_backward delta");
+    }
+    if constexpr (!std::is_same_v<T, float>) {
+      if (fast) {
+        if (D == 64) fast_backward<T, 64>(p, seqs, a, dev);
+        else fast_backward<T, 128>(p, seqs, a, dev);
+        return;
+      }
+    }
+    dispatch_npl(D, [&](auto npl) {
+      constexpr int NPL = decltype(npl)::value;
+      if (dk || dv) {
+        Tables t = make_tiles(seqs, kGenBM, true, p.causal, dev);
+        if (t.nx > 0) {
+          FTUNE_CHECK(t.nz <= 65535, "[attention_backward] batch of ", t.nz, " rows");
+          Args b = a;
+          b.map = t.map;
+          const size_t smem =
+              (2 * size_t(kGenBM) * D + 2 * size_t(kGenBN) * odd_stride(D) + 2 * kGenBN) *
+              sizeof(float);
+          set_smem(gen_dkv_kernel<T, NPL>, smem);
+          gen_dkv_kernel<T, NPL><<<dim3(t.nx, unsigned(p.num_kv_heads), t.nz), kGenThreads,
+                                   smem, stream()>>>(b);
+          FTUNE_LAUNCH_CHECK("attention_backward dk/dv");
+        }
+      }
+      if (dq) {
+        Tables t = make_tiles(seqs, kGenBM, false, p.causal, dev);
+        if (t.nx > 0) {
+          FTUNE_CHECK(t.nz <= 65535, "[attention_backward] batch of ", t.nz, " rows");
+          Args b = a;
+          b.map = t.map;
+          const size_t smem =
+              (2 * size_t(kGenBM) * D + 2 * size_t(kGenBN) * odd_stride(D)) * sizeof(float);
+          set_smem(gen_dq_kernel<T, NPL>, smem);
+          gen_dq_kernel<T, NPL><<<dim3(t.nx, unsigned(p.num_heads), t.nz), kGenThreads, smem,
+                                  stream()>>>(b);
+          FTUNE_LAUNCH_CHECK("attention_backward dq");
+        }
+      }
+    });
+  });
+}
+
+}  // namespace ftune::kernels::cuda

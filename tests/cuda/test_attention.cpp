@@ -1,0 +1,432 @@
+// Fused attention on the GPU (kernels/cuda/attention.cu) against the CPU kernel in f64 on the
+// same (dtype-rounded) inputs: the output, the logsumexp and all three gradients, for f32, bf16
+// and f16; head_dim 64 and 128 (the tensor-core path for bf16/f16) and 80 (the general path);
+// causal and not; grouped-query (8 query heads over 2 kv heads); ragged packed sequences
+// (lengths 1, 17, 128, 300 and a KV-cache-like layout with len_k != len_q, an empty sequence and
+// rows that see no key); the decode path (one query per sequence) against the CPU and against the
+// last row of the full forward. Plus the op (core/ops) in bf16 through autograd.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "core/cuda_runtime.h"
+#include "core/ops.h"
+#include "kernels/attention.h"
+#include "tests/cuda/cuda_test_util.h"
+
+namespace ftune::test {
+namespace {
+
+using kernels::cpu::AttnParams;
+using kernels::cpu::AttnSeq;
+
+struct Case {
+  // Uniform batch (b > 0): b rows of tq queries and tk keys. Else packed: cu_q / cu_k.
+  int64_t b = 0, tq = 0, tk = 0;
+  std::vector<int> cu_q, cu_k;
+  int64_t h = 8, hkv = 2, d = 64;
+  bool causal = true;
+  double scale = 0.0;  // 0: 1/sqrt(d)
+
+  std::string name(DType dt) const {
+    std::string s = b > 0 ? "b" + std::to_string(b) + "_tq" + std::to_string(tq) + "_tk" +
+                                std::to_string(tk)
+                          : "varlen" + std::to_string(cu_q.size() - 1);
+    return s + "_h" + std::to_string(h) + "_kv" + std::to_string(hkv) + "_d" + std::to_string(d) +
+           (causal ? "_causal_" : "_full_") + dtype_name(dt);
+  }
+  std::vector<AttnSeq> seqs() const {
+    std::vector<AttnSeq> v;
+    if (b > 0)
+      for (int64_t i = 0; i < b; ++i) v.push_back({i * tq, tq, i * tk, tk});
+    else
+      for (size_t i = 0; i + 1 < cu_q.size(); ++i)
+        v.push_back({cu_q[i], cu_q[i + 1] - cu_q[i], cu_k[i], cu_k[i + 1] - cu_k[i]});
+    return v;
+  }
+  int64_t nq() const { return b > 0 ? b * tq : cu_q.back(); }
+  int64_t nk() const { return b > 0 ? b * tk : cu_k.back(); }
+  AttnParams params() const {
+    AttnParams p;
+    p.num_heads = h;
+    p.num_kv_heads = hkv;
+    p.head_dim = d;
+    p.nq = nq();
+    p.nk = nk();
+    p.scale = scale != 0.0 ? scale : 1.0 / std::sqrt(double(d));
+    p.causal = causal;
+    return p;
+  }
+};
+
+struct Inputs {
+  Tensor q, k, v, dout;  // host f32, rounded to the dtype under test
+};
+
+Inputs make_inputs(const Case& c, DType dt, uint64_t seed) {
+  Generator g(seed);
+  Inputs in;
+  in.q = rand_host({c.nq(), c.h, c.d}, g, dt);
+  in.k = rand_host({c.nk(), c.hkv, c.d}, g, dt);
+  in.v = rand_host({c.nk(), c.hkv, c.d}, g, dt);
+  in.dout = rand_host({c.nq(), c.h, c.d}, g, dt);
+  return in;
+}
+
+struct Result {
+  Tensor out, lse, dq, dk, dv;  // host
+};
+
+// The CPU kernel in f64. Small tiles, so its own ragged-tile logic is exercised too.
+Result run_cpu(const Case& c, const Inputs& in) {
+  AttnParams p = c.params();
+  p.block_q = 16;
+  p.block_k = 32;
+  auto seqs = c.seqs();
+  Tensor q = in.q.to(DType::f64), k = in.k.to(DType::f64), v = in.v.to(DType::f64);
+  Tensor g = in.dout.to(DType::f64);
+  Result r;
+  r.out = Tensor::empty(q.shape(), DType::f64);
+  r.lse = Tensor::empty({c.h, c.nq()}, DType::f64);
+  r.dq = Tensor::empty(q.shape(), DType::f64);
+  r.dk = Tensor::empty(k.shape(), DType::f64);
+  r.dv = Tensor::empty(v.shape(), DType::f64);
+  kernels::cpu::attention_forward<double>(p, seqs, q.data<double>(), k.data<double>(),
+                                          v.data<double>(), r.out.data<double>(),
+                                          r.lse.data<double>());
+  kernels::cpu::attention_backward<double>(
+      p, seqs, q.data<double>(), k.data<double>(), v.data<double>(), r.out.data<double>(),
+      r.lse.data<double>(), g.data<double>(), r.dq.data<double>(), r.dk.data<double>(),
+      r.dv.data<double>());
+  return r;
+}
+
+// The CUDA kernels on device copies in dt; outputs start poisoned (NaN bytes).
+Result run_gpu(const Case& c, const Inputs& in, DType dt, bool grads = true) {
+  AttnParams p = c.params();
+  auto seqs = c.seqs();
+  const Device dev = Device::cuda(0);
+  Tensor q = to_gpu(in.q, dt), k = to_gpu(in.k, dt), v = to_gpu(in.v, dt);
+  Tensor out = Tensor::empty(q.shape(), dt, dev);
+  Tensor lse = Tensor::empty({c.h, c.nq()}, DType::f32, dev);
+  kernels::cuda::attention_forward(p, seqs, dt, q.raw_data(), k.raw_data(), v.raw_data(),
+                                   out.raw_data(), lse.data<float>());
+  Result r;
+  r.out = to_host(out);
+  r.lse = to_host(lse);
+  if (!grads) return r;
+  Tensor g = to_gpu(in.dout, dt);
+  Tensor dq = Tensor::empty(q.shape(), dt, dev), dk = Tensor::empty(k.shape(), dt, dev),
+         dv = Tensor::empty(v.shape(), dt, dev);
+  kernels::cuda::attention_backward(p, seqs, dt, q.raw_data(), k.raw_data(), v.raw_data(),
+                                    out.raw_data(), lse.data<float>(), g.raw_data(),
+                                    dq.raw_data(), dk.raw_data(), dv.raw_data());
+  r.dq = to_host(dq);
+  r.dk = to_host(dk);
+  r.dv = to_host(dv);
+  return r;
+}
+
+double rms(const Tensor& t) {
+  auto v = t.to_vector<double>();
+  double s = 0;
+  size_t n = 0;
+  for (double x : v)
+    if (std::isfinite(x)) {
+      s += x * x;
+      ++n;
+    }
+  return n ? std::sqrt(s / double(n)) : 1.0;
+}
+
+// Elementwise: |got - ref| <= atol_rel * rms(ref) + rtol * |ref|; and the relative L2 error.
+// f32 runs in f32 against f64; bf16/f16 are rounded on output (and P is rounded to the input
+// type before the P V product on the tensor-core path, as in FlashAttention).
+void expect_close(const Tensor& got, const Tensor& ref, DType dt, const std::string& what) {
+  double atol_rel, rtol, l2;
+  switch (dt) {
+    case DType::bf16: atol_rel = 3e-2, rtol = 2e-2, l2 = 1e-2; break;
+    case DType::f16: atol_rel = 5e-3, rtol = 5e-3, l2 = 2.5e-3; break;
+    default: atol_rel = 1e-4, rtol = 1e-4, l2 = 2e-5; break;
+  }
+  const Tensor r = ref.to(DType::f64);
+  EXPECT_TRUE(all_close(got, r, atol_rel * rms(r), rtol)) << what;
+  EXPECT_LT(rel_l2(got, r), l2) << what;
+}
+
+void check_case(const Case& c, DType dt, uint64_t seed = 1) {
+  SCOPED_TRACE(c.name(dt));
+  Inputs in = make_inputs(c, dt, seed);
+  Result ref = run_cpu(c, in);
+  Result got = run_gpu(c, in, dt);
+  expect_close(got.out, ref.out, dt, "out");
+  // The logsumexp is f32 for every dtype, from the same rounded inputs: tight. +inf rows match.
+  EXPECT_TRUE(all_close(got.lse, ref.lse, 1e-4, 1e-5)) << "lse";
+  expect_close(got.dq, ref.dq, dt, "dq");
+  expect_close(got.dk, ref.dk, dt, "dk");
+  expect_close(got.dv, ref.dv, dt, "dv");
+}
+
+const DType kDtypes[] = {DType::f32, DType::bf16, DType::f16};
+
+TEST(CudaAttention, UniformBatchAllPaths) {
+  FTUNE_REQUIRE_GPU();
+  // T = 300 is no multiple of the 64 (tensor-core) or 32 (general) tiles.
+  for (int64_t d : {64, 128, 80})
+    for (bool causal : {true, false})
+      for (DType dt : kDtypes) {
+        Case c;
+        c.b = 2;
+        c.tq = c.tk = 300;
+        c.d = d;
+        c.causal = causal;
+        check_case(c, dt);
+      }
+}
+
+TEST(CudaAttention, PackedRaggedSequences) {
+  FTUNE_REQUIRE_GPU();
+  for (int64_t d : {64, 128, 80})
+    for (bool causal : {true, false})
+      for (DType dt : kDtypes) {
+        Case c;
+        c.cu_q = c.cu_k = {0, 1, 18, 146, 446};  // lengths 1, 17, 128, 300
+        c.d = d;
+        c.causal = causal;
+        check_case(c, dt, 2);
+      }
+}
+
+TEST(CudaAttention, PackedKvCacheLayout) {
+  FTUNE_REQUIRE_GPU();
+  // Per sequence (len_q, len_k): (5, 70) queries behind a cache, (0, 9) keys without queries,
+  // (40, 30) more queries than keys (causal: the first 10 rows see no key: lse +inf, out 0),
+  // (130, 130), (1, 1), (66, 200).
+  for (int64_t d : {64, 128, 80})
+    for (bool causal : {true, false})
+      for (DType dt : kDtypes) {
+        Case c;
+        c.cu_q = {0, 5, 5, 45, 175, 176, 242};
+        c.cu_k = {0, 70, 79, 109, 239, 240, 440};
+        c.d = d;
+        c.causal = causal;
+        check_case(c, dt, 3);
+      }
+}
+
+TEST(CudaAttention, HeadDimsAndGroupsOfTheGeneralPath) {
+  FTUNE_REQUIRE_GPU();
+  // Odd and tiny head dims, 256 (the largest), multi-query, a scale that peaks the softmax.
+  struct Shape {
+    int64_t d, h, hkv;
+    double scale;
+  };
+  for (Shape s : {Shape{5, 4, 1, 0.0}, Shape{33, 3, 3, 0.0}, Shape{256, 4, 2, 0.0},
+                  Shape{96, 6, 2, 0.0}, Shape{64, 4, 1, 3.0}})
+    for (DType dt : {DType::f32, DType::bf16}) {
+      Case c;
+      c.b = 3;
+      c.tq = 45;
+      c.tk = 77;
+      c.d = s.d;
+      c.h = s.h;
+      c.hkv = s.hkv;
+      c.scale = s.scale;
+      c.causal = true;
+      check_case(c, dt, 4);
+    }
+}
+
+TEST(CudaAttention, LargeTensorCoreCase) {
+  FTUNE_REQUIRE_GPU();
+  for (int64_t d : {64, 128}) {
+    Case c;
+    c.b = 1;
+    c.tq = c.tk = 1500;
+    c.h = 4;
+    c.hkv = 1;
+    c.d = d;
+    c.causal = true;
+    check_case(c, DType::bf16, 5);
+  }
+}
+
+// Deterministic off: the tensor-core backward forms dQ with f32 atomics inside the dK/dV kernel.
+TEST(CudaAttention, AtomicDqWhenNotDeterministic) {
+  FTUNE_REQUIRE_GPU();
+  struct Restore {
+    bool was = cuda::deterministic();
+    ~Restore() { cuda::set_deterministic(was); }
+  } restore;
+  cuda::set_deterministic(false);
+  for (int64_t d : {64, 128})
+    for (bool causal : {true, false})
+      for (DType dt : {DType::bf16, DType::f16}) {
+        Case c;
+        c.cu_q = {0, 5, 5, 45, 175, 176, 242};
+        c.cu_k = {0, 70, 79, 109, 239, 240, 440};
+        c.d = d;
+        c.causal = causal;
+        check_case(c, dt, 10);
+        Case u;
+        u.b = 2;
+        u.tq = u.tk = 300;
+        u.d = d;
+        u.causal = causal;
+        check_case(u, dt, 11);
+      }
+}
+
+// The default (deterministic) backward gives the same bits on every run.
+TEST(CudaAttention, DeterministicBackwardIsBitwiseRepeatable) {
+  FTUNE_REQUIRE_GPU();
+  ASSERT_TRUE(cuda::deterministic());
+  for (DType dt : {DType::bf16, DType::f32}) {
+    Case c;
+    c.cu_q = c.cu_k = {0, 1, 18, 146, 446};
+    c.d = 128;
+    Inputs in = make_inputs(c, dt, 12);
+    Result a = run_gpu(c, in, dt), b = run_gpu(c, in, dt);
+    EXPECT_EQ(a.dq.to_vector<float>(), b.dq.to_vector<float>()) << dtype_name(dt);
+    EXPECT_EQ(a.dk.to_vector<float>(), b.dk.to_vector<float>()) << dtype_name(dt);
+    EXPECT_EQ(a.dv.to_vector<float>(), b.dv.to_vector<float>()) << dtype_name(dt);
+  }
+}
+
+// The tensor-core forward with 128-row CTAs (two 64-row blocks per warp group; a benchmark
+// option) gives the same answers.
+TEST(CudaAttention, ForwardWith128RowBlocks) {
+  FTUNE_REQUIRE_GPU();
+  struct Restore {
+    ~Restore() { kernels::cuda::set_attention_fwd_row_blocks(0); }
+  } restore;
+  kernels::cuda::set_attention_fwd_row_blocks(2);
+  for (int64_t d : {64, 128})
+    for (bool causal : {true, false})
+      for (DType dt : {DType::bf16, DType::f16}) {
+        Case c;
+        c.cu_q = {0, 5, 5, 45, 175, 176, 242};
+        c.cu_k = {0, 70, 79, 109, 239, 240, 440};
+        c.d = d;
+        c.causal = causal;
+        check_case(c, dt, 13);
+        Case u;
+        u.b = 2;
+        u.tq = u.tk = 300;
+        u.d = d;
+        u.causal = causal;
+        check_case(u, dt, 14);
+      }
+}
+
+TEST(CudaAttention, SomeGradientsOnly) {
+  FTUNE_REQUIRE_GPU();
+  Case c;
+  c.cu_q = c.cu_k = {0, 17, 145};
+  c.d = 64;
+  const DType dt = DType::bf16;
+  Inputs in = make_inputs(c, dt, 6);
+  Result ref = run_cpu(c, in);
+  Result full = run_gpu(c, in, dt);
+  AttnParams p = c.params();
+  auto seqs = c.seqs();
+  const Device dev = Device::cuda(0);
+  Tensor q = to_gpu(in.q, dt), k = to_gpu(in.k, dt), v = to_gpu(in.v, dt), g = to_gpu(in.dout, dt);
+  Tensor out = to_gpu(full.out, dt), lse = full.lse.to(Device::cuda(0));
+  Tensor dq = Tensor::empty(q.shape(), dt, dev), dv = Tensor::empty(v.shape(), dt, dev);
+  kernels::cuda::attention_backward(p, seqs, dt, q.raw_data(), k.raw_data(), v.raw_data(),
+                                    out.raw_data(), lse.data<float>(), g.raw_data(), dq.raw_data(),
+                                    nullptr, nullptr);
+  expect_close(to_host(dq), ref.dq, dt, "dq alone");
+  kernels::cuda::attention_backward(p, seqs, dt, q.raw_data(), k.raw_data(), v.raw_data(),
+                                    out.raw_data(), lse.data<float>(), g.raw_data(), nullptr,
+                                    nullptr, dv.raw_data());
+  expect_close(to_host(dv), ref.dv, dt, "dv alone");
+}
+
+TEST(CudaAttention, DecodeMatchesCpuAndFullForwardLastRow) {
+  FTUNE_REQUIRE_GPU();
+  for (int64_t d : {64, 128, 80})
+    for (DType dt : kDtypes)
+      for (int64_t tk : {37, 3000}) {  // 3000 keys: split across CTAs, merged by the combiner
+        // Full causal forward over tk tokens; the decode step is its last query alone.
+        Case full;
+        full.b = 2;
+        full.tq = full.tk = tk;
+        full.d = d;
+        Inputs in = make_inputs(full, dt, 7);
+        Result f = run_gpu(full, in, dt, false);
+
+        Case dec = full;
+        dec.tq = 1;
+        Inputs din = in;
+        Tensor qv = in.q.reshape({2, tk, full.h, d});
+        din.q = qv.slice(1, tk - 1, tk).contiguous().reshape({2, full.h, d});
+        Result r = run_gpu(dec, din, dt, false);
+        Result ref = run_cpu(dec, din);
+        SCOPED_TRACE(dec.name(dt));
+        expect_close(r.out, ref.out, dt, "decode out vs CPU");
+        EXPECT_TRUE(all_close(r.lse, ref.lse, 1e-4, 1e-5)) << "decode lse vs CPU";
+        Tensor last = f.out.reshape({2, tk, full.h, d}).slice(1, tk - 1, tk).contiguous();
+        expect_close(r.out.reshape({2, 1, full.h, d}), last, dt, "decode vs full forward");
+      }
+}
+
+TEST(CudaAttention, DecodeOverCacheLayout) {
+  FTUNE_REQUIRE_GPU();
+  // As models/transformer.cpp lays out a decode step over a left-padded cache of 64 slots for
+  // 3 rows: per row (padding: 0 queries), (real tokens: 1 query), (unfilled tail: 0 queries).
+  Case c;
+  c.cu_q = {0, 0, 1, 1, 1, 2, 2, 2, 3, 3};
+  c.cu_k = {0, 4, 30, 64, 64, 90, 128, 140, 150, 192};
+  c.d = 128;
+  for (DType dt : kDtypes) {
+    SCOPED_TRACE(c.name(dt));
+    Inputs in = make_inputs(c, dt, 8);
+    Result ref = run_cpu(c, in);
+    Result got = run_gpu(c, in, dt, false);
+    expect_close(got.out, ref.out, dt, "out");
+    EXPECT_TRUE(all_close(got.lse, ref.lse, 1e-4, 1e-5)) << "lse";
+  }
+}
+
+// Through core/ops and autograd in bf16 on the GPU against the f32 op on the CPU.
+TEST(CudaAttention, OpBf16Autograd) {
+  FTUNE_REQUIRE_GPU();
+  Generator gen(9);
+  const int64_t B = 2, T = 130, H = 8, Hkv = 2, D = 128;
+  for (bool packed : {false, true}) {
+    SCOPED_TRACE(packed ? "packed" : "batched");
+    Tensor q = rand_host({B, T, H, D}, gen, DType::bf16);
+    Tensor k = rand_host({B, T, Hkv, D}, gen, DType::bf16);
+    Tensor v = rand_host({B, T, Hkv, D}, gen, DType::bf16);
+    Tensor w = rand_host({B, T, H, D}, gen, DType::bf16);
+    ops::AttentionOptions o;
+    if (packed) {
+      o.cu_seqlens_q = o.cu_seqlens_k = Tensor::from_vector(std::vector<int32_t>{0, 100, 260}, {3});
+      q = q.reshape({B * T, H, D});
+      k = k.reshape({B * T, Hkv, D});
+      v = v.reshape({B * T, Hkv, D});
+      w = w.reshape({B * T, H, D});
+    }
+    Tensor qc = q.detach(), kc = k.detach(), vc = v.detach();
+    for (Tensor* t : {&qc, &kc, &vc}) t->set_requires_grad(true);
+    Tensor ref = ops::attention(qc, kc, vc, o);
+    ref.backward(w);
+    Tensor qg = to_gpu(q, DType::bf16), kg = to_gpu(k, DType::bf16), vg = to_gpu(v, DType::bf16);
+    for (Tensor* t : {&qg, &kg, &vg}) t->set_requires_grad(true);
+    Tensor out = ops::attention(qg, kg, vg, o);
+    ASSERT_TRUE(out.device().is_cuda());
+    ASSERT_EQ(out.dtype(), DType::bf16);
+    out.backward(to_gpu(w, DType::bf16));
+    expect_close(to_host(out), ref, DType::bf16, "out");
+    expect_close(to_host(qg.grad()), qc.grad(), DType::bf16, "dq");
+    expect_close(to_host(kg.grad()), kc.grad(), DType::bf16, "dk");
+    expect_close(to_host(vg.grad()), vc.grad(), DType::bf16, "dv");
+  }
+}
+
+}  // namespace
+}  // namespace ftune::test
