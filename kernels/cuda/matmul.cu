@@ -226,6 +226,19 @@ void gemm(const GemmArgs& g) {
   FTUNE_CHECK(g.c != nullptr, "[gemm] C is null");
   const int dev = ftune::cuda::current_device();
   cudaStream_t s = stream();
+  if (g.k > 0 && g.bias && g.c_dtype != DType::f32) {
+    // A 16-bit C with a bias: cuBLASLt's bias epilogue loses bits there (on an H200, bf16 outputs
+    // came out on a 2^-7 grid, as if rounded at the accumulator's magnitude). C = beta C + bias
+    // first (one rounding), then the GEMM adds alpha A B onto it with beta = 1.
+    GemmArgs pre = g;
+    pre.k = 0;
+    gemm(pre);
+    GemmArgs rest = g;
+    rest.bias = nullptr;
+    rest.beta = 1.0f;
+    gemm(rest);
+    return;
+  }
   if (g.k == 0) {
     cuda::dispatch_float(g.c_dtype, "gemm", [&](auto tag) {
       using T = typename decltype(tag)::type;

