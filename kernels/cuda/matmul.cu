@@ -212,6 +212,22 @@ __global__ void scale_bias_kernel(T* __restrict__ c, const T* __restrict__ bias,
   }
 }
 
+// C = alpha-scaled product (f32, contiguous [batch, rows, n]) + beta * C + bias[j], rounded once.
+template <class T>
+__global__ void combine_kernel(T* __restrict__ c, const float* __restrict__ prod,
+                               const T* __restrict__ bias, int64_t rows, int64_t n, int64_t ldc,
+                               int64_t batch, int64_t stride_c, float beta) {
+  const int64_t total = batch * rows * n;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t j = i % n, row = (i / n) % rows, bt = i / (n * rows);
+    T* p = c + bt * stride_c + row * ldc + j;
+    float v = prod[i] + (beta == 0.f ? 0.f : beta * to_f(*p));
+    if (bias) v += to_f(bias[j]);
+    *p = from_f<T>(v);
+  }
+}
+
 }  // namespace
 
 void gemm(const GemmArgs& g) {
@@ -227,16 +243,36 @@ void gemm(const GemmArgs& g) {
   const int dev = ftune::cuda::current_device();
   cudaStream_t s = stream();
   if (g.k > 0 && g.bias && g.c_dtype != DType::f32) {
-    // A 16-bit C with a bias: cuBLASLt's bias epilogue loses bits there (on an H200, bf16 outputs
-    // came out on a 2^-7 grid, as if rounded at the accumulator's magnitude). C = beta C + bias
-    // first (one rounding), then the GEMM adds alpha A B onto it with beta = 1.
-    GemmArgs pre = g;
-    pre.k = 0;
-    gemm(pre);
-    GemmArgs rest = g;
-    rest.bias = nullptr;
-    rest.beta = 1.0f;
-    gemm(rest);
+    // A 16-bit C with a bias: cuBLASLt's bias epilogue rounds before the bias is added (seen on an
+    // H200: errors of an ulp at the scale of alpha A B where bias cancels it). beta == 0 (linear):
+    // C = bias first, then the GEMM adds alpha A B onto it with beta = 1 in one f32 epilogue.
+    // beta != 0: the product in f32, then one kernel adds beta C + bias and rounds once.
+    if (g.beta == 0.f) {
+      GemmArgs pre = g;
+      pre.k = 0;
+      gemm(pre);
+      GemmArgs rest = g;
+      rest.bias = nullptr;
+      rest.beta = 1.0f;
+      gemm(rest);
+    } else {
+      Tensor prod = Tensor::empty({g.batch, g.m, g.n}, DType::f32, Device::cuda(dev));
+      GemmArgs pg = g;
+      pg.bias = nullptr;
+      pg.beta = 0.f;
+      pg.c_dtype = DType::f32;
+      pg.c = prod.raw_data();
+      pg.ldc = g.n;
+      pg.stride_c = g.m * g.n;
+      gemm(pg);
+      cuda::dispatch_float(g.c_dtype, "gemm", [&](auto tag) {
+        using T = typename decltype(tag)::type;
+        combine_kernel<T><<<grid_1d(g.batch * g.m * g.n, 256), 256, 0, s>>>(
+            static_cast<T*>(g.c), static_cast<const float*>(prod.raw_data()), static_cast<const T*>(g.bias), g.m, g.n, g.ldc,
+            g.batch, g.stride_c, g.beta);
+      });
+      FTUNE_LAUNCH_CHECK("gemm");
+    }
     return;
   }
   if (g.k == 0) {
