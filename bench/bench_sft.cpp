@@ -152,21 +152,30 @@ int main(int argc, char** argv) {
     Generator gen(5);
     Tensor ids = randint({batch, seq}, gen, 0, mc.vocab_size, DType::i32).to(dev);
     Tensor labels = randint({batch * seq}, gen, 0, mc.vocab_size, DType::i64).to(dev);
-    std::vector<double> ms;
+    std::vector<double> ms, phase_fwd, phase_bwd, phase_opt;
     for (int64_t s = 0; s < warmup + steps; ++s) {
       auto t0 = std::chrono::steady_clock::now();
       // The trainer's loss: a summed cross-entropy read back (NaN guard), scaled by 1/targets.
       Tensor logits = model->forward(ids);
       Tensor ce = ops::cross_entropy(logits.view({batch * seq, mc.vocab_size}), labels, -100,
                                      ops::Reduction::sum);
-      if (!std::isfinite(ce.item())) throw std::runtime_error("non-finite loss");
+      if (!std::isfinite(ce.item())) throw std::runtime_error("non-finite loss");  // syncs
+      auto t1 = std::chrono::steady_clock::now();
       ops::mul_scalar(ce, 1.0 / double(batch * seq)).backward();
+      if (dev.is_cuda()) cuda_synchronize(dev.index);
+      auto t2 = std::chrono::steady_clock::now();
       optim::clip_grad_norm(params, 1.0);
       opt.step();
       opt.zero_grad();
-      double t =
-          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-      if (s >= warmup) ms.push_back(t);
+      if (dev.is_cuda()) cuda_synchronize(dev.index);
+      auto t3 = std::chrono::steady_clock::now();
+      auto msd = [](auto a, auto b) { return std::chrono::duration<double, std::milli>(b - a).count(); };
+      if (s >= warmup) {
+        ms.push_back(msd(t0, t3));
+        phase_fwd.push_back(msd(t0, t1));
+        phase_bwd.push_back(msd(t1, t2));
+        phase_opt.push_back(msd(t2, t3));
+      }
     }
     // Read the high-water mark before export_state() below copies the whole AdamW state.
     const double peak_rss = peak_rss_mib();
@@ -185,7 +194,14 @@ int main(int argc, char** argv) {
     const double tps = double(batch * seq) / (median / 1e3);
     nlohmann::json gpu = nullptr;
     if (dev.is_cuda()) gpu = double(cuda_allocator_stats(0).peak_bytes) / (1 << 20);
+    auto med = [](std::vector<double> v) {
+      std::sort(v.begin(), v.end());
+      return v.empty() ? 0.0 : v[v.size() / 2];
+    };
     nlohmann::json out = {{"model", model_dir.empty() ? "random" : model_dir},
+                          {"ms_forward_loss", med(phase_fwd)},
+                          {"ms_backward", med(phase_bwd)},
+                          {"ms_clip_adamw", med(phase_opt)},
                           {"device", device},
                           {"dtype", dtype},
                           {"activation_checkpointing", ckpt != 0},
