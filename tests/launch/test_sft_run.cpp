@@ -338,6 +338,25 @@ TEST_F(SftRun, GpuRunMatchesTheCpuRun) {
   ASSERT_EQ(bf.train_loss.size(), cpu.train_loss.size());
   for (size_t i = 0; i < cpu.train_loss.size(); ++i)
     EXPECT_NEAR(bf.train_loss[i], cpu.train_loss[i], 5e-2 * std::abs(cpu.train_loss[i])) << i;
+  // Resume on the GPU: the f32 run's copy without its last checkpoint (step 8) resumes from step 4
+  // and repeats steps 5-8 (the GPU kernels are deterministic: same losses, up to rounding).
+  {
+    std::string name = std::string("gpu_") + std::to_string(std::hash<std::string>{}("device=cuda") % 1000);
+    fs::path dir = root_ / (name + "_resumed");
+    fs::remove_all(dir);
+    fs::copy(root_ / name, dir, fs::copy_options::recursive);
+    for (auto& [st, path] : list_checkpoints(dir.string()))
+      if (st == 8) fs::remove(path);
+    ASSERT_EQ(run_ftune("run " + quote(recipe.string()) + common +
+                            " device=cuda resume=true output_dir=" + quote(dir.string()),
+                        root_ / "gpu_resumed.log"),
+              0)
+        << slurp(root_ / "gpu_resumed.log");
+    Metrics r = read_metrics(dir / "metrics.jsonl");
+    ASSERT_EQ(r.train_loss.size(), gpu.train_loss.size());
+    for (size_t i = 0; i < r.train_loss.size(); ++i)
+      EXPECT_NEAR(r.train_loss[i], gpu.train_loss[i], 1e-6 * std::abs(gpu.train_loss[i])) << i;
+  }
   // And the GPU's memory is in the metrics (the random tiny model barely learns in 8 steps: the
   // quickstart run of scripts/gpu_check.sh shows bf16 training on the GPU lowering the loss).
   std::ifstream in(root_ / ("gpu_" + std::to_string(std::hash<std::string>{}("device=cuda dtype=bf16") % 1000)) /
