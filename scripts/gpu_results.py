@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Formats a scripts/gpu_check.sh run's files into bench/results/gpu_<device>.md.
+
+  python3 scripts/gpu_results.py DIR [--out bench/results/gpu_h200.md]
+
+DIR holds the run's $OUT files (test_cuda.log, test_trainer.log, quickstart_gpu.log, bench_gpu.md,
+torch_ref.log, e2e.jsonl). Ratios are ours over the reference in throughput (> 1: ftune faster).
+"""
+import argparse
+import json
+import os
+import re
+
+
+def read(d, name):
+    p = os.path.join(d, name)
+    return open(p).read() if os.path.exists(p) else ""
+
+
+def bench_rows(md):
+    rows = {}
+    for line in md.splitlines():
+        if not line.startswith("| ") or line.startswith("| kernel") or line.startswith("|---"):
+            continue
+        c = [x.strip() for x in line.strip("|").split("|")]
+        if len(c) >= 9:
+            rows[c[0]] = c
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dir")
+    ap.add_argument("--out", default="bench/results/gpu_h200.md")
+    ap.add_argument("--date", default="")
+    a = ap.parse_args()
+    d = a.dir
+    tc, tt, qs = read(d, "test_cuda.log"), read(d, "test_trainer.log"), read(d, "quickstart_gpu.log")
+    bmd, tref = read(d, "bench_gpu.md"), read(d, "torch_ref.log")
+    head = tc.splitlines()[:3]
+    rows = bench_rows(bmd)
+    copy_bw = re.search(r"copy bandwidth (\d+) GB/s", bmd)
+    o = []
+    o.append("# GPU results: %s" % (re.search(r"device: ([^;]+)", bmd).group(1) if "device:" in bmd else "GPU"))
+    o.append("")
+    o.append("Made by `scripts/gpu_check.sh run` on a lent machine (the device tool), formatted by")
+    o.append("`scripts/gpu_results.py`. " + (a.date + ". " if a.date else "") + "Run header:")
+    o.append("")
+    o.append("```")
+    o.extend(head)
+    o.append("```")
+    o.append("")
+    passed = len(re.findall(r"^\[       OK \]", tc, re.M))
+    failed = sorted(set(re.findall(r"^\[  FAILED  \] (\S+) \(", tc, re.M)))
+    o.append("## Correctness")
+    o.append("")
+    o.append("- `test_cuda` (every CUDA kernel against its CPU twin): %d passed, %d failed%s." %
+             (passed, len(failed), (": " + ", ".join(failed)) if failed else ""))
+    tok = len(re.findall(r"^\[       OK \]", tt, re.M))
+    tfail = re.findall(r"^\[  FAILED  \] (\S+) \(", tt, re.M)
+    o.append("- GPU trainer test `SftRun.GpuRunMatchesTheCpuRun`: %s." % ("passed" if tok and not tfail else "FAILED"))
+    m = re.findall(r"eval loss: .*", qs)
+    last = [l for l in qs.splitlines() if l.startswith("epoch")]
+    if m:
+        o.append("- `ftune run recipes/quickstart_lora.yaml device=cuda dtype=bf16`: %s; last step: `%s`." %
+                 (m[-1], last[-1] if last else ""))
+    o.append("")
+    # End to end.
+    e2e = []
+    for line in read(d, "e2e.jsonl").splitlines():
+        try:
+            e2e.append(json.loads(line))
+        except Exception:
+            pass
+    if e2e:
+        o.append("## End to end: one SFT step, 0.5B Llama-style model, seq 2048, bf16")
+        o.append("")
+        o.append("Qwen2.5-0.5B's shapes (d 896, 24 layers, 14 heads of 64, 2 kv heads, ffn 4864, vocab")
+        o.append("151936 tied; 494M parameters), batch 4 x 2048 tokens, random tokens; median of 4 steps after")
+        o.append("2 warm-up. ftune: `bench_sft --device cuda --dtype bf16` (AdamW with f32 masters). Peer:")
+        o.append("`bench/sft/peft_step.py` (transformers 5 `LlamaForCausalLM`, eager with SDPA, bf16 weights, torch")
+        o.append("AdamW on them; LoRA through peft, `all-linear`, r 16). MFU: 6 x params x tokens/s (+ attention)")
+        o.append("over 989 TFLOP/s dense bf16.")
+        o.append("")
+        o.append("| mode | act. ckpt | ftune tokens/s | peer tokens/s | speed-up | ftune MFU | peer MFU | ftune peak GPU GiB | peer peak GPU GiB | ftune fwd / bwd / optim ms |")
+        o.append("|---|---|---|---|---|---|---|---|---|---|")
+        ours = {(j["mode"], bool(j.get("activation_checkpointing"))): j for j in e2e if "impl" not in j}
+        peer = {(j["mode"], bool(j.get("activation_checkpointing"))): j for j in e2e if "impl" in j}
+        for k, j in ours.items():
+            p = peer.get(k)
+            o.append("| %s | %s | %.0f | %s | %s | %.1f%% | %s | %.1f | %s | %.1f / %.1f / %.1f |" % (
+                k[0], "on" if k[1] else "off", j["tokens_per_s"], "%.0f" % p["tokens_per_s"] if p else "",
+                "%.2fx" % (j["tokens_per_s"] / p["tokens_per_s"]) if p else "",
+                100 * (j.get("mfu_vs_989tflops") or 0), "%.1f%%" % (100 * (p.get("mfu_vs_989tflops") or 0)) if p else "",
+                (j.get("peak_gpu_mib") or 0) / 1024, "%.1f" % ((p.get("peak_gpu_mib") or 0) / 1024) if p else "",
+                j.get("ms_forward_loss", 0), j.get("ms_backward", 0), j.get("ms_clip_adamw", 0)))
+        o.append("")
+    # Attention.
+    tt_rows = {}
+    for line in tref.splitlines():
+        mm = re.match(r"\| (d\d+ h\d+ b\d+ n\d+(?: causal)?) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|", line)
+        if mm:
+            tt_rows[mm.group(1)] = [int(x) for x in mm.groups()[1:]]
+    if tt_rows:
+        o.append("## Fused attention (TFLOP/s, bf16, 16k tokens per batch)")
+        o.append("")
+        o.append("FlashAttention's FLOP convention (4 B H N^2 D forward, halved when causal; backward 2.5x")
+        o.append("forward). ftune: `bench_gpu` (`bench/gpu/attention.cu`, the default variant; fwd also with")
+        o.append("128-row blocks); torch 2.11 SDPA: `bench/gpu/torch_attention.py`.")
+        o.append("")
+        o.append("| shape | ftune fwd | ftune fwd+bwd | torch flash fwd | flash fwd+bwd | cuDNN fwd | cuDNN fwd+bwd | fwd+bwd vs flash |")
+        o.append("|---|---|---|---|---|---|---|---|")
+        for shape, t in tt_rows.items():
+            parts = shape.split()
+            name_f = "attn_fwd bf16 " + shape
+            name_fb = "attn_fwd+bwd bf16 " + shape
+            f = rows.get(name_f)
+            fb = rows.get(name_fb)
+            f128 = rows.get(name_f.replace(" causal", "") + (" causal" if "causal" in shape else "") + " bm128") or rows.get(name_f + " bm128")
+            ftf = f[4] if f else ""
+            if f128:
+                ftf += " (%s)" % f128[4]
+            fbv = fb[4] if fb else ""
+            ratio = "%.2fx" % (float(fbv) / t[1]) if fbv else ""
+            o.append("| %s | %s | %s | %d | %d | %d | %d | %s |" % (shape, ftf, fbv, t[0], t[1], t[2], t[3], ratio))
+        o.append("")
+    # LoRA.
+    tl = dict(re.findall(r"\| (lora_linear [^|]+?|base GEMM [^|]+?) \| ([\d.]+) \|", tref))
+    lr = [r for n, r in rows.items() if n.startswith("lora_linear")]
+    if lr:
+        o.append("## LoRA linear (bf16, 8192 tokens, 4096 -> 4096, r 16)")
+        o.append("")
+        o.append("| case | ftune ms | unfused in-binary ms | PyTorch composition ms (autograd) | speed-up vs PyTorch |")
+        o.append("|---|---|---|---|---|")
+        for r in lr:
+            tkey = r[0] if r[0] in tl else r[0].replace("lora_linear fwd ", "lora_linear fwd (no_grad) ")
+            tkey = tkey if tkey in tl else None
+            tv = float(tl[tkey]) if tkey else None
+            o.append("| %s | %s | %s | %s | %s |" % (r[0], r[1], r[6], "%.4f" % tv if tv else "",
+                                                    "%.2fx" % (tv / float(r[1])) if tv else ""))
+        o.append("")
+    # GEMM.
+    g = [r for n, r in rows.items() if n.startswith("gemm")]
+    if g:
+        o.append("## GEMM (cuBLASLt, bf16 in, f32 accumulate)")
+        o.append("")
+        o.append("| shape | ftune ms | TFLOP/s | cuBLAS best ms | ratio | note |")
+        o.append("|---|---|---|---|---|---|")
+        for r in g:
+            o.append("| %s | %s | %s | %s | %s | %s |" % (r[0], r[1], r[4], r[6], r[7], r[8]))
+        o.append("")
+    # Memory-bound kernels.
+    mb = [r for n, r in rows.items() if not n.startswith(("gemm", "attn_fwd", "lora_linear"))]
+    if mb:
+        o.append("## Memory-bound kernels (GB/s against the measured copy bandwidth%s)" %
+                 (", %s GB/s" % copy_bw.group(1) if copy_bw else ""))
+        o.append("")
+        o.append("Bytes are those that must move (each input read once, each output written once). Target:")
+        o.append(">= 80% at large sizes, cross-entropy >= 70%.")
+        o.append("")
+        o.append("| kernel | ms | GB/s | % of copy | note |")
+        o.append("|---|---|---|---|---|")
+        for r in mb:
+            o.append("| %s | %s | %s | %s | %s |" % (r[0], r[1], r[2], r[3], r[8]))
+        o.append("")
+    open(a.out, "w").write("\n".join(o) + "\n")
+    print("wrote", a.out)
+
+
+if __name__ == "__main__":
+    main()
