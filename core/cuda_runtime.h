@@ -55,7 +55,8 @@ class Event {
   EventHandle h_ = nullptr;
 };
 
-// The stream kernels of this thread launch on (nullptr: the per-thread default stream).
+// The stream kernels of this thread launch on (nullptr: the legacy default stream, which
+// synchronizes with blocking streams but not with cuda::Stream's non-blocking ones).
 StreamHandle current_stream();
 void set_current_stream(StreamHandle s);
 void stream_synchronize(StreamHandle s);

@@ -160,6 +160,8 @@ void cpu_copy(const Tensor& dst, const Tensor& src) {
             for (int64_t i = 0; i < n; ++i) {
               if constexpr (std::is_same_v<D, bool>)
                 dp[i * st[0]] = float(sp[i * st[1]]) != 0.0f;
+              else if constexpr (std::is_integral_v<D> && std::is_integral_v<S>)
+                dp[i * st[0]] = D(sp[i * st[1]]);  // exact (an i64 above 2^53 too)
               else if constexpr (std::is_same_v<D, double> || std::is_same_v<S, double> ||
                                  std::is_integral_v<D> || std::is_integral_v<S>)
                 dp[i * st[0]] = D(double(sp[i * st[1]]));
@@ -201,6 +203,10 @@ void Tensor::copy_(const Tensor& src) {
   Tensor s = src;
   if (src.device().is_cuda()) {
     Tensor sc = src.is_contiguous() ? src.detach() : src.detach().contiguous();  // on its GPU
+    if (device().is_cpu() && is_contiguous() && dtype() == src.dtype()) {  // straight in
+      cuda_memcpy_d2h(raw_data(), sc.raw_data(), size_t(numel()) * dtype_size(dtype()), src.device().index);
+      return;
+    }
     Tensor h = Tensor::empty(src.shape(), src.dtype(), Device::cpu());
     cuda_memcpy_d2h(h.raw_data(), sc.raw_data(), size_t(numel()) * dtype_size(src.dtype()), src.device().index);
     s = h;

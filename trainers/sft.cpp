@@ -150,6 +150,13 @@ struct SftTrainer::Impl {
       }
       device = Device::cuda(idx);
       cuda::set_allow_tf32(cfg.allow_tf32);
+      FTUNE_CHECK(cfg.dtype != "f16", "[sft] ", cfg.recipe_file,
+                  ": dtype f16 needs loss scaling, which the trainer does not have yet (the "
+                  "gradients would underflow); use bf16");
+      FTUNE_CHECK(cfg.parallel.tp == 1 && cfg.parallel.zero == 0, "[sft] ", cfg.recipe_file,
+                  ": device ", cfg.device, " with parallel.tp > 1 or parallel.zero: 1 is not "
+                  "supported yet (the vocab-parallel loss and the sharded optimizer are CPU-only); "
+                  "use data parallelism (tp: 1, zero: 0)");
     }
     param_dtype = cfg.dtype == "bf16" ? DType::bf16 : cfg.dtype == "f16" ? DType::f16 : DType::f32;
     FTUNE_CHECK(cfg.parallel.tp == 1 || cfg.parallel.zero == 0,

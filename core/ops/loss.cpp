@@ -184,7 +184,9 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
   if (gpu && reduction != Reduction::none) {  // summed on the device in a fixed order
     double scale = 1.0;
     if (reduction == Reduction::mean) scale = f.counted > 0 ? 1.0 / double(f.counted) : 0.0;
-    out = Tensor::empty({}, logits.dtype(), logits.device());
+    // f32 whatever the logits' dtype: a summed loss over many tokens overflows f16 and loses
+    // the bits of a bf16 (DESIGN: losses and reductions in f32).
+    out = Tensor::empty({}, DType::f32, logits.device());
 #ifdef FTUNE_HAVE_CUDA
     kernels::cuda::sum_scaled(f.nll.data<float>(), r.n, scale, out.raw_data(), out.dtype());
 #endif
@@ -217,7 +219,8 @@ Tensor token_logprobs(const Tensor& logits, const Tensor& targets, int64_t ignor
   const char* op = "token_logprobs";
   check_logits(op, logits, "logits");
   Rows r = rows_of(op, logits, "logits");
-  Nll f = nll_impl(op, logits, targets, ignore_index, r, logits.dtype(), -1.0f);
+  // On the GPU the log-probs come out in f32 (RL ratios exp(logp - logp_old) need the bits).
+  Nll f = nll_impl(op, logits, targets, ignore_index, r, DType::f32, -1.0f);
   Tensor out;
   if (logits.device().is_cuda()) {
     out = f.nll.view(r.lead);  // the kernel wrote -nll (ignored rows 0)

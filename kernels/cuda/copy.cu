@@ -19,10 +19,19 @@ template <> __device__ inline __nv_bfloat16 from_f64<__nv_bfloat16>(double v) { 
 template <> __device__ inline __half from_f64<__half>(double v) { return __float2half_rn(float(v)); }
 template <> __device__ inline bool from_f64<bool>(double v) { return v != 0.0; }
 
+// Integers convert directly (an i64 above 2^53 survives); everything else through f64.
+template <class S, class D>
+__device__ inline D convert(S v) {
+  if constexpr (std::is_integral_v<S> && std::is_integral_v<D> && !std::is_same_v<D, bool>)
+    return D(v);
+  else
+    return from_f64<D>(to_f64<S>(v));
+}
+
 template <class S, class D>
 __global__ void cast_kernel(const S* __restrict__ src, D* __restrict__ dst, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    dst[i] = from_f64<D>(to_f64<S>(src[i]));
+    dst[i] = convert<S, D>(src[i]);
 }
 
 // Float <-> bf16/f16 conversions move 8 elements a thread: one 16-byte vector of the 2-byte type,
@@ -104,7 +113,7 @@ __global__ void strided_copy_kernel(const S* __restrict__ src, D* __restrict__ d
       so += c * l.src_stride[d];
       doff += c * l.dst_stride[d];
     }
-    dst[doff] = from_f64<D>(to_f64<S>(src[so]));
+    dst[doff] = convert<S, D>(src[so]);
   }
 }
 

@@ -104,6 +104,7 @@ std::shared_ptr<void> cuda_alloc(size_t bytes, int dev) {
     if (err == cudaErrorMemoryAllocation) {  // free the cache and try once more
       cudaGetLastError();
       cuda_empty_cache();
+      CUDA_CHECK(cudaSetDevice(dev));
       err = cudaMalloc(&p, cls);
     }
     if (err != cudaSuccess)
@@ -118,7 +119,8 @@ std::shared_ptr<void> cuda_alloc(size_t bytes, int dev) {
     pl.stats.peak_bytes = std::max(pl.stats.peak_bytes, pl.stats.current_bytes);
     ++pl.stats.num_allocs;
   }
-  if (g_poison) CUDA_CHECK(cudaMemset(p, 0xFF, cls));
+  // On the allocating stream: ordered before the kernels that will write the block.
+  if (g_poison) CUDA_CHECK(cudaMemsetAsync(p, 0xFF, cls, static_cast<cudaStream_t>(stream)));
   return std::shared_ptr<void>(p, [dev](void* q) { release(dev, q); });
 }
 
@@ -129,10 +131,17 @@ AllocatorStats cuda_allocator_stats(int dev) {
 }
 
 void cuda_empty_cache() {
+  // Only devices this process allocated on (no new contexts), and the caller's device is kept.
+  int prev = 0;
+  if (cudaGetDevice(&prev) != cudaSuccess) {
+    cudaGetLastError();
+    return;
+  }
   int n = cuda_device_count();
-  for (int d = 0; d < n; ++d) {
+  for (int d = 0; d < n && d < 64; ++d) {
     DevicePool& pl = pool(d);
     std::lock_guard<std::mutex> lk(pl.mu);
+    if (pl.free_blocks.empty()) continue;
     cudaSetDevice(d);
     cudaDeviceSynchronize();  // a freed block may still be read by queued work
     for (auto& kv : pl.free_blocks) {
@@ -141,6 +150,7 @@ void cuda_empty_cache() {
     }
     pl.free_blocks.clear();
   }
+  cudaSetDevice(prev);
 }
 
 namespace {
