@@ -57,20 +57,16 @@ std::shared_ptr<parallel::Communicator> nccl_world() {
   return c;
 }
 Device dev() { return Device::cuda(cuda::current_device()); }
-#endif
 
 // Rank r's value at index i: distinct per rank and index, exact in every dtype (small integers).
 double val(int r, int64_t i) { return double((r + 1) * 3 + (i % 7)) - 4.0; }
 
 Tensor values_on_gpu(int r, int64_t n, DType dt) {
-  std::vector<double> v(size_t(n));
+  std::vector<double> v(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) v[size_t(i)] = val(r, i);
-#ifdef FTUNE_HAVE_NCCL
   return Tensor::from_vector<double>(v, {n}).to(dt).to(dev());
-#else
-  return Tensor::from_vector<double>(v, {n}).to(dt);
-#endif
 }
+#endif
 
 TEST(NcclMpi, AllReduceEveryDtypeAndOp) {
   REQUIRE_GPU_PER_RANK();
