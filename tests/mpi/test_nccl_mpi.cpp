@@ -50,11 +50,10 @@ std::string skip_reason() {
   } while (0)
 
 #ifdef FTUNE_HAVE_NCCL
-// One NCCL communicator over the MPI world for the whole binary (init is collective and slow).
+// A NCCL communicator over the MPI world, one per test: not a static, so every ncclComm is
+// destroyed before MPI_Finalize and the CUDA runtime's teardown at exit.
 std::shared_ptr<parallel::Communicator> nccl_world() {
-  static std::shared_ptr<parallel::Communicator> c =
-      parallel::make_nccl_communicator(world(), cuda::select_device_for_local_rank());
-  return c;
+  return parallel::make_nccl_communicator(world(), cuda::select_device_for_local_rank());
 }
 Device dev() { return Device::cuda(cuda::current_device()); }
 
