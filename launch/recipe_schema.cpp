@@ -644,6 +644,7 @@ void bind_sft_config(const RecipeNode& root, const std::string& file, SftConfig&
   par.integer("tp", c.parallel.tp, at_least(1));
   par.integer("zero", c.parallel.zero, in_range(0, 1, false));
   par.number("bucket_mb", c.parallel.bucket_mb, positive());
+  par.choice("backend", c.parallel.backend, {"auto", "mpi", "nccl"});
   par.finish();
 
   top.value("vars");  // free-form values for ${vars.x}; not checked

@@ -34,7 +34,10 @@ int cmd_run(const RunArgs& a) {
   if (cfg.recipe_file.empty()) cfg.recipe_file = recipe.path();
   if (cfg.resolved_yaml.empty()) cfg.resolved_yaml = recipe.resolved_yaml();
   // Under mpirun every rank trains; rank 0 alone prints (its trainer too).
-  std::shared_ptr<parallel::Communicator> world = parallel::make_world_communicator("auto");
+  // The world is MPI (or single) even with parallel.backend: nccl, whose NCCL communicator the
+  // trainer bootstraps over it for the gradients (checkpoints need the MPI communicator).
+  std::shared_ptr<parallel::Communicator> world =
+      parallel::make_world_communicator(cfg.parallel.backend == "mpi" ? "mpi" : "auto");
   if (world->rank() != 0) {
     SftTrainer(cfg, std::cout, world).train();
     return 0;

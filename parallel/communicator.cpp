@@ -4,7 +4,9 @@
 #include <cstdlib>
 #include <tuple>
 
+#include "core/cuda_runtime.h"
 #include "core/error.h"
+#include "parallel/nccl/nccl_communicator.h"
 
 namespace ftune::parallel {
 
@@ -131,12 +133,24 @@ void abort_job(int) {}
 void finalize_mpi() {}
 std::pair<int, int> job_rank_and_size() { return {0, 1}; }
 std::unique_ptr<Communicator> make_world_communicator(const std::string& backend) {
-  FTUNE_CHECK(backend == "auto" || backend == "single", "[parallel] backend '", backend,
-              "': this build has no MPI (rebuild with FTUNE_MPI=ON)");
+#ifdef FTUNE_HAVE_NCCL
+  // Without MPI, nccl is a one-rank NCCL communicator (the launcher check below still applies).
+  const bool nccl = backend == "nccl";
+#else
+  const bool nccl = false;
+#endif
+  FTUNE_CHECK(backend == "auto" || backend == "single" || nccl, "[parallel] backend '", backend,
+              "': this build has no ", backend == "nccl" ? "NCCL" : "MPI",
+              " (rebuild with FTUNE_MPI=ON", backend == "nccl" ? ", FTUNE_CUDA=ON and NCCL" : "",
+              ")");
   FTUNE_CHECK(!(launched_by_mpi() && std::getenv("OMPI_COMM_WORLD_SIZE") &&
                 std::atoi(std::getenv("OMPI_COMM_WORLD_SIZE")) > 1),
               "[parallel] launched by mpirun with several ranks, but this build has no MPI: "
               "every rank would train alone (rebuild with FTUNE_MPI=ON)");
+#ifdef FTUNE_HAVE_NCCL
+  if (nccl) return make_nccl_communicator(make_single_communicator(),
+                                          cuda::select_device_for_local_rank());
+#endif
   return make_single_communicator();
 }
 #endif

@@ -1,8 +1,8 @@
 // Collective communication between the ranks of a job (DESIGN.md "Parallel"). One interface, two
 // backends: MPI (CPU tensors; GPU tensors are staged through the host) and NCCL (GPU tensors,
-// bootstrapped over MPI; issue 7). A process not launched by mpirun, or a build without MPI, gets
-// the single-rank communicator, on which every collective is the identity: one recipe runs
-// unchanged from 1 to N ranks.
+// CPU ones staged through the GPU, bootstrapped over MPI; parallel/nccl/nccl_communicator.h).
+// A process not launched by mpirun, or a build without MPI, gets the single-rank communicator,
+// on which every collective is the identity: one recipe runs unchanged from 1 to N ranks.
 //
 // Every collective is called by all ranks of the communicator in the same order (MPI's rule).
 // Tensors are contiguous; f32, f64, i32, i64 go through the backend natively, bf16/f16 are summed
@@ -67,8 +67,10 @@ std::unique_ptr<Communicator> make_single_communicator();
 
 // The job's world. backend "auto": MPI when this build has it and the process runs under an MPI
 // launcher (OMPI_COMM_WORLD_SIZE / PMI_SIZE set) with more than one rank, else single. "mpi"
-// forces MPI (throws without it), "single" a single rank. Initialises MPI (thread level
-// FUNNELED) on first use; see MpiRuntime.
+// forces MPI (throws without it), "single" a single rank. "nccl" (builds with NCCL): a NCCL
+// communicator on the GPU select_device_for_local_rank() picks, bootstrapped over the MPI world
+// under a launcher, else over the single communicator (parallel/nccl/nccl_communicator.h).
+// Initialises MPI (thread level FUNNELED) on first use; see MpiRuntime.
 std::unique_ptr<Communicator> make_world_communicator(const std::string& backend = "auto");
 
 // True when this build has MPI.

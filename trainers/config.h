@@ -76,6 +76,10 @@ struct ParallelSection {
   int64_t tp = 1;
   int64_t zero = 0;         // 0: plain data parallel; 1: ZeRO-1 (optimizer state sharded over dp)
   double bucket_mb = 25.0;  // gradient bucket size for the all-reduce / reduce-scatter
+  // Communicator of the gradients: "auto" / "mpi" (the MPI world; GPU tensors staged through the
+  // host; "mpi" forces MPI even for one process), "nccl" (device: cuda, builds with NCCL: the dp
+  // group's gradients go through a NCCL communicator bootstrapped over the MPI dp group).
+  std::string backend = "auto";
 };
 
 struct SftConfig {

@@ -25,6 +25,7 @@
 #include "models/transformer.h"
 #include "parallel/communicator.h"
 #include "parallel/data_parallel.h"
+#include "parallel/nccl/nccl_communicator.h"
 #include "parallel/tp_ops.h"
 
 namespace ftune {
@@ -172,6 +173,16 @@ struct SftTrainer::Impl {
                 "[sft] parallel.zero must be 0 "
                 "or 1, got ",
                 cfg.parallel.zero);
+    if (cfg.parallel.backend == "nccl") {
+      FTUNE_CHECK(parallel::nccl_support(), "[sft] ", cfg.recipe_file,
+                  ": parallel.backend: nccl, but this build has no NCCL (FTUNE_CUDA=ON and NCCL "
+                  "at configure time)");
+      FTUNE_CHECK(device.is_cuda(), "[sft] ", cfg.recipe_file,
+                  ": parallel.backend: nccl needs device: cuda (NCCL reduces GPU tensors)");
+      FTUNE_CHECK(cfg.parallel.zero == 0, "[sft] ", cfg.recipe_file,
+                  ": parallel.backend: nccl with parallel.zero: 1 is not supported (ZeRO-1's "
+                  "sharded AdamW keeps CPU f32 parameters)");
+    }
     fs::create_directories(out());
 
     // Chat template: the recipe's name, else the tokenizer's, else none (text formats only).
@@ -274,8 +285,15 @@ struct SftTrainer::Impl {
     if (dp > 1 || cfg.parallel.zero == 1) {
       std::vector<Tensor> ps;
       for (auto& [n, t] : trainable) ps.push_back(t);
+      // parallel.backend: nccl: the reducer's buckets live on the parameters' device (the GPU),
+      // so the NCCL communicator reduces them in place; its CPU flags go through the GPU.
+      std::shared_ptr<parallel::Communicator> grad_comm = grid.dp_group;
+#ifdef FTUNE_HAVE_NCCL
+      if (cfg.parallel.backend == "nccl")
+        grad_comm = parallel::make_nccl_communicator(grid.dp_group, device.index);
+#endif
       reducer = std::make_unique<parallel::GradReducer>(
-          ps, grid.dp_group,
+          ps, grad_comm,
           parallel::ReducerOptions{cfg.parallel.bucket_mb, cfg.parallel.zero == 1});
     }
     if (cfg.parallel.zero == 1) {
@@ -295,7 +313,8 @@ struct SftTrainer::Impl {
     if (world->size() > 1 || reducer) {
       log << "parallel: " << world->size() << " ranks, dp " << dp << ", tp " << grid.tp << ", zero "
           << cfg.parallel.zero << ", " << (reducer ? reducer->num_buckets() : 0)
-          << " gradient buckets (bucket_mb " << cfg.parallel.bucket_mb << "); global batch "
+          << " gradient buckets over " << (reducer ? reducer->comm().backend() : "none")
+          << " (bucket_mb " << cfg.parallel.bucket_mb << "); global batch "
           << cfg.batch_size * accum * dp << " = batch_size " << cfg.batch_size << " x accumulation "
           << accum << " x dp " << dp << "\n";
     }

@@ -3,6 +3,8 @@
 #
 #   sbatch launch/examples/slurm_sbatch.sh recipes/my_run.yaml [overrides...]
 #
+# Gradients over NCCL instead of MPI: add the override parallel.backend=nccl (docs/distributed.md
+# "NCCL"; never run on several GPUs yet).
 # The recipe's output folder must be on a file system every node sees (Lustre, GPFS, ...):
 # checkpoints are one HDF5 file written by all ranks (docs/distributed.md).
 #SBATCH --job-name=ftune

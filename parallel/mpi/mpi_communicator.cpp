@@ -10,8 +10,10 @@
 #include <cstdlib>
 #include <mutex>
 
+#include "core/cuda_runtime.h"
 #include "core/error.h"
 #include "core/ops.h"
+#include "parallel/nccl/nccl_communicator.h"
 
 namespace ftune::parallel {
 
@@ -307,9 +309,21 @@ void abort_job(int code) {
 }
 
 std::unique_ptr<Communicator> make_world_communicator(const std::string& backend) {
-  FTUNE_CHECK(backend == "auto" || backend == "single" || backend == "mpi", "[parallel] backend '",
-              backend, "' is not one of auto, single, mpi (nccl comes with the CUDA trainer)");
+  FTUNE_CHECK(backend == "auto" || backend == "single" || backend == "mpi" || backend == "nccl",
+              "[parallel] backend '", backend, "' is not one of auto, single, mpi, nccl");
   if (backend == "single") return make_single_communicator();
+  if (backend == "nccl") {
+#ifdef FTUNE_HAVE_NCCL
+    // The MPI world bootstraps NCCL under a launcher; one process alone needs no MPI.
+    const int dev = cuda::select_device_for_local_rank();
+    if (!launched_by_mpi()) return make_nccl_communicator(make_single_communicator(), dev);
+    ensure_mpi();
+    return make_nccl_communicator(std::make_shared<MpiCommunicator>(MPI_COMM_WORLD, false), dev);
+#else
+    FTUNE_THROW("[parallel] backend 'nccl': this build has no NCCL (it needs FTUNE_CUDA=ON and "
+                "NCCL found at configure time)");
+#endif
+  }
   if (backend == "auto" && !launched_by_mpi()) return make_single_communicator();
   ensure_mpi();
   int size = 1;

@@ -205,6 +205,10 @@ TEST_F(RecipeTest, LoraSectionTurnsLoraOn) {
   EXPECT_THROW(load(std::string(kMinimal) + "parallel: {zero: 2}\n"), RecipeError);
   EXPECT_THROW(load(std::string(kMinimal) + "parallel: {bucket_mb: 0}\n"), RecipeError);
   EXPECT_THROW(load(std::string(kMinimal) + "parallel: {zeros: 1}\n"), RecipeError);
+  EXPECT_EQ(p.backend, "auto");
+  EXPECT_EQ(load(std::string(kMinimal) + "parallel: {backend: nccl}\n").parallel().backend, "nccl");
+  EXPECT_EQ(load(std::string(kMinimal) + "parallel: {backend: mpi}\n").parallel().backend, "mpi");
+  EXPECT_THROW(load(std::string(kMinimal) + "parallel: {backend: gloo}\n"), RecipeError);
 }
 
 TEST_F(RecipeTest, InterpolationKeepsTypesAndSubstitutesText) {
