@@ -1,7 +1,8 @@
 // Fused attention (kernels/cuda/attention.cu), bf16: TFLOP/s of the forward and of forward +
 // backward with FlashAttention's convention (forward 4 B H N^2 D, halved when causal; backward
 // 2.5x the forward), head_dim 64 (32 heads) and 128 (16 heads), seq 512..8192 with B N = 16k
-// tokens, causal and not. The torch SDPA numbers on the same shapes come from
+// tokens, causal and not; the forward also with 128-row CTAs, fwd+bwd also with backward variant 1
+// (set_attention_bwd_variant). The torch SDPA numbers on the same shapes come from
 // torch_attention.py. Plus one decode step over a long KV cache (GB/s: K and V read once).
 #include <algorithm>
 #include <cmath>
@@ -79,14 +80,14 @@ FTUNE_GPU_BENCH(attention) {
         rb.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, reps);
         rb.flops = 3.5 * fwd_flops;
         ctx.add(rb);
-        // Determinism off: dQ by f32 atomics in the dK/dV kernel (no second pass).
-        cuda::set_deterministic(false);
-        bench::Row ra;
-        ra.name = "attn_fwd+bwd " + shape + " atomic-dq";
-        ra.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, reps);
-        ra.flops = 3.5 * fwd_flops;
-        ctx.add(ra);
-        cuda::set_deterministic(true);
+        // Backward variant 1 (more resident CTAs per SM; same results), forward at the default.
+        kernels::cuda::set_attention_bwd_variant(1);
+        bench::Row rv;
+        rv.name = "attn_fwd+bwd " + shape + " bwd-v1";
+        rv.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, reps);
+        rv.flops = 3.5 * fwd_flops;
+        ctx.add(rv);
+        kernels::cuda::set_attention_bwd_variant(0);
       }
       for (void* ptr : {q, k, v, go, o, dq, dk, dv, static_cast<void*>(lse)}) bench::free_device(ptr);
     }

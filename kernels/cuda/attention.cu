@@ -859,8 +859,9 @@ __global__ void __launch_bounds__(kFaThreads) fa_fwd_kernel(Args a) {
 constexpr int kBwdBM = 64;  // query rows per inner tile
 constexpr int kDsLds = 64 + 8;  // row stride of the staged dS (elements)
 
+// The body is shared by two entry points that differ only in their launch bounds (below).
 template <class T, int D, bool kAtomicDq>
-__global__ void __launch_bounds__(kFaThreads) fa_bwd_dkdv_kernel(Args a) {
+__device__ __forceinline__ void fa_bwd_dkdv_body(const Args& a) {
   constexpr int LDS = kFaLds<D>;
   constexpr int kTile = 64 * LDS;
   extern __shared__ __align__(16) unsigned char fa_smem[];
@@ -1071,6 +1072,17 @@ __global__ void __launch_bounds__(kFaThreads) fa_bwd_dkdv_kernel(Args a) {
   }
 }
 
+template <class T, int D, bool kAtomicDq>
+__global__ void __launch_bounds__(kFaThreads) fa_bwd_dkdv_kernel(Args a) {
+  fa_bwd_dkdv_body<T, D, kAtomicDq>(a);
+}
+// Backward variant 1 at D = 64: 3 resident CTAs per SM asked of ptxas caps the registers at 168
+// (the default uses 174), so 3 CTAs (12 warps) fit per SM instead of 2; shared memory allows 4.
+template <class T, int D>
+__global__ void __launch_bounds__(kFaThreads, 3) fa_bwd_dkdv_kernel_occ3(Args a) {
+  fa_bwd_dkdv_body<T, D, false>(a);
+}
+
 // dq = scale * dq_accum, in the input type.
 template <class T>
 __global__ void dq_convert_kernel(const float* __restrict__ acc, T* __restrict__ dq, int64_t n,
@@ -1209,10 +1221,156 @@ __global__ void __launch_bounds__(kFaThreads) fa_bwd_dq_kernel(Args a) {
   }
 }
 
+// fa_bwd_dq_kernel_1buf (backward variant 1 at D = 128): fa_bwd_dq_kernel with one K and one V
+// buffer: 4 tiles, 70 KB of shared memory instead of 104 KB, so 3 CTAs fit per SM instead of 2
+// (the 168 registers allow 3). V_{j+1} loads once every warp has formed dP_j, K_{j+1} once every
+// warp is done with dQ += dS K_j; the loop top waits for both.
+template <class T, int D>
+__global__ void __launch_bounds__(kFaThreads, 3) fa_bwd_dq_kernel_1buf(Args a) {
+  constexpr int LDS = kFaLds<D>;
+  constexpr int kTile = 64 * LDS;
+  extern __shared__ __align__(16) unsigned char fa_smem[];
+  T* sQ = reinterpret_cast<T*>(fa_smem);  // [64][LDS]
+  T* sG = sQ + kTile;                     // [64][LDS] dO
+  T* sK = sG + kTile;                     // [64][LDS]
+  T* sV = sK + kTile;                     // [64][LDS]
+  SeqDesc s;
+  int r0;
+  tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, r0);
+  const int h = blockIdx.y, hk = h / (a.H / a.Hkv);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int rows = min(kFaBM, s.len_q - r0), off = s.len_k - s.len_q;
+  const int64_t ldq = int64_t(a.H) * D, ldk = int64_t(a.Hkv) * D;
+  const T* qbase = static_cast<const T*>(a.q);
+  const int64_t qoff = int64_t(s.q_start + r0) * ldq + int64_t(h) * D;
+  const T* k = static_cast<const T*>(a.k) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
+  const T* v = static_cast<const T*>(a.v) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
+  const int col_end = visible_end(s, r0, rows, a.causal);
+  const int ntiles = (col_end + kFaBN - 1) / kFaBN;
+  fa_load<T, D>(sQ, qbase + qoff, ldq, rows, qbase);
+  fa_load<T, D>(sG, static_cast<const T*>(a.dout) + qoff, ldq, rows, qbase);
+  if (ntiles > 0) {
+    fa_load<T, D>(sK, k, ldk, min(kFaBN, col_end), qbase);
+    fa_load<T, D>(sV, v, ldk, min(kFaBN, col_end), qbase);
+  }
+  cp_async_commit();
+
+  const float log2e = 1.4426950408889634f, sl2 = a.scale * log2e;
+  const int row_a = r0 + warp * 16 + g, row_b = row_a + 8;  // within the sequence
+  float lse2[2], dl[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = warp * 16 + g + 8 * i;
+    const int64_t idx = int64_t(h) * a.nq + s.q_start + r0 + r;
+    lse2[i] = r < rows ? a.lse[idx] * log2e : INFINITY;
+    dl[i] = r < rows ? a.delta[idx] : 0.f;
+  }
+  float dq[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+
+  for (int jt = 0; jt < ntiles; ++jt) {
+    const int c0 = jt * kFaBN;
+    cp_async_wait_all();
+    __syncthreads();  // K_j and V_j landed for every thread
+    const T* kt = sK;
+    const T* vt = sV;
+
+    float sc[kFaBN / 8][4], dp[kFaBN / 8][4];
+#pragma unroll
+    for (int i = 0; i < kFaBN / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sc[i][e] = dp[i][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t qa[4], ga[4];
+      ldsm_x4(qa, sQ + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+      ldsm_x4(ga, sG + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int nb = 0; nb < kFaBN / 16; ++nb) {
+        const int at = (nb * 16 + (lane & 7) + (lane >> 4) * 8) * LDS + kk * 16 +
+                       ((lane >> 3) & 1) * 8;
+        uint32_t b[4];
+        ldsm_x4(b, kt + at);
+        mma16816<T>(sc[2 * nb], qa, b[0], b[1]);
+        mma16816<T>(sc[2 * nb + 1], qa, b[2], b[3]);
+        ldsm_x4(b, vt + at);
+        mma16816<T>(dp[2 * nb], ga, b[0], b[1]);
+        mma16816<T>(dp[2 * nb + 1], ga, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // every warp has read V_j
+    if (jt + 1 < ntiles)
+      fa_load<T, D>(sV, v + int64_t(c0 + kFaBN) * ldk, ldk, min(kFaBN, col_end - c0 - kFaBN),
+                    qbase);
+    cp_async_commit();
+    const bool need_mask = c0 + kFaBN > s.len_k || (a.causal && c0 + kFaBN - 1 > r0 + off);
+#pragma unroll
+    for (int nb = 0; nb < kFaBN / 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float p = exp2f(sc[nb][e] * sl2 - lse2[e >> 1]);
+        if (need_mask) {
+          const int col = c0 + nb * 8 + 2 * t + (e & 1);
+          const int row = e < 2 ? row_a : row_b;
+          if (col >= s.len_k || (a.causal && col > row + off)) p = 0.f;
+        }
+        sc[nb][e] = p * (dp[nb][e] - dl[e >> 1]);
+      }
+#pragma unroll
+    for (int kk = 0; kk < kFaBN / 16; ++kk) {
+      uint32_t pa[4];
+      pa[0] = pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
+      pa[1] = pack2<T>(sc[2 * kk][2], sc[2 * kk][3]);
+      pa[2] = pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+      pa[3] = pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+#pragma unroll
+      for (int nd = 0; nd < D / 16; ++nd) {
+        uint32_t b[4];
+        ldsm_x4_t(b, kt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + nd * 16 +
+                         (lane >> 4) * 8);
+        mma16816<T>(dq[2 * nd], pa, b[0], b[1]);
+        mma16816<T>(dq[2 * nd + 1], pa, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // every warp has read K_j
+    if (jt + 1 < ntiles)
+      fa_load<T, D>(sK, k + int64_t(c0 + kFaBN) * ldk, ldk, min(kFaBN, col_end - c0 - kFaBN),
+                    qbase);
+    cp_async_commit();
+  }
+  cp_async_wait_all();
+
+  T* gq = static_cast<T*>(a.dq);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = warp * 16 + g + 8 * i;
+    if (r >= rows) continue;
+    T* row = gq + int64_t(s.q_start + r0 + r) * ldq + int64_t(h) * D;
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd)
+      *reinterpret_cast<uint32_t*>(row + nd * 8 + 2 * t) =
+          pack2<T>(dq[nd][2 * i] * a.scale, dq[nd][2 * i + 1] * a.scale);
+  }
+}
+
 // ---- host side ------------------------------------------------------------------------------------
 
-// 64-row blocks per CTA of the tensor-core forward; 0: the default (1; the benchmark compares 2).
+// 64-row blocks per CTA of the tensor-core forward; 0: the default (1; the benchmark compares 2);
+// -1: auto (2 for head_dim 128, and for head_dim 64 when the longest sequence has >= 1024 queries).
 int g_fwd_row_blocks = 0;
+// Tensor-core backward variant (set_attention_bwd_variant): 0 the default, 1 more CTAs per SM.
+int g_bwd_variant = 0;
+
+// The forward's 64-row blocks per CTA under the current setting.
+int fwd_row_blocks(const std::vector<AttnSeq>& seqs, int D) {
+  if (g_fwd_row_blocks > 0) return g_fwd_row_blocks;
+  if (g_fwd_row_blocks == 0) return 1;
+  if (D == 128) return 2;
+  int64_t max_q = 0;
+  for (const AttnSeq& s : seqs) max_q = std::max(max_q, s.len_q);
+  return max_q >= 1024 ? 2 : 1;
+}
 
 // Keeps the device copies of the sequence table and the tile list alive until the launch is
 // queued (the caching allocator is stream-ordered, so freeing them afterwards is safe).
@@ -1423,9 +1581,18 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
                                          kFaThreads, smem, stream()>>>(b);
       } else {
         const size_t smem = 6 * kTileBytes + 4 * kBwdBM * sizeof(float);
-        set_smem(fa_bwd_dkdv_kernel<T, D, false>, smem);
-        fa_bwd_dkdv_kernel<T, D, false><<<dim3(t.nx, unsigned(p.num_kv_heads), t.nz),
-                                          kFaThreads, smem, stream()>>>(b);
+        auto launch = [&](auto kernel) {
+          set_smem(kernel, smem);
+          kernel<<<dim3(t.nx, unsigned(p.num_kv_heads), t.nz), kFaThreads, smem, stream()>>>(b);
+        };
+        bool done = false;
+        if constexpr (D == 64) {
+          if (g_bwd_variant == 1) {
+            launch(fa_bwd_dkdv_kernel_occ3<T, D>);
+            done = true;
+          }
+        }
+        if (!done) launch(fa_bwd_dkdv_kernel<T, D, false>);
       }
       FTUNE_LAUNCH_CHECK("attention_backward dk/dv (tensor cores)");
     }
@@ -1443,10 +1610,19 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
       FTUNE_CHECK(t.nz <= 65535, "[attention_backward] batch of ", t.nz, " rows");
       Args b = a;
       b.map = t.map;
-      const size_t smem = 6 * kTileBytes;
-      set_smem(fa_bwd_dq_kernel<T, D>, smem);
-      fa_bwd_dq_kernel<T, D><<<dim3(t.nx, unsigned(p.num_heads), t.nz), kFaThreads, smem,
-                               stream()>>>(b);
+      auto launch = [&](auto kernel, size_t tiles) {
+        const size_t smem = tiles * kTileBytes;
+        set_smem(kernel, smem);
+        kernel<<<dim3(t.nx, unsigned(p.num_heads), t.nz), kFaThreads, smem, stream()>>>(b);
+      };
+      bool done = false;
+      if constexpr (D == 128) {
+        if (g_bwd_variant == 1) {
+          launch(fa_bwd_dq_kernel_1buf<T, D>, 4);
+          done = true;
+        }
+      }
+      if (!done) launch(fa_bwd_dq_kernel<T, D>, 6);
       FTUNE_LAUNCH_CHECK("attention_backward dq (tensor cores)");
     }
   }
@@ -1455,9 +1631,14 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
 }  // namespace
 
 void set_attention_fwd_row_blocks(int n) {
-  FTUNE_CHECK(n >= 0 && n <= 2, "[attention] forward row blocks must be 0 (default), 1 or 2, got ",
-              n);
+  FTUNE_CHECK(n >= -1 && n <= 2,
+              "[attention] forward row blocks must be 0 (default), 1, 2 or -1 (auto), got ", n);
   g_fwd_row_blocks = n;
+}
+
+void set_attention_bwd_variant(int v) {
+  FTUNE_CHECK(v == 0 || v == 1, "[attention_backward] variant must be 0 or 1, got ", v);
+  g_bwd_variant = v;
 }
 
 void attention_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType dt,
@@ -1483,7 +1664,7 @@ void attention_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DT
   }
 
   if (fast_ok(dt, D, {q, k, v, out})) {
-    const int ma = g_fwd_row_blocks > 0 ? g_fwd_row_blocks : 1;
+    const int ma = fwd_row_blocks(seqs, D);
     Tables t = make_tiles(seqs, 64 * ma, false, p.causal, dev);
     if (t.nx == 0) return;
     FTUNE_CHECK(t.nz <= 65535, "[attention] batch of ", t.nz, " rows (at most 65535)");
