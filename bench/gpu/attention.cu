@@ -2,7 +2,7 @@
 // backward with FlashAttention's convention (forward 4 B H N^2 D, halved when causal; backward
 // 2.5x the forward), head_dim 64 (32 heads) and 128 (16 heads), seq 512..8192 with B N = 16k
 // tokens, causal and not; the forward also with 128-row CTAs, fwd+bwd also with backward variant 1
-// (set_attention_bwd_variant). The torch SDPA numbers on the same shapes come from
+// and (determinism off) variant 2 (set_attention_bwd_variant). The torch SDPA numbers on the same shapes come from
 // torch_attention.py. Plus one decode step over a long KV cache (GB/s: K and V read once).
 #include <algorithm>
 #include <cmath>
@@ -87,7 +87,16 @@ FTUNE_GPU_BENCH(attention) {
         rv.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, reps);
         rv.flops = 3.5 * fwd_flops;
         ctx.add(rv);
+        // Determinism off, backward variant 2: dQ by float2 atomics inside the dK/dV kernel.
+        cuda::set_deterministic(false);
+        kernels::cuda::set_attention_bwd_variant(2);
+        bench::Row ra;
+        ra.name = "attn_fwd+bwd " + shape + " atomic-dq-v2";
+        ra.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, reps);
+        ra.flops = 3.5 * fwd_flops;
+        ctx.add(ra);
         kernels::cuda::set_attention_bwd_variant(0);
+        cuda::set_deterministic(true);
       }
       for (void* ptr : {q, k, v, go, o, dq, dk, dv, static_cast<void*>(lse)}) bench::free_device(ptr);
     }

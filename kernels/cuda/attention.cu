@@ -860,8 +860,13 @@ constexpr int kBwdBM = 64;  // query rows per inner tile
 constexpr int kDsLds = 64 + 8;  // row stride of the staged dS (elements)
 
 // The body is shared by two entry points that differ only in their launch bounds (below).
-template <class T, int D, bool kAtomicDq>
+// kAtomic: 0 no dQ (deterministic), 1 the atomic dQ described above, 2 (backward variant 2) the
+// same sums with dS staged before the dK product and dQ formed after it (dS^T's registers are free
+// by then), each warp's 4 dS fragments read from shared memory once (not once per 16 columns of D),
+// and float2 atomics (sm_90: half the atomic instructions).
+template <class T, int D, int kAtomic>
 __device__ __forceinline__ void fa_bwd_dkdv_body(const Args& a) {
+  constexpr bool kAtomicDq = kAtomic == 1;
   constexpr int LDS = kFaLds<D>;
   constexpr int kTile = 64 * LDS;
   extern __shared__ __align__(16) unsigned char fa_smem[];
@@ -871,7 +876,7 @@ __device__ __forceinline__ void fa_bwd_dkdv_body(const Args& a) {
   T* sG = sQ + 2 * kTile;                 // [2][64][LDS] dO
   float* sL = reinterpret_cast<float*>(sG + 2 * kTile);  // [2][64] lse in log2 units
   float* sDl = sL + 2 * kBwdBM;                          // [2][64] Delta
-  T* sDs = reinterpret_cast<T*>(sDl + 2 * kBwdBM);       // [64][kDsLds] dS (kAtomicDq only)
+  T* sDs = reinterpret_cast<T*>(sDl + 2 * kBwdBM);       // [64][kDsLds] dS (kAtomic only)
   SeqDesc s;
   int c0;
   tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, c0);
@@ -1033,6 +1038,15 @@ __device__ __forceinline__ void fa_bwd_dkdv_body(const Args& a) {
         }
       }
     }
+    if constexpr (kAtomic == 2) {
+      // dS[row][key] into shared memory for the dQ product after dK's.
+#pragma unroll
+      for (int nb = 0; nb < kBwdBM / 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          sDs[(nb * 8 + 2 * t + (e & 1)) * kDsLds + warp * 16 + g + 8 * (e >> 1)] =
+              from_f<T>(st[nb][e]);
+    }
     // dK += dS^T Q  (scaled at the end)
 #pragma unroll
     for (int kk = 0; kk < kBwdBM / 16; ++kk) {
@@ -1048,6 +1062,44 @@ __device__ __forceinline__ void fa_bwd_dkdv_body(const Args& a) {
                         (lane >> 4) * 8);
         mma16816<T>(dk[2 * nd], pa, b[0], b[1]);
         mma16816<T>(dk[2 * nd + 1], pa, b[2], b[3]);
+      }
+    }
+    if constexpr (kAtomic == 2) {
+      __syncthreads();  // dS complete; the previous tile's readers passed the loop-top barrier
+      // Warp w: dQ rows 16w..16w+15 of this tile += dS[rows][64 keys] K[64 keys][D].
+      uint32_t af[64 / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < 64 / 16; ++kk)
+        ldsm_x4(af[kk], sDs + (warp * 16 + (lane & 15)) * kDsLds + kk * 16 + (lane >> 4) * 8);
+      const int h = hk * group + it / nrt;
+      float* dqa = a.dq_accum + (int64_t(s.q_start + r0) * a.H + h) * D;  // rows: stride H * D
+#pragma unroll
+      for (int nd = 0; nd < D / 16; ++nd) {
+        float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+        for (int kk = 0; kk < 64 / 16; ++kk) {
+          uint32_t b[4];
+          ldsm_x4_t(b, sK + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + nd * 16 +
+                           (lane >> 4) * 8);
+          mma16816<T>(acc[0], af[kk], b[0], b[1]);
+          mma16816<T>(acc[1], af[kk], b[2], b[3]);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int r = warp * 16 + g + 8 * i;
+          if (r0 + r >= s.len_q) continue;
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            // 8-byte aligned: D, nd * 16 + j * 8 and 2t are even.
+            float* dst = dqa + int64_t(r) * a.H * D + nd * 16 + j * 8 + 2 * t;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+            atomicAdd(reinterpret_cast<float2*>(dst), make_float2(acc[j][2 * i], acc[j][2 * i + 1]));
+#else
+            atomicAdd(dst, acc[j][2 * i]);
+            atomicAdd(dst + 1, acc[j][2 * i + 1]);
+#endif
+          }
+        }
       }
     }
   }
@@ -1072,15 +1124,15 @@ __device__ __forceinline__ void fa_bwd_dkdv_body(const Args& a) {
   }
 }
 
-template <class T, int D, bool kAtomicDq>
+template <class T, int D, int kAtomic>
 __global__ void __launch_bounds__(kFaThreads) fa_bwd_dkdv_kernel(Args a) {
-  fa_bwd_dkdv_body<T, D, kAtomicDq>(a);
+  fa_bwd_dkdv_body<T, D, kAtomic>(a);
 }
 // Backward variant 1 at D = 64: 3 resident CTAs per SM asked of ptxas caps the registers at 168
 // (the default uses 174), so 3 CTAs (12 warps) fit per SM instead of 2; shared memory allows 4.
 template <class T, int D>
 __global__ void __launch_bounds__(kFaThreads, 3) fa_bwd_dkdv_kernel_occ3(Args a) {
-  fa_bwd_dkdv_body<T, D, false>(a);
+  fa_bwd_dkdv_body<T, D, 0>(a);
 }
 
 // dq = scale * dq_accum, in the input type.
@@ -1359,7 +1411,8 @@ __global__ void __launch_bounds__(kFaThreads, 3) fa_bwd_dq_kernel_1buf(Args a) {
 // 64-row blocks per CTA of the tensor-core forward; 0: the default (1; the benchmark compares 2);
 // -1: auto (2 for head_dim 128, and for head_dim 64 when the longest sequence has >= 1024 queries).
 int g_fwd_row_blocks = 0;
-// Tensor-core backward variant (set_attention_bwd_variant): 0 the default, 1 more CTAs per SM.
+// Tensor-core backward variant (set_attention_bwd_variant): 0 the default, 1 more CTAs per SM,
+// 2 the leaner atomic dQ (only without determinism).
 int g_bwd_variant = 0;
 
 // The forward's 64-row blocks per CTA under the current setting.
@@ -1576,9 +1629,12 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
         b.dq_accum = accum.data<float>();
         const size_t smem =
             6 * kTileBytes + 4 * kBwdBM * sizeof(float) + size_t(kBwdBM) * kDsLds * sizeof(T);
-        set_smem(fa_bwd_dkdv_kernel<T, D, true>, smem);
-        fa_bwd_dkdv_kernel<T, D, true><<<dim3(t.nx, unsigned(p.num_kv_heads), t.nz),
-                                         kFaThreads, smem, stream()>>>(b);
+        auto launch = [&](auto kernel) {
+          set_smem(kernel, smem);
+          kernel<<<dim3(t.nx, unsigned(p.num_kv_heads), t.nz), kFaThreads, smem, stream()>>>(b);
+        };
+        if (g_bwd_variant == 2) launch(fa_bwd_dkdv_kernel<T, D, 2>);
+        else launch(fa_bwd_dkdv_kernel<T, D, 1>);
       } else {
         const size_t smem = 6 * kTileBytes + 4 * kBwdBM * sizeof(float);
         auto launch = [&](auto kernel) {
@@ -1592,7 +1648,7 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
             done = true;
           }
         }
-        if (!done) launch(fa_bwd_dkdv_kernel<T, D, false>);
+        if (!done) launch(fa_bwd_dkdv_kernel<T, D, 0>);
       }
       FTUNE_LAUNCH_CHECK("attention_backward dk/dv (tensor cores)");
     }
@@ -1637,7 +1693,7 @@ void set_attention_fwd_row_blocks(int n) {
 }
 
 void set_attention_bwd_variant(int v) {
-  FTUNE_CHECK(v == 0 || v == 1, "[attention_backward] variant must be 0 or 1, got ", v);
+  FTUNE_CHECK(v >= 0 && v <= 2, "[attention_backward] variant must be 0, 1 or 2, got ", v);
   g_bwd_variant = v;
 }
 

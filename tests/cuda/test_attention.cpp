@@ -290,6 +290,57 @@ TEST(CudaAttention, AtomicDqWhenNotDeterministic) {
       }
 }
 
+// Backward variant 2 with determinism off: the leaner atomic dQ (dS staged before the dK product,
+// its fragments read once, float2 atomics); with determinism on, variant 2 is the default path.
+TEST(CudaAttention, AtomicDqVariant2) {
+  FTUNE_REQUIRE_GPU();
+  struct Restore {
+    bool was = cuda::deterministic();
+    ~Restore() {
+      cuda::set_deterministic(was);
+      kernels::cuda::set_attention_bwd_variant(0);
+    }
+  } restore;
+  kernels::cuda::set_attention_bwd_variant(2);
+  cuda::set_deterministic(false);
+  for (int64_t d : {64, 128})
+    for (bool causal : {true, false})
+      for (DType dt : {DType::bf16, DType::f16}) {
+        Case c;
+        c.cu_q = {0, 5, 5, 45, 175, 176, 242};
+        c.cu_k = {0, 70, 79, 109, 239, 240, 440};
+        c.d = d;
+        c.causal = causal;
+        check_case(c, dt, 20);
+        Case r;
+        r.cu_q = r.cu_k = {0, 1, 18, 146, 446};
+        r.d = d;
+        r.causal = causal;
+        check_case(r, dt, 21);
+        Case u;
+        u.b = 2;
+        u.tq = u.tk = 300;
+        u.d = d;
+        u.causal = causal;
+        check_case(u, dt, 22);
+      }
+  for (int64_t d : {64, 128}) {
+    Case c;
+    c.b = 1;
+    c.tq = c.tk = 1500;
+    c.h = 4;
+    c.hkv = 1;
+    c.d = d;
+    c.causal = true;
+    check_case(c, DType::bf16, 23);
+  }
+  cuda::set_deterministic(true);
+  Case c;
+  c.cu_q = c.cu_k = {0, 1, 18, 146, 446};
+  c.d = 128;
+  check_case(c, DType::bf16, 24);
+}
+
 // The default (deterministic) backward gives the same bits on every run.
 TEST(CudaAttention, DeterministicBackwardIsBitwiseRepeatable) {
   FTUNE_REQUIRE_GPU();
