@@ -214,6 +214,38 @@ __global__ void bwd_delta_kernel(const T* __restrict__ o, const T* __restrict__ 
   }
 }
 
+// Delta as bwd_delta_kernel with 16-byte loads (backward variants 1 and 2, tensor-core path: 16-bit
+// T, 16-byte aligned O / dO): CH = D / kVec<T> lanes per (token, head) row (8 or 16), summed by
+// shuffles within the row's aligned group of CH lanes. Whole warps step together (the shuffles);
+// a group is wholly in or out of range since the chunk count is a multiple of CH.
+template <class T, int CH>
+__global__ void bwd_delta_vec_kernel(const T* __restrict__ o, const T* __restrict__ dout,
+                                     float* __restrict__ delta, int nq, int H) {
+  constexpr int V = kVec<T>;
+  static_assert(CH >= 1 && CH <= 32 && (CH & (CH - 1)) == 0, "CH: a power of two <= 32");
+  const int lane = threadIdx.x & 31;
+  const int64_t n = int64_t(nq) * H * CH;  // 16-byte chunks; chunk i is row i / CH
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t base = int64_t(blockIdx.x) * blockDim.x + (threadIdx.x & ~31); base < n;
+       base += stride) {
+    const int64_t i = base + lane;
+    float acc = 0.f;
+    if (i < n) {
+      float x[V], y[V];
+      load_vec(o + i * V, x);
+      load_vec(dout + i * V, y);
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc += x[e] * y[e];
+    }
+#pragma unroll
+    for (int m = CH / 2; m >= 1; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
+    if (i < n && (lane & (CH - 1)) == 0) {
+      const int64_t w = i / CH, tok = w / H, h = w - tok * H;
+      delta[h * nq + tok] = acc;
+    }
+  }
+}
+
 // dQ for one query tile: the forward's structure (warp owns 4 rows, lane = key) recomputing
 // P = exp(scale q.k - lse) and dS = P * (dO.v - Delta); dQ = scale * dS K.
 template <class T, int NPL>
@@ -1789,7 +1821,22 @@ void attention_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, D
   a.delta = delta.data<float>();
   ::ftune::kernels::cuda::dispatch_float(dt, "attention_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    if (p.nq > 0) {
+    bool delta_done = false;
+    if constexpr (!std::is_same_v<T, float>) {
+      if (fast && g_bwd_variant != 0 && p.nq > 0) {
+        const int64_t chunks = p.nq * H * (D / kVec<T>);
+        auto launch = [&](auto kernel) {
+          kernel<<<grid_1d(chunks, 256), 256, 0, stream()>>>(
+              static_cast<const T*>(out), static_cast<const T*>(dout), delta.data<float>(),
+              int(p.nq), int(H));
+        };
+        if (D == 64) launch(bwd_delta_vec_kernel<T, 64 / kVec<T>>);
+        else launch(bwd_delta_vec_kernel<T, 128 / kVec<T>>);
+        FTUNE_LAUNCH_CHECK("attention_backward delta (16-byte loads)");
+        delta_done = true;
+      }
+    }
+    if (p.nq > 0 && !delta_done) {
       const int64_t warps = p.nq * H;
       bwd_delta_kernel<T><<<grid_1d(warps * 32, 256), 256, 0, stream()>>>(
           static_cast<const T*>(out), static_cast<const T*>(dout), delta.data<float>(), int(p.nq), int(H),
