@@ -81,8 +81,9 @@ void set_attention_fwd_row_blocks(int n);
 // Benchmark hook: the tensor-core backward's variant. 0 (the default): as described above.
 // 1: more resident CTAs per SM (dK/dV at head_dim 64 capped at 168 registers; dQ at head_dim 128
 // with single K/V buffers). 2: with ftune::cuda::deterministic() off, a leaner atomic dQ inside
-// the dK/dV kernel (dS fragments read once, float2 atomics); with it on, as 0. Both compute
-// Delta = rowsum(dO * O) with 16-byte loads. Process-wide, not thread-safe.
+// the dK/dV kernel (dS fragments read once, float2 atomics); with it on, as 0. 3: as 1, but dK/dV
+// at head_dim 64 by 128-key CTAs, 32 keys per warp (a third fewer shared-memory reads per MMA).
+// 1-3 compute Delta = rowsum(dO * O) with 16-byte loads. Process-wide, not thread-safe.
 void set_attention_bwd_variant(int v);
 
 }  // namespace ftune::kernels::cuda

@@ -1,8 +1,8 @@
 // Fused attention (kernels/cuda/attention.cu), bf16: TFLOP/s of the forward and of forward +
 // backward with FlashAttention's convention (forward 4 B H N^2 D, halved when causal; backward
 // 2.5x the forward), head_dim 64 (32 heads) and 128 (16 heads), seq 512..8192 with B N = 16k
-// tokens, causal and not; the forward also with 128-row CTAs, fwd+bwd also with backward variant 1
-// and (determinism off) variant 2 (set_attention_bwd_variant). The torch SDPA numbers on the same shapes come from
+// tokens, causal and not; the forward also with 128-row CTAs, fwd+bwd also with backward variants
+// 1, 3 (head_dim 64) and (determinism off) 2 (set_attention_bwd_variant). The torch SDPA numbers on the same shapes come from
 // torch_attention.py. Plus one decode step over a long KV cache (GB/s: K and V read once).
 #include <algorithm>
 #include <cmath>
@@ -80,13 +80,22 @@ FTUNE_GPU_BENCH(attention) {
         rb.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, reps);
         rb.flops = 3.5 * fwd_flops;
         ctx.add(rb);
-        // Backward variant 1 (more resident CTAs per SM; same results), forward at the default.
+        // Backward variant 1 (more resident CTAs per SM), forward at the default.
         kernels::cuda::set_attention_bwd_variant(1);
         bench::Row rv;
         rv.name = "attn_fwd+bwd " + shape + " bwd-v1";
         rv.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, reps);
         rv.flops = 3.5 * fwd_flops;
         ctx.add(rv);
+        if (D == 64) {  // variant 3 differs from 1 only at head_dim 64
+          kernels::cuda::set_attention_bwd_variant(3);
+          bench::Row r3;
+          r3.name = "attn_fwd+bwd " + shape + " bwd-v3";
+          r3.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, reps);
+          r3.flops = 3.5 * fwd_flops;
+          ctx.add(r3);
+        }
+        kernels::cuda::set_attention_bwd_variant(0);
         // Determinism off, backward variant 2: dQ by float2 atomics inside the dK/dV kernel.
         cuda::set_deterministic(false);
         kernels::cuda::set_attention_bwd_variant(2);

@@ -1167,6 +1167,241 @@ __global__ void __launch_bounds__(kFaThreads, 3) fa_bwd_dkdv_kernel_occ3(Args a)
   fa_bwd_dkdv_body<T, D, 0>(a);
 }
 
+// fa_bwd_dkdv_mk2_kernel (backward variant 3, D = 64): fa_bwd_dkdv_kernel with 128 keys per CTA,
+// warp w owning keys 32w..32w+31 as two 16-key m-blocks, and query tiles of 32 rows. Every Q / dO
+// fragment read from shared memory then feeds two products (one per m-block) instead of one: a
+// third fewer ldmatrix per MMA (48 instead of 72 per 128 MMAs per warp and tile), and each Q / dO
+// tile is loaded once per 128 keys. dK, dV: 2 x [32 keys x 64] per warp = 128 registers.
+constexpr int kBwd2BN = 128;  // keys per CTA
+constexpr int kBwd2BM = 32;   // query rows per inner tile
+
+// Rows [0, ROWS) of a tile into shared memory (row stride D + 8); rows >= valid (which may be
+// negative) are zero.
+template <class T, int ROWS, int D>
+__device__ __forceinline__ void fa_load_rows(T* sm, const T* g, int64_t ld, int valid,
+                                             const T* any) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  for (int i = threadIdx.x; i < ROWS * kChunks; i += kFaThreads) {
+    const int r = i / kChunks, c = (i - r * kChunks) * 8;
+    const bool ok = r < valid;
+    cp_async16(sm + r * kFaLds<D> + c, ok ? g + int64_t(r) * ld + c : any, ok ? 16 : 0);
+  }
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kFaThreads) fa_bwd_dkdv_mk2_kernel(Args a) {
+  constexpr int LDS = kFaLds<D>;
+  constexpr int BN = kBwd2BN, BM = kBwd2BM;
+  constexpr int kKTile = BN * LDS, kQTile = BM * LDS;
+  extern __shared__ __align__(16) unsigned char fa_smem[];
+  T* sK = reinterpret_cast<T*>(fa_smem);  // [128][LDS]
+  T* sV = sK + kKTile;                    // [128][LDS]
+  T* sQ = sV + kKTile;                    // [2][32][LDS]
+  T* sG = sQ + 2 * kQTile;                // [2][32][LDS] dO
+  float* sL = reinterpret_cast<float*>(sG + 2 * kQTile);  // [2][32] lse in log2 units
+  float* sDl = sL + 2 * BM;                               // [2][32] Delta
+  SeqDesc s;
+  int c0;
+  tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, c0);
+  const int hk = blockIdx.y, group = a.H / a.Hkv;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int keys = min(BN, s.len_k - c0), off = s.len_k - s.len_q;
+  const int64_t ldq = int64_t(a.H) * D, ldk = int64_t(a.Hkv) * D;
+  const T* qbase = static_cast<const T*>(a.q);
+  const T* gbase = static_cast<const T*>(a.dout);
+  const int64_t koff = int64_t(s.k_start + c0) * ldk + int64_t(hk) * D;
+  fa_load_rows<T, BN, D>(sK, static_cast<const T*>(a.k) + koff, ldk, keys, qbase);
+  fa_load_rows<T, BN, D>(sV, static_cast<const T*>(a.v) + koff, ldk, keys, qbase);
+
+  // Query row r sees key c iff r + off >= c: rows before c0 - off see none of these keys.
+  const int first_row = a.causal ? max(0, c0 - off) : 0;
+  const int nrt = s.len_q > first_row ? (s.len_q - first_row + BM - 1) / BM : 0;
+  const int n_it = group * nrt;
+  const float log2e = 1.4426950408889634f, sl2 = a.scale * log2e;
+
+  // Issues the loads of iteration it into buffer `buf`.
+  auto load_it = [&](int it, int buf) {
+    const int h = hk * group + it / nrt, r0 = first_row + (it % nrt) * BM;
+    const int rows = min(BM, s.len_q - r0);
+    const int64_t qoff = int64_t(s.q_start + r0) * ldq + int64_t(h) * D;
+    fa_load_rows<T, BM, D>(sQ + buf * kQTile, qbase + qoff, ldq, rows, qbase);
+    fa_load_rows<T, BM, D>(sG + buf * kQTile, gbase + qoff, ldq, rows, qbase);
+    for (int r = threadIdx.x; r < BM; r += kFaThreads) {
+      const int64_t idx = int64_t(h) * a.nq + s.q_start + r0 + r;
+      sL[buf * BM + r] = r < rows ? a.lse[idx] * log2e : INFINITY;
+      sDl[buf * BM + r] = r < rows ? a.delta[idx] : 0.f;
+    }
+  };
+  if (n_it > 0) load_it(0, 0);
+  cp_async_commit();
+
+  float dk[2][D / 8][4], dv[2][D / 8][4];
+#pragma unroll
+  for (int mk = 0; mk < 2; ++mk)
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dk[mk][i][e] = dv[mk][i][e] = 0.f;
+  // This thread's keys (accumulator rows g and g + 8 of m-block mk), within the sequence.
+  auto key_of = [&](int mk, int i) { return c0 + warp * 32 + mk * 16 + g + 8 * i; };
+
+  for (int it = 0; it < n_it; ++it) {
+    const int buf = it & 1;
+    const int r0 = first_row + (it % nrt) * BM;
+    cp_async_wait_all();
+    __syncthreads();  // tile `it` landed; buffer buf ^ 1 (tile it - 1) is no longer read
+    if (it + 1 < n_it) load_it(it + 1, buf ^ 1);
+    cp_async_commit();
+    const T* q = sQ + buf * kQTile;
+    const T* go = sG + buf * kQTile;
+    const float* lse2 = sL + buf * BM;
+    const float* dl = sDl + buf * BM;
+
+    float st[2][BM / 8][4];  // S^T, then P^T, then dS^T: [2 x 16 keys][32 rows] per warp
+#pragma unroll
+    for (int mk = 0; mk < 2; ++mk)
+#pragma unroll
+      for (int i = 0; i < BM / 8; ++i)
+        st[mk][i][0] = st[mk][i][1] = st[mk][i][2] = st[mk][i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t ka[2][4];
+#pragma unroll
+      for (int mk = 0; mk < 2; ++mk)
+        ldsm_x4(ka[mk], sK + (warp * 32 + mk * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int nb = 0; nb < BM / 16; ++nb) {
+        uint32_t b[4];
+        ldsm_x4(b, q + (nb * 16 + (lane & 7) + (lane >> 4) * 8) * LDS + kk * 16 +
+                       ((lane >> 3) & 1) * 8);
+#pragma unroll
+        for (int mk = 0; mk < 2; ++mk) {
+          mma16816<T>(st[mk][2 * nb], ka[mk], b[0], b[1]);
+          mma16816<T>(st[mk][2 * nb + 1], ka[mk], b[2], b[3]);
+        }
+      }
+    }
+    const bool need_mask = r0 + BM > s.len_q || c0 + BN > s.len_k ||
+                           (a.causal && c0 + BN - 1 > r0 + off);
+#pragma unroll
+    for (int mk = 0; mk < 2; ++mk)
+#pragma unroll
+      for (int nb = 0; nb < BM / 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = nb * 8 + 2 * t + (e & 1);  // query row within the tile
+          float p = exp2f(st[mk][nb][e] * sl2 - lse2[col]);
+          if (need_mask) {
+            const int r = r0 + col, c = key_of(mk, e >> 1);
+            if (r >= s.len_q || c >= s.len_k || (a.causal && c > r + off)) p = 0.f;
+          }
+          st[mk][nb][e] = p;
+        }
+    // dV += P^T dO
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      uint32_t pa[2][4];
+#pragma unroll
+      for (int mk = 0; mk < 2; ++mk) {
+        pa[mk][0] = pack2<T>(st[mk][2 * kk][0], st[mk][2 * kk][1]);
+        pa[mk][1] = pack2<T>(st[mk][2 * kk][2], st[mk][2 * kk][3]);
+        pa[mk][2] = pack2<T>(st[mk][2 * kk + 1][0], st[mk][2 * kk + 1][1]);
+        pa[mk][3] = pack2<T>(st[mk][2 * kk + 1][2], st[mk][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int nd = 0; nd < D / 16; ++nd) {
+        uint32_t b[4];
+        ldsm_x4_t(b, go + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + nd * 16 +
+                         (lane >> 4) * 8);
+#pragma unroll
+        for (int mk = 0; mk < 2; ++mk) {
+          mma16816<T>(dv[mk][2 * nd], pa[mk], b[0], b[1]);
+          mma16816<T>(dv[mk][2 * nd + 1], pa[mk], b[2], b[3]);
+        }
+      }
+    }
+    // dP^T = V dO^T, then dS^T = P^T (dP^T - Delta) in place of P^T
+    {
+      float dpt[2][BM / 8][4];
+#pragma unroll
+      for (int mk = 0; mk < 2; ++mk)
+#pragma unroll
+        for (int i = 0; i < BM / 8; ++i)
+          dpt[mk][i][0] = dpt[mk][i][1] = dpt[mk][i][2] = dpt[mk][i][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t va[2][4];
+#pragma unroll
+        for (int mk = 0; mk < 2; ++mk)
+          ldsm_x4(va[mk],
+                  sV + (warp * 32 + mk * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+        for (int nb = 0; nb < BM / 16; ++nb) {
+          uint32_t b[4];
+          ldsm_x4(b, go + (nb * 16 + (lane & 7) + (lane >> 4) * 8) * LDS + kk * 16 +
+                          ((lane >> 3) & 1) * 8);
+#pragma unroll
+          for (int mk = 0; mk < 2; ++mk) {
+            mma16816<T>(dpt[mk][2 * nb], va[mk], b[0], b[1]);
+            mma16816<T>(dpt[mk][2 * nb + 1], va[mk], b[2], b[3]);
+          }
+        }
+      }
+#pragma unroll
+      for (int mk = 0; mk < 2; ++mk)
+#pragma unroll
+        for (int nb = 0; nb < BM / 8; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            st[mk][nb][e] *= dpt[mk][nb][e] - dl[nb * 8 + 2 * t + (e & 1)];
+    }
+    // dK += dS^T Q  (scaled at the end)
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      uint32_t pa[2][4];
+#pragma unroll
+      for (int mk = 0; mk < 2; ++mk) {
+        pa[mk][0] = pack2<T>(st[mk][2 * kk][0], st[mk][2 * kk][1]);
+        pa[mk][1] = pack2<T>(st[mk][2 * kk][2], st[mk][2 * kk][3]);
+        pa[mk][2] = pack2<T>(st[mk][2 * kk + 1][0], st[mk][2 * kk + 1][1]);
+        pa[mk][3] = pack2<T>(st[mk][2 * kk + 1][2], st[mk][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int nd = 0; nd < D / 16; ++nd) {
+        uint32_t b[4];
+        ldsm_x4_t(b, q + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + nd * 16 +
+                        (lane >> 4) * 8);
+#pragma unroll
+        for (int mk = 0; mk < 2; ++mk) {
+          mma16816<T>(dk[mk][2 * nd], pa[mk], b[0], b[1]);
+          mma16816<T>(dk[mk][2 * nd + 1], pa[mk], b[2], b[3]);
+        }
+      }
+    }
+  }
+  cp_async_wait_all();
+
+  T* gk = static_cast<T*>(a.dk);
+  T* gv = static_cast<T*>(a.dv);
+#pragma unroll
+  for (int mk = 0; mk < 2; ++mk)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int j = warp * 32 + mk * 16 + g + 8 * i;
+      if (j >= keys) continue;
+      const int64_t base = int64_t(s.k_start + c0 + j) * ldk + int64_t(hk) * D;
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd) {
+        if (gk)
+          *reinterpret_cast<uint32_t*>(gk + base + nd * 8 + 2 * t) =
+              pack2<T>(dk[mk][nd][2 * i] * a.scale, dk[mk][nd][2 * i + 1] * a.scale);
+        if (gv)
+          *reinterpret_cast<uint32_t*>(gv + base + nd * 8 + 2 * t) =
+              pack2<T>(dv[mk][nd][2 * i], dv[mk][nd][2 * i + 1]);
+      }
+    }
+}
+
 // dq = scale * dq_accum, in the input type.
 template <class T>
 __global__ void dq_convert_kernel(const float* __restrict__ acc, T* __restrict__ dq, int64_t n,
@@ -1444,7 +1679,8 @@ __global__ void __launch_bounds__(kFaThreads, 3) fa_bwd_dq_kernel_1buf(Args a) {
 // -1: auto (2 for head_dim 128, and for head_dim 64 when the longest sequence has >= 1024 queries).
 int g_fwd_row_blocks = 0;
 // Tensor-core backward variant (set_attention_bwd_variant): 0 the default, 1 more CTAs per SM,
-// 2 the leaner atomic dQ (only without determinism).
+// 2 the leaner atomic dQ (only without determinism), 3 as 1 but dK/dV at D = 64 with 32 keys per
+// warp (fa_bwd_dkdv_mk2_kernel).
 int g_bwd_variant = 0;
 
 // The forward's 64-row blocks per CTA under the current setting.
@@ -1651,7 +1887,25 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
     accum = Tensor::empty({std::max<int64_t>(n, 1)}, DType::f32, Device::cuda(dev));
     CUDA_CHECK(cudaMemsetAsync(accum.raw_data(), 0, size_t(n) * sizeof(float), stream()));
   }
-  if (a.dk || a.dv || atomic_dq) {
+  bool dkdv_done = false;
+  if constexpr (D == 64) {
+    if (g_bwd_variant == 3 && !atomic_dq && (a.dk || a.dv)) {
+      Tables t = make_tiles(seqs, kBwd2BN, true, p.causal, dev);
+      if (t.nx > 0) {
+        FTUNE_CHECK(t.nz <= 65535, "[attention_backward] batch of ", t.nz, " rows");
+        Args b = a;
+        b.map = t.map;
+        const size_t smem = size_t(2 * kBwd2BN + 4 * kBwd2BM) * kFaLds<D> * sizeof(T) +
+                            4 * kBwd2BM * sizeof(float);
+        set_smem(fa_bwd_dkdv_mk2_kernel<T, D>, smem);
+        fa_bwd_dkdv_mk2_kernel<T, D><<<dim3(t.nx, unsigned(p.num_kv_heads), t.nz), kFaThreads,
+                                       smem, stream()>>>(b);
+        FTUNE_LAUNCH_CHECK("attention_backward dk/dv (tensor cores, 128 keys)");
+      }
+      dkdv_done = true;
+    }
+  }
+  if (!dkdv_done && (a.dk || a.dv || atomic_dq)) {
     Tables t = make_tiles(seqs, 64, true, p.causal, dev);
     if (t.nx > 0) {
       FTUNE_CHECK(t.nz <= 65535, "[attention_backward] batch of ", t.nz, " rows");
@@ -1705,7 +1959,7 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
       };
       bool done = false;
       if constexpr (D == 128) {
-        if (g_bwd_variant == 1) {
+        if (g_bwd_variant == 1 || g_bwd_variant == 3) {
           launch(fa_bwd_dq_kernel_1buf<T, D>, 4);
           done = true;
         }
@@ -1725,7 +1979,7 @@ void set_attention_fwd_row_blocks(int n) {
 }
 
 void set_attention_bwd_variant(int v) {
-  FTUNE_CHECK(v >= 0 && v <= 2, "[attention_backward] variant must be 0, 1 or 2, got ", v);
+  FTUNE_CHECK(v >= 0 && v <= 3, "[attention_backward] variant must be 0, 1, 2 or 3, got ", v);
   g_bwd_variant = v;
 }
 

@@ -384,11 +384,12 @@ TEST(CudaAttention, ForwardWith128RowBlocks) {
 }
 
 // Backward variant 1 (more resident CTAs per SM: dK/dV at d64 with capped registers, dQ at d128
-// with single K/V buffers; Delta with 16-byte loads) and the forward's auto row blocks: the same
+// with single K/V buffers; Delta with 16-byte loads), variant 3 (as 1, dK/dV at d64 by 128-key
+// CTAs, 32 keys per warp) and the forward's auto row blocks: the same
 // cases as the default paths (fwd and all grads; bf16/f16; d64/d128; causal and not; GQA 8/2;
 // ragged packed sequences; a KV-cache layout; a long uniform batch where auto picks 128-row CTAs
 // at d64).
-TEST(CudaAttention, BackwardVariant1AndAutoForwardRowBlocks) {
+TEST(CudaAttention, BackwardVariants1And3AndAutoForwardRowBlocks) {
   FTUNE_REQUIRE_GPU();
   struct Restore {
     ~Restore() {
@@ -397,38 +398,41 @@ TEST(CudaAttention, BackwardVariant1AndAutoForwardRowBlocks) {
     }
   } restore;
   ASSERT_TRUE(cuda::deterministic());
-  kernels::cuda::set_attention_bwd_variant(1);
   kernels::cuda::set_attention_fwd_row_blocks(-1);
-  for (int64_t d : {64, 128})
-    for (bool causal : {true, false})
-      for (DType dt : {DType::bf16, DType::f16}) {
-        Case c;
-        c.cu_q = {0, 5, 5, 45, 175, 176, 242};
-        c.cu_k = {0, 70, 79, 109, 239, 240, 440};
-        c.d = d;
-        c.causal = causal;
-        check_case(c, dt, 15);
-        Case r;
-        r.cu_q = r.cu_k = {0, 1, 18, 146, 446};
-        r.d = d;
-        r.causal = causal;
-        check_case(r, dt, 16);
-        Case u;
-        u.b = 2;
-        u.tq = u.tk = 300;
-        u.d = d;
-        u.causal = causal;
-        check_case(u, dt, 17);
-      }
-  for (int64_t d : {64, 128}) {
-    Case c;
-    c.b = 1;
-    c.tq = c.tk = 1500;
-    c.h = 4;
-    c.hkv = 1;
-    c.d = d;
-    c.causal = true;
-    check_case(c, DType::bf16, 18);
+  for (int variant : {1, 3}) {
+    SCOPED_TRACE("backward variant " + std::to_string(variant));
+    kernels::cuda::set_attention_bwd_variant(variant);
+    for (int64_t d : {64, 128})
+      for (bool causal : {true, false})
+        for (DType dt : {DType::bf16, DType::f16}) {
+          Case c;
+          c.cu_q = {0, 5, 5, 45, 175, 176, 242};
+          c.cu_k = {0, 70, 79, 109, 239, 240, 440};
+          c.d = d;
+          c.causal = causal;
+          check_case(c, dt, 15);
+          Case r;
+          r.cu_q = r.cu_k = {0, 1, 18, 146, 446};
+          r.d = d;
+          r.causal = causal;
+          check_case(r, dt, 16);
+          Case u;
+          u.b = 2;
+          u.tq = u.tk = 300;
+          u.d = d;
+          u.causal = causal;
+          check_case(u, dt, 17);
+        }
+    for (int64_t d : {64, 128}) {
+      Case c;
+      c.b = 1;
+      c.tq = c.tk = 1500;
+      c.h = 4;
+      c.hkv = 1;
+      c.d = d;
+      c.causal = true;
+      check_case(c, DType::bf16, 18);
+    }
   }
 }
 
