@@ -1673,6 +1673,168 @@ __global__ void __launch_bounds__(kFaThreads, 3) fa_bwd_dq_kernel_1buf(Args a) {
   }
 }
 
+// fa_bwd_dq_ma2_kernel (backward variant 4): fa_bwd_dq_kernel with 128 query rows per CTA, warp w
+// owning rows 32w..32w+31 as two 16-row m-blocks, and key tiles of 32 (double-buffered): every
+// K / V fragment read from shared memory feeds two products instead of one, and dQ's K^T
+// fragments too (0.42 ldmatrix.x4 per MMA instead of 0.58). dQ: 2 x [16 rows x D] per warp.
+constexpr int kDq2BM = 128;  // query rows per CTA
+constexpr int kDq2BN = 32;   // keys per tile
+
+template <class T, int D>
+__global__ void __launch_bounds__(kFaThreads) fa_bwd_dq_ma2_kernel(Args a) {
+  constexpr int LDS = kFaLds<D>;
+  constexpr int BM = kDq2BM, BN = kDq2BN;
+  constexpr int kQTile = BM * LDS, kKTile = BN * LDS;
+  extern __shared__ __align__(16) unsigned char fa_smem[];
+  T* sQ = reinterpret_cast<T*>(fa_smem);  // [128][LDS]
+  T* sG = sQ + kQTile;                    // [128][LDS] dO
+  T* sK = sG + kQTile;                    // [2][32][LDS]
+  T* sV = sK + 2 * kKTile;                // [2][32][LDS]
+  SeqDesc s;
+  int r0;
+  tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, r0);
+  const int h = blockIdx.y, hk = h / (a.H / a.Hkv);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int rows = min(BM, s.len_q - r0), off = s.len_k - s.len_q;
+  const int64_t ldq = int64_t(a.H) * D, ldk = int64_t(a.Hkv) * D;
+  const T* qbase = static_cast<const T*>(a.q);
+  const int64_t qoff = int64_t(s.q_start + r0) * ldq + int64_t(h) * D;
+  const T* k = static_cast<const T*>(a.k) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
+  const T* v = static_cast<const T*>(a.v) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
+  const int col_end = visible_end(s, r0, rows, a.causal);
+  const int ntiles = (col_end + BN - 1) / BN;
+  fa_load_rows<T, BM, D>(sQ, qbase + qoff, ldq, rows, qbase);
+  fa_load_rows<T, BM, D>(sG, static_cast<const T*>(a.dout) + qoff, ldq, rows, qbase);
+  if (ntiles > 0) {
+    fa_load_rows<T, BN, D>(sK, k, ldk, min(BN, col_end), qbase);
+    fa_load_rows<T, BN, D>(sV, v, ldk, min(BN, col_end), qbase);
+  }
+  cp_async_commit();
+
+  const float log2e = 1.4426950408889634f, sl2 = a.scale * log2e;
+  // This thread's accumulator rows (within the CTA): m-block am, i = 0 (row g) or 1 (row g + 8).
+  auto row_in = [&](int am, int i) { return warp * 32 + am * 16 + g + 8 * i; };
+  float lse2[2][2], dl[2][2];
+#pragma unroll
+  for (int am = 0; am < 2; ++am)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = row_in(am, i);
+      const int64_t idx = int64_t(h) * a.nq + s.q_start + r0 + r;
+      lse2[am][i] = r < rows ? a.lse[idx] * log2e : INFINITY;
+      dl[am][i] = r < rows ? a.delta[idx] : 0.f;
+    }
+  float dq[2][D / 8][4];
+#pragma unroll
+  for (int am = 0; am < 2; ++am)
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) dq[am][i][0] = dq[am][i][1] = dq[am][i][2] = dq[am][i][3] = 0.f;
+
+  for (int jt = 0; jt < ntiles; ++jt) {
+    const int c0 = jt * BN, buf = jt & 1;
+    cp_async_wait_all();
+    __syncthreads();  // tile jt landed; buffer buf ^ 1 (tile jt - 1) is no longer read
+    if (jt + 1 < ntiles) {
+      const int valid = min(BN, col_end - c0 - BN);
+      fa_load_rows<T, BN, D>(sK + (buf ^ 1) * kKTile, k + int64_t(c0 + BN) * ldk, ldk, valid,
+                             qbase);
+      fa_load_rows<T, BN, D>(sV + (buf ^ 1) * kKTile, v + int64_t(c0 + BN) * ldk, ldk, valid,
+                             qbase);
+    }
+    cp_async_commit();
+    const T* kt = sK + buf * kKTile;
+    const T* vt = sV + buf * kKTile;
+
+    float sc[2][BN / 8][4], dp[2][BN / 8][4];
+#pragma unroll
+    for (int am = 0; am < 2; ++am)
+#pragma unroll
+      for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sc[am][i][e] = dp[am][i][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t qa[2][4], ga[2][4];
+#pragma unroll
+      for (int am = 0; am < 2; ++am) {
+        const int at = (warp * 32 + am * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8;
+        ldsm_x4(qa[am], sQ + at);
+        ldsm_x4(ga[am], sG + at);
+      }
+#pragma unroll
+      for (int nb = 0; nb < BN / 16; ++nb) {
+        const int at = (nb * 16 + (lane & 7) + (lane >> 4) * 8) * LDS + kk * 16 +
+                       ((lane >> 3) & 1) * 8;
+        uint32_t b[4];
+        ldsm_x4(b, kt + at);
+#pragma unroll
+        for (int am = 0; am < 2; ++am) {
+          mma16816<T>(sc[am][2 * nb], qa[am], b[0], b[1]);
+          mma16816<T>(sc[am][2 * nb + 1], qa[am], b[2], b[3]);
+        }
+        ldsm_x4(b, vt + at);
+#pragma unroll
+        for (int am = 0; am < 2; ++am) {
+          mma16816<T>(dp[am][2 * nb], ga[am], b[0], b[1]);
+          mma16816<T>(dp[am][2 * nb + 1], ga[am], b[2], b[3]);
+        }
+      }
+    }
+    const bool need_mask = c0 + BN > s.len_k || (a.causal && c0 + BN - 1 > r0 + off);
+#pragma unroll
+    for (int am = 0; am < 2; ++am)
+#pragma unroll
+      for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float p = exp2f(sc[am][nb][e] * sl2 - lse2[am][e >> 1]);
+          if (need_mask) {
+            const int col = c0 + nb * 8 + 2 * t + (e & 1);
+            const int row = r0 + row_in(am, e >> 1);
+            if (col >= s.len_k || (a.causal && col > row + off)) p = 0.f;
+          }
+          sc[am][nb][e] = p * (dp[am][nb][e] - dl[am][e >> 1]);
+        }
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      uint32_t pa[2][4];
+#pragma unroll
+      for (int am = 0; am < 2; ++am) {
+        pa[am][0] = pack2<T>(sc[am][2 * kk][0], sc[am][2 * kk][1]);
+        pa[am][1] = pack2<T>(sc[am][2 * kk][2], sc[am][2 * kk][3]);
+        pa[am][2] = pack2<T>(sc[am][2 * kk + 1][0], sc[am][2 * kk + 1][1]);
+        pa[am][3] = pack2<T>(sc[am][2 * kk + 1][2], sc[am][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int nd = 0; nd < D / 16; ++nd) {
+        uint32_t b[4];
+        ldsm_x4_t(b, kt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + nd * 16 +
+                         (lane >> 4) * 8);
+#pragma unroll
+        for (int am = 0; am < 2; ++am) {
+          mma16816<T>(dq[am][2 * nd], pa[am], b[0], b[1]);
+          mma16816<T>(dq[am][2 * nd + 1], pa[am], b[2], b[3]);
+        }
+      }
+    }
+  }
+  cp_async_wait_all();
+
+  T* gq = static_cast<T*>(a.dq);
+#pragma unroll
+  for (int am = 0; am < 2; ++am)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = row_in(am, i);
+      if (r >= rows) continue;
+      T* row = gq + int64_t(s.q_start + r0 + r) * ldq + int64_t(h) * D;
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd)
+        *reinterpret_cast<uint32_t*>(row + nd * 8 + 2 * t) =
+            pack2<T>(dq[am][nd][2 * i] * a.scale, dq[am][nd][2 * i + 1] * a.scale);
+    }
+}
+
 // ---- host side ------------------------------------------------------------------------------------
 
 // 64-row blocks per CTA of the tensor-core forward; 0: the default (1; the benchmark compares 2);
@@ -1680,7 +1842,8 @@ __global__ void __launch_bounds__(kFaThreads, 3) fa_bwd_dq_kernel_1buf(Args a) {
 int g_fwd_row_blocks = 0;
 // Tensor-core backward variant (set_attention_bwd_variant): 0 the default, 1 more CTAs per SM,
 // 2 the leaner atomic dQ (only without determinism), 3 as 1 but dK/dV at D = 64 with 32 keys per
-// warp (fa_bwd_dkdv_mk2_kernel).
+// warp (fa_bwd_dkdv_mk2_kernel), 4 as 3 but dQ by 128-row CTAs over 32-key tiles
+// (fa_bwd_dq_ma2_kernel).
 int g_bwd_variant = 0;
 
 // The forward's 64-row blocks per CTA under the current setting.
@@ -1889,7 +2052,7 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
   }
   bool dkdv_done = false;
   if constexpr (D == 64) {
-    if (g_bwd_variant == 3 && !atomic_dq && (a.dk || a.dv)) {
+    if ((g_bwd_variant == 3 || g_bwd_variant == 4) && !atomic_dq && (a.dk || a.dv)) {
       Tables t = make_tiles(seqs, kBwd2BN, true, p.causal, dev);
       if (t.nx > 0) {
         FTUNE_CHECK(t.nz <= 65535, "[attention_backward] batch of ", t.nz, " rows");
@@ -1946,6 +2109,20 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
     FTUNE_LAUNCH_CHECK("attention_backward dq convert");
     return;
   }
+  if (a.dq && g_bwd_variant == 4) {
+    Tables t = make_tiles(seqs, kDq2BM, false, p.causal, dev);
+    if (t.nx > 0) {
+      FTUNE_CHECK(t.nz <= 65535, "[attention_backward] batch of ", t.nz, " rows");
+      Args b = a;
+      b.map = t.map;
+      const size_t smem = size_t(2 * kDq2BM + 4 * kDq2BN) * kFaLds<D> * sizeof(T);
+      set_smem(fa_bwd_dq_ma2_kernel<T, D>, smem);
+      fa_bwd_dq_ma2_kernel<T, D><<<dim3(t.nx, unsigned(p.num_heads), t.nz), kFaThreads, smem,
+                                   stream()>>>(b);
+      FTUNE_LAUNCH_CHECK("attention_backward dq (tensor cores, 128 rows)");
+    }
+    return;
+  }
   if (a.dq) {
     Tables t = make_tiles(seqs, kFaBM, false, p.causal, dev);
     if (t.nx > 0) {
@@ -1979,7 +2156,7 @@ void set_attention_fwd_row_blocks(int n) {
 }
 
 void set_attention_bwd_variant(int v) {
-  FTUNE_CHECK(v >= 0 && v <= 3, "[attention_backward] variant must be 0, 1, 2 or 3, got ", v);
+  FTUNE_CHECK(v >= 0 && v <= 4, "[attention_backward] variant must be 0..4, got ", v);
   g_bwd_variant = v;
 }
 
