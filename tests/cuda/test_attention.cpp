@@ -451,15 +451,22 @@ TEST(CudaAttention, SomeGradientsOnly) {
   const Device dev = Device::cuda(0);
   Tensor q = to_gpu(in.q, dt), k = to_gpu(in.k, dt), v = to_gpu(in.v, dt), g = to_gpu(in.dout, dt);
   Tensor out = to_gpu(full.out, dt), lse = full.lse.to(Device::cuda(0));
-  Tensor dq = Tensor::empty(q.shape(), dt, dev), dv = Tensor::empty(v.shape(), dt, dev);
-  kernels::cuda::attention_backward(p, seqs, dt, q.raw_data(), k.raw_data(), v.raw_data(),
-                                    out.raw_data(), lse.data<float>(), g.raw_data(), dq.raw_data(),
-                                    nullptr, nullptr);
-  expect_close(to_host(dq), ref.dq, dt, "dq alone");
-  kernels::cuda::attention_backward(p, seqs, dt, q.raw_data(), k.raw_data(), v.raw_data(),
-                                    out.raw_data(), lse.data<float>(), g.raw_data(), nullptr,
-                                    nullptr, dv.raw_data());
-  expect_close(to_host(dv), ref.dv, dt, "dv alone");
+  struct Restore {
+    ~Restore() { kernels::cuda::set_attention_bwd_variant(0); }
+  } restore;
+  for (int variant : {0, 1, 3, 4}) {  // every backward variant of the deterministic path
+    SCOPED_TRACE("backward variant " + std::to_string(variant));
+    kernels::cuda::set_attention_bwd_variant(variant);
+    Tensor dq = Tensor::empty(q.shape(), dt, dev), dv = Tensor::empty(v.shape(), dt, dev);
+    kernels::cuda::attention_backward(p, seqs, dt, q.raw_data(), k.raw_data(), v.raw_data(),
+                                      out.raw_data(), lse.data<float>(), g.raw_data(),
+                                      dq.raw_data(), nullptr, nullptr);
+    expect_close(to_host(dq), ref.dq, dt, "dq alone");
+    kernels::cuda::attention_backward(p, seqs, dt, q.raw_data(), k.raw_data(), v.raw_data(),
+                                      out.raw_data(), lse.data<float>(), g.raw_data(), nullptr,
+                                      nullptr, dv.raw_data());
+    expect_close(to_host(dv), ref.dv, dt, "dv alone");
+  }
 }
 
 TEST(CudaAttention, DecodeMatchesCpuAndFullForwardLastRow) {
