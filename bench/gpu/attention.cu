@@ -58,6 +58,7 @@ FTUNE_GPU_BENCH(attention) {
           kernels::cuda::attention_backward(p, seqs, DType::bf16, q, k, v, o, lse, go, dq, dk, dv);
         };
         const int reps = N >= 4096 ? 10 : 20;
+        const int vreps = reps / 2;  // the variant rows: fewer repetitions keep the family short
         const std::string shape = "bf16 d" + std::to_string(D) + " h" + std::to_string(H) +
                                   " b" + std::to_string(B) + " n" + std::to_string(N) +
                                   (causal ? " causal" : "");
@@ -84,21 +85,21 @@ FTUNE_GPU_BENCH(attention) {
         kernels::cuda::set_attention_bwd_variant(1);
         bench::Row rv;
         rv.name = "attn_fwd+bwd " + shape + " bwd-v1";
-        rv.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, reps);
+        rv.ms = ctx.time_ms([&] { fwd(); bwd(); }, 1, vreps);
         rv.flops = 3.5 * fwd_flops;
         ctx.add(rv);
         if (D == 64) {  // variant 3 differs from 1 only at head_dim 64
           kernels::cuda::set_attention_bwd_variant(3);
           bench::Row r3;
           r3.name = "attn_fwd+bwd " + shape + " bwd-v3";
-          r3.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, reps);
+          r3.ms = ctx.time_ms([&] { fwd(); bwd(); }, 1, vreps);
           r3.flops = 3.5 * fwd_flops;
           ctx.add(r3);
         }
         kernels::cuda::set_attention_bwd_variant(4);
         bench::Row r4;
         r4.name = "attn_fwd+bwd " + shape + " bwd-v4";
-        r4.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, reps);
+        r4.ms = ctx.time_ms([&] { fwd(); bwd(); }, 1, vreps);
         r4.flops = 3.5 * fwd_flops;
         ctx.add(r4);
         kernels::cuda::set_attention_bwd_variant(0);
@@ -107,7 +108,7 @@ FTUNE_GPU_BENCH(attention) {
         kernels::cuda::set_attention_bwd_variant(2);
         bench::Row ra;
         ra.name = "attn_fwd+bwd " + shape + " atomic-dq-v2";
-        ra.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, reps);
+        ra.ms = ctx.time_ms([&] { fwd(); bwd(); }, 1, vreps);
         ra.flops = 3.5 * fwd_flops;
         ctx.add(ra);
         kernels::cuda::set_attention_bwd_variant(0);
