@@ -12,7 +12,9 @@
 // key, whose output is 0). The backward recomputes P from it after a preprocess pass
 // Delta = rowsum(dO * O), computes dK/dV with one CTA per key tile (looping over the query
 // tiles and the query heads of its kv head: grouped-query needs no atomics), and dQ in a
-// separate pass with one CTA per query tile: deterministic, no float atomics.
+// separate pass with one CTA per query tile: deterministic, no float atomics. Performance
+// variants of the tensor-core backward (set_attention_bwd_variant; kernels/attention.h) sit beside
+// the default kernels, which they leave untouched.
 #include "kernels/attention.h"
 #include "kernels/cuda/common.cuh"
 
@@ -214,7 +216,7 @@ __global__ void bwd_delta_kernel(const T* __restrict__ o, const T* __restrict__ 
   }
 }
 
-// Delta as bwd_delta_kernel with 16-byte loads (backward variants 1 and 2, tensor-core path: 16-bit
+// Delta as bwd_delta_kernel with 16-byte loads (backward variants 1-4, tensor-core path: 16-bit
 // T, 16-byte aligned O / dO): CH = D / kVec<T> lanes per (token, head) row (8 or 16), summed by
 // shuffles within the row's aligned group of CH lanes. Whole warps step together (the shuffles);
 // a group is wholly in or out of range since the chunk count is a multiple of CH.
