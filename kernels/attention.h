@@ -83,8 +83,9 @@ void set_attention_fwd_row_blocks(int n);
 // with single K/V buffers). 2: with ftune::cuda::deterministic() off, a leaner atomic dQ inside
 // the dK/dV kernel (dS fragments read once, float2 atomics); with it on, as 0. 3: as 1, but dK/dV
 // at head_dim 64 by 128-key CTAs, 32 keys per warp (a third fewer shared-memory reads per MMA).
-// 4: as 3, and dQ by 128-row CTAs (32 rows per warp) over 32-key tiles. 1-4 compute
-// Delta = rowsum(dO * O) with 16-byte loads. Process-wide, not thread-safe.
+// 4: as 3, and dQ by 128-row CTAs (32 rows per warp) over 32-key tiles. 5: as 4, that dQ kernel
+// at head_dim 64 capped at 168 registers (3 CTAs per SM). 1-5 compute Delta = rowsum(dO * O)
+// with 16-byte loads. Process-wide, not thread-safe.
 void set_attention_bwd_variant(int v);
 
 }  // namespace ftune::kernels::cuda

@@ -2,7 +2,7 @@
 // backward with FlashAttention's convention (forward 4 B H N^2 D, halved when causal; backward
 // 2.5x the forward), head_dim 64 (32 heads) and 128 (16 heads), seq 512..8192 with B N = 16k
 // tokens, causal and not; the forward also with 128-row CTAs, fwd+bwd also with backward variants
-// 1, 3 (head_dim 64), 4 and (determinism off) 2 (set_attention_bwd_variant). The torch SDPA numbers on the same shapes come from
+// 1, 3 and 5 (head_dim 64), 4 and (determinism off) 2 (set_attention_bwd_variant). The torch SDPA numbers on the same shapes come from
 // torch_attention.py. Plus one decode step over a long KV cache (GB/s: K and V read once).
 #include <algorithm>
 #include <cmath>
@@ -102,6 +102,14 @@ FTUNE_GPU_BENCH(attention) {
         r4.ms = ctx.time_ms([&] { fwd(); bwd(); }, 1, vreps);
         r4.flops = 3.5 * fwd_flops;
         ctx.add(r4);
+        if (D == 64) {  // variant 5 differs from 4 only at head_dim 64
+          kernels::cuda::set_attention_bwd_variant(5);
+          bench::Row r5;
+          r5.name = "attn_fwd+bwd " + shape + " bwd-v5";
+          r5.ms = ctx.time_ms([&] { fwd(); bwd(); }, 1, vreps);
+          r5.flops = 3.5 * fwd_flops;
+          ctx.add(r5);
+        }
         kernels::cuda::set_attention_bwd_variant(0);
         // Determinism off, backward variant 2: dQ by float2 atomics inside the dK/dV kernel.
         cuda::set_deterministic(false);

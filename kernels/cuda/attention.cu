@@ -216,7 +216,7 @@ __global__ void bwd_delta_kernel(const T* __restrict__ o, const T* __restrict__ 
   }
 }
 
-// Delta as bwd_delta_kernel with 16-byte loads (backward variants 1-4, tensor-core path: 16-bit
+// Delta as bwd_delta_kernel with 16-byte loads (backward variants 1-5, tensor-core path: 16-bit
 // T, 16-byte aligned O / dO): CH = D / kVec<T> lanes per (token, head) row (8 or 16), summed by
 // shuffles within the row's aligned group of CH lanes. Whole warps step together (the shuffles);
 // a group is wholly in or out of range since the chunk count is a multiple of CH.
@@ -1683,7 +1683,7 @@ constexpr int kDq2BM = 128;  // query rows per CTA
 constexpr int kDq2BN = 32;   // keys per tile
 
 template <class T, int D>
-__global__ void __launch_bounds__(kFaThreads) fa_bwd_dq_ma2_kernel(Args a) {
+__device__ __forceinline__ void fa_bwd_dq_ma2_body(const Args& a) {
   constexpr int LDS = kFaLds<D>;
   constexpr int BM = kDq2BM, BN = kDq2BN;
   constexpr int kQTile = BM * LDS, kKTile = BN * LDS;
@@ -1837,6 +1837,17 @@ __global__ void __launch_bounds__(kFaThreads) fa_bwd_dq_ma2_kernel(Args a) {
     }
 }
 
+template <class T, int D>
+__global__ void __launch_bounds__(kFaThreads) fa_bwd_dq_ma2_kernel(Args a) {
+  fa_bwd_dq_ma2_body<T, D>(a);
+}
+// Backward variant 5 at D = 64: the same with 3 resident CTAs per SM asked of ptxas (at most 168
+// registers; the plain kernel uses 214, so 2 CTAs per SM), shared memory (55 KB) allows 4.
+template <class T, int D>
+__global__ void __launch_bounds__(kFaThreads, 3) fa_bwd_dq_ma2_occ3_kernel(Args a) {
+  fa_bwd_dq_ma2_body<T, D>(a);
+}
+
 // ---- host side ------------------------------------------------------------------------------------
 
 // 64-row blocks per CTA of the tensor-core forward; 0: the default (1; the benchmark compares 2);
@@ -1845,7 +1856,7 @@ int g_fwd_row_blocks = 0;
 // Tensor-core backward variant (set_attention_bwd_variant): 0 the default, 1 more CTAs per SM,
 // 2 the leaner atomic dQ (only without determinism), 3 as 1 but dK/dV at D = 64 with 32 keys per
 // warp (fa_bwd_dkdv_mk2_kernel), 4 as 3 but dQ by 128-row CTAs over 32-key tiles
-// (fa_bwd_dq_ma2_kernel).
+// (fa_bwd_dq_ma2_kernel), 5 as 4 but that dQ kernel at D = 64 capped at 168 registers.
 int g_bwd_variant = 0;
 
 // The forward's 64-row blocks per CTA under the current setting.
@@ -2054,7 +2065,7 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
   }
   bool dkdv_done = false;
   if constexpr (D == 64) {
-    if ((g_bwd_variant == 3 || g_bwd_variant == 4) && !atomic_dq && (a.dk || a.dv)) {
+    if (g_bwd_variant >= 3 && !atomic_dq && (a.dk || a.dv)) {
       Tables t = make_tiles(seqs, kBwd2BN, true, p.causal, dev);
       if (t.nx > 0) {
         FTUNE_CHECK(t.nz <= 65535, "[attention_backward] batch of ", t.nz, " rows");
@@ -2111,16 +2122,25 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
     FTUNE_LAUNCH_CHECK("attention_backward dq convert");
     return;
   }
-  if (a.dq && g_bwd_variant == 4) {
+  if (a.dq && (g_bwd_variant == 4 || g_bwd_variant == 5)) {
     Tables t = make_tiles(seqs, kDq2BM, false, p.causal, dev);
     if (t.nx > 0) {
       FTUNE_CHECK(t.nz <= 65535, "[attention_backward] batch of ", t.nz, " rows");
       Args b = a;
       b.map = t.map;
       const size_t smem = size_t(2 * kDq2BM + 4 * kDq2BN) * kFaLds<D> * sizeof(T);
-      set_smem(fa_bwd_dq_ma2_kernel<T, D>, smem);
-      fa_bwd_dq_ma2_kernel<T, D><<<dim3(t.nx, unsigned(p.num_heads), t.nz), kFaThreads, smem,
-                                   stream()>>>(b);
+      auto launch = [&](auto kernel) {
+        set_smem(kernel, smem);
+        kernel<<<dim3(t.nx, unsigned(p.num_heads), t.nz), kFaThreads, smem, stream()>>>(b);
+      };
+      bool done = false;
+      if constexpr (D == 64) {
+        if (g_bwd_variant == 5) {
+          launch(fa_bwd_dq_ma2_occ3_kernel<T, D>);
+          done = true;
+        }
+      }
+      if (!done) launch(fa_bwd_dq_ma2_kernel<T, D>);
       FTUNE_LAUNCH_CHECK("attention_backward dq (tensor cores, 128 rows)");
     }
     return;
@@ -2158,7 +2178,7 @@ void set_attention_fwd_row_blocks(int n) {
 }
 
 void set_attention_bwd_variant(int v) {
-  FTUNE_CHECK(v >= 0 && v <= 4, "[attention_backward] variant must be 0..4, got ", v);
+  FTUNE_CHECK(v >= 0 && v <= 5, "[attention_backward] variant must be 0..5, got ", v);
   g_bwd_variant = v;
 }
 

@@ -385,12 +385,12 @@ TEST(CudaAttention, ForwardWith128RowBlocks) {
 
 // Backward variant 1 (more resident CTAs per SM: dK/dV at d64 with capped registers, dQ at d128
 // with single K/V buffers; Delta with 16-byte loads), variant 3 (as 1, dK/dV at d64 by 128-key
-// CTAs, 32 keys per warp), variant 4 (as 3, dQ by 128-row CTAs over 32-key tiles) and the
-// forward's auto row blocks: the same
+// CTAs, 32 keys per warp), variant 4 (as 3, dQ by 128-row CTAs over 32-key tiles), variant 5 (as
+// 4, that dQ kernel at d64 capped at 168 registers) and the forward's auto row blocks: the same
 // cases as the default paths (fwd and all grads; bf16/f16; d64/d128; causal and not; GQA 8/2;
 // ragged packed sequences; a KV-cache layout; a long uniform batch where auto picks 128-row CTAs
 // at d64).
-TEST(CudaAttention, BackwardVariants1To4AndAutoForwardRowBlocks) {
+TEST(CudaAttention, BackwardVariants1To5AndAutoForwardRowBlocks) {
   FTUNE_REQUIRE_GPU();
   struct Restore {
     ~Restore() {
@@ -400,7 +400,7 @@ TEST(CudaAttention, BackwardVariants1To4AndAutoForwardRowBlocks) {
   } restore;
   ASSERT_TRUE(cuda::deterministic());
   kernels::cuda::set_attention_fwd_row_blocks(-1);
-  for (int variant : {1, 3, 4}) {
+  for (int variant : {1, 3, 4, 5}) {
     SCOPED_TRACE("backward variant " + std::to_string(variant));
     kernels::cuda::set_attention_bwd_variant(variant);
     for (int64_t d : {64, 128})
@@ -454,7 +454,7 @@ TEST(CudaAttention, SomeGradientsOnly) {
   struct Restore {
     ~Restore() { kernels::cuda::set_attention_bwd_variant(0); }
   } restore;
-  for (int variant : {0, 1, 3, 4}) {  // every backward variant of the deterministic path
+  for (int variant : {0, 1, 3, 4, 5}) {  // every backward variant of the deterministic path
     SCOPED_TRACE("backward variant " + std::to_string(variant));
     kernels::cuda::set_attention_bwd_variant(variant);
     Tensor dq = Tensor::empty(q.shape(), dt, dev), dv = Tensor::empty(v.shape(), dt, dev);
