@@ -74,7 +74,18 @@ void attention_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, D
                         const float* lse, const void* dout, void* dq, void* dk, void* dv);
 
 // Benchmark hook: query rows per CTA of the tensor-core forward in blocks of 64 (1 or 2; 0
-// restores the default, 1). Same results either way.
+// restores the default, 1; -1 picks per call: 2 for head_dim 128, and for head_dim 64 when the
+// longest sequence has at least 1024 queries). Same results either way.
 void set_attention_fwd_row_blocks(int n);
+
+// Benchmark hook: the tensor-core backward's variant. 0 (the default): as described above.
+// 1: more resident CTAs per SM (dK/dV at head_dim 64 capped at 168 registers; dQ at head_dim 128
+// with single K/V buffers). 2: with ftune::cuda::deterministic() off, a leaner atomic dQ inside
+// the dK/dV kernel (dS fragments read once, float2 atomics); with it on, as 0. 3: as 1, but dK/dV
+// at head_dim 64 by 128-key CTAs, 32 keys per warp (a third fewer shared-memory reads per MMA).
+// 4: as 3, and dQ by 128-row CTAs (32 rows per warp) over 32-key tiles. 5: as 4, that dQ kernel
+// at head_dim 64 capped at 168 registers (3 CTAs per SM). 1-5 compute Delta = rowsum(dO * O)
+// with 16-byte loads. Process-wide, not thread-safe.
+void set_attention_bwd_variant(int v);
 
 }  // namespace ftune::kernels::cuda

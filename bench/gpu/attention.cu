@@ -1,7 +1,8 @@
 // Fused attention (kernels/cuda/attention.cu), bf16: TFLOP/s of the forward and of forward +
 // backward with FlashAttention's convention (forward 4 B H N^2 D, halved when causal; backward
 // 2.5x the forward), head_dim 64 (32 heads) and 128 (16 heads), seq 512..8192 with B N = 16k
-// tokens, causal and not. The torch SDPA numbers on the same shapes come from
+// tokens, causal and not; the forward also with 128-row CTAs, fwd+bwd also with backward variants
+// 1, 3 and 5 (head_dim 64), 4 and (determinism off) 2 (set_attention_bwd_variant). The torch SDPA numbers on the same shapes come from
 // torch_attention.py. Plus one decode step over a long KV cache (GB/s: K and V read once).
 #include <algorithm>
 #include <cmath>
@@ -57,6 +58,7 @@ FTUNE_GPU_BENCH(attention) {
           kernels::cuda::attention_backward(p, seqs, DType::bf16, q, k, v, o, lse, go, dq, dk, dv);
         };
         const int reps = N >= 4096 ? 10 : 20;
+        const int vreps = reps / 2;  // the variant rows: fewer repetitions keep the family short
         const std::string shape = "bf16 d" + std::to_string(D) + " h" + std::to_string(H) +
                                   " b" + std::to_string(B) + " n" + std::to_string(N) +
                                   (causal ? " causal" : "");
@@ -79,13 +81,45 @@ FTUNE_GPU_BENCH(attention) {
         rb.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, reps);
         rb.flops = 3.5 * fwd_flops;
         ctx.add(rb);
-        // Determinism off: dQ by f32 atomics in the dK/dV kernel (no second pass).
+        // Backward variant 1 (more resident CTAs per SM), forward at the default.
+        kernels::cuda::set_attention_bwd_variant(1);
+        bench::Row rv;
+        rv.name = "attn_fwd+bwd " + shape + " bwd-v1";
+        rv.ms = ctx.time_ms([&] { fwd(); bwd(); }, 1, vreps);
+        rv.flops = 3.5 * fwd_flops;
+        ctx.add(rv);
+        if (D == 64) {  // variant 3 differs from 1 only at head_dim 64
+          kernels::cuda::set_attention_bwd_variant(3);
+          bench::Row r3;
+          r3.name = "attn_fwd+bwd " + shape + " bwd-v3";
+          r3.ms = ctx.time_ms([&] { fwd(); bwd(); }, 1, vreps);
+          r3.flops = 3.5 * fwd_flops;
+          ctx.add(r3);
+        }
+        kernels::cuda::set_attention_bwd_variant(4);
+        bench::Row r4;
+        r4.name = "attn_fwd+bwd " + shape + " bwd-v4";
+        r4.ms = ctx.time_ms([&] { fwd(); bwd(); }, 1, vreps);
+        r4.flops = 3.5 * fwd_flops;
+        ctx.add(r4);
+        if (D == 64) {  // variant 5 differs from 4 only at head_dim 64
+          kernels::cuda::set_attention_bwd_variant(5);
+          bench::Row r5;
+          r5.name = "attn_fwd+bwd " + shape + " bwd-v5";
+          r5.ms = ctx.time_ms([&] { fwd(); bwd(); }, 1, vreps);
+          r5.flops = 3.5 * fwd_flops;
+          ctx.add(r5);
+        }
+        kernels::cuda::set_attention_bwd_variant(0);
+        // Determinism off, backward variant 2: dQ by float2 atomics inside the dK/dV kernel.
         cuda::set_deterministic(false);
+        kernels::cuda::set_attention_bwd_variant(2);
         bench::Row ra;
-        ra.name = "attn_fwd+bwd " + shape + " atomic-dq";
-        ra.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, reps);
+        ra.name = "attn_fwd+bwd " + shape + " atomic-dq-v2";
+        ra.ms = ctx.time_ms([&] { fwd(); bwd(); }, 1, vreps);
         ra.flops = 3.5 * fwd_flops;
         ctx.add(ra);
+        kernels::cuda::set_attention_bwd_variant(0);
         cuda::set_deterministic(true);
       }
       for (void* ptr : {q, k, v, go, o, dq, dk, dv, static_cast<void*>(lse)}) bench::free_device(ptr);

@@ -12,7 +12,9 @@
 // key, whose output is 0). The backward recomputes P from it after a preprocess pass
 // Delta = rowsum(dO * O), computes dK/dV with one CTA per key tile (looping over the query
 // tiles and the query heads of its kv head: grouped-query needs no atomics), and dQ in a
-// separate pass with one CTA per query tile: deterministic, no float atomics.
+// separate pass with one CTA per query tile: deterministic, no float atomics. Performance
+// variants of the tensor-core backward (set_attention_bwd_variant; kernels/attention.h) sit beside
+// the default kernels, which they leave untouched.
 #include "kernels/attention.h"
 #include "kernels/cuda/common.cuh"
 
@@ -211,6 +213,38 @@ __global__ void bwd_delta_kernel(const T* __restrict__ o, const T* __restrict__ 
     for (int d = lane; d < D; d += 32) acc += to_f(op[d]) * to_f(gp[d]);
     acc = warp_sum(acc);
     if (lane == 0) delta[h * nq + tok] = acc;
+  }
+}
+
+// Delta as bwd_delta_kernel with 16-byte loads (backward variants 1-5, tensor-core path: 16-bit
+// T, 16-byte aligned O / dO): CH = D / kVec<T> lanes per (token, head) row (8 or 16), summed by
+// shuffles within the row's aligned group of CH lanes. Whole warps step together (the shuffles);
+// a group is wholly in or out of range since the chunk count is a multiple of CH.
+template <class T, int CH>
+__global__ void bwd_delta_vec_kernel(const T* __restrict__ o, const T* __restrict__ dout,
+                                     float* __restrict__ delta, int nq, int H) {
+  constexpr int V = kVec<T>;
+  static_assert(CH >= 1 && CH <= 32 && (CH & (CH - 1)) == 0, "CH: a power of two <= 32");
+  const int lane = threadIdx.x & 31;
+  const int64_t n = int64_t(nq) * H * CH;  // 16-byte chunks; chunk i is row i / CH
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t base = int64_t(blockIdx.x) * blockDim.x + (threadIdx.x & ~31); base < n;
+       base += stride) {
+    const int64_t i = base + lane;
+    float acc = 0.f;
+    if (i < n) {
+      float x[V], y[V];
+      load_vec(o + i * V, x);
+      load_vec(dout + i * V, y);
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc += x[e] * y[e];
+    }
+#pragma unroll
+    for (int m = CH / 2; m >= 1; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
+    if (i < n && (lane & (CH - 1)) == 0) {
+      const int64_t w = i / CH, tok = w / H, h = w - tok * H;
+      delta[h * nq + tok] = acc;
+    }
   }
 }
 
@@ -859,8 +893,14 @@ __global__ void __launch_bounds__(kFaThreads) fa_fwd_kernel(Args a) {
 constexpr int kBwdBM = 64;  // query rows per inner tile
 constexpr int kDsLds = 64 + 8;  // row stride of the staged dS (elements)
 
-template <class T, int D, bool kAtomicDq>
-__global__ void __launch_bounds__(kFaThreads) fa_bwd_dkdv_kernel(Args a) {
+// The body is shared by two entry points that differ only in their launch bounds (below).
+// kAtomic: 0 no dQ (deterministic), 1 the atomic dQ described above, 2 (backward variant 2) the
+// same sums with dS staged before the dK product and dQ formed after it (dS^T's registers are free
+// by then), each warp's 4 dS fragments read from shared memory once (not once per 16 columns of D),
+// and float2 atomics (sm_90: half the atomic instructions).
+template <class T, int D, int kAtomic>
+__device__ __forceinline__ void fa_bwd_dkdv_body(const Args& a) {
+  constexpr bool kAtomicDq = kAtomic == 1;
   constexpr int LDS = kFaLds<D>;
   constexpr int kTile = 64 * LDS;
   extern __shared__ __align__(16) unsigned char fa_smem[];
@@ -870,7 +910,7 @@ __global__ void __launch_bounds__(kFaThreads) fa_bwd_dkdv_kernel(Args a) {
   T* sG = sQ + 2 * kTile;                 // [2][64][LDS] dO
   float* sL = reinterpret_cast<float*>(sG + 2 * kTile);  // [2][64] lse in log2 units
   float* sDl = sL + 2 * kBwdBM;                          // [2][64] Delta
-  T* sDs = reinterpret_cast<T*>(sDl + 2 * kBwdBM);       // [64][kDsLds] dS (kAtomicDq only)
+  T* sDs = reinterpret_cast<T*>(sDl + 2 * kBwdBM);       // [64][kDsLds] dS (kAtomic only)
   SeqDesc s;
   int c0;
   tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, c0);
@@ -1032,6 +1072,15 @@ __global__ void __launch_bounds__(kFaThreads) fa_bwd_dkdv_kernel(Args a) {
         }
       }
     }
+    if constexpr (kAtomic == 2) {
+      // dS[row][key] into shared memory for the dQ product after dK's.
+#pragma unroll
+      for (int nb = 0; nb < kBwdBM / 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          sDs[(nb * 8 + 2 * t + (e & 1)) * kDsLds + warp * 16 + g + 8 * (e >> 1)] =
+              from_f<T>(st[nb][e]);
+    }
     // dK += dS^T Q  (scaled at the end)
 #pragma unroll
     for (int kk = 0; kk < kBwdBM / 16; ++kk) {
@@ -1047,6 +1096,44 @@ __global__ void __launch_bounds__(kFaThreads) fa_bwd_dkdv_kernel(Args a) {
                         (lane >> 4) * 8);
         mma16816<T>(dk[2 * nd], pa, b[0], b[1]);
         mma16816<T>(dk[2 * nd + 1], pa, b[2], b[3]);
+      }
+    }
+    if constexpr (kAtomic == 2) {
+      __syncthreads();  // dS complete; the previous tile's readers passed the loop-top barrier
+      // Warp w: dQ rows 16w..16w+15 of this tile += dS[rows][64 keys] K[64 keys][D].
+      uint32_t af[64 / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < 64 / 16; ++kk)
+        ldsm_x4(af[kk], sDs + (warp * 16 + (lane & 15)) * kDsLds + kk * 16 + (lane >> 4) * 8);
+      const int h = hk * group + it / nrt;
+      float* dqa = a.dq_accum + (int64_t(s.q_start + r0) * a.H + h) * D;  // rows: stride H * D
+#pragma unroll
+      for (int nd = 0; nd < D / 16; ++nd) {
+        float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+        for (int kk = 0; kk < 64 / 16; ++kk) {
+          uint32_t b[4];
+          ldsm_x4_t(b, sK + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + nd * 16 +
+                           (lane >> 4) * 8);
+          mma16816<T>(acc[0], af[kk], b[0], b[1]);
+          mma16816<T>(acc[1], af[kk], b[2], b[3]);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int r = warp * 16 + g + 8 * i;
+          if (r0 + r >= s.len_q) continue;
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            // 8-byte aligned: D, nd * 16 + j * 8 and 2t are even.
+            float* dst = dqa + int64_t(r) * a.H * D + nd * 16 + j * 8 + 2 * t;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+            atomicAdd(reinterpret_cast<float2*>(dst), make_float2(acc[j][2 * i], acc[j][2 * i + 1]));
+#else
+            atomicAdd(dst, acc[j][2 * i]);
+            atomicAdd(dst + 1, acc[j][2 * i + 1]);
+#endif
+          }
+        }
       }
     }
   }
@@ -1069,6 +1156,252 @@ __global__ void __launch_bounds__(kFaThreads) fa_bwd_dkdv_kernel(Args a) {
             pack2<T>(dv[nd][2 * i], dv[nd][2 * i + 1]);
     }
   }
+}
+
+template <class T, int D, int kAtomic>
+__global__ void __launch_bounds__(kFaThreads) fa_bwd_dkdv_kernel(Args a) {
+  fa_bwd_dkdv_body<T, D, kAtomic>(a);
+}
+// Backward variant 1 at D = 64: 3 resident CTAs per SM asked of ptxas caps the registers at 168
+// (the default uses 174), so 3 CTAs (12 warps) fit per SM instead of 2; shared memory allows 4.
+template <class T, int D>
+__global__ void __launch_bounds__(kFaThreads, 3) fa_bwd_dkdv_kernel_occ3(Args a) {
+  fa_bwd_dkdv_body<T, D, 0>(a);
+}
+
+// fa_bwd_dkdv_mk2_kernel (backward variant 3, D = 64): fa_bwd_dkdv_kernel with 128 keys per CTA,
+// warp w owning keys 32w..32w+31 as two 16-key m-blocks, and query tiles of 32 rows. Every Q / dO
+// fragment read from shared memory then feeds two products (one per m-block) instead of one: a
+// third fewer ldmatrix per MMA (48 instead of 72 per 128 MMAs per warp and tile), and each Q / dO
+// tile is loaded once per 128 keys. dK, dV: 2 x [32 keys x 64] per warp = 128 registers.
+constexpr int kBwd2BN = 128;  // keys per CTA
+constexpr int kBwd2BM = 32;   // query rows per inner tile
+
+// Rows [0, ROWS) of a tile into shared memory (row stride D + 8); rows >= valid (which may be
+// negative) are zero.
+template <class T, int ROWS, int D>
+__device__ __forceinline__ void fa_load_rows(T* sm, const T* g, int64_t ld, int valid,
+                                             const T* any) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  for (int i = threadIdx.x; i < ROWS * kChunks; i += kFaThreads) {
+    const int r = i / kChunks, c = (i - r * kChunks) * 8;
+    const bool ok = r < valid;
+    cp_async16(sm + r * kFaLds<D> + c, ok ? g + int64_t(r) * ld + c : any, ok ? 16 : 0);
+  }
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kFaThreads) fa_bwd_dkdv_mk2_kernel(Args a) {
+  constexpr int LDS = kFaLds<D>;
+  constexpr int BN = kBwd2BN, BM = kBwd2BM;
+  constexpr int kKTile = BN * LDS, kQTile = BM * LDS;
+  extern __shared__ __align__(16) unsigned char fa_smem[];
+  T* sK = reinterpret_cast<T*>(fa_smem);  // [128][LDS]
+  T* sV = sK + kKTile;                    // [128][LDS]
+  T* sQ = sV + kKTile;                    // [2][32][LDS]
+  T* sG = sQ + 2 * kQTile;                // [2][32][LDS] dO
+  float* sL = reinterpret_cast<float*>(sG + 2 * kQTile);  // [2][32] lse in log2 units
+  float* sDl = sL + 2 * BM;                               // [2][32] Delta
+  SeqDesc s;
+  int c0;
+  tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, c0);
+  const int hk = blockIdx.y, group = a.H / a.Hkv;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int keys = min(BN, s.len_k - c0), off = s.len_k - s.len_q;
+  const int64_t ldq = int64_t(a.H) * D, ldk = int64_t(a.Hkv) * D;
+  const T* qbase = static_cast<const T*>(a.q);
+  const T* gbase = static_cast<const T*>(a.dout);
+  const int64_t koff = int64_t(s.k_start + c0) * ldk + int64_t(hk) * D;
+  fa_load_rows<T, BN, D>(sK, static_cast<const T*>(a.k) + koff, ldk, keys, qbase);
+  fa_load_rows<T, BN, D>(sV, static_cast<const T*>(a.v) + koff, ldk, keys, qbase);
+
+  // Query row r sees key c iff r + off >= c: rows before c0 - off see none of these keys.
+  const int first_row = a.causal ? max(0, c0 - off) : 0;
+  const int nrt = s.len_q > first_row ? (s.len_q - first_row + BM - 1) / BM : 0;
+  const int n_it = group * nrt;
+  const float log2e = 1.4426950408889634f, sl2 = a.scale * log2e;
+
+  // Issues the loads of iteration it into buffer `buf`.
+  auto load_it = [&](int it, int buf) {
+    const int h = hk * group + it / nrt, r0 = first_row + (it % nrt) * BM;
+    const int rows = min(BM, s.len_q - r0);
+    const int64_t qoff = int64_t(s.q_start + r0) * ldq + int64_t(h) * D;
+    fa_load_rows<T, BM, D>(sQ + buf * kQTile, qbase + qoff, ldq, rows, qbase);
+    fa_load_rows<T, BM, D>(sG + buf * kQTile, gbase + qoff, ldq, rows, qbase);
+    for (int r = threadIdx.x; r < BM; r += kFaThreads) {
+      const int64_t idx = int64_t(h) * a.nq + s.q_start + r0 + r;
+      sL[buf * BM + r] = r < rows ? a.lse[idx] * log2e : INFINITY;
+      sDl[buf * BM + r] = r < rows ? a.delta[idx] : 0.f;
+    }
+  };
+  if (n_it > 0) load_it(0, 0);
+  cp_async_commit();
+
+  float dk[2][D / 8][4], dv[2][D / 8][4];
+#pragma unroll
+  for (int mk = 0; mk < 2; ++mk)
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dk[mk][i][e] = dv[mk][i][e] = 0.f;
+  // This thread's keys (accumulator rows g and g + 8 of m-block mk), within the sequence.
+  auto key_of = [&](int mk, int i) { return c0 + warp * 32 + mk * 16 + g + 8 * i; };
+
+  for (int it = 0; it < n_it; ++it) {
+    const int buf = it & 1;
+    const int r0 = first_row + (it % nrt) * BM;
+    cp_async_wait_all();
+    __syncthreads();  // tile `it` landed; buffer buf ^ 1 (tile it - 1) is no longer read
+    if (it + 1 < n_it) load_it(it + 1, buf ^ 1);
+    cp_async_commit();
+    const T* q = sQ + buf * kQTile;
+    const T* go = sG + buf * kQTile;
+    const float* lse2 = sL + buf * BM;
+    const float* dl = sDl + buf * BM;
+
+    float st[2][BM / 8][4];  // S^T, then P^T, then dS^T: [2 x 16 keys][32 rows] per warp
+#pragma unroll
+    for (int mk = 0; mk < 2; ++mk)
+#pragma unroll
+      for (int i = 0; i < BM / 8; ++i)
+        st[mk][i][0] = st[mk][i][1] = st[mk][i][2] = st[mk][i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t ka[2][4];
+#pragma unroll
+      for (int mk = 0; mk < 2; ++mk)
+        ldsm_x4(ka[mk], sK + (warp * 32 + mk * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int nb = 0; nb < BM / 16; ++nb) {
+        uint32_t b[4];
+        ldsm_x4(b, q + (nb * 16 + (lane & 7) + (lane >> 4) * 8) * LDS + kk * 16 +
+                       ((lane >> 3) & 1) * 8);
+#pragma unroll
+        for (int mk = 0; mk < 2; ++mk) {
+          mma16816<T>(st[mk][2 * nb], ka[mk], b[0], b[1]);
+          mma16816<T>(st[mk][2 * nb + 1], ka[mk], b[2], b[3]);
+        }
+      }
+    }
+    const bool need_mask = r0 + BM > s.len_q || c0 + BN > s.len_k ||
+                           (a.causal && c0 + BN - 1 > r0 + off);
+#pragma unroll
+    for (int mk = 0; mk < 2; ++mk)
+#pragma unroll
+      for (int nb = 0; nb < BM / 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = nb * 8 + 2 * t + (e & 1);  // query row within the tile
+          float p = exp2f(st[mk][nb][e] * sl2 - lse2[col]);
+          if (need_mask) {
+            const int r = r0 + col, c = key_of(mk, e >> 1);
+            if (r >= s.len_q || c >= s.len_k || (a.causal && c > r + off)) p = 0.f;
+          }
+          st[mk][nb][e] = p;
+        }
+    // dV += P^T dO
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      uint32_t pa[2][4];
+#pragma unroll
+      for (int mk = 0; mk < 2; ++mk) {
+        pa[mk][0] = pack2<T>(st[mk][2 * kk][0], st[mk][2 * kk][1]);
+        pa[mk][1] = pack2<T>(st[mk][2 * kk][2], st[mk][2 * kk][3]);
+        pa[mk][2] = pack2<T>(st[mk][2 * kk + 1][0], st[mk][2 * kk + 1][1]);
+        pa[mk][3] = pack2<T>(st[mk][2 * kk + 1][2], st[mk][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int nd = 0; nd < D / 16; ++nd) {
+        uint32_t b[4];
+        ldsm_x4_t(b, go + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + nd * 16 +
+                         (lane >> 4) * 8);
+#pragma unroll
+        for (int mk = 0; mk < 2; ++mk) {
+          mma16816<T>(dv[mk][2 * nd], pa[mk], b[0], b[1]);
+          mma16816<T>(dv[mk][2 * nd + 1], pa[mk], b[2], b[3]);
+        }
+      }
+    }
+    // dP^T = V dO^T, then dS^T = P^T (dP^T - Delta) in place of P^T
+    {
+      float dpt[2][BM / 8][4];
+#pragma unroll
+      for (int mk = 0; mk < 2; ++mk)
+#pragma unroll
+        for (int i = 0; i < BM / 8; ++i)
+          dpt[mk][i][0] = dpt[mk][i][1] = dpt[mk][i][2] = dpt[mk][i][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t va[2][4];
+#pragma unroll
+        for (int mk = 0; mk < 2; ++mk)
+          ldsm_x4(va[mk],
+                  sV + (warp * 32 + mk * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+        for (int nb = 0; nb < BM / 16; ++nb) {
+          uint32_t b[4];
+          ldsm_x4(b, go + (nb * 16 + (lane & 7) + (lane >> 4) * 8) * LDS + kk * 16 +
+                          ((lane >> 3) & 1) * 8);
+#pragma unroll
+          for (int mk = 0; mk < 2; ++mk) {
+            mma16816<T>(dpt[mk][2 * nb], va[mk], b[0], b[1]);
+            mma16816<T>(dpt[mk][2 * nb + 1], va[mk], b[2], b[3]);
+          }
+        }
+      }
+#pragma unroll
+      for (int mk = 0; mk < 2; ++mk)
+#pragma unroll
+        for (int nb = 0; nb < BM / 8; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            st[mk][nb][e] *= dpt[mk][nb][e] - dl[nb * 8 + 2 * t + (e & 1)];
+    }
+    // dK += dS^T Q  (scaled at the end)
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      uint32_t pa[2][4];
+#pragma unroll
+      for (int mk = 0; mk < 2; ++mk) {
+        pa[mk][0] = pack2<T>(st[mk][2 * kk][0], st[mk][2 * kk][1]);
+        pa[mk][1] = pack2<T>(st[mk][2 * kk][2], st[mk][2 * kk][3]);
+        pa[mk][2] = pack2<T>(st[mk][2 * kk + 1][0], st[mk][2 * kk + 1][1]);
+        pa[mk][3] = pack2<T>(st[mk][2 * kk + 1][2], st[mk][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int nd = 0; nd < D / 16; ++nd) {
+        uint32_t b[4];
+        ldsm_x4_t(b, q + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + nd * 16 +
+                        (lane >> 4) * 8);
+#pragma unroll
+        for (int mk = 0; mk < 2; ++mk) {
+          mma16816<T>(dk[mk][2 * nd], pa[mk], b[0], b[1]);
+          mma16816<T>(dk[mk][2 * nd + 1], pa[mk], b[2], b[3]);
+        }
+      }
+    }
+  }
+  cp_async_wait_all();
+
+  T* gk = static_cast<T*>(a.dk);
+  T* gv = static_cast<T*>(a.dv);
+#pragma unroll
+  for (int mk = 0; mk < 2; ++mk)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int j = warp * 32 + mk * 16 + g + 8 * i;
+      if (j >= keys) continue;
+      const int64_t base = int64_t(s.k_start + c0 + j) * ldk + int64_t(hk) * D;
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd) {
+        if (gk)
+          *reinterpret_cast<uint32_t*>(gk + base + nd * 8 + 2 * t) =
+              pack2<T>(dk[mk][nd][2 * i] * a.scale, dk[mk][nd][2 * i + 1] * a.scale);
+        if (gv)
+          *reinterpret_cast<uint32_t*>(gv + base + nd * 8 + 2 * t) =
+              pack2<T>(dv[mk][nd][2 * i], dv[mk][nd][2 * i + 1]);
+      }
+    }
 }
 
 // dq = scale * dq_accum, in the input type.
@@ -1209,10 +1542,332 @@ __global__ void __launch_bounds__(kFaThreads) fa_bwd_dq_kernel(Args a) {
   }
 }
 
+// fa_bwd_dq_kernel_1buf (backward variant 1 at D = 128): fa_bwd_dq_kernel with one K and one V
+// buffer: 4 tiles, 70 KB of shared memory instead of 104 KB, so 3 CTAs fit per SM instead of 2
+// (the 168 registers allow 3). V_{j+1} loads once every warp has formed dP_j, K_{j+1} once every
+// warp is done with dQ += dS K_j; the loop top waits for both.
+template <class T, int D>
+__global__ void __launch_bounds__(kFaThreads, 3) fa_bwd_dq_kernel_1buf(Args a) {
+  constexpr int LDS = kFaLds<D>;
+  constexpr int kTile = 64 * LDS;
+  extern __shared__ __align__(16) unsigned char fa_smem[];
+  T* sQ = reinterpret_cast<T*>(fa_smem);  // [64][LDS]
+  T* sG = sQ + kTile;                     // [64][LDS] dO
+  T* sK = sG + kTile;                     // [64][LDS]
+  T* sV = sK + kTile;                     // [64][LDS]
+  SeqDesc s;
+  int r0;
+  tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, r0);
+  const int h = blockIdx.y, hk = h / (a.H / a.Hkv);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int rows = min(kFaBM, s.len_q - r0), off = s.len_k - s.len_q;
+  const int64_t ldq = int64_t(a.H) * D, ldk = int64_t(a.Hkv) * D;
+  const T* qbase = static_cast<const T*>(a.q);
+  const int64_t qoff = int64_t(s.q_start + r0) * ldq + int64_t(h) * D;
+  const T* k = static_cast<const T*>(a.k) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
+  const T* v = static_cast<const T*>(a.v) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
+  const int col_end = visible_end(s, r0, rows, a.causal);
+  const int ntiles = (col_end + kFaBN - 1) / kFaBN;
+  fa_load<T, D>(sQ, qbase + qoff, ldq, rows, qbase);
+  fa_load<T, D>(sG, static_cast<const T*>(a.dout) + qoff, ldq, rows, qbase);
+  if (ntiles > 0) {
+    fa_load<T, D>(sK, k, ldk, min(kFaBN, col_end), qbase);
+    fa_load<T, D>(sV, v, ldk, min(kFaBN, col_end), qbase);
+  }
+  cp_async_commit();
+
+  const float log2e = 1.4426950408889634f, sl2 = a.scale * log2e;
+  const int row_a = r0 + warp * 16 + g, row_b = row_a + 8;  // within the sequence
+  float lse2[2], dl[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = warp * 16 + g + 8 * i;
+    const int64_t idx = int64_t(h) * a.nq + s.q_start + r0 + r;
+    lse2[i] = r < rows ? a.lse[idx] * log2e : INFINITY;
+    dl[i] = r < rows ? a.delta[idx] : 0.f;
+  }
+  float dq[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+
+  for (int jt = 0; jt < ntiles; ++jt) {
+    const int c0 = jt * kFaBN;
+    cp_async_wait_all();
+    __syncthreads();  // K_j and V_j landed for every thread
+    const T* kt = sK;
+    const T* vt = sV;
+
+    float sc[kFaBN / 8][4], dp[kFaBN / 8][4];
+#pragma unroll
+    for (int i = 0; i < kFaBN / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sc[i][e] = dp[i][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t qa[4], ga[4];
+      ldsm_x4(qa, sQ + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+      ldsm_x4(ga, sG + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int nb = 0; nb < kFaBN / 16; ++nb) {
+        const int at = (nb * 16 + (lane & 7) + (lane >> 4) * 8) * LDS + kk * 16 +
+                       ((lane >> 3) & 1) * 8;
+        uint32_t b[4];
+        ldsm_x4(b, kt + at);
+        mma16816<T>(sc[2 * nb], qa, b[0], b[1]);
+        mma16816<T>(sc[2 * nb + 1], qa, b[2], b[3]);
+        ldsm_x4(b, vt + at);
+        mma16816<T>(dp[2 * nb], ga, b[0], b[1]);
+        mma16816<T>(dp[2 * nb + 1], ga, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // every warp has read V_j
+    if (jt + 1 < ntiles)
+      fa_load<T, D>(sV, v + int64_t(c0 + kFaBN) * ldk, ldk, min(kFaBN, col_end - c0 - kFaBN),
+                    qbase);
+    cp_async_commit();
+    const bool need_mask = c0 + kFaBN > s.len_k || (a.causal && c0 + kFaBN - 1 > r0 + off);
+#pragma unroll
+    for (int nb = 0; nb < kFaBN / 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float p = exp2f(sc[nb][e] * sl2 - lse2[e >> 1]);
+        if (need_mask) {
+          const int col = c0 + nb * 8 + 2 * t + (e & 1);
+          const int row = e < 2 ? row_a : row_b;
+          if (col >= s.len_k || (a.causal && col > row + off)) p = 0.f;
+        }
+        sc[nb][e] = p * (dp[nb][e] - dl[e >> 1]);
+      }
+#pragma unroll
+    for (int kk = 0; kk < kFaBN / 16; ++kk) {
+      uint32_t pa[4];
+      pa[0] = pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
+      pa[1] = pack2<T>(sc[2 * kk][2], sc[2 * kk][3]);
+      pa[2] = pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+      pa[3] = pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+#pragma unroll
+      for (int nd = 0; nd < D / 16; ++nd) {
+        uint32_t b[4];
+        ldsm_x4_t(b, kt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + nd * 16 +
+                         (lane >> 4) * 8);
+        mma16816<T>(dq[2 * nd], pa, b[0], b[1]);
+        mma16816<T>(dq[2 * nd + 1], pa, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // every warp has read K_j
+    if (jt + 1 < ntiles)
+      fa_load<T, D>(sK, k + int64_t(c0 + kFaBN) * ldk, ldk, min(kFaBN, col_end - c0 - kFaBN),
+                    qbase);
+    cp_async_commit();
+  }
+  cp_async_wait_all();
+
+  T* gq = static_cast<T*>(a.dq);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = warp * 16 + g + 8 * i;
+    if (r >= rows) continue;
+    T* row = gq + int64_t(s.q_start + r0 + r) * ldq + int64_t(h) * D;
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd)
+      *reinterpret_cast<uint32_t*>(row + nd * 8 + 2 * t) =
+          pack2<T>(dq[nd][2 * i] * a.scale, dq[nd][2 * i + 1] * a.scale);
+  }
+}
+
+// fa_bwd_dq_ma2_kernel (backward variant 4): fa_bwd_dq_kernel with 128 query rows per CTA, warp w
+// owning rows 32w..32w+31 as two 16-row m-blocks, and key tiles of 32 (double-buffered): every
+// K / V fragment read from shared memory feeds two products instead of one, and dQ's K^T
+// fragments too (0.42 ldmatrix.x4 per MMA instead of 0.58). dQ: 2 x [16 rows x D] per warp.
+constexpr int kDq2BM = 128;  // query rows per CTA
+constexpr int kDq2BN = 32;   // keys per tile
+
+template <class T, int D>
+__device__ __forceinline__ void fa_bwd_dq_ma2_body(const Args& a) {
+  constexpr int LDS = kFaLds<D>;
+  constexpr int BM = kDq2BM, BN = kDq2BN;
+  constexpr int kQTile = BM * LDS, kKTile = BN * LDS;
+  extern __shared__ __align__(16) unsigned char fa_smem[];
+  T* sQ = reinterpret_cast<T*>(fa_smem);  // [128][LDS]
+  T* sG = sQ + kQTile;                    // [128][LDS] dO
+  T* sK = sG + kQTile;                    // [2][32][LDS]
+  T* sV = sK + 2 * kKTile;                // [2][32][LDS]
+  SeqDesc s;
+  int r0;
+  tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, r0);
+  const int h = blockIdx.y, hk = h / (a.H / a.Hkv);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int rows = min(BM, s.len_q - r0), off = s.len_k - s.len_q;
+  const int64_t ldq = int64_t(a.H) * D, ldk = int64_t(a.Hkv) * D;
+  const T* qbase = static_cast<const T*>(a.q);
+  const int64_t qoff = int64_t(s.q_start + r0) * ldq + int64_t(h) * D;
+  const T* k = static_cast<const T*>(a.k) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
+  const T* v = static_cast<const T*>(a.v) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
+  const int col_end = visible_end(s, r0, rows, a.causal);
+  const int ntiles = (col_end + BN - 1) / BN;
+  fa_load_rows<T, BM, D>(sQ, qbase + qoff, ldq, rows, qbase);
+  fa_load_rows<T, BM, D>(sG, static_cast<const T*>(a.dout) + qoff, ldq, rows, qbase);
+  if (ntiles > 0) {
+    fa_load_rows<T, BN, D>(sK, k, ldk, min(BN, col_end), qbase);
+    fa_load_rows<T, BN, D>(sV, v, ldk, min(BN, col_end), qbase);
+  }
+  cp_async_commit();
+
+  const float log2e = 1.4426950408889634f, sl2 = a.scale * log2e;
+  // This thread's accumulator rows (within the CTA): m-block am, i = 0 (row g) or 1 (row g + 8).
+  auto row_in = [&](int am, int i) { return warp * 32 + am * 16 + g + 8 * i; };
+  float lse2[2][2], dl[2][2];
+#pragma unroll
+  for (int am = 0; am < 2; ++am)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = row_in(am, i);
+      const int64_t idx = int64_t(h) * a.nq + s.q_start + r0 + r;
+      lse2[am][i] = r < rows ? a.lse[idx] * log2e : INFINITY;
+      dl[am][i] = r < rows ? a.delta[idx] : 0.f;
+    }
+  float dq[2][D / 8][4];
+#pragma unroll
+  for (int am = 0; am < 2; ++am)
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) dq[am][i][0] = dq[am][i][1] = dq[am][i][2] = dq[am][i][3] = 0.f;
+
+  for (int jt = 0; jt < ntiles; ++jt) {
+    const int c0 = jt * BN, buf = jt & 1;
+    cp_async_wait_all();
+    __syncthreads();  // tile jt landed; buffer buf ^ 1 (tile jt - 1) is no longer read
+    if (jt + 1 < ntiles) {
+      const int valid = min(BN, col_end - c0 - BN);
+      fa_load_rows<T, BN, D>(sK + (buf ^ 1) * kKTile, k + int64_t(c0 + BN) * ldk, ldk, valid,
+                             qbase);
+      fa_load_rows<T, BN, D>(sV + (buf ^ 1) * kKTile, v + int64_t(c0 + BN) * ldk, ldk, valid,
+                             qbase);
+    }
+    cp_async_commit();
+    const T* kt = sK + buf * kKTile;
+    const T* vt = sV + buf * kKTile;
+
+    float sc[2][BN / 8][4], dp[2][BN / 8][4];
+#pragma unroll
+    for (int am = 0; am < 2; ++am)
+#pragma unroll
+      for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sc[am][i][e] = dp[am][i][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t qa[2][4], ga[2][4];
+#pragma unroll
+      for (int am = 0; am < 2; ++am) {
+        const int at = (warp * 32 + am * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8;
+        ldsm_x4(qa[am], sQ + at);
+        ldsm_x4(ga[am], sG + at);
+      }
+#pragma unroll
+      for (int nb = 0; nb < BN / 16; ++nb) {
+        const int at = (nb * 16 + (lane & 7) + (lane >> 4) * 8) * LDS + kk * 16 +
+                       ((lane >> 3) & 1) * 8;
+        uint32_t b[4];
+        ldsm_x4(b, kt + at);
+#pragma unroll
+        for (int am = 0; am < 2; ++am) {
+          mma16816<T>(sc[am][2 * nb], qa[am], b[0], b[1]);
+          mma16816<T>(sc[am][2 * nb + 1], qa[am], b[2], b[3]);
+        }
+        ldsm_x4(b, vt + at);
+#pragma unroll
+        for (int am = 0; am < 2; ++am) {
+          mma16816<T>(dp[am][2 * nb], ga[am], b[0], b[1]);
+          mma16816<T>(dp[am][2 * nb + 1], ga[am], b[2], b[3]);
+        }
+      }
+    }
+    const bool need_mask = c0 + BN > s.len_k || (a.causal && c0 + BN - 1 > r0 + off);
+#pragma unroll
+    for (int am = 0; am < 2; ++am)
+#pragma unroll
+      for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float p = exp2f(sc[am][nb][e] * sl2 - lse2[am][e >> 1]);
+          if (need_mask) {
+            const int col = c0 + nb * 8 + 2 * t + (e & 1);
+            const int row = r0 + row_in(am, e >> 1);
+            if (col >= s.len_k || (a.causal && col > row + off)) p = 0.f;
+          }
+          sc[am][nb][e] = p * (dp[am][nb][e] - dl[am][e >> 1]);
+        }
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      uint32_t pa[2][4];
+#pragma unroll
+      for (int am = 0; am < 2; ++am) {
+        pa[am][0] = pack2<T>(sc[am][2 * kk][0], sc[am][2 * kk][1]);
+        pa[am][1] = pack2<T>(sc[am][2 * kk][2], sc[am][2 * kk][3]);
+        pa[am][2] = pack2<T>(sc[am][2 * kk + 1][0], sc[am][2 * kk + 1][1]);
+        pa[am][3] = pack2<T>(sc[am][2 * kk + 1][2], sc[am][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int nd = 0; nd < D / 16; ++nd) {
+        uint32_t b[4];
+        ldsm_x4_t(b, kt + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + nd * 16 +
+                         (lane >> 4) * 8);
+#pragma unroll
+        for (int am = 0; am < 2; ++am) {
+          mma16816<T>(dq[am][2 * nd], pa[am], b[0], b[1]);
+          mma16816<T>(dq[am][2 * nd + 1], pa[am], b[2], b[3]);
+        }
+      }
+    }
+  }
+  cp_async_wait_all();
+
+  T* gq = static_cast<T*>(a.dq);
+#pragma unroll
+  for (int am = 0; am < 2; ++am)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = row_in(am, i);
+      if (r >= rows) continue;
+      T* row = gq + int64_t(s.q_start + r0 + r) * ldq + int64_t(h) * D;
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd)
+        *reinterpret_cast<uint32_t*>(row + nd * 8 + 2 * t) =
+            pack2<T>(dq[am][nd][2 * i] * a.scale, dq[am][nd][2 * i + 1] * a.scale);
+    }
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kFaThreads) fa_bwd_dq_ma2_kernel(Args a) {
+  fa_bwd_dq_ma2_body<T, D>(a);
+}
+// Backward variant 5 at D = 64: the same with 3 resident CTAs per SM asked of ptxas (at most 168
+// registers; the plain kernel uses 214, so 2 CTAs per SM), shared memory (55 KB) allows 4.
+template <class T, int D>
+__global__ void __launch_bounds__(kFaThreads, 3) fa_bwd_dq_ma2_occ3_kernel(Args a) {
+  fa_bwd_dq_ma2_body<T, D>(a);
+}
+
 // ---- host side ------------------------------------------------------------------------------------
 
-// 64-row blocks per CTA of the tensor-core forward; 0: the default (1; the benchmark compares 2).
+// 64-row blocks per CTA of the tensor-core forward; 0: the default (1; the benchmark compares 2);
+// -1: auto (2 for head_dim 128, and for head_dim 64 when the longest sequence has >= 1024 queries).
 int g_fwd_row_blocks = 0;
+// Tensor-core backward variant (set_attention_bwd_variant): 0 the default, 1 more CTAs per SM,
+// 2 the leaner atomic dQ (only without determinism), 3 as 1 but dK/dV at D = 64 with 32 keys per
+// warp (fa_bwd_dkdv_mk2_kernel), 4 as 3 but dQ by 128-row CTAs over 32-key tiles
+// (fa_bwd_dq_ma2_kernel), 5 as 4 but that dQ kernel at D = 64 capped at 168 registers.
+int g_bwd_variant = 0;
+
+// The forward's 64-row blocks per CTA under the current setting.
+int fwd_row_blocks(const std::vector<AttnSeq>& seqs, int D) {
+  if (g_fwd_row_blocks > 0) return g_fwd_row_blocks;
+  if (g_fwd_row_blocks == 0) return 1;
+  if (D == 128) return 2;
+  int64_t max_q = 0;
+  for (const AttnSeq& s : seqs) max_q = std::max(max_q, s.len_q);
+  return max_q >= 1024 ? 2 : 1;
+}
 
 // Keeps the device copies of the sequence table and the tile list alive until the launch is
 // queued (the caching allocator is stream-ordered, so freeing them afterwards is safe).
@@ -1408,7 +2063,25 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
     accum = Tensor::empty({std::max<int64_t>(n, 1)}, DType::f32, Device::cuda(dev));
     CUDA_CHECK(cudaMemsetAsync(accum.raw_data(), 0, size_t(n) * sizeof(float), stream()));
   }
-  if (a.dk || a.dv || atomic_dq) {
+  bool dkdv_done = false;
+  if constexpr (D == 64) {
+    if (g_bwd_variant >= 3 && !atomic_dq && (a.dk || a.dv)) {
+      Tables t = make_tiles(seqs, kBwd2BN, true, p.causal, dev);
+      if (t.nx > 0) {
+        FTUNE_CHECK(t.nz <= 65535, "[attention_backward] batch of ", t.nz, " rows");
+        Args b = a;
+        b.map = t.map;
+        const size_t smem = size_t(2 * kBwd2BN + 4 * kBwd2BM) * kFaLds<D> * sizeof(T) +
+                            4 * kBwd2BM * sizeof(float);
+        set_smem(fa_bwd_dkdv_mk2_kernel<T, D>, smem);
+        fa_bwd_dkdv_mk2_kernel<T, D><<<dim3(t.nx, unsigned(p.num_kv_heads), t.nz), kFaThreads,
+                                       smem, stream()>>>(b);
+        FTUNE_LAUNCH_CHECK("attention_backward dk/dv (tensor cores, 128 keys)");
+      }
+      dkdv_done = true;
+    }
+  }
+  if (!dkdv_done && (a.dk || a.dv || atomic_dq)) {
     Tables t = make_tiles(seqs, 64, true, p.causal, dev);
     if (t.nx > 0) {
       FTUNE_CHECK(t.nz <= 65535, "[attention_backward] batch of ", t.nz, " rows");
@@ -1418,14 +2091,26 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
         b.dq_accum = accum.data<float>();
         const size_t smem =
             6 * kTileBytes + 4 * kBwdBM * sizeof(float) + size_t(kBwdBM) * kDsLds * sizeof(T);
-        set_smem(fa_bwd_dkdv_kernel<T, D, true>, smem);
-        fa_bwd_dkdv_kernel<T, D, true><<<dim3(t.nx, unsigned(p.num_kv_heads), t.nz),
-                                         kFaThreads, smem, stream()>>>(b);
+        auto launch = [&](auto kernel) {
+          set_smem(kernel, smem);
+          kernel<<<dim3(t.nx, unsigned(p.num_kv_heads), t.nz), kFaThreads, smem, stream()>>>(b);
+        };
+        if (g_bwd_variant == 2) launch(fa_bwd_dkdv_kernel<T, D, 2>);
+        else launch(fa_bwd_dkdv_kernel<T, D, 1>);
       } else {
         const size_t smem = 6 * kTileBytes + 4 * kBwdBM * sizeof(float);
-        set_smem(fa_bwd_dkdv_kernel<T, D, false>, smem);
-        fa_bwd_dkdv_kernel<T, D, false><<<dim3(t.nx, unsigned(p.num_kv_heads), t.nz),
-                                          kFaThreads, smem, stream()>>>(b);
+        auto launch = [&](auto kernel) {
+          set_smem(kernel, smem);
+          kernel<<<dim3(t.nx, unsigned(p.num_kv_heads), t.nz), kFaThreads, smem, stream()>>>(b);
+        };
+        bool done = false;
+        if constexpr (D == 64) {
+          if (g_bwd_variant == 1) {
+            launch(fa_bwd_dkdv_kernel_occ3<T, D>);
+            done = true;
+          }
+        }
+        if (!done) launch(fa_bwd_dkdv_kernel<T, D, 0>);
       }
       FTUNE_LAUNCH_CHECK("attention_backward dk/dv (tensor cores)");
     }
@@ -1437,16 +2122,48 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
     FTUNE_LAUNCH_CHECK("attention_backward dq convert");
     return;
   }
+  if (a.dq && (g_bwd_variant == 4 || g_bwd_variant == 5)) {
+    Tables t = make_tiles(seqs, kDq2BM, false, p.causal, dev);
+    if (t.nx > 0) {
+      FTUNE_CHECK(t.nz <= 65535, "[attention_backward] batch of ", t.nz, " rows");
+      Args b = a;
+      b.map = t.map;
+      const size_t smem = size_t(2 * kDq2BM + 4 * kDq2BN) * kFaLds<D> * sizeof(T);
+      auto launch = [&](auto kernel) {
+        set_smem(kernel, smem);
+        kernel<<<dim3(t.nx, unsigned(p.num_heads), t.nz), kFaThreads, smem, stream()>>>(b);
+      };
+      bool done = false;
+      if constexpr (D == 64) {
+        if (g_bwd_variant == 5) {
+          launch(fa_bwd_dq_ma2_occ3_kernel<T, D>);
+          done = true;
+        }
+      }
+      if (!done) launch(fa_bwd_dq_ma2_kernel<T, D>);
+      FTUNE_LAUNCH_CHECK("attention_backward dq (tensor cores, 128 rows)");
+    }
+    return;
+  }
   if (a.dq) {
     Tables t = make_tiles(seqs, kFaBM, false, p.causal, dev);
     if (t.nx > 0) {
       FTUNE_CHECK(t.nz <= 65535, "[attention_backward] batch of ", t.nz, " rows");
       Args b = a;
       b.map = t.map;
-      const size_t smem = 6 * kTileBytes;
-      set_smem(fa_bwd_dq_kernel<T, D>, smem);
-      fa_bwd_dq_kernel<T, D><<<dim3(t.nx, unsigned(p.num_heads), t.nz), kFaThreads, smem,
-                               stream()>>>(b);
+      auto launch = [&](auto kernel, size_t tiles) {
+        const size_t smem = tiles * kTileBytes;
+        set_smem(kernel, smem);
+        kernel<<<dim3(t.nx, unsigned(p.num_heads), t.nz), kFaThreads, smem, stream()>>>(b);
+      };
+      bool done = false;
+      if constexpr (D == 128) {
+        if (g_bwd_variant == 1 || g_bwd_variant == 3) {
+          launch(fa_bwd_dq_kernel_1buf<T, D>, 4);
+          done = true;
+        }
+      }
+      if (!done) launch(fa_bwd_dq_kernel<T, D>, 6);
       FTUNE_LAUNCH_CHECK("attention_backward dq (tensor cores)");
     }
   }
@@ -1455,9 +2172,14 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
 }  // namespace
 
 void set_attention_fwd_row_blocks(int n) {
-  FTUNE_CHECK(n >= 0 && n <= 2, "[attention] forward row blocks must be 0 (default), 1 or 2, got ",
-              n);
+  FTUNE_CHECK(n >= -1 && n <= 2,
+              "[attention] forward row blocks must be 0 (default), 1, 2 or -1 (auto), got ", n);
   g_fwd_row_blocks = n;
+}
+
+void set_attention_bwd_variant(int v) {
+  FTUNE_CHECK(v >= 0 && v <= 5, "[attention_backward] variant must be 0..5, got ", v);
+  g_bwd_variant = v;
 }
 
 void attention_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType dt,
@@ -1483,7 +2205,7 @@ void attention_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DT
   }
 
   if (fast_ok(dt, D, {q, k, v, out})) {
-    const int ma = g_fwd_row_blocks > 0 ? g_fwd_row_blocks : 1;
+    const int ma = fwd_row_blocks(seqs, D);
     Tables t = make_tiles(seqs, 64 * ma, false, p.causal, dev);
     if (t.nx == 0) return;
     FTUNE_CHECK(t.nz <= 65535, "[attention] batch of ", t.nz, " rows (at most 65535)");
@@ -1552,7 +2274,22 @@ void attention_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, D
   a.delta = delta.data<float>();
   ::ftune::kernels::cuda::dispatch_float(dt, "attention_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    if (p.nq > 0) {
+    bool delta_done = false;
+    if constexpr (!std::is_same_v<T, float>) {
+      if (fast && g_bwd_variant != 0 && p.nq > 0) {
+        const int64_t chunks = p.nq * H * (D / kVec<T>);
+        auto launch = [&](auto kernel) {
+          kernel<<<grid_1d(chunks, 256), 256, 0, stream()>>>(
+              static_cast<const T*>(out), static_cast<const T*>(dout), delta.data<float>(),
+              int(p.nq), int(H));
+        };
+        if (D == 64) launch(bwd_delta_vec_kernel<T, 64 / kVec<T>>);
+        else launch(bwd_delta_vec_kernel<T, 128 / kVec<T>>);
+        FTUNE_LAUNCH_CHECK("attention_backward delta (16-byte loads)");
+        delta_done = true;
+      }
+    }
+    if (p.nq > 0 && !delta_done) {
       const int64_t warps = p.nq * H;
       bwd_delta_kernel<T><<<grid_1d(warps * 32, 256), 256, 0, stream()>>>(
           static_cast<const T*>(out), static_cast<const T*>(dout), delta.data<float>(), int(p.nq), int(H),

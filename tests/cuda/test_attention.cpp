@@ -290,6 +290,57 @@ TEST(CudaAttention, AtomicDqWhenNotDeterministic) {
       }
 }
 
+// Backward variant 2 with determinism off: the leaner atomic dQ (dS staged before the dK product,
+// its fragments read once, float2 atomics); with determinism on, variant 2 is the default path.
+TEST(CudaAttention, AtomicDqVariant2) {
+  FTUNE_REQUIRE_GPU();
+  struct Restore {
+    bool was = cuda::deterministic();
+    ~Restore() {
+      cuda::set_deterministic(was);
+      kernels::cuda::set_attention_bwd_variant(0);
+    }
+  } restore;
+  kernels::cuda::set_attention_bwd_variant(2);
+  cuda::set_deterministic(false);
+  for (int64_t d : {64, 128})
+    for (bool causal : {true, false})
+      for (DType dt : {DType::bf16, DType::f16}) {
+        Case c;
+        c.cu_q = {0, 5, 5, 45, 175, 176, 242};
+        c.cu_k = {0, 70, 79, 109, 239, 240, 440};
+        c.d = d;
+        c.causal = causal;
+        check_case(c, dt, 20);
+        Case r;
+        r.cu_q = r.cu_k = {0, 1, 18, 146, 446};
+        r.d = d;
+        r.causal = causal;
+        check_case(r, dt, 21);
+        Case u;
+        u.b = 2;
+        u.tq = u.tk = 300;
+        u.d = d;
+        u.causal = causal;
+        check_case(u, dt, 22);
+      }
+  for (int64_t d : {64, 128}) {
+    Case c;
+    c.b = 1;
+    c.tq = c.tk = 1500;
+    c.h = 4;
+    c.hkv = 1;
+    c.d = d;
+    c.causal = true;
+    check_case(c, DType::bf16, 23);
+  }
+  cuda::set_deterministic(true);
+  Case c;
+  c.cu_q = c.cu_k = {0, 1, 18, 146, 446};
+  c.d = 128;
+  check_case(c, DType::bf16, 24);
+}
+
 // The default (deterministic) backward gives the same bits on every run.
 TEST(CudaAttention, DeterministicBackwardIsBitwiseRepeatable) {
   FTUNE_REQUIRE_GPU();
@@ -332,6 +383,78 @@ TEST(CudaAttention, ForwardWith128RowBlocks) {
       }
 }
 
+// Backward variant 1 (more resident CTAs per SM: dK/dV at d64 with capped registers, dQ at d128
+// with single K/V buffers; Delta with 16-byte loads), variant 3 (as 1, dK/dV at d64 by 128-key
+// CTAs, 32 keys per warp), variant 4 (as 3, dQ by 128-row CTAs over 32-key tiles), variant 5 (as
+// 4, that dQ kernel at d64 capped at 168 registers) and the forward's auto row blocks: the same
+// cases as the default paths (fwd and all grads; bf16/f16; d64/d128; causal and not; GQA 8/2;
+// ragged packed sequences; a KV-cache layout; a long uniform batch where auto picks 128-row CTAs
+// at d64).
+TEST(CudaAttention, BackwardVariants1To5AndAutoForwardRowBlocks) {
+  FTUNE_REQUIRE_GPU();
+  struct Restore {
+    ~Restore() {
+      kernels::cuda::set_attention_bwd_variant(0);
+      kernels::cuda::set_attention_fwd_row_blocks(0);
+    }
+  } restore;
+  ASSERT_TRUE(cuda::deterministic());
+  kernels::cuda::set_attention_fwd_row_blocks(-1);
+  // One CPU reference per case for all variants: the forward (auto row blocks) is the same
+  // kernel for each, so its O, which the reference's Delta uses, is too.
+  auto check_variants = [](const Case& c, DType dt, uint64_t seed) {
+    SCOPED_TRACE(c.name(dt));
+    Inputs in = make_inputs(c, dt, seed);
+    Result ref;
+    bool have_ref = false;
+    for (int variant : {1, 3, 4, 5}) {
+      SCOPED_TRACE("backward variant " + std::to_string(variant));
+      kernels::cuda::set_attention_bwd_variant(variant);
+      Result got = run_gpu(c, in, dt);
+      if (!have_ref) {
+        ref = run_cpu(c, in, &got.out);
+        have_ref = true;
+      }
+      expect_close(got.out, ref.out, dt, "out");
+      EXPECT_TRUE(all_close(got.lse, ref.lse, 1e-4, 1e-5)) << "lse";
+      expect_close(got.dq, ref.dq, dt, "dq");
+      expect_close(got.dk, ref.dk, dt, "dk");
+      expect_close(got.dv, ref.dv, dt, "dv");
+    }
+  };
+  for (int64_t d : {64, 128})
+    for (bool causal : {true, false})
+      for (DType dt : {DType::bf16, DType::f16}) {
+        Case c;
+        c.cu_q = {0, 5, 5, 45, 175, 176, 242};
+        c.cu_k = {0, 70, 79, 109, 239, 240, 440};
+        c.d = d;
+        c.causal = causal;
+        check_variants(c, dt, 15);
+        Case r;
+        r.cu_q = r.cu_k = {0, 1, 18, 146, 446};
+        r.d = d;
+        r.causal = causal;
+        check_variants(r, dt, 16);
+        Case u;
+        u.b = 2;
+        u.tq = u.tk = 300;
+        u.d = d;
+        u.causal = causal;
+        check_variants(u, dt, 17);
+      }
+  for (int64_t d : {64, 128}) {
+    Case c;
+    c.b = 1;
+    c.tq = c.tk = 1500;
+    c.h = 4;
+    c.hkv = 1;
+    c.d = d;
+    c.causal = true;
+    check_variants(c, DType::bf16, 18);
+  }
+}
+
 TEST(CudaAttention, SomeGradientsOnly) {
   FTUNE_REQUIRE_GPU();
   Case c;
@@ -346,15 +469,22 @@ TEST(CudaAttention, SomeGradientsOnly) {
   const Device dev = Device::cuda(0);
   Tensor q = to_gpu(in.q, dt), k = to_gpu(in.k, dt), v = to_gpu(in.v, dt), g = to_gpu(in.dout, dt);
   Tensor out = to_gpu(full.out, dt), lse = full.lse.to(Device::cuda(0));
-  Tensor dq = Tensor::empty(q.shape(), dt, dev), dv = Tensor::empty(v.shape(), dt, dev);
-  kernels::cuda::attention_backward(p, seqs, dt, q.raw_data(), k.raw_data(), v.raw_data(),
-                                    out.raw_data(), lse.data<float>(), g.raw_data(), dq.raw_data(),
-                                    nullptr, nullptr);
-  expect_close(to_host(dq), ref.dq, dt, "dq alone");
-  kernels::cuda::attention_backward(p, seqs, dt, q.raw_data(), k.raw_data(), v.raw_data(),
-                                    out.raw_data(), lse.data<float>(), g.raw_data(), nullptr,
-                                    nullptr, dv.raw_data());
-  expect_close(to_host(dv), ref.dv, dt, "dv alone");
+  struct Restore {
+    ~Restore() { kernels::cuda::set_attention_bwd_variant(0); }
+  } restore;
+  for (int variant : {0, 1, 3, 4, 5}) {  // every backward variant of the deterministic path
+    SCOPED_TRACE("backward variant " + std::to_string(variant));
+    kernels::cuda::set_attention_bwd_variant(variant);
+    Tensor dq = Tensor::empty(q.shape(), dt, dev), dv = Tensor::empty(v.shape(), dt, dev);
+    kernels::cuda::attention_backward(p, seqs, dt, q.raw_data(), k.raw_data(), v.raw_data(),
+                                      out.raw_data(), lse.data<float>(), g.raw_data(),
+                                      dq.raw_data(), nullptr, nullptr);
+    expect_close(to_host(dq), ref.dq, dt, "dq alone");
+    kernels::cuda::attention_backward(p, seqs, dt, q.raw_data(), k.raw_data(), v.raw_data(),
+                                      out.raw_data(), lse.data<float>(), g.raw_data(), nullptr,
+                                      nullptr, dv.raw_data());
+    expect_close(to_host(dv), ref.dv, dt, "dv alone");
+  }
 }
 
 TEST(CudaAttention, DecodeMatchesCpuAndFullForwardLastRow) {
