@@ -106,6 +106,13 @@ TEST(CudaElementwise, BinaryBroadcastAndStrided) {
       check_binary(op, {3, 4, 5, 6, 7}, {4, 1, 6, 1}, dt, 9);
       check_binary(op, {31, 45}, {31, 45}, dt, 10, true);  // a transposed
       check_binary(op, {2, 31, 45}, {45}, dt, 11, true);
+      // Rows of a multiple of 8 elements: the 16-byte row-broadcast path (bias, per-row value,
+      // scalar), and an unaligned bias, which must fall back to the strided path.
+      check_binary(op, {37, 136}, {136}, dt, 14);
+      check_binary(op, {37, 1}, {37, 136}, dt, 15);
+      check_binary(op, {3, 5, 64}, {5, 64}, dt, 16);
+      check_binary(op, {}, {1000}, dt, 17);
+      check_binary(op, {33, 64}, {64}, dt, 18, false, true);
     }
 }
 
@@ -113,6 +120,8 @@ TEST(CudaElementwise, BinaryLarge) {
   FTUNE_REQUIRE_GPU();
   check_binary(BinaryOp::add, {(1 << 24) + 5}, {(1 << 24) + 5}, DType::bf16, 12);
   check_binary(BinaryOp::mul, {4096, 4099}, {4099}, DType::f32, 13);
+  check_binary(BinaryOp::add, {3000, 4096}, {4096}, DType::bf16, 19);  // many rows per thread
+  check_binary(BinaryOp::sub, {4096, 1}, {4096, 2048}, DType::f32, 20);
 }
 
 // ---- unary --------------------------------------------------------------------------------------
@@ -471,6 +480,17 @@ TEST(CudaCast, FloatPairsVectorAndTail) {
         EXPECT_TRUE(same_values(got, x.to(p[1])))
             << dtype_name(p[0]) << " -> " << dtype_name(p[1]) << " n " << n << (unaligned ? " unaligned" : "");
       }
+}
+
+// More elements than the capped grid covers in one sweep of 4 units of 8 a thread: the grid-stride
+// loop of the vector cast runs more than once.
+TEST(CudaCast, LargeBf16ToF32) {
+  FTUNE_REQUIRE_GPU();
+  const int64_t n = (int64_t(1) << 25) + (int64_t(1) << 22) + 5;
+  Generator g(7);
+  Tensor x = randn({n}, g, 0.0, 10.0).to(DType::bf16);
+  Tensor got = x.to(Device::cuda(0)).to(DType::f32);
+  EXPECT_TRUE(same_values(got, x.to(DType::f32)));
 }
 
 }  // namespace
