@@ -3,8 +3,8 @@
 // backward (deterministic): the positions are sorted by id (CUB radix sort, stable, so equal ids
 // keep increasing n) and summed per run of one id in f32 by fixed tiles of the sorted order (see
 // tile_sum_kernel): every dweight element has one writer and one summation order, no atomics.
-// Rows no id touches are zeroed first. With ftune::cuda::deterministic() off, f32 takes a
-// float-atomic scatter instead.
+// Rows no id touches are zeroed by their own kernel (touched rows are written once, by the sums).
+// With ftune::cuda::deterministic() off, f32 takes a float-atomic scatter instead.
 #include <cub/device/device_radix_sort.cuh>
 
 #include "kernels/cuda/common.cuh"
@@ -43,12 +43,34 @@ __global__ void gather_rows_kernel(const U* __restrict__ w, const I* __restrict_
   }
 }
 
+// Also marks the rows some id touches (every writer stores the same 1: the race is benign).
 template <class I>
 __global__ void sort_prep_kernel(const I* __restrict__ ids, int64_t n, uint32_t* __restrict__ keys,
-                                 int32_t* __restrict__ pos) {
+                                 int32_t* __restrict__ pos, uint8_t* __restrict__ touched) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     keys[i] = uint32_t(ids[i]);
     pos[i] = int32_t(i);
+    touched[ids[i]] = 1;
+  }
+}
+
+// Zeroes the rows of dweight [V, D] no id touches (the tile kernels write every touched row in
+// full), so those rows are written once instead of twice. One block per row, 16-byte stores when
+// VEC (D % kVec == 0 and dweight aligned).
+template <class T, bool VEC>
+__global__ void zero_untouched_kernel(T* __restrict__ dw, const uint8_t* __restrict__ touched, int64_t V,
+                                      int64_t D) {
+  constexpr int W = VEC ? kVec<T> : 1;
+  const int64_t units = D / W;
+  for (int64_t r = blockIdx.x; r < V; r += gridDim.x) {
+    if (touched[r]) continue;  // uniform over the block
+    T* row = dw + r * D;
+    for (int64_t c = threadIdx.x; c < units; c += blockDim.x) {
+      if constexpr (VEC)
+        *reinterpret_cast<uint4*>(row + c * W) = make_uint4(0u, 0u, 0u, 0u);
+      else
+        row[c] = from_f<T>(0.f);
+    }
   }
 }
 
@@ -266,11 +288,14 @@ void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor& dweight) {
               "] dy ", dy.desc(), " must hold ", n, " rows of ", D, " of ", dweight.desc());
   FTUNE_CHECK(n < (int64_t(1) << 31) && V < (int64_t(1) << 31), "[", op, "] too many ids (", n, ") or rows (", V,
               ")");
-  CUDA_CHECK(cudaMemsetAsync(dweight.raw_data(), 0, size_t(V * D) * dtype_size(dweight.dtype()), stream()));
+  const bool atomic = !ftune::cuda::deterministic() && dweight.dtype() == DType::f32;
+  // The sorted path zeroes only the rows no id touches (below); the others start from zeros.
+  if (n == 0 || D == 0 || atomic)
+    CUDA_CHECK(cudaMemsetAsync(dweight.raw_data(), 0, size_t(V * D) * dtype_size(dweight.dtype()), stream()));
   if (n == 0 || D == 0) return;
   const Device dev = dweight.device();
 
-  if (!ftune::cuda::deterministic() && dweight.dtype() == DType::f32) {
+  if (atomic) {
     dispatch_index(ids.dtype(), op, [&](auto itag) {
       using I = typename decltype(itag)::type;
       scatter_add_kernel<I><<<grid_1d(n * D, 256), 256, 0, stream()>>>(
@@ -286,13 +311,27 @@ void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor& dweight) {
   auto* k_out = static_cast<uint32_t*>(keys_sorted.raw_data());
   auto* p_in = static_cast<int32_t*>(pos.raw_data());
   auto* p_out = static_cast<int32_t*>(order.raw_data());
+  Tensor touched = Tensor::empty({V}, DType::b8, dev);  // 1 where some id names the row
+  auto* touched_p = static_cast<uint8_t*>(touched.raw_data());
+  CUDA_CHECK(cudaMemsetAsync(touched_p, 0, size_t(V), stream()));
   const int ni = int(n);
   int end_bit = 1;
   while (end_bit < 32 && (int64_t(1) << end_bit) < V) ++end_bit;
 
   dispatch_index(ids.dtype(), op, [&](auto itag) {
     using I = typename decltype(itag)::type;
-    sort_prep_kernel<I><<<grid_1d(n, 256), 256, 0, stream()>>>(static_cast<const I*>(ids.raw_data()), n, k_in, p_in);
+    sort_prep_kernel<I><<<grid_1d(n, 256), 256, 0, stream()>>>(static_cast<const I*>(ids.raw_data()), n, k_in, p_in,
+                                                               touched_p);
+  });
+  FTUNE_LAUNCH_CHECK(op);
+  kernels::cuda::dispatch_float(dweight.dtype(), op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    T* pdw = static_cast<T*>(dweight.raw_data());
+    const unsigned zgrid = unsigned(std::min<int64_t>(V, int64_t(ftune::cuda::device_sm_count(dev.index)) * 16));
+    if (D % kVec<T> == 0 && aligned16(pdw))
+      zero_untouched_kernel<T, true><<<zgrid, 256, 0, stream()>>>(pdw, touched_p, V, D);
+    else
+      zero_untouched_kernel<T, false><<<zgrid, 256, 0, stream()>>>(pdw, touched_p, V, D);
   });
   FTUNE_LAUNCH_CHECK(op);
   size_t sort_bytes = 0;
