@@ -229,7 +229,9 @@ TEST(CudaElementwise, AmaxArgmaxTiesAndNaN) {
   struct C {
     int64_t outer, n, inner;
   };
-  const C cases[] = {{1, 1, 1}, {37, 1001, 1}, {3, 70000, 1}, {5, 300, 129}, {64, 9, 7}, {2, 3, 1000}};
+  // 70000, 4096, 2000 over dim 1: the vector row kernel with 1, 2 and 4 (partial) loads a thread.
+  const C cases[] = {{1, 1, 1},   {37, 1001, 1}, {3, 70000, 1}, {5, 300, 129},
+                     {64, 9, 7},  {2, 3, 1000},  {41, 4096, 1}, {9, 2000, 1}};
   for (DType dt : kDtypes)
     for (const C& c : cases)
       for (int mode = 0; mode < 3; ++mode) {  // 0: random, 1: few levels (ties), 2: ties and NaNs
