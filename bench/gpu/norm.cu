@@ -96,6 +96,21 @@ void bench_shape(ftune::bench::Ctx& ctx, int64_t N, int64_t D, DType dt, bool fu
   r.bytes = 3 * act;
   r.note = "dx + dweight + dbias";
   ctx.add(r);
+
+  setenv("FTUNE_NORM_PIPE", "0", 1);
+  r = Row();
+  r.name = "layer_norm_fwd " + sz + " generic";
+  r.ms = ctx.time_ms([&] { k::layer_norm_forward(x, w, b, 1e-5, y, mean, rstd); });
+  r.bytes = 2 * act;
+  r.note = "FTUNE_NORM_PIPE=0";
+  ctx.add(r);
+  r = Row();
+  r.name = "layer_norm_bwd " + sz + " generic";
+  r.ms = ctx.time_ms([&] { k::layer_norm_backward(dy, x, w, mean, rstd, dx, dw, db); });
+  r.bytes = 3 * act;
+  r.note = "FTUNE_NORM_PIPE=0";
+  ctx.add(r);
+  unsetenv("FTUNE_NORM_PIPE");
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 // Rows no id touches are zeroed by their own kernel (touched rows are written once, by the sums).
 // With ftune::cuda::deterministic() off, f32 takes a float-atomic scatter instead.
 #include <cub/device/device_radix_sort.cuh>
+#include <cstdlib>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/embedding.h"
@@ -170,6 +171,96 @@ __global__ void tile_sum_kernel(const T* __restrict__ dy, const uint32_t* __rest
           }
 #pragma unroll
           for (int e = 0; e < V; ++e) acc[e] += x[u][e];
+        }
+      }
+    }
+    flush(te);
+  }
+}
+
+// tile_sum_shfl_kernel (the default; FTUNE_EMB_SHFL=0 selects tile_sum_kernel): the same sums in
+// the same order; the tile's ids and positions are loaded once per warp (two per lane, kTile = 64)
+// and handed out with shuffles, so the dy loads of a group of U rows wait for no index load. Every
+// lane runs the whole loop (the run boundaries depend only on the ids: uniform over the warp);
+// lanes past D load and store nothing. 3 blocks of 256 per SM (bf16: 80 registers, a few bytes
+// of spill).
+template <class T, bool VEC>
+__global__ void __launch_bounds__(256, 3)
+tile_sum_shfl_kernel(const T* __restrict__ dy, const uint32_t* __restrict__ keys,
+                     const int32_t* __restrict__ order, int64_t n, int64_t D, int64_t slices,
+                     int64_t tiles, float* __restrict__ part, T* __restrict__ dw) {
+  static_assert(kTile == 64, "two ids per lane");
+  constexpr int V = VEC ? kVec<T> : 1;
+  constexpr int U = 4;  // rows loaded ahead of their (in-order) accumulation
+  constexpr unsigned kAll = 0xffffffffu;
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
+  for (int64_t item = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; item < tiles * slices; item += warps) {
+    const int64_t t = item / slices, s = item - t * slices;
+    const int64_t c0 = (s * 32 + lane) * V;
+    const bool active = c0 < D;
+    const int64_t ts = t * kTile, te = min(n, ts + kTile);
+    uint32_t kq[2];
+    int32_t oq[2];
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int64_t k = ts + q * 32 + lane;
+      kq[q] = k < te ? keys[k] : 0u;
+      oq[q] = k < te ? order[k] : 0;
+    }
+    float acc[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) acc[e] = 0.f;
+    uint32_t id = __shfl_sync(kAll, kq[0], 0);
+    int64_t rs = ts;  // first position of the current run in this tile
+    // Writes the run [rs, k) of id: dweight, or a head/tail partial when it crosses the tile.
+    auto flush = [&](int64_t k) {
+      const bool began_before = rs == ts && ts > 0 && keys[ts - 1] == id;
+      const bool continues = k == te && te < n && keys[te] == id;
+      if (!active) return;
+      if (began_before || continues) {
+        store_f32<V>(part + (t * 2 + (began_before ? 0 : 1)) * D + c0, acc);
+      } else {
+        T* dst = dw + int64_t(id) * D + c0;
+        if constexpr (VEC)
+          store_vec(dst, acc);
+        else
+          *dst = from_f<T>(acc[0]);
+      }
+    };
+#pragma unroll 1
+    for (int j = 0; j < kTile; j += U) {
+      const int64_t k = ts + j;
+      uint32_t kid[U];
+      Vec<T> x[U];  // raw: half the registers of f32 copies for 16-bit T
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        // Shuffles by every lane (uniform), before the bound: positions past te are never used.
+        const bool hi = j + u >= 32;  // a select, not an indexed (local-memory) array
+        kid[u] = __shfl_sync(kAll, hi ? kq[1] : kq[0], (j + u) & 31);
+        const int32_t pos = __shfl_sync(kAll, hi ? oq[1] : oq[0], (j + u) & 31);
+        if (k + u < te && active) {
+          const T* src = dy + int64_t(pos) * D + c0;
+          if constexpr (VEC)
+            x[u] = *reinterpret_cast<const Vec<T>*>(src);
+          else
+            x[u].v[0] = *src;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (k + u < te) {
+          if (kid[u] != id) {
+            flush(k + u);
+            id = kid[u];
+            rs = k + u;
+#pragma unroll
+            for (int e = 0; e < V; ++e) acc[e] = 0.f;
+          }
+          if (active) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) acc[e] += to_f(x[u].v[e]);
+          }
         }
       }
     }
@@ -354,12 +445,21 @@ void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor& dweight) {
     const unsigned grid = cap_grid((tiles * slices + 7) / 8);  // 8 warps a block
     const T* pdy = static_cast<const T*>(dy.raw_data());
     T* pdw = static_cast<T*>(dweight.raw_data());
+    // FTUNE_EMB_SHFL=0 selects the tile kernel that loads each id and position itself.
+    const char* env = std::getenv("FTUNE_EMB_SHFL");
+    const bool shfl = !(env && env[0] == '0');
     if (vec) {
-      tile_sum_kernel<T, true><<<grid, 256, 0, stream()>>>(pdy, k_out, p_out, n, D, slices, tiles, pp, pdw);
+      if (shfl)
+        tile_sum_shfl_kernel<T, true><<<grid, 256, 0, stream()>>>(pdy, k_out, p_out, n, D, slices, tiles, pp, pdw);
+      else
+        tile_sum_kernel<T, true><<<grid, 256, 0, stream()>>>(pdy, k_out, p_out, n, D, slices, tiles, pp, pdw);
       FTUNE_LAUNCH_CHECK(op);
       tile_carry_kernel<T, true><<<grid, 256, 0, stream()>>>(k_out, n, D, slices, tiles, pp, pdw);
     } else {
-      tile_sum_kernel<T, false><<<grid, 256, 0, stream()>>>(pdy, k_out, p_out, n, D, slices, tiles, pp, pdw);
+      if (shfl)
+        tile_sum_shfl_kernel<T, false><<<grid, 256, 0, stream()>>>(pdy, k_out, p_out, n, D, slices, tiles, pp, pdw);
+      else
+        tile_sum_kernel<T, false><<<grid, 256, 0, stream()>>>(pdy, k_out, p_out, n, D, slices, tiles, pp, pdw);
       FTUNE_LAUNCH_CHECK(op);
       tile_carry_kernel<T, false><<<grid, 256, 0, stream()>>>(k_out, n, D, slices, tiles, pp, pdw);
     }

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "core/cuda_runtime.h"
@@ -396,8 +397,22 @@ Tensor unique_ids(int64_t n, int64_t V, DType idt, uint64_t seed) {
   return Tensor::from_vector(ids, {n}).to(idt);
 }
 
+void check_embedding_cases();
+
 TEST(CudaEmbedding, ForwardBackwardMatchCpu) {
   FTUNE_REQUIRE_GPU();
+  check_embedding_cases();
+}
+
+// FTUNE_EMB_SHFL=0: the backward's tile kernel that loads ids and positions itself.
+TEST(CudaEmbedding, ForwardBackwardMatchCpuPlainTileKernel) {
+  FTUNE_REQUIRE_GPU();
+  ::setenv("FTUNE_EMB_SHFL", "0", 1);
+  check_embedding_cases();
+  ::unsetenv("FTUNE_EMB_SHFL");
+}
+
+void check_embedding_cases() {
   ASSERT_TRUE(ftune::cuda::deterministic());
   struct C {
     int64_t V, D, n;
