@@ -3,6 +3,7 @@
 // tensor). Row.bytes counts what must move: each input read once, each output written once.
 #include <cuda_bf16.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "bench/gpu/gpu_bench.h"
@@ -106,6 +107,15 @@ FTUNE_GPU_BENCH(elementwise) {
     Tensor skew = Tensor::from_vector(h, {N}).to(Device::cuda(0));
     ms = ctx.time_ms([&] { kernels::cuda::embedding_backward(dy, skew, dw); }, 2, 10);
     ctx.add(Row{"embedding bwd bf16, half the ids equal", ms, e2 * N * D + e2 * V * D + 4.0 * N});
+    // The tile kernel that loads each id and position itself (FTUNE_EMB_SHFL=0).
+    setenv("FTUNE_EMB_SHFL", "0", 1);
+    ms = ctx.time_ms([&] { kernels::cuda::embedding_backward(dy, ids, dw); });
+    ctx.add(Row{"embedding bwd bf16 64k x 4096, V 128k plain-tile", ms, e2 * N * D + e2 * V * D + 4.0 * N, 0,
+                0, "", "FTUNE_EMB_SHFL=0"});
+    ms = ctx.time_ms([&] { kernels::cuda::embedding_backward(dy, skew, dw); }, 2, 10);
+    ctx.add(Row{"embedding bwd bf16, half the ids equal plain-tile", ms, e2 * N * D + e2 * V * D + 4.0 * N,
+                0, 0, "", "FTUNE_EMB_SHFL=0"});
+    unsetenv("FTUNE_EMB_SHFL");
   }
   cuda_empty_cache();
 }

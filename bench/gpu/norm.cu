@@ -4,6 +4,7 @@
 // once and each [N, D] output written once (weight, statistics and partial sums are < 1%).
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "bench/gpu/gpu_bench.h"
@@ -56,6 +57,22 @@ void bench_shape(ftune::bench::Ctx& ctx, int64_t N, int64_t D, DType dt, bool fu
   r.note = "dx + dweight (deterministic partial sums)";
   ctx.add(r);
 
+  // The generic kernels (FTUNE_NORM_PIPE=0), for comparison with the pipelined default.
+  setenv("FTUNE_NORM_PIPE", "0", 1);
+  r = Row();
+  r.name = "rms_norm_fwd " + sz + " generic";
+  r.ms = ctx.time_ms([&] { k::rms_norm_forward(x, w, 1e-6, y, rstd); });
+  r.bytes = 2 * act;
+  r.note = "FTUNE_NORM_PIPE=0";
+  ctx.add(r);
+  r = Row();
+  r.name = "rms_norm_bwd " + sz + " generic";
+  r.ms = ctx.time_ms([&] { k::rms_norm_backward(dy, x, w, rstd, dx, dw); });
+  r.bytes = 3 * act;
+  r.note = "FTUNE_NORM_PIPE=0";
+  ctx.add(r);
+  unsetenv("FTUNE_NORM_PIPE");
+
   r = Row();
   r.name = "rms_norm_residual_fwd " + sz;
   r.ms = ctx.time_ms([&] { k::rms_norm_residual_forward(x, res, w, 1e-6, y, h, rstd); });
@@ -79,6 +96,21 @@ void bench_shape(ftune::bench::Ctx& ctx, int64_t N, int64_t D, DType dt, bool fu
   r.bytes = 3 * act;
   r.note = "dx + dweight + dbias";
   ctx.add(r);
+
+  setenv("FTUNE_NORM_PIPE", "0", 1);
+  r = Row();
+  r.name = "layer_norm_fwd " + sz + " generic";
+  r.ms = ctx.time_ms([&] { k::layer_norm_forward(x, w, b, 1e-5, y, mean, rstd); });
+  r.bytes = 2 * act;
+  r.note = "FTUNE_NORM_PIPE=0";
+  ctx.add(r);
+  r = Row();
+  r.name = "layer_norm_bwd " + sz + " generic";
+  r.ms = ctx.time_ms([&] { k::layer_norm_backward(dy, x, w, mean, rstd, dx, dw, db); });
+  r.bytes = 3 * act;
+  r.note = "FTUNE_NORM_PIPE=0";
+  ctx.add(r);
+  unsetenv("FTUNE_NORM_PIPE");
 }
 
 }  // namespace

@@ -77,6 +77,17 @@ unsigned blocks_for(int64_t chunks, int per_sm) {
   return unsigned(std::max<int64_t>(1, std::min(chunks, cap)));
 }
 
+// At most per_sm blocks of kThreads per SM, and no more than fit at once: each block owns a fixed
+// share of the chunks, so blocks beyond what is resident would run after the others, alone (a
+// tail at a fraction of the bandwidth). Depends only on the device and the kernel, so the
+// partial sums of a reduction stay reproducible.
+template <class K>
+unsigned resident_blocks_for(K kernel, int64_t chunks, int per_sm) {
+  int fit = 0;
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, kernel, kThreads, 0));
+  return blocks_for(chunks, std::max(1, std::min(per_sm, fit)));
+}
+
 // 4 elements of T at p (aligned to 4 * sizeof(T)), to and from f32.
 template <class T>
 struct alignas(4 * sizeof(T)) Quad {
@@ -363,7 +374,7 @@ void adamw_update_multi(const std::vector<AdamWTensor>& ts) {
   }
   if (table.empty()) return;
   Tensor dev = upload_table(table);
-  adamw_multi_kernel<<<blocks_for(next, 8), kThreads, 0, stream()>>>(
+  adamw_multi_kernel<<<resident_blocks_for(adamw_multi_kernel, next, 8), kThreads, 0, stream()>>>(
       static_cast<const AdamDesc*>(dev.raw_data()), int(table.size()), next);
   FTUNE_LAUNCH_CHECK("adamw");
 }
@@ -374,7 +385,7 @@ double sum_squares_multi(const std::vector<DeviceArray>& xs) {
   if (table.empty()) return 0.0;
   Tensor dev = upload_table(table);
   // The block count depends only on the device: the same inputs give the same sum.
-  const unsigned grid = blocks_for(chunks, 8);
+  const unsigned grid = resident_blocks_for(sumsq_multi_kernel, chunks, 8);
   Tensor part = Tensor::empty({int64_t(grid)}, DType::f64, dev.device());
   sumsq_multi_kernel<<<grid, kThreads, 0, stream()>>>(static_cast<const ArrDesc*>(dev.raw_data()),
                                                       int(table.size()), chunks,

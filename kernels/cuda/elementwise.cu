@@ -162,6 +162,77 @@ __global__ void strided_kernel(Strided<NI> s, Ptrs<T, NI> in, T* __restrict__ ou
   }
 }
 
+// The row-broadcast fast path: out is [rows, cols] (contiguous) and input k's element (r, c) is at
+// p[k] + r * rs[k] + c * cs[k] with cs[k] 0 (one value per row) or 1 (a row of cols elements, e.g.
+// a bias with rs = 0). 16-byte vectors along the row: cols % kVec == 0, every row of a cs = 1
+// input 16-byte aligned. Idx: the type of the vector index's division by the row length.
+template <int NI>
+struct RowStrides {
+  int64_t rs[NI];
+  int cs[NI];
+};
+template <class T, int NI, class Idx, class F>
+__global__ void rowwise_vec_kernel(Ptrs<T, NI> in, RowStrides<NI> st, T* __restrict__ out,
+                                   int64_t rows, int64_t cols, F f) {
+  constexpr int V = kVec<T>;
+  const Idx cv = Idx(cols / V);  // vectors per row
+  const int64_t nv = rows * int64_t(cv);
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t v = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; v < nv; v += stride) {
+    const Idx row = Idx(v) / cv;
+    const int64_t col = int64_t(Idx(v) - row * cv) * V;
+    float x[NI][V];
+#pragma unroll
+    for (int k = 0; k < NI; ++k) {
+      const T* p = in.p[k] + int64_t(row) * st.rs[k];
+      if (st.cs[k]) {
+        load_vec(p + col, x[k]);
+      } else {
+        const float s = to_f(p[0]);
+#pragma unroll
+        for (int e = 0; e < V; ++e) x[k][e] = s;
+      }
+    }
+    float y[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      float xe[NI], ye[1];
+#pragma unroll
+      for (int k = 0; k < NI; ++k) xe[k] = x[k][e];
+      f(xe, ye);
+      y[e] = ye[0];
+    }
+    store_vec(out + v * V, y);
+  }
+}
+
+// Launches rowwise_vec_kernel when the coalesced layout is a row broadcast it takes; false if not.
+template <class T, int NI, class F>
+bool try_rowwise(const char* op, const Strided<NI>& s, const Ptrs<T, NI>& p, T* po, int64_t n,
+                 F f) {
+  constexpr int V = kVec<T>;
+  if (s.nd < 1 || s.nd > 2 || !aligned16(po)) return false;
+  const int64_t rows = s.nd == 2 ? s.size[0] : 1, cols = s.size[s.nd - 1];
+  if (cols % V != 0) return false;
+  RowStrides<NI> st;
+  for (int k = 0; k < NI; ++k) {
+    const int64_t cs = s.stride[k][s.nd - 1];
+    st.rs[k] = s.nd == 2 ? s.stride[k][0] : 0;
+    if (cs != 0 && cs != 1) return false;
+    st.cs[k] = int(cs);
+    if (cs == 1 && (st.rs[k] % V != 0 || !aligned16(p.p[k]))) return false;
+  }
+  const int64_t nv = n / V;
+  if (nv < (int64_t(1) << 31))
+    rowwise_vec_kernel<T, NI, uint32_t, F><<<grid_1d(nv, 256), 256, 0, stream()>>>(p, st, po, rows,
+                                                                                   cols, f);
+  else
+    rowwise_vec_kernel<T, NI, uint64_t, F><<<grid_1d(nv, 256), 256, 0, stream()>>>(p, st, po, rows,
+                                                                                   cols, f);
+  FTUNE_LAUNCH_CHECK(op);
+  return true;
+}
+
 // out = f(in...) for inputs that are views of out's shape; out contiguous.
 template <class T, int NI, class F>
 void launch_strided_or_map(const char* op, const Tensor* const (&in)[NI], Tensor& out, F f) {
@@ -179,6 +250,7 @@ void launch_strided_or_map(const char* op, const Tensor* const (&in)[NI], Tensor
     return;
   }
   T* po = static_cast<T*>(out.raw_data());
+  if (try_rowwise<T, NI, F>(op, s, p, po, n, f)) return;
   if (n < (int64_t(1) << 31))
     strided_kernel<T, NI, uint32_t, F><<<grid_1d(n, 256), 256, 0, stream()>>>(s, p, po, n, f);
   else
@@ -298,6 +370,7 @@ __device__ __forceinline__ void warp_amax(float& v, int64_t& i) {
 }
 
 constexpr int64_t kNoIndex = INT64_MAX;
+constexpr int kAmaxUnroll = 4;
 
 // Max (and its index) over n of a contiguous [rows, n]: one block per row. VEC: 16-byte loads
 // (rows 16-byte aligned, n a multiple of kVec); the combine is order-free, so any split works.
@@ -312,14 +385,27 @@ __global__ void row_amax_kernel(const T* __restrict__ a, int64_t rows, int64_t n
     const T* r = a + row * n;
     float v = -INFINITY;
     int64_t i = kNoIndex;
-    for (int64_t j = int64_t(threadIdx.x) * V; j < n; j += int64_t(blockDim.x) * V) {
-      if constexpr (VEC) {
-        float x[V];
-        load_vec(r + j, x);
+    // kAmaxUnroll loads in flight per thread before any combine (the combine is order-free).
+    const int64_t step = int64_t(blockDim.x) * V;
+    for (int64_t j0 = int64_t(threadIdx.x) * V; j0 < n; j0 += kAmaxUnroll * step) {
+      float x[kAmaxUnroll][V];
 #pragma unroll
-        for (int e = 0; e < V; ++e) amax_combine(v, i, x[e], j + e);
-      } else {
-        amax_combine(v, i, to_f(r[j]), j);
+      for (int u = 0; u < kAmaxUnroll; ++u) {
+        const int64_t j = j0 + u * step;
+        if (j < n) {
+          if constexpr (VEC)
+            load_vec(r + j, x[u]);
+          else
+            x[u][0] = to_f(r[j]);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kAmaxUnroll; ++u) {
+        const int64_t j = j0 + u * step;
+        if (j < n) {
+#pragma unroll
+          for (int e = 0; e < V; ++e) amax_combine(v, i, x[u][e], j + e);
+        }
       }
     }
     warp_amax(v, i);

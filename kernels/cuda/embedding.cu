@@ -3,9 +3,10 @@
 // backward (deterministic): the positions are sorted by id (CUB radix sort, stable, so equal ids
 // keep increasing n) and summed per run of one id in f32 by fixed tiles of the sorted order (see
 // tile_sum_kernel): every dweight element has one writer and one summation order, no atomics.
-// Rows no id touches are zeroed first. With ftune::cuda::deterministic() off, f32 takes a
-// float-atomic scatter instead.
+// Rows no id touches are zeroed by their own kernel (touched rows are written once, by the sums).
+// With ftune::cuda::deterministic() off, f32 takes a float-atomic scatter instead.
 #include <cub/device/device_radix_sort.cuh>
+#include <cstdlib>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/embedding.h"
@@ -43,12 +44,34 @@ __global__ void gather_rows_kernel(const U* __restrict__ w, const I* __restrict_
   }
 }
 
+// Also marks the rows some id touches (every writer stores the same 1: the race is benign).
 template <class I>
 __global__ void sort_prep_kernel(const I* __restrict__ ids, int64_t n, uint32_t* __restrict__ keys,
-                                 int32_t* __restrict__ pos) {
+                                 int32_t* __restrict__ pos, uint8_t* __restrict__ touched) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     keys[i] = uint32_t(ids[i]);
     pos[i] = int32_t(i);
+    touched[ids[i]] = 1;
+  }
+}
+
+// Zeroes the rows of dweight [V, D] no id touches (the tile kernels write every touched row in
+// full), so those rows are written once instead of twice. One block per row, 16-byte stores when
+// VEC (D % kVec == 0 and dweight aligned).
+template <class T, bool VEC>
+__global__ void zero_untouched_kernel(T* __restrict__ dw, const uint8_t* __restrict__ touched, int64_t V,
+                                      int64_t D) {
+  constexpr int W = VEC ? kVec<T> : 1;
+  const int64_t units = D / W;
+  for (int64_t r = blockIdx.x; r < V; r += gridDim.x) {
+    if (touched[r]) continue;  // uniform over the block
+    T* row = dw + r * D;
+    for (int64_t c = threadIdx.x; c < units; c += blockDim.x) {
+      if constexpr (VEC)
+        *reinterpret_cast<uint4*>(row + c * W) = make_uint4(0u, 0u, 0u, 0u);
+      else
+        row[c] = from_f<T>(0.f);
+    }
   }
 }
 
@@ -148,6 +171,96 @@ __global__ void tile_sum_kernel(const T* __restrict__ dy, const uint32_t* __rest
           }
 #pragma unroll
           for (int e = 0; e < V; ++e) acc[e] += x[u][e];
+        }
+      }
+    }
+    flush(te);
+  }
+}
+
+// tile_sum_shfl_kernel (the default; FTUNE_EMB_SHFL=0 selects tile_sum_kernel): the same sums in
+// the same order; the tile's ids and positions are loaded once per warp (two per lane, kTile = 64)
+// and handed out with shuffles, so the dy loads of a group of U rows wait for no index load. Every
+// lane runs the whole loop (the run boundaries depend only on the ids: uniform over the warp);
+// lanes past D load and store nothing. 3 blocks of 256 per SM (bf16: 80 registers, a few bytes
+// of spill).
+template <class T, bool VEC>
+__global__ void __launch_bounds__(256, 3)
+tile_sum_shfl_kernel(const T* __restrict__ dy, const uint32_t* __restrict__ keys,
+                     const int32_t* __restrict__ order, int64_t n, int64_t D, int64_t slices,
+                     int64_t tiles, float* __restrict__ part, T* __restrict__ dw) {
+  static_assert(kTile == 64, "two ids per lane");
+  constexpr int V = VEC ? kVec<T> : 1;
+  constexpr int U = 4;  // rows loaded ahead of their (in-order) accumulation
+  constexpr unsigned kAll = 0xffffffffu;
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
+  for (int64_t item = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; item < tiles * slices; item += warps) {
+    const int64_t t = item / slices, s = item - t * slices;
+    const int64_t c0 = (s * 32 + lane) * V;
+    const bool active = c0 < D;
+    const int64_t ts = t * kTile, te = min(n, ts + kTile);
+    uint32_t kq[2];
+    int32_t oq[2];
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int64_t k = ts + q * 32 + lane;
+      kq[q] = k < te ? keys[k] : 0u;
+      oq[q] = k < te ? order[k] : 0;
+    }
+    float acc[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) acc[e] = 0.f;
+    uint32_t id = __shfl_sync(kAll, kq[0], 0);
+    int64_t rs = ts;  // first position of the current run in this tile
+    // Writes the run [rs, k) of id: dweight, or a head/tail partial when it crosses the tile.
+    auto flush = [&](int64_t k) {
+      const bool began_before = rs == ts && ts > 0 && keys[ts - 1] == id;
+      const bool continues = k == te && te < n && keys[te] == id;
+      if (!active) return;
+      if (began_before || continues) {
+        store_f32<V>(part + (t * 2 + (began_before ? 0 : 1)) * D + c0, acc);
+      } else {
+        T* dst = dw + int64_t(id) * D + c0;
+        if constexpr (VEC)
+          store_vec(dst, acc);
+        else
+          *dst = from_f<T>(acc[0]);
+      }
+    };
+#pragma unroll 1
+    for (int j = 0; j < kTile; j += U) {
+      const int64_t k = ts + j;
+      uint32_t kid[U];
+      Vec<T> x[U];  // raw: half the registers of f32 copies for 16-bit T
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        // Shuffles by every lane (uniform), before the bound: positions past te are never used.
+        const bool hi = j + u >= 32;  // a select, not an indexed (local-memory) array
+        kid[u] = __shfl_sync(kAll, hi ? kq[1] : kq[0], (j + u) & 31);
+        const int32_t pos = __shfl_sync(kAll, hi ? oq[1] : oq[0], (j + u) & 31);
+        if (k + u < te && active) {
+          const T* src = dy + int64_t(pos) * D + c0;
+          if constexpr (VEC)
+            x[u] = *reinterpret_cast<const Vec<T>*>(src);
+          else
+            x[u].v[0] = *src;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (k + u < te) {
+          if (kid[u] != id) {
+            flush(k + u);
+            id = kid[u];
+            rs = k + u;
+#pragma unroll
+            for (int e = 0; e < V; ++e) acc[e] = 0.f;
+          }
+          if (active) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) acc[e] += to_f(x[u].v[e]);
+          }
         }
       }
     }
@@ -266,11 +379,14 @@ void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor& dweight) {
               "] dy ", dy.desc(), " must hold ", n, " rows of ", D, " of ", dweight.desc());
   FTUNE_CHECK(n < (int64_t(1) << 31) && V < (int64_t(1) << 31), "[", op, "] too many ids (", n, ") or rows (", V,
               ")");
-  CUDA_CHECK(cudaMemsetAsync(dweight.raw_data(), 0, size_t(V * D) * dtype_size(dweight.dtype()), stream()));
+  const bool atomic = !ftune::cuda::deterministic() && dweight.dtype() == DType::f32;
+  // The sorted path zeroes only the rows no id touches (below); the others start from zeros.
+  if (n == 0 || D == 0 || atomic)
+    CUDA_CHECK(cudaMemsetAsync(dweight.raw_data(), 0, size_t(V * D) * dtype_size(dweight.dtype()), stream()));
   if (n == 0 || D == 0) return;
   const Device dev = dweight.device();
 
-  if (!ftune::cuda::deterministic() && dweight.dtype() == DType::f32) {
+  if (atomic) {
     dispatch_index(ids.dtype(), op, [&](auto itag) {
       using I = typename decltype(itag)::type;
       scatter_add_kernel<I><<<grid_1d(n * D, 256), 256, 0, stream()>>>(
@@ -286,13 +402,27 @@ void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor& dweight) {
   auto* k_out = static_cast<uint32_t*>(keys_sorted.raw_data());
   auto* p_in = static_cast<int32_t*>(pos.raw_data());
   auto* p_out = static_cast<int32_t*>(order.raw_data());
+  Tensor touched = Tensor::empty({V}, DType::b8, dev);  // 1 where some id names the row
+  auto* touched_p = static_cast<uint8_t*>(touched.raw_data());
+  CUDA_CHECK(cudaMemsetAsync(touched_p, 0, size_t(V), stream()));
   const int ni = int(n);
   int end_bit = 1;
   while (end_bit < 32 && (int64_t(1) << end_bit) < V) ++end_bit;
 
   dispatch_index(ids.dtype(), op, [&](auto itag) {
     using I = typename decltype(itag)::type;
-    sort_prep_kernel<I><<<grid_1d(n, 256), 256, 0, stream()>>>(static_cast<const I*>(ids.raw_data()), n, k_in, p_in);
+    sort_prep_kernel<I><<<grid_1d(n, 256), 256, 0, stream()>>>(static_cast<const I*>(ids.raw_data()), n, k_in, p_in,
+                                                               touched_p);
+  });
+  FTUNE_LAUNCH_CHECK(op);
+  kernels::cuda::dispatch_float(dweight.dtype(), op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    T* pdw = static_cast<T*>(dweight.raw_data());
+    const unsigned zgrid = unsigned(std::min<int64_t>(V, int64_t(ftune::cuda::device_sm_count(dev.index)) * 16));
+    if (D % kVec<T> == 0 && aligned16(pdw))
+      zero_untouched_kernel<T, true><<<zgrid, 256, 0, stream()>>>(pdw, touched_p, V, D);
+    else
+      zero_untouched_kernel<T, false><<<zgrid, 256, 0, stream()>>>(pdw, touched_p, V, D);
   });
   FTUNE_LAUNCH_CHECK(op);
   size_t sort_bytes = 0;
@@ -315,12 +445,21 @@ void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor& dweight) {
     const unsigned grid = cap_grid((tiles * slices + 7) / 8);  // 8 warps a block
     const T* pdy = static_cast<const T*>(dy.raw_data());
     T* pdw = static_cast<T*>(dweight.raw_data());
+    // FTUNE_EMB_SHFL=0 selects the tile kernel that loads each id and position itself.
+    const char* env = std::getenv("FTUNE_EMB_SHFL");
+    const bool shfl = !(env && env[0] == '0');
     if (vec) {
-      tile_sum_kernel<T, true><<<grid, 256, 0, stream()>>>(pdy, k_out, p_out, n, D, slices, tiles, pp, pdw);
+      if (shfl)
+        tile_sum_shfl_kernel<T, true><<<grid, 256, 0, stream()>>>(pdy, k_out, p_out, n, D, slices, tiles, pp, pdw);
+      else
+        tile_sum_kernel<T, true><<<grid, 256, 0, stream()>>>(pdy, k_out, p_out, n, D, slices, tiles, pp, pdw);
       FTUNE_LAUNCH_CHECK(op);
       tile_carry_kernel<T, true><<<grid, 256, 0, stream()>>>(k_out, n, D, slices, tiles, pp, pdw);
     } else {
-      tile_sum_kernel<T, false><<<grid, 256, 0, stream()>>>(pdy, k_out, p_out, n, D, slices, tiles, pp, pdw);
+      if (shfl)
+        tile_sum_shfl_kernel<T, false><<<grid, 256, 0, stream()>>>(pdy, k_out, p_out, n, D, slices, tiles, pp, pdw);
+      else
+        tile_sum_kernel<T, false><<<grid, 256, 0, stream()>>>(pdy, k_out, p_out, n, D, slices, tiles, pp, pdw);
       FTUNE_LAUNCH_CHECK(op);
       tile_carry_kernel<T, false><<<grid, 256, 0, stream()>>>(k_out, n, D, slices, tiles, pp, pdw);
     }

@@ -18,6 +18,15 @@ constexpr float kNegInf = -INFINITY;
 
 __device__ __forceinline__ float exp_f(float x) { return exp2f(x * kLog2e); }
 
+// 2^x with subnormal results flushed to 0: one MUFU op, where exp2f adds a subnormal fix-up
+// around it. Only for terms added to a row's running sum, which holds the max's term 1 (or is
+// rescaled to it), so a subnormal term cannot change the f32 sum; NaN and -inf behave as exp2f.
+__device__ __forceinline__ float ex2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // ---- row sweeps ----------------------------------------------------------------------------------
 
 // W elements at p into f32 (W = kVec<T>: one 16-byte load; W = 1: scalar).
@@ -54,9 +63,12 @@ __device__ __forceinline__ int64_t head_of(const T* p, int64_t v) {
 // unused when in1 is null), o0, o1 what to store to out0, out1 (each stored when non-null); the
 // arrays have N = W elements (body) or 1 (head, tail), j is the column of element 0. Every thread
 // of the CTA must call it (no barrier inside, but the callers' reductions follow).
-template <int W, class T, class F>
-__device__ __forceinline__ void sweep(const T* __restrict__ in0, const T* __restrict__ in1,
-                                      T* __restrict__ out0, T* __restrict__ out1, int64_t v, F&& f) {
+// U: 16-byte loads per input in flight per thread (kUnroll; two-input sweeps that must keep
+// registers low take 2).
+template <int U, int W, class T, class F>
+__device__ __forceinline__ void sweep_u(const T* __restrict__ in0, const T* __restrict__ in1,
+                                        T* __restrict__ out0, T* __restrict__ out1, int64_t v,
+                                        F&& f) {
   const int64_t head = head_of<W>(in0, v);
   const int64_t bs = blockDim.x;
   auto scalar = [&](int64_t j) {
@@ -67,10 +79,10 @@ __device__ __forceinline__ void sweep(const T* __restrict__ in0, const T* __rest
   };
   for (int64_t j = threadIdx.x; j < head; j += bs) scalar(j);
   const int64_t nvec = (v - head) / W;
-  for (int64_t k0 = threadIdx.x; k0 < nvec; k0 += kUnroll * bs) {
-    float a[kUnroll][W], b[kUnroll][W];
+  for (int64_t k0 = threadIdx.x; k0 < nvec; k0 += U * bs) {
+    float a[U][W], b[U][W];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int64_t k = k0 + u * bs;
       if (k < nvec) {
         load_w<W>(in0 + head + k * W, a[u]);
@@ -78,7 +90,7 @@ __device__ __forceinline__ void sweep(const T* __restrict__ in0, const T* __rest
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int64_t k = k0 + u * bs;
       if (k < nvec) {
         float o0[W], o1[W];
@@ -91,6 +103,12 @@ __device__ __forceinline__ void sweep(const T* __restrict__ in0, const T* __rest
     }
   }
   for (int64_t j = head + nvec * W + threadIdx.x; j < v; j += bs) scalar(j);
+}
+
+template <int W, class T, class F>
+__device__ __forceinline__ void sweep(const T* __restrict__ in0, const T* __restrict__ in1,
+                                      T* __restrict__ out0, T* __restrict__ out1, int64_t v, F&& f) {
+  sweep_u<kUnroll, W, T>(in0, in1, out0, out1, v, f);
 }
 
 template <class A>
@@ -154,7 +172,7 @@ struct Lse {
     const float mm = m == kNegInf ? 0.f : m;  // -inf - -inf would be NaN
     float cs = 0.f;
 #pragma unroll
-    for (int e = 0; e < N; ++e) cs += exp2f((a[e] - mm) * c);
+    for (int e = 0; e < N; ++e) cs += ex2_ftz((a[e] - mm) * c);
     s += cs;
   }
 };
@@ -231,7 +249,7 @@ __global__ void __launch_bounds__(kThreads) softmax_fwd_kernel(const T* __restri
 }
 
 template <int W, class T>
-__global__ void __launch_bounds__(kThreads) softmax_bwd_kernel(const T* __restrict__ y,
+__global__ void __launch_bounds__(kThreads, 2) softmax_bwd_kernel(const T* __restrict__ y,
                                                                const T* __restrict__ dy, int64_t v,
                                                                bool log, T* __restrict__ dx) {
   __shared__ float shm[32];
@@ -240,12 +258,12 @@ __global__ void __launch_bounds__(kThreads) softmax_bwd_kernel(const T* __restri
   const T* gr = dy + row * v;
   // log: sum(dy); softmax: sum(dy * y). in0 = dy, in1 = y.
   float acc = 0.f;
-  sweep<W, T>(gr, yr, nullptr, nullptr, v, [&](const auto& g, const auto& yy, auto&, auto&, int64_t) {
+  sweep_u<2, W, T>(gr, yr, nullptr, nullptr, v, [&](const auto& g, const auto& yy, auto&, auto&, int64_t) {
 #pragma unroll
     for (int e = 0; e < len(g); ++e) acc += log ? g[e] : g[e] * yy[e];
   });
   const float sum = block_sum2(acc, shm);
-  sweep<W, T>(gr, yr, dx + row * v, nullptr, v, [&](const auto& g, const auto& yy, auto& o, auto&, int64_t) {
+  sweep_u<2, W, T>(gr, yr, dx + row * v, nullptr, v, [&](const auto& g, const auto& yy, auto& o, auto&, int64_t) {
 #pragma unroll
     for (int e = 0; e < len(g); ++e) o[e] = log ? g[e] - exp_f(yy[e]) * sum : yy[e] * (g[e] - sum);
   });
@@ -333,7 +351,7 @@ struct Ent {
     const float mm = m == kNegInf ? 0.f : m;
 #pragma unroll
     for (int e = 0; e < N; ++e) {
-      const float z = a[e] - mm, ez = exp_f(z);
+      const float z = a[e] - mm, ez = ex2_ftz(z * kLog2e);
       s += ez;
       w += ez > 0.f ? ez * z : 0.f;  // -inf entries: 0, not 0 * -inf
     }
@@ -408,7 +426,7 @@ struct KlParams {
 };
 
 template <Divergence K, int W, class T>
-__global__ void __launch_bounds__(kThreads) kl_fwd_kernel(const T* __restrict__ s,
+__global__ void __launch_bounds__(kThreads, 2) kl_fwd_kernel(const T* __restrict__ s,
                                                           const T* __restrict__ t, int64_t v,
                                                           KlParams pr, float* __restrict__ out,
                                                           float* __restrict__ stats) {
@@ -418,7 +436,7 @@ __global__ void __launch_bounds__(kThreads) kl_fwd_kernel(const T* __restrict__ 
   const T* tr = t + row * v;
   const float c = pr.scale * kLog2e, scale = pr.scale;
   Lse a_s, a_t;
-  sweep<W, T>(sr, tr, nullptr, nullptr, v, [&](const auto& a, const auto& b, auto&, auto&, int64_t) {
+  sweep_u<2, W, T>(sr, tr, nullptr, nullptr, v, [&](const auto& a, const auto& b, auto&, auto&, int64_t) {
     a_s.add(a, c);
     a_t.add(b, c);
   });
@@ -432,7 +450,7 @@ __global__ void __launch_bounds__(kThreads) kl_fwd_kernel(const T* __restrict__ 
                             shm);
   const float ms = r.f[0], lss = logf(r.f[1]), mt = r.f[2], lst = logf(r.f[3]);
   float ap = 0.f, aq = 0.f;
-  sweep<W, T>(sr, tr, nullptr, nullptr, v, [&](const auto& a, const auto& b, auto&, auto&, int64_t) {
+  sweep_u<2, W, T>(sr, tr, nullptr, nullptr, v, [&](const auto& a, const auto& b, auto&, auto&, int64_t) {
 #pragma unroll
     for (int e = 0; e < len(a); ++e) {
       const float lq = (a[e] - ms) * scale - lss, lp = (b[e] - mt) * scale - lst;
@@ -479,7 +497,7 @@ __global__ void __launch_bounds__(kThreads) kl_fwd_kernel(const T* __restrict__ 
 //   reverse: ds = Q (log Q - log P - k_q),          dt = P - Q
 //   jsd:     ds = (1-beta) Q (log Q - log M - k_q), dt = beta P (log P - log M - k_p)
 template <Divergence K, int W, class T>
-__global__ void __launch_bounds__(kThreads) kl_bwd_kernel(const T* __restrict__ s,
+__global__ void __launch_bounds__(kThreads, 2) kl_bwd_kernel(const T* __restrict__ s,
                                                           const T* __restrict__ t,
                                                           const float* __restrict__ stats,
                                                           const float* __restrict__ g, int64_t v,
@@ -490,7 +508,7 @@ __global__ void __launch_bounds__(kThreads) kl_bwd_kernel(const T* __restrict__ 
   const float ms = st[0], lss = st[1], mt = st[2], lst = st[3], kp = st[4], kq = st[5];
   const float scale = pr.scale, gs = g[row] * scale;
   const float gsq = gs * (1.f - pr.beta), gsp = gs * pr.beta;
-  sweep<W, T>(s + row * v, t + row * v, ds ? ds + row * v : nullptr, dt ? dt + row * v : nullptr, v,
+  sweep_u<2, W, T>(s + row * v, t + row * v, ds ? ds + row * v : nullptr, dt ? dt + row * v : nullptr, v,
               [&](const auto& a, const auto& b, auto& o0, auto& o1, int64_t) {
 #pragma unroll
                 for (int e = 0; e < len(a); ++e) {

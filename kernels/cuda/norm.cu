@@ -11,6 +11,7 @@
 // order) to its own row of a [blocks, D] f32 buffer; a second kernel sums that buffer over blocks
 // in a fixed order.
 #include <climits>
+#include <cstdlib>
 #include <type_traits>
 
 #include "kernels/cuda/common.cuh"
@@ -338,6 +339,214 @@ norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __re
   }
 }
 
+// ---- pipelined block-per-row kernels (the fast path) ----------------------------------------------
+// For rows that fit the register cache exactly in 16-byte chunks (D % kVec == 0, aligned, one
+// block per row group, no overflow chunks). The grid is what fits on the GPU at once and each
+// block loops over rows; while it reduces and writes row r it already has the loads of its next
+// row in flight (held raw, in the storage type), so the memory system never waits for a block's
+// reduction. The formulas are those of the generic kernels above (f32 sums split over threads
+// differently, so the last bits of a statistic may differ).
+
+// Fewer elements per thread than the generic kernels (the prefetched row costs registers too), so
+// that more threads are resident: the forward holds 32 bytes of x per thread (RMSNorm: 3 blocks
+// of 512 threads per SM, at most 42 registers; LayerNorm 2), the backward 16 bytes each of x and
+// dy (up to 1024 threads, at most 64 registers) next to its f32 column sums.
+template <class T> constexpr int kPipeFwdChunks = 2;
+template <class T> constexpr int kPipeBwdChunks = 1;
+constexpr int kPipeFwdThreads = 512, kPipeFwdMinBlocks = 3, kPipeBwdThreads = 1024;
+
+template <class T, int kMax>
+__device__ __forceinline__ void fetch_row(const T* row, int lane, int size, int C,
+                                          Vec<T> (&o)[kMax]) {
+#pragma unroll
+  for (int k = 0; k < kMax; ++k) {
+    const int c = lane + k * size;
+    if (c < C) o[k] = *reinterpret_cast<const Vec<T>*>(row + int64_t(c) * kVec<T>);
+  }
+}
+
+template <class T, int kMax, bool kCenter>
+__global__ void __launch_bounds__(kPipeFwdThreads, kCenter ? 2 : kPipeFwdMinBlocks)
+norm_fwd_pipe_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
+                     T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                     int64_t N, int D, float eps) {
+  constexpr int V = kVec<T>;
+  __shared__ float shm[32];
+  const int lane = threadIdx.x, size = blockDim.x;
+  const int C = D / V;
+  const float inv_d = 1.f / float(D);
+  Vec<T> nxt[kMax];
+  int64_t r = blockIdx.x;
+  if (r < N) fetch_row<T, kMax>(x + r * D, lane, size, C, nxt);
+  for (; r < N; r += gridDim.x) {
+    // The row stays raw (half the registers of f32 for 16-bit T), widened where used.
+    Vec<T> cur[kMax];
+#pragma unroll
+    for (int k = 0; k < kMax; ++k) cur[k] = nxt[k];  // unused past C
+    const int64_t rn = r + gridDim.x;
+    if (rn < N) fetch_row<T, kMax>(x + rn * D, lane, size, C, nxt);
+    float s = 0.f;  // LayerNorm: sum of x; RMSNorm: sum of x^2
+#pragma unroll
+    for (int k = 0; k < kMax; ++k) {
+      if (lane + k * size < C) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const float v = to_f(cur[k].v[i]);
+          s += kCenter ? v : v * v;
+        }
+      }
+    }
+    float mu = 0.f, ss = s;
+    if constexpr (kCenter) {
+      mu = block_sum(s, shm) * inv_d;
+      ss = 0.f;
+#pragma unroll
+      for (int k = 0; k < kMax; ++k) {
+        if (lane + k * size < C) {
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            const float d = to_f(cur[k].v[i]) - mu;
+            ss += d * d;
+          }
+        }
+      }
+    }
+    const float rs = 1.f / sqrtf(block_sum(ss, shm) * inv_d + eps);
+    if (lane == 0) {
+      rstd_out[r] = rs;
+      if constexpr (kCenter) mean_out[r] = mu;
+    }
+    T* yr = y + r * D;
+#pragma unroll
+    for (int k = 0; k < kMax; ++k) {
+      const int c = lane + k * size;
+      if (c < C) {
+        float wv[V], o[V];
+        load_vec(w + c * V, wv);
+        if constexpr (kCenter) {
+          float bv[V] = {};
+          if (b) load_vec(b + c * V, bv);
+#pragma unroll
+          for (int i = 0; i < V; ++i) o[i] = (to_f(cur[k].v[i]) - mu) * rs * wv[i] + bv[i];
+        } else {
+#pragma unroll
+          for (int i = 0; i < V; ++i) o[i] = wv[i] * (to_f(cur[k].v[i]) * rs);
+        }
+        store_vec(yr + c * V, o);
+      }
+    }
+  }
+}
+
+// The backward on the same plan: x and dy of the next row (and its mean/rstd) are fetched while
+// the current row is finished; dy * w is recomputed from the raw chunks rather than kept in f32,
+// and w is read once per block (its chunks are this thread's for every row). Partial column sums
+// as in norm_bwd_kernel: row blockIdx.x of pw/pb.
+template <class T, int kMax, bool kCenter>
+__global__ void __launch_bounds__(kPipeBwdThreads, 1)
+norm_bwd_pipe_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w,
+                     const float* __restrict__ mean, const float* __restrict__ rstd,
+                     T* __restrict__ dx, float* __restrict__ pw, float* __restrict__ pb, int64_t N,
+                     int D) {
+  constexpr int V = kVec<T>;
+  __shared__ float shm[32];
+  const int lane = threadIdx.x, size = blockDim.x;
+  const int C = D / V;
+  const float inv_d = 1.f / float(D);
+  Vec<T> wr[kMax];
+  fetch_row<T, kMax>(w, lane, size, C, wr);
+  float aw[kMax][V], ab[kCenter ? kMax : 1][V];
+#pragma unroll
+  for (int k = 0; k < kMax; ++k)
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      aw[k][i] = 0.f;
+      if constexpr (kCenter) ab[k][i] = 0.f;
+    }
+  Vec<T> xn[kMax], gn[kMax];
+  float mun = 0.f, rsn = 0.f;
+  int64_t r = blockIdx.x;
+  if (r < N) {
+    fetch_row<T, kMax>(x + r * D, lane, size, C, xn);
+    fetch_row<T, kMax>(dy + r * D, lane, size, C, gn);
+    if constexpr (kCenter) mun = mean[r];
+    rsn = rstd[r];
+  }
+  for (; r < N; r += gridDim.x) {
+    Vec<T> xc[kMax], gc[kMax];
+#pragma unroll
+    for (int k = 0; k < kMax; ++k) {
+      xc[k] = xn[k];
+      gc[k] = gn[k];
+    }
+    const float mu = mun, rs = rsn;
+    const int64_t rn = r + gridDim.x;
+    if (rn < N) {
+      fetch_row<T, kMax>(x + rn * D, lane, size, C, xn);
+      fetch_row<T, kMax>(dy + rn * D, lane, size, C, gn);
+      if constexpr (kCenter) mun = mean[rn];
+      rsn = rstd[rn];
+    }
+    float sg = 0.f, sgx = 0.f;
+#pragma unroll
+    for (int k = 0; k < kMax; ++k) {
+      if (lane + k * size < C) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const float g = to_f(gc[k].v[i]);
+          const float xh = (to_f(xc[k].v[i]) - mu) * rs;
+          aw[k][i] += g * xh;
+          if constexpr (kCenter) ab[k][i] += g;
+          const float gw = g * to_f(wr[k].v[i]);
+          sg += gw;
+          sgx += gw * xh;
+        }
+      }
+    }
+    if (!dx) continue;  // uniform over the kernel
+    const float a = kCenter ? block_sum(sg, shm) * inv_d : 0.f;
+    const float cc = block_sum(sgx, shm) * inv_d;
+    T* dxr = dx + r * D;
+#pragma unroll
+    for (int k = 0; k < kMax; ++k) {
+      const int c = lane + k * size;
+      if (c < C) {
+        float o[V];
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const float gw = to_f(gc[k].v[i]) * to_f(wr[k].v[i]);
+          o[i] = rs * (gw - a - (to_f(xc[k].v[i]) - mu) * rs * cc);
+        }
+        store_vec(dxr + c * V, o);
+      }
+    }
+  }
+  float* pwr = pw ? pw + int64_t(blockIdx.x) * D : nullptr;
+  float* pbr = pb ? pb + int64_t(blockIdx.x) * D : nullptr;
+#pragma unroll
+  for (int k = 0; k < kMax; ++k) {
+    const int c = lane + k * size;
+    if (c < C) {
+      if (pwr) {
+        *reinterpret_cast<float4*>(pwr + c * V) =
+            make_float4(aw[k][0], aw[k][1], aw[k][2], aw[k][3]);
+        if constexpr (V == 8)
+          *reinterpret_cast<float4*>(pwr + c * V + 4) =
+              make_float4(aw[k][4], aw[k][5], aw[k][6], aw[k][7]);
+      }
+      if constexpr (kCenter) {
+        if (pbr) {
+          *reinterpret_cast<float4*>(pbr + c * V) =
+              make_float4(ab[k][0], ab[k][1], ab[k][2], ab[k][3]);
+          if constexpr (V == 8)
+            *reinterpret_cast<float4*>(pbr + c * V + 4) =
+                make_float4(ab[k][4], ab[k][5], ab[k][6], ab[k][7]);
+        }
+      }
+    }
+  }
+}
+
 // out[j] = sum over g of part[g, j], g in a fixed order (thread row ty sums g = ty, ty + 32, ...;
 // then the 32 sums are added in order): deterministic. Block (32, 32), a tile of 32 columns.
 constexpr int kSumRows = 32;
@@ -364,6 +573,21 @@ template <class F>
 void bool_dispatch(bool b, F&& f) {
   if (b) f(std::true_type{});
   else f(std::false_type{});
+}
+
+// The pipelined kernels are the default where they apply; FTUNE_NORM_PIPE=0 selects the generic
+// kernels everywhere (read per call, so a test or benchmark can compare both in one process).
+bool pipe_enabled() {
+  const char* e = std::getenv("FTUNE_NORM_PIPE");
+  return !(e && e[0] == '0');
+}
+
+// Blocks of `kernel` that fit on x's GPU at once (at least 1 per SM).
+template <class K>
+int64_t resident_blocks(K kernel, int threads, const Device& dev) {
+  int per_sm = 0;
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+  return int64_t(std::max(per_sm, 1)) * ftune::cuda::device_sm_count(dev.index);
 }
 
 int round_up32(int64_t n) { return int((n + 31) / 32 * 32); }
@@ -447,6 +671,19 @@ void forward_impl(const char* op, bool center, const Tensor& x, const Tensor& re
     auto* hp = res.defined() ? static_cast<T*>(h.raw_data()) : nullptr;
     float* mp = center ? static_cast<float*>(mt.raw_data()) : nullptr;
     auto* sp = static_cast<float*>(rstd.raw_data());
+    // Whole rows in the register cache of one block: the pipelined kernel.
+    constexpr int kP = kPipeFwdChunks<T>;
+    const int64_t pthreads = round_up32((C + kP - 1) / kP);
+    if (vec && !warp && !res.defined() && pthreads <= kPipeFwdThreads && pipe_enabled()) {
+      bool_dispatch(center, [&](auto center_t) {
+        auto kernel = norm_fwd_pipe_kernel<T, kP, decltype(center_t)::value>;
+        const int nt = std::max(int(pthreads), 64);
+        const int64_t grid = std::min(s.N, resident_blocks(kernel, nt, x.device()));
+        kernel<<<unsigned(grid), nt, 0, stream()>>>(xp, wp, bp, yp, mp, sp, s.N, s.D, float(eps));
+      });
+      FTUNE_LAUNCH_CHECK(op);
+      return;
+    }
     bool_dispatch(vec, [&](auto vec_t) {
       bool_dispatch(warp, [&](auto warp_t) {
         bool_dispatch(center, [&](auto center_t) {
@@ -479,7 +716,7 @@ void backward_impl(const char* op, bool center, const Tensor& dy, const Tensor& 
     const bool warp = C <= 32 * kMax;
     const bool vec = s.D % V == 0 && all_aligned({x.raw_data(), dy.raw_data(), weight.raw_data(),
                                                   ptr_or_null(dx)});
-    const int threads =
+    int threads =
         warp ? 32 * kWarpRowsPerBlock
              : std::clamp(round_up32((C + kMax - 1) / kMax), 64, kMaxThreads);
     const int64_t rows_per_block = warp ? kWarpRowsPerBlock : 1;
@@ -489,11 +726,16 @@ void backward_impl(const char* op, bool center, const Tensor& dy, const Tensor& 
     auto* mp = center ? static_cast<const float*>(mean.raw_data()) : nullptr;
     auto* sp = static_cast<const float*>(rstd.raw_data());
     auto* dxp = static_cast<T*>(const_cast<void*>(ptr_or_null(dx)));
+    constexpr int kP = kPipeBwdChunks<T>;
+    const int64_t pthreads = std::max<int64_t>(round_up32((C + kP - 1) / kP), 64);
+    const bool pipe = vec && !warp && pthreads <= kPipeBwdThreads && pipe_enabled();
+    if (pipe) threads = int(pthreads);
     bool_dispatch(vec, [&](auto vec_t) {
       bool_dispatch(warp, [&](auto warp_t) {
         bool_dispatch(center, [&](auto center_t) {
-          auto kernel = norm_bwd_kernel<T, kMax, decltype(vec_t)::value, decltype(warp_t)::value,
-                                        decltype(center_t)::value>;
+          auto kernel = pipe ? norm_bwd_pipe_kernel<T, kP, decltype(center_t)::value>
+                             : norm_bwd_kernel<T, kMax, decltype(vec_t)::value,
+                                               decltype(warp_t)::value, decltype(center_t)::value>;
           // As many blocks as fit on the GPU at once (each loops over rows): the partial buffers
           // stay small. The count depends only on the device, so the sums are reproducible.
           int per_sm = 0;

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "core/cuda_runtime.h"
@@ -106,6 +107,13 @@ TEST(CudaElementwise, BinaryBroadcastAndStrided) {
       check_binary(op, {3, 4, 5, 6, 7}, {4, 1, 6, 1}, dt, 9);
       check_binary(op, {31, 45}, {31, 45}, dt, 10, true);  // a transposed
       check_binary(op, {2, 31, 45}, {45}, dt, 11, true);
+      // Rows of a multiple of 8 elements: the 16-byte row-broadcast path (bias, per-row value,
+      // scalar), and an unaligned bias, which must fall back to the strided path.
+      check_binary(op, {37, 136}, {136}, dt, 14);
+      check_binary(op, {37, 1}, {37, 136}, dt, 15);
+      check_binary(op, {3, 5, 64}, {5, 64}, dt, 16);
+      check_binary(op, {}, {1000}, dt, 17);
+      check_binary(op, {33, 64}, {64}, dt, 18, false, true);
     }
 }
 
@@ -113,6 +121,8 @@ TEST(CudaElementwise, BinaryLarge) {
   FTUNE_REQUIRE_GPU();
   check_binary(BinaryOp::add, {(1 << 24) + 5}, {(1 << 24) + 5}, DType::bf16, 12);
   check_binary(BinaryOp::mul, {4096, 4099}, {4099}, DType::f32, 13);
+  check_binary(BinaryOp::add, {3000, 4096}, {4096}, DType::bf16, 19);  // many rows per thread
+  check_binary(BinaryOp::sub, {4096, 1}, {4096, 2048}, DType::f32, 20);
 }
 
 // ---- unary --------------------------------------------------------------------------------------
@@ -220,7 +230,9 @@ TEST(CudaElementwise, AmaxArgmaxTiesAndNaN) {
   struct C {
     int64_t outer, n, inner;
   };
-  const C cases[] = {{1, 1, 1}, {37, 1001, 1}, {3, 70000, 1}, {5, 300, 129}, {64, 9, 7}, {2, 3, 1000}};
+  // 70000, 4096, 2000 over dim 1: the vector row kernel with 1, 2 and 4 (partial) loads a thread.
+  const C cases[] = {{1, 1, 1},   {37, 1001, 1}, {3, 70000, 1}, {5, 300, 129},
+                     {64, 9, 7},  {2, 3, 1000},  {41, 4096, 1}, {9, 2000, 1}};
   for (DType dt : kDtypes)
     for (const C& c : cases)
       for (int mode = 0; mode < 3; ++mode) {  // 0: random, 1: few levels (ties), 2: ties and NaNs
@@ -385,8 +397,22 @@ Tensor unique_ids(int64_t n, int64_t V, DType idt, uint64_t seed) {
   return Tensor::from_vector(ids, {n}).to(idt);
 }
 
+void check_embedding_cases();
+
 TEST(CudaEmbedding, ForwardBackwardMatchCpu) {
   FTUNE_REQUIRE_GPU();
+  check_embedding_cases();
+}
+
+// FTUNE_EMB_SHFL=0: the backward's tile kernel that loads ids and positions itself.
+TEST(CudaEmbedding, ForwardBackwardMatchCpuPlainTileKernel) {
+  FTUNE_REQUIRE_GPU();
+  ::setenv("FTUNE_EMB_SHFL", "0", 1);
+  check_embedding_cases();
+  ::unsetenv("FTUNE_EMB_SHFL");
+}
+
+void check_embedding_cases() {
   ASSERT_TRUE(ftune::cuda::deterministic());
   struct C {
     int64_t V, D, n;
@@ -471,6 +497,17 @@ TEST(CudaCast, FloatPairsVectorAndTail) {
         EXPECT_TRUE(same_values(got, x.to(p[1])))
             << dtype_name(p[0]) << " -> " << dtype_name(p[1]) << " n " << n << (unaligned ? " unaligned" : "");
       }
+}
+
+// More elements than the capped grid covers in one sweep of 4 units of 8 a thread: the grid-stride
+// loop of the vector cast runs more than once.
+TEST(CudaCast, LargeBf16ToF32) {
+  FTUNE_REQUIRE_GPU();
+  const int64_t n = (int64_t(1) << 25) + (int64_t(1) << 22) + 5;
+  Generator g(7);
+  Tensor x = randn({n}, g, 0.0, 10.0).to(DType::bf16);
+  Tensor got = x.to(Device::cuda(0)).to(DType::f32);
+  EXPECT_TRUE(same_values(got, x.to(DType::f32)));
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 
 #include "core/ops.h"
 #include "kernels/norm.h"
@@ -19,9 +20,11 @@ struct Size {
 };
 // 1000, 4100: odd row lengths (4100 is not a multiple of 8 16-bit elements); 8192: the large
 // model case; 20000/20001: longer than the register cache of both kernels; 1029 x 128 and
-// 4096 x 1000: many rows over a few hundred row groups.
-const Size kSizes[] = {{7, 1000}, {5, 4100}, {3, 8192}, {64, 1},     {33, 31},   {1029, 128},
-                       {4, 20000}, {3, 20001}, {2, 513}, {4096, 1000}, {9, 2048}};
+// 4096 x 1000: many rows over a few hundred row groups; 1000 x 8192 and 2500 x 2048: more rows
+// than the pipelined kernels' resident blocks (each block loops, prefetching its next row).
+const Size kSizes[] = {{7, 1000},  {5, 4100},  {3, 8192}, {64, 1},     {33, 31},
+                       {1029, 128}, {4, 20000}, {3, 20001}, {2, 513},  {4096, 1000},
+                       {9, 2048},   {1000, 8192}, {2500, 2048}};
 const DType kTypes[] = {DType::f32, DType::bf16, DType::f16};
 
 std::string label(DType dt, const Size& s) {
@@ -121,10 +124,25 @@ TEST(CudaNorm, BackwardMatchesCpu) {
     }
 }
 
+// FTUNE_NORM_PIPE=0 turns the pipelined fast path off: the generic kernels must still match on the
+// shapes the fast path would take.
+TEST(CudaNorm, GenericKernelsWithPipelineOff) {
+  FTUNE_REQUIRE_GPU();
+  ::setenv("FTUNE_NORM_PIPE", "0", 1);
+  for (DType dt : kTypes)
+    for (const Size& s : {Size{3, 8192}, Size{4096, 1000}, Size{9, 2048}, Size{1000, 8192}}) {
+      check_forward(false, dt, s, false);
+      check_forward(true, dt, s, true);
+      check_backward(false, dt, s, 3);
+      check_backward(true, dt, s, 7);
+    }
+  ::unsetenv("FTUNE_NORM_PIPE");
+}
+
 TEST(CudaNorm, BackwardEachOutputAlone) {
   FTUNE_REQUIRE_GPU();
   for (DType dt : {DType::f32, DType::bf16})
-    for (const Size& s : {Size{7, 1000}, Size{4, 20000}, Size{33, 31}})
+    for (const Size& s : {Size{7, 1000}, Size{4, 20000}, Size{33, 31}, Size{300, 4096}})
       for (int need : {1, 2, 4, 6}) {
         check_backward(true, dt, s, need);
         if (need < 4) check_backward(false, dt, s, need);
