@@ -73,12 +73,13 @@ void attention_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, D
                         const void* q, const void* k, const void* v, const void* out,
                         const float* lse, const void* dout, void* dq, void* dk, void* dv);
 
-// Benchmark hook: query rows per CTA of the tensor-core forward in blocks of 64 (1 or 2; 0
-// restores the default, 1; -1 picks per call: 2 for head_dim 128, and for head_dim 64 when the
-// longest sequence has at least 1024 queries). Same results either way.
+// Benchmark hook: query rows per CTA of the tensor-core forward in blocks of 64 (1 or 2; 0: 1;
+// -1, the default, picks per call: 2 for head_dim 128, and for head_dim 64 when the longest
+// sequence has at least 1024 queries). Same results either way.
 void set_attention_fwd_row_blocks(int n);
 
-// Benchmark hook: the tensor-core backward's variant. 0 (the default): as described above.
+// Benchmark hook: the tensor-core backward's variant. -1 (the default): 1 at head_dim 64, 4 at
+// head_dim 128 (the fastest measured on an H200). 0: as described above.
 // 1: more resident CTAs per SM (dK/dV at head_dim 64 capped at 168 registers; dQ at head_dim 128
 // with single K/V buffers). 2: with ftune::cuda::deterministic() off, a leaner atomic dQ inside
 // the dK/dV kernel (dS fragments read once, float2 atomics); with it on, as 0. 3: as 1, but dK/dV

@@ -108,21 +108,26 @@ def main():
         o.append("forward). ftune: `bench_gpu` (`bench/gpu/attention.cu`, the default variant; fwd also with")
         o.append("128-row blocks); torch 2.11 SDPA: `bench/gpu/torch_attention.py`.")
         o.append("")
+        o.append("ftune's default (auto): 128-row forward CTAs at d128, and at d64 from 1024 queries; backward")
+        o.append("variant 1 at d64 and 4 at d128 (`kernels/attention.h`). The fwd+bwd rows of those variants were")
+        o.append("timed with the 64-row forward, so the default is slightly faster than shown. In brackets:")
+        o.append("the original kernels (64-row forward, backward variant 0).")
+        o.append("")
         o.append("| shape | ftune fwd | ftune fwd+bwd | torch flash fwd | flash fwd+bwd | cuDNN fwd | cuDNN fwd+bwd | fwd+bwd vs flash |")
         o.append("|---|---|---|---|---|---|---|---|")
         for shape, t in tt_rows.items():
-            parts = shape.split()
-            name_f = "attn_fwd bf16 " + shape
-            name_fb = "attn_fwd+bwd bf16 " + shape
-            f = rows.get(name_f)
-            fb = rows.get(name_fb)
-            f128 = rows.get(name_f.replace(" causal", "") + (" causal" if "causal" in shape else "") + " bm128") or rows.get(name_f + " bm128")
-            ftf = f[4] if f else ""
-            if f128:
-                ftf += " (%s)" % f128[4]
-            fbv = fb[4] if fb else ""
-            ratio = "%.2fx" % (float(fbv) / t[1]) if fbv else ""
-            o.append("| %s | %s | %s | %d | %d | %d | %d | %s |" % (shape, ftf, fbv, t[0], t[1], t[2], t[3], ratio))
+            d = int(re.search(r"d(\d+)", shape).group(1))
+            n = int(re.search(r"n(\d+)", shape).group(1))
+            base = rows.get("attn_fwd bf16 " + shape)
+            bm = rows.get("attn_fwd bf16 " + shape + " bm128")
+            fb0 = rows.get("attn_fwd+bwd bf16 " + shape)
+            fbv = rows.get("attn_fwd+bwd bf16 " + shape + (" bwd-v1" if d == 64 else " bwd-v4"))
+            fdef = bm if (d == 128 or n >= 1024) and bm else base
+            fwd = "%s (%s)" % (fdef[4], base[4]) if fdef and base else ""
+            fb = fbv or fb0
+            fbs = "%s (%s)" % (fb[4], fb0[4]) if fb and fb0 else ""
+            ratio = "%.2fx" % (float(fb[4]) / t[1]) if fb else ""
+            o.append("| %s | %s | %s | %d | %d | %d | %d | %s |" % (shape, fwd, fbs, t[0], t[1], t[2], t[3], ratio))
         o.append("")
     # LoRA.
     tl = dict(re.findall(r"\| (lora_linear [^|]+?|base GEMM [^|]+?) \| ([\d.]+) \|", tref))

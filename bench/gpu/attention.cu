@@ -62,6 +62,10 @@ FTUNE_GPU_BENCH(attention) {
         const std::string shape = "bf16 d" + std::to_string(D) + " h" + std::to_string(H) +
                                   " b" + std::to_string(B) + " n" + std::to_string(N) +
                                   (causal ? " causal" : "");
+        // The plain rows are the original kernels (64-row forward, backward variant 0); the
+        // default (auto: bm128 forward, bwd-v1 at d64 / bwd-v4 at d128) is among the rows below.
+        kernels::cuda::set_attention_fwd_row_blocks(0);
+        kernels::cuda::set_attention_bwd_variant(0);
         bench::Row r;
         r.name = "attn_fwd " + shape;
         r.ms = ctx.time_ms(fwd, 3, reps);
@@ -125,6 +129,8 @@ FTUNE_GPU_BENCH(attention) {
       for (void* ptr : {q, k, v, go, o, dq, dk, dv, static_cast<void*>(lse)}) bench::free_device(ptr);
     }
   }
+  kernels::cuda::set_attention_fwd_row_blocks(-1);  // back to the defaults
+  kernels::cuda::set_attention_bwd_variant(-1);
 
   // Decode: one query per sequence over the cached tokens; 32 query heads on 8 kv heads. Many
   // short caches, and a few long ones (keys split across CTAs, then merged).

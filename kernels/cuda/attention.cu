@@ -1852,12 +1852,20 @@ __global__ void __launch_bounds__(kFaThreads, 3) fa_bwd_dq_ma2_occ3_kernel(Args 
 
 // 64-row blocks per CTA of the tensor-core forward; 0: the default (1; the benchmark compares 2);
 // -1: auto (2 for head_dim 128, and for head_dim 64 when the longest sequence has >= 1024 queries).
-int g_fwd_row_blocks = 0;
+// The default is auto: measured faster on an H200 than 64-row CTAs everywhere but short causal
+// head_dim-64 sequences (bench/results/gpu_h200.md).
+int g_fwd_row_blocks = -1;
 // Tensor-core backward variant (set_attention_bwd_variant): 0 the default, 1 more CTAs per SM,
 // 2 the leaner atomic dQ (only without determinism), 3 as 1 but dK/dV at D = 64 with 32 keys per
 // warp (fa_bwd_dkdv_mk2_kernel), 4 as 3 but dQ by 128-row CTAs over 32-key tiles
 // (fa_bwd_dq_ma2_kernel), 5 as 4 but that dQ kernel at D = 64 capped at 168 registers.
-int g_bwd_variant = 0;
+// -1 (the default): auto, variant 1 at head_dim 64 and 4 at head_dim 128, the fastest on an H200
+// (4-13% over variant 0; bench/results/gpu_h200.md).
+int g_bwd_variant = -1;
+int bwd_variant(int64_t head_dim) {
+  if (g_bwd_variant >= 0) return g_bwd_variant;
+  return head_dim == 64 ? 1 : 4;
+}
 
 // The forward's 64-row blocks per CTA under the current setting.
 int fwd_row_blocks(const std::vector<AttnSeq>& seqs, int D) {
@@ -2053,6 +2061,7 @@ void decode_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType
 
 template <class T, int D>
 void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const Args& a, int dev) {
+  const int variant = bwd_variant(D);
   constexpr size_t kTileBytes = size_t(64) * kFaLds<D> * sizeof(T);
   // Without determinism dQ comes from the dK/dV kernel through f32 atomics (FlashAttention-2's
   // way: no second pass recomputing S and dP).
@@ -2065,7 +2074,7 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
   }
   bool dkdv_done = false;
   if constexpr (D == 64) {
-    if (g_bwd_variant >= 3 && !atomic_dq && (a.dk || a.dv)) {
+    if (variant >= 3 && !atomic_dq && (a.dk || a.dv)) {
       Tables t = make_tiles(seqs, kBwd2BN, true, p.causal, dev);
       if (t.nx > 0) {
         FTUNE_CHECK(t.nz <= 65535, "[attention_backward] batch of ", t.nz, " rows");
@@ -2095,7 +2104,7 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
           set_smem(kernel, smem);
           kernel<<<dim3(t.nx, unsigned(p.num_kv_heads), t.nz), kFaThreads, smem, stream()>>>(b);
         };
-        if (g_bwd_variant == 2) launch(fa_bwd_dkdv_kernel<T, D, 2>);
+        if (variant == 2) launch(fa_bwd_dkdv_kernel<T, D, 2>);
         else launch(fa_bwd_dkdv_kernel<T, D, 1>);
       } else {
         const size_t smem = 6 * kTileBytes + 4 * kBwdBM * sizeof(float);
@@ -2105,7 +2114,7 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
         };
         bool done = false;
         if constexpr (D == 64) {
-          if (g_bwd_variant == 1) {
+          if (variant == 1) {
             launch(fa_bwd_dkdv_kernel_occ3<T, D>);
             done = true;
           }
@@ -2122,7 +2131,7 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
     FTUNE_LAUNCH_CHECK("attention_backward dq convert");
     return;
   }
-  if (a.dq && (g_bwd_variant == 4 || g_bwd_variant == 5)) {
+  if (a.dq && (variant == 4 || variant == 5)) {
     Tables t = make_tiles(seqs, kDq2BM, false, p.causal, dev);
     if (t.nx > 0) {
       FTUNE_CHECK(t.nz <= 65535, "[attention_backward] batch of ", t.nz, " rows");
@@ -2135,7 +2144,7 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
       };
       bool done = false;
       if constexpr (D == 64) {
-        if (g_bwd_variant == 5) {
+        if (variant == 5) {
           launch(fa_bwd_dq_ma2_occ3_kernel<T, D>);
           done = true;
         }
@@ -2158,7 +2167,7 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
       };
       bool done = false;
       if constexpr (D == 128) {
-        if (g_bwd_variant == 1 || g_bwd_variant == 3) {
+        if (variant == 1 || variant == 3) {
           launch(fa_bwd_dq_kernel_1buf<T, D>, 4);
           done = true;
         }
@@ -2178,7 +2187,7 @@ void set_attention_fwd_row_blocks(int n) {
 }
 
 void set_attention_bwd_variant(int v) {
-  FTUNE_CHECK(v >= 0 && v <= 5, "[attention_backward] variant must be 0..5, got ", v);
+  FTUNE_CHECK(v >= -1 && v <= 5, "[attention_backward] variant must be -1 (auto) or 0..5, got ", v);
   g_bwd_variant = v;
 }
 
@@ -2276,7 +2285,7 @@ void attention_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, D
     using T = typename decltype(tag)::type;
     bool delta_done = false;
     if constexpr (!std::is_same_v<T, float>) {
-      if (fast && g_bwd_variant != 0 && p.nq > 0) {
+      if (fast && bwd_variant(D) != 0 && p.nq > 0) {
         const int64_t chunks = p.nq * H * (D / kVec<T>);
         auto launch = [&](auto kernel) {
           kernel<<<grid_1d(chunks, 256), 256, 0, stream()>>>(

@@ -298,7 +298,7 @@ TEST(CudaAttention, AtomicDqVariant2) {
     bool was = cuda::deterministic();
     ~Restore() {
       cuda::set_deterministic(was);
-      kernels::cuda::set_attention_bwd_variant(0);
+      kernels::cuda::set_attention_bwd_variant(-1);
     }
   } restore;
   kernels::cuda::set_attention_bwd_variant(2);
@@ -362,7 +362,7 @@ TEST(CudaAttention, DeterministicBackwardIsBitwiseRepeatable) {
 TEST(CudaAttention, ForwardWith128RowBlocks) {
   FTUNE_REQUIRE_GPU();
   struct Restore {
-    ~Restore() { kernels::cuda::set_attention_fwd_row_blocks(0); }
+    ~Restore() { kernels::cuda::set_attention_fwd_row_blocks(-1); }
   } restore;
   kernels::cuda::set_attention_fwd_row_blocks(2);
   for (int64_t d : {64, 128})
@@ -394,8 +394,8 @@ TEST(CudaAttention, BackwardVariants1To5AndAutoForwardRowBlocks) {
   FTUNE_REQUIRE_GPU();
   struct Restore {
     ~Restore() {
-      kernels::cuda::set_attention_bwd_variant(0);
-      kernels::cuda::set_attention_fwd_row_blocks(0);
+      kernels::cuda::set_attention_bwd_variant(-1);
+      kernels::cuda::set_attention_fwd_row_blocks(-1);
     }
   } restore;
   ASSERT_TRUE(cuda::deterministic());
@@ -470,7 +470,7 @@ TEST(CudaAttention, SomeGradientsOnly) {
   Tensor q = to_gpu(in.q, dt), k = to_gpu(in.k, dt), v = to_gpu(in.v, dt), g = to_gpu(in.dout, dt);
   Tensor out = to_gpu(full.out, dt), lse = full.lse.to(Device::cuda(0));
   struct Restore {
-    ~Restore() { kernels::cuda::set_attention_bwd_variant(0); }
+    ~Restore() { kernels::cuda::set_attention_bwd_variant(-1); }
   } restore;
   for (int variant : {0, 1, 3, 4, 5}) {  // every backward variant of the deterministic path
     SCOPED_TRACE("backward variant " + std::to_string(variant));
