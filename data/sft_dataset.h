@@ -117,10 +117,14 @@ class SftLoader {
   bool next(SftBatch& out);
   int64_t epoch() const { return epoch_; }
   int64_t position() const { return position_; }  // batches consumed in this epoch
-  // {"epoch","position","seed","num_examples","fingerprint","batch_size","world_size","packed",
-  //  "max_seq_len","drop_last","shuffle"}
+  // {"epoch","position","offset","seed","num_examples","fingerprint","batch_size","world_size",
+  //  "packed","max_seq_len","drop_last","shuffle"}. Rank r's batch at `position` is global batch
+  //  offset + r + position * world_size of the epoch (modulo the epoch's batches: wrap-around).
   nlohmann::json state() const;
-  // Throws when the state belongs to another dataset or loader setup (any saved key differs).
+  // Throws when the state belongs to another dataset or loader setup (any saved key but the
+  // layout's differs). A state saved at another world_size is converted: mid-epoch, the ranks
+  // continue with the next global batches exactly (setting offset where the batches consumed do
+  // not divide among the new ranks); at an epoch's end, the next call starts the next epoch.
   void load_state(const nlohmann::json& state);
   void set_epoch(int64_t e);
 
@@ -133,11 +137,14 @@ class SftLoader {
  private:
   void plan_epoch();
   int64_t total_batches() const;  // all ranks
+  // Positions of an epoch on each of `world_size` ranks that start at global batch `offset`.
+  int64_t positions_after(int64_t offset, int64_t world_size) const;
 
   std::vector<SftExample> examples_;
   SftLoaderOptions opt_;
   uint64_t fingerprint_ = 0;
   int64_t epoch_ = 0, position_ = 0;
+  int64_t offset_ = 0;  // global batches of this epoch consumed before position 0 (a resume)
   int64_t planned_epoch_ = -1;
   std::vector<std::vector<int64_t>> rows_;
 };

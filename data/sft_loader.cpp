@@ -133,22 +133,25 @@ int64_t SftLoader::total_batches() const {
   return opt_.drop_last ? rows / opt_.batch_size : ceil_div(rows, opt_.batch_size);
 }
 
-int64_t SftLoader::batches_per_epoch() const {
+int64_t SftLoader::positions_after(int64_t offset, int64_t world_size) const {
   // Every rank gets the same count, so data-parallel ranks step together.
-  return opt_.drop_last ? total_batches() / opt_.world_size
-                        : ceil_div(total_batches(), opt_.world_size);
+  const int64_t left = total_batches() - offset;
+  return opt_.drop_last ? left / world_size : ceil_div(left, world_size);
 }
 
+int64_t SftLoader::batches_per_epoch() const { return positions_after(0, opt_.world_size); }
+
 bool SftLoader::next(SftBatch& out) {
-  if (position_ >= batches_per_epoch()) {
+  if (position_ >= positions_after(offset_, opt_.world_size)) {
     ++epoch_;
     position_ = 0;
+    offset_ = 0;
     plan_epoch();
     return false;
   }
   // Ranks short of a batch at the end wrap around to the first ones (DistributedSampler pads
   // the same way); with drop_last no wrap is needed.
-  const int64_t g = (opt_.rank + position_ * opt_.world_size) % total_batches();
+  const int64_t g = (offset_ + opt_.rank + position_ * opt_.world_size) % total_batches();
   ++position_;
   const int64_t r0 = g * opt_.batch_size;
   const int64_t r1 = std::min<int64_t>(r0 + opt_.batch_size, int64_t(rows_.size()));
@@ -198,6 +201,7 @@ bool SftLoader::next(SftBatch& out) {
 json SftLoader::state() const {
   return json{{"epoch", epoch_},
               {"position", position_},
+              {"offset", offset_},
               {"seed", opt_.seed},
               {"num_examples", int64_t(examples_.size())},
               {"fingerprint", hex64(fingerprint_)},
@@ -216,7 +220,10 @@ void SftLoader::load_state(const json& s) {
   json mine = state();
   try {
     for (auto it = s.begin(); it != s.end(); ++it) {
-      if (it.key() == "epoch" || it.key() == "position") continue;
+      // The layout keys may differ: the position is converted below.
+      if (it.key() == "epoch" || it.key() == "position" || it.key() == "offset" ||
+          it.key() == "world_size")
+        continue;
       FTUNE_CHECK(mine.contains(it.key()), "[sft_loader] unknown key \"", it.key(),
                   "\" in the sampler state");
       FTUNE_CHECK(mine[it.key()] == *it, "[sft_loader] the sampler state was saved with ",
@@ -225,12 +232,28 @@ void SftLoader::load_state(const json& s) {
                       ? " (a different dataset, tokenizer or data options)"
                       : "");
     }
-    int64_t e = s.at("epoch").get<int64_t>(), p = s.at("position").get<int64_t>();
-    FTUNE_CHECK(e >= 0 && p >= 0 && p <= batches_per_epoch(), "[sft_loader] the sampler state's ",
-                "epoch ", e, " / position ", p, " is out of range (", batches_per_epoch(),
-                " batches per epoch)");
+    const int64_t e = s.at("epoch").get<int64_t>(), p = s.at("position").get<int64_t>();
+    const int64_t ws = s.value("world_size", int64_t(1)), off = s.value("offset", int64_t(0));
+    FTUNE_CHECK(ws >= 1 && off >= 0 && off < ws && off < total_batches(),
+                "[sft_loader] the sampler state's world_size ", ws, " / offset ", off,
+                " is out of range");
+    const int64_t end = positions_after(off, ws);  // the saved layout's positions in the epoch
+    FTUNE_CHECK(e >= 0 && p >= 0 && p <= end, "[sft_loader] the sampler state's epoch ", e,
+                " / position ", p, " is out of range (", end, " batches per epoch for ", ws,
+                " ranks)");
     epoch_ = e;
-    position_ = p;
+    if (p == end) {
+      // The epoch is over (at the saved layout, with its wrap-around or drop_last): it is over
+      // at this one too, and the next call starts the next epoch.
+      offset_ = 0;
+      position_ = batches_per_epoch();
+    } else {
+      // The replicas consumed global batches [0, consumed) of the epoch; rank r continues with
+      // batch consumed + r, then every world_size-th one, as one process would.
+      const int64_t consumed = off + p * ws;
+      offset_ = consumed % opt_.world_size;
+      position_ = consumed / opt_.world_size;
+    }
     plan_epoch();
   } catch (const json::exception& ex) {
     FTUNE_THROW("[sft_loader] bad sampler state ", s.dump(), ": ", ex.what());
@@ -241,6 +264,7 @@ void SftLoader::set_epoch(int64_t e) {
   FTUNE_CHECK(e >= 0, "[sft_loader] epoch must be >= 0, got ", e);
   epoch_ = e;
   position_ = 0;
+  offset_ = 0;
   plan_epoch();
 }
 

@@ -475,7 +475,8 @@ struct SftTrainer::Impl {
       opt->import_state(c.optimizer);
     const nlohmann::json& ts = c.trainer_state;
     try {
-      train_loader->load_state(sampler_state_for_dp(ts.at("sampler"), *latest));
+      // A state saved at another dp is converted by the loader (the same global batches next).
+      train_loader->load_state(ts.at("sampler"));
     } catch (const Error& e) {
       FTUNE_THROW("[sft] resume: ", *latest, ": ", e.what());
     }
@@ -509,23 +510,6 @@ struct SftTrainer::Impl {
     in.close();
     std::ofstream o(metrics_path(), std::ios::trunc);
     for (auto& l : keep) o << l << "\n";
-  }
-
-  // The sampler position of a checkpoint written at another dp: every rank consumed `position`
-  // batches of the epoch, so the replicas together consumed position * world_size, which must
-  // split evenly among this run's dp ranks.
-  nlohmann::json sampler_state_for_dp(nlohmann::json st, const std::string& file) const {
-    const int64_t old_ws = st.value("world_size", int64_t(1));
-    if (old_ws == dp) return st;
-    const int64_t consumed = st.at("position").get<int64_t>() * old_ws;
-    FTUNE_CHECK(consumed % dp == 0, "[sft] resume: ", file, " was written by ", old_ws,
-                " data-parallel ranks after ", consumed,
-                " batches of the epoch, which do not "
-                "split among ",
-                dp, " ranks; resume with a dp that divides ", consumed);
-    st["position"] = consumed / dp;
-    st["world_size"] = dp;
-    return st;
   }
 
   void write_metrics(const nlohmann::json& j) {

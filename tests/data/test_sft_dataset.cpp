@@ -784,6 +784,90 @@ TEST(SftLoader, RanksTakeEveryWorldSizeThBatch) {
   EXPECT_THROW(SftLoader({}, SftLoaderOptions{}), Error);
 }
 
+// A state saved by W ranks at any position of an epoch, its end included (15 batches: the last
+// round wraps around or, with drop_last, drops), loaded by W' ranks: rank r' continues with
+// global batches c + r', c + r' + W', ... of the epoch one process sees (c = the batches the W
+// replicas consumed), then the next epoch from its batch r'; at the epoch's end the next call
+// starts the next epoch. The converted state itself round-trips to one process.
+TEST(SftLoader, StateConvertsToAnotherWorldSize) {
+  auto ex = synthetic(30, 9, 12, 2);  // no two fit a row of 16: 15 batches of 2 rows
+  for (bool packed : {false, true}) {
+    for (bool drop_last : {false, true}) {
+      SftLoaderOptions o;
+      o.batch_size = 2;
+      o.max_seq_len = 16;
+      o.packed = packed;
+      o.drop_last = drop_last;
+      o.seed = 5;
+      SftLoader single(ex, o);
+      const auto e0 = epoch_ids(single), e1 = epoch_ids(single);
+      const int64_t T = int64_t(e0.size());
+      ASSERT_EQ(T % 2, 1) << "the case needs an odd number of batches per epoch";
+      ASSERT_EQ(int64_t(e1.size()), T);
+      ASSERT_NE(e0, e1);  // shuffled per epoch: a wrong epoch would show
+      for (int W = 1; W <= 4; ++W) {
+        SftLoaderOptions so = o;
+        so.world_size = W;
+        SftLoader saver(ex, so);
+        const int64_t end = saver.batches_per_epoch();
+        for (int64_t p = 0; p <= end; ++p) {
+          const json st = json::parse(saver.state().dump());
+          SftBatch skip;
+          if (p < end) ASSERT_TRUE(saver.next(skip));
+          const int64_t c = p * W;
+          for (int V = 1; V <= 4; ++V) {
+            for (int r = 0; r < V; ++r) {
+              SCOPED_TRACE(::testing::Message() << "packed " << packed << " drop_last "
+                                                << drop_last << " W " << W << " p " << p
+                                                << " W' " << V << " r' " << r);
+              SftLoaderOptions lo = o;
+              lo.world_size = V;
+              lo.rank = r;
+              SftLoader l(ex, lo);
+              l.load_state(st);
+              std::vector<std::vector<int32_t>> want;
+              if (p < end)
+                for (int64_t k = 0; drop_last ? c + (k + 1) * V <= T : c + k * V < T; ++k)
+                  want.push_back(e0[size_t((c + r + k * V) % T)]);
+              ASSERT_EQ(epoch_ids(l), want) << "the rest of the epoch";
+              EXPECT_EQ(l.epoch(), 1);
+              want.clear();
+              for (int64_t k = 0; k < l.batches_per_epoch(); ++k)
+                want.push_back(e1[size_t((r + k * V) % T)]);
+              ASSERT_EQ(epoch_ids(l), want) << "the next epoch";
+              // (With drop_last, V ranks may drop the batches that one process would take.)
+              if (r != 0 || (drop_last && p < end && c + V > T)) continue;
+              // The converted state (an offset where c does not divide among V) resumes again.
+              SftLoader again(ex, lo), one(ex, o);
+              again.load_state(st);
+              one.load_state(json::parse(again.state().dump()));
+              want.clear();
+              if (p < end)
+                for (int64_t g = c; g < T; ++g) want.push_back(e0[size_t(g)]);
+              ASSERT_EQ(epoch_ids(one), want) << "W' -> 1";
+            }
+          }
+        }
+      }
+    }
+  }
+  // A position beyond the saved layout's epoch is refused.
+  SftLoaderOptions o;
+  o.batch_size = 2;
+  o.world_size = 2;
+  o.max_seq_len = 16;
+  SftLoader two(ex, o);
+  json st = two.state();
+  st["position"] = two.batches_per_epoch() + 1;
+  SftLoaderOptions o1 = o;
+  o1.world_size = 1;
+  SftLoader one(ex, o1);
+  EXPECT_THROW(one.load_state(st), Error);
+  st["position"] = 0;
+  st["offset"] = 2;  // not below world_size
+  EXPECT_THROW(one.load_state(st), Error);
+}
+
 // Not run by default: ./test_data --gtest_also_run_disabled_tests --gtest_filter='*Speed*'
 TEST(SftDataset, DISABLED_Speed100kLines) {
   Tokenizer tok = load_tok("qwen2");
