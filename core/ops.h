@@ -108,8 +108,11 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v,
 // ---------------------------------------------------------------- lora (core/ops/lora.cpp)
 // y = x W^T + b + scale * (dropout(x) A^T) B^T. W [out, in] and b are frozen (no gradient);
 // A [r, in], B [out, r]. The dropout mask comes from the counter-based RNG (seed), so backward
-// regenerates it instead of saving it.
+// regenerates it instead of saving it. in_offset / in_full: x holds input features
+// [in_offset, in_offset + in) of in_full (a row-parallel shard): the mask is then that slice of
+// the full input's mask (kernels/lora.h); in_full 0 means x is the whole input.
 Tensor lora_linear(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& lora_a,
-                   const Tensor& lora_b, double scale, double dropout = 0.0, uint64_t seed = 0);
+                   const Tensor& lora_b, double scale, double dropout = 0.0, uint64_t seed = 0,
+                   int64_t in_offset = 0, int64_t in_full = 0);
 
 }  // namespace ftune::ops

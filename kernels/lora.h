@@ -9,22 +9,40 @@ namespace ftune::kernels {
 // Dropout mask rule, shared by the CPU and CUDA kernels and the test reference: element i of x
 // (row-major flat index into x viewed [M, in]) is dropped iff
 // philox_uniform(seed, kLoraDropoutStream, i) < p (compared in double); kept ones scale by 1/(1-p).
+// Under tensor parallelism x may be a column slice of the full input: LoraMaskCols says where, and
+// element [row, j] then draws index row * full + offset + j, the index of its element in the full
+// input, so each rank's mask is exactly its slice of the one-process mask.
 inline constexpr uint64_t kLoraDropoutStream = 0x10a0d0b0;
 
+// x [M, width] holds columns [offset, offset + width) of a [M, full] input. The default (full 0)
+// means x is the whole input (flat indices, as above); so does offset 0 with full == width.
+struct LoraMaskCols {
+  int64_t width = 0, offset = 0, full = 0;
+  bool whole() const { return full == 0 || (offset == 0 && full == width); }
+};
+
+// in_offset / in_full: x's columns in the full input of a row-parallel layer (for the dropout
+// mask only; see LoraMaskCols). in_full 0: x is the whole input.
 struct LoraDims {
   int64_t m = 0, in = 0, out = 0, r = 0;
+  int64_t in_offset = 0, in_full = 0;
+  LoraMaskCols mask_cols() const { return {in, in_offset, in_full}; }
 };
 
 namespace cpu {
 
-// out = dropout(x) over n elements (x and out may alias). p in [0, 1).
+// out = dropout(x) over n elements (x and out may alias). p in [0, 1). With cols not whole, n is
+// a multiple of cols.width (rows of x) and the mask is the full input's slice (LoraMaskCols).
 template <class T>
-void lora_dropout(const T* x, T* out, int64_t n, double p, uint64_t seed);
+void lora_dropout(const T* x, T* out, int64_t n, double p, uint64_t seed,
+                  const LoraMaskCols& cols = {});
 // acc += dropout(t): the backward of dropout, accumulated into acc.
 template <class T>
-void lora_dropout_accumulate(T* acc, const T* t, int64_t n, double p, uint64_t seed);
+void lora_dropout_accumulate(T* acc, const T* t, int64_t n, double p, uint64_t seed,
+                             const LoraMaskCols& cols = {});
 // keep[i] = 1 where element i is kept, 0 where dropped.
-void lora_dropout_keep(uint8_t* keep, int64_t n, double p, uint64_t seed);
+void lora_dropout_keep(uint8_t* keep, int64_t n, double p, uint64_t seed,
+                       const LoraMaskCols& cols = {});
 
 // Forward. bias may be null. xd is [M, in] scratch, used (and only needed) when p > 0.
 // Writes u [M, r] (saved for dB) and y [M, out].
@@ -51,9 +69,11 @@ void lora_backward(const LoraDims& d, const T* g, const T* x, const T* w, const 
 namespace cuda {
 
 template <class T>
-void lora_dropout(const T* x, T* out, int64_t n, double p, uint64_t seed);
+void lora_dropout(const T* x, T* out, int64_t n, double p, uint64_t seed,
+                  const LoraMaskCols& cols = {});
 template <class T>
-void lora_dropout_accumulate(T* acc, const T* t, int64_t n, double p, uint64_t seed);
+void lora_dropout_accumulate(T* acc, const T* t, int64_t n, double p, uint64_t seed,
+                             const LoraMaskCols& cols = {});
 template <class T>
 void lora_forward(const LoraDims& d, const T* x, const T* w, const T* bias, const T* a, const T* b,
                   float scale, double p, uint64_t seed, T* xd, T* u, T* y);

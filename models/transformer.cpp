@@ -68,10 +68,11 @@ Tensor Proj::forward(const Tensor& x) const {
       // The replicated adapter matrix sees only this rank's part of the product.
       const Tensor a = col ? parallel::copy_to_tp(lora_A_->weight, tp_) : lora_A_->weight;
       const Tensor b = col ? lora_B_->weight : parallel::copy_to_tp(lora_B_->weight, tp_);
-      // Row-parallel input slices differ per rank: so do their dropout masks.
-      const uint64_t seed =
-          col ? lora_seed_ : lora_seed_ + 0x9e3779b97f4a7c15ull * uint64_t(tp_->rank());
-      y = ops::lora_linear(xin, w, col ? bias : Tensor(), a, b, lora_scale_, p, seed);
+      // A row-parallel rank holds input features [offset, offset + in) of full_in: its dropout
+      // mask is that slice of the one-process mask (a column-parallel one sees the full input).
+      const int64_t off = col ? 0 : lora_A_shard().offset, full = col ? 0 : full_in_;
+      y = ops::lora_linear(xin, w, col ? bias : Tensor(), a, b, lora_scale_, p, lora_seed_, off,
+                           full);
     } else if (conv1d_) {
       y = ops::matmul(xin, weight);
       if (col && bias.defined()) y = ops::add(y, bias);

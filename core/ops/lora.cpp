@@ -28,7 +28,8 @@ void dispatch_gpu_float(DType t, const char* op, F&& f) {
 // W and b are frozen: they are not inputs of the recorded node, so they never get a gradient,
 // even when they require grad (the base weights of a LoRA model are frozen by construction).
 Tensor lora_linear(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& lora_a,
-                   const Tensor& lora_b, double scale, double dropout, uint64_t seed) {
+                   const Tensor& lora_b, double scale, double dropout, uint64_t seed,
+                   int64_t in_offset, int64_t in_full) {
   const char* op = "lora_linear";
   check_defined(op, x, "x");
   check_defined(op, w, "weight");
@@ -57,7 +58,11 @@ Tensor lora_linear(const Tensor& x, const Tensor& w, const Tensor& b, const Tens
               dropout);
   FTUNE_CHECK(std::isfinite(scale), "[lora_linear] scale must be finite, got ", scale);
 
-  const kernels::LoraDims d{shape_numel(Shape(x.shape().begin(), x.shape().end() - 1)), in, outf, r};
+  FTUNE_CHECK(in_full == 0 || (in_offset >= 0 && in_offset + in <= in_full),
+              "[lora_linear] input features [", in_offset, ", ", in_offset + in,
+              ") do not fit in_full ", in_full);
+  const kernels::LoraDims d{shape_numel(Shape(x.shape().begin(), x.shape().end() - 1)),
+                            in, outf, r, in_offset, in_full};
   Tensor x2 = contig(x), w2 = contig(w), a2 = contig(lora_a), b2 = contig(lora_b);
   Tensor bias2 = b.defined() ? contig(b) : Tensor();
   Shape out_shape = x.shape();

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/error.h"
 #include "core/rng.h"
 #include "kernels/matmul.h"
 
@@ -18,24 +19,49 @@ constexpr int64_t kBlocks = 256;
 inline uint32_t drop_threshold(double p) { return uint32_t(std::ceil(p * 16777216.0)); }
 
 // Runs f(e0, e1, keep) over tasks of consecutive elements, keep[i - e0] being 1 (kept) or 0
-// (dropped) for element i. Element i's mask is word i & 3 of Philox block i >> 2, exactly as
-// philox_uniform draws it.
+// (dropped) for element i. Element i's mask is word g & 3 of Philox block g >> 2, g being its
+// index in the full input (i itself when cols is whole), exactly as philox_uniform draws it.
 template <class F>
-void for_each_mask(int64_t n, double p, uint64_t seed, F&& f) {
+void for_each_mask(int64_t n, double p, uint64_t seed, const LoraMaskCols& cols, F&& f) {
   const uint32_t thr = drop_threshold(p);
-  const int64_t nblocks = (n + 3) / 4;
-  const int64_t ntasks = (nblocks + kBlocks - 1) / kBlocks;
+  if (cols.whole()) {
+    const int64_t nblocks = (n + 3) / 4;
+    const int64_t ntasks = (nblocks + kBlocks - 1) / kBlocks;
+#pragma omp parallel for schedule(static) if (n > (1 << 14))
+    for (int64_t t = 0; t < ntasks; ++t) {
+      const int64_t b0 = t * kBlocks, b1 = std::min(nblocks, b0 + kBlocks);
+      uint8_t keep[kBlocks * 4];
+      // Separate loops: the Philox rounds vectorize over blocks, f's loop over elements.
+      for (int64_t bl = b0; bl < b1; ++bl) {
+        uint32_t r[4];
+        philox4x32(seed, uint64_t(bl), kLoraDropoutStream, r);
+        for (int j = 0; j < 4; ++j) keep[(bl - b0) * 4 + j] = (r[j] >> 8) >= thr;
+      }
+      f(b0 * 4, std::min(n, b1 * 4), keep);
+    }
+    return;
+  }
+  // A column slice: each row's run of width elements starts at row * full + offset, not on a
+  // block boundary in general; tasks are pieces of one row.
+  const int64_t w = cols.width;
+  FTUNE_CHECK(w > 0 && cols.offset >= 0 && cols.offset + w <= cols.full && n % w == 0,
+              "[lora_dropout] (kernels/cpu/lora.cpp) columns [", cols.offset, ", +", w, ") of ",
+              cols.full, " do not fit ", n, " elements");
+  constexpr int64_t kPiece = kBlocks * 4;
+  const int64_t pieces = (w + kPiece - 1) / kPiece;
+  const int64_t ntasks = n / w * pieces;
 #pragma omp parallel for schedule(static) if (n > (1 << 14))
   for (int64_t t = 0; t < ntasks; ++t) {
-    const int64_t b0 = t * kBlocks, b1 = std::min(nblocks, b0 + kBlocks);
-    uint8_t keep[kBlocks * 4];
-    // Separate loops: the Philox rounds vectorize over blocks, f's loop over elements.
+    const int64_t row = t / pieces, c0 = t % pieces * kPiece, c1 = std::min(w, c0 + kPiece);
+    const int64_t g0 = row * cols.full + cols.offset + c0, g1 = g0 + (c1 - c0);
+    const int64_t b0 = g0 >> 2, b1 = (g1 + 3) >> 2;
+    uint8_t keep[(kBlocks + 1) * 4];  // g0 & 3 leading words of the first block are skipped
     for (int64_t bl = b0; bl < b1; ++bl) {
       uint32_t r[4];
       philox4x32(seed, uint64_t(bl), kLoraDropoutStream, r);
       for (int j = 0; j < 4; ++j) keep[(bl - b0) * 4 + j] = (r[j] >> 8) >= thr;
     }
-    f(b0 * 4, std::min(n, b1 * 4), keep);
+    f(row * w + c0, row * w + c1, keep + (g0 & 3));
   }
 }
 
@@ -52,23 +78,26 @@ void accumulate_keep(T* acc, const T* t, const uint8_t* keep, int64_t n, T inv) 
 }  // namespace
 
 template <class T>
-void lora_dropout(const T* x, T* out, int64_t n, double p, uint64_t seed) {
+void lora_dropout(const T* x, T* out, int64_t n, double p, uint64_t seed,
+                  const LoraMaskCols& cols) {
   const T inv = T(1.0 / (1.0 - p));
-  for_each_mask(n, p, seed, [&](int64_t e0, int64_t e1, const uint8_t* keep) {
+  for_each_mask(n, p, seed, cols, [&](int64_t e0, int64_t e1, const uint8_t* keep) {
     apply_keep<T>(x + e0, out + e0, keep, e1 - e0, inv);
   });
 }
 
 template <class T>
-void lora_dropout_accumulate(T* acc, const T* t, int64_t n, double p, uint64_t seed) {
+void lora_dropout_accumulate(T* acc, const T* t, int64_t n, double p, uint64_t seed,
+                             const LoraMaskCols& cols) {
   const T inv = T(1.0 / (1.0 - p));
-  for_each_mask(n, p, seed, [&](int64_t e0, int64_t e1, const uint8_t* keep) {
+  for_each_mask(n, p, seed, cols, [&](int64_t e0, int64_t e1, const uint8_t* keep) {
     accumulate_keep<T>(acc + e0, t + e0, keep, e1 - e0, inv);
   });
 }
 
-void lora_dropout_keep(uint8_t* keep, int64_t n, double p, uint64_t seed) {
-  for_each_mask(n, p, seed, [&](int64_t e0, int64_t e1, const uint8_t* k) {
+void lora_dropout_keep(uint8_t* keep, int64_t n, double p, uint64_t seed,
+                       const LoraMaskCols& cols) {
+  for_each_mask(n, p, seed, cols, [&](int64_t e0, int64_t e1, const uint8_t* k) {
     std::copy(k, k + (e1 - e0), keep + e0);
   });
 }
@@ -84,7 +113,7 @@ void lora_forward(const LoraDims& d, const T* x, const T* w, const T* bias, cons
   gemm<T>(false, true, M, out, in, T(1), x, in, w, in, bias ? T(1) : T(0), y, out);
   const T* xs = x;
   if (p > 0) {
-    lora_dropout<T>(x, xd, M * in, p, seed);
+    lora_dropout<T>(x, xd, M * in, p, seed, d.mask_cols());
     xs = xd;
   }
   gemm<T>(false, true, M, r, in, T(1), xs, in, a, in, T(0), u, r);   // u = drop(x) A^T
@@ -116,7 +145,7 @@ void lora_backward(const LoraDims& d, const T* g, const T* x, const T* w, const 
   const T inv = T(1.0 / (1.0 - p));
   const bool both = da && dx;
   if (both) {
-    lora_dropout_keep(keep, n, p, seed);
+    lora_dropout_keep(keep, n, p, seed, d.mask_cols());
   }
   if (da) {
     if (both) {
@@ -124,7 +153,7 @@ void lora_backward(const LoraDims& d, const T* g, const T* x, const T* w, const 
       for (int64_t i = 0; i < n; i += kBlocks * 4)
         apply_keep<T>(x + i, xd + i, keep + i, std::min<int64_t>(kBlocks * 4, n - i), inv);
     } else {
-      lora_dropout<T>(x, xd, n, p, seed);
+      lora_dropout<T>(x, xd, n, p, seed, d.mask_cols());
     }
     gemm<T>(true, false, r, in, M, T(1), du, r, xd, in, T(0), da, in);  // dA = du^T drop(x)
   }
@@ -135,14 +164,15 @@ void lora_backward(const LoraDims& d, const T* g, const T* x, const T* w, const 
       for (int64_t i = 0; i < n; i += kBlocks * 4)
         accumulate_keep<T>(dx + i, xd + i, keep + i, std::min<int64_t>(kBlocks * 4, n - i), inv);
     } else {
-      lora_dropout_accumulate<T>(dx, xd, n, p, seed);
+      lora_dropout_accumulate<T>(dx, xd, n, p, seed, d.mask_cols());
     }
   }
 }
 
 #define FTUNE_LORA_INSTANTIATE(T)                                                                  \
-  template void lora_dropout<T>(const T*, T*, int64_t, double, uint64_t);                          \
-  template void lora_dropout_accumulate<T>(T*, const T*, int64_t, double, uint64_t);               \
+  template void lora_dropout<T>(const T*, T*, int64_t, double, uint64_t, const LoraMaskCols&);     \
+  template void lora_dropout_accumulate<T>(T*, const T*, int64_t, double, uint64_t,                \
+                                           const LoraMaskCols&);                                   \
   template void lora_forward<T>(const LoraDims&, const T*, const T*, const T*, const T*, const T*, \
                                 T, double, uint64_t, T*, T*, T*);                                  \
   template void lora_backward<T>(const LoraDims&, const T*, const T*, const T*, const T*,          \

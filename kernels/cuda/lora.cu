@@ -73,12 +73,51 @@ __global__ void dropout_kernel(const T* x, T* out, int64_t n, uint32_t thr, floa
   }
 }
 
+// The same over a column slice of the full input (LoraMaskCols, not whole): element [row, j]
+// draws index g = row * full + offset + j. One thread per Philox block of a row's run of width
+// elements (at most width / 4 + 2 blocks: the run need not start on a block boundary).
 template <class T, bool kAcc>
-void launch_dropout(const T* x, T* out, int64_t n, double p, uint64_t seed, const char* op) {
+__global__ void dropout_cols_kernel(const T* x, T* out, int64_t rows, int64_t width,
+                                    int64_t offset, int64_t full, int64_t row_blocks, uint32_t thr,
+                                    float inv, uint64_t seed) {
+  const int64_t tasks = rows * row_blocks;
+  for (int64_t ti = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; ti < tasks;
+       ti += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = ti / row_blocks, gs = row * full + offset;
+    const int64_t bl = (gs >> 2) + ti % row_blocks;
+    if (bl * 4 >= gs + width) continue;
+    uint32_t r[4];
+    philox4x32(seed, uint64_t(bl), kLoraDropoutStream, r);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t g = bl * 4 + j;
+      if (g < gs || g >= gs + width) continue;
+      const int64_t e = row * width + (g - gs);
+      const float d = (r[j] >> 8) >= thr ? __fmul_rn(to_f(x[e]), inv) : 0.f;
+      out[e] = from_f<T>(kAcc ? __fadd_rn(to_f(out[e]), d) : d);
+    }
+  }
+}
+
+template <class T, bool kAcc>
+void launch_dropout(const T* x, T* out, int64_t n, double p, uint64_t seed,
+                    const LoraMaskCols& cols, const char* op) {
   FTUNE_CHECK(p >= 0.0 && p < 1.0, "[", op, "] dropout must be in [0, 1), got ", p);
   FTUNE_CHECK(n >= 0 && (n == 0 || (x && out)), "[", op, "] null buffer for ", n, " elements");
   if (n == 0) return;
   using D = typename Dev<T>::type;
+  if (!cols.whole()) {
+    const int64_t w = cols.width;
+    FTUNE_CHECK(w > 0 && cols.offset >= 0 && cols.offset + w <= cols.full && n % w == 0, "[", op,
+                "] (kernels/cuda/lora.cu) columns [", cols.offset, ", +", w, ") of ", cols.full,
+                " do not fit ", n, " elements");
+    const int64_t row_blocks = w / 4 + 2, rows = n / w;
+    dropout_cols_kernel<D, kAcc><<<grid_1d(rows * row_blocks, 256), 256, 0, stream()>>>(
+        reinterpret_cast<const D*>(x), reinterpret_cast<D*>(out), rows, w, cols.offset,
+        cols.full, row_blocks, drop_threshold(p), float(1.0 / (1.0 - p)), seed);
+    FTUNE_LAUNCH_CHECK(op);
+    return;
+  }
   const int64_t groups = (n + kGroup - 1) / kGroup;
   const bool vec = aligned16(x) && aligned16(out);
   dropout_kernel<D, kAcc><<<grid_1d(groups, 256), 256, 0, stream()>>>(
@@ -113,13 +152,15 @@ void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const T*
 }  // namespace
 
 template <class T>
-void lora_dropout(const T* x, T* out, int64_t n, double p, uint64_t seed) {
-  launch_dropout<T, false>(x, out, n, p, seed, "lora_dropout");
+void lora_dropout(const T* x, T* out, int64_t n, double p, uint64_t seed,
+                  const LoraMaskCols& cols) {
+  launch_dropout<T, false>(x, out, n, p, seed, cols, "lora_dropout");
 }
 
 template <class T>
-void lora_dropout_accumulate(T* acc, const T* t, int64_t n, double p, uint64_t seed) {
-  launch_dropout<T, true>(t, acc, n, p, seed, "lora_dropout_accumulate");
+void lora_dropout_accumulate(T* acc, const T* t, int64_t n, double p, uint64_t seed,
+                             const LoraMaskCols& cols) {
+  launch_dropout<T, true>(t, acc, n, p, seed, cols, "lora_dropout_accumulate");
 }
 
 template <class T>
@@ -132,7 +173,7 @@ void lora_forward(const LoraDims& d, const T* x, const T* w, const T* bias, cons
   mm<T>(false, true, M, out, in, 1.f, x, in, w, in, 0.f, y, out, bias);  // y = x W^T + b
   const T* xs = x;
   if (p > 0) {
-    lora_dropout<T>(x, xd, M * in, p, seed);
+    lora_dropout<T>(x, xd, M * in, p, seed, d.mask_cols());
     xs = xd;
   }
   mm<T>(false, true, M, r, in, 1.f, xs, in, a, in, 0.f, u, r);    // u = drop(x) A^T
@@ -161,18 +202,19 @@ void lora_backward(const LoraDims& d, const T* g, const T* x, const T* w, const 
   }
   const int64_t n = M * in;
   if (da) {
-    lora_dropout<T>(x, xd, n, p, seed);
+    lora_dropout<T>(x, xd, n, p, seed, d.mask_cols());
     mm<T>(true, false, r, in, M, 1.f, du, r, xd, in, 0.f, da, in);  // dA = du^T drop(x)
   }
   if (dx) {
     mm<T>(false, false, M, in, r, 1.f, du, r, a, in, 0.f, xd, in);  // du A
-    lora_dropout_accumulate<T>(dx, xd, n, p, seed);                 // dx += drop'(du A)
+    lora_dropout_accumulate<T>(dx, xd, n, p, seed, d.mask_cols());  // dx += drop'(du A)
   }
 }
 
 #define FTUNE_LORA_CUDA_INSTANTIATE(T)                                                             \
-  template void lora_dropout<T>(const T*, T*, int64_t, double, uint64_t);                          \
-  template void lora_dropout_accumulate<T>(T*, const T*, int64_t, double, uint64_t);               \
+  template void lora_dropout<T>(const T*, T*, int64_t, double, uint64_t, const LoraMaskCols&);     \
+  template void lora_dropout_accumulate<T>(T*, const T*, int64_t, double, uint64_t,                \
+                                           const LoraMaskCols&);                                   \
   template void lora_forward<T>(const LoraDims&, const T*, const T*, const T*, const T*, const T*, \
                                 float, double, uint64_t, T*, T*, T*);                              \
   template void lora_backward<T>(const LoraDims&, const T*, const T*, const T*, const T*,          \

@@ -43,6 +43,74 @@ TEST(LoraLinear, DropoutMaskFollowsThePhiloxRuleAndRate) {
   for (int64_t i = 0; i < n; ++i) ASSERT_EQ(keep[i], y[i] != 0.0f) << "element " << i;
 }
 
+// A column slice of the input (a row-parallel shard) draws exactly its slice of the full input's
+// mask, for offsets and widths off the 4-element Philox blocks and rows longer than one task.
+TEST(LoraLinear, ColumnSliceMaskIsTheSliceOfTheFullMask) {
+  const double p = 0.3;
+  const uint64_t seed = 77;
+  struct Case {
+    int64_t rows, full, offset, width;
+  };
+  for (Case c : {Case{5, 16, 8, 8}, Case{3, 11, 3, 5}, Case{4, 7, 0, 6}, Case{2, 2503, 1, 2501},
+                 Case{9, 10, 9, 1}}) {
+    SCOPED_TRACE(testing::Message() << "rows " << c.rows << " full " << c.full << " cols ["
+                                    << c.offset << ", +" << c.width << ")");
+    const int64_t nf = c.rows * c.full, n = c.rows * c.width;
+    Generator g(c.full);
+    std::vector<double> xf = randn({nf}, g, 0, 1, DType::f64).to_vector<double>();
+    std::vector<double> yf(nf), x(n), acc(n, 0.5), y(n);
+    std::vector<uint8_t> keepf(nf), keep(n);
+    kernels::cpu::lora_dropout<double>(xf.data(), yf.data(), nf, p, seed);
+    kernels::cpu::lora_dropout_keep(keepf.data(), nf, p, seed);
+    for (int64_t i = 0; i < c.rows; ++i)
+      for (int64_t j = 0; j < c.width; ++j) x[i * c.width + j] = xf[i * c.full + c.offset + j];
+    const kernels::LoraMaskCols cols{c.width, c.offset, c.full};
+    kernels::cpu::lora_dropout<double>(x.data(), y.data(), n, p, seed, cols);
+    kernels::cpu::lora_dropout_accumulate<double>(acc.data(), x.data(), n, p, seed, cols);
+    kernels::cpu::lora_dropout_keep(keep.data(), n, p, seed, cols);
+    for (int64_t i = 0; i < c.rows; ++i)
+      for (int64_t j = 0; j < c.width; ++j) {
+        const int64_t e = i * c.width + j, f = i * c.full + c.offset + j;
+        ASSERT_EQ(y[e], yf[f]) << "row " << i << " col " << j;
+        ASSERT_NEAR(acc[e], 0.5 + yf[f], 1e-14) << "row " << i << " col " << j;  // FMA
+        ASSERT_EQ(keep[e], keepf[f]) << "row " << i << " col " << j;
+      }
+  }
+  // Offset 0 with the full width is the whole input: the plain mask.
+  std::vector<float> x(60, 1.0f), a(60), b(60);
+  kernels::cpu::lora_dropout<float>(x.data(), a.data(), 60, p, seed);
+  kernels::cpu::lora_dropout<float>(x.data(), b.data(), 60, p, seed, {12, 0, 12});
+  EXPECT_EQ(a, b);
+  EXPECT_THROW(kernels::cpu::lora_dropout<float>(x.data(), b.data(), 60, p, seed, {12, 5, 12}),
+               Error);
+}
+
+// lora_linear on column slices of x (its in_offset / in_full) computes the slices' share of the
+// full op with the full mask: the shares sum to the full output, and dx to the full dx.
+TEST(LoraLinear, ColumnSlicesSumToTheFullOpWithDropout) {
+  Lora l = make({3, 4, 10}, 5, 2);
+  const double p = 0.4;
+  for (auto* t : {&l.x, &l.a, &l.bb}) t->set_requires_grad(true);
+  Tensor y = ops::lora_linear(l.x, l.w, Tensor(), l.a, l.bb, 1.5, p, 11);
+  Generator g4(4);
+  Tensor gy = randn(y.shape(), g4, 0, 1, DType::f64);
+  y.backward(gy);
+  Tensor sum = Tensor::zeros(y.shape(), DType::f64);
+  for (int64_t off : {0, 3, 7}) {  // slices [0, 3), [3, 7), [7, 10)
+    const int64_t w = off == 0 ? 3 : off == 3 ? 4 : 3;
+    Tensor xs = l.x.detach().slice(2, off, off + w).contiguous().set_requires_grad(true);
+    Tensor as = l.a.detach().slice(1, off, off + w).contiguous().set_requires_grad(true);
+    Tensor ys = ops::lora_linear(xs, l.w.slice(1, off, off + w), Tensor(), as, l.bb.detach(),
+                                 1.5, p, 11, off, 10);
+    ys.backward(gy);
+    sum = ops::add(sum, ys);
+    EXPECT_LT(ops::max_abs_diff(xs.grad(), l.x.grad().slice(2, off, off + w)), 1e-12) << off;
+    EXPECT_LT(ops::max_abs_diff(as.grad(), l.a.grad().slice(1, off, off + w)), 1e-12) << off;
+  }
+  EXPECT_LT(ops::max_abs_diff(sum, y), 1e-12);
+  EXPECT_THROW(ops::lora_linear(l.x, l.w, Tensor(), l.a, l.bb, 1.5, p, 11, 1, 10), Error);
+}
+
 TEST(LoraLinear, SeedSelectsTheMask) {
   Lora l = make({16, 32}, 8, 4);
   Tensor y1 = ops::lora_linear(l.x, l.w, l.b, l.a, l.bb, 1.0, 0.3, 1);

@@ -106,6 +106,37 @@ TEST(CudaLora, DropoutMaskMatchesCpuExactly) {
         }
 }
 
+// A column slice of the input (a row-parallel shard, LoraMaskCols): the GPU draws the CPU's mask.
+TEST(CudaLora, ColumnSliceMaskMatchesCpuExactly) {
+  FTUNE_REQUIRE_GPU();
+  const double p = 0.3;
+  const uint64_t seed = 99;
+  for (DType dt : {DType::f32, DType::bf16, DType::f16})
+    for (kernels::LoraMaskCols cols : {kernels::LoraMaskCols{8, 8, 16},
+                                       kernels::LoraMaskCols{5, 3, 11},
+                                       kernels::LoraMaskCols{2501, 1, 2503}}) {
+      SCOPED_TRACE(testing::Message() << dtype_name(dt) << " cols [" << cols.offset << ", +"
+                                      << cols.width << ") of " << cols.full);
+      const int64_t n = 3 * cols.width;
+      Generator gen(uint64_t(cols.full));
+      Tensor hx = rand_host({n}, gen, dt), hacc = rand_host({n}, gen, dt);
+      Tensor ref = hx.clone(), ref_acc = hacc.clone();
+      kernels::cpu::lora_dropout<float>(hx.data<float>(), ref.data<float>(), n, p, seed, cols);
+      kernels::cpu::lora_dropout_accumulate<float>(ref_acc.data<float>(), hx.data<float>(), n, p,
+                                                   seed, cols);
+      ref = ref.to(dt).to(DType::f32);
+      ref_acc = ref_acc.to(dt).to(DType::f32);
+      Tensor dx = to_gpu(hx, dt), dout = to_gpu(hx, dt), dacc = to_gpu(hacc, dt);
+      for_dtype(dt, [&]<class T>() {
+        kernels::cuda::lora_dropout<T>(ptr<T>(dx), ptr<T>(dout), n, p, seed, cols);
+        kernels::cuda::lora_dropout_accumulate<T>(ptr<T>(dacc), ptr<T>(dx), n, p, seed, cols);
+      });
+      EXPECT_TRUE(all_close(to_host(dout), ref, 0, 0));
+      const double ulp = dt == DType::f32 ? 2e-7 : dt == DType::bf16 ? 1.0 / 128 : 1.0 / 1024;
+      EXPECT_TRUE(all_close(to_host(dacc), ref_acc, 1e-6, ulp));
+    }
+}
+
 // ---- forward and backward against the CPU kernel
 // ----------------------------------------------------
 

@@ -155,8 +155,9 @@ TEST(TpModels, CachedGenerationMatchesSingleProcess) {
 }
 
 // LoRA on every projection: the sharded adapters (A or B split along the base split) give the
-// same loss and the same gradients of A and B as unsharded LoRA.
-void check_lora(const std::string& family) {
+// same loss and the same gradients of A and B as unsharded LoRA. With dropout, every tp rank must
+// draw its slice of the one-process masks (row-parallel inputs are split over the ranks).
+void check_lora(const std::string& family, double dropout = 0.0) {
   auto ref = Transformer::from_pretrained(fixture(family));
   auto mod = Transformer::from_pretrained(fixture(family));
   auto group = tp_group(2);
@@ -166,6 +167,7 @@ void check_lora(const std::string& family) {
   opt.alpha = 8;
   opt.target_modules = {"all-linear"};
   opt.seed = 3;
+  opt.dropout = dropout;
   EXPECT_EQ(apply_lora(*ref, opt), apply_lora(*mod, opt));
   // B starts at zero (the gradient of A would be zero): give it the same random values.
   Generator gen(9);
@@ -176,6 +178,17 @@ void check_lora(const std::string& family) {
     set_full(*mod, name, full);
   }
   Batch b = make_batch(ref->config().vocab_size, 5);
+  ref->train();
+  mod->train();
+  set_lora_dropout_seed(*ref, 0x5eed);
+  set_lora_dropout_seed(*mod, 0x5eed);
+  if (dropout > 0) {  // the masks do change the loss (else this test could not fail)
+    NoGradGuard no_grad;
+    ref->eval();
+    const double plain = ops::cross_entropy(ref->forward(b.ids), b.targets).item();
+    ref->train();
+    EXPECT_GT(std::fabs(ops::cross_entropy(ref->forward(b.ids), b.targets).item() - plain), 1e-4);
+  }
   Tensor ref_loss = ops::cross_entropy(ref->forward(b.ids), b.targets);
   ref_loss.backward();
   Tensor loss =
@@ -199,6 +212,8 @@ void check_lora(const std::string& family) {
 
 TEST(TpModels, LoraOnTpLayersMatchesUnshardedLlama) { check_lora("llama"); }
 TEST(TpModels, LoraOnTpLayersMatchesUnshardedGpt2) { check_lora("gpt2"); }
+TEST(TpModels, LoraDropoutOnTpLayersMatchesUnshardedLlama) { check_lora("llama", 0.25); }
+TEST(TpModels, LoraDropoutOnTpLayersMatchesUnshardedGpt2) { check_lora("gpt2", 0.25); }
 
 // TP2 x DP2: each dp replica (a tp pair) takes half of the global batch; gradients averaged over
 // dp with a plain all-reduce; AdamW on the shards. Losses equal one process on the whole batch.
