@@ -349,6 +349,36 @@ double ShardedAdamW::clip_grad_norm(double max_norm) {
   return norm;
 }
 
+std::pair<double, double> ShardedAdamW::grad_sum_squares_split(const std::vector<bool>& select) {
+  const auto& params = red_.params();
+  FTUNE_CHECK(select.size() == params.size(), "[zero] grad_sum_squares_split: ", select.size(),
+              " flags for ", params.size(), " parameters");
+  const auto& buckets = red_.buckets();
+  const int64_t rank = red_.comm().rank();
+  Tensor sums = Tensor::zeros({2}, DType::f64);
+  double* acc = sums.data<double>();
+  if (red_.reduced()) {
+    // Each parameter's part of this rank's shard (the padding is zeros and belongs to none).
+    for (const Slot& s : slots_) {
+      const Bucket& bk = buckets[s.bucket];
+      Span sp = intersect(s.offset, params[s.param].numel(), rank * bk.shard, bk.shard);
+      if (sp.count == 0) continue;
+      const float* g = red_.grad_shard(s.bucket).data<float>() + sp.in_shard;
+      acc[select[s.param] ? 0 : 1] += kernels::cpu::sum_squares<float>(g, sp.count);
+    }
+  }
+  red_.comm_ptr()->all_reduce(sums, ReduceOp::sum);
+  return {sums.data<double>()[0], sums.data<double>()[1]};
+}
+
+void ShardedAdamW::scale_grads(double coef) {
+  if (!red_.reduced()) return;
+  for (size_t b = 0; b < red_.num_buckets(); ++b) {
+    Tensor& g = red_.grad_shard(b);
+    kernels::cpu::scale_inplace<float>(g.data<float>(), g.numel(), coef);
+  }
+}
+
 optim::OptimizerState ShardedAdamW::export_state() {
   NoGradGuard ng;
   const auto& params = red_.params();

@@ -18,6 +18,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "core/optim.h"
@@ -111,6 +112,12 @@ class ShardedAdamW {
   double grad_sum_squares();
   // torch's clip_grad_norm_ over the global gradient; returns the norm before clipping.
   double clip_grad_norm(double max_norm);
+  // Collective: grad_sum_squares split in two, {parameters with select[i], the others} (i: the
+  // reducer's index). Tensor parallel + ZeRO-1 needs it: the squares of tp-split parameters are
+  // then summed over tp as well, those of replicated ones are not.
+  std::pair<double, double> grad_sum_squares_split(const std::vector<bool>& select);
+  // Multiplies this rank's gradient shards by `coef` (clipping with a norm found elsewhere).
+  void scale_grads(double coef);
 
   // Collective: the full-shape state, named as optim::AdamW names it (so a checkpoint does not
   // depend on dp or zero); every rank gets all of it.

@@ -160,8 +160,6 @@ struct SftTrainer::Impl {
                   "use data parallelism (tp: 1, zero: 0)");
     }
     param_dtype = cfg.dtype == "bf16" ? DType::bf16 : cfg.dtype == "f16" ? DType::f16 : DType::f32;
-    FTUNE_CHECK(cfg.parallel.tp == 1 || cfg.parallel.zero == 0,
-                "[sft] parallel.zero: 1 with parallel.tp > 1 is not supported yet (use zero: 0)");
     grid = parallel::make_grid(world, int(cfg.parallel.tp));
     dp = grid.dp;
     dp_rank = grid.dp_rank;
@@ -575,6 +573,23 @@ struct SftTrainer::Impl {
     }
     return norm;
   }
+  // The same under TP + ZeRO-1: the reducer's gradient shards hold the dp-summed gradient, so
+  // both sums are first taken over the dp group (each shard once), then the split one over tp.
+  double tp_zero_clip_grad_norm(double max_norm) {
+    std::vector<bool> split_flag;
+    for (auto& [n, t] : trainable) {  // the reducer's parameters, in the same (model) order
+      auto it = shards.find(n);
+      split_flag.push_back(it != shards.end() && it->second.dim >= 0);
+    }
+    auto [split, replicated] = zopt->grad_sum_squares_split(split_flag);
+    split = grid.tp_group->all_reduce_scalar(split);
+    double norm = std::sqrt(split + replicated);
+    if (max_norm > 0 && std::isfinite(norm)) {
+      double scale = std::min(1.0, max_norm / (norm + 1e-6));
+      if (scale < 1.0) zopt->scale_grads(scale);
+    }
+    return norm;
+  }
   std::vector<Tensor> params_of_trainable() const {
     std::vector<Tensor> ps;
     for (auto& [n, t] : trainable) ps.push_back(t);
@@ -783,7 +798,9 @@ struct SftTrainer::Impl {
       double loss = targets > 0 ? loss_sum / double(targets) : 0.0;
       double gnorm = 0;
       if (!bad) {
-        if (zopt)
+        if (zopt && grid.tp > 1)
+          gnorm = tp_zero_clip_grad_norm(cfg.clip_grad_norm);
+        else if (zopt)
           gnorm = cfg.clip_grad_norm > 0 ? zopt->clip_grad_norm(cfg.clip_grad_norm)
                                          : std::sqrt(zopt->grad_sum_squares());
         else if (grid.tp > 1)
