@@ -304,6 +304,34 @@ Tensor safetensors_entry_to_tensor(const SafetensorsEntry& e, const uint8_t* dat
   return t;
 }
 
+Tensor safetensors_entry_range_to_tensor(const SafetensorsEntry& e, const uint8_t* data_buffer,
+                                         int dim, int64_t begin, int64_t end,
+                                         const std::string& what) {
+  auto dt = st_to_dtype(e.dtype);
+  FTUNE_CHECK(dt.has_value(), "[safetensors] ", what, ": tensor '", e.name, "' has dtype ",
+              st_dtype_name(e.dtype),
+              ", which ftune has no type for (it reads F32, F64, F16, BF16, I32, I64 and BOOL)");
+  const int nd = int(e.shape.size());
+  FTUNE_CHECK(dim >= 0 && dim < nd && begin >= 0 && begin <= end && end <= e.shape[size_t(dim)],
+              "[safetensors] ", what, ": range [", begin, ", ", end, ") of dim ", dim,
+              " is outside tensor '", e.name, "' of shape ", shape_str(e.shape));
+  int64_t outer = 1, inner = int64_t(dtype_size(*dt));
+  for (int d = 0; d < dim; ++d) outer *= e.shape[size_t(d)];
+  for (int d = dim + 1; d < nd; ++d) inner *= e.shape[size_t(d)];
+  Shape shape = e.shape;
+  shape[size_t(dim)] = end - begin;
+  Tensor t = Tensor::empty(shape, *dt);
+  const int64_t run = (end - begin) * inner, stride = e.shape[size_t(dim)] * inner;
+  auto* out = static_cast<uint8_t*>(t.raw_data());
+  if (run > 0)
+    for (int64_t o = 0; o < outer; ++o)
+      std::memcpy(out + o * run, data_buffer + e.begin + uint64_t(o * stride + begin * inner),
+                  size_t(run));
+  if (*dt == DType::b8)
+    for (int64_t i = 0; i < outer * run; ++i) out[i] = out[i] != 0;
+  return t;
+}
+
 // ---------------------------------------------------------------- MappedFile
 
 MappedFile::MappedFile(const std::string& path) : path_(path) {
@@ -386,6 +414,12 @@ const SafetensorsEntry& SafetensorsFile::info(const std::string& name) const {
 
 Tensor SafetensorsFile::get(const std::string& name) const {
   return safetensors_entry_to_tensor(info(name), map_->data() + header_.data_start(), path_);
+}
+
+Tensor SafetensorsFile::get_range(const std::string& name, int dim, int64_t begin,
+                                  int64_t end) const {
+  return safetensors_entry_range_to_tensor(info(name), map_->data() + header_.data_start(), dim,
+                                           begin, end, path_);
 }
 
 // ---------------------------------------------------------------- SafetensorsModel
@@ -508,6 +542,13 @@ Tensor SafetensorsModel::get(const std::string& name) const {
   size_t i;
   entry_in_shard(name, i);
   return shard(i).get(name);
+}
+
+Tensor SafetensorsModel::get_range(const std::string& name, int dim, int64_t begin,
+                                   int64_t end) const {
+  size_t i;
+  entry_in_shard(name, i);
+  return shard(i).get_range(name, dim, begin, end);
 }
 
 const std::string& SafetensorsModel::shard_path(const std::string& name) const {

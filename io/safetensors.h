@@ -94,6 +94,14 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* data, size_t size,
 Tensor safetensors_entry_to_tensor(const SafetensorsEntry& e, const uint8_t* data_buffer,
                                    const std::string& what);
 
+// Copies indices [begin, end) of dim `dim` of entry `e` (all of every other dim) into a new CPU
+// Tensor of the stored dtype, reading only those bytes: one contiguous run for dim 0, one run per
+// index of the leading dims otherwise (a column range of a matrix: one strided read per row).
+// Tensor-parallel loading reads each rank's slice this way (docs/distributed.md).
+Tensor safetensors_entry_range_to_tensor(const SafetensorsEntry& e, const uint8_t* data_buffer,
+                                         int dim, int64_t begin, int64_t end,
+                                         const std::string& what);
+
 // A read-only private mapping of a whole file; munmaps on destruction. Move-only.
 class MappedFile {
  public:
@@ -127,6 +135,8 @@ class SafetensorsFile {
   bool contains(const std::string& name) const { return header_.find(name) != nullptr; }
   const SafetensorsEntry& info(const std::string& name) const;  // throws when absent
   Tensor get(const std::string& name) const;
+  // Indices [begin, end) of dim `dim` only (see safetensors_entry_range_to_tensor).
+  Tensor get_range(const std::string& name, int dim, int64_t begin, int64_t end) const;
   const std::map<std::string, std::string>& metadata() const { return header_.metadata; }
   const SafetensorsHeader& header() const { return header_; }
 
@@ -151,6 +161,8 @@ class SafetensorsModel {
   bool contains(const std::string& name) const { return where_.count(name) != 0; }
   const SafetensorsEntry& info(const std::string& name) const;
   Tensor get(const std::string& name) const;
+  // Indices [begin, end) of dim `dim` only (see safetensors_entry_range_to_tensor).
+  Tensor get_range(const std::string& name, int dim, int64_t begin, int64_t end) const;
   const std::string& shard_path(const std::string& name) const;
   size_t num_shards() const { return shards_.size(); }
   // The index's "metadata" ({"total_size": "1234", ...}; numbers as their JSON text; empty for a

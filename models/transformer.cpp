@@ -26,7 +26,12 @@ namespace ftune {
 
 namespace {
 
+// Set while from_pretrained_sharded builds its model: parameters are then zero-stride views of
+// one element (no memory), sliced by shard_for_tp and allocated at their shard's size only.
+thread_local bool t_defer_params = false;
+
 Tensor new_param(const Shape& s, double fill = 0.0) {
+  if (t_defer_params) return Tensor::full(Shape{}, fill).expand(s).set_requires_grad(true);
   return Tensor::full(s, fill).set_requires_grad(true);
 }
 
@@ -751,36 +756,37 @@ void Transformer::init_random(uint64_t seed, double std) {
 
 // ---------------------------------------------------------------- loading and saving
 
-std::unique_ptr<Transformer> Transformer::from_pretrained(const std::string& dir,
-                                                          const HfConfigOptions& opt) {
-  FTUNE_CHECK(dir_exists(dir), "[from_pretrained] model folder ", dir, " does not exist");
-  const std::string cfg_path = path_join(dir, "config.json");
-  ModelConfig cfg = load_hf_config(cfg_path, opt);
-  auto model = std::make_unique<Transformer>(cfg);
-  SafetensorsModel st = SafetensorsModel::open_folder(dir);
+namespace {
 
+// The checkpoint tensor each parameter loads from, validated against the model's full shapes.
+struct WeightSource {
+  std::unordered_map<std::string, std::string> source;  // our name -> checkpoint name
+  bool tied_copy = false;  // lm_head.weight stored although tied: must equal the embedding
+};
+
+WeightSource match_weights(const ModelConfig& cfg, const nn::NamedTensors& params,
+                           const SafetensorsModel& st, const std::string& dir,
+                           const std::string& cfg_path) {
   // Match the checkpoint's names to ours. A base-model save (GPT2Model: "h.0.attn...",
   // LlamaModel: "layers.0...") lacks the "transformer." / "model." prefix.
   const std::string prefix = cfg.family == ModelFamily::gpt2 ? "transformer." : "model.";
-  nn::NamedTensors params = model->named_parameters();
   std::unordered_map<std::string, Tensor> want;
   for (auto& [n, t] : params) want.emplace(n, t);
-  std::unordered_map<std::string, std::string> source;  // our name -> checkpoint name
+  WeightSource ws;
   std::vector<std::string> unexpected, duplicate;
-  bool tied_copy = false;  // lm_head.weight stored although tied: must equal the embedding
   for (const std::string& name : st.names()) {
     std::string ours = want.count(name) ? name : want.count(prefix + name) ? prefix + name : "";
     if (!ours.empty()) {
-      if (!source.emplace(ours, name).second) duplicate.push_back(name);
+      if (!ws.source.emplace(ours, name).second) duplicate.push_back(name);
     } else if (cfg.tie_word_embeddings && name == "lm_head.weight") {
-      tied_copy = true;
+      ws.tied_copy = true;
     } else if (!is_known_buffer(cfg, name)) {
       unexpected.push_back(str_cat(name, " (", st.shard_path(name), ")"));
     }
   }
   std::vector<std::string> missing;
   for (const auto& [n, t] : params)
-    if (!source.count(n)) missing.push_back(n);
+    if (!ws.source.count(n)) missing.push_back(n);
   if (!missing.empty() || !unexpected.empty() || !duplicate.empty()) {
     std::string msg = str_cat("[from_pretrained] ", dir, ": the weights do not match ", cfg_path,
                               " (", cfg.architecture, ", ", cfg.num_hidden_layers, " layers)");
@@ -803,17 +809,111 @@ std::unique_ptr<Transformer> Transformer::from_pretrained(const std::string& dir
     FTUNE_CHECK(e.shape == shape, "[from_pretrained] ", st.shard_path(name), ": tensor '", name,
                 "' has shape ", shape_str(e.shape), " but ", cfg_path, " needs ", shape_str(shape));
   };
-  for (auto& [n, t] : params) check_entry(source.at(n), t.shape());
-  if (tied_copy) check_entry("lm_head.weight", model->impl_->head->weight.shape());
+  for (auto& [n, t] : params) check_entry(ws.source.at(n), t.shape());
+  if (ws.tied_copy) check_entry("lm_head.weight", Shape{cfg.vocab_size, cfg.hidden_size});
+  return ws;
+}
 
-  for (auto& [n, t] : params) t.copy_(st.get(source.at(n)));  // converts f16/bf16/f64 to f32
-  if (tied_copy) {
-    Tensor head = st.get("lm_head.weight").to(DType::f32);
-    const Tensor& emb = model->impl_->head->weight;
-    FTUNE_CHECK(ops::max_abs_diff(head, emb) == 0.0, "[from_pretrained] ",
-                st.shard_path("lm_head.weight"), ": tie_word_embeddings is true in ", cfg_path,
-                " but lm_head.weight differs from the input embedding; set "
-                "tie_word_embeddings to false to load it as a separate head");
+// This rank's slice of checkpoint tensor `name` (shard_slice of the whole one), reading only the
+// slice's bytes: one range per block along info.dim.
+Tensor read_shard(const SafetensorsModel& st, const std::string& name,
+                  const parallel::ShardInfo& info) {
+  if (info.replicated()) return st.get(name);
+  const SafetensorsEntry& e = st.info(name);
+  FTUNE_CHECK(info.dim < int(e.shape.size()) && e.shape[size_t(info.dim)] == info.full_size &&
+                  info.blocks >= 1 && info.full_size % info.blocks == 0,
+              "[from_pretrained] ", st.shard_path(name), ": tensor '", name, "' of shape ",
+              shape_str(e.shape), " does not have ", info.full_size, " elements along dim ",
+              info.dim);
+  const int64_t block = info.full_size / info.blocks;
+  std::vector<Tensor> parts;
+  for (int b = 0; b < info.blocks; ++b)
+    parts.push_back(
+        st.get_range(name, info.dim, b * block + info.offset, b * block + info.offset + info.size));
+  if (parts.size() == 1) return parts[0];
+  NoGradGuard no_grad;
+  return ops::cat(parts, info.dim);
+}
+
+// Compares a stored lm_head (tied config) with the embedding it must equal.
+void check_tied_copy(const Tensor& head, const Tensor& emb, const SafetensorsModel& st,
+                     const std::string& cfg_path) {
+  FTUNE_CHECK(ops::max_abs_diff(head.to(DType::f32), emb) == 0.0, "[from_pretrained] ",
+              st.shard_path("lm_head.weight"), ": tie_word_embeddings is true in ", cfg_path,
+              " but lm_head.weight differs from the input embedding; set "
+              "tie_word_embeddings to false to load it as a separate head");
+}
+
+std::string embed_name(const ModelConfig& cfg) {
+  return cfg.family == ModelFamily::gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight";
+}
+
+}  // namespace
+
+std::unique_ptr<Transformer> Transformer::from_pretrained(const std::string& dir,
+                                                          const HfConfigOptions& opt) {
+  FTUNE_CHECK(dir_exists(dir), "[from_pretrained] model folder ", dir, " does not exist");
+  const std::string cfg_path = path_join(dir, "config.json");
+  ModelConfig cfg = load_hf_config(cfg_path, opt);
+  auto model = std::make_unique<Transformer>(cfg);
+  SafetensorsModel st = SafetensorsModel::open_folder(dir);
+  nn::NamedTensors params = model->named_parameters();
+  const WeightSource ws = match_weights(cfg, params, st, dir, cfg_path);
+  for (auto& [n, t] : params) t.copy_(st.get(ws.source.at(n)));  // converts f16/bf16/f64 to f32
+  if (ws.tied_copy)
+    check_tied_copy(st.get("lm_head.weight"), model->parameter(embed_name(cfg)), st, cfg_path);
+  return model;
+}
+
+std::unique_ptr<Transformer> Transformer::from_pretrained_sharded(
+    const std::string& dir, std::shared_ptr<parallel::Communicator> tp_group,
+    const HfConfigOptions& opt) {
+  if (!tp_group || tp_group->size() == 1) return from_pretrained(dir, opt);
+  FTUNE_CHECK(dir_exists(dir), "[from_pretrained] model folder ", dir, " does not exist");
+  const std::string cfg_path = path_join(dir, "config.json");
+  ModelConfig cfg = load_hf_config(cfg_path, opt);
+  std::unique_ptr<Transformer> model;
+  {
+    struct Defer {  // reset even when the constructor throws
+      Defer() { t_defer_params = true; }
+      ~Defer() { t_defer_params = false; }
+    } defer;
+    model = std::make_unique<Transformer>(cfg);
+  }
+  SafetensorsModel st = SafetensorsModel::open_folder(dir);
+  // Names and full shapes are checked before sharding, as from_pretrained does.
+  const WeightSource ws = match_weights(cfg, model->named_parameters(), st, dir, cfg_path);
+  model->shard_for_tp(std::move(tp_group));
+  // Split parameters now own their slices; the replicated ones are still one-element views.
+  auto own = [](Tensor& t) {
+    if (t.defined() && !t.is_contiguous())
+      t = Tensor::empty(t.shape(), t.dtype()).set_requires_grad(true);
+  };
+  for (auto& [name, m] : model->named_modules()) {
+    if (auto* p = dynamic_cast<Proj*>(m)) {
+      own(p->weight);
+      own(p->bias);
+    } else if (auto* n = dynamic_cast<Norm*>(m)) {
+      own(n->weight);
+      own(n->bias);
+    } else if (auto* e = dynamic_cast<Embed*>(m)) {
+      own(e->weight);
+    } else if (auto* h = dynamic_cast<LmHead*>(m)) {
+      own(h->weight);
+    }
+  }
+  const auto infos = model->shard_infos();
+  NoGradGuard no_grad;
+  for (auto& [n, t] : model->named_parameters()) {
+    auto it = infos.find(n);
+    const parallel::ShardInfo si = it == infos.end() ? parallel::ShardInfo{} : it->second;
+    FTUNE_CHECK(t.is_contiguous(), "[from_pretrained] internal: ", n, " was not allocated");
+    t.copy_(read_shard(st, ws.source.at(n), si));
+  }
+  if (ws.tied_copy) {
+    const std::string emb = embed_name(cfg);
+    check_tied_copy(read_shard(st, "lm_head.weight", infos.at(emb)), model->parameter(emb), st,
+                    cfg_path);
   }
   return model;
 }

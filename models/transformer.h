@@ -45,6 +45,13 @@ class Transformer : public nn::Module {
   // 4096) for sequences no longer than the window (see io/hf_config.h); longer ones then throw.
   static std::unique_ptr<Transformer> from_pretrained(const std::string& dir,
                                                       const HfConfigOptions& opt = {});
+  // from_pretrained then shard_for_tp(tp_group), bit for bit, but each rank reads only its slices
+  // from the safetensors files (the model is built without allocating the full parameters), so
+  // a rank's host memory is its shards plus the replicated tensors, not the whole model. Checks
+  // the same names, shapes and dtypes as from_pretrained. A null or size-1 group: from_pretrained.
+  static std::unique_ptr<Transformer> from_pretrained_sharded(
+      const std::string& dir, std::shared_ptr<parallel::Communicator> tp_group,
+      const HfConfigOptions& opt = {});
   // Writes config.json and model.safetensors (HF names and layouts; tied weights stored once, as
   // HF does; metadata {"format": "pt"}); above max_shard_bytes, shards and an index as HF does.
   void save_pretrained(const std::string& dir, uint64_t max_shard_bytes = 5'000'000'000ull) const;

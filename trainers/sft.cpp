@@ -198,13 +198,14 @@ struct SftTrainer::Impl {
       ModelConfig mc = load_hf_config((fs::path(cfg.model.path) / "config.json").string(), hopt);
       model = std::make_unique<Transformer>(mc);
       model->init_random(cfg.seed, cfg.model.init_std);
+      // Tensor parallel: every rank initialised the full model; it keeps its slices (parameter
+      // names stay the HF names; shard_infos() says where each slice sits in the full tensor).
+      if (grid.tp > 1) model->shard_for_tp(grid.tp_group);
+    } else if (grid.tp > 1) {
+      // Each tp rank reads only its slices from the safetensors files.
+      model = Transformer::from_pretrained_sharded(cfg.model.path, grid.tp_group, hopt);
     } else {
       model = Transformer::from_pretrained(cfg.model.path, hopt);
-    }
-    // Tensor parallel: every rank loaded the full model; it keeps its slices (parameter names stay
-    // the HF names; shard_infos() says where each slice sits in the full tensor).
-    if (grid.tp > 1) {
-      model->shard_for_tp(grid.tp_group);
     }
     FTUNE_CHECK(tok.vocab_size() <= model->config().vocab_size, "[sft] the tokenizer of ",
                 tok.source(), " has ", tok.vocab_size(),
