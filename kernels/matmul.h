@@ -40,6 +40,30 @@ struct GemmArgs {
 };
 void gemm(const GemmArgs& args);
 
+// The GemmArgs of one unbatched row-major GEMM with A, B, C (and the bias) of one dtype T.
+template <class T>
+GemmArgs gemm_args(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                   const T* a, int64_t lda, const T* b, int64_t ldb, float beta, T* c, int64_t ldc,
+                   const T* bias = nullptr) {
+  GemmArgs g;
+  g.trans_a = trans_a;
+  g.trans_b = trans_b;
+  g.m = m;
+  g.n = n;
+  g.k = k;
+  g.ab_dtype = g.c_dtype = dtype_of<T>::value;
+  g.a = a;
+  g.lda = lda;
+  g.b = b;
+  g.ldb = ldb;
+  g.c = c;
+  g.ldc = ldc;
+  g.alpha = alpha;
+  g.beta = beta;
+  g.bias = bias;
+  return g;
+}
+
 // The CPU kernel's signature (A, B and C of one dtype; T = float, bf16 or f16). For T = float it
 // is exactly cpu::gemm<float>'s, so FTUNE_KERNEL can pick either.
 template <class T>

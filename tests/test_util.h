@@ -7,6 +7,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "io/hf_config.h"
 #include "models/transformer.h"
@@ -14,6 +15,33 @@
 namespace ftune::test_util {
 
 namespace fs = std::filesystem;
+
+// The curves of a run's metrics.jsonl (trainers/sft.cpp): one entry per train line, and the
+// eval lines' losses.
+struct Metrics {
+  std::vector<int64_t> steps;
+  std::vector<double> train_loss, grad_norm, lr;
+  std::vector<double> eval_loss;
+};
+
+inline Metrics read_metrics(const fs::path& p) {
+  Metrics m;
+  std::ifstream in(p);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.empty()) continue;
+    nlohmann::json j = nlohmann::json::parse(line);
+    if (j["split"] == "train") {
+      m.steps.push_back(j["step"]);
+      m.train_loss.push_back(j["loss"]);
+      m.grad_norm.push_back(j["grad_norm"]);
+      m.lr.push_back(j["lr"]);
+    } else {
+      m.eval_loss.push_back(j["loss"]);
+    }
+  }
+  return m;
+}
 
 // s as one single-quoted sh word.
 inline std::string quote(const std::string& s) {

@@ -130,23 +130,7 @@ void launch_dropout(const T* x, T* out, int64_t n, double p, uint64_t seed,
 template <class T>
 void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const T* a, int64_t lda,
         const T* b, int64_t ldb, float beta, T* c, int64_t ldc, const T* bias = nullptr) {
-  GemmArgs g;
-  g.trans_a = ta;
-  g.trans_b = tb;
-  g.m = m;
-  g.n = n;
-  g.k = k;
-  g.ab_dtype = g.c_dtype = dtype_of<T>::value;
-  g.a = a;
-  g.lda = lda;
-  g.b = b;
-  g.ldb = ldb;
-  g.c = c;
-  g.ldc = ldc;
-  g.alpha = alpha;
-  g.beta = beta;
-  g.bias = bias;
-  gemm(g);
+  gemm(gemm_args<T>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, bias));
 }
 
 }  // namespace

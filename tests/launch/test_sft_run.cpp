@@ -34,6 +34,8 @@ namespace {
 namespace fs = std::filesystem;
 using test_util::quote;
 using test_util::slurp;
+using test_util::Metrics;
+using test_util::read_metrics;
 
 // Runs ftune with args (already quoted), output to log; returns the exit code.
 int run_ftune(const std::string& args, const fs::path& log) {
@@ -41,31 +43,6 @@ int run_ftune(const std::string& args, const fs::path& log) {
                     args + " >" + quote(log.string()) + " 2>&1";
   int rc = std::system(cmd.c_str());
   return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
-}
-
-struct Metrics {
-  std::vector<int64_t> steps;
-  std::vector<double> train_loss, grad_norm, lr;
-  std::vector<double> eval_loss;
-};
-
-Metrics read_metrics(const fs::path& p) {
-  Metrics m;
-  std::ifstream in(p);
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.empty()) continue;
-    nlohmann::json j = nlohmann::json::parse(line);
-    if (j["split"] == "train") {
-      m.steps.push_back(j["step"]);
-      m.train_loss.push_back(j["loss"]);
-      m.grad_norm.push_back(j["grad_norm"]);
-      m.lr.push_back(j["lr"]);
-    } else {
-      m.eval_loss.push_back(j["loss"]);
-    }
-  }
-  return m;
 }
 
 int64_t last_step(const fs::path& metrics) {

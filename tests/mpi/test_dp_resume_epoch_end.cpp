@@ -24,17 +24,7 @@ namespace {
 namespace fs = std::filesystem;
 using testing::world;
 
-std::vector<double> train_losses(const fs::path& p) {
-  std::vector<double> out;
-  std::ifstream in(p);
-  std::string line;
-  while (std::getline(in, line))
-    if (!line.empty()) {
-      nlohmann::json j = nlohmann::json::parse(line);
-      if (j["split"] == "train") out.push_back(j["loss"]);
-    }
-  return out;
-}
+std::vector<double> train_losses(const fs::path& p) { return test_util::read_metrics(p).train_loss; }
 
 void expect_same_prefix(const std::vector<double>& got, const std::vector<double>& ref, size_t n,
                         const std::string& what) {

@@ -30,26 +30,8 @@ namespace {
 namespace fs = std::filesystem;
 using testing::world;
 
-struct Curve {
-  std::vector<double> loss, grad_norm, eval_loss;
-};
-
-Curve read_curve(const fs::path& p) {
-  Curve c;
-  std::ifstream in(p);
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.empty()) continue;
-    nlohmann::json j = nlohmann::json::parse(line);
-    if (j["split"] == "train") {
-      c.loss.push_back(j["loss"]);
-      c.grad_norm.push_back(j["grad_norm"]);
-    } else {
-      c.eval_loss.push_back(j["loss"]);
-    }
-  }
-  return c;
-}
+using test_util::Metrics;
+using test_util::read_metrics;
 
 void expect_same_curve(const std::vector<double>& a, const std::vector<double>& b, double rtol,
                        const std::string& what) {
@@ -122,7 +104,7 @@ class DpSft : public ::testing::Test {
       one.gradient_accumulation_steps = dpc.gradient_accumulation_steps * n;
       one.parallel.zero = 0;
       one.parallel.tp = 1;
-      Curve ref;
+      Metrics ref;
       if (ref_name.empty() || !fs::exists(fs::path(one.output_dir) / "metrics.jsonl")) {
         std::ostringstream log;
         SftResult r = SftTrainer(one, log, parallel::make_single_communicator()).train();
@@ -131,12 +113,12 @@ class DpSft : public ::testing::Test {
         EXPECT_EQ(r.eval_after->tokens, dres.eval_after->tokens);
         EXPECT_NEAR(r.eval_after->accuracy, dres.eval_after->accuracy, 1e-9);
       }
-      ref = read_curve(fs::path(one.output_dir) / "metrics.jsonl");
-      Curve got = read_curve(fs::path(dpc.output_dir) / "metrics.jsonl");
-      expect_same_curve(got.loss, ref.loss, 1e-5, name + " loss");
+      ref = read_metrics(fs::path(one.output_dir) / "metrics.jsonl");
+      Metrics got = read_metrics(fs::path(dpc.output_dir) / "metrics.jsonl");
+      expect_same_curve(got.train_loss, ref.train_loss, 1e-5, name + " loss");
       expect_same_curve(got.grad_norm, ref.grad_norm, 1e-5, name + " grad_norm");
       expect_same_curve(got.eval_loss, ref.eval_loss, 1e-5, name + " eval loss");
-      EXPECT_LT(got.loss.back(), got.loss.front());  // it trains
+      EXPECT_LT(got.train_loss.back(), got.train_loss.front());  // it trains
     }
     return dp_log.str();
   }
@@ -173,9 +155,9 @@ TEST_F(DpSft, ZeroOneEqualsPlainDp) {
   // Also against the one-process run of the previous test (same configuration).
   check_dp_equals_single("zero", c, "accum_one");
   if (world()->rank() == 0) {
-    Curve plain = read_curve(root_ / "accum" / "metrics.jsonl");
-    Curve zero = read_curve(root_ / "zero" / "metrics.jsonl");
-    expect_same_curve(zero.loss, plain.loss, 1e-5, "zero vs plain loss");
+    Metrics plain = read_metrics(root_ / "accum" / "metrics.jsonl");
+    Metrics zero = read_metrics(root_ / "zero" / "metrics.jsonl");
+    expect_same_curve(zero.train_loss, plain.train_loss, 1e-5, "zero vs plain loss");
     expect_same_curve(zero.grad_norm, plain.grad_norm, 1e-5, "zero vs plain grad_norm");
   }
 }
@@ -197,9 +179,9 @@ TEST_F(DpSft, ZeroCheckpointResumesInOneProcess) {
     SftResult r = SftTrainer(c, log, parallel::make_single_communicator()).train();
     EXPECT_EQ(r.steps, 20);
     EXPECT_NE(log.str().find("resume: "), std::string::npos) << log.str();
-    Curve ref = read_curve(root_ / "accum_one" / "metrics.jsonl");
-    Curve got = read_curve(dst / "metrics.jsonl");
-    expect_same_curve(got.loss, ref.loss, 1e-5, "resumed loss");
+    Metrics ref = read_metrics(root_ / "accum_one" / "metrics.jsonl");
+    Metrics got = read_metrics(dst / "metrics.jsonl");
+    expect_same_curve(got.train_loss, ref.train_loss, 1e-5, "resumed loss");
   }
   world()->barrier();
 }
@@ -261,8 +243,8 @@ TEST_F(DpSft, TensorParallelCheckpointResumesInOneProcess) {
     SftResult r = SftTrainer(c, log, parallel::make_single_communicator()).train();
     EXPECT_EQ(r.steps, 20);
     EXPECT_NE(log.str().find("resume: "), std::string::npos) << log.str();
-    expect_same_curve(read_curve(root_ / "tp_to_one" / "metrics.jsonl").loss,
-                      read_curve(root_ / "tp_one" / "metrics.jsonl").loss, 1e-5, "2 -> 1 loss");
+    expect_same_curve(read_metrics(root_ / "tp_to_one" / "metrics.jsonl").train_loss,
+                      read_metrics(root_ / "tp_one" / "metrics.jsonl").train_loss, 1e-5, "2 -> 1 loss");
   }
   world()->barrier();
 }
@@ -280,8 +262,8 @@ TEST_F(DpSft, OneProcessCheckpointResumesUnderTensorParallel) {
   EXPECT_EQ(r.steps, 20);
   if (world()->rank() == 0) {
     EXPECT_NE(log.str().find("resume: "), std::string::npos) << log.str();
-    expect_same_curve(read_curve(root_ / "one_to_tp" / "metrics.jsonl").loss,
-                      read_curve(root_ / "tp_one" / "metrics.jsonl").loss, 1e-5, "1 -> 2 loss");
+    expect_same_curve(read_metrics(root_ / "one_to_tp" / "metrics.jsonl").train_loss,
+                      read_metrics(root_ / "tp_one" / "metrics.jsonl").train_loss, 1e-5, "1 -> 2 loss");
   }
 }
 
@@ -296,8 +278,8 @@ TEST_F(DpSft, TensorParallelCheckpointResumesAsDataParallel) {
   SftResult r = SftTrainer(c, log).train();
   EXPECT_EQ(r.steps, 20);
   if (world()->rank() == 0) {
-    expect_same_curve(read_curve(root_ / "tp_to_dp" / "metrics.jsonl").loss,
-                      read_curve(root_ / "tp_one" / "metrics.jsonl").loss, 1e-5, "tp -> dp loss");
+    expect_same_curve(read_metrics(root_ / "tp_to_dp" / "metrics.jsonl").train_loss,
+                      read_metrics(root_ / "tp_one" / "metrics.jsonl").train_loss, 1e-5, "tp -> dp loss");
   }
 }
 
@@ -313,9 +295,9 @@ TEST_F(DpSft, TensorParallelZeroEqualsOneProcess) {
   std::string log = check_dp_equals_single("tp_zero", c, "tp_one");
   if (world()->rank() == 0) {
     EXPECT_NE(log.find("tp 2, zero 1"), std::string::npos) << log;
-    Curve plain = read_curve(root_ / "tp" / "metrics.jsonl");
-    Curve zero = read_curve(root_ / "tp_zero" / "metrics.jsonl");
-    expect_same_curve(zero.loss, plain.loss, 1e-5, "tp zero vs tp loss");
+    Metrics plain = read_metrics(root_ / "tp" / "metrics.jsonl");
+    Metrics zero = read_metrics(root_ / "tp_zero" / "metrics.jsonl");
+    expect_same_curve(zero.train_loss, plain.train_loss, 1e-5, "tp zero vs tp loss");
     expect_same_curve(zero.grad_norm, plain.grad_norm, 1e-5, "tp zero vs tp grad_norm");
     if (checkpoint_support()) {  // the same full-shape optimizer state as the zero-0 tp run's
       Checkpoint a = load_checkpoint((root_ / "tp_zero" / checkpoint_file_name(10)).string());
@@ -351,8 +333,8 @@ TEST_F(DpSft, TensorParallelZeroCheckpointResumesAsZeroDataParallel) {
   EXPECT_EQ(r.steps, 20);
   if (world()->rank() == 0) {
     EXPECT_NE(log.str().find("resume: "), std::string::npos) << log.str();
-    expect_same_curve(read_curve(root_ / "tp_zero_to_dp_zero" / "metrics.jsonl").loss,
-                      read_curve(root_ / "tp_one" / "metrics.jsonl").loss, 1e-5,
+    expect_same_curve(read_metrics(root_ / "tp_zero_to_dp_zero" / "metrics.jsonl").train_loss,
+                      read_metrics(root_ / "tp_one" / "metrics.jsonl").train_loss, 1e-5,
                       "tp zero -> dp zero loss");
   }
 }
@@ -370,8 +352,8 @@ TEST_F(DpSft, TensorParallelZeroCheckpointResumesWithoutZero) {
   EXPECT_EQ(r.steps, 20);
   if (world()->rank() == 0) {
     EXPECT_NE(log.str().find("resume: "), std::string::npos) << log.str();
-    expect_same_curve(read_curve(root_ / "tp_zero_to_tp" / "metrics.jsonl").loss,
-                      read_curve(root_ / "tp_one" / "metrics.jsonl").loss, 1e-5,
+    expect_same_curve(read_metrics(root_ / "tp_zero_to_tp" / "metrics.jsonl").train_loss,
+                      read_metrics(root_ / "tp_one" / "metrics.jsonl").train_loss, 1e-5,
                       "tp zero -> tp loss");
   }
 }
