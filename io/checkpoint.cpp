@@ -116,6 +116,7 @@ void prune_checkpoints(const std::string& dir, int64_t keep_last_n) {
 #ifndef FTUNE_HAVE_HDF5
 
 bool checkpoint_support() { return false; }
+bool sharded_checkpoint_support() { return false; }
 void save_checkpoint(const std::string&, const Checkpoint&) { FTUNE_THROW(kNoHdf5); }
 Checkpoint load_checkpoint(const std::string&) { FTUNE_THROW(kNoHdf5); }
 bool is_valid_checkpoint(const std::string&, std::string* why) {
@@ -127,10 +128,16 @@ void save_checkpoint_sharded(const std::string&, const Checkpoint&, const std::v
                              void*) {
   FTUNE_THROW(kNoHdf5);
 }
-Tensor load_checkpoint_slice(const std::string&, const std::string&, int64_t, int64_t, int64_t) {
+Tensor load_checkpoint_slice(const std::string&, const std::string&, int64_t, int64_t, int64_t,
+                             int64_t) {
   FTUNE_THROW(kNoHdf5);
 }
 Checkpoint load_checkpoint_sharded(const std::string&, const std::vector<TensorSlice>&) {
+  FTUNE_THROW(kNoHdf5);
+}
+Checkpoint load_checkpoint_sharded(
+    const std::string&,
+    const std::function<std::optional<TensorSlice>(const std::string&, const Shape&)>&) {
   FTUNE_THROW(kNoHdf5);
 }
 
@@ -424,8 +431,31 @@ Id create_tensor_dataset(const Ctx& c, hid_t group, const std::string& where,
 // Writes `slice` (a contiguous CPU tensor) into the dataset at `offset` (per-dimension start;
 // the whole tensor in a single-process save). Parallel saves call this once per rank with its
 // own slice and a collective dxpl.
-void write_tensor_slice(const Ctx& c, hid_t dataset, const std::string& what, const Shape& offset,
-                        const Tensor& slice, hid_t dxpl) {
+// Selects in `fspace` (a dataset of `full` shape) the part a tensor of shape `local` holds: along
+// `dim` it is `blocks` runs of local[dim] / blocks elements, run b starting at
+// b * full[dim] / blocks + offset (blocks 1: one run at offset; dim -1: everything). HDF5 walks a
+// union of hyperslabs in the file's row-major order, which is the local tensor's order too (each
+// run keeps its order and the runs ascend), so the local buffer maps onto it element for element.
+void select_part(const Ctx& c, hid_t fspace, const std::string& what, const Shape& full,
+                 const Shape& local, int64_t dim, int64_t offset, int64_t blocks) {
+  if (dim < 0) {
+    c.check(H5Sselect_all(fspace), "cannot select ", what);
+    return;
+  }
+  std::vector<hsize_t> start(full.size(), 0), count(local.begin(), local.end());
+  const int64_t run = local[size_t(dim)] / blocks;
+  count[size_t(dim)] = hsize_t(run);
+  for (int64_t b = 0; b < blocks; ++b) {
+    start[size_t(dim)] = hsize_t(b * (full[size_t(dim)] / blocks) + offset);
+    c.check(H5Sselect_hyperslab(fspace, b == 0 ? H5S_SELECT_SET : H5S_SELECT_OR, start.data(),
+                                nullptr, count.data(), nullptr),
+            "cannot select the slice of ", what);
+  }
+}
+
+// Writes `slice`, this process's part of `dataset` (see select_part), with the transfer list dxpl.
+void write_tensor_slice(const Ctx& c, hid_t dataset, const std::string& what, const Tensor& slice,
+                        int64_t dim, int64_t offset, int64_t blocks, hid_t dxpl) {
   Id mtype = file_type(slice.dtype(), true);
   if (slice.dim() == 0) {
     c.check(H5Dwrite(dataset, mtype.get(), H5S_ALL, H5S_ALL, dxpl, slice.raw_data()),
@@ -434,15 +464,15 @@ void write_tensor_slice(const Ctx& c, hid_t dataset, const std::string& what, co
   }
   Id fspace = c.check(H5Dget_space(dataset), H5Sclose, "H5Dget_space");
   Id mspace = make_space(c, slice.shape());
-  std::vector<hsize_t> start(offset.begin(), offset.end());
-  std::vector<hsize_t> count(slice.shape().begin(), slice.shape().end());
   if (slice.numel() == 0) {
     H5Sselect_none(fspace.get());
     H5Sselect_none(mspace.get());
   } else {
-    c.check(H5Sselect_hyperslab(fspace.get(), H5S_SELECT_SET, start.data(), nullptr, count.data(),
-                                nullptr),
-            "cannot select the slice of ", what);
+    const int nd = H5Sget_simple_extent_ndims(fspace.get());
+    std::vector<hsize_t> dims(size_t(std::max(nd, 0)));
+    H5Sget_simple_extent_dims(fspace.get(), dims.data(), nullptr);
+    select_part(c, fspace.get(), what, Shape(dims.begin(), dims.end()), slice.shape(), dim, offset,
+                blocks);
   }
   c.check(H5Dwrite(dataset, mtype.get(), mspace.get(), fspace.get(), dxpl, slice.raw_data()),
           "cannot write ", what);
@@ -471,7 +501,7 @@ void write_tensors(const Ctx& c, hid_t file, const char* group, const nn::NamedT
   for (const auto& [name, t] : tensors) {
     Tensor host = t.to(Device::cpu()).contiguous();
     Id d = create_tensor_dataset(c, g.get(), where, name, host.dtype(), host.shape());
-    write_tensor_slice(c, d.get(), where + "/" + name, Shape(size_t(host.dim()), 0), host, dxpl);
+    write_tensor_slice(c, d.get(), where + "/" + name, host, -1, 0, 1, dxpl);
   }
 }
 
@@ -721,27 +751,28 @@ struct OpenCheckpoint {
     return out;
   }
   // The slice [offset, offset + count) along dim (count -1: to the end) of a tensor.
+  // The part [offset, offset + count) of every one of `blocks` blocks along dim (select_part).
   Tensor read_tensor_part(hid_t g, const std::string& where, const TensorMeta& m, int64_t dim,
-                          int64_t offset, int64_t count) {
+                          int64_t offset, int64_t count, int64_t blocks = 1) {
     const std::string what = where + "/" + m.name;
     const int64_t nd = int64_t(m.shape.size());
     if (dim < 0 || dim >= nd) c.fail(what, shape_str(m.shape), " has no dimension ", dim);
-    const int64_t full = m.shape[size_t(dim)];
+    if (blocks < 1 || m.shape[size_t(dim)] % blocks != 0)
+      c.fail(what, shape_str(m.shape), ": dimension ", dim, " does not split into ", blocks,
+             " equal blocks");
+    const int64_t full = m.shape[size_t(dim)] / blocks;
     if (count < 0) count = full - offset;
     if (offset < 0 || count < 0 || offset + count > full)
       c.fail(what, shape_str(m.shape), ": slice [", offset, ", ", offset + count,
-             ") along dimension ", dim, " is out of range");
+             ") along dimension ", dim, blocks > 1 ? str_cat(" (of ", full, " per block)") : "",
+             " is out of range");
     Shape shape = m.shape;
-    shape[size_t(dim)] = count;
+    shape[size_t(dim)] = count * blocks;
     Tensor t = Tensor::empty(shape, m.dtype);
     if (t.numel() == 0) return t;
     Id d = open_dataset(c, g, m.name, what);
     Id fspace = c.check(H5Dget_space(d.get()), H5Sclose, "H5Dget_space");
-    std::vector<hsize_t> start(size_t(nd), 0), cnt(shape.begin(), shape.end());
-    start[size_t(dim)] = hsize_t(offset);
-    c.check(H5Sselect_hyperslab(fspace.get(), H5S_SELECT_SET, start.data(), nullptr, cnt.data(),
-                                nullptr),
-            "cannot select the slice of ", what);
+    select_part(c, fspace.get(), what, m.shape, shape, dim, offset, blocks);
     Id mspace = make_space(c, shape);
     Id mtype = file_type(m.dtype, true);
     c.check(H5Dread(d.get(), mtype.get(), mspace.get(), fspace.get(), H5P_DEFAULT, t.raw_data()),
@@ -772,6 +803,13 @@ std::string human_bytes(double b) {
 }  // namespace
 
 bool checkpoint_support() { return true; }
+bool sharded_checkpoint_support() {
+#if defined(FTUNE_HAVE_MPI) && defined(H5_HAVE_PARALLEL)
+  return true;
+#else
+  return false;
+#endif
+}
 
 void save_checkpoint(const std::string& path, const Checkpoint& ckpt) {
   QuietHdf5 quiet;
@@ -891,6 +929,7 @@ struct Part {
   Shape full_shape;  // the dataset's shape
   int64_t dim = -1;  // -1: replicated
   int64_t offset = 0;
+  int64_t blocks = 1;
   bool write = true;  // this rank writes `local` into the file
 };
 
@@ -919,19 +958,32 @@ std::vector<Part> plan_parts(const Ctx& c, const Checkpoint& ck,
         const Shape& ls = p.local.shape();
         const std::string what = str_cat("/", group, "/", name, " (local ", shape_str(ls),
                                          ", full ", shape_str(s.full_shape), ")");
-        if (s.dim < 0 || s.dim >= int64_t(ls.size()) || s.full_shape.size() != ls.size())
+        if (s.dim < 0) {  // whole, written by the ranks that say so
+          if (s.full_shape != ls) c.fail(what, ": not split, but the shapes differ");
+          p.write = s.write;
+          by_name.erase(it);
+          parts.push_back(std::move(p));
+          continue;
+        }
+        if (s.dim >= int64_t(ls.size()) || s.full_shape.size() != ls.size())
           c.fail(what, ": split dimension ", s.dim, " does not fit");
         for (size_t d = 0; d < ls.size(); ++d)
           if (int64_t(d) != s.dim && ls[d] != s.full_shape[d])
             c.fail(what, ": the shapes differ outside the split dimension ", s.dim);
-        const int64_t n = ls[size_t(s.dim)];
+        const int64_t full = s.full_shape[size_t(s.dim)];
+        if (s.blocks < 1 || full % s.blocks != 0 || ls[size_t(s.dim)] % s.blocks != 0)
+          c.fail(what, ": dimension ", s.dim, " does not split into ", s.blocks, " equal blocks");
+        const int64_t n = ls[size_t(s.dim)] / s.blocks;  // per block
         if (s.count >= 0 && s.count != n)
-          c.fail(what, ": count ", s.count, " but the local tensor has ", n);
-        if (s.offset < 0 || s.offset + n > s.full_shape[size_t(s.dim)])
-          c.fail(what, ": slice [", s.offset, ", ", s.offset + n, ") is out of range");
+          c.fail(what, ": count ", s.count, " but the local tensor has ", n,
+                 s.blocks > 1 ? " per block" : "");
+        if (s.offset < 0 || s.offset + n > full / s.blocks)
+          c.fail(what, ": slice [", s.offset, ", ", s.offset + n, ") is out of range",
+                 s.blocks > 1 ? str_cat(" (", full / s.blocks, " per block)") : "");
         p.full_shape = s.full_shape;
         p.dim = s.dim;
         p.offset = s.offset;
+        p.blocks = s.blocks;
         p.write = s.write;
         by_name.erase(it);
       }
@@ -1061,9 +1113,7 @@ void save_checkpoint_sharded(const std::string& path, const Checkpoint& local,
         const std::string what = where + "/" + p.name;
         Id d = create_tensor_dataset(c, g.get(), where, p.name, p.local.dtype(), p.full_shape);
         if (p.write && p.local.numel() > 0) {
-          Shape off(p.full_shape.size(), 0);
-          if (p.dim >= 0) off[size_t(p.dim)] = p.offset;
-          write_tensor_slice(c, d.get(), what, off, p.local, dxpl.get());
+          write_tensor_slice(c, d.get(), what, p.local, p.dim, p.offset, p.blocks, dxpl.get());
         } else {  // a collective write: this rank takes part with an empty selection
           Id fspace = c.check(H5Dget_space(d.get()), H5Sclose, "H5Dget_space");
           Id mspace = c.check(H5Scopy(fspace.get()), H5Sclose, "H5Scopy");
@@ -1109,7 +1159,7 @@ void save_checkpoint_sharded(const std::string& path, const Checkpoint& local,
 }
 
 Tensor load_checkpoint_slice(const std::string& path, const std::string& name, int64_t dim,
-                             int64_t offset, int64_t count) {
+                             int64_t offset, int64_t count, int64_t blocks) {
   QuietHdf5 quiet;
   OpenCheckpoint oc(path);
   const auto [group, tname] = split_tensor_path(oc.c, name);
@@ -1117,40 +1167,52 @@ Tensor load_checkpoint_slice(const std::string& path, const std::string& name, i
   for (const auto& m : model ? oc.model_meta : oc.optim_meta)
     if (m.name == tname)
       return oc.read_tensor_part(model ? oc.model.get() : oc.optimizer.get(), "/" + group, m, dim,
-                                 offset, count);
+                                 offset, count, blocks);
   oc.c.fail("no tensor /", name);
 }
 
-Checkpoint load_checkpoint_sharded(const std::string& path,
-                                   const std::vector<TensorSlice>& slices) {
+Checkpoint load_checkpoint_sharded(
+    const std::string& path,
+    const std::function<std::optional<TensorSlice>(const std::string&, const Shape&)>& slice_of) {
   QuietHdf5 quiet;
   OpenCheckpoint oc(path);
-  std::map<std::string, const TensorSlice*> by_name;
-  for (const auto& s : slices) {
-    split_tensor_path(oc.c, s.name);
-    by_name[s.name] = &s;
-  }
   Checkpoint ck = std::move(oc.head);
   auto read = [&](const char* group, hid_t g, const std::vector<TensorMeta>& metas,
                   nn::NamedTensors& out) {
     const std::string where = std::string("/") + group;
     for (const auto& m : metas) {
-      auto it = by_name.find(std::string(group) + "/" + m.name);
-      if (it == by_name.end()) {
-        out.emplace_back(m.name, oc.read_tensor(g, where, m));
-        continue;
-      }
-      const TensorSlice& s = *it->second;
-      if (!s.full_shape.empty() && s.full_shape != m.shape)
-        oc.c.fail(where, "/", m.name, " is ", shape_str(m.shape),
-                  " in the file, the model expects ", shape_str(s.full_shape));
-      out.emplace_back(m.name, oc.read_tensor_part(g, where, m, s.dim, s.offset, s.count));
-      by_name.erase(it);
+      const std::optional<TensorSlice> s = slice_of(std::string(group) + "/" + m.name, m.shape);
+      out.emplace_back(m.name, !s || s->dim < 0 ? oc.read_tensor(g, where, m)
+                                                : oc.read_tensor_part(g, where, m, s->dim,
+                                                                      s->offset, s->count,
+                                                                      s->blocks));
     }
   };
   read("model", oc.model.get(), oc.model_meta, ck.model);
   read("optimizer", oc.optimizer.get(), oc.optim_meta, ck.optimizer.tensors);
-  if (!by_name.empty()) oc.c.fail("no tensor /", by_name.begin()->first);
+  return ck;
+}
+
+Checkpoint load_checkpoint_sharded(const std::string& path,
+                                   const std::vector<TensorSlice>& slices) {
+  const Ctx c{path};
+  std::map<std::string, const TensorSlice*> by_name;
+  for (const auto& s : slices) {
+    split_tensor_path(c, s.name);
+    by_name[s.name] = &s;
+  }
+  Checkpoint ck = load_checkpoint_sharded(
+      path, [&](const std::string& name, const Shape& full) -> std::optional<TensorSlice> {
+        auto it = by_name.find(name);
+        if (it == by_name.end()) return std::nullopt;
+        const TensorSlice s = *it->second;
+        by_name.erase(it);
+        if (!s.full_shape.empty() && s.full_shape != full)
+          c.fail("/", name, " is ", shape_str(full), " in the file, the model expects ",
+                 shape_str(s.full_shape));
+        return s;
+      });
+  if (!by_name.empty()) c.fail("no tensor /", by_name.begin()->first);
   return ck;
 }
 

@@ -10,6 +10,7 @@
 // "[checkpoint] this build has no HDF5" (the file-name helpers and list/prune still work).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
@@ -78,15 +79,24 @@ void prune_checkpoints(const std::string& dir, int64_t keep_last_n);
 
 // One rank's part of a tensor: the dataset "model/<name>" or "optimizer/<name>" has `full_shape`;
 // this rank holds the slice [offset, offset + count) along `dim` (a contiguous block of rows or
-// columns; tensor parallelism splits like that).
+// columns; tensor parallelism splits like that). With blocks > 1 the full tensor's `dim` is made
+// of `blocks` equal blocks (GPT-2's fused [q | k | v] c_attn) and the slice is
+// [b * full / blocks + offset, ... + count) of every block b, concatenated in block order in the
+// local tensor (as parallel::ShardInfo describes a TP shard). dim -1: the whole tensor, written by
+// the ranks whose `write` is set (to spread the writes of replicated tensors over ranks).
 struct TensorSlice {
   std::string name;    // "model/<name>" or "optimizer/<name>": the dataset's path in the file
-  int64_t dim = 0;     // the split dimension
-  int64_t offset = 0;  // the slice's start along dim
+  int64_t dim = 0;     // the split dimension; -1: not split
+  int64_t offset = 0;  // the slice's start along dim (within each block)
   Shape full_shape;    // the whole tensor's shape (what the file stores)
-  int64_t count = -1;  // its length along dim; -1: the local tensor's size (save) / to the end
+  int64_t count = -1;  // its length along dim (per block); -1: the local tensor's size / blocks
+                       // (save) / to the end of the block (load)
   bool write = true;   // save: false where another rank writes the same slice (a dp replica)
+  int64_t blocks = 1;
 };
+
+// True when this build can do save_checkpoint_sharded over several ranks (HDF5 with MPI-IO).
+bool sharded_checkpoint_support();
 
 // A collective save by every rank of an MPI communicator into ONE file with parallel HDF5 (MPI-IO):
 // `local` holds this rank's tensors: the slice of each tensor named in `slices`, the whole
@@ -108,11 +118,17 @@ void save_checkpoint_sharded(const std::string& path, const Checkpoint& local,
 // "optimizer/<name>") of a checkpoint, whichever layout wrote it (count -1: to the end). Validates
 // the file as load_checkpoint does. Any number of processes may read one file at once.
 Tensor load_checkpoint_slice(const std::string& path, const std::string& name, int64_t dim,
-                             int64_t offset, int64_t count);
+                             int64_t offset, int64_t count, int64_t blocks = 1);
 
 // load_checkpoint, reading for each tensor named in `slices` only that slice (resume at another
 // tp/dp layout: each rank reads its part); other tensors come whole.
 Checkpoint load_checkpoint_sharded(const std::string& path, const std::vector<TensorSlice>& slices);
+// The same, asking `slice_of(path, full_shape)` for each tensor of the file ("model/<name>" or
+// "optimizer/<name>"): a slice to read only that part (its name and full_shape are ignored), or
+// nullopt to read it whole. For a reader that knows the split by name, not the file's tensors.
+Checkpoint load_checkpoint_sharded(
+    const std::string& path,
+    const std::function<std::optional<TensorSlice>(const std::string&, const Shape&)>& slice_of);
 
 // For `ftune inspect FILE`: format version, step, epoch, adapter_only, a model config summary,
 // tensor and parameter counts, bytes, optimizer state, trainer_state and the recipe; with

@@ -82,6 +82,27 @@ inline void write_tiny_llama(const fs::path& dir) {
   m.save_pretrained(dir.string());
 }
 
+// A random tiny GPT-2 (vocab 832, d 32, 2 layers, 4 heads: fused [q | k | v] c_attn, seeded)
+// saved as a HF folder in `dir`, with the gpt2 fixture tokenizer.
+inline void write_tiny_gpt2(const fs::path& dir) {
+  const fs::path tok = fs::path(FTUNE_SOURCE_DIR) / "tests/fixtures/tokenizers/gpt2";
+  fs::create_directories(dir);
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json"})
+    fs::copy_file(tok / f, dir / f, fs::copy_options::overwrite_existing);
+  nlohmann::json cfg = {{"architectures", {"GPT2LMHeadModel"}},
+                        {"model_type", "gpt2"},
+                        {"vocab_size", 832},
+                        {"n_embd", 32},
+                        {"n_layer", 2},
+                        {"n_head", 4},
+                        {"n_positions", 128},
+                        {"layer_norm_epsilon", 1e-5},
+                        {"activation_function", "gelu_new"}};
+  Transformer m(parse_hf_config(cfg, "test"));
+  m.init_random(7);
+  m.save_pretrained(dir.string());
+}
+
 // n chat examples of a learnable toy task, "add A and B" -> "A + B = C", drawn from rng.
 inline void write_add_dataset(const fs::path& path, int n, std::mt19937& rng) {
   std::ofstream d(path);

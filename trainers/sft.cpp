@@ -23,6 +23,7 @@
 #include "models/generate.h"
 #include "models/lora.h"
 #include "models/transformer.h"
+#include "parallel/checkpoint_io.h"
 #include "parallel/communicator.h"
 #include "parallel/data_parallel.h"
 #include "parallel/nccl/nccl_communicator.h"
@@ -333,8 +334,10 @@ struct SftTrainer::Impl {
   }
 
   // ---------------------------------------------------------------- checkpoints
-  // Collective under ZeRO-1 (the optimizer state is gathered to full shapes).
-  Checkpoint make_checkpoint() {
+  // Collective under ZeRO-1 (the optimizer state is gathered to full shapes of this rank's
+  // parameters). With `gather`, tp-split tensors are gathered to full shapes too (collective);
+  // without, they stay this rank's slices (for the sharded save).
+  Checkpoint make_checkpoint(bool gather = true) {
     Checkpoint c;
     c.step = step;
     c.epoch = train_loader->epoch();
@@ -345,7 +348,7 @@ struct SftTrainer::Impl {
       for (auto& [n, t] : c.model) t = t.detach().to(Device::cpu());
       for (auto& [n, t] : c.optimizer.tensors) t = t.detach().to(Device::cpu());
     }
-    if (grid.tp > 1) {  // full shapes, so the file does not depend on the layout (collective)
+    if (grid.tp > 1 && gather) {  // full shapes: the file does not depend on the layout
       for (auto& [n, t] : c.model) t = gather_if_split(n, t);
       for (auto& [n, t] : c.optimizer.tensors) t = gather_if_split(param_of_state(n), t);
     }
@@ -391,11 +394,62 @@ struct SftTrainer::Impl {
     if (it == shards.end() || it->second.dim < 0 || t.dim() == 0) return t;
     return parallel::gather_shards(t.contiguous(), it->second, grid.tp_group);
   }
-  // This rank's slice of a full-shape tensor read from a checkpoint.
-  Tensor slice_if_split(const std::string& param, const Tensor& full) const {
+  // Where this rank's part of the checkpoint tensor "model/<n>" or "optimizer/<n>" lies in the
+  // full tensor (shape `full`): nullopt when not split (the parameter is replicated over tp).
+  std::optional<TensorSlice> tp_slice_of(const std::string& path, const Shape& full) const {
+    const size_t slash = path.find('/');
+    const std::string n = path.substr(slash + 1);
+    const std::string param = path.compare(0, slash, "model") == 0 ? n : param_of_state(n);
     auto it = shards.find(param);
-    if (it == shards.end() || it->second.dim < 0 || full.dim() == 0) return full;
-    return parallel::shard_slice(full, it->second).contiguous();
+    if (it == shards.end() || it->second.dim < 0 || full.empty()) return std::nullopt;
+    const parallel::ShardInfo& si = it->second;
+    FTUNE_CHECK(int64_t(full.size()) > si.dim && full[size_t(si.dim)] == si.full_size,
+                "[sft] checkpoint tensor ", path, " is ", shape_str(full), ", but the model splits ",
+                si.full_size, " along dimension ", si.dim);
+    TensorSlice s;
+    s.name = path;
+    s.dim = si.dim;
+    s.offset = si.offset;
+    s.count = si.size;
+    s.blocks = si.blocks;
+    s.full_shape = full;
+    return s;
+  }
+
+  // Tensor parallel over MPI with parallel HDF5: every rank writes its own slices of the full-shape
+  // tensors into the one file, and no rank ever holds a gathered full tensor. Otherwise (dp only:
+  // every replica has the whole model; or no MPI-IO) rank 0 writes what make_checkpoint gathered.
+  bool sharded_save() const {
+    return grid.tp > 1 && world->backend() == "mpi" && sharded_checkpoint_support();
+  }
+  void save_sharded(const std::string& path) {
+    Checkpoint c = make_checkpoint(false);
+    std::vector<TensorSlice> slices;
+    const int64_t nw = world->size();
+    int64_t k = 0;  // spreads the writes: tensor k by world rank k % nw, or by dp rank k % dp
+    auto add = [&](const char* group, const nn::NamedTensors& ts) {
+      for (const auto& [n, t] : ts) {
+        const std::string path_in_file = std::string(group) + "/" + n;
+        auto it = shards.find(std::string(group) == "model" ? n : param_of_state(n));
+        TensorSlice s;
+        if (it == shards.end() || it->second.dim < 0 || t.dim() == 0) {
+          s.name = path_in_file;
+          s.dim = -1;
+          s.full_shape = t.shape();
+          s.write = world->rank() == k % nw;
+        } else {
+          Shape full = t.shape();
+          full[size_t(it->second.dim)] = it->second.full_size;
+          s = *tp_slice_of(path_in_file, full);
+          s.write = grid.dp_rank == k % dp;  // one replica of this tp slice writes it
+        }
+        ++k;
+        slices.push_back(std::move(s));
+      }
+    };
+    add("model", c.model);
+    add("optimizer", c.optimizer.tensors);
+    parallel::save_checkpoint_parallel(path, c, slices, *world);
   }
 
   void save() {
@@ -407,11 +461,20 @@ struct SftTrainer::Impl {
       return;
     }
     fs::path p = out() / checkpoint_file_name(step);
-    Checkpoint c = make_checkpoint();  // every rank (gathers what is sharded)
-    if (is_root) {                     // the weights are replicated: rank 0 writes the whole file
-      save_checkpoint(p.string(), c);
-      prune_checkpoints(out().string(), cfg.keep_last_n);
-      log << "checkpoint: " << p.string() << "\n";
+    if (sharded_save()) {  // collective; the file is in place on return
+      save_sharded(p.string());
+      if (is_root) {
+        prune_checkpoints(out().string(), cfg.keep_last_n);
+        log << "checkpoint: " << p.string() << " (sharded: " << world->size()
+            << " ranks wrote their slices)\n";
+      }
+    } else {
+      Checkpoint c = make_checkpoint();  // every rank (gathers what is sharded)
+      if (is_root) {  // the weights are replicated now: rank 0 writes the whole file
+        save_checkpoint(p.string(), c);
+        prune_checkpoints(out().string(), cfg.keep_last_n);
+        log << "checkpoint: " << p.string() << "\n";
+      }
     }
     world->barrier();  // the file is complete (renamed) before any rank goes on
     last_ckpt = p.string();
@@ -438,7 +501,13 @@ struct SftTrainer::Impl {
       log << "resume: no checkpoint in " << out().string() << ", starting from step 0\n";
       return;
     }
-    Checkpoint c = load_checkpoint(*latest);
+    // Under tp each rank reads only its slices of the split tensors, whatever layout wrote them.
+    Checkpoint c = grid.tp > 1 ? load_checkpoint_sharded(*latest,
+                                                         [this](const std::string& n,
+                                                                const Shape& full) {
+                                                           return tp_slice_of(n, full);
+                                                         })
+                               : load_checkpoint(*latest);
     FTUNE_CHECK(c.adapter_only == lora, "[sft] resume: ", *latest, " holds ",
                 c.adapter_only ? "a LoRA adapter" : "full weights", " but the recipe ",
                 lora ? "uses LoRA" : "does full fine-tuning");
@@ -456,8 +525,7 @@ struct SftTrainer::Impl {
                   "the same run");
     }
     std::map<std::string, Tensor> by_name;
-    for (auto& [n, t] : c.model) by_name[n] = slice_if_split(n, t);
-    for (auto& [n, t] : c.optimizer.tensors) t = slice_if_split(param_of_state(n), t);
+    for (auto& [n, t] : c.model) by_name[n] = t;
     nn::NamedTensors dst = lora ? lora_parameters(*model) : model->named_parameters();
     FTUNE_CHECK(by_name.size() == dst.size(), "[sft] resume: ", *latest, " has ", by_name.size(),
                 " model tensors, the model ", dst.size());

@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <sstream>
 
+#include "core/ops.h"
 #include "io/checkpoint.h"
 #include "parallel/checkpoint_io.h"
 #include "tests/mpi/mpi_world.h"
@@ -63,6 +64,8 @@ struct Spec {
   DType dtype;
   int dim;       // -1: replicated
   bool tp_grid;  // split over the "tp" pairs of ranks, written by dp replica 0 only
+  int blocks = 1;       // the split dim holds this many equal blocks (GPT-2's fused [q | k | v])
+  int writer = -1;      // dim -1: a slice naming the tensor whole, written by this rank alone
 };
 
 std::vector<Spec> specs() {
@@ -76,6 +79,9 @@ std::vector<Spec> specs() {
       {"optimizer", "exp_avg.embed.weight", {12, 6}, DType::f32, 0, false},
       {"optimizer", "exp_avg_sq.embed.weight", {12, 6}, DType::f64, 0, false},
       {"optimizer", "count", {3}, DType::i64, -1, false},
+      {"model", "c_attn.weight", {12, 6}, DType::f32, 0, true, 3},   // tp, each of 3 blocks
+      {"model", "c_attn.bias", {12}, DType::bf16, 0, false, 3},      // every rank, each block
+      {"model", "ln_f.weight", {5}, DType::f32, -1, false, 1, 1},    // whole, written by rank 1
   };
 }
 
@@ -103,13 +109,23 @@ Built build(int rank, int size) {
     fdst.emplace_back(s.name, full);
     if (s.dim < 0) {
       ldst.emplace_back(s.name, full);
+      if (s.writer >= 0) {
+        TensorSlice sl{s.group + "/" + s.name, -1, 0, s.shape};
+        sl.write = rank == s.writer % size;
+        b.slices.push_back(sl);
+      }
       continue;
     }
     const int parts = s.tp_grid ? tp : size, me = s.tp_grid ? tp_rank : rank;
-    auto [begin, end] = block(s.shape[size_t(s.dim)], parts, me);
-    ldst.emplace_back(s.name, full.slice(s.dim, begin, end).contiguous());
+    const int64_t per_block = s.shape[size_t(s.dim)] / s.blocks;
+    auto [begin, end] = block(per_block, parts, me);
+    std::vector<Tensor> runs;  // this rank's run of every block, in block order
+    for (int64_t k = 0; k < s.blocks; ++k)
+      runs.push_back(full.slice(s.dim, k * per_block + begin, k * per_block + end));
+    ldst.emplace_back(s.name, ops::cat(runs, s.dim).contiguous());
     TensorSlice sl{s.group + "/" + s.name, s.dim, begin, s.shape};
     sl.write = !s.tp_grid || dp_rank == 0;
+    sl.blocks = s.blocks;
     b.slices.push_back(sl);
   }
   return b;
@@ -175,7 +191,8 @@ TEST(MpiCheckpoint, EachRankReadsItsSliceOfASingleProcessFile) {
   for (auto& s : want) {
     const auto& ts = s.name.rfind("model/", 0) == 0 ? b.local.model : b.local.optimizer.tensors;
     for (const auto& [n, t] : ts)
-      if (s.name.substr(s.name.find('/') + 1) == n) s.count = t.shape()[size_t(s.dim)];
+      if (s.name.substr(s.name.find('/') + 1) == n && s.dim >= 0)
+        s.count = t.shape()[size_t(s.dim)] / s.blocks;
   }
   Checkpoint mine = load_checkpoint_sharded(path, want);
   ASSERT_EQ(mine.model.size(), b.local.model.size());
@@ -192,6 +209,14 @@ TEST(MpiCheckpoint, EachRankReadsItsSliceOfASingleProcessFile) {
   EXPECT_THROW(load_checkpoint_slice(path, "model/embed.weight", 2, 0, 1), Error);
   EXPECT_THROW(load_checkpoint_slice(path, "model/nope", 0, 0, 1), Error);
   EXPECT_THROW(load_checkpoint_slice(path, "embed.weight", 0, 0, 1), Error);
+  // Rows [1, 3) of each of the 3 blocks of 4: rows 1, 2, 5, 6, 9, 10.
+  Tensor qkv = load_checkpoint_slice(path, "model/c_attn.weight", 0, 1, 2, 3);
+  const Tensor& cfull = b.full.model[6].second;
+  ASSERT_EQ(b.full.model[6].first, "c_attn.weight");
+  EXPECT_TRUE(bit_equal(qkv, ops::cat({cfull.slice(0, 1, 3), cfull.slice(0, 5, 7),
+                                       cfull.slice(0, 9, 11)}, 0).contiguous()));
+  EXPECT_THROW(load_checkpoint_slice(path, "model/c_attn.weight", 0, 3, 2, 3), Error);  // past a block
+  EXPECT_THROW(load_checkpoint_slice(path, "model/c_attn.weight", 0, 0, 1, 5), Error);  // 12 % 5
   w.barrier();
   if (w.rank() == 0) fs::remove_all(dir);
 }
@@ -222,6 +247,17 @@ TEST(MpiCheckpoint, BadShardingFailsOnEveryRankAndLeavesNoFile) {
     Built b = build(w.rank(), w.size());
     if (w.rank() == 0) b.slices[0].offset = 11;
     expect_fails_everywhere(b, "range");
+  }
+  {  // a replicated tensor that two ranks write
+    Built b = build(w.rank(), w.size());
+    b.slices.back().write = w.rank() < 2;
+    expect_fails_everywhere(b, "written twice");
+  }
+  {  // blocks that do not divide the split dimension
+    Built b = build(w.rank(), w.size());
+    for (auto& s : b.slices)
+      if (s.name == "model/c_attn.bias") s.blocks = 5;
+    expect_fails_everywhere(b, "blocks");
   }
   {  // a slice naming no tensor
     Built b = build(w.rank(), w.size());
