@@ -431,31 +431,91 @@ Id create_tensor_dataset(const Ctx& c, hid_t group, const std::string& where,
 // Writes `slice` (a contiguous CPU tensor) into the dataset at `offset` (per-dimension start;
 // the whole tensor in a single-process save). Parallel saves call this once per rank with its
 // own slice and a collective dxpl.
-// Selects in `fspace` (a dataset of `full` shape) the part a tensor of shape `local` holds: along
-// `dim` it is `blocks` runs of local[dim] / blocks elements, run b starting at
-// b * full[dim] / blocks + offset (blocks 1: one run at offset; dim -1: everything). HDF5 walks a
-// union of hyperslabs in the file's row-major order, which is the local tensor's order too (each
-// run keeps its order and the runs ascend), so the local buffer maps onto it element for element.
+// Row-major boxes (start, count per dimension) that cover exactly the elements [a, b) of a tensor
+// of shape `shape`, in order: at most two partial boxes per dimension and one whole one.
+using Box = std::pair<std::vector<int64_t>, std::vector<int64_t>>;
+void flat_boxes(const Shape& shape, int64_t a, int64_t b, std::vector<int64_t> prefix,
+                std::vector<Box>& out) {
+  if (a >= b) return;
+  const size_t d = prefix.size();
+  if (d == shape.size()) {  // a scalar
+    out.push_back({{}, {}});
+    return;
+  }
+  int64_t stride = 1;
+  for (size_t k = d + 1; k < shape.size(); ++k) stride *= shape[k];
+  int64_t i0 = a / stride;
+  const int64_t r0 = a % stride, i1 = b / stride, r1 = b % stride;
+  auto sub = [&](int64_t i, int64_t lo, int64_t hi) {
+    std::vector<int64_t> p = prefix;
+    p.push_back(i);
+    flat_boxes(shape, lo, hi, std::move(p), out);
+  };
+  if (i0 == i1) return sub(i0, r0, r1);
+  if (r0 != 0) sub(i0++, r0, stride);
+  if (i1 > i0) {
+    Box box{prefix, std::vector<int64_t>(d, 1)};
+    box.first.push_back(i0);
+    box.second.push_back(i1 - i0);
+    for (size_t k = d + 1; k < shape.size(); ++k) {
+      box.first.push_back(0);
+      box.second.push_back(shape[k]);
+    }
+    out.push_back(std::move(box));
+  }
+  if (r1 != 0) sub(i1, 0, r1);
+}
+
+// Selects in `fspace` (a dataset of `full` shape) what a rank holds of it. Its part has shape
+// `part`: along `dim`, `blocks` runs of part[dim] / blocks elements, run k starting at
+// k * full[dim] / blocks + offset (blocks 1: one run at offset; dim -1: the whole tensor), and of
+// that part it holds the elements [flat_offset, flat_offset + flat_count) in row-major order
+// (flat_count -1: all; ZeRO-1 shards optimizer state so). HDF5 walks a union of hyperslabs in the
+// file's row-major order, and the map from the part's coordinates to the file's keeps each
+// coordinate's order, so the rank's buffer maps onto the selection element for element.
 void select_part(const Ctx& c, hid_t fspace, const std::string& what, const Shape& full,
-                 const Shape& local, int64_t dim, int64_t offset, int64_t blocks) {
-  if (dim < 0) {
+                 const Shape& part, int64_t dim, int64_t offset, int64_t blocks,
+                 int64_t flat_offset = 0, int64_t flat_count = -1) {
+  if (flat_count < 0) flat_count = shape_numel(part) - flat_offset;
+  std::vector<Box> boxes;
+  flat_boxes(part, flat_offset, flat_offset + flat_count, {}, boxes);
+  if (part.empty()) {  // a scalar
     c.check(H5Sselect_all(fspace), "cannot select ", what);
     return;
   }
-  std::vector<hsize_t> start(full.size(), 0), count(local.begin(), local.end());
-  const int64_t run = local[size_t(dim)] / blocks;
-  count[size_t(dim)] = hsize_t(run);
-  for (int64_t b = 0; b < blocks; ++b) {
-    start[size_t(dim)] = hsize_t(b * (full[size_t(dim)] / blocks) + offset);
-    c.check(H5Sselect_hyperslab(fspace, b == 0 ? H5S_SELECT_SET : H5S_SELECT_OR, start.data(),
-                                nullptr, count.data(), nullptr),
+  bool first = true;
+  auto add = [&](const std::vector<int64_t>& start, const std::vector<int64_t>& count) {
+    std::vector<hsize_t> st(start.begin(), start.end()), ct(count.begin(), count.end());
+    c.check(H5Sselect_hyperslab(fspace, first ? H5S_SELECT_SET : H5S_SELECT_OR, st.data(), nullptr,
+                                ct.data(), nullptr),
             "cannot select the slice of ", what);
+    first = false;
+  };
+  for (const Box& b : boxes) {
+    if (dim < 0) {
+      add(b.first, b.second);
+      continue;
+    }
+    // Along dim, the box's rows may cross from one run into the next: one hyperslab per run.
+    const size_t d = size_t(dim);
+    const int64_t run = part[d] / blocks, stride = full[d] / blocks;
+    for (int64_t pos = b.first[d], end = pos + b.second[d]; pos < end;) {
+      const int64_t k = pos / run, stop = std::min(end, (k + 1) * run);
+      std::vector<int64_t> st = b.first, ct = b.second;
+      st[d] = k * stride + offset + (pos - k * run);
+      ct[d] = stop - pos;
+      add(st, ct);
+      pos = stop;
+    }
   }
+  if (first) H5Sselect_none(fspace);
 }
 
-// Writes `slice`, this process's part of `dataset` (see select_part), with the transfer list dxpl.
+// Writes `slice`, this process's part of `dataset` (see select_part; `part`: the shape of the part
+// that `slice` is the flat range of, or empty to say `slice` is the whole part), with dxpl.
 void write_tensor_slice(const Ctx& c, hid_t dataset, const std::string& what, const Tensor& slice,
-                        int64_t dim, int64_t offset, int64_t blocks, hid_t dxpl) {
+                        int64_t dim, int64_t offset, int64_t blocks, hid_t dxpl,
+                        const std::optional<Shape>& part = std::nullopt, int64_t flat_offset = 0) {
   Id mtype = file_type(slice.dtype(), true);
   if (slice.dim() == 0) {
     c.check(H5Dwrite(dataset, mtype.get(), H5S_ALL, H5S_ALL, dxpl, slice.raw_data()),
@@ -471,8 +531,9 @@ void write_tensor_slice(const Ctx& c, hid_t dataset, const std::string& what, co
     const int nd = H5Sget_simple_extent_ndims(fspace.get());
     std::vector<hsize_t> dims(size_t(std::max(nd, 0)));
     H5Sget_simple_extent_dims(fspace.get(), dims.data(), nullptr);
-    select_part(c, fspace.get(), what, Shape(dims.begin(), dims.end()), slice.shape(), dim, offset,
-                blocks);
+    select_part(c, fspace.get(), what, Shape(dims.begin(), dims.end()),
+                part ? *part : slice.shape(), dim, offset, blocks, flat_offset,
+                part ? slice.numel() : -1);
   }
   c.check(H5Dwrite(dataset, mtype.get(), mspace.get(), fspace.get(), dxpl, slice.raw_data()),
           "cannot write ", what);
@@ -930,6 +991,8 @@ struct Part {
   int64_t dim = -1;  // -1: replicated
   int64_t offset = 0;
   int64_t blocks = 1;
+  std::optional<Shape> flat_part;  // set: `local` is the flat range [flat_offset, ...) of it
+  int64_t flat_offset = 0;
   bool write = true;  // this rank writes `local` into the file
 };
 
@@ -955,11 +1018,27 @@ std::vector<Part> plan_parts(const Ctx& c, const Checkpoint& ck,
       auto it = by_name.find(std::string(group) + "/" + name);
       if (it != by_name.end()) {
         const TensorSlice& s = *it->second;
-        const Shape& ls = p.local.shape();
+        // The rank's part of the full tensor; with a flat range, `local` holds those elements of it.
+        const bool flat = s.flat_count >= 0;
+        Shape ls = p.local.shape();
         const std::string what = str_cat("/", group, "/", name, " (local ", shape_str(ls),
                                          ", full ", shape_str(s.full_shape), ")");
-        if (s.dim < 0) {  // whole, written by the ranks that say so
+        if (flat) {
+          if (p.local.numel() != s.flat_count)
+            c.fail(what, ": flat_count ", s.flat_count, " but the local tensor has ",
+                   p.local.numel(), " elements");
+          if (s.dim >= 0 && s.count < 0) c.fail(what, ": a flat range of a split part needs count");
+          ls = s.full_shape;
+          if (s.dim >= 0 && s.dim < int64_t(ls.size())) ls[size_t(s.dim)] = s.count * s.blocks;
+          if (s.flat_offset < 0 || s.flat_offset + s.flat_count > shape_numel(ls))
+            c.fail(what, ": flat range [", s.flat_offset, ", ", s.flat_offset + s.flat_count,
+                   ") is out of range of the part ", shape_str(ls));
+          p.flat_part = ls;
+          p.flat_offset = s.flat_offset;
+        }
+        if (s.dim < 0) {  // whole (or a flat range of it), written by the ranks that say so
           if (s.full_shape != ls) c.fail(what, ": not split, but the shapes differ");
+          p.full_shape = s.full_shape;
           p.write = s.write;
           by_name.erase(it);
           parts.push_back(std::move(p));
@@ -1113,7 +1192,8 @@ void save_checkpoint_sharded(const std::string& path, const Checkpoint& local,
         const std::string what = where + "/" + p.name;
         Id d = create_tensor_dataset(c, g.get(), where, p.name, p.local.dtype(), p.full_shape);
         if (p.write && p.local.numel() > 0) {
-          write_tensor_slice(c, d.get(), what, p.local, p.dim, p.offset, p.blocks, dxpl.get());
+          write_tensor_slice(c, d.get(), what, p.local, p.dim, p.offset, p.blocks, dxpl.get(),
+                             p.flat_part, p.flat_offset);
         } else {  // a collective write: this rank takes part with an empty selection
           Id fspace = c.check(H5Dget_space(d.get()), H5Sclose, "H5Dget_space");
           Id mspace = c.check(H5Scopy(fspace.get()), H5Sclose, "H5Scopy");

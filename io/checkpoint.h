@@ -93,6 +93,12 @@ struct TensorSlice {
                        // (save) / to the end of the block (load)
   bool write = true;   // save: false where another rank writes the same slice (a dp replica)
   int64_t blocks = 1;
+  // Save only: with flat_count >= 0 the local tensor (any shape, flat_count elements) holds the
+  // elements [flat_offset, flat_offset + flat_count) of the part described above (its shape:
+  // full_shape with dim's size count * blocks; count must be given), in row-major order. ZeRO-1
+  // shards the optimizer state of a parameter so.
+  int64_t flat_offset = 0;
+  int64_t flat_count = -1;
 };
 
 // True when this build can do save_checkpoint_sharded over several ranks (HDF5 with MPI-IO).

@@ -406,6 +406,28 @@ optim::OptimizerState ShardedAdamW::export_state() {
   return st;
 }
 
+ShardedAdamW::LocalState ShardedAdamW::export_local_state() const {
+  NoGradGuard ng;
+  const auto& params = red_.params();
+  const auto& buckets = red_.buckets();
+  const int64_t rank = red_.comm().rank();
+  LocalState ls;
+  ls.state.step = step_;
+  for (const Slot& s : slots_) {
+    const Tensor& p = params[s.param];
+    const Bucket& bk = buckets[s.bucket];
+    const Span sp = intersect(s.offset, p.numel(), rank * bk.shard, bk.shard);
+    for (auto [key, src] : {std::pair{".exp_avg", &m_[s.bucket]}, {".exp_avg_sq", &v_[s.bucket]}}) {
+      ls.state.tensors.emplace_back(s.name + key,
+                                    src->slice(0, sp.in_shard, sp.in_shard + sp.count).clone());
+      ls.flat_offset.push_back(sp.in_param);
+    }
+    ls.state.tensors.emplace_back(s.name + ".step", Tensor::full({}, double(s.step), DType::i64));
+    ls.flat_offset.push_back(-1);
+  }
+  return ls;
+}
+
 void ShardedAdamW::import_state(const optim::OptimizerState& state) {
   NoGradGuard ng;
   FTUNE_CHECK(state.step >= 0, "[zero] state with negative step ", state.step);

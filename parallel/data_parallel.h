@@ -125,6 +125,16 @@ class ShardedAdamW {
   // Takes this rank's shard of a full-shape state (checks names and shapes first).
   void import_state(const optim::OptimizerState& state);
 
+  // This rank's own part of the state, without communication (a sharded checkpoint writes each
+  // rank's part into the one file): export_state's tensors in its order, "<param>.exp_avg" and
+  // ".exp_avg_sq" as 1-D tensors holding the elements [flat_offset, flat_offset + numel) of the
+  // parameter (row-major; empty where this rank's shard misses the parameter), ".step" whole.
+  struct LocalState {
+    optim::OptimizerState state;
+    std::vector<int64_t> flat_offset;  // per tensor of state; -1: the tensor is whole
+  };
+  LocalState export_local_state() const;
+
  private:
   struct Slot {  // one parameter
     std::string name;

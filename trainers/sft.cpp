@@ -336,14 +336,21 @@ struct SftTrainer::Impl {
   // ---------------------------------------------------------------- checkpoints
   // Collective under ZeRO-1 (the optimizer state is gathered to full shapes of this rank's
   // parameters). With `gather`, tp-split tensors are gathered to full shapes too (collective);
-  // without, they stay this rank's slices (for the sharded save).
-  Checkpoint make_checkpoint(bool gather = true) {
+  // without, they stay this rank's slices (for the sharded save). With `zero_flat` (ZeRO-1), the
+  // optimizer state stays this rank's flat shards, their offsets in *zero_flat (no collective).
+  Checkpoint make_checkpoint(bool gather = true, std::vector<int64_t>* zero_flat = nullptr) {
     Checkpoint c;
     c.step = step;
     c.epoch = train_loader->epoch();
     c.adapter_only = lora;
     c.model = lora ? lora_parameters(*model) : model->named_parameters();
-    c.optimizer = zopt ? zopt->export_state() : opt->export_state();
+    if (zopt && zero_flat) {
+      parallel::ShardedAdamW::LocalState ls = zopt->export_local_state();
+      c.optimizer = std::move(ls.state);
+      *zero_flat = std::move(ls.flat_offset);
+    } else {
+      c.optimizer = zopt ? zopt->export_state() : opt->export_state();
+    }
     if (device.is_cuda()) {  // the file is written from host memory
       for (auto& [n, t] : c.model) t = t.detach().to(Device::cpu());
       for (auto& [n, t] : c.optimizer.tensors) t = t.detach().to(Device::cpu());
@@ -416,32 +423,47 @@ struct SftTrainer::Impl {
     return s;
   }
 
-  // Tensor parallel over MPI with parallel HDF5: every rank writes its own slices of the full-shape
-  // tensors into the one file, and no rank ever holds a gathered full tensor. Otherwise (dp only:
-  // every replica has the whole model; or no MPI-IO) rank 0 writes what make_checkpoint gathered.
+  // Tensor parallel or ZeRO-1, over MPI with parallel HDF5: every rank writes its own slices of
+  // the full-shape tensors (tp slices; ZeRO-1's flat shards of the AdamW state) into the one file,
+  // and no rank gathers anything. Otherwise (dp only: every replica holds everything; or no
+  // MPI-IO) rank 0 writes what make_checkpoint gathered.
   bool sharded_save() const {
-    return grid.tp > 1 && world->backend() == "mpi" && sharded_checkpoint_support();
+    return world->size() > 1 && (grid.tp > 1 || zopt) && world->backend() == "mpi" &&
+           sharded_checkpoint_support();
   }
   void save_sharded(const std::string& path) {
-    Checkpoint c = make_checkpoint(false);
+    std::vector<int64_t> zero_flat;
+    Checkpoint c = make_checkpoint(false, &zero_flat);
+    std::map<std::string, Shape> param_shape;  // this rank's (tp-local) parameter shapes
+    for (const auto& [n, t] : trainable) param_shape[n] = t.shape();
     std::vector<TensorSlice> slices;
     const int64_t nw = world->size();
     int64_t k = 0;  // spreads the writes: tensor k by world rank k % nw, or by dp rank k % dp
     auto add = [&](const char* group, const nn::NamedTensors& ts) {
-      for (const auto& [n, t] : ts) {
+      for (size_t i = 0; i < ts.size(); ++i) {
+        const auto& [n, t] = ts[i];
+        const bool model_group = std::string(group) == "model";
+        const std::string param = model_group ? n : param_of_state(n);
         const std::string path_in_file = std::string(group) + "/" + n;
-        auto it = shards.find(std::string(group) == "model" ? n : param_of_state(n));
+        const bool flat = !model_group && !zero_flat.empty() && zero_flat[i] >= 0;
+        const Shape local = flat ? param_shape.at(param) : t.shape();
+        auto it = shards.find(param);
         TensorSlice s;
-        if (it == shards.end() || it->second.dim < 0 || t.dim() == 0) {
+        if (it == shards.end() || it->second.dim < 0 || local.empty()) {
           s.name = path_in_file;
           s.dim = -1;
-          s.full_shape = t.shape();
-          s.write = world->rank() == k % nw;
+          s.full_shape = local;
+          // A flat ZeRO shard of a tp-replicated tensor: the dp group of one tp rank writes it.
+          s.write = flat ? grid.tp_rank == k % grid.tp : world->rank() == k % nw;
         } else {
-          Shape full = t.shape();
+          Shape full = local;
           full[size_t(it->second.dim)] = it->second.full_size;
           s = *tp_slice_of(path_in_file, full);
-          s.write = grid.dp_rank == k % dp;  // one replica of this tp slice writes it
+          s.write = flat || grid.dp_rank == k % dp;  // one replica of this tp slice writes it
+        }
+        if (flat) {
+          s.flat_offset = zero_flat[i];
+          s.flat_count = t.numel();
         }
         ++k;
         slices.push_back(std::move(s));

@@ -66,7 +66,15 @@ struct Spec {
   bool tp_grid;  // split over the "tp" pairs of ranks, written by dp replica 0 only
   int blocks = 1;       // the split dim holds this many equal blocks (GPT-2's fused [q | k | v])
   int writer = -1;      // dim -1: a slice naming the tensor whole, written by this rank alone
+  bool flat = false;    // ZeRO-1 style: each rank (dp rank, with tp_grid) holds a flat range
 };
+
+// The flat range [begin, end) of n elements that rank k of `parts` holds: uneven cuts (rank 0
+// one element more) so the ranges end in the middle of rows.
+std::pair<int64_t, int64_t> flat_range(int64_t n, int parts, int k) {
+  auto cut = [&](int j) { return j == 0 ? int64_t(0) : j == parts ? n : n * j / parts + 1; };
+  return {cut(k), cut(k + 1)};
+}
 
 std::vector<Spec> specs() {
   return {
@@ -82,6 +90,10 @@ std::vector<Spec> specs() {
       {"model", "c_attn.weight", {12, 6}, DType::f32, 0, true, 3},   // tp, each of 3 blocks
       {"model", "c_attn.bias", {12}, DType::bf16, 0, false, 3},      // every rank, each block
       {"model", "ln_f.weight", {5}, DType::f32, -1, false, 1, 1},    // whole, written by rank 1
+      // ZeRO-1: flat ranges of a replicated tensor over all ranks, and of each tp part (3 blocks)
+      // over its dp group
+      {"optimizer", "exp_avg.zero", {5, 7}, DType::f32, -1, false, 1, -1, true},
+      {"optimizer", "exp_avg.c_attn", {12, 7}, DType::f32, 0, true, 3, -1, true},
   };
 }
 
@@ -107,6 +119,15 @@ Built build(int rank, int size) {
     auto& fdst = s.group == "model" ? b.full.model : b.full.optimizer.tensors;
     auto& ldst = s.group == "model" ? b.local.model : b.local.optimizer.tensors;
     fdst.emplace_back(s.name, full);
+    if (s.dim < 0 && s.flat) {
+      auto [a, e] = flat_range(full.numel(), size, rank);
+      ldst.emplace_back(s.name, full.contiguous().view({-1}).slice(0, a, e).contiguous());
+      TensorSlice sl{s.group + "/" + s.name, -1, 0, s.shape};
+      sl.flat_offset = a;
+      sl.flat_count = e - a;
+      b.slices.push_back(sl);
+      continue;
+    }
     if (s.dim < 0) {
       ldst.emplace_back(s.name, full);
       if (s.writer >= 0) {
@@ -122,10 +143,20 @@ Built build(int rank, int size) {
     std::vector<Tensor> runs;  // this rank's run of every block, in block order
     for (int64_t k = 0; k < s.blocks; ++k)
       runs.push_back(full.slice(s.dim, k * per_block + begin, k * per_block + end));
-    ldst.emplace_back(s.name, ops::cat(runs, s.dim).contiguous());
+    Tensor part = ops::cat(runs, s.dim).contiguous();
     TensorSlice sl{s.group + "/" + s.name, s.dim, begin, s.shape};
     sl.write = !s.tp_grid || dp_rank == 0;
     sl.blocks = s.blocks;
+    if (s.flat) {  // the dp replicas of this tp part each hold a flat range of it
+      const int dp = size / tp;
+      auto [a, e] = flat_range(part.numel(), dp, dp_rank);
+      part = part.view({-1}).slice(0, a, e).contiguous();
+      sl.count = end - begin;
+      sl.flat_offset = a;
+      sl.flat_count = e - a;
+      sl.write = true;
+    }
+    ldst.emplace_back(s.name, part);
     b.slices.push_back(sl);
   }
   return b;
@@ -187,7 +218,9 @@ TEST(MpiCheckpoint, EachRankReadsItsSliceOfASingleProcessFile) {
   if (w.rank() == 0) save_checkpoint(path, b.full);
   w.barrier();
   // Read back with counts given explicitly (as a resuming rank knows them).
-  std::vector<TensorSlice> want = b.slices;
+  std::vector<TensorSlice> want;  // flat ranges are a save-only layout
+  for (const auto& s : b.slices)
+    if (s.flat_count < 0) want.push_back(s);
   for (auto& s : want) {
     const auto& ts = s.name.rfind("model/", 0) == 0 ? b.local.model : b.local.optimizer.tensors;
     for (const auto& [n, t] : ts)
@@ -198,9 +231,14 @@ TEST(MpiCheckpoint, EachRankReadsItsSliceOfASingleProcessFile) {
   ASSERT_EQ(mine.model.size(), b.local.model.size());
   for (size_t i = 0; i < mine.model.size(); ++i)
     EXPECT_TRUE(bit_equal(mine.model[i].second, b.local.model[i].second)) << mine.model[i].first;
-  for (size_t i = 0; i < mine.optimizer.tensors.size(); ++i)
-    EXPECT_TRUE(bit_equal(mine.optimizer.tensors[i].second, b.local.optimizer.tensors[i].second))
-        << mine.optimizer.tensors[i].first;
+  for (size_t i = 0; i < mine.optimizer.tensors.size(); ++i) {
+    const std::string& n = mine.optimizer.tensors[i].first;
+    const bool flat = n == "exp_avg.zero" || n == "exp_avg.c_attn";
+    EXPECT_TRUE(bit_equal(mine.optimizer.tensors[i].second,
+                          flat ? b.full.optimizer.tensors[i].second
+                               : b.local.optimizer.tensors[i].second))
+        << n;
+  }
   EXPECT_EQ(mine.trainer_state, b.full.trainer_state);
   // One tensor on its own, and a layout this job does not have: the last 3 rows, count -1.
   Tensor rows = load_checkpoint_slice(path, "model/embed.weight", 0, 9, -1);
@@ -250,7 +288,8 @@ TEST(MpiCheckpoint, BadShardingFailsOnEveryRankAndLeavesNoFile) {
   }
   {  // a replicated tensor that two ranks write
     Built b = build(w.rank(), w.size());
-    b.slices.back().write = w.rank() < 2;
+    for (auto& s : b.slices)
+      if (s.name == "model/ln_f.weight") s.write = w.rank() < 2;
     expect_fails_everywhere(b, "written twice");
   }
   {  // blocks that do not divide the split dimension
@@ -258,6 +297,22 @@ TEST(MpiCheckpoint, BadShardingFailsOnEveryRankAndLeavesNoFile) {
     for (auto& s : b.slices)
       if (s.name == "model/c_attn.bias") s.blocks = 5;
     expect_fails_everywhere(b, "blocks");
+  }
+  {  // flat ranges that overlap (rank 0 reaches one element into rank 1's range)
+    Built b = build(w.rank(), w.size());
+    for (auto& s : b.slices)
+      if (s.name == "optimizer/exp_avg.zero" && w.rank() == 1) {
+        s.flat_offset -= 1;
+        s.flat_count += 1;
+        b.local.optimizer.tensors[3].second = Tensor::zeros({s.flat_count}, DType::f32);
+      }
+    expect_fails_everywhere(b, "flat overlap");
+  }
+  {  // a flat range past the end of the tensor
+    Built b = build(w.rank(), w.size());
+    for (auto& s : b.slices)
+      if (s.name == "optimizer/exp_avg.zero" && w.rank() == w.size() - 1) s.flat_offset += 1;
+    expect_fails_everywhere(b, "flat range");
   }
   {  // a slice naming no tensor
     Built b = build(w.rank(), w.size());
