@@ -66,15 +66,14 @@ bool run(const std::vector<Job>& jobs, float inv) {
   std::vector<kernels::cuda::UnscaleArray> arrays;
   for (const Job* j : gpu) {
     j->out.bump_version();
-    arrays.push_back({j->in.raw_data(), j->in.dtype(), j->out.raw_data(), j->out.dtype(),
-                      j->in.numel()});
+    arrays.push_back(
+        {j->in.raw_data(), j->in.dtype(), j->out.raw_data(), j->out.dtype(), j->in.numel()});
   }
   Tensor flag = Tensor::zeros({1}, DType::i32, dev);
   kernels::cuda::unscale_check_multi(arrays, inv, static_cast<int32_t*>(flag.raw_data()));
   found |= flag.to(Device::cpu()).data<int32_t>()[0] != 0;  // waits for the kernel
 #else
-  FTUNE_THROW("[loss_scale] GPU gradient ", gpu.front()->in.desc(),
-              " in a build without CUDA");
+  FTUNE_THROW("[loss_scale] GPU gradient ", gpu.front()->in.desc(), " in a build without CUDA");
 #endif
   return found;
 }
@@ -82,8 +81,10 @@ bool run(const std::vector<Job>& jobs, float inv) {
 }  // namespace
 
 LossScaler::LossScaler(LossScalerOptions opt) : opt_(opt), scale_(opt.init_scale) {
-  FTUNE_CHECK(valid_scale(opt_.init_scale), "[loss_scale] the initial scale must be a positive "
-              "finite f32 value, got ", opt_.init_scale);
+  FTUNE_CHECK(valid_scale(opt_.init_scale),
+              "[loss_scale] the initial scale must be a positive "
+              "finite f32 value, got ",
+              opt_.init_scale);
   FTUNE_CHECK(opt_.growth_factor > 1, "[loss_scale] growth_factor must be > 1, got ",
               opt_.growth_factor);
   FTUNE_CHECK(opt_.backoff_factor > 0 && opt_.backoff_factor < 1,

@@ -21,7 +21,7 @@
 
 namespace ftune {
 
-struct LossScalerOptions {  // torch.amp.GradScaler's defaults
+struct LossScalerOptions {      // torch.amp.GradScaler's defaults
   double init_scale = 65536.0;  // 2^16
   double growth_factor = 2.0;
   double backoff_factor = 0.5;

@@ -1,8 +1,8 @@
+#include "kernels/amp.h"
+
 #include <bit>
 #include <cmath>
 #include <type_traits>
-
-#include "kernels/amp.h"
 
 namespace ftune::kernels::cpu {
 
@@ -13,7 +13,9 @@ inline float widen(bf16 x) { return std::bit_cast<float>(uint32_t(x.bits) << 16)
 inline float widen(f16 x) { return float(x); }
 
 // Non-finite from the bits (exponent all ones), so -ffast-math style flags cannot fold it away.
-inline bool non_finite(float x) { return (std::bit_cast<uint32_t>(x) & 0x7f800000u) == 0x7f800000u; }
+inline bool non_finite(float x) {
+  return (std::bit_cast<uint32_t>(x) & 0x7f800000u) == 0x7f800000u;
+}
 
 }  // namespace
 

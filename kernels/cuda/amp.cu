@@ -38,8 +38,10 @@ __device__ __forceinline__ int find_array(const UnscaleDesc* __restrict__ d, int
   int lo = 0, hi = nt - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
-    if (d[mid].chunk0 <= ch) lo = mid;
-    else hi = mid - 1;
+    if (d[mid].chunk0 <= ch)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   return lo;
 }
@@ -82,8 +84,8 @@ __device__ __forceinline__ bool unscale_chunk(const In* x, Out* y, int64_t len, 
 }
 
 __global__ void __launch_bounds__(kThreads)
-unscale_multi_kernel(const UnscaleDesc* __restrict__ table, int nt, int64_t total_chunks,
-                     float inv_scale, int32_t* __restrict__ found_inf) {
+    unscale_multi_kernel(const UnscaleDesc* __restrict__ table, int nt, int64_t total_chunks,
+                         float inv_scale, int32_t* __restrict__ found_inf) {
   bool bad = false;
   for (int64_t ch = blockIdx.x; ch < total_chunks; ch += gridDim.x) {
     const UnscaleDesc d = table[find_array(table, nt, ch)];
@@ -108,8 +110,8 @@ unscale_multi_kernel(const UnscaleDesc* __restrict__ table, int nt, int64_t tota
                              static_cast<float*>(d.out) + i0, len, vec, inv_scale);
         break;
       case kF16F32:
-        bad |= unscale_chunk(static_cast<const __half*>(d.in) + i0,
-                             static_cast<float*>(d.out) + i0, len, vec, inv_scale);
+        bad |= unscale_chunk(static_cast<const __half*>(d.in) + i0, static_cast<float*>(d.out) + i0,
+                             len, vec, inv_scale);
         break;
     }
   }
@@ -155,9 +157,9 @@ void unscale_check_multi(const std::vector<UnscaleArray>& arrays, float inv_scal
   const size_t bytes = table.size() * sizeof(UnscaleDesc);
   Tensor dev = Tensor::empty({int64_t((bytes + 7) / 8)}, DType::i64,
                              Device::cuda(ftune::cuda::current_device()));
-  CUDA_CHECK(cudaMemcpyAsync(dev.raw_data(), table.data(), bytes, cudaMemcpyHostToDevice, stream()));
-  const int64_t cap =
-      int64_t(8) * ftune::cuda::device_sm_count(ftune::cuda::current_device());
+  CUDA_CHECK(
+      cudaMemcpyAsync(dev.raw_data(), table.data(), bytes, cudaMemcpyHostToDevice, stream()));
+  const int64_t cap = int64_t(8) * ftune::cuda::device_sm_count(ftune::cuda::current_device());
   const unsigned grid = unsigned(std::max<int64_t>(1, std::min(next, cap)));
   unscale_multi_kernel<<<grid, kThreads, 0, stream()>>>(
       static_cast<const UnscaleDesc*>(dev.raw_data()), int(table.size()), next, inv_scale,

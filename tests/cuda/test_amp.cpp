@@ -24,11 +24,15 @@ struct Spec {
   bool misaligned;  // the arrays start one element into their buffers
 };
 const Spec kSpecs[] = {
-    {1, DType::f32, DType::f32, true, false},        {3, DType::bf16, DType::bf16, true, false},
-    {4097, DType::f16, DType::f16, true, false},     {33000, DType::f32, DType::f32, true, true},
+    {1, DType::f32, DType::f32, true, false},
+    {3, DType::bf16, DType::bf16, true, false},
+    {4097, DType::f16, DType::f16, true, false},
+    {33000, DType::f32, DType::f32, true, true},
     {16384 * 2 + 5, DType::bf16, DType::f32, false, false},
-    {70001, DType::f16, DType::f32, false, false},   {16385, DType::f16, DType::f16, true, true},
-    {5, DType::bf16, DType::f32, false, true},       {16384 * 3, DType::bf16, DType::bf16, true, false},
+    {70001, DType::f16, DType::f32, false, false},
+    {16385, DType::f16, DType::f16, true, true},
+    {5, DType::bf16, DType::f32, false, true},
+    {16384 * 3, DType::bf16, DType::bf16, true, false},
 };
 
 // The value of element i of an f32 host tensor as the kernel's input dtype would hold it.
@@ -167,9 +171,13 @@ TEST(CudaAmp, TheFlagIsOnlySet) {
   kernels::cuda::unscale_check_multi({}, 0.5f, static_cast<int32_t*>(zero.raw_data()));
   EXPECT_EQ(zero.to(Device::cpu()).data<int32_t>()[0], 0);
   kernels::cuda::UnscaleArray widen{x.raw_data(), DType::f16, x.raw_data(), DType::f32, 3};
-  EXPECT_THROW(kernels::cuda::unscale_check_multi({widen}, 0.5f, static_cast<int32_t*>(zero.raw_data())), Error);
+  EXPECT_THROW(
+      kernels::cuda::unscale_check_multi({widen}, 0.5f, static_cast<int32_t*>(zero.raw_data())),
+      Error);
   kernels::cuda::UnscaleArray narrow{x.raw_data(), DType::f32, x.raw_data(), DType::f16, 3};
-  EXPECT_THROW(kernels::cuda::unscale_check_multi({narrow}, 0.5f, static_cast<int32_t*>(zero.raw_data())), Error);
+  EXPECT_THROW(
+      kernels::cuda::unscale_check_multi({narrow}, 0.5f, static_cast<int32_t*>(zero.raw_data())),
+      Error);
 }
 
 }  // namespace

@@ -67,16 +67,17 @@ class LossScaleRun : public ::testing::Test {
     if (!std::getenv("FTUNE_KEEP_TEST_DIR")) fs::remove_all(root_);
   }
 
-  static fs::path write_recipe(const std::string& name, const std::string& extra) {
+  // std1: random weights of std 1 (not the checkpoint's 0.02) for the CPU tests: gradients large
+  // enough that a scale near the f32 maximum overflows them.
+  static fs::path write_recipe(const std::string& name, const std::string& extra,
+                               bool std1 = true) {
     fs::path p = root_ / (name + ".yaml");
     std::ofstream r(p);
     r << "method: sft\n"
       << "seed: 3\n"
       << "output_dir: " << (root_ / name).string() << "\n"
-      // Weights of std 1 (not the checkpoint's 0.02): gradients large enough that a scale near the
-      // f32 maximum overflows them.
-      << "model:\n  path: " << model_.string() << "\n  init: random\n  init_std: 1.0\n"
-      << "tokenizer:\n  max_seq_len: 64\n"
+      << "model:\n  path: " << model_.string() << "\n"
+      << (std1 ? "  init: random\n  init_std: 1.0\n" : "") << "tokenizer:\n  max_seq_len: 64\n"
       << "dataset:\n  path: " << data_.string() << "\n  shuffle: false\n"
       << "optimizer:\n  lr: 1.0e-2\n  weight_decay: 0.01\n"
       << "lr_scheduler:\n  name: linear\n  num_warmup_steps: 2\n"
@@ -87,8 +88,8 @@ class LossScaleRun : public ::testing::Test {
     return p;
   }
   static void run_ok(const std::string& name, const std::string& extra,
-                     const std::string& overrides = "") {
-    fs::path recipe = write_recipe(name, extra);
+                     const std::string& overrides = "", bool std1 = true) {
+    fs::path recipe = write_recipe(name, extra, std1);
     fs::path log = root_ / (name + ".log");
     ASSERT_EQ(run_ftune("run " + quote(recipe.string()) + " " + overrides, log), 0) << slurp(log);
   }
@@ -155,8 +156,8 @@ TEST_F(LossScaleRun, TheScaleGrowsAfterTheIntervalAndResumeContinuesItExactly) {
   // Overflow first, then growth every 3 clean steps (so the scale keeps changing), checkpoints
   // every 5 steps. The run resumed from step 10 must log exactly the curve and scales of the
   // uninterrupted run.
-  const std::string extra = std::string(kHugeInit) + "loss_scale_growth_interval: 3\n" +
-                            "save_every_n_steps: 5\n";
+  const std::string extra =
+      std::string(kHugeInit) + "loss_scale_growth_interval: 3\n" + "save_every_n_steps: 5\n";
   run_ok("grow", extra);
   std::vector<nlohmann::json> a = train_lines(root_ / "grow" / "metrics.jsonl");
   ASSERT_EQ(a.size(), 16u);
@@ -189,10 +190,10 @@ TEST_F(LossScaleRun, TheScaleGrowsAfterTheIntervalAndResumeContinuesItExactly) {
   for (auto& [st, path] : list_checkpoints(b.string()))
     if (st > 10) fs::remove(path);
   fs::path recipe = write_recipe("grow", extra);
-  ASSERT_EQ(run_ftune("run " + quote(recipe.string()) + " resume=true output_dir=" +
-                          quote(b.string()),
-                      root_ / "grow_resumed.log"),
-            0)
+  ASSERT_EQ(
+      run_ftune("run " + quote(recipe.string()) + " resume=true output_dir=" + quote(b.string()),
+                root_ / "grow_resumed.log"),
+      0)
       << slurp(root_ / "grow_resumed.log");
   std::vector<nlohmann::json> r = train_lines(b / "metrics.jsonl");
   ASSERT_EQ(r.size(), a.size());
@@ -209,7 +210,8 @@ TEST_F(LossScaleRun, TheScaleGrowsAfterTheIntervalAndResumeContinuesItExactly) {
 
 TEST_F(LossScaleRun, AFixedScaleThatOverflowsIsABadStepOfTheGuard) {
   // A fixed scale cannot adapt: its overflow goes to the NaN/inf guard, which aborts.
-  fs::path recipe = write_recipe("fixed_over", "loss_scale: 3.0e+38\nmax_consecutive_nan_steps: 2\n");
+  fs::path recipe =
+      write_recipe("fixed_over", "loss_scale: 3.0e+38\nmax_consecutive_nan_steps: 2\n");
   fs::path log = root_ / "fixed_over.log";
   EXPECT_EQ(run_ftune("run " + quote(recipe.string()), log), 1) << slurp(log);
   EXPECT_NE(slurp(log).find("NaN/inf for 2 consecutive steps"), std::string::npos) << slurp(log);
@@ -251,9 +253,9 @@ TEST_F(LossScaleRun, RecipeKeysAreValidated) {
     EXPECT_NE(slurp(log).find(c.expect), std::string::npos) << slurp(log);
   }
   // Accepted: dynamic on f32, a number, none, and the keys on an f16 recipe (dynamic by default).
-  for (const char* ok : {"loss_scale: dynamic\nloss_scale_init: 256\n", "loss_scale: 512\n",
-                         "loss_scale: none\n",
-                         "dtype: f16\ndevice: cuda\nloss_scale_growth_interval: 100\n"}) {
+  for (const char* ok :
+       {"loss_scale: dynamic\nloss_scale_init: 256\n", "loss_scale: 512\n", "loss_scale: none\n",
+        "dtype: f16\ndevice: cuda\nloss_scale_growth_interval: 100\n"}) {
     SCOPED_TRACE(ok);
     fs::path recipe = write_recipe("good" + std::to_string(i), ok);
     fs::path log = root_ / ("good" + std::to_string(i++) + ".log");
@@ -261,11 +263,23 @@ TEST_F(LossScaleRun, RecipeKeysAreValidated) {
   }
 }
 
+TEST_F(LossScaleRun, CpuReferenceOfTheGpuTest) {
+  // The GPU test's recipe on the CPU: the loss falls clearly over the 16 steps, so the GPU test's
+  // "it trains" check can fail only on the GPU's account.
+  run_ok("full_cpu", "", "", false);
+  auto a = train_lines(root_ / "full_cpu" / "metrics.jsonl");
+  ASSERT_EQ(a.size(), 16u);
+  EXPECT_LT(a.back()["loss"].get<double>(), 0.8 * a.front()["loss"].get<double>());
+}
+
 TEST_F(LossScaleRun, F16OnTheGpuTrainsWithDynamicScaling) {
   // f16 with its default dynamic loss scale follows the f32 GPU run; the scale is in the metrics.
-  if (!cuda_available()) GTEST_SKIP() << "no GPU is present (scripts/gpu_check.sh runs this on one)";
-  run_ok("gpu_f32", "lora:\n  r: 4\n", "device=cuda");
-  run_ok("gpu_f16", "lora:\n  r: 4\n", "device=cuda dtype=f16");
+  if (!cuda_available())
+    GTEST_SKIP() << "no GPU is present (scripts/gpu_check.sh runs this on one)";
+  // Full fine-tuning from the checkpoint's weights (std-1 weights would overflow f16's forward);
+  // on the CPU this recipe lowers the loss by a third (LossScaleRun.CpuReferenceOfTheGpuTest).
+  run_ok("gpu_f32", "", "device=cuda", false);
+  run_ok("gpu_f16", "", "device=cuda dtype=f16", false);
   auto a = train_lines(root_ / "gpu_f32" / "metrics.jsonl");
   auto b = train_lines(root_ / "gpu_f16" / "metrics.jsonl");
   ASSERT_EQ(a.size(), 16u);
@@ -280,11 +294,12 @@ TEST_F(LossScaleRun, F16OnTheGpuTrainsWithDynamicScaling) {
   // 16 steps from 2^16 at growth_interval 2000: the scale only backs off, so the overflows are
   // the distance from 2^16; a tiny model's gradients fit f16 at 2^16 or a few halvings below.
   EXPECT_LE(overflows, 6u);
-  // The first non-skipped step trains from the same weights as f32's first: the loss agrees to
-  // f16 accuracy; the f16 run ends close to the f32 one (it may have taken `overflows` fewer steps).
+  // Step 1's loss comes from the same weights as f32's (rounded to f16): it agrees to f16
+  // accuracy. Every step sees the same batch, so the f16 run's last step is f32's step 16 - k
+  // after k skipped steps: it ends close to that.
   EXPECT_NEAR(b[0]["loss"].get<double>(), a[0]["loss"].get<double>(),
               1e-2 * std::abs(a[0]["loss"].get<double>()));
-  EXPECT_LT(b.back()["loss"].get<double>(), b.front()["loss"].get<double>());
+  EXPECT_LT(b.back()["loss"].get<double>(), 0.8 * b.front()["loss"].get<double>());
   EXPECT_NEAR(b.back()["loss"].get<double>(), a[a.size() - 1 - overflows]["loss"].get<double>(),
               5e-2 * std::abs(a.back()["loss"].get<double>()));
 }
