@@ -787,6 +787,8 @@ struct SftTrainer::Impl {
           << (stopped_early ? " (the run stopped early)" : "") << "\n";
       res.steps = step;
       res.skipped_steps = skipped;
+      res.overflow_steps = overflow_steps;
+      res.loss_scale = scaler ? scaler->scale() : 0.0;
       res.early_stopped = stopped_early;
       res.last_checkpoint = last_ckpt;
       return res;
