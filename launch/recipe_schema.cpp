@@ -480,6 +480,55 @@ void check_conflicts(Binder& b, const SftConfig& c, bool lora_present) {
   }
 }
 
+// `loss_scale: dynamic | none | <number>` (a number: a fixed scale), `loss_scale_init`,
+// `loss_scale_growth_interval` (trainers/loss_scaler.h). The scale is an f32 value, as torch's.
+void bind_loss_scale(Binder& b, Section& top, SftConfig& c) {
+  const Check f32_scale = [](double v) {
+    return v > 0 && v <= 3.4028234663852886e38 ? ""
+                                                : std::string("must be > 0 and at most 3.4e38 "
+                                                              "(the largest f32)");
+  };
+  bool fixed_number = false;
+  if (const RecipeNode* v = top.value("loss_scale")) {
+    char* end = nullptr;
+    const double d = v->kind == Kind::Scalar ? std::strtod(v->text.c_str(), &end) : NAN;
+    const bool is_number = v->kind == Kind::Scalar && !v->quoted && !v->text.empty() &&
+                           end == v->text.c_str() + v->text.size();
+    if (v->kind == Kind::Scalar && (v->text == "dynamic" || v->text == "none")) {
+      c.loss_scale = v->text;
+    } else if (is_number && std::isfinite(d) && f32_scale(d).empty()) {
+      c.loss_scale = "fixed";
+      c.loss_scale_init = d;
+      fixed_number = true;
+    } else if (is_number) {
+      b.error(v->loc, str_cat("`loss_scale` ", f32_scale(d), ", got ", v->text));
+    } else {
+      b.error(v->loc, str_cat("`loss_scale` must be dynamic, none or a number (a fixed scale), "
+                              "got ", describe(*v)));
+    }
+  }
+  const bool init_set = top.has("loss_scale_init");
+  top.number("loss_scale_init", c.loss_scale_init, f32_scale);
+  top.integer("loss_scale_growth_interval", c.loss_scale_growth_interval, at_least(1));
+  if (fixed_number && init_set)
+    b.error_at("loss_scale_init", str_cat("give `loss_scale: <number>`", b.where("loss_scale"),
+                                          " or loss_scale_init, not both"));
+  const std::string mode = c.loss_scale != "auto" ? c.loss_scale
+                           : c.dtype == "f16"     ? std::string("dynamic")
+                                                  : std::string("none");
+  const char* why_off = c.loss_scale == "none" ? "loss_scale is none"
+                                               : "loss scaling is off for dtype f32 and bf16";
+  for (const char* key : {"loss_scale_init", "loss_scale_growth_interval"}) {
+    if (!top.has(key)) continue;
+    if (mode == "none")
+      b.error_at(key, str_cat("`", key, "` has no effect: ", why_off,
+                              " (set loss_scale: dynamic to scale the loss)"));
+    else if (mode == "fixed" && std::string(key) == "loss_scale_growth_interval")
+      b.error_at(key, str_cat("`", key, "` needs loss_scale: dynamic; a number in loss_scale",
+                              b.where("loss_scale"), " is a fixed scale"));
+  }
+}
+
 }  // namespace
 
 void bind_sft_config(const RecipeNode& root, const std::string& file, SftConfig& c,
@@ -610,6 +659,7 @@ void bind_sft_config(const RecipeNode& root, const std::string& file, SftConfig&
   top.integer("keep_last_n", c.keep_last_n, at_least(0));
   top.boolean("resume", c.resume);
   top.integer("max_consecutive_nan_steps", c.max_consecutive_nan_steps, at_least(1));
+  bind_loss_scale(b, top, c);
 
   Section es = top.section("early_stopping");
   es.integer("patience", c.early_stopping.patience, at_least(0));

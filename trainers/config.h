@@ -114,6 +114,12 @@ struct SftConfig {
   int64_t keep_last_n = 0;         // 0: keep every checkpoint
   bool resume = false;
   int64_t max_consecutive_nan_steps = 5;  // NaN/inf loss guard: abort after this many in a row
+  // Loss scaling (trainers/loss_scaler.h, docs/gpu.md). "auto": "dynamic" for dtype f16, "none"
+  // for f32/bf16; "dynamic": torch.amp.GradScaler's schedule from loss_scale_init; "fixed": the
+  // constant loss_scale_init (YAML: `loss_scale: <number>`); "none": no scaling.
+  std::string loss_scale = "auto";
+  double loss_scale_init = 65536.0;             // 2^16
+  int64_t loss_scale_growth_interval = 2000;    // clean steps before the scale doubles
   EarlyStoppingSection early_stopping;
   std::optional<EvalGenerateSection> eval_generate;
 };

@@ -28,6 +28,7 @@
 #include "parallel/data_parallel.h"
 #include "parallel/nccl/nccl_communicator.h"
 #include "parallel/tp_ops.h"
+#include "trainers/loss_scaler.h"
 
 namespace ftune {
 
@@ -101,6 +102,7 @@ struct SftTrainer::Impl {
   std::vector<SftExample> val_examples;
   int32_t pad_id = 0;
   int64_t total_steps = 0;
+  std::unique_ptr<LossScaler> scaler;  // loss scaling on (cfg.loss_scale, resolved)
 
   // Progress: all of it saved in checkpoints.
   int64_t step = 0;
@@ -112,6 +114,7 @@ struct SftTrainer::Impl {
   std::string last_ckpt;
   int64_t last_saved_step = -1;
   bool stopped_early = false;
+  int64_t overflow_steps = 0;  // steps skipped for a gradient overflow of the dynamic loss scale
 
   Impl(SftConfig c, std::ostream& l, std::shared_ptr<parallel::Communicator> w)
       : cfg(std::move(c)),
@@ -152,15 +155,13 @@ struct SftTrainer::Impl {
       }
       device = Device::cuda(idx);
       cuda::set_allow_tf32(cfg.allow_tf32);
-      FTUNE_CHECK(cfg.dtype != "f16", "[sft] ", cfg.recipe_file,
-                  ": dtype f16 needs loss scaling, which the trainer does not have yet (the "
-                  "gradients would underflow); use bf16");
       FTUNE_CHECK(cfg.parallel.tp == 1 && cfg.parallel.zero == 0, "[sft] ", cfg.recipe_file,
                   ": device ", cfg.device, " with parallel.tp > 1 or parallel.zero: 1 is not "
                   "supported yet (the vocab-parallel loss and the sharded optimizer are CPU-only); "
                   "use data parallelism (tp: 1, zero: 0)");
     }
     param_dtype = cfg.dtype == "bf16" ? DType::bf16 : cfg.dtype == "f16" ? DType::f16 : DType::f32;
+    setup_loss_scaler();
     grid = parallel::make_grid(world, int(cfg.parallel.tp));
     dp = grid.dp;
     dp_rank = grid.dp_rank;
@@ -333,6 +334,46 @@ struct SftTrainer::Impl {
     }
   }
 
+  // loss_scale "auto": dynamic for f16 (its gradients underflow without), none for f32 and bf16
+  // (which then train exactly as without a scaler).
+  void setup_loss_scaler() {
+    const std::string mode = cfg.loss_scale != "auto" ? cfg.loss_scale
+                             : cfg.dtype == "f16"     ? std::string("dynamic")
+                                                      : std::string("none");
+    FTUNE_CHECK(mode == "dynamic" || mode == "fixed" || mode == "none", "[sft] ", cfg.recipe_file,
+                ": loss_scale must be auto, dynamic, fixed or none, got ", cfg.loss_scale);
+    if (mode == "none") return;
+    LossScalerOptions o;
+    o.init_scale = cfg.loss_scale_init;
+    o.growth_interval = cfg.loss_scale_growth_interval;
+    o.dynamic = mode == "dynamic";
+    try {
+      scaler = std::make_unique<LossScaler>(o);
+    } catch (const Error& e) {
+      FTUNE_THROW("[sft] ", cfg.recipe_file, ": ", e.what());
+    }
+    log << "loss scaling: " << mode << ", scale " << o.init_scale
+        << (o.dynamic ? ", growth_interval " + std::to_string(o.growth_interval) : std::string())
+        << "\n";
+  }
+
+  // Divides the reduced gradients by the loss scale; true (on every rank) when one of them is
+  // inf or NaN on some rank: tp ranks hold other slices and ZeRO-1 ranks other shards.
+  bool unscale_all_ranks(double scale, const std::vector<Tensor>& params) {
+    bool found = false;
+    if (zopt) {
+      std::vector<Tensor> bufs;
+      if (reducer->reduced())
+        for (size_t b = 0; b < reducer->num_buckets(); ++b) bufs.push_back(reducer->grad_shard(b));
+      found = unscale_buffers(bufs, scale);
+    } else {
+      found = unscale_grads(params, scale);
+    }
+    if (world->size() > 1)
+      found = world->all_reduce_int(found ? 1 : 0, parallel::ReduceOp::max) != 0;
+    return found;
+  }
+
   // ---------------------------------------------------------------- checkpoints
   // Collective under ZeRO-1 (the optimizer state is gathered to full shapes of this rank's
   // parameters). With `gather`, tp-split tensors are gathered to full shapes too (collective);
@@ -375,6 +416,8 @@ struct SftTrainer::Impl {
          fs::absolute(cfg.tokenizer.path.empty() ? cfg.model.path : cfg.tokenizer.path)
              .lexically_normal()
              .string()}};
+    c.trainer_state["overflow_steps"] = overflow_steps;
+    if (scaler) c.trainer_state["loss_scaler"] = scaler->state();
     c.recipe_yaml = cfg.resolved_yaml;
     c.model_config = model->config().to_json();
     if (lora) {
@@ -577,6 +620,14 @@ struct SftTrainer::Impl {
     evals_without_improvement = ts.value("evals_without_improvement", int64_t(0));
     tokens_seen = ts.value("tokens_seen", int64_t(0));
     stopped_early = ts.value("early_stopped", false);
+    overflow_steps = ts.value("overflow_steps", int64_t(0));
+    if (scaler && ts.contains("loss_scaler") && !ts["loss_scaler"].is_null()) {
+      try {
+        scaler->load_state(ts["loss_scaler"]);
+      } catch (const Error& e) {
+        FTUNE_THROW("[sft] resume: ", *latest, ": ", e.what());
+      }
+    }
     last_ckpt = *latest;
     last_saved_step = step;
     if (is_root) truncate_metrics_after(step);
@@ -826,6 +877,8 @@ struct SftTrainer::Impl {
           << (stopped_early ? " (the run stopped early)" : "") << "\n";
       res.steps = step;
       res.skipped_steps = skipped;
+      res.overflow_steps = overflow_steps;
+      res.loss_scale = scaler ? scaler->scale() : 0.0;
       res.early_stopped = stopped_early;
       res.last_checkpoint = last_ckpt;
       return res;
@@ -878,7 +931,8 @@ struct SftTrainer::Impl {
             // the NaN then reaches every rank through the loss sum below.
             if (!reducer) break;
           }
-          ops::mul_scalar(ce, 1.0 / double(targets)).backward();
+          // Loss scaling: the backward runs on loss * scale (unscaled below, after the reduction).
+          ops::mul_scalar(ce, (scaler ? scaler->scale() : 1.0) / double(targets)).backward();
         }
         if (reducer) reducer->finish();
       }
@@ -887,8 +941,19 @@ struct SftTrainer::Impl {
         bad = !std::isfinite(loss_sum);
       }
       double loss = targets > 0 ? loss_sum / double(targets) : 0.0;
+      // Loss scaling: the clip and the optimizer see the true gradients. A dynamic scale that made
+      // a gradient overflow skips the step (HF Trainer: the lr schedule does not advance either)
+      // and backs off; a fixed scale cannot adapt, so its overflow is a bad step of the guard.
+      const double used_scale = scaler ? scaler->scale() : 1.0;
+      bool overflow = false;
+      if (scaler && !bad && unscale_all_ranks(used_scale, params)) {
+        if (scaler->options().dynamic)
+          overflow = true;
+        else
+          bad = true;
+      }
       double gnorm = 0;
-      if (!bad) {
+      if (!bad && !overflow) {
         if (zopt && grid.tp > 1)
           gnorm = tp_zero_clip_grad_norm(cfg.clip_grad_norm);
         else if (zopt)
@@ -901,8 +966,19 @@ struct SftTrainer::Impl {
                                          : std::sqrt(optim::grad_sum_squares(params));
         bad = !std::isfinite(gnorm);
       }
-      double lr = sched->lr_at(step);
-      if (bad) {
+      double lr = sched->lr_at(step - overflow_steps);
+      if (overflow) {
+        zero_grad();
+        ++overflow_steps;
+        scaler->update(true);
+        log << "step " << step + 1 << ": gradient overflow at loss scale " << used_scale
+            << ", step skipped; scale " << scaler->scale() << "\n";
+        FTUNE_CHECK(scaler->scale() >= LossScaler::kMinScale, "[sft] the gradients overflowed at "
+                    "every loss scale down to ", used_scale, " (step ", step + 1, "): they are "
+                    "inf/NaN whatever the scale, not an f16 overflow. The last good checkpoint is ",
+                    last_ckpt.empty() ? std::string("(none)") : last_ckpt,
+                    ". Lower optimizer.lr, set clip_grad_norm, or check the data.");
+      } else if (bad) {
         zero_grad();
         ++skipped;
         ++consecutive_bad;
@@ -925,6 +1001,7 @@ struct SftTrainer::Impl {
           opt->step();
         }
         zero_grad();
+        if (scaler) scaler->update(false);
       }
       ++step;
       tokens_seen += tokens;
@@ -937,6 +1014,7 @@ struct SftTrainer::Impl {
             << " | loss " << fmt_num("%.4f", loss) << " | lr " << fmt_num("%.3e", lr)
             << " | grad_norm " << fmt_num("%.3f", gnorm) << " | tok/s " << fmt_num("%.0f", tps)
             << " | mem " << fmt_num("%.0f", rss) << " MiB";
+        if (scaler) log << " | loss_scale " << fmt_num("%g", used_scale);
         if (device.is_cuda()) {
           AllocatorStats gs = cuda_allocator_stats(device.index);
           log << " | gpu " << fmt_num("%.0f", double(gs.current_bytes) / (1 << 20)) << " MiB (peak "
@@ -948,19 +1026,24 @@ struct SftTrainer::Impl {
       nlohmann::json gpu_mem = nullptr;
       if (device.is_cuda())
         gpu_mem = double(cuda_allocator_stats(device.index).peak_bytes) / (1 << 20);
-      write_metrics({{"split", "train"},
+      nlohmann::json line = {{"split", "train"},
                      {"step", step},
                      {"epoch", train_loader->epoch()},
                      {"loss", loss},
                      {"lr", lr},
                      {"grad_norm", gnorm},
-                     {"skipped", bad},
+                     {"skipped", bad || overflow},
                      {"tokens", tokens},
                      {"target_tokens", targets},
                      {"tokens_per_s", tps},
                      {"rss_mib", rss},
                      {"peak_rss_mib", peak},
-                     {"peak_gpu_mib", gpu_mem}});
+                     {"peak_gpu_mib", gpu_mem}};
+      if (scaler) {  // the scale this step's backward ran with
+        line["loss_scale"] = used_scale;
+        line["overflow"] = overflow;
+      }
+      write_metrics(line);
 
       bool stop = false;
       if (has_val && cfg.eval_every_n_steps > 0 && step % cfg.eval_every_n_steps == 0 &&
@@ -988,6 +1071,8 @@ struct SftTrainer::Impl {
     if (last_saved_step != step) save();
     res.steps = step;
     res.skipped_steps = skipped;
+    res.overflow_steps = overflow_steps;
+    res.loss_scale = scaler ? scaler->scale() : 0.0;
     res.last_checkpoint = last_ckpt;
     return res;
   }

@@ -34,6 +34,8 @@ struct EvalMetrics {
 struct SftResult {
   int64_t steps = 0;          // optimizer steps done when the run ended (resumed ones included)
   int64_t skipped_steps = 0;  // steps skipped by the NaN/inf guard
+  int64_t overflow_steps = 0;  // steps skipped for a gradient overflow (dynamic loss scaling)
+  double loss_scale = 0;       // the loss scale at the end; 0: no loss scaling
   double last_loss = 0;       // the last step's training loss
   std::optional<EvalMetrics> eval_before, eval_after;  // before the first step, at the end
   bool early_stopped = false;
