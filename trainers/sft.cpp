@@ -320,6 +320,8 @@ struct SftTrainer::Impl {
     }
     log << "steps: " << total_steps << " (" << per_epoch << " micro-batches per epoch, " << accum
         << " per step)\n";
+    if (world->backend() == "mpi")  // how GPU tensors reach MPI (docs/distributed.md)
+      log << "mpi: " << parallel::mpi_cuda_aware().reason << "\n";
 
     if (cfg.resume) {
       restore();
