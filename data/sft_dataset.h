@@ -117,6 +117,9 @@ class SftLoader {
   bool next(SftBatch& out);
   int64_t epoch() const { return epoch_; }
   int64_t position() const { return position_; }  // batches consumed in this epoch
+  // This rank's batches still to come in the current epoch (0 at its end): after a load_state at
+  // another world size, what the epoch has left at this one.
+  int64_t batches_left_in_epoch() const;
   // {"epoch","position","offset","seed","num_examples","fingerprint","batch_size","world_size",
   //  "packed","max_seq_len","drop_last","shuffle"}. Rank r's batch at `position` is global batch
   //  offset + r + position * world_size of the epoch (modulo the epoch's batches: wrap-around).

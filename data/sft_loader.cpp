@@ -141,6 +141,10 @@ int64_t SftLoader::positions_after(int64_t offset, int64_t world_size) const {
 
 int64_t SftLoader::batches_per_epoch() const { return positions_after(0, opt_.world_size); }
 
+int64_t SftLoader::batches_left_in_epoch() const {
+  return std::max<int64_t>(0, positions_after(offset_, opt_.world_size) - position_);
+}
+
 bool SftLoader::next(SftBatch& out) {
   if (position_ >= positions_after(offset_, opt_.world_size)) {
     ++epoch_;

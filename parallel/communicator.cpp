@@ -127,8 +127,39 @@ int report_fatal_error(const char* prog, const char* what) {
   return 1;
 }
 
+MpiCudaAware decide_mpi_cuda_aware(const MpiCudaSupport& lib, const char* env_value) {
+  using A = MpiCudaSupport::Answer;
+  const std::string env = env_value ? env_value : "";
+  const std::string why = lib.detail.empty() ? std::string("no detail") : lib.detail;
+  FTUNE_CHECK(env.empty() || env == "0" || env == "1", "[parallel] FTUNE_MPI_CUDA_AWARE=", env,
+              ": expected 0 (stage GPU tensors through host memory) or 1 (the MPI library is "
+              "CUDA-aware: pass device pointers)");
+  if (env == "0") return {false, "GPU tensors staged through host memory (FTUNE_MPI_CUDA_AWARE=0; "
+                                 "the library: " + why + ")"};
+  if (env == "1") {
+    FTUNE_CHECK(lib.answer != A::no, "[parallel] FTUNE_MPI_CUDA_AWARE=1, but this MPI library is "
+                "not CUDA-aware (", why, "): it would read device pointers as host memory. Unset "
+                "it (or set 0) to stage GPU tensors through host memory, or use a CUDA-aware MPI "
+                "build");
+    return {true, std::string("CUDA-aware: GPU tensors go to MPI as device pointers "
+                              "(FTUNE_MPI_CUDA_AWARE=1; the library: ") + why + ")"};
+  }
+  if (lib.answer == A::yes)
+    return {true, "CUDA-aware: GPU tensors go to MPI as device pointers (" + why + ")"};
+  return {false, "GPU tensors staged through host memory (" + why +
+                     (lib.answer == A::unknown ? "; set FTUNE_MPI_CUDA_AWARE=1 if it is CUDA-aware"
+                                               : "") +
+                     ")"};
+}
+
 #ifndef FTUNE_HAVE_MPI
 bool mpi_support() { return false; }
+MpiCudaSupport mpi_library_cuda_support() {
+  return {MpiCudaSupport::Answer::unknown, "this build has no MPI"};
+}
+MpiCudaAware mpi_cuda_aware() {
+  return decide_mpi_cuda_aware(mpi_library_cuda_support(), std::getenv("FTUNE_MPI_CUDA_AWARE"));
+}
 void abort_job(int) {}
 void finalize_mpi() {}
 std::pair<int, int> job_rank_and_size() { return {0, 1}; }

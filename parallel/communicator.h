@@ -1,5 +1,6 @@
 // Collective communication between the ranks of a job (DESIGN.md "Parallel"). One interface, two
-// backends: MPI (CPU tensors; GPU tensors are staged through the host) and NCCL (GPU tensors,
+// backends: MPI (CPU tensors; GPU tensors go to MPI as device pointers where the library is
+// CUDA-aware, see mpi_cuda_aware(), else staged through the host) and NCCL (GPU tensors,
 // CPU ones staged through the GPU, bootstrapped over MPI; parallel/nccl/nccl_communicator.h).
 // A process not launched by mpirun, or a build without MPI, gets the single-rank communicator,
 // on which every collective is the identity: one recipe runs unchanged from 1 to N ranks.
@@ -56,6 +57,10 @@ class Communicator {
   // a pointer to this communicator's MPI_Comm for "mpi", nullptr for "single". Valid while the
   // communicator lives.
   virtual void* native_handle() { return nullptr; }
+  // MPI backend: true when GPU tensors go to MPI as device pointers (CUDA-aware MPI, decided by
+  // mpi_cuda_aware() when the communicator was made), false when they are staged through host
+  // copies. Other backends: false.
+  virtual bool cuda_aware() const { return false; }
 
   // Conveniences over all_reduce for metrics (loss sums, token counts).
   double all_reduce_scalar(double v, ReduceOp op = ReduceOp::sum);
@@ -75,6 +80,32 @@ std::unique_ptr<Communicator> make_world_communicator(const std::string& backend
 
 // True when this build has MPI.
 bool mpi_support();
+// CUDA-aware MPI: whether the MPI backend hands GPU tensors' device pointers to MPI (after
+// synchronizing the current stream) instead of staging them through host copies.
+//   - The library's own answer: Open MPI's mpi-ext.h, compile time (MPIX_CUDA_AWARE_SUPPORT) and
+//     run time (MPIX_Query_cuda_support(), which mpirun --mca options can turn off). Other
+//     libraries have no such query: unknown, i.e. staging.
+//   - FTUNE_MPI_CUDA_AWARE overrides it: 0 forces host staging; 1 asserts CUDA-awareness (trusted
+//     where the library cannot tell, an error where it says no).
+struct MpiCudaSupport {  // what the MPI library says
+  enum class Answer { yes, no, unknown };
+  Answer answer = Answer::unknown;
+  std::string detail;  // e.g. "Open MPI 4.1.4: MPIX_CUDA_AWARE_SUPPORT 0 (built without CUDA)"
+};
+struct MpiCudaAware {
+  bool aware = false;
+  std::string reason;  // one line for the log: the decision and why
+};
+// The library's answer, queried once (initialises MPI if needed). Without MPI: unknown.
+MpiCudaSupport mpi_library_cuda_support();
+// The decision for a library answer and FTUNE_MPI_CUDA_AWARE's value (nullptr or "": unset).
+// Throws ftune::Error "[parallel] ..." for 1 when the library says no, and for a value that is
+// neither 0 nor 1. Pure: no MPI, no environment.
+MpiCudaAware decide_mpi_cuda_aware(const MpiCudaSupport& lib, const char* env_value);
+// decide_mpi_cuda_aware(mpi_library_cuda_support(), getenv("FTUNE_MPI_CUDA_AWARE")): what an MPI
+// communicator made now does with GPU tensors (each one decides when it is made, split() too).
+MpiCudaAware mpi_cuda_aware();
+
 // Whether the process was started by an MPI launcher (environment only; initialises nothing).
 bool launched_by_mpi();
 

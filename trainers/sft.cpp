@@ -103,6 +103,7 @@ struct SftTrainer::Impl {
   int32_t pad_id = 0;
   int64_t total_steps = 0;
   std::unique_ptr<LossScaler> scaler;  // loss scaling on (cfg.loss_scale, resolved)
+  nlohmann::json resumed_trainer_state;  // the checkpoint's trainer_state after a resume
 
   // Progress: all of it saved in checkpoints.
   int64_t step = 0;
@@ -321,9 +322,12 @@ struct SftTrainer::Impl {
     }
     log << "steps: " << total_steps << " (" << per_epoch << " micro-batches per epoch, " << accum
         << " per step)\n";
+    if (world->backend() == "mpi")  // how GPU tensors reach MPI (docs/distributed.md)
+      log << "mpi: " << parallel::mpi_cuda_aware().reason << "\n";
 
     if (cfg.resume) {
       restore();
+      recount_total_steps();
     } else {
       FTUNE_CHECK(list_checkpoints(out().string()).empty(), "[sft] ", out().string(),
                   " already holds checkpoints of an earlier run: set resume: true to continue "
@@ -619,6 +623,7 @@ struct SftTrainer::Impl {
         ts.at("best_eval_loss").is_null() ? INFINITY : ts.at("best_eval_loss").get<double>();
     evals_without_improvement = ts.value("evals_without_improvement", int64_t(0));
     tokens_seen = ts.value("tokens_seen", int64_t(0));
+    resumed_trainer_state = ts;
     stopped_early = ts.value("early_stopped", false);
     overflow_steps = ts.value("overflow_steps", int64_t(0));
     if (scaler && ts.contains("loss_scaler") && !ts["loss_scaler"].is_null()) {
@@ -632,6 +637,34 @@ struct SftTrainer::Impl {
     last_saved_step = step;
     if (is_root) truncate_metrics_after(step);
     log << "resume: " << *latest << " (step " << step << ", epoch " << c.epoch + 1 << ")\n";
+  }
+
+  // An epochs-based run (no max_steps) resumed from a checkpoint: the optimizer steps left are
+  // the batches left of the current epoch and of the later ones at THIS run's dp (per-rank
+  // batches per epoch depend on dp), so a run resumed at another dp still ends after exactly
+  // cfg.epochs epochs. At the checkpoint's dp this equals setup()'s count: the checkpoint's
+  // steps consumed step * accum of the epochs * per_epoch micro-batches.
+  void recount_total_steps() {
+    if (cfg.max_steps > 0 || step == 0) return;  // max_steps is fixed; no checkpoint: nothing to do
+    const int64_t accum = cfg.gradient_accumulation_steps, epoch = train_loader->epoch();
+    const int64_t left = epoch >= cfg.epochs
+                             ? 0
+                             : train_loader->batches_left_in_epoch() +
+                                   (cfg.epochs - 1 - epoch) * train_loader->batches_per_epoch();
+    const int64_t total = step + (left + accum - 1) / accum;
+    const int64_t saved = resumed_trainer_state.value("total_steps", int64_t(-1));
+    if (total != saved) {
+      const nlohmann::json par = resumed_trainer_state.value("parallel", nlohmann::json::object());
+      log << "steps: " << total << " after the resume (the checkpoint's run planned " << saved
+          << " at dp " << par.value("dp", int64_t(1)) << "; at dp " << dp << " the "
+          << cfg.epochs << " epochs take " << total - step << " more steps from step " << step
+          << ")\n";
+    }
+    if (total == total_steps) return;
+    total_steps = total;
+    sched = std::make_unique<optim::LRSchedule>(
+        optim::schedule_kind_from_name(cfg.lr_scheduler.name), cfg.optimizer.lr,
+        cfg.lr_scheduler.num_warmup_steps, total_steps, cfg.lr_scheduler.min_lr_ratio);
   }
 
   // Drops metrics logged after `keep_step` by the interrupted run, so the resumed run's log reads

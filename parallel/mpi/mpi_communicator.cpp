@@ -1,9 +1,14 @@
-// The MPI backend of parallel/communicator.h. CPU tensors go to MPI as they are; CUDA tensors are
-// staged through host copies (CUDA-aware MPI is not assumed); bf16/f16 are reduced in f32.
+// The MPI backend of parallel/communicator.h. CPU tensors go to MPI as they are; CUDA tensors go
+// as device pointers where the library is CUDA-aware (mpi_cuda_aware()), else they are staged
+// through host copies; bf16/f16 are reduced in f32.
 #include "parallel/communicator.h"
 
 #ifdef FTUNE_HAVE_MPI
 #include <mpi.h>
+// Open MPI's extensions: MPIX_CUDA_AWARE_SUPPORT and MPIX_Query_cuda_support().
+#if defined(OPEN_MPI) && __has_include(<mpi-ext.h>)
+#include <mpi-ext.h>
+#endif
 
 #include <chrono>
 #include <cstdio>
@@ -109,22 +114,33 @@ int64_t nbytes(const Tensor& t) { return t.numel() * int64_t(dtype_size(t.dtype(
 
 bool is_16bit(DType t) { return t == DType::bf16 || t == DType::f16; }
 
-// What MPI sees for one user tensor: the tensor itself (CPU, native dtype) or a host f32/native
-// copy, written back into the user's tensor by finish().
+// What MPI sees for one user tensor: the tensor itself (native dtype, on the CPU or, with
+// CUDA-aware MPI, on its GPU) or an f32/host copy, written back into the user's tensor by
+// finish().
 struct Staged {
   Tensor user;  // the caller's tensor
   Tensor wire;  // what goes to MPI (may be `user`)
   bool write_back = false;
 
-  static Staged in(const Tensor& t, const char* what) {
+  static Staged in(const Tensor& t, const char* what, bool cuda_aware) {
     FTUNE_CHECK(t.defined() && t.is_contiguous(), "[parallel] ", what,
                 ": the tensor must be defined and contiguous, got ",
                 t.defined() ? t.desc() : std::string("undefined"));
     Staged s;
     s.user = t;
     s.wire = t;
-    if (!t.device().is_cpu()) s.wire = s.wire.to(Device::cpu());
-    if (is_16bit(t.dtype())) s.wire = s.wire.to(DType::f32);
+    if (t.device().is_cuda() && cuda_aware) {
+      // Device pointers to MPI; 16-bit floats are widened on the GPU. MPI reads and writes the
+      // buffer outside the stream order: the kernels that wrote it (and the cast) must be done.
+      if (is_16bit(t.dtype())) s.wire = s.wire.to(DType::f32);
+      cuda::set_device(t.device().index);
+      cuda::stream_synchronize(cuda::current_stream());
+    } else {
+      // Host staging: the device-to-host copy runs on the current stream and waits for it, so
+      // the copy holds what the earlier kernels wrote. 16-bit floats cross the bus as they are.
+      if (!t.device().is_cpu()) s.wire = s.wire.to(Device::cpu());
+      if (is_16bit(t.dtype())) s.wire = s.wire.to(DType::f32);
+    }
     FTUNE_CHECK(mpi_type(s.wire.dtype()) != MPI_DATATYPE_NULL, "[parallel] ", what, ": dtype ",
                 dtype_name(t.dtype()), " is not supported");
     s.write_back = !s.wire.same(t);
@@ -185,7 +201,10 @@ class MpiWork : public Work {
 
 class MpiCommunicator : public Communicator {
  public:
-  explicit MpiCommunicator(MPI_Comm comm, bool owned) : comm_(comm), owned_(owned) {
+  // cuda_aware: mpi_cuda_aware().aware, decided by the caller before it made `comm` (so a throw
+  // leaks no communicator).
+  MpiCommunicator(MPI_Comm comm, bool owned, bool cuda_aware)
+      : comm_(comm), owned_(owned), cuda_aware_(cuda_aware) {
     MPI_Comm_rank(comm_, &rank_);
     MPI_Comm_size(comm_, &size_);
     MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
@@ -202,7 +221,7 @@ class MpiCommunicator : public Communicator {
   void all_reduce(Tensor& t, ReduceOp op) override { all_reduce_async(t, op)->wait(); }
   std::unique_ptr<Work> all_reduce_async(Tensor& t, ReduceOp op) override {
     CommTimer timer(nbytes(t), true);
-    Staged s = Staged::in(t, "all_reduce");
+    Staged s = Staged::in(t, "all_reduce", cuda_aware_);
     MPI_Request req;
     check_mpi(MPI_Iallreduce(MPI_IN_PLACE, s.wire.raw_data(), int_count(s.wire.numel()),
                              mpi_type(s.wire.dtype()), mpi_op(op), comm_, &req),
@@ -214,7 +233,7 @@ class MpiCommunicator : public Communicator {
     FTUNE_CHECK(root >= 0 && root < size_, "[parallel] broadcast: root ", root, " of ", size_,
                 " ranks");
     CommTimer timer(nbytes(t), true);
-    Staged s = Staged::in(t, "broadcast");
+    Staged s = Staged::in(t, "broadcast", cuda_aware_);
     check_mpi(MPI_Bcast(s.wire.raw_data(), int_count(s.wire.numel()), mpi_type(s.wire.dtype()),
                         root, comm_),
               "MPI_Bcast");
@@ -229,7 +248,8 @@ class MpiCommunicator : public Communicator {
                 "[parallel] reduce_scatter: in ", in.desc(), " must have ", size_,
                 " times the elements of out ", out.desc(), ", same dtype");
     CommTimer timer(nbytes(in), true);
-    Staged si = Staged::in(in, "reduce_scatter"), so = Staged::in(out, "reduce_scatter");
+    Staged si = Staged::in(in, "reduce_scatter", cuda_aware_),
+           so = Staged::in(out, "reduce_scatter", cuda_aware_);
     MPI_Request req;
     check_mpi(MPI_Ireduce_scatter_block(si.wire.raw_data(), so.wire.raw_data(),
                                         int_count(so.wire.numel()), mpi_type(so.wire.dtype()),
@@ -246,7 +266,8 @@ class MpiCommunicator : public Communicator {
                 "[parallel] all_gather: out ", out.desc(), " must have ", size_,
                 " times the elements of in ", in.desc(), ", same dtype");
     CommTimer timer(nbytes(in), true);
-    Staged si = Staged::in(in, "all_gather"), so = Staged::in(out, "all_gather");
+    Staged si = Staged::in(in, "all_gather", cuda_aware_),
+           so = Staged::in(out, "all_gather", cuda_aware_);
     MPI_Request req;
     check_mpi(MPI_Iallgather(si.wire.raw_data(), int_count(si.wire.numel()),
                              mpi_type(si.wire.dtype()), so.wire.raw_data(),
@@ -262,11 +283,13 @@ class MpiCommunicator : public Communicator {
     check_mpi(MPI_Barrier(comm_), "MPI_Barrier");
   }
   std::unique_ptr<Communicator> split(int color, int key) override {
+    const bool cuda_aware = mpi_cuda_aware().aware;
     MPI_Comm sub;
     check_mpi(MPI_Comm_split(comm_, color, key, &sub), "MPI_Comm_split");
-    return std::make_unique<MpiCommunicator>(sub, true);
+    return std::make_unique<MpiCommunicator>(sub, true, cuda_aware);
   }
   void* native_handle() override { return &comm_; }
+  bool cuda_aware() const override { return cuda_aware_; }
 
  private:
   static int int_count(int64_t n) {
@@ -276,12 +299,44 @@ class MpiCommunicator : public Communicator {
   }
   MPI_Comm comm_;
   bool owned_;
+  bool cuda_aware_;
   int rank_ = 0, size_ = 1;
 };
 
 }  // namespace
 
 bool mpi_support() { return true; }
+
+MpiCudaSupport mpi_library_cuda_support() {
+  ensure_mpi();  // Open MPI sets its run-time answer while it initialises
+  static const MpiCudaSupport lib = [] {
+    MpiCudaSupport s;
+#if defined(OPEN_MPI) && defined(MPIX_CUDA_AWARE_SUPPORT)
+    // Both must say yes: the build (compile time) and this run (run time: the library may be
+    // built CUDA-aware but started without it, e.g. with --mca opal_cuda_support 0).
+    const bool built = MPIX_CUDA_AWARE_SUPPORT;
+    const int runtime = MPIX_Query_cuda_support();
+    s.answer = built && runtime == 1 ? MpiCudaSupport::Answer::yes : MpiCudaSupport::Answer::no;
+    s.detail = "Open MPI " + std::to_string(OMPI_MAJOR_VERSION) + "." +
+               std::to_string(OMPI_MINOR_VERSION) + "." + std::to_string(OMPI_RELEASE_VERSION) +
+               ": MPIX_CUDA_AWARE_SUPPORT " + std::to_string(int(built)) +
+               (built ? "" : " (built without CUDA)") + ", MPIX_Query_cuda_support() = " +
+               std::to_string(runtime);
+#elif defined(OPEN_MPI)
+    s.detail = "Open MPI " + std::to_string(OMPI_MAJOR_VERSION) + "." +
+               std::to_string(OMPI_MINOR_VERSION) +
+               " without the cuda extension (no MPIX_CUDA_AWARE_SUPPORT in mpi-ext.h): unknown";
+#else
+    s.detail = "this MPI library has no CUDA-awareness query (only Open MPI's is used): unknown";
+#endif
+    return s;
+  }();
+  return lib;
+}
+
+MpiCudaAware mpi_cuda_aware() {
+  return decide_mpi_cuda_aware(mpi_library_cuda_support(), std::getenv("FTUNE_MPI_CUDA_AWARE"));
+}
 
 void finalize_mpi() {
   int inited = 0, finalized = 0;
@@ -318,7 +373,8 @@ std::unique_ptr<Communicator> make_world_communicator(const std::string& backend
     const int dev = cuda::select_device_for_local_rank();
     if (!launched_by_mpi()) return make_nccl_communicator(make_single_communicator(), dev);
     ensure_mpi();
-    return make_nccl_communicator(std::make_shared<MpiCommunicator>(MPI_COMM_WORLD, false), dev);
+    return make_nccl_communicator(
+        std::make_shared<MpiCommunicator>(MPI_COMM_WORLD, false, mpi_cuda_aware().aware), dev);
 #else
     FTUNE_THROW("[parallel] backend 'nccl': this build has no NCCL (it needs FTUNE_CUDA=ON and "
                 "NCCL found at configure time)");
@@ -329,7 +385,7 @@ std::unique_ptr<Communicator> make_world_communicator(const std::string& backend
   int size = 1;
   MPI_Comm_size(MPI_COMM_WORLD, &size);
   if (backend == "auto" && size == 1) return make_single_communicator();
-  return std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, false);
+  return std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, false, mpi_cuda_aware().aware);
 }
 
 }  // namespace ftune::parallel
