@@ -151,6 +151,7 @@ struct SftTrainer::Impl {
       }
       device = Device::cuda(idx);
       cuda::set_allow_tf32(cfg.allow_tf32);
+      ops::set_attention_backend(cfg.attention.backend);  // throws clearly without cuDNN
       FTUNE_CHECK(cfg.dtype != "f16", "[sft] ", cfg.recipe_file,
                   ": dtype f16 needs loss scaling, which the trainer does not have yet (the "
                   "gradients would underflow); use bf16");
