@@ -194,6 +194,9 @@ class Builder {
     if (b) set_desc(op, CUDNN_ATTR_OPERATION_POINTWISE_BDESC, b);
     if (t) set_desc(op, CUDNN_ATTR_OPERATION_POINTWISE_TDESC, t);
     set_desc(op, CUDNN_ATTR_OPERATION_POINTWISE_YDESC, y);
+    float alpha = 1.0f;  // y = op(1 * x, 1 * b): set explicitly, as cudnn-frontend does
+    set(op, CUDNN_ATTR_OPERATION_POINTWISE_ALPHA1, CUDNN_TYPE_FLOAT, 1, &alpha);
+    set(op, CUDNN_ATTR_OPERATION_POINTWISE_ALPHA2, CUDNN_TYPE_FLOAT, 1, &alpha);
     finalize(op);
     ops_.push_back(op);
   }
