@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "core/autograd.h"
@@ -104,6 +105,17 @@ struct AttentionOptions {
 // saved logsumexp.
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v,
                  const AttentionOptions& opt = AttentionOptions());
+
+// Which fused attention runs GPU tensors (process-wide; CPU tensors always use the CPU kernel):
+// "ftune" (kernels/cuda/attention.cu, the default) or "cudnn" (cuDNN's flash attention,
+// kernels/cuda/attention_cudnn.cpp; its own forward and backward). Under "cudnn", a call cuDNN's
+// graph does not serve (f32, head_dim not a multiple of 8 up to 128, packed variable-length
+// sequences, causal with Tq != Tk) runs ftune's kernel; the first such fallback of each reason
+// is reported once on stderr. Setting "cudnn" throws in a build without cuDNN; any other name
+// throws. Not thread-safe against concurrent attention calls.
+void set_attention_backend(const std::string& name);
+const std::string& attention_backend();
+bool cudnn_attention_built();  // this build has the cudnn backend (FTUNE_HAVE_CUDNN)
 
 // ---------------------------------------------------------------- lora (core/ops/lora.cpp)
 // y = x W^T + b + scale * (dropout(x) A^T) B^T. W [out, in] and b are frozen (no gradient);

@@ -18,6 +18,7 @@
 // The backward recomputes P block by block from q, k and lse.
 #pragma once
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "core/dtype.h"
@@ -88,5 +89,29 @@ void set_attention_fwd_row_blocks(int n);
 // at head_dim 64 capped at 168 registers (3 CTAs per SM). 1-5 compute Delta = rowsum(dO * O)
 // with 16-byte loads. Process-wide, not thread-safe.
 void set_attention_bwd_variant(int v);
+
+}  // namespace ftune::kernels::cuda
+
+// cuDNN's fused flash attention (kernels/cuda/attention_cudnn.cpp), the `attention.backend:
+// cudnn` alternative to the kernels above and the baseline they are measured against. Built only
+// when CMake found cuDNN 9 (FTUNE_HAVE_CUDNN); without it these throw. The same layout, sequences
+// and parameters as attention_forward / attention_backward; lse is [H, Nq] f32, the layout above,
+// so either backward could consume either forward's output (the ops layer keeps them paired).
+// Served: dt bf16 or f16; head_dim a multiple of 8 up to 128; grouped-query; a batch of
+// equal-length sequences (the [B, T, H, D] case: seqs[b] = {b*Tq, Tq, b*Tk, Tk}); causal only with
+// Tq == Tk. cudnn_attention_unsupported says why a call is not served ("" when it is); packed
+// variable-length sequences are among them (the ops layer then runs ftune's kernel).
+// The cuDNN graph per shape is built once and cached (per thread and device); the workspace comes
+// from the caching allocator; execution is on the current stream. The backward accumulates dQ with
+// atomics inside cuDNN: it is not bitwise deterministic, unlike attention_backward.
+namespace ftune::kernels::cuda {
+
+std::string cudnn_attention_unsupported(const AttnParams& p, const std::vector<AttnSeq>& seqs,
+                                        DType dt);
+void cudnn_attention_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType dt,
+                             const void* q, const void* k, const void* v, void* out, float* lse);
+void cudnn_attention_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType dt,
+                              const void* q, const void* k, const void* v, const void* out,
+                              const float* lse, const void* dout, void* dq, void* dk, void* dv);
 
 }  // namespace ftune::kernels::cuda

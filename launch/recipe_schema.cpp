@@ -437,6 +437,9 @@ void check_files(Binder& b, const SftConfig& c) {
 
 void check_conflicts(Binder& b, const SftConfig& c, bool lora_present) {
   const bool has_val = !c.dataset.val_path.empty() || c.dataset.val_size > 0;
+  if (c.attention.backend == "cudnn" && c.device == "cpu")
+    b.error_at("attention.backend", str_cat("attention.backend: cudnn needs device: cuda",
+                                            b.where("device"), " (cuDNN runs on the GPU)"));
   if (lora_present && c.model.init == "random")
     b.error(b.key_loc("lora"),
             str_cat("LoRA needs pretrained weights, but model.init is `random`",
@@ -696,6 +699,10 @@ void bind_sft_config(const RecipeNode& root, const std::string& file, SftConfig&
   par.number("bucket_mb", c.parallel.bucket_mb, positive());
   par.choice("backend", c.parallel.backend, {"auto", "mpi", "nccl"});
   par.finish();
+
+  Section attn = top.section("attention");
+  attn.choice("backend", c.attention.backend, {"ftune", "cudnn"});
+  attn.finish();
 
   top.value("vars");  // free-form values for ${vars.x}; not checked
   top.finish();

@@ -82,6 +82,12 @@ struct ParallelSection {
   std::string backend = "auto";
 };
 
+// `attention:` of a recipe: which fused attention the GPU runs (core/ops.h set_attention_backend;
+// docs/gpu.md "cuDNN attention backend").
+struct AttentionSection {
+  std::string backend = "ftune";  // ftune | cudnn
+};
+
 struct SftConfig {
   std::string recipe_file;    // where the recipe came from (messages)
   std::string resolved_yaml;  // the resolved recipe, as printed and saved in checkpoints
@@ -100,6 +106,7 @@ struct SftConfig {
   OptimizerSection optimizer;
   SchedulerSection lr_scheduler;
   ParallelSection parallel;
+  AttentionSection attention;
 
   int64_t batch_size = 8;  // sequences (rows, when packed) per micro-batch
   int64_t epochs = 1;

@@ -156,6 +156,7 @@ struct SftTrainer::Impl {
       }
       device = Device::cuda(idx);
       cuda::set_allow_tf32(cfg.allow_tf32);
+      ops::set_attention_backend(cfg.attention.backend);  // throws clearly without cuDNN
       FTUNE_CHECK(cfg.parallel.tp == 1 && cfg.parallel.zero == 0, "[sft] ", cfg.recipe_file,
                   ": device ", cfg.device, " with parallel.tp > 1 or parallel.zero: 1 is not "
                   "supported yet (the vocab-parallel loss and the sharded optimizer are CPU-only); "

@@ -2,7 +2,9 @@
 // backward with FlashAttention's convention (forward 4 B H N^2 D, halved when causal; backward
 // 2.5x the forward), head_dim 64 (32 heads) and 128 (16 heads), seq 512..8192 with B N = 16k
 // tokens, causal and not; the forward also with 128-row CTAs, fwd+bwd also with backward variants
-// 1, 3 and 5 (head_dim 64), 4 and (determinism off) 2 (set_attention_bwd_variant). The torch SDPA numbers on the same shapes come from
+// 1, 3 and 5 (head_dim 64), 4 and (determinism off) 2 (set_attention_bwd_variant); and the
+// "cudnn" rows, cuDNN's fused flash attention (the attention.backend: cudnn baseline) where this
+// build has cuDNN. The torch SDPA numbers on the same shapes come from
 // torch_attention.py. Plus one decode step over a long KV cache (GB/s: K and V read once).
 #include <algorithm>
 #include <cmath>
@@ -125,6 +127,28 @@ FTUNE_GPU_BENCH(attention) {
         ctx.add(ra);
         kernels::cuda::set_attention_bwd_variant(0);
         cuda::set_deterministic(true);
+        // The baseline: cuDNN's fused flash attention on the same buffers (attention.backend:
+        // cudnn), same FLOP convention. Its first call builds and caches the plan (warm-up).
+        if (kernels::cuda::cudnn_attention_unsupported(p, seqs, DType::bf16).empty()) {
+          auto cfwd = [&] {
+            kernels::cuda::cudnn_attention_forward(p, seqs, DType::bf16, q, k, v, o, lse);
+          };
+          auto cbwd = [&] {
+            kernels::cuda::cudnn_attention_backward(p, seqs, DType::bf16, q, k, v, o, lse, go, dq,
+                                                    dk, dv);
+          };
+          bench::Row c1;
+          c1.name = "attn_fwd " + shape + " cudnn";
+          c1.ms = ctx.time_ms(cfwd, 3, reps);
+          c1.flops = fwd_flops;
+          ctx.add(c1);
+          cfwd();
+          bench::Row c2;
+          c2.name = "attn_fwd+bwd " + shape + " cudnn";
+          c2.ms = ctx.time_ms([&] { cfwd(); cbwd(); }, 2, reps);
+          c2.flops = 3.5 * fwd_flops;
+          ctx.add(c2);
+        }
       }
       for (void* ptr : {q, k, v, go, o, dq, dk, dv, static_cast<void*>(lse)}) bench::free_device(ptr);
     }

@@ -2,6 +2,9 @@
 #include "kernels/attention.h"
 
 #include <cmath>
+#include <iostream>
+#include <mutex>
+#include <set>
 
 #include "core/ops/common.h"
 
@@ -37,7 +40,56 @@ int64_t packed_tokens(const Tensor& t, const char* what) {
   return t.size(-3);
 }
 
+std::string& backend_name() {
+  static std::string name = "ftune";
+  return name;
+}
+
+// Whether this GPU call goes to cuDNN: backend "cudnn" and a shape its graph serves. A fallback
+// is reported once per reason, so a run says which calls did not use cuDNN.
+bool use_cudnn(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType dt) {
+  if (backend_name() != "cudnn") return false;
+#ifdef FTUNE_HAVE_CUDNN
+  std::string why = kernels::cuda::cudnn_attention_unsupported(p, seqs, dt);
+  if (why.empty()) return true;
+  static std::mutex mu;
+  static std::set<std::string> told;
+  std::lock_guard<std::mutex> lock(mu);
+  if (told.insert(why).second)
+    std::cerr << "[attention] backend cudnn: " << why << "; these calls run ftune's kernel\n";
+#else
+  (void)p;
+  (void)seqs;
+  (void)dt;
+#endif
+  return false;
+}
+
 }  // namespace
+
+bool cudnn_attention_built() {
+#ifdef FTUNE_HAVE_CUDNN
+  return true;
+#else
+  return false;
+#endif
+}
+
+void set_attention_backend(const std::string& name) {
+  FTUNE_CHECK(name == "ftune" || name == "cudnn", "[attention] unknown backend `", name,
+              "`: expected ftune or cudnn");
+  FTUNE_CHECK(name != "cudnn" || cudnn_attention_built(),
+              "[attention] backend cudnn: this ftune was built without cuDNN (",
+#ifdef FTUNE_HAVE_CUDA
+              "CMake found no cuDNN 9 beside the CUDA toolkit",
+#else
+              "FTUNE_CUDA=OFF",
+#endif
+              "); use attention.backend: ftune");
+  backend_name() = name;
+}
+
+const std::string& attention_backend() { return backend_name(); }
 
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionOptions& opt) {
   check_defined("attention", q, "q");
@@ -103,10 +155,17 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, const Attent
   Tensor out = Tensor::empty(q.shape(), q.dtype(), q.device());
   // The GPU keeps the logsumexp in f32 for every input dtype.
   Tensor lse = Tensor::empty({H, p.nq}, gpu ? DType::f32 : q.dtype(), q.device());
+  // The backward runs the same implementation as the forward (their lse are interchangeable,
+  // but pairing them keeps each backend's numbers its own).
+  const bool cudnn = gpu && use_cudnn(p, seqs, q.dtype());
   if (gpu) {
 #ifdef FTUNE_HAVE_CUDA
-    kernels::cuda::attention_forward(p, seqs, q.dtype(), qc.raw_data(), kc.raw_data(),
-                                     vc.raw_data(), out.raw_data(), lse.data<float>());
+    if (cudnn)
+      kernels::cuda::cudnn_attention_forward(p, seqs, q.dtype(), qc.raw_data(), kc.raw_data(),
+                                             vc.raw_data(), out.raw_data(), lse.data<float>());
+    else
+      kernels::cuda::attention_forward(p, seqs, q.dtype(), qc.raw_data(), kc.raw_data(),
+                                       vc.raw_data(), out.raw_data(), lse.data<float>());
 #endif
   } else {
     dispatch_float(q.dtype(), "attention", [&]<class T>() {
@@ -118,7 +177,8 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, const Attent
 
   Tensor saved_out = out.detach();
   record("attention", out, {q, k, v},
-         [p, seqs, qc, kc, vc, saved_out, lse](const Tensor& g, const std::vector<bool>& need) {
+         [p, seqs, qc, kc, vc, saved_out, lse, cudnn](const Tensor& g,
+                                                       const std::vector<bool>& need) {
            Tensor gc = g.dtype() == qc.dtype() ? contig(g) : g.detach().to(qc.dtype());
            Tensor dq, dk, dv;
            if (need[0]) dq = Tensor::empty(qc.shape(), qc.dtype(), qc.device());
@@ -126,7 +186,7 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, const Attent
            if (need[2]) dv = Tensor::empty(vc.shape(), vc.dtype(), vc.device());
            if (gc.device().is_cuda()) {
 #ifdef FTUNE_HAVE_CUDA
-             kernels::cuda::attention_backward(
+             (cudnn ? kernels::cuda::cudnn_attention_backward : kernels::cuda::attention_backward)(
                  p, seqs, gc.dtype(), qc.raw_data(), kc.raw_data(), vc.raw_data(),
                  saved_out.raw_data(), lse.data<float>(), gc.raw_data(),
                  dq.defined() ? dq.raw_data() : nullptr, dk.defined() ? dk.raw_data() : nullptr,

@@ -544,5 +544,22 @@ TEST_F(RecipeTest, LsAndCp) {
   EXPECT_EQ(own.out, "a  My own recipe\n");
 }
 
+// attention.backend: ftune (default) | cudnn; cudnn needs device: cuda (cuDNN is GPU-only), and an
+// unknown backend is named in the error.
+TEST_F(RecipeTest, AttentionBackendKey) {
+  EXPECT_EQ(load(kMinimal).to_sft_config().attention.backend, "ftune");
+  const std::string cuda = std::string(kMinimal) + "device: cuda\n";
+  EXPECT_EQ(load(cuda + "attention: {backend: cudnn}\n").to_sft_config().attention.backend,
+            "cudnn");
+  EXPECT_EQ(load(cuda + "attention: {backend: ftune}\n").to_sft_config().attention.backend,
+            "ftune");
+  std::string e = all(check(std::string(kMinimal) + "attention: {backend: cudnn}\n"));
+  EXPECT_NE(e.find("attention.backend: cudnn needs device: cuda"), std::string::npos) << e;
+  e = all(check(cuda + "attention: {backend: flash}\n"));
+  EXPECT_NE(e.find("flash"), std::string::npos) << e;
+  EXPECT_THROW(load(cuda + "attention: {backend: flash}\n"), RecipeError);
+  EXPECT_THROW(load(cuda + "attention: {backnd: cudnn}\n"), RecipeError);
+}
+
 }  // namespace
 }  // namespace ftune
