@@ -40,6 +40,7 @@ int64_t packed_tokens(const Tensor& t, const char* what) {
 }  // namespace
 
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionOptions& opt) {
+  profiler::OpScope prof("attention");
   check_defined("attention", q, "q");
   check_defined("attention", k, "k");
   check_defined("attention", v, "v");
