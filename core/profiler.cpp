@@ -16,7 +16,8 @@ namespace ftune::profiler {
 namespace {
 
 double now_ms() {
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch())
+  return std::chrono::duration<double, std::milli>(
+             std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }
 
@@ -80,8 +81,8 @@ State& st() {
 
 // The profiled thread: only its ops are timed (a loader thread's copies are not part of the step).
 thread_local bool t_owner = false;
-thread_local int t_depth = 0;    // nesting of hooked calls; depth 1 is the timed one
-thread_local int t_open = -1;    // index of the open interval
+thread_local int t_depth = 0;  // nesting of hooked calls; depth 1 is the timed one
+thread_local int t_open = -1;  // index of the open interval
 
 int record_event() {
   State& s = st();
@@ -114,7 +115,10 @@ bool enter(const char* op, const std::vector<int64_t>* shape) {
     std::string l = op;
     if (shape) {
       l += " [";
-      for (size_t i = 0; i < shape->size(); ++i) l += (i ? "," : "") + std::to_string((*shape)[i]);
+      for (size_t i = 0; i < shape->size(); ++i) {
+        if (i) l += ',';
+        l += std::to_string((*shape)[i]);
+      }
       l += "]";
     }
     open(st().labels.id(l));
@@ -208,7 +212,9 @@ double end_step() {
   const double t_end = now_ms();
   s.in_step = false;
   t_owner = false;
-  auto elapsed = [&](int a, int b) { return double(s.pool[size_t(a)]->elapsed_ms(*s.pool[size_t(b)])); };
+  auto elapsed = [&](int a, int b) {
+    return double(s.pool[size_t(a)]->elapsed_ms(*s.pool[size_t(b)]));
+  };
 
   const double wall = t_end - s.t_begin, issue = t_issue - s.t_begin;
   const double gpu = s.gpu ? elapsed(s.ev_begin, ev_end) : 0.0;
@@ -334,32 +340,37 @@ std::string format_table(const Report& r, size_t max_rows) {
   std::string o;
   const char* unit = r.gpu ? "GPU" : "host";
   const double step_t = r.gpu ? r.gpu_ms : r.wall_ms;
-  o += fmt("profile: %d step(s) with op hooks, %d without; %lld timed intervals per step; on the %s\n",
-           r.steps, r.clean_steps, (long long)r.intervals, r.gpu ? "GPU" : "CPU");
+  o += fmt(
+      "profile: %d step(s) with op hooks, %d without; %lld timed intervals per step; on the %s\n",
+      r.steps, r.clean_steps, (long long)r.intervals, r.gpu ? "GPU" : "CPU");
   o += fmt("%-22s %10s %14s %10s\n", "step (ms)", "wall", "host issue", "GPU");
+  auto g = [&](double v) { return r.gpu ? fmt("%.3f", v) : std::string("-"); };
   if (r.steps)
-    o += fmt("%-22s %10.3f %14.3f %10.3f\n", "  with op hooks", r.wall_ms, r.issue_ms, r.gpu_ms);
+    o += fmt("%-22s %10.3f %14.3f %10s\n", "  with op hooks", r.wall_ms, r.issue_ms,
+             g(r.gpu_ms).c_str());
   if (r.clean_steps)
-    o += fmt("%-22s %10.3f %14.3f %10.3f\n", "  without op hooks", r.clean_wall_ms, r.clean_issue_ms,
-             r.clean_gpu_ms);
+    o += fmt("%-22s %10.3f %14.3f %10s\n", "  without op hooks", r.clean_wall_ms, r.clean_issue_ms,
+             g(r.clean_gpu_ms).c_str());
   if (r.gpu) {
     const double w = r.clean_steps ? r.clean_wall_ms : r.wall_ms;
     const double is = r.clean_steps ? r.clean_issue_ms : r.issue_ms;
-    o += fmt("host issue / wall = %.2f (%s): near 1 means the host sets the pace (launch-bound or a "
-             "synchronizing call inside the step)\n",
-             w > 0 ? is / w : 0.0, r.clean_steps ? "without op hooks" : "with op hooks");
+    o +=
+        fmt("host issue / wall = %.2f (%s): near 1 means the host sets the pace (launch-bound or a "
+            "synchronizing call inside the step)\n",
+            w > 0 ? is / w : 0.0, r.clean_steps ? "without op hooks" : "with op hooks");
   }
   if (r.steps)
-    o += fmt("attributed %s time %.3f ms = %.1f%% of the step's %.3f ms (rest: gaps between ops and "
-             "unhooked work)\n",
-             unit, r.gpu ? r.attributed_gpu_ms : r.attributed_host_ms,
-             step_t > 0 ? 100.0 * (r.gpu ? r.attributed_gpu_ms : r.attributed_host_ms) / step_t : 0.0,
-             step_t);
+    o += fmt(
+        "attributed %s time %.3f ms = %.1f%% of the step's %.3f ms (rest: gaps between ops and "
+        "unhooked work)\n",
+        unit, r.gpu ? r.attributed_gpu_ms : r.attributed_host_ms,
+        step_t > 0 ? 100.0 * (r.gpu ? r.attributed_gpu_ms : r.attributed_host_ms) / step_t : 0.0,
+        step_t);
   o += fmt("\n%-12s %12s %10s %18s %14s\n", "phase (ms)", "host issue", "GPU", "no hooks: issue",
            "no hooks: GPU");
   for (const PhaseRow& p : r.phases)
-    o += fmt("%-12s %12.3f %10.3f %18.3f %14.3f\n", p.name.c_str(), p.issue_ms, p.gpu_ms,
-             p.clean_issue_ms, p.clean_gpu_ms);
+    o += fmt("%-12s %12.3f %10s %18.3f %14s\n", p.name.c_str(), p.issue_ms, g(p.gpu_ms).c_str(),
+             p.clean_issue_ms, g(p.clean_gpu_ms).c_str());
   o += fmt("\n%-10s %-40s %8s %10s %10s %7s\n", "phase", "label", "calls", "GPU ms", "host ms",
            r.gpu ? "% GPU" : "% wall");
   size_t n = 0;
@@ -373,39 +384,44 @@ std::string format_table(const Report& r, size_t max_rows) {
     }
     ++n;
     const double t = r.gpu ? row.gpu_ms : row.host_ms;
-    o += fmt("%-10s %-40s %8.4g %10.3f %10.3f %7.2f\n", row.phase.c_str(), row.label.c_str(), row.calls,
-             row.gpu_ms, row.host_ms, step_t > 0 ? 100.0 * t / step_t : 0.0);
+    o += fmt("%-10s %-40s %8.4g %10s %10.3f %7.2f\n", row.phase.c_str(), row.label.c_str(),
+             row.calls, r.gpu ? fmt("%.3f", row.gpu_ms).c_str() : "-", row.host_ms,
+             step_t > 0 ? 100.0 * t / step_t : 0.0);
   }
   if (max_rows && r.rows.size() > max_rows) {
     const double t = r.gpu ? rest.gpu_ms : rest.host_ms;
-    o += fmt("%-10s %-40s %8.4g %10.3f %10.3f %7.2f\n", "",
-             fmt("(%zu more labels)", r.rows.size() - max_rows).c_str(), rest.calls, rest.gpu_ms,
-             rest.host_ms, step_t > 0 ? 100.0 * t / step_t : 0.0);
+    o += fmt("%-10s %-40s %8.4g %10s %10.3f %7.2f\n", "",
+             fmt("(%zu more labels)", r.rows.size() - max_rows).c_str(), rest.calls,
+             r.gpu ? fmt("%.3f", rest.gpu_ms).c_str() : "-", rest.host_ms,
+             step_t > 0 ? 100.0 * t / step_t : 0.0);
   }
   return o;
 }
 
 std::string to_json(const Report& r) {
   std::string o = "{";
-  o += fmt("\"gpu\":%s,\"steps\":%d,\"clean_steps\":%d,\"intervals\":%lld,", r.gpu ? "true" : "false",
-           r.steps, r.clean_steps, (long long)r.intervals);
-  o += fmt("\"wall_ms\":%.6g,\"issue_ms\":%.6g,\"gpu_ms\":%.6g,\"attributed_host_ms\":%.6g,"
-           "\"attributed_gpu_ms\":%.6g,",
-           r.wall_ms, r.issue_ms, r.gpu_ms, r.attributed_host_ms, r.attributed_gpu_ms);
+  o += fmt("\"gpu\":%s,\"steps\":%d,\"clean_steps\":%d,\"intervals\":%lld,",
+           r.gpu ? "true" : "false", r.steps, r.clean_steps, (long long)r.intervals);
+  o +=
+      fmt("\"wall_ms\":%.6g,\"issue_ms\":%.6g,\"gpu_ms\":%.6g,\"attributed_host_ms\":%.6g,"
+          "\"attributed_gpu_ms\":%.6g,",
+          r.wall_ms, r.issue_ms, r.gpu_ms, r.attributed_host_ms, r.attributed_gpu_ms);
   o += fmt("\"clean_wall_ms\":%.6g,\"clean_issue_ms\":%.6g,\"clean_gpu_ms\":%.6g,\"phases\":[",
            r.clean_wall_ms, r.clean_issue_ms, r.clean_gpu_ms);
   for (size_t i = 0; i < r.phases.size(); ++i) {
     const PhaseRow& p = r.phases[i];
-    o += (i ? "," : "") + std::string("{\"name\":") + json_str(p.name) +
-         fmt(",\"issue_ms\":%.6g,\"gpu_ms\":%.6g,\"clean_issue_ms\":%.6g,\"clean_gpu_ms\":%.6g}",
+    if (i) o += ',';
+    o += "{\"name\":" + json_str(p.name);
+    o += fmt(",\"issue_ms\":%.6g,\"gpu_ms\":%.6g,\"clean_issue_ms\":%.6g,\"clean_gpu_ms\":%.6g}",
              p.issue_ms, p.gpu_ms, p.clean_issue_ms, p.clean_gpu_ms);
   }
   o += "],\"rows\":[";
   for (size_t i = 0; i < r.rows.size(); ++i) {
     const Row& w = r.rows[i];
-    o += (i ? "," : "") + std::string("{\"phase\":") + json_str(w.phase) +
-         ",\"label\":" + json_str(w.label) +
-         fmt(",\"calls\":%.6g,\"gpu_ms\":%.6g,\"host_ms\":%.6g}", w.calls, w.gpu_ms, w.host_ms);
+    if (i) o += ',';
+    o += "{\"phase\":" + json_str(w.phase);
+    o += ",\"label\":" + json_str(w.label);
+    o += fmt(",\"calls\":%.6g,\"gpu_ms\":%.6g,\"host_ms\":%.6g}", w.calls, w.gpu_ms, w.host_ms);
   }
   return o + "]}";
 }

@@ -101,9 +101,9 @@ void reset();
 
 struct Row {
   std::string phase, label;
-  double calls = 0;            // per step
-  double host_ms = 0;          // per step: wall time inside the intervals
-  double gpu_ms = 0;           // per step: GPU time between the events (0 on the CPU)
+  double calls = 0;    // per step
+  double host_ms = 0;  // per step: wall time inside the intervals
+  double gpu_ms = 0;   // per step: GPU time between the events (0 on the CPU)
 };
 struct PhaseRow {
   std::string name;

@@ -84,7 +84,9 @@ struct ToyModel {
   // The forward op calls of one step by label, from the structure above.
   std::map<std::string, int64_t> expected_forward_calls() const {
     const int64_t L = c.layers, kv = c.kv_heads * c.head_dim();
-    auto lin = [](int64_t o, int64_t i) { return "linear [" + std::to_string(o) + "," + std::to_string(i) + "]"; };
+    auto lin = [](int64_t o, int64_t i) {
+      return "linear [" + std::to_string(o) + "," + std::to_string(i) + "]";
+    };
     std::map<std::string, int64_t> m;
     m["embedding"] = 1;
     m["rms_norm"] = 2 * L + 1;

@@ -16,13 +16,15 @@ using test::ToyModel;
 
 optim::AdamW make_opt(const ToyModel& m) {
   optim::ParamGroup g;
-  for (size_t i = 0; i < m.params.size(); ++i) g.params.emplace_back("p" + std::to_string(i), m.params[i]);
+  for (size_t i = 0; i < m.params.size(); ++i)
+    g.params.emplace_back("p" + std::to_string(i), m.params[i]);
   optim::AdamWOptions o;
   o.lr = 1e-2;
   return optim::AdamW({g}, o);
 }
 
-const profiler::Row* find_row(const profiler::Report& r, const std::string& phase, const std::string& label) {
+const profiler::Row* find_row(const profiler::Report& r, const std::string& phase,
+                              const std::string& label) {
   for (const auto& row : r.rows)
     if (row.phase == phase && row.label == label) return &row;
   return nullptr;
@@ -145,7 +147,8 @@ TEST_F(ProfilerTest, TotalsAddUpAndStayWithinTheStep) {
   for (size_t i = 1; i < r.rows.size(); ++i) EXPECT_GE(r.rows[i - 1].host_ms, r.rows[i].host_ms);
   // max_rows folds the rest into one line.
   const std::string short_table = profiler::format_table(r, 2);
-  EXPECT_NE(short_table.find("(" + std::to_string(r.rows.size() - 2) + " more labels)"), std::string::npos);
+  EXPECT_NE(short_table.find("(" + std::to_string(r.rows.size() - 2) + " more labels)"),
+            std::string::npos);
 }
 
 TEST_F(ProfilerTest, ProfilingLeavesTheResultsBitIdentical) {
@@ -193,7 +196,8 @@ TEST_F(ProfilerTest, CompositeOpsAreOneRowAndTheirNodesCarryTheirLabel) {
   EXPECT_EQ(calls_of(r, "forward", "where_mask"), 1.0);
   EXPECT_EQ(calls_of(r, "forward", "sum"), 1.0);
   for (const auto& row : r.rows)
-    if (row.phase == "forward") EXPECT_TRUE(row.label == "where_mask" || row.label == "sum") << row.label;
+    if (row.phase == "forward")
+      EXPECT_TRUE(row.label == "where_mask" || row.label == "sum") << row.label;
   // Inside where_mask the node that reaches x is mul(x, mask): labelled by where_mask.
   EXPECT_EQ(calls_of(r, "backward", "bwd where_mask (mul)"), 1.0);
   EXPECT_EQ(calls_of(r, "backward", "bwd sum"), 1.0);
