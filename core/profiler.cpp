@@ -351,13 +351,14 @@ std::string format_table(const Report& r, size_t max_rows) {
   if (r.clean_steps)
     o += fmt("%-22s %10.3f %14.3f %10s\n", "  without op hooks", r.clean_wall_ms, r.clean_issue_ms,
              g(r.clean_gpu_ms).c_str());
-  if (r.gpu) {
-    const double w = r.clean_steps ? r.clean_wall_ms : r.wall_ms;
-    const double is = r.clean_steps ? r.clean_issue_ms : r.issue_ms;
+  if (r.gpu && r.steps && r.clean_steps) {
+    // The op hooks add host time to every op. Where the GPU waits for the host, its span grows
+    // by as much; where the host is ahead (or blocked on a full launch queue), it does not.
+    const double dh = r.issue_ms - r.clean_issue_ms, dg = r.gpu_ms - r.clean_gpu_ms;
     o +=
-        fmt("host issue / wall = %.2f (%s): near 1 means the host sets the pace (launch-bound or a "
-            "synchronizing call inside the step)\n",
-            w > 0 ? is / w : 0.0, r.clean_steps ? "without op hooks" : "with op hooks");
+        fmt("launch-bound? the op hooks added %.3f ms of host issue time and %.3f ms of GPU span "
+            "(ratio %s): ~1 = the GPU waits for the host, ~0 = the host keeps ahead\n",
+            dh, dg, dh > 0.05 ? fmt("%.2f", dg / dh).c_str() : "-");
   }
   if (r.steps)
     o += fmt(
@@ -366,11 +367,15 @@ std::string format_table(const Report& r, size_t max_rows) {
         unit, r.gpu ? r.attributed_gpu_ms : r.attributed_host_ms,
         step_t > 0 ? 100.0 * (r.gpu ? r.attributed_gpu_ms : r.attributed_host_ms) / step_t : 0.0,
         step_t);
-  o += fmt("\n%-12s %12s %10s %18s %14s\n", "phase (ms)", "host issue", "GPU", "no hooks: issue",
-           "no hooks: GPU");
-  for (const PhaseRow& p : r.phases)
-    o += fmt("%-12s %12.3f %10s %18.3f %14s\n", p.name.c_str(), p.issue_ms, g(p.gpu_ms).c_str(),
-             p.clean_issue_ms, g(p.clean_gpu_ms).c_str());
+  o += fmt("\n%-12s %12s %10s %18s %14s %12s\n", "phase (ms)", "host issue", "GPU",
+           "no hooks: issue", "no hooks: GPU", "dGPU/dissue");
+  for (const PhaseRow& p : r.phases) {
+    const double dh = p.issue_ms - p.clean_issue_ms, dg = p.gpu_ms - p.clean_gpu_ms;
+    const bool ratio = r.gpu && r.steps && r.clean_steps && dh > 0.05;
+    o += fmt("%-12s %12.3f %10s %18.3f %14s %12s\n", p.name.c_str(), p.issue_ms,
+             g(p.gpu_ms).c_str(), p.clean_issue_ms, g(p.clean_gpu_ms).c_str(),
+             ratio ? fmt("%.2f", dg / dh).c_str() : "-");
+  }
   o += fmt("\n%-10s %-40s %8s %10s %10s %7s\n", "phase", "label", "calls", "GPU ms", "host ms",
            r.gpu ? "% GPU" : "% wall");
   size_t n = 0;
