@@ -198,6 +198,17 @@ void phase(const char* name) {
 
 bool in_step() { return st().in_step; }
 
+void cancel_step() {
+  State& s = st();
+  if (!s.in_step || !t_owner) return;
+  detail::g_hooks.store(false, std::memory_order_relaxed);
+  if (s.gpu && s.used > 0) s.pool[s.used - 1]->synchronize();  // the pool's events are reused
+  s.in_step = false;
+  t_owner = false;
+  t_depth = 0;
+  t_open = -1;
+}
+
 double end_step() {
   State& s = st();
   FTUNE_CHECK(s.in_step && t_owner, "[profiler] end_step() without begin_step() on this thread");

@@ -96,6 +96,8 @@ void phase(const char* name);
 // step to the totals. Returns the step's wall time in ms.
 double end_step();
 bool in_step();
+// Abandons the step in progress on this thread without adding it (after an exception inside it).
+void cancel_step();
 // Forgets every step so far (labels stay interned).
 void reset();
 

@@ -246,6 +246,18 @@ TEST_F(ProfilerTest, MisuseThrows) {
   EXPECT_THROW(profiler::reset(), Error);
   profiler::end_step();
   EXPECT_FALSE(profiler::in_step());
+  // A step abandoned after an exception adds nothing and leaves the hooks off.
+  profiler::reset();
+  profiler::begin_step(Device::cpu());
+  EXPECT_THROW(ops::add(Tensor::ones({2}), Tensor::ones({3})), Error);
+  profiler::cancel_step();
+  EXPECT_FALSE(profiler::in_step());
+  EXPECT_FALSE(profiler::hooks_on());
+  EXPECT_EQ(profiler::report().steps, 0);
+  profiler::begin_step(Device::cpu());
+  ops::add(Tensor::ones({2}), Tensor::ones({2}));
+  profiler::end_step();
+  EXPECT_EQ(calls_of(profiler::report(), "step", "add"), 1.0);
 }
 
 }  // namespace
