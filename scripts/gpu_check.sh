@@ -136,7 +136,7 @@ PY
   grep -v -E "^== profile|^profile:|^step \(ms\)|^  with|^host issue|^attributed|^phase|^(forward|backward|clip|adamw|step) |^$|^ " "$OUT/e2e.log" 2>/dev/null | tail -3
   echo
   echo "== where the step's time goes: op profile, top rows (whole tables in e2e.log) =="
-  grep -A26 "^== profile: " "$OUT/e2e.log" 2>/dev/null | cut -c1-100
+  grep -A26 "^== profile: " "$OUT/e2e.log" 2>/dev/null | cut -c1-120
   echo
   echo "== trainer =="
   grep -E "^\[  FAILED  \]|Failure|^\[       OK \]|Expected|Which is|actual" "$OUT/test_trainer.log" | head -12
