@@ -7,6 +7,10 @@
 //   bench_sft [--model DIR | --layers 4 --d 512 --heads 8 --kv-heads 8 --ffn 1376 --vocab 2048]
 //             [--seq 256] [--batch 8] [--lora-r 8 (0: full)] [--targets all-linear] [--steps 8]
 //             [--warmup 2] [--device cpu|cuda] [--dtype f32|bf16] [--ckpt 0|1] [--tie 1|0]
+//             [--profile N] [--profile-json FILE]
+// --profile N: after the timed steps (which never carry it), N more steps under the op-level
+// profiler (core/profiler.h; one discarded warm-up step and one step without op hooks first), its
+// table on stderr: per op label, calls, GPU and host ms per step, host issue time per phase.
 // On the GPU the step ends with the loss read back (as the trainer's NaN guard does), so each timed
 // step includes its whole device work; peak_gpu_mib is the caching allocator's high-water mark, and
 // mfu counts 6 * params * tokens (+ attention) against the H100/H200 dense bf16 rate.
@@ -24,6 +28,7 @@
 
 #include "core/allocator.h"
 #include "core/optim.h"
+#include "core/profiler.h"
 #include "core/rng.h"
 #include "io/hf_config.h"
 #include "models/lora.h"
@@ -46,8 +51,8 @@ double peak_rss_mib() {
 int main(int argc, char** argv) {
   std::string model_dir, targets = "all-linear";
   int64_t layers = 4, d = 512, heads = 8, kv = 8, ffn = 1376, vocab = 2048, seq = 256, batch = 8;
-  int64_t lora_r = 8, steps = 8, warmup = 2, ckpt = 0, tie = 1;
-  std::string device = "cpu", dtype = "f32";
+  int64_t lora_r = 8, steps = 8, warmup = 2, ckpt = 0, tie = 1, profile = 0;
+  std::string device = "cpu", dtype = "f32", profile_json;
   for (int i = 1; i < argc; i += 2) {
     std::string k = argv[i];
     if (i + 1 >= argc) {
@@ -89,13 +94,17 @@ int main(int argc, char** argv) {
       ckpt = std::stoll(v);
     else if (k == "--tie")
       tie = std::stoll(v);
+    else if (k == "--profile")
+      profile = std::stoll(v);
+    else if (k == "--profile-json")
+      profile_json = v;
     else {
       std::fprintf(stderr, "bench_sft: unknown option %s\n", k.c_str());
       return 2;
     }
   }
-  if (steps < 1 || warmup < 0) {
-    std::fprintf(stderr, "bench_sft: --steps must be >= 1 and --warmup >= 0\n");
+  if (steps < 1 || warmup < 0 || profile < 0) {
+    std::fprintf(stderr, "bench_sft: --steps must be >= 1, --warmup and --profile >= 0\n");
     return 2;
   }
   try {
@@ -221,6 +230,45 @@ int main(int argc, char** argv) {
                           {"peak_rss_mib", peak_rss},
                           {"adamw_state_mib", double(state_bytes) / (1024.0 * 1024.0)}};
     std::printf("%s\n", out.dump().c_str());
+    std::fflush(stdout);
+
+    if (profile > 0) {
+      // The timed step, with the loss read (the NaN guard) moved after the step so that nothing
+      // but clip_grad_norm's norm read synchronizes inside it: the host issue time of forward and
+      // backward shows whether the host keeps ahead of the GPU.
+      auto profiled = [&](bool hooks) {
+        profiler::begin_step(dev, hooks);
+        profiler::phase("forward");
+        Tensor logits = model->forward(ids);
+        Tensor ce = ops::cross_entropy(logits.view({batch * seq, mc.vocab_size}), labels, -100,
+                                       ops::Reduction::sum);
+        Tensor loss = ops::mul_scalar(ce, 1.0 / double(batch * seq));
+        profiler::phase("backward");
+        loss.backward();
+        profiler::phase("clip");
+        optim::clip_grad_norm(params, 1.0);
+        profiler::phase("adamw");
+        opt.step();
+        opt.zero_grad();
+        profiler::end_step();
+        if (!std::isfinite(ce.item())) throw std::runtime_error("non-finite loss");
+      };
+      profiled(true);  // warm-up: the profiler's event pool and labels
+      profiler::reset();
+      profiled(false);
+      for (int64_t s = 0; s < profile; ++s) profiled(true);
+      const profiler::Report rep = profiler::report();
+      std::fprintf(stderr, "== profile: bench_sft %s%s, %s %s, L=%lld d=%lld seq=%lld batch=%lld ==\n%s\n",
+                   lora_r > 0 ? "lora r=" : "full", lora_r > 0 ? std::to_string(lora_r).c_str() : "",
+                   device.c_str(), dtype.c_str(), (long long)mc.num_hidden_layers,
+                   (long long)mc.hidden_size, (long long)seq, (long long)batch,
+                   profiler::format_table(rep).c_str());
+      if (!profile_json.empty()) {
+        std::ofstream js(profile_json);
+        if (!js) throw std::runtime_error("cannot write " + profile_json);
+        js << profiler::to_json(rep) << "\n";
+      }
+    }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_sft: %s\n", e.what());
     return 1;

@@ -6,6 +6,7 @@
 #include <unordered_set>
 
 #include "core/ops.h"
+#include "core/profiler.h"
 
 namespace ftune {
 
@@ -38,6 +39,7 @@ void record(const char* name, Tensor& out, const std::vector<Tensor>& inputs, Ba
   node->seq = g_seq++;
   node->out_shape = out.shape();
   node->out_dtype = out.dtype();
+  if (profiler::hooks_on()) node->prof_label = profiler::current_label();
   node->edges.resize(inputs.size());
   for (size_t i = 0; i < inputs.size(); ++i) {
     const Tensor& t = inputs[i];
@@ -60,7 +62,10 @@ void record(const char* name, Tensor& out, const std::vector<Tensor>& inputs, Ba
 namespace {
 
 // Sum of two gradients, never in place: a backward may hand the same tensor to two inputs.
-Tensor add_grads(const Tensor& a, const Tensor& b) { return ops::add(a, b); }
+Tensor add_grads(const Tensor& a, const Tensor& b) {
+  profiler::OpScope prof("autograd accumulate");
+  return ops::add(a, b);
+}
 
 void check_grad(const char* what, const std::string& name, const Tensor& g, const Shape& shape,
                 DType dtype) {
@@ -71,6 +76,7 @@ void check_grad(const char* what, const std::string& name, const Tensor& g, cons
 }
 
 void accumulate_leaf(TensorImpl* leaf, Tensor g) {
+  profiler::OpScope prof("autograd accumulate");
   if (g.dtype() != leaf->dtype) g = g.to(leaf->dtype);
   if (!leaf->grad) {
     // Own the buffer: steal it when this is the only handle to it (the common case: a backward
@@ -165,7 +171,11 @@ void run_backward(const Tensor& root, const Tensor& grad_in, bool retain_graph) 
     }
     std::vector<bool> need(n->edges.size());
     for (size_t i = 0; i < n->edges.size(); ++i) need[i] = n->edges[i].active();
-    std::vector<Tensor> in_grads = n->backward(g, need);
+    std::vector<Tensor> in_grads;
+    {
+      profiler::BackwardScope prof(n->name, n->prof_label);
+      in_grads = n->backward(g, need);
+    }
     FTUNE_CHECK(in_grads.size() == n->edges.size(), "[autograd] backward of '", n->name, "' returned ",
                 in_grads.size(), " grads for ", n->edges.size(), " inputs");
     for (size_t i = 0; i < n->edges.size(); ++i) {

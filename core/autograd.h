@@ -29,6 +29,7 @@ class Node {
   std::vector<std::pair<std::weak_ptr<Storage>, uint64_t>> versions;
   Shape out_shape;
   DType out_dtype = DType::f32;
+  uint32_t prof_label = 0;  // profiler: the forward op that made the node (core/profiler.h)
   void release() {
     backward = nullptr;
     edges.clear();

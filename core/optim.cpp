@@ -7,6 +7,7 @@
 
 #include "core/autograd.h"
 #include "core/cuda_runtime.h"
+#include "core/profiler.h"
 #include "kernels/adamw.h"
 
 namespace ftune::optim {
@@ -119,6 +120,7 @@ AdamW::AdamW(std::vector<ParamGroup> groups, AdamWOptions opt)
 }
 
 void AdamW::step() {
+  profiler::OpScope prof("adamw");
   NoGradGuard ng;
   // Validate every gradient first: a bad one must leave all parameters and the state untouched.
   for (const Slot& s : slots_) {
@@ -362,6 +364,7 @@ void scale_grads(const std::vector<Tensor>& params, double s) {
 }
 
 double clip_grad_norm(const std::vector<Tensor>& params, double max_norm) {
+  profiler::OpScope prof("clip_grad_norm");
   FTUNE_CHECK(max_norm > 0, "[clip_grad_norm] max_norm must be positive, got ", max_norm);
   const double norm = std::sqrt(grad_sum_squares(params));
   if (!std::isfinite(norm)) return norm;

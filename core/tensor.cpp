@@ -7,6 +7,7 @@
 #include "core/allocator.h"
 #include "core/autograd.h"
 #include "core/ops.h"
+#include "core/profiler.h"
 #include "kernels/cpu/strided.h"
 #ifdef FTUNE_HAVE_CUDA
 #include "kernels/copy.h"
@@ -176,6 +177,7 @@ void cpu_copy(const Tensor& dst, const Tensor& src) {
 }  // namespace
 
 void Tensor::copy_(const Tensor& src) {
+  profiler::OpScope prof("copy");
   FTUNE_CHECK(defined() && src.defined(), "[copy_] undefined tensor");
   FTUNE_CHECK(shape() == src.shape(), "[copy_] shape mismatch: dst ", desc(), ", src ", src.desc());
   bump_version();
@@ -228,6 +230,7 @@ void Tensor::copy_(const Tensor& src) {
 }
 
 void Tensor::fill_(double v) {
+  profiler::OpScope prof("fill");
   bump_version();
   if (device().is_cuda()) {
 #ifdef FTUNE_HAVE_CUDA

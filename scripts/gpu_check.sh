@@ -67,7 +67,8 @@ run() {
   if [ ! -e "$bld" ]; then mkdir -p "$bld"; fi
   cp -r "$B/bin/." "$bld/"
   # At most 8 files come back from $OUT: test_cuda.log (environment first), test_trainer.log,
-  # quickstart_gpu.log, bench_gpu.md, bench_gpu.log, torch_ref.log, e2e.jsonl, e2e.log.
+  # quickstart_gpu.log, bench_gpu.md, bench_gpu.log, torch_ref.log, e2e.jsonl, e2e.log (which
+  # also holds bench_sft's op-profile tables).
   {
     echo "commit $(cat $B/COMMIT 2>/dev/null) on $(hostname), $(date -u)"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1
@@ -97,10 +98,14 @@ run() {
   # End to end (issue 7): one SFT step of a ~0.5B Llama-style model (Qwen2.5-0.5B's shapes: d 896,
   # 24 layers, 14 heads of 64, 2 kv heads, ffn 4864, vocab 151936 tied) at seq 2048, bf16, LoRA
   # and full, ftune vs transformers + peft on the same shapes. GPU_CHECK_E2E=0 skips it.
+  # LoRA and full (no ckpt) also run 2 (+2) steps under the op-level profiler after their timed
+  # steps (bench_sft --profile): the tables go to e2e.log (stderr), "== profile: ..." first.
   if [ "${GPU_CHECK_E2E:-1}" = 1 ]; then
     local shape="--layers 24 --d 896 --heads 14 --kv-heads 2 --ffn 4864 --vocab 151936 --seq 2048 --batch 4 --steps 4 --warmup 2 --device cuda --dtype bf16"
+    local prof
     for mode in "--lora-r 16" "--lora-r 0" "--lora-r 0 --ckpt 1"; do
-      timeout 150 "$bld/bench/bench_sft" $shape $mode >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft $mode failed: $?" >> "$OUT/e2e.log"
+      case "$mode" in *ckpt*) prof="" ;; *) prof="--profile 2" ;; esac
+      timeout 150 "$bld/bench/bench_sft" $shape $mode $prof >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft $mode failed: $?" >> "$OUT/e2e.log"
       (cd "$ROOT" && PYTHONUNBUFFERED=1 timeout 150 python3 bench/sft/peft_step.py $shape $mode >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log") || echo "peft_step $mode failed: $?" >> "$OUT/e2e.log"
     done
   fi
@@ -128,7 +133,10 @@ for line in open(sys.argv[1]):
     print(f"| {j.get('impl', 'ftune')} | {j['mode']} | {j.get('activation_checkpointing')} | {j['ms_per_step']:.1f} | "
           f"{j['tokens_per_s']:.0f} | {(j.get('mfu_vs_989tflops') or 0) * 100:.1f}% | {j.get('peak_gpu_mib') or 0:.0f} |")
 PY
-  tail -3 "$OUT/e2e.log" 2>/dev/null
+  grep -v -E "^== profile|^profile:|^step \(ms\)|^  with|^host issue|^attributed|^phase|^(forward|backward|clip|adamw|step) |^$|^ " "$OUT/e2e.log" 2>/dev/null | tail -3
+  echo
+  echo "== where the step's time goes: op profile, top rows (whole tables in e2e.log) =="
+  grep -A26 "^== profile: " "$OUT/e2e.log" 2>/dev/null | cut -c1-120
   echo
   echo "== trainer =="
   grep -E "^\[  FAILED  \]|Failure|^\[       OK \]|Expected|Which is|actual" "$OUT/test_trainer.log" | head -12

@@ -92,6 +92,7 @@ void set_attention_backend(const std::string& name) {
 const std::string& attention_backend() { return backend_name(); }
 
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionOptions& opt) {
+  profiler::OpScope prof("attention");
   check_defined("attention", q, "q");
   check_defined("attention", k, "k");
   check_defined("attention", v, "v");

@@ -3,6 +3,7 @@
 #include <string>
 
 #include "core/ops.h"
+#include "core/profiler.h"
 
 namespace ftune::ops::detail {
 

@@ -33,6 +33,7 @@ Tensor binary_fwd(BinaryOp op, const Tensor& a, const Tensor& b) {
 }
 
 Tensor binary(BinaryOp op, const Tensor& a, const Tensor& b) {
+  profiler::OpScope prof(binary_name(op));
   Tensor out = binary_fwd(op, a, b);
   if (!needs_record({&a, &b})) return out;
   Shape sa = a.shape(), sb = b.shape();
@@ -83,6 +84,7 @@ const char* unary_name(UnaryOp op) {
 
 Tensor unary(UnaryOp op, const Tensor& a, double s = 0.0) {
   const char* name = unary_name(op);
+  profiler::OpScope prof(name);
   check_defined(name, a, "input");
   check_float(name, a, "input");
   Tensor out = Tensor::empty(a.shape(), a.dtype(), a.device());
@@ -119,6 +121,7 @@ Tensor relu(const Tensor& a) { return unary(UnaryOp::relu, a); }
 Tensor square(const Tensor& a) { return unary(UnaryOp::square, a); }
 
 Tensor where_mask(const Tensor& mask, const Tensor& a, double fill) {
+  profiler::OpScope prof("where_mask");
   FTUNE_CHECK(mask.dtype() == DType::b8, "[where_mask] mask must be bool, got ", mask.desc());
   FTUNE_CHECK(mask.shape() == a.shape(), "[where_mask] mask ", mask.desc(), " vs input ", a.desc());
   check_same_device("where_mask", {&mask, &a});
@@ -129,6 +132,7 @@ Tensor where_mask(const Tensor& mask, const Tensor& a, double fill) {
 }
 
 void add_(Tensor& a, const Tensor& b, double alpha) {
+  profiler::OpScope prof("add_");
   FTUNE_CHECK(a.shape() == b.shape(), "[add_] shape mismatch: ", a.desc(), " += ", b.desc());
   check_same_device("add_", {&a, &b});
   FTUNE_CHECK(a.is_contiguous(), "[add_] destination must be contiguous: ", a.desc());
@@ -138,12 +142,14 @@ void add_(Tensor& a, const Tensor& b, double alpha) {
 }
 
 void mul_(Tensor& a, double s) {
+  profiler::OpScope prof("mul_");
   FTUNE_CHECK(a.is_contiguous(), "[mul_] destination must be contiguous: ", a.desc());
   a.bump_version();
   FTUNE_KERNEL(a.device(), scale_)(a, s);
 }
 
 Tensor cast(const Tensor& a, DType dt) {
+  profiler::OpScope prof("cast");
   check_defined("cast", a, "input");
   if (a.dtype() == dt) return a;
   Tensor out = Tensor::empty(a.shape(), dt, a.device());

@@ -33,6 +33,7 @@ Tensor lora_linear(const Tensor& x, const Tensor& w, const Tensor& b, const Tens
   const char* op = "lora_linear";
   check_defined(op, x, "x");
   check_defined(op, w, "weight");
+  profiler::OpScope prof(op, w.shape());
   check_defined(op, lora_a, "lora_a");
   check_defined(op, lora_b, "lora_b");
   check_same_device(op, {&x, &w, &b, &lora_a, &lora_b});

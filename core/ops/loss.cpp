@@ -68,6 +68,7 @@ Tensor logits_2d(const Tensor& x, const Rows& r) { return contig(x).view({r.n, r
 
 // Softmax and log_softmax share everything but the formula.
 Tensor softmax_impl(const char* op, const Tensor& x, bool log) {
+  profiler::OpScope prof(op);
   check_logits(op, x, "input");
   Rows r = rows_of(op, x, "input");
   Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
@@ -175,6 +176,7 @@ Tensor log_softmax(const Tensor& x) { return softmax_impl("log_softmax", x, true
 Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index,
                      Reduction reduction) {
   const char* op = "cross_entropy";
+  profiler::OpScope prof(op);
   check_logits(op, logits, "logits");
   Rows r = rows_of(op, logits, "logits");
   const bool gpu = logits.device().is_cuda();
@@ -217,6 +219,7 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
 
 Tensor token_logprobs(const Tensor& logits, const Tensor& targets, int64_t ignore_index) {
   const char* op = "token_logprobs";
+  profiler::OpScope prof(op);
   check_logits(op, logits, "logits");
   Rows r = rows_of(op, logits, "logits");
   // On the GPU the log-probs come out in f32 (RL ratios exp(logp - logp_old) need the bits).
@@ -242,6 +245,7 @@ Tensor token_logprobs(const Tensor& logits, const Tensor& targets, int64_t ignor
 
 Tensor entropy(const Tensor& logits) {
   const char* op = "entropy";
+  profiler::OpScope prof(op);
   check_logits(op, logits, "logits");
   Rows r = rows_of(op, logits, "logits");
   FTUNE_CHECK(r.v > 0, "[", op, "] logits have an empty vocabulary (last dim 0)");
@@ -286,6 +290,7 @@ Tensor entropy(const Tensor& logits) {
 Tensor kl_div(const Tensor& student_logits, const Tensor& teacher_logits, KLKind kind, double beta,
               double temperature) {
   const char* op = "kl_div";
+  profiler::OpScope prof(op);
   check_logits(op, student_logits, "student_logits");
   check_logits(op, teacher_logits, "teacher_logits");
   check_same_device(op, {&student_logits, &teacher_logits});

@@ -88,6 +88,7 @@ void linear_gpu(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const Tensor&
 Tensor matmul(const Tensor& a, const Tensor& b) {
   check_defined("matmul", a, "a");
   check_defined("matmul", b, "b");
+  profiler::OpScope prof("matmul", b.shape());
   check_same_device("matmul", {&a, &b});
   check_same_dtype("matmul", {&a, &b});
   check_float("matmul", a, "a");
@@ -133,6 +134,7 @@ Tensor matmul(const Tensor& a, const Tensor& b) {
 Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b) {
   check_defined("linear", x, "x");
   check_defined("linear", w, "weight");
+  profiler::OpScope prof("linear", w.shape());
   check_same_device("linear", {&x, &w, &b});
   check_same_dtype("linear", {&x, &w, &b});
   check_float("linear", x, "x");
@@ -202,6 +204,7 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b) {
 }
 
 Tensor cat(const std::vector<Tensor>& xs, int64_t dim) {
+  profiler::OpScope prof("cat");
   FTUNE_CHECK(!xs.empty(), "[cat] no tensors");
   const Tensor& f = xs[0];
   int64_t d = wrap_dim("cat", dim, f.dim());

@@ -54,6 +54,7 @@ using ActFwd = void (*)(const Tensor&, Tensor&);
 using ActBwd = void (*)(const Tensor&, const Tensor&, Tensor&);
 
 Tensor activation(const char* op, const Tensor& x, ActFwd fwd, ActBwd bwd) {
+  profiler::OpScope prof(op);
   check_defined(op, x, "x");
   check_float(op, x, "x");
   Tensor xc = contig(x);
@@ -71,6 +72,7 @@ Tensor activation(const char* op, const Tensor& x, ActFwd fwd, ActBwd bwd) {
 }  // namespace
 
 Tensor embedding(const Tensor& weight, const Tensor& ids) {
+  profiler::OpScope prof("embedding");
   check_defined("embedding", weight, "weight");
   check_defined("embedding", ids, "ids");
   check_same_device("embedding", {&weight, &ids});
@@ -102,6 +104,7 @@ Tensor embedding(const Tensor& weight, const Tensor& ids) {
 }
 
 Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps) {
+  profiler::OpScope prof("layer_norm");
   check_norm("layer_norm", x, weight, bias, eps);
   const int64_t D = x.size(-1), N = x.numel() / std::max<int64_t>(D, 1);
   Tensor xc = contig(x);
@@ -127,6 +130,7 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, dou
 }
 
 Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
+  profiler::OpScope prof("rms_norm");
   check_norm("rms_norm", x, weight, Tensor(), eps);
   const int64_t D = x.size(-1), N = x.numel() / std::max<int64_t>(D, 1);
   Tensor xc = contig(x);
@@ -147,6 +151,7 @@ Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
 }
 
 Tensor rope(const Tensor& x, const Tensor& positions, double theta) {
+  profiler::OpScope prof("rope");
   check_defined("rope", x, "x");
   check_defined("rope", positions, "positions");
   check_same_device("rope", {&x, &positions});
@@ -185,6 +190,7 @@ Tensor silu(const Tensor& x) {
 }
 
 Tensor swiglu(const Tensor& gate, const Tensor& up) {
+  profiler::OpScope prof("swiglu");
   check_defined("swiglu", gate, "gate");
   check_defined("swiglu", up, "up");
   check_same_device("swiglu", {&gate, &up});

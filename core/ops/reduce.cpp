@@ -37,6 +37,7 @@ Tensor expand_dense(const Tensor& g, const Shape& shape) {
 }  // namespace
 
 Tensor sum(const Tensor& a) {
+  profiler::OpScope prof("sum");
   check_defined("sum", a, "input");
   check_float("sum", a, "input");
   Tensor c = contig(a).view({1, a.numel(), 1});
@@ -51,6 +52,7 @@ Tensor sum(const Tensor& a) {
 }
 
 Tensor sum(const Tensor& a, int64_t dim, bool keepdim) {
+  profiler::OpScope prof("sum");
   check_defined("sum", a, "input");
   check_float("sum", a, "input");
   int64_t d = wrap_dim("sum", dim, a.dim());
@@ -63,14 +65,19 @@ Tensor sum(const Tensor& a, int64_t dim, bool keepdim) {
   return out;
 }
 
-Tensor mean(const Tensor& a) { return mul_scalar(sum(a), 1.0 / double(std::max<int64_t>(a.numel(), 1))); }
+Tensor mean(const Tensor& a) {
+  profiler::OpScope prof("mean");
+  return mul_scalar(sum(a), 1.0 / double(std::max<int64_t>(a.numel(), 1)));
+}
 
 Tensor mean(const Tensor& a, int64_t dim, bool keepdim) {
+  profiler::OpScope prof("mean");
   int64_t d = wrap_dim("mean", dim, a.dim());
   return mul_scalar(sum(a, d, keepdim), 1.0 / double(std::max<int64_t>(a.shape()[d], 1)));
 }
 
 Tensor amax(const Tensor& a, int64_t dim, bool keepdim) {
+  profiler::OpScope prof("amax");
   check_float("amax", a, "input");
   int64_t d = wrap_dim("amax", dim, a.dim());
   FTUNE_CHECK(a.shape()[d] > 0, "[amax] empty dim ", d, " of ", a.desc());
@@ -89,6 +96,7 @@ Tensor amax(const Tensor& a, int64_t dim, bool keepdim) {
 }
 
 Tensor argmax(const Tensor& a, int64_t dim) {
+  profiler::OpScope prof("argmax");
   check_float("argmax", a, "input");
   int64_t d = wrap_dim("argmax", dim, a.dim());
   FTUNE_CHECK(a.shape()[d] > 0, "[argmax] empty dim ", d, " of ", a.desc());
@@ -105,6 +113,7 @@ Tensor argmax(const Tensor& a, int64_t dim) {
 }
 
 Tensor sum_to(const Tensor& a, const Shape& shape) {
+  profiler::OpScope prof("sum_to");
   if (a.shape() == shape) return a;
   FTUNE_CHECK(a.dim() >= int64_t(shape.size()), "[sum_to] cannot reduce ", a.desc(), " to ", shape_str(shape));
   Tensor r = a;

@@ -1,0 +1,154 @@
+// A small Llama-style decoder built from core/ops.h for the step profiler's tests (tests/core on
+// the CPU, tests/cuda on a GPU): one training step whose op calls are known by construction.
+#pragma once
+#include <map>
+#include <string>
+#include <unordered_set>
+#include <vector>
+
+#include "core/autograd.h"
+#include "core/ops.h"
+#include "core/optim.h"
+#include "core/profiler.h"
+#include "core/rng.h"
+
+namespace ftune::test {
+
+struct ToyConfig {
+  int64_t layers = 2, d = 16, heads = 2, kv_heads = 1, ffn = 32, vocab = 40, batch = 2, seq = 8;
+  int64_t head_dim() const { return d / heads; }
+};
+
+struct ToyModel {
+  ToyConfig c;
+  Tensor embed, final_norm, lm_head;
+  struct Layer {
+    Tensor attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down;
+  };
+  std::vector<Layer> layers;
+  std::vector<Tensor> params;
+  Tensor ids, targets, positions;
+
+  ToyModel(const ToyConfig& cfg, uint64_t seed, Device dev, DType dt = DType::f32) : c(cfg) {
+    Generator g(seed);
+    auto p = [&](Shape s, bool ones = false) {
+      Tensor t = ones ? Tensor::ones(s) : randn(s, g, 0.0, 0.1);
+      t = t.to(dt).to(dev);
+      t.set_requires_grad(true);
+      params.push_back(t);
+      return t;
+    };
+    const int64_t kv = c.kv_heads * c.head_dim();
+    embed = p({c.vocab, c.d});
+    for (int64_t l = 0; l < c.layers; ++l) {
+      Layer L;
+      L.attn_norm = p({c.d}, true);
+      L.wq = p({c.d, c.d});
+      L.wk = p({kv, c.d});
+      L.wv = p({kv, c.d});
+      L.wo = p({c.d, c.d});
+      L.mlp_norm = p({c.d}, true);
+      L.w_gate = p({c.ffn, c.d});
+      L.w_up = p({c.ffn, c.d});
+      L.w_down = p({c.d, c.ffn});
+      layers.push_back(L);
+    }
+    final_norm = p({c.d}, true);
+    lm_head = p({c.vocab, c.d});
+    ids = randint({c.batch, c.seq}, g, 0, c.vocab, DType::i64).to(dev);
+    targets = randint({c.batch * c.seq}, g, 0, c.vocab, DType::i64).to(dev);
+    positions = Tensor::arange(c.seq, DType::i64).to(dev);
+  }
+
+  Tensor forward() const {
+    const int64_t B = c.batch, T = c.seq, H = c.heads, Hkv = c.kv_heads, hd = c.head_dim();
+    Tensor x = ops::embedding(embed, ids);
+    for (const Layer& L : layers) {
+      Tensor h = ops::rms_norm(x, L.attn_norm, 1e-5);
+      Tensor q = ops::linear(h, L.wq).view({B, T, H, hd});
+      Tensor k = ops::linear(h, L.wk).view({B, T, Hkv, hd});
+      Tensor v = ops::linear(h, L.wv).view({B, T, Hkv, hd});
+      q = ops::rope(q, positions, 10000.0);
+      k = ops::rope(k, positions, 10000.0);
+      Tensor a = ops::attention(q, k, v).reshape({B, T, c.d});
+      x = ops::add(x, ops::linear(a, L.wo));
+      h = ops::rms_norm(x, L.mlp_norm, 1e-5);
+      Tensor s = ops::swiglu(ops::linear(h, L.w_gate), ops::linear(h, L.w_up));
+      x = ops::add(x, ops::linear(s, L.w_down));
+    }
+    x = ops::rms_norm(x, final_norm, 1e-5);
+    Tensor logits = ops::linear(x, lm_head);
+    return ops::cross_entropy(logits.view({B * T, c.vocab}), targets);
+  }
+
+  // The forward op calls of one step by label, from the structure above.
+  std::map<std::string, int64_t> expected_forward_calls() const {
+    const int64_t L = c.layers, kv = c.kv_heads * c.head_dim();
+    auto lin = [](int64_t o, int64_t i) {
+      return "linear [" + std::to_string(o) + "," + std::to_string(i) + "]";
+    };
+    std::map<std::string, int64_t> m;
+    m["embedding"] = 1;
+    m["rms_norm"] = 2 * L + 1;
+    m[lin(c.d, c.d)] += 2 * L;  // q, o
+    m[lin(kv, c.d)] += 2 * L;   // k, v
+    m[lin(c.ffn, c.d)] += 2 * L;
+    m[lin(c.d, c.ffn)] += L;
+    m[lin(c.vocab, c.d)] += 1;
+    m["rope"] = 2 * L;
+    m["attention"] = L;
+    m["add"] = 2 * L;
+    m["swiglu"] = L;
+    m["cross_entropy"] = 1;
+    return m;
+  }
+};
+
+// The autograd graph below root, counted without running it: nodes by name, and how many times
+// the engine sums gradients ("autograd accumulate": once per extra consumer of a node or leaf,
+// once per leaf that receives a gradient).
+struct GraphCount {
+  std::map<std::string, int64_t> nodes;
+  int64_t accumulations = 0;
+};
+inline GraphCount count_graph(const Tensor& root) {
+  GraphCount gc;
+  std::map<const Node*, int64_t> consumers;
+  std::map<const TensorImpl*, int64_t> leaf_uses;
+  std::vector<const Node*> stack{root.grad_fn().get()};
+  std::unordered_set<const Node*> seen{root.grad_fn().get()};
+  while (!stack.empty()) {
+    const Node* n = stack.back();
+    stack.pop_back();
+    ++gc.nodes[n->name];
+    for (const auto& e : n->edges) {
+      if (e.node) {
+        ++consumers[e.node.get()];
+        if (seen.insert(e.node.get()).second) stack.push_back(e.node.get());
+      } else if (e.leaf) {
+        ++leaf_uses[e.leaf.get()];
+      }
+    }
+  }
+  for (const auto& [n, k] : consumers) gc.accumulations += k - 1;
+  for (const auto& [l, k] : leaf_uses) gc.accumulations += k;  // k - 1 sums + the final store
+  return gc;
+}
+
+// One step (forward, backward, AdamW) with the profiler's phases; returns the loss tensor.
+inline Tensor profiled_step(const ToyModel& m, optim::AdamW& opt, Device dev, bool hooks,
+                            GraphCount* graph = nullptr) {
+  profiler::begin_step(dev, hooks);
+  profiler::phase("forward");
+  Tensor loss = m.forward();
+  if (graph) *graph = count_graph(loss);
+  profiler::phase("backward");
+  loss.backward();
+  profiler::phase("optimizer");
+  opt.step();
+  opt.zero_grad();
+  profiler::end_step();
+  return loss;
+}
+
+}  // namespace ftune::test
