@@ -353,7 +353,7 @@ std::vector<Tensor> grads_of(const std::vector<Tensor>& params) {
 
 // Calls f on each non-empty CPU tensor, and collects the GPU ones (all on one device) in gpu.
 template <class F>
-void for_each_grad(const std::vector<Tensor>& xs, F&& f, std::vector<Tensor>* gpu) {
+void for_each_tensor(const std::vector<Tensor>& xs, F&& f, std::vector<Tensor>* gpu) {
   for (const Tensor& g : xs) {
     FTUNE_CHECK(g.defined(), "[clip_grad_norm] undefined tensor");
     if (g.numel() == 0) continue;
@@ -408,7 +408,7 @@ void scale_grads(const std::vector<Tensor>& params, double s) { scale_(grads_of(
 double sum_squares(const std::vector<Tensor>& xs) {
   double acc = 0.0;
   std::vector<Tensor> gpu;
-  for_each_grad(
+  for_each_tensor(
       xs,
       [&](const Tensor& g) {
         dispatch_grad(
@@ -423,7 +423,7 @@ double sum_squares(const std::vector<Tensor>& xs) {
 
 void scale_(const std::vector<Tensor>& xs, double s) {
   std::vector<Tensor> gpu;
-  for_each_grad(
+  for_each_tensor(
       xs,
       [&](const Tensor& g) {
         dispatch_grad(

@@ -432,7 +432,8 @@ ShardedAdamW::LocalState ShardedAdamW::export_local_state() const {
   for (const Slot& s : slots_) {
     const Span sp = span_of(s);
     for (auto [key, src] : {std::pair{".exp_avg", &m_[s.bucket]}, {".exp_avg_sq", &v_[s.bucket]}}) {
-      ls.state.tensors.emplace_back(s.name + key, host_copy(flat_part(*src, sp.in_shard, sp.count)));
+      ls.state.tensors.emplace_back(s.name + key,
+                                    host_copy(flat_part(*src, sp.in_shard, sp.count)));
       ls.flat_offset.push_back(sp.in_param);
     }
     ls.state.tensors.emplace_back(s.name + ".step", Tensor::full({}, double(s.step), DType::i64));
@@ -440,8 +441,7 @@ ShardedAdamW::LocalState ShardedAdamW::export_local_state() const {
     if (master_[s.bucket].defined()) {
       Tensor mine = s.has_master ? flat_part(master_[s.bucket], sp.in_shard, sp.count)
                                  : flat_part(params[s.param], sp.in_param, sp.count);
-      ls.state.tensors.emplace_back(s.name + ".master",
-                                    host_copy(mine.to(DType::f32)));
+      ls.state.tensors.emplace_back(s.name + ".master", host_copy(mine.to(DType::f32)));
       ls.flat_offset.push_back(sp.in_param);
     }
   }
