@@ -84,6 +84,19 @@ void update_param(const Tensor& param, Tensor& master, const Tensor& grad, Tenso
   }
 }
 
+// The per-step constants of one parameter's update, computed in double (kernels::AdamWConsts).
+kernels::AdamWConsts adamw_consts(const AdamWOptions& opt, double lr, double wd, int64_t step) {
+  const double t = double(step);
+  kernels::AdamWConsts c;
+  c.decay = float(1.0 - lr * wd);
+  c.beta1 = float(opt.beta1);
+  c.beta2 = float(opt.beta2);
+  c.eps = float(opt.eps);
+  c.step_size = float(lr / (1.0 - std::pow(opt.beta1, t)));
+  c.bc2_sqrt = float(std::sqrt(1.0 - std::pow(opt.beta2, t)));
+  return c;
+}
+
 }  // namespace
 
 AdamW::AdamW(std::vector<ParamGroup> groups, AdamWOptions opt)
@@ -158,14 +171,7 @@ void AdamW::step() {
     const ParamGroup& grp = groups_[s.group];
     const double lr = lr_ * grp.lr_scale;
     const double wd = grp.weight_decay.value_or(opt_.weight_decay);
-    const double t = double(s.step);
-    kernels::AdamWConsts c;
-    c.decay = float(1.0 - lr * wd);
-    c.beta1 = float(opt_.beta1);
-    c.beta2 = float(opt_.beta2);
-    c.eps = float(opt_.eps);
-    c.step_size = float(lr / (1.0 - std::pow(opt_.beta1, t)));
-    c.bc2_sqrt = float(std::sqrt(1.0 - std::pow(opt_.beta2, t)));
+    const kernels::AdamWConsts c = adamw_consts(opt_, lr, wd, s.step);
     if (s.param.device().is_cpu()) {
       update_param(s.param, s.master, g, s.m, s.v, c);
       continue;
@@ -176,6 +182,58 @@ void AdamW::step() {
     s.param.bump_version();  // the update writes the parameter in place
     keep.push_back(g);
     on_gpu.push_back(gpu_slot(s.param, s.master, g, s.m, s.v, c));
+#endif
+  }
+#ifdef FTUNE_HAVE_CUDA
+  flush_gpu();
+#endif
+}
+
+void adamw_update_pieces(const std::vector<AdamWPiece>& pieces, const AdamWOptions& opt) {
+  NoGradGuard ng;
+  for (const AdamWPiece& p : pieces) {
+    FTUNE_CHECK(p.param.defined() && p.grad.defined() && p.m.defined() && p.v.defined(),
+                "[adamw] adamw_update_pieces: undefined tensor in a piece");
+    const bool half = is_16bit(p.param.dtype());
+    FTUNE_CHECK(p.param.dtype() == DType::f32 || half, "[adamw] piece ", p.param.desc());
+    FTUNE_CHECK(half == p.master.defined(), "[adamw] piece ", p.param.desc(),
+                half ? " needs an f32 master" : " takes no master");
+    FTUNE_CHECK(p.grad.dtype() == p.param.dtype() || p.grad.dtype() == DType::f32,
+                "[adamw] piece gradient ", p.grad.desc(), " of ", p.param.desc());
+    for (const Tensor* t : {&p.master, &p.grad, &p.m, &p.v}) {
+      if (!t->defined()) continue;
+      FTUNE_CHECK(t->numel() == p.param.numel() && t->device() == p.param.device() &&
+                      t->is_contiguous(),
+                  "[adamw] piece tensor ", t->desc(), " does not match ", p.param.desc());
+    }
+    for (const Tensor* t : {&p.master, &p.m, &p.v})
+      FTUNE_CHECK(!t->defined() || t->dtype() == DType::f32, "[adamw] piece state ", t->desc(),
+                  " is not f32");
+    FTUNE_CHECK(p.param.is_contiguous(), "[adamw] piece ", p.param.desc(), " is not contiguous");
+  }
+#ifdef FTUNE_HAVE_CUDA
+  std::vector<kernels::cuda::AdamWTensor> on_gpu;
+  int gpu_dev = -1;
+  auto flush_gpu = [&] {
+    if (on_gpu.empty()) return;
+    ftune::cuda::set_device(gpu_dev);
+    kernels::cuda::adamw_update_multi(on_gpu);
+    on_gpu.clear();
+  };
+#endif
+  for (const AdamWPiece& p : pieces) {
+    if (p.param.numel() == 0) continue;
+    const kernels::AdamWConsts c = adamw_consts(opt, p.lr, p.weight_decay, p.step);
+    if (p.param.device().is_cpu()) {
+      Tensor master = p.master, m = p.m, v = p.v;
+      update_param(p.param, master, p.grad, m, v, c);
+      continue;
+    }
+#ifdef FTUNE_HAVE_CUDA
+    if (p.param.device().index != gpu_dev) flush_gpu();
+    gpu_dev = p.param.device().index;
+    p.param.bump_version();  // the update writes the parameter in place
+    on_gpu.push_back(gpu_slot(p.param, p.master, p.grad, p.m, p.v, c));
 #endif
   }
 #ifdef FTUNE_HAVE_CUDA
@@ -284,13 +342,23 @@ double LRSchedule::multiplier(int64_t step) const {
 // ---------------------------------------------------------------- gradient norm
 
 namespace {
-// Calls f on each defined CPU gradient, and collects the GPU ones (all on one device) in gpu.
-template <class F>
-void for_each_grad(const std::vector<Tensor>& params, F&& f, std::vector<Tensor>* gpu) {
+// The defined gradients of the defined parameters.
+std::vector<Tensor> grads_of(const std::vector<Tensor>& params) {
+  std::vector<Tensor> gs;
   for (const Tensor& p : params) {
     if (!p.defined()) continue;
     Tensor g = p.grad();
-    if (!g.defined()) continue;
+    if (g.defined()) gs.push_back(g);
+  }
+  return gs;
+}
+
+// Calls f on each non-empty CPU tensor, and collects the GPU ones (all on one device) in gpu.
+template <class F>
+void for_each_tensor(const std::vector<Tensor>& xs, F&& f, std::vector<Tensor>* gpu) {
+  for (const Tensor& g : xs) {
+    FTUNE_CHECK(g.defined(), "[clip_grad_norm] undefined tensor");
+    if (g.numel() == 0) continue;
     FTUNE_CHECK(is_floating(g.dtype()), "[clip_grad_norm] gradient ", g.desc());
     FTUNE_CHECK(g.is_contiguous(), "[clip_grad_norm] non-contiguous gradient ", g.desc());
     if (g.device().is_cpu()) {
@@ -334,10 +402,16 @@ void dispatch_grad(const Tensor& g, F&& f) {
 }  // namespace
 
 double grad_sum_squares(const std::vector<Tensor>& params) {
+  return sum_squares(grads_of(params));
+}
+
+void scale_grads(const std::vector<Tensor>& params, double s) { scale_(grads_of(params), s); }
+
+double sum_squares(const std::vector<Tensor>& xs) {
   double acc = 0.0;
   std::vector<Tensor> gpu;
-  for_each_grad(
-      params,
+  for_each_tensor(
+      xs,
       [&](const Tensor& g) {
         dispatch_grad(
             g, [&]<class T>() { acc += kernels::cpu::sum_squares<T>(g.data<T>(), g.numel()); });
@@ -349,10 +423,10 @@ double grad_sum_squares(const std::vector<Tensor>& params) {
   return acc;
 }
 
-void scale_grads(const std::vector<Tensor>& params, double s) {
+void scale_(const std::vector<Tensor>& xs, double s) {
   std::vector<Tensor> gpu;
-  for_each_grad(
-      params,
+  for_each_tensor(
+      xs,
       [&](const Tensor& g) {
         dispatch_grad(
             g, [&]<class T>() { kernels::cpu::scale_inplace<T>(g.data<T>(), g.numel(), s); });

@@ -83,6 +83,23 @@ class AdamW {
   int64_t step_ = 0;
 };
 
+// One contiguous piece of a parameter with its AdamW state, for an optimizer that updates parts
+// of parameters (parallel::ShardedAdamW, ZeRO-1: each rank updates its shard). Every tensor is
+// contiguous, on the param's device, with the param piece's numel.
+struct AdamWPiece {
+  Tensor param;   // f32, bf16 or f16; updated in place
+  Tensor master;  // 16-bit param: its f32 master, updated, then written rounded into param;
+                  // undefined for an f32 param (the param is its own master)
+  Tensor grad;    // the param's dtype or f32
+  Tensor m, v;    // f32
+  double lr = 0, weight_decay = 0;  // of the parameter's group
+  int64_t step = 1;                 // the parameter's step count t, this update included
+};
+// The update AdamW::step applies, on pieces: the same kernels (CPU pieces one by one, GPU pieces
+// in one multi-tensor launch per device) with the same per-step constants, so a sharded update
+// equals the whole one element for element.
+void adamw_update_pieces(const std::vector<AdamWPiece>& pieces, const AdamWOptions& opt);
+
 // ---------------------------------------------------------------- schedules
 enum class ScheduleKind { constant, linear, cosine };
 ScheduleKind schedule_kind_from_name(const std::string& name);  // "constant", "linear", "cosine"
@@ -114,6 +131,10 @@ class LRSchedule {
 // Sum of squares of every defined gradient, in f64 (data parallel sums it across ranks).
 double grad_sum_squares(const std::vector<Tensor>& params);
 void scale_grads(const std::vector<Tensor>& params, double s);
+// The same on tensors themselves (ZeRO-1's gradient shards): contiguous f32/f64/bf16/f16 tensors,
+// the GPU ones all on one device (one launch); empty tensors are allowed.
+double sum_squares(const std::vector<Tensor>& xs);
+void scale_(const std::vector<Tensor>& xs, double s);
 // Global L2 norm of the gradients before clipping (torch.nn.utils.clip_grad_norm_): when it is
 // finite, grads are scaled in place by min(1, max_norm / (norm + 1e-6)); a non-finite norm is
 // returned as is, with the grads untouched (the trainer decides what to do with the step).

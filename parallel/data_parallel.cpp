@@ -1,12 +1,13 @@
 #include "parallel/data_parallel.h"
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <unordered_map>
 #include <unordered_set>
 
 #include "core/autograd.h"
 #include "core/error.h"
-#include "kernels/adamw.h"
 
 namespace ftune::parallel {
 
@@ -212,17 +213,26 @@ int64_t GradReducer::hooks_in_pass() const { return s_->hooks; }
 // ---------------------------------------------------------------- ShardedAdamW
 
 namespace {
-// The part of [off, off + n) that lies in this rank's shard [lo, lo + len) of a bucket, relative
-// to both: {start in the param, start in the shard, count}; count 0 when they do not meet.
-struct Span {
-  int64_t in_param = 0, in_shard = 0, count = 0;
-};
-Span intersect(int64_t off, int64_t n, int64_t lo, int64_t len) {
-  const int64_t a = std::max(off, lo), b = std::min(off + n, lo + len);
-  if (b <= a) return {};
-  return {a - off, a - lo, b - a};
+bool is_16bit(DType t) { return t == DType::bf16 || t == DType::f16; }
+// Elements [start, start + n) of a contiguous tensor, flattened: a view (GPU tensors too).
+Tensor flat_part(const Tensor& t, int64_t start, int64_t n) {
+  return t.view({-1}).slice(0, start, start + n);
 }
+// A host copy (the exported state is host memory whatever the device).
+Tensor host_copy(const Tensor& t) { return t.device().is_cpu() ? t.clone() : t.to(Device::cpu()); }
 }  // namespace
+
+// The part of the parameter [offset, offset + numel) that lies in this rank's shard
+// [rank * shard, (rank + 1) * shard) of its bucket, relative to both; count 0 when they do not
+// meet.
+ShardedAdamW::Span ShardedAdamW::span_of(const Slot& s) const {
+  const Bucket& bk = red_.buckets()[s.bucket];
+  const int64_t n = red_.params()[s.param].numel();
+  const int64_t lo = int64_t(red_.comm().rank()) * bk.shard;
+  const int64_t a = std::max(s.offset, lo), b = std::min(s.offset + n, lo + bk.shard);
+  if (b <= a) return {};
+  return {a - s.offset, a - lo, b - a};
+}
 
 ShardedAdamW::ShardedAdamW(std::vector<optim::ParamGroup> groups, optim::AdamWOptions opt,
                            GradReducer& reducer)
@@ -232,9 +242,9 @@ ShardedAdamW::ShardedAdamW(std::vector<optim::ParamGroup> groups, optim::AdamWOp
   std::unordered_map<TensorImpl*, size_t> index;
   for (size_t i = 0; i < params.size(); ++i) {
     index[params[i].impl()] = i;
-    FTUNE_CHECK(params[i].dtype() == DType::f32 && params[i].device().is_cpu(),
-                "[zero] ShardedAdamW supports f32 CPU parameters; parameter ", i, " is ",
-                params[i].desc());
+    FTUNE_CHECK(params[i].dtype() == DType::f32 || is_16bit(params[i].dtype()),
+                "[zero] ShardedAdamW: parameter ", i, " is ", params[i].desc(),
+                "; parameters are f32, bf16 or f16");
   }
   slots_.resize(params.size());
   std::vector<uint8_t> got(params.size(), 0);
@@ -255,13 +265,17 @@ ShardedAdamW::ShardedAdamW(std::vector<optim::ParamGroup> groups, optim::AdamWOp
     FTUNE_CHECK(got[i], "[zero] the reducer's parameter ", i, " (", params[i].desc(),
                 ") is in no group");
   const auto& buckets = red_.buckets();
+  const Device dev = params.front().device();  // the reducer checked: one device
   for (size_t b = 0; b < buckets.size(); ++b) {
     for (size_t k = 0; k < buckets[b].params.size(); ++k) {
       slots_[buckets[b].params[k]].bucket = b;
       slots_[buckets[b].params[k]].offset = buckets[b].offsets[k];
     }
-    m_.push_back(Tensor::zeros({buckets[b].shard}));
-    v_.push_back(Tensor::zeros({buckets[b].shard}));
+    m_.push_back(Tensor::zeros({buckets[b].shard}, DType::f32, dev));
+    v_.push_back(Tensor::zeros({buckets[b].shard}, DType::f32, dev));
+    // A bucket holds one dtype (the reducer splits them).
+    const bool half = is_16bit(params[buckets[b].params.front()].dtype());
+    master_.push_back(half ? Tensor::zeros({buckets[b].shard}, DType::f32, dev) : Tensor());
   }
 }
 
@@ -270,42 +284,47 @@ void ShardedAdamW::step() {
   ++step_;
   const auto& params = red_.params();
   const auto& buckets = red_.buckets();
-  const int64_t rank = red_.comm().rank();
   if (red_.reduced()) {
+    std::vector<optim::AdamWPiece> pieces;
     for (Slot& s : slots_) {
       if (!red_.grad_defined(s.param)) continue;  // as torch: skipped, its step does not advance
       ++s.step;  // every rank counts every parameter, so the counts stay replicated
-      const Bucket& bk = buckets[s.bucket];
-      const Tensor& p = params[s.param];
-      Span sp = intersect(s.offset, p.numel(), rank * bk.shard, bk.shard);
+      const Tensor& master = master_[s.bucket];
+      const bool take_master = master.defined() && !s.has_master;
+      s.has_master = master.defined();  // on every rank, so that exports agree
+      const Span sp = span_of(s);
       if (sp.count == 0) continue;
-      const double lr = lr_ * s.lr_scale;
-      const double t = double(s.step);
-      kernels::AdamWConsts c;
-      c.decay = float(1.0 - lr * s.weight_decay);
-      c.beta1 = float(opt_.beta1);
-      c.beta2 = float(opt_.beta2);
-      c.eps = float(opt_.eps);
-      c.step_size = float(lr / (1.0 - std::pow(opt_.beta1, t)));
-      c.bc2_sqrt = float(std::sqrt(1.0 - std::pow(opt_.beta2, t)));
-      const float* g = red_.grad_shard(s.bucket).data<float>() + sp.in_shard;
-      kernels::cpu::adamw_update<float, float>(
-          p.data<float>() + sp.in_param, nullptr, g, m_[s.bucket].data<float>() + sp.in_shard,
-          v_[s.bucket].data<float>() + sp.in_shard, sp.count, c);
+      optim::AdamWPiece pc;
+      pc.param = flat_part(params[s.param], sp.in_param, sp.count);
+      if (master.defined()) {
+        pc.master = flat_part(master, sp.in_shard, sp.count);
+        if (take_master) pc.master.copy_(pc.param);  // as optim::AdamW, at the first update
+      }
+      pc.grad = flat_part(red_.grad_shard(s.bucket), sp.in_shard, sp.count);
+      pc.m = flat_part(m_[s.bucket], sp.in_shard, sp.count);
+      pc.v = flat_part(v_[s.bucket], sp.in_shard, sp.count);
+      pc.lr = lr_ * s.lr_scale;
+      pc.weight_decay = s.weight_decay;
+      pc.step = s.step;
+      pieces.push_back(std::move(pc));
     }
+    optim::adamw_update_pieces(pieces, opt_);
   }
-  // Every rank's updated shard to every rank: the shard of each bucket, flattened, gathered.
+  // Every rank's updated shard to every rank: the shard of each bucket, flattened, gathered in
+  // the parameters' dtype on their device.
   std::vector<Tensor> in(buckets.size()), out(buckets.size());
   std::vector<std::unique_ptr<Work>> works(buckets.size());
   for (size_t b = 0; b < buckets.size(); ++b) {
     const Bucket& bk = buckets[b];
-    in[b] = Tensor::zeros({bk.shard});
-    out[b] = Tensor::empty({bk.padded});
+    const Tensor& p0 = params[bk.params.front()];
+    in[b] = Tensor::zeros({bk.shard}, p0.dtype(), p0.device());
+    out[b] = Tensor::empty({bk.padded}, p0.dtype(), p0.device());
     for (size_t k = 0; k < bk.params.size(); ++k) {
-      const Tensor& p = params[bk.params[k]];
-      Span sp = intersect(bk.offsets[k], p.numel(), rank * bk.shard, bk.shard);
+      const Slot& s = slots_[bk.params[k]];
+      const Span sp = span_of(s);
       if (sp.count == 0) continue;
-      std::copy_n(p.data<float>() + sp.in_param, sp.count, in[b].data<float>() + sp.in_shard);
+      flat_part(in[b], sp.in_shard, sp.count)
+          .copy_(flat_part(params[s.param], sp.in_param, sp.count));
     }
     works[b] = red_.comm_ptr()->all_gather_async(in[b], out[b]);
   }
@@ -313,9 +332,8 @@ void ShardedAdamW::step() {
     works[b]->wait();
     const Bucket& bk = buckets[b];
     for (size_t k = 0; k < bk.params.size(); ++k) {
-      const Tensor& p = params[bk.params[k]];
-      p.bump_version();  // written in place
-      std::copy_n(out[b].data<float>() + bk.offsets[k], p.numel(), p.data<float>());
+      Tensor p = params[bk.params[k]];
+      p.copy_(flat_part(out[b], bk.offsets[k], p.numel()).view(p.shape()));  // bumps the version
     }
   }
 }
@@ -325,14 +343,17 @@ void ShardedAdamW::zero_grad() {
   red_.reset();
 }
 
+namespace {
+std::vector<Tensor> all_shards(GradReducer& red) {
+  std::vector<Tensor> gs;
+  for (size_t b = 0; b < red.num_buckets(); ++b) gs.push_back(red.grad_shard(b));
+  return gs;
+}
+}  // namespace
+
 double ShardedAdamW::grad_sum_squares() {
-  double local = 0;
-  if (red_.reduced()) {
-    for (size_t b = 0; b < red_.num_buckets(); ++b) {
-      const Tensor& g = red_.grad_shard(b);
-      local += kernels::cpu::sum_squares<float>(g.data<float>(), g.numel());
-    }
-  }
+  // The padding of the shards is zeros: it adds nothing.
+  const double local = red_.reduced() ? optim::sum_squares(all_shards(red_)) : 0.0;
   return red_.comm_ptr()->all_reduce_scalar(local);
 }
 
@@ -340,12 +361,7 @@ double ShardedAdamW::clip_grad_norm(double max_norm) {
   const double norm = std::sqrt(grad_sum_squares());
   if (!std::isfinite(norm) || !red_.reduced()) return norm;
   const double coef = max_norm / (norm + 1e-6);  // torch's clip_grad_norm_
-  if (coef < 1.0) {
-    for (size_t b = 0; b < red_.num_buckets(); ++b) {
-      Tensor& g = red_.grad_shard(b);
-      kernels::cpu::scale_inplace<float>(g.data<float>(), g.numel(), coef);
-    }
-  }
+  if (coef < 1.0) optim::scale_(all_shards(red_), coef);
   return norm;
 }
 
@@ -353,55 +369,57 @@ std::pair<double, double> ShardedAdamW::grad_sum_squares_split(const std::vector
   const auto& params = red_.params();
   FTUNE_CHECK(select.size() == params.size(), "[zero] grad_sum_squares_split: ", select.size(),
               " flags for ", params.size(), " parameters");
-  const auto& buckets = red_.buckets();
-  const int64_t rank = red_.comm().rank();
   Tensor sums = Tensor::zeros({2}, DType::f64);
-  double* acc = sums.data<double>();
   if (red_.reduced()) {
     // Each parameter's part of this rank's shard (the padding is zeros and belongs to none).
+    std::vector<Tensor> parts[2];
     for (const Slot& s : slots_) {
-      const Bucket& bk = buckets[s.bucket];
-      Span sp = intersect(s.offset, params[s.param].numel(), rank * bk.shard, bk.shard);
+      const Span sp = span_of(s);
       if (sp.count == 0) continue;
-      const float* g = red_.grad_shard(s.bucket).data<float>() + sp.in_shard;
-      acc[select[s.param] ? 0 : 1] += kernels::cpu::sum_squares<float>(g, sp.count);
+      parts[select[s.param] ? 0 : 1].push_back(
+          flat_part(red_.grad_shard(s.bucket), sp.in_shard, sp.count));
     }
+    sums.data<double>()[0] = optim::sum_squares(parts[0]);
+    sums.data<double>()[1] = optim::sum_squares(parts[1]);
   }
   red_.comm_ptr()->all_reduce(sums, ReduceOp::sum);
   return {sums.data<double>()[0], sums.data<double>()[1]};
 }
 
 void ShardedAdamW::scale_grads(double coef) {
-  if (!red_.reduced()) return;
-  for (size_t b = 0; b < red_.num_buckets(); ++b) {
-    Tensor& g = red_.grad_shard(b);
-    kernels::cpu::scale_inplace<float>(g.data<float>(), g.numel(), coef);
-  }
+  if (red_.reduced()) optim::scale_(all_shards(red_), coef);
 }
 
 optim::OptimizerState ShardedAdamW::export_state() {
   NoGradGuard ng;
   const auto& params = red_.params();
   const auto& buckets = red_.buckets();
-  std::vector<Tensor> m_full(buckets.size()), v_full(buckets.size());
+  // Per bucket, gathered: exp_avg, exp_avg_sq and (16-bit buckets) the master.
+  std::vector<std::array<Tensor, 3>> full(buckets.size());
   for (size_t b = 0; b < buckets.size(); ++b) {
-    m_full[b] = Tensor::empty({buckets[b].padded});
-    v_full[b] = Tensor::empty({buckets[b].padded});
-    auto wm = red_.comm_ptr()->all_gather_async(m_[b], m_full[b]);
-    auto wv = red_.comm_ptr()->all_gather_async(v_[b], v_full[b]);
-    wm->wait();
-    wv->wait();
+    const std::array<const Tensor*, 3> mine{&m_[b], &v_[b], &master_[b]};
+    std::vector<std::unique_ptr<Work>> works;
+    for (size_t j = 0; j < 3; ++j) {
+      if (!mine[j]->defined()) continue;
+      full[b][j] = Tensor::empty({buckets[b].padded}, DType::f32, mine[j]->device());
+      works.push_back(red_.comm_ptr()->all_gather_async(*mine[j], full[b][j]));
+    }
+    for (auto& w : works) w->wait();
   }
   optim::OptimizerState st;
   st.step = step_;
   for (const Slot& s : slots_) {  // reducer (model) order, as optim::AdamW by group order
     const Tensor& p = params[s.param];
-    auto part = [&](const Tensor& full) {
-      return full.slice(0, s.offset, s.offset + p.numel()).view(p.shape()).clone();
+    auto part = [&](const Tensor& f) {
+      return host_copy(flat_part(f, s.offset, p.numel()).view(p.shape()));
     };
-    st.tensors.emplace_back(s.name + ".exp_avg", part(m_full[s.bucket]));
-    st.tensors.emplace_back(s.name + ".exp_avg_sq", part(v_full[s.bucket]));
+    st.tensors.emplace_back(s.name + ".exp_avg", part(full[s.bucket][0]));
+    st.tensors.emplace_back(s.name + ".exp_avg_sq", part(full[s.bucket][1]));
     st.tensors.emplace_back(s.name + ".step", Tensor::full({}, double(s.step), DType::i64));
+    if (master_[s.bucket].defined())  // before the first update the master is the param itself
+      st.tensors.emplace_back(s.name + ".master", s.has_master
+                                                      ? part(full[s.bucket][2])
+                                                      : p.to(DType::f32).to(Device::cpu()));
   }
   return st;
 }
@@ -409,21 +427,23 @@ optim::OptimizerState ShardedAdamW::export_state() {
 ShardedAdamW::LocalState ShardedAdamW::export_local_state() const {
   NoGradGuard ng;
   const auto& params = red_.params();
-  const auto& buckets = red_.buckets();
-  const int64_t rank = red_.comm().rank();
   LocalState ls;
   ls.state.step = step_;
   for (const Slot& s : slots_) {
-    const Tensor& p = params[s.param];
-    const Bucket& bk = buckets[s.bucket];
-    const Span sp = intersect(s.offset, p.numel(), rank * bk.shard, bk.shard);
+    const Span sp = span_of(s);
     for (auto [key, src] : {std::pair{".exp_avg", &m_[s.bucket]}, {".exp_avg_sq", &v_[s.bucket]}}) {
       ls.state.tensors.emplace_back(s.name + key,
-                                    src->slice(0, sp.in_shard, sp.in_shard + sp.count).clone());
+                                    host_copy(flat_part(*src, sp.in_shard, sp.count)));
       ls.flat_offset.push_back(sp.in_param);
     }
     ls.state.tensors.emplace_back(s.name + ".step", Tensor::full({}, double(s.step), DType::i64));
     ls.flat_offset.push_back(-1);
+    if (master_[s.bucket].defined()) {
+      Tensor mine = s.has_master ? flat_part(master_[s.bucket], sp.in_shard, sp.count)
+                                 : flat_part(params[s.param], sp.in_param, sp.count);
+      ls.state.tensors.emplace_back(s.name + ".master", host_copy(mine.to(DType::f32)));
+      ls.flat_offset.push_back(sp.in_param);
+    }
   }
   return ls;
 }
@@ -444,34 +464,42 @@ void ShardedAdamW::import_state(const optim::OptimizerState& state) {
                 it->second->desc(), ", expected shape ", shape_str(shape));
     return *it->second;
   };
+  // Check everything first so that a bad state changes nothing. ".master" is optional both ways,
+  // as for optim::AdamW: an f32 parameter ignores it, a 16-bit one without it takes its master
+  // from the parameter at its next update.
   std::unordered_set<std::string> expected;
   for (const Slot& s : slots_) {
     const Shape& sh = params[s.param].shape();
     get(s.name + ".exp_avg", sh);
     get(s.name + ".exp_avg_sq", sh);
     FTUNE_CHECK(get(s.name + ".step", {}).item() >= 0, "[zero] negative step for '", s.name, "'");
-    // ".master" (a 16-bit run's) is accepted and ignored: these parameters are f32.
+    if (by_name.count(s.name + ".master")) get(s.name + ".master", sh);
     for (const char* k : {".exp_avg", ".exp_avg_sq", ".step", ".master"})
       expected.insert(s.name + k);
   }
   for (const auto& [name, t] : state.tensors)
     FTUNE_CHECK(expected.count(name), "[zero] state tensor '", name,
                 "' belongs to no parameter of this optimizer");
-  const int64_t rank = red_.comm().rank();
-  const auto& buckets = red_.buckets();
-  for (size_t b = 0; b < buckets.size(); ++b) {
+  for (size_t b = 0; b < m_.size(); ++b) {
     m_[b].zero_();
     v_[b].zero_();
+    if (master_[b].defined()) master_[b].zero_();
   }
   for (Slot& s : slots_) {
-    const Tensor& p = params[s.param];
-    const Bucket& bk = buckets[s.bucket];
+    Tensor p = params[s.param];
     s.step = int64_t(get(s.name + ".step", {}).item());
-    Span sp = intersect(s.offset, p.numel(), rank * bk.shard, bk.shard);
-    if (sp.count == 0) continue;
-    for (auto [key, dst] : {std::pair{".exp_avg", &m_[s.bucket]}, {".exp_avg_sq", &v_[s.bucket]}}) {
-      Tensor src = get(s.name + key, p.shape()).contiguous().view({-1}).to(DType::f32);
-      std::copy_n(src.data<float>() + sp.in_param, sp.count, dst->data<float>() + sp.in_shard);
+    const Span sp = span_of(s);
+    auto take = [&](const std::string& key, Tensor& dst) {  // this rank's elements of a state
+      if (sp.count == 0) return;
+      Tensor src = get(s.name + key, p.shape()).contiguous();
+      flat_part(dst, sp.in_shard, sp.count).copy_(flat_part(src, sp.in_param, sp.count));
+    };
+    take(".exp_avg", m_[s.bucket]);
+    take(".exp_avg_sq", v_[s.bucket]);
+    s.has_master = master_[s.bucket].defined() && by_name.count(s.name + ".master");
+    if (s.has_master) {
+      take(".master", master_[s.bucket]);
+      p.copy_(get(s.name + ".master", p.shape()));  // the whole parameter, rounded, as AdamW
     }
   }
   step_ = state.step;

@@ -93,9 +93,14 @@ class GradReducer {
 
 // AdamW for ZeRO-1: every rank keeps the AdamW state (exp_avg, exp_avg_sq) of its 1/dp shard of
 // each bucket only, updates that shard of the parameters from the reducer's gradient shard, then
-// all-gathers the updated parameters. Numerically torch.optim.AdamW, element for element (the same
-// fused kernel, per-parameter step counts, lr and weight decay of the parameter's group). f32
-// parameters on the CPU.
+// all-gathers the updated parameters (in their dtype). Numerically optim::AdamW (torch's AdamW),
+// element for element: the same fused kernels (optim::adamw_update_pieces), per-parameter step
+// counts, lr and weight decay of the parameter's group. Parameters are f32, bf16 or f16, on the
+// CPU or a GPU (all on one device; state and buffers live there too). A 16-bit parameter's f32
+// master is kept for this rank's shard only, taken from the parameter at its first update (as
+// optim::AdamW does); the update writes the rounded master into the shard of the parameter. The
+// gradient shard has the bucket's dtype, the parameters' (what GradReducer reduces: MPI sums
+// 16-bit buckets in f32 and rounds the sum back, NCCL sums them natively), as plain DP's gradients.
 class ShardedAdamW {
  public:
   // `groups` hold exactly the reducer's parameters (any order); the reducer must be sharded.
@@ -119,16 +124,21 @@ class ShardedAdamW {
   // Multiplies this rank's gradient shards by `coef` (clipping with a norm found elsewhere).
   void scale_grads(double coef);
 
-  // Collective: the full-shape state, named as optim::AdamW names it (so a checkpoint does not
-  // depend on dp or zero); every rank gets all of it.
+  // Collective: the full-shape state, named as optim::AdamW names it, ".master" of 16-bit
+  // parameters included (so a checkpoint does not depend on dp or zero); every rank gets all of
+  // it, in host memory.
   optim::OptimizerState export_state();
-  // Takes this rank's shard of a full-shape state (checks names and shapes first).
+  // Takes this rank's shard of a full-shape state (checks names and shapes first). As
+  // optim::AdamW: a 16-bit parameter is set from the state's ".master" (the whole parameter, on
+  // every rank); without one (an f32 run's state) its master is taken from the parameter at its
+  // next update; an f32 parameter ignores ".master".
   void import_state(const optim::OptimizerState& state);
 
   // This rank's own part of the state, without communication (a sharded checkpoint writes each
-  // rank's part into the one file): export_state's tensors in its order, "<param>.exp_avg" and
-  // ".exp_avg_sq" as 1-D tensors holding the elements [flat_offset, flat_offset + numel) of the
-  // parameter (row-major; empty where this rank's shard misses the parameter), ".step" whole.
+  // rank's part into the one file): export_state's tensors in its order, "<param>.exp_avg",
+  // ".exp_avg_sq" and (16-bit parameters) ".master" as 1-D f32 host tensors holding the elements
+  // [flat_offset, flat_offset + numel) of the parameter (row-major; empty where this rank's shard
+  // misses the parameter), ".step" whole.
   struct LocalState {
     optim::OptimizerState state;
     std::vector<int64_t> flat_offset;  // per tensor of state; -1: the tensor is whole
@@ -143,13 +153,19 @@ class ShardedAdamW {
     int64_t offset = 0;  // in the bucket's flat buffer
     double lr_scale = 1.0, weight_decay = 0.0;
     int64_t step = 0;
+    bool has_master = false;  // 16-bit: the master (of every rank's shard) is taken
   };
+  struct Span {  // the part of a parameter in this rank's shard of its bucket
+    int64_t in_param = 0, in_shard = 0, count = 0;
+  };
+  Span span_of(const Slot& s) const;
   GradReducer& red_;
   optim::AdamWOptions opt_;
   double lr_;
   int64_t step_ = 0;
   std::vector<Slot> slots_;    // by reducer index
-  std::vector<Tensor> m_, v_;  // per bucket, f32 [shard]
+  // Per bucket, f32 [shard] on the parameters' device; master_ only for 16-bit buckets.
+  std::vector<Tensor> m_, v_, master_;
 };
 
 }  // namespace ftune::parallel

@@ -157,10 +157,9 @@ struct SftTrainer::Impl {
       device = Device::cuda(idx);
       cuda::set_allow_tf32(cfg.allow_tf32);
       ops::set_attention_backend(cfg.attention.backend);  // throws clearly without cuDNN
-      FTUNE_CHECK(cfg.parallel.tp == 1 && cfg.parallel.zero == 0, "[sft] ", cfg.recipe_file,
-                  ": device ", cfg.device, " with parallel.tp > 1 or parallel.zero: 1 is not "
-                  "supported yet (the vocab-parallel loss and the sharded optimizer are CPU-only); "
-                  "use data parallelism (tp: 1, zero: 0)");
+      FTUNE_CHECK(cfg.parallel.tp == 1, "[sft] ", cfg.recipe_file, ": device ", cfg.device,
+                  " with parallel.tp > 1 is not supported yet (the tensor-parallel layers and the "
+                  "vocab-parallel loss are CPU-only); use data parallelism (tp: 1; zero: 1 works)");
     }
     param_dtype = cfg.dtype == "bf16" ? DType::bf16 : cfg.dtype == "f16" ? DType::f16 : DType::f32;
     setup_loss_scaler();
@@ -181,9 +180,6 @@ struct SftTrainer::Impl {
                   "at configure time)");
       FTUNE_CHECK(device.is_cuda(), "[sft] ", cfg.recipe_file,
                   ": parallel.backend: nccl needs device: cuda (NCCL reduces GPU tensors)");
-      FTUNE_CHECK(cfg.parallel.zero == 0, "[sft] ", cfg.recipe_file,
-                  ": parallel.backend: nccl with parallel.zero: 1 is not supported (ZeRO-1's "
-                  "sharded AdamW keeps CPU f32 parameters)");
     }
     fs::create_directories(out());
 
