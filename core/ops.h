@@ -127,4 +127,22 @@ Tensor lora_linear(const Tensor& x, const Tensor& w, const Tensor& b, const Tens
                    const Tensor& lora_b, double scale, double dropout = 0.0, uint64_t seed = 0,
                    int64_t in_offset = 0, int64_t in_full = 0);
 
+// One segment of lora_linear_multi: `out` rows of the fused weight, with an adapter (a, b both
+// defined) or none (both undefined).
+struct LoraSegment {
+  int64_t out = 0;
+  Tensor a, b;  // A [r, in], B [out, r]
+  double scale = 0, dropout = 0;
+  uint64_t seed = 0;
+};
+// Several lora_linear on one input, batched (the attention's q, k, v; core/ops/lora_multi.cpp):
+// W [N, in] = [W_0; W_1; ...] (segment i's rows), b [N] or undefined, y [..., N] whose columns of
+// segment i are x W_i^T + b_i + scale_i (dropout_i(x) A_i^T) B_i^T: one base GEMM, one dx GEMM
+// through W. Without dropout the A GEMMs (forward x A^T, backward du^T x and du A) run as one
+// against [A_0; A_1; ...]; with dropout each adapter keeps its own mask (lora_linear's, from its
+// seed, over the whole input), so the adapters run one by one. Gradients: x, every A and B; W and
+// b are frozen. Equal to lora_linear per segment up to f32 summation order.
+Tensor lora_linear_multi(const Tensor& x, const Tensor& w, const Tensor& b,
+                         const std::vector<LoraSegment>& segs);
+
 }  // namespace ftune::ops

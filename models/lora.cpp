@@ -6,6 +6,7 @@
 #include "models/lora.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -152,6 +153,9 @@ std::vector<std::pair<std::string, Proj*>> apply(Transformer& model, const LoraO
     p->add_lora_full(a, b, opt.scale(), opt.dropout);
   }
   set_lora_dropout_seed(model, 0);
+  // The base is frozen now: batch q/k/v (docs/lora.md), unless switched off for comparisons.
+  const char* fused = std::getenv("FTUNE_FUSED_QKV");
+  model.set_fused_qkv(!(fused && std::string(fused) == "0"));
   return targets;
 }
 

@@ -45,6 +45,7 @@ class Proj : public nn::Module {
   // before adapters are added.
   void shard_for_tp(TpSplit split, std::shared_ptr<parallel::Communicator> tp, int blocks = 1);
   TpSplit tp_split() const { return split_; }
+  const std::shared_ptr<parallel::Communicator>& tp_group() const { return tp_; }
   // Where weight, bias, lora_A, lora_B sit in their full-shape tensors (replicated: dim -1).
   parallel::ShardInfo weight_shard() const;
   parallel::ShardInfo bias_shard() const;

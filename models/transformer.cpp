@@ -9,6 +9,7 @@
 #include "models/transformer.h"
 
 #include <algorithm>
+#include <array>
 #include <climits>
 #include <cmath>
 #include <filesystem>
@@ -276,6 +277,13 @@ class SelfAttention : public nn::Module {
       q = qkv.slice(2, 0, Q).reshape({B, T, H, D});
       k = qkv.slice(2, Q, Q + K).reshape({B, T, Hkv, D});
       v = qkv.slice(2, Q + K, Q + 2 * K).reshape({B, T, Hkv, D});
+    } else if (fuse_ && base_frozen()) {    // one batched op over [W_q; W_k; W_v] (set_fused_qkv)
+      if (!views_intact()) fuse_weights();  // the model was moved (to_) since: fuse again
+      Tensor qkv = fused_forward(x);
+      const int64_t Q = H * D, K = Hkv * D;
+      q = qkv.slice(2, 0, Q).reshape({B, T, H, D});
+      k = qkv.slice(2, Q, Q + K).reshape({B, T, Hkv, D});
+      v = qkv.slice(2, Q + K, Q + 2 * K).reshape({B, T, Hkv, D});
     } else {
       q = q_proj_->forward(x).view({B, T, H, D});
       k = k_proj_->forward(x).view({B, T, Hkv, D});
@@ -324,12 +332,103 @@ class SelfAttention : public nn::Module {
     Hkv_ /= tp->size();
   }
 
+  // Batched q/k/v (Transformer::set_fused_qkv): the three weights (and biases) become row blocks
+  // of one buffer [W_q; W_k; W_v], so one GEMM computes all three with no copy of the weights.
+  // Used while the three are frozen (LoRA); GPT-2's c_attn is fused already.
+  void set_fused_qkv(bool on) {
+    fuse_ = on && q_proj_ != nullptr;
+    if (fuse_ && !views_intact()) fuse_weights();
+  }
+  bool fused_qkv_active() const { return fuse_ && base_frozen() && views_intact(); }
+
  private:
+  std::array<Proj*, 3> qkv() const { return {q_proj_.get(), k_proj_.get(), v_proj_.get()}; }
+
+  bool base_frozen() const {
+    for (const Proj* p : qkv())
+      if (p->weight.requires_grad() || (p->bias.defined() && p->bias.requires_grad())) return false;
+    return true;
+  }
+
+  // Whether q/k/v's weights (biases) are still consecutive row blocks of qkv_w_ (qkv_b_): a
+  // parameter replaced since (Module::to_, a load that assigns) breaks this, and the fused
+  // buffers are then rebuilt from the parameters, never the other way round.
+  bool views_intact() const {
+    if (!qkv_w_.defined()) return false;
+    const int64_t C = qkv_w_.size(1);
+    const size_t es = dtype_size(qkv_w_.dtype());
+    auto at = [&](const Tensor& buf, const Tensor& t, int64_t row, int64_t width) {
+      return t.defined() && t.dtype() == buf.dtype() && t.device() == buf.device() &&
+             t.is_contiguous() && t.dim() == (width ? 2 : 1) && (!width || t.size(1) == width) &&
+             t.raw_data() ==
+                 static_cast<char*>(buf.raw_data()) + size_t(row * (width ? width : 1)) * es;
+    };
+    int64_t row = 0;
+    for (const Proj* p : qkv()) {
+      if (!at(qkv_w_, p->weight, row, C)) return false;
+      if (p->bias.defined() != qkv_b_.defined()) return false;
+      if (qkv_b_.defined() && !at(qkv_b_, p->bias, row, 0)) return false;
+      row += p->weight.size(0);
+    }
+    return row == qkv_w_.size(0) && (!qkv_b_.defined() || row == qkv_b_.size(0));
+  }
+
+  // Copies q/k/v's weights (biases) into one buffer and makes the parameters views of it (the
+  // separate tensors are released: no weight is held twice). Names and requires_grad are kept.
+  void fuse_weights() const {
+    NoGradGuard no_grad;
+    const Tensor& wq = q_proj_->weight;
+    int64_t rows = 0;
+    for (const Proj* p : qkv()) rows += p->weight.size(0);
+    const bool has_bias = q_proj_->bias.defined();
+    qkv_w_ = Tensor::empty({rows, wq.size(1)}, wq.dtype(), wq.device());
+    qkv_b_ = has_bias ? Tensor::empty({rows}, wq.dtype(), wq.device()) : Tensor();
+    auto repoint = [](Tensor& param, const Tensor& buf, int64_t r0, int64_t r1) {
+      buf.slice(0, r0, r1).copy_(param);
+      Tensor view = buf.slice(0, r0, r1).detach();
+      view.set_name(param.name());
+      view.set_requires_grad(param.requires_grad());
+      param = view;
+    };
+    int64_t row = 0;
+    for (Proj* p : qkv()) {
+      const int64_t n = p->weight.size(0);
+      repoint(p->weight, qkv_w_, row, row + n);
+      if (has_bias) repoint(p->bias, qkv_b_, row, row + n);
+      row += n;
+    }
+  }
+
+  // [B, T, C] -> [B, T, Q + 2K]: q | k | v, each with its adapter if it has one. Under tensor
+  // parallelism the three are column-parallel (this rank's heads): the input and the replicated
+  // A matrices enter through copy_to_tp, as in Proj::forward.
+  Tensor fused_forward(const Tensor& x) const {
+    const bool col = q_proj_->tp_split() == TpSplit::column;
+    const auto& tp = q_proj_->tp_group();
+    std::vector<ops::LoraSegment> segs;
+    for (const Proj* p : qkv()) {
+      ops::LoraSegment s;
+      s.out = p->out_features();
+      if (p->has_lora()) {
+        s.a = col ? parallel::copy_to_tp(p->lora_A(), tp) : p->lora_A();
+        s.b = p->lora_B();
+        s.scale = p->lora_scale();
+        s.dropout = p->is_training() ? p->lora_dropout() : 0.0;
+        s.seed = p->lora_seed();
+      }
+      segs.push_back(std::move(s));
+    }
+    const Tensor xin = col ? parallel::copy_to_tp(x, tp) : x;
+    return ops::lora_linear_multi(xin, qkv_w_, qkv_b_, segs);
+  }
+
   int64_t H_, Hkv_, D_;
   bool rope_;
   double theta_;
   int64_t layer_;
   std::shared_ptr<Proj> c_attn_, c_proj_, q_proj_, k_proj_, v_proj_, o_proj_;
+  bool fuse_ = false;
+  mutable Tensor qkv_w_, qkv_b_;  // the fused buffers; not parameters (q/k/v's views are)
 };
 
 class Mlp : public nn::Module {
@@ -658,6 +757,20 @@ const std::shared_ptr<parallel::Communicator>& Transformer::tp_group() const { r
 
 void Transformer::set_activation_checkpointing(bool on) { impl_->body->checkpointing = on; }
 bool Transformer::activation_checkpointing() const { return impl_->body->checkpointing; }
+
+void Transformer::set_fused_qkv(bool on) {
+  for (auto& [name, m] : named_modules())
+    if (auto* a = dynamic_cast<SelfAttention*>(m)) a->set_fused_qkv(on);
+}
+bool Transformer::fused_qkv() const {
+  bool any = false;
+  for (auto& [name, m] : const_cast<Transformer*>(this)->named_modules())
+    if (auto* a = dynamic_cast<SelfAttention*>(m)) {
+      if (!a->fused_qkv_active()) return false;
+      any = true;
+    }
+  return any;
+}
 
 int Transformer::tp_size() const { return impl_->tp ? impl_->tp->size() : 1; }
 

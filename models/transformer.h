@@ -64,6 +64,16 @@ class Transformer : public nn::Module {
   void set_activation_checkpointing(bool on);
   bool activation_checkpointing() const;
 
+  // Batched attention input projections (docs/lora.md, "Batched q/k/v"): with on, each layer's
+  // q/k/v weights (and biases) become row blocks of one buffer (the parameters are views of it:
+  // names, checkpoints, export and tp shards unchanged) and, while the three are frozen, run as
+  // one lora_linear_multi (one base GEMM; one A GEMM for the adapters without dropout). Off: three
+  // projections, as before (the buffer stays). apply_lora turns it on unless FTUNE_FUSED_QKV=0.
+  // No effect on GPT-2 (c_attn is one projection already) or with a trainable base.
+  void set_fused_qkv(bool on);
+  // True when every layer's attention currently runs the batched path.
+  bool fused_qkv() const;
+
   // ids i32|i64 [B, T] -> hidden states after the final norm [B, T, hidden].
   Tensor hidden_states(const Tensor& ids, const ForwardOptions& opt = {});
   // ids [B, T] -> logits [B, T, vocab]. Under tensor parallelism the vocab shards are gathered
