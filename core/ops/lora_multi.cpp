@@ -102,6 +102,7 @@ Tensor lora_linear_multi(const Tensor& x, const Tensor& w, const Tensor& bias,
   const char* op = "lora_linear_multi";
   check_defined(op, x, "x");
   check_defined(op, w, "weight");
+  profiler::OpScope prof(op, w.shape());
   check_same_device(op, {&x, &w, &bias});
   check_same_dtype(op, {&x, &w, &bias});
   check_float(op, x, "x");

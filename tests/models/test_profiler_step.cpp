@@ -89,8 +89,16 @@ void run(bool lora) {
   };
   EXPECT_EQ(calls(r, "forward", "embedding"), 1.0);
   EXPECT_EQ(calls(r, "forward", "rms_norm"), double(2 * kL + 1));
-  EXPECT_EQ(calls(r, "forward", lin + shape(kD, kD)), double(2 * kL));  // q, o
-  EXPECT_EQ(calls(r, "forward", lin + shape(kv, kD)), double(2 * kL));  // k, v
+  // Under LoRA q, k and v run as one batched op (models: fused q/k/v on a frozen base).
+  const bool fused = lora && model->fused_qkv();
+  if (fused) {
+    EXPECT_EQ(calls(r, "forward", lin + shape(kD, kD)), double(kL));  // o
+    EXPECT_EQ(calls(r, "forward", "lora_linear_multi [" + shape(kD + 2 * kv, kD)), double(kL));
+    EXPECT_EQ(calls(r, "backward", "bwd lora_linear_multi ["), double(kL));
+  } else {
+    EXPECT_EQ(calls(r, "forward", lin + shape(kD, kD)), double(2 * kL));  // q, o
+    EXPECT_EQ(calls(r, "forward", lin + shape(kv, kD)), double(2 * kL));  // k, v
+  }
   EXPECT_EQ(calls(r, "forward", lin + shape(kFfn, kD)), double(2 * kL));
   EXPECT_EQ(calls(r, "forward", lin + shape(kD, kFfn)), double(kL));
   EXPECT_EQ(calls(r, "forward", "linear [" + shape(kV, kD)), 1.0);  // the tied lm_head
@@ -99,7 +107,8 @@ void run(bool lora) {
   EXPECT_EQ(calls(r, "forward", "swiglu"), double(kL));
   EXPECT_EQ(calls(r, "forward", "add"), double(2 * kL));
   EXPECT_EQ(calls(r, "forward", "cross_entropy"), 1.0);
-  EXPECT_EQ(calls(r, "backward", "bwd " + lin), double(7 * kL + (lora ? 0 : 1)));  // + lm_head
+  EXPECT_EQ(calls(r, "backward", "bwd " + lin),
+            double((fused ? 4 : 7) * kL + (lora ? 0 : 1)));  // + lm_head
   EXPECT_EQ(calls(r, "backward", "bwd attention"), double(kL));
   EXPECT_EQ(calls(r, "backward", "bwd cross_entropy"), 1.0);
   int64_t nodes = 0;
