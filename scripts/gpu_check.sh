@@ -22,11 +22,11 @@ bundle() {
     cmake -S . -B "$build" -G Ninja -DFTUNE_CUDA=ON -DFTUNE_CUDA_ARCHS=90 -DFTUNE_BUILD_BENCH=ON
   fi
   grep -q '^FTUNE_CUDA:BOOL=ON' "$build/CMakeCache.txt" || { echo "gpu_check: $build is not a CUDA build" >&2; exit 1; }
-  cmake --build "$build" -j"$FTUNE_JOBS" --target test_cuda bench_gpu ftune test_launch bench_sft
+  cmake --build "$build" -j"$FTUNE_JOBS" --target test_cuda bench_gpu ftune test_launch bench_sft test_models
   rm -rf gpu_bundle && mkdir -p gpu_bundle/stage/bin gpu_bundle/stage/lib
   # Binaries keep their paths relative to the build dir: tests find ftune and the fixtures through
   # absolute paths compiled in (FTUNE_BINARY, FTUNE_SOURCE_DIR), which `run` recreates.
-  local rel=(tests/test_cuda bench/bench_gpu ftune tests/test_launch bench/bench_sft)
+  local rel=(tests/test_cuda bench/bench_gpu ftune tests/test_launch bench/bench_sft tests/test_models)
   for r in "${rel[@]}"; do mkdir -p "gpu_bundle/stage/bin/$(dirname "$r")"; cp "$build/$r" "gpu_bundle/stage/bin/$r"; done
   (cd "$build" && pwd -P) > gpu_bundle/stage/BUILDDIR
   pwd -P > gpu_bundle/stage/SRCDIR
@@ -82,6 +82,8 @@ run() {
   # The trainer on the GPU: the GPU-vs-CPU run test, then the quickstart recipe in bf16.
   timeout 150 "$bld/tests/test_launch" --gtest_filter='SftRun.Gpu*:LossScaleRun.F16*' > "$OUT/test_trainer.log" 2>&1
   local lrc=$?
+  # Model-level GPU tests (batched q/k/v LoRA on the GPU vs the CPU), in the same log.
+  timeout 60 "$bld/tests/test_models" --gtest_filter='*Gpu*' >> "$OUT/test_trainer.log" 2>&1 || lrc=$?
   (cd "$ROOT" && timeout 120 "$bld/ftune" run recipes/quickstart_lora.yaml device=cuda dtype=bf16 \
       output_dir=/tmp/ftune_qs_gpu > "$OUT/quickstart_gpu.log" 2>&1)
   local qrc=$?
