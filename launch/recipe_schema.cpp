@@ -440,6 +440,11 @@ void check_conflicts(Binder& b, const SftConfig& c, bool lora_present) {
   if (c.attention.backend == "cudnn" && c.device == "cpu")
     b.error_at("attention.backend", str_cat("attention.backend: cudnn needs device: cuda",
                                             b.where("device"), " (cuDNN runs on the GPU)"));
+  if (c.dtype == "f16" && c.parallel.zero == 1)
+    b.error_at("parallel.zero",
+               str_cat("parallel.zero: 1 with dtype: f16", b.where("dtype"),
+                       " is not supported yet (ZeRO-1's f16 gradient shards would underflow when "
+                       "the loss scale is divided out); use dtype: bf16, or zero: 0"));
   if (lora_present && c.model.init == "random")
     b.error(b.key_loc("lora"),
             str_cat("LoRA needs pretrained weights, but model.init is `random`",

@@ -133,6 +133,11 @@ struct SftTrainer::Impl {
   fs::path metrics_path() const { return out() / "metrics.jsonl"; }
 
   void setup() {
+    // ZeRO-1's gradient shards keep the parameters' dtype, and the loss scale is divided out in
+    // place: in f16 the small gradients would flush to zero (plain DP widens them to f32 first).
+    FTUNE_CHECK(cfg.parallel.zero == 0 || cfg.dtype != "f16", "[sft] ", cfg.recipe_file,
+                ": dtype f16 with parallel.zero: 1 is not supported yet (the f16 gradient shards "
+                "would underflow when the loss scale is divided out); use bf16, or zero: 0");
     if (cfg.device == "cpu") {
       FTUNE_CHECK(cfg.dtype == "f32", "[sft] ", cfg.recipe_file, ": dtype ", cfg.dtype,
                   " needs device: cuda (the CPU trains in f32)");
@@ -174,6 +179,7 @@ struct SftTrainer::Impl {
                 "[sft] parallel.zero must be 0 "
                 "or 1, got ",
                 cfg.parallel.zero);
+
     if (cfg.parallel.backend == "nccl") {
       FTUNE_CHECK(parallel::nccl_support(), "[sft] ", cfg.recipe_file,
                   ": parallel.backend: nccl, but this build has no NCCL (FTUNE_CUDA=ON and NCCL "

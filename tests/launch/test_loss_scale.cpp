@@ -241,6 +241,8 @@ TEST_F(LossScaleRun, RecipeKeysAreValidated) {
       {"loss_scale: 128\nloss_scale_growth_interval: 10\n", "", "needs loss_scale: dynamic"},
       {"loss_scale: dynamic\nloss_scale_growth_interval: 0\n", "", "must be >= 1"},
       {"loss_scale: dynamic\nloss_scale_init: 0\n", "", "`loss_scale_init` must be > 0"},
+      {"dtype: f16\ndevice: cuda\nparallel:\n  zero: 1\n", "",
+       "parallel.zero: 1 with dtype: f16"},
   };
   int i = 0;
   for (const Case& c : cases) {
