@@ -221,7 +221,10 @@ class MpiCommunicator : public Communicator {
   void all_reduce(Tensor& t, ReduceOp op) override { all_reduce_async(t, op)->wait(); }
   std::unique_ptr<Work> all_reduce_async(Tensor& t, ReduceOp op) override {
     CommTimer timer(nbytes(t), true);
-    Staged s = Staged::in(t, "all_reduce", cuda_aware_);
+    // Reductions are staged through the host even with CUDA-aware MPI: Open MPI's non-blocking
+    // reductions (libnbc) apply the op with CPU code, which cannot read device memory (its
+    // CUDA-aware coll component covers the blocking ones only, by staging itself).
+    Staged s = Staged::in(t, "all_reduce", false);
     MPI_Request req;
     check_mpi(MPI_Iallreduce(MPI_IN_PLACE, s.wire.raw_data(), int_count(s.wire.numel()),
                              mpi_type(s.wire.dtype()), mpi_op(op), comm_, &req),
@@ -248,8 +251,8 @@ class MpiCommunicator : public Communicator {
                 "[parallel] reduce_scatter: in ", in.desc(), " must have ", size_,
                 " times the elements of out ", out.desc(), ", same dtype");
     CommTimer timer(nbytes(in), true);
-    Staged si = Staged::in(in, "reduce_scatter", cuda_aware_),
-           so = Staged::in(out, "reduce_scatter", cuda_aware_);
+    Staged si = Staged::in(in, "reduce_scatter", false),  // staged: see all_reduce_async
+           so = Staged::in(out, "reduce_scatter", false);
     MPI_Request req;
     check_mpi(MPI_Ireduce_scatter_block(si.wire.raw_data(), so.wire.raw_data(),
                                         int_count(so.wire.numel()), mpi_type(so.wire.dtype()),
@@ -268,11 +271,21 @@ class MpiCommunicator : public Communicator {
     CommTimer timer(nbytes(in), true);
     Staged si = Staged::in(in, "all_gather", cuda_aware_),
            so = Staged::in(out, "all_gather", cuda_aware_);
-    MPI_Request req;
-    check_mpi(MPI_Iallgather(si.wire.raw_data(), int_count(si.wire.numel()),
-                             mpi_type(si.wire.dtype()), so.wire.raw_data(),
-                             int_count(si.wire.numel()), mpi_type(so.wire.dtype()), comm_, &req),
-              "MPI_Iallgather");
+    MPI_Request req = MPI_REQUEST_NULL;
+    if (!si.wire.device().is_cpu() || !so.wire.device().is_cpu()) {
+      // Device pointers: CUDA-aware Open MPI supports them in blocking collectives only, so this
+      // one completes here (the Work is done at once).
+      check_mpi(MPI_Allgather(si.wire.raw_data(), int_count(si.wire.numel()),
+                              mpi_type(si.wire.dtype()), so.wire.raw_data(),
+                              int_count(si.wire.numel()), mpi_type(so.wire.dtype()), comm_),
+                "MPI_Allgather");
+    } else {
+      check_mpi(MPI_Iallgather(si.wire.raw_data(), int_count(si.wire.numel()),
+                               mpi_type(si.wire.dtype()), so.wire.raw_data(),
+                               int_count(si.wire.numel()), mpi_type(so.wire.dtype()), comm_,
+                               &req),
+                "MPI_Iallgather");
+    }
     out.bump_version();
     auto w = std::make_unique<MpiWork>(req, std::move(so), size_, ReduceOp::sum, false);
     w->keep(si.wire);
