@@ -433,6 +433,7 @@ std::unique_ptr<Plan> build_backward(cudnnHandle_t h, const Shape& s) {
 struct ThreadState {
   std::map<int, cudnnHandle_t> handles;
   std::map<Shape, std::unique_ptr<Plan>> plans;
+  std::map<Shape, std::string> failed;  // forward shapes whose forward or backward plan failed
 };
 ThreadState& state() {
   thread_local ThreadState* s = new ThreadState;
@@ -452,9 +453,12 @@ cudnnHandle_t handle(const Shape& shape_) {
 }
 
 const Plan& plan_for(const Shape& s) {
-  auto& slot = state().plans[s];
-  if (!slot) slot = s.backward ? build_backward(handle(s), s) : build_forward(handle(s), s);
-  return *slot;
+  auto& plans = state().plans;
+  auto it = plans.find(s);
+  if (it != plans.end()) return *it->second;
+  // A failed build leaves no entry (cudnn_attention_unsupported remembers the failure).
+  std::unique_ptr<Plan> plan = s.backward ? build_backward(handle(s), s) : build_forward(handle(s), s);
+  return *plans.emplace(s, std::move(plan)).first->second;
 }
 
 void execute(const Shape& shape_, const Plan& plan, std::vector<int64_t> uids,
@@ -495,9 +499,7 @@ void lse_from_cudnn(const Shape& s, const float* stats, float* lse, cudaStream_t
                "cudaMemcpy2DAsync (stats -> lse)", s);
 }
 
-Shape shape_of(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType dt, bool backward) {
-  std::string why = cudnn_attention_unsupported(p, seqs, dt);
-  FTUNE_CHECK(why.empty(), "[attention:cudnn] cannot run this call: ", why);
+Shape make_shape(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType dt, bool backward) {
   Shape s;
   s.device = ftune::cuda::current_device();
   s.backward = backward;
@@ -510,6 +512,12 @@ Shape shape_of(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType dt, 
   s.D = p.head_dim;
   s.causal = p.causal;
   return s;
+}
+
+Shape shape_of(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType dt, bool backward) {
+  std::string why = cudnn_attention_unsupported(p, seqs, dt);
+  FTUNE_CHECK(why.empty(), "[attention:cudnn] cannot run this call: ", why);
+  return make_shape(p, seqs, dt, backward);
 }
 
 }  // namespace
@@ -538,6 +546,26 @@ std::string cudnn_attention_unsupported(const AttnParams& p, const std::vector<A
   if (p.causal && Tq != Tk)
     return str_cat("causal with Tq ", Tq, " != Tk ", Tk,
                    " (ftune's mask is bottom-right aligned; only Tq == Tk is served)");
+  // What only the backward refuses is refused here too: the op picks the backend at the forward
+  // and runs the same backend's backward, so a refusal must come before the forward.
+  if (Tq == 1 && Tk == 1) return "Tq = Tk = 1 (cuDNN's SDPA graphs do not serve it)";
+  const int64_t ver = int64_t(cudnnGetVersion());
+  if (Tk % 128 != 0 && ver <= 91500)
+    return str_cat("Tk ", Tk, " not a multiple of 128 with cuDNN ", ver,
+                   " (the backward needs cuDNN > 9.15 there)");
+  if (ver >= 91000 && ver < 91002) return str_cat("cuDNN ", ver, " (its SDPA backward is broken)");
+  // Both plans are built now, once per shape: a shape cuDNN finds no plan for falls back.
+  const Shape fwd = make_shape(p, seqs, dt, false);
+  auto& failed = state().failed;
+  if (auto it = failed.find(fwd); it != failed.end()) return it->second;
+  try {
+    plan_for(fwd);
+    Shape bwd = fwd;
+    bwd.backward = true;
+    plan_for(bwd);
+  } catch (const std::exception& e) {
+    return failed[fwd] = str_cat("cuDNN built no plan for this shape: ", e.what());
+  }
   return "";
 }
 
@@ -568,10 +596,6 @@ void cudnn_attention_backward(const AttnParams& p, const std::vector<AttnSeq>& s
                               const void* q, const void* k, const void* v, const void* out,
                               const float* lse, const void* dout, void* dq, void* dk, void* dv) {
   const Shape s = shape_of(p, seqs, dt, true);
-  if (s.Tk % 128 != 0)
-    FTUNE_CHECK(cudnnGetVersion() > 91500, "[attention:cudnn] the backward with Tk ", s.Tk,
-                " not a multiple of 128 needs cuDNN > 9.15 (loaded: ", cudnnGetVersion(),
-                "; older ones need a padding-mask workaround ftune does not build)");
   const Plan& plan = plan_for(s);
   cudaStream_t st = static_cast<cudaStream_t>(ftune::cuda::current_stream());
   const size_t esz = 2;  // bf16 / f16
