@@ -202,11 +202,19 @@ void cancel_step() {
   State& s = st();
   if (!s.in_step || !t_owner) return;
   detail::g_hooks.store(false, std::memory_order_relaxed);
-  if (s.gpu && s.used > 0) s.pool[s.used - 1]->synchronize();  // the pool's events are reused
-  s.in_step = false;
+  const size_t used = s.used;
+  s.in_step = false;  // first: a failing synchronize must not leave the profiler stuck in a step
+  s.used = 0;
   t_owner = false;
   t_depth = 0;
   t_open = -1;
+  if (s.gpu && used > 0) {
+    try {
+      s.pool[used - 1]->synchronize();  // the pool's events are reused by the next step
+    } catch (const std::exception&) {
+      // A sticky CUDA error: cancel_step runs on error paths, the caller reports the error.
+    }
+  }
 }
 
 double end_step() {
