@@ -27,6 +27,11 @@ void require_cpu(const char* op, std::initializer_list<const Tensor*> ts);
 #endif
 Shape broadcast_shapes(const char* op, const Shape& a, const Shape& b);
 int64_t wrap_dim(const char* op, int64_t d, int64_t nd);
+// A tensor's data, or nullptr for an undefined (optional) one.
+template <class T>
+T* ptr_or_null(const Tensor& t) {
+  return t.defined() ? t.data<T>() : nullptr;
+}
 // Contiguous input for a kernel (no autograd record).
 inline Tensor contig(const Tensor& t) { return t.is_contiguous() ? t.detach() : t.detach().contiguous(); }
 

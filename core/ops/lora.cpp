@@ -8,10 +8,6 @@ namespace ftune::ops {
 using namespace detail;
 
 namespace {
-template <class T>
-T* ptr_or_null(const Tensor& t) {
-  return t.defined() ? t.data<T>() : nullptr;
-}
 
 // The GPU kernels take f32, bf16 and f16 (the CPU ones f32 and f64).
 template <class F>

@@ -13,10 +13,6 @@ using namespace detail;
 
 namespace {
 
-template <class T>
-T* ptr_or_null(const Tensor& t) {
-  return t.defined() ? t.data<T>() : nullptr;
-}
 
 // The CPU kernels (T = float, double).
 template <class T>
