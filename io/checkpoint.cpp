@@ -811,6 +811,34 @@ struct OpenCheckpoint {
     }
     return out;
   }
+  // The elements [s.flat_offset, + s.flat_count) of the part `s` describes (select_part), 1-D.
+  Tensor read_tensor_flat(hid_t g, const std::string& where, const TensorMeta& m,
+                          const TensorSlice& s) {
+    const std::string what = where + "/" + m.name;
+    Shape part = m.shape;
+    if (s.dim >= 0) {
+      if (s.dim >= int64_t(part.size()) || s.blocks < 1 || s.count < 0 ||
+          part[size_t(s.dim)] % s.blocks != 0 || s.offset < 0 ||
+          s.offset + s.count > part[size_t(s.dim)] / s.blocks)
+        c.fail(what, shape_str(m.shape), ": slice [", s.offset, ", ", s.offset + s.count,
+               ") of ", s.blocks, " block(s) along dimension ", s.dim, " does not fit");
+      part[size_t(s.dim)] = s.count * s.blocks;
+    }
+    if (s.flat_offset < 0 || s.flat_count < 0 || s.flat_offset + s.flat_count > shape_numel(part))
+      c.fail(what, shape_str(m.shape), ": flat range [", s.flat_offset, ", ",
+             s.flat_offset + s.flat_count, ") is out of range of the part ", shape_str(part));
+    Tensor t = Tensor::empty({s.flat_count}, m.dtype);
+    if (t.numel() == 0) return t;
+    Id d = open_dataset(c, g, m.name, what);
+    Id fspace = c.check(H5Dget_space(d.get()), H5Sclose, "H5Dget_space");
+    select_part(c, fspace.get(), what, m.shape, part, s.dim, s.offset, s.blocks, s.flat_offset,
+                s.flat_count);
+    Id mspace = make_space(c, t.shape());
+    Id mtype = file_type(m.dtype, true);
+    c.check(H5Dread(d.get(), mtype.get(), mspace.get(), fspace.get(), H5P_DEFAULT, t.raw_data()),
+            "cannot read ", what);
+    return t;
+  }
   // The slice [offset, offset + count) along dim (count -1: to the end) of a tensor.
   // The part [offset, offset + count) of every one of `blocks` blocks along dim (select_part).
   Tensor read_tensor_part(hid_t g, const std::string& where, const TensorMeta& m, int64_t dim,
@@ -1262,10 +1290,13 @@ Checkpoint load_checkpoint_sharded(
     const std::string where = std::string("/") + group;
     for (const auto& m : metas) {
       const std::optional<TensorSlice> s = slice_of(std::string(group) + "/" + m.name, m.shape);
-      out.emplace_back(m.name, !s || s->dim < 0 ? oc.read_tensor(g, where, m)
-                                                : oc.read_tensor_part(g, where, m, s->dim,
-                                                                      s->offset, s->count,
-                                                                      s->blocks));
+      if (s && s->flat_count >= 0)
+        out.emplace_back(m.name, oc.read_tensor_flat(g, where, m, *s));
+      else
+        out.emplace_back(m.name, !s || s->dim < 0 ? oc.read_tensor(g, where, m)
+                                                  : oc.read_tensor_part(g, where, m, s->dim,
+                                                                        s->offset, s->count,
+                                                                        s->blocks));
     }
   };
   read("model", oc.model.get(), oc.model_meta, ck.model);

@@ -93,10 +93,11 @@ struct TensorSlice {
                        // (save) / to the end of the block (load)
   bool write = true;   // save: false where another rank writes the same slice (a dp replica)
   int64_t blocks = 1;
-  // Save only: with flat_count >= 0 the local tensor (any shape, flat_count elements) holds the
+  // With flat_count >= 0 the local tensor (any shape, flat_count elements) holds the
   // elements [flat_offset, flat_offset + flat_count) of the part described above (its shape:
   // full_shape with dim's size count * blocks; count must be given), in row-major order. ZeRO-1
-  // shards the optimizer state of a parameter so.
+  // shards the optimizer state of a parameter so. Save, and load through the slice_of overload of
+  // load_checkpoint_sharded.
   int64_t flat_offset = 0;
   int64_t flat_count = -1;
 };
@@ -132,6 +133,7 @@ Checkpoint load_checkpoint_sharded(const std::string& path, const std::vector<Te
 // The same, asking `slice_of(path, full_shape)` for each tensor of the file ("model/<name>" or
 // "optimizer/<name>"): a slice to read only that part (its name and full_shape are ignored), or
 // nullopt to read it whole. For a reader that knows the split by name, not the file's tensors.
+// A slice with flat_count >= 0 reads those elements of its part as a 1-D tensor (ZeRO-1 shards).
 Checkpoint load_checkpoint_sharded(
     const std::string& path,
     const std::function<std::optional<TensorSlice>(const std::string&, const Shape&)>& slice_of);

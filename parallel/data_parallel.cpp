@@ -448,6 +448,65 @@ ShardedAdamW::LocalState ShardedAdamW::export_local_state() const {
   return ls;
 }
 
+void ShardedAdamW::import_local_state(const optim::OptimizerState& state) {
+  NoGradGuard ng;
+  FTUNE_CHECK(state.step >= 0, "[zero] state with negative step ", state.step);
+  std::unordered_map<std::string, const Tensor*> by_name;
+  for (const auto& [name, t] : state.tensors) {
+    FTUNE_CHECK(t.defined(), "[zero] state tensor '", name, "' is undefined");
+    FTUNE_CHECK(by_name.emplace(name, &t).second, "[zero] state has tensor '", name, "' twice");
+  }
+  auto get = [&](const std::string& name, int64_t numel) -> const Tensor& {
+    auto it = by_name.find(name);
+    FTUNE_CHECK(it != by_name.end(), "[zero] state has no tensor '", name, "'");
+    FTUNE_CHECK(it->second->numel() == numel && (numel == 1 || it->second->dim() == 1),
+                "[zero] state tensor '", name, "' is ", it->second->desc(), ", expected this rank's ",
+                numel, " element(s)");
+    return *it->second;
+  };
+  std::unordered_set<std::string> expected;
+  for (const Slot& s : slots_) {
+    const int64_t n = span_of(s).count;
+    get(s.name + ".exp_avg", n);
+    get(s.name + ".exp_avg_sq", n);
+    FTUNE_CHECK(get(s.name + ".step", 1).item() >= 0, "[zero] negative step for '", s.name, "'");
+    if (by_name.count(s.name + ".master") && master_[s.bucket].defined())
+      get(s.name + ".master", n);
+    for (const char* k : {".exp_avg", ".exp_avg_sq", ".step", ".master"})
+      expected.insert(s.name + k);
+  }
+  for (const auto& [name, t] : state.tensors)
+    FTUNE_CHECK(expected.count(name), "[zero] state tensor '", name,
+                "' belongs to no parameter of this optimizer");
+  const auto& params = red_.params();
+  for (size_t b = 0; b < m_.size(); ++b) {
+    m_[b].zero_();
+    v_[b].zero_();
+    if (master_[b].defined()) master_[b].zero_();
+  }
+  for (Slot& s : slots_) {
+    Tensor p = params[s.param];
+    s.step = int64_t(get(s.name + ".step", 1).item());
+    const Span sp = span_of(s);
+    auto take = [&](const std::string& key, Tensor& dst) {
+      if (sp.count == 0) return;
+      flat_part(dst, sp.in_shard, sp.count).copy_(get(s.name + key, sp.count).view({sp.count}));
+    };
+    take(".exp_avg", m_[s.bucket]);
+    take(".exp_avg_sq", v_[s.bucket]);
+    s.has_master = master_[s.bucket].defined() && by_name.count(s.name + ".master");
+    if (s.has_master) {
+      take(".master", master_[s.bucket]);
+      // This rank's part of the parameter, rounded from its master, as import_state does for the
+      // whole (the other ranks set theirs; the model's weights come from the checkpoint anyway).
+      if (sp.count > 0)
+        flat_part(p, sp.in_param, sp.count)
+            .copy_(get(s.name + ".master", sp.count).view({sp.count}));
+    }
+  }
+  step_ = state.step;
+}
+
 void ShardedAdamW::import_state(const optim::OptimizerState& state) {
   NoGradGuard ng;
   FTUNE_CHECK(state.step >= 0, "[zero] state with negative step ", state.step);

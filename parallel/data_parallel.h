@@ -144,6 +144,11 @@ class ShardedAdamW {
     std::vector<int64_t> flat_offset;  // per tensor of state; -1: the tensor is whole
   };
   LocalState export_local_state() const;
+  // The inverse, without communication: `state` holds, as export_local_state names and shapes
+  // them, this rank's flat pieces of ".exp_avg", ".exp_avg_sq" (and optionally ".master") and every
+  // ".step" (a resume reads only its shard from a checkpoint: load_checkpoint_sharded with flat
+  // slices). Checks names and sizes first (a bad state changes nothing).
+  void import_local_state(const optim::OptimizerState& state);
 
  private:
   struct Slot {  // one parameter

@@ -573,13 +573,37 @@ struct SftTrainer::Impl {
       log << "resume: no checkpoint in " << out().string() << ", starting from step 0\n";
       return;
     }
-    // Under tp each rank reads only its slices of the split tensors, whatever layout wrote them.
-    Checkpoint c = grid.tp > 1 ? load_checkpoint_sharded(*latest,
-                                                         [this](const std::string& n,
-                                                                const Shape& full) {
-                                                           return tp_slice_of(n, full);
-                                                         })
-                               : load_checkpoint(*latest);
+    // Under tp each rank reads only its slices of the split tensors, and under ZeRO-1 only its
+    // flat shards of the AdamW state (where they lie: this rank's optimizer, as export_local_state
+    // names them), whatever layout wrote the file.
+    std::map<std::string, std::pair<int64_t, int64_t>> zero_range;  // name -> (flat offset, count)
+    if (zopt) {
+      parallel::ShardedAdamW::LocalState mine = zopt->export_local_state();
+      for (size_t i = 0; i < mine.state.tensors.size(); ++i)
+        if (mine.flat_offset[i] >= 0)
+          zero_range[mine.state.tensors[i].first] = {mine.flat_offset[i],
+                                                     mine.state.tensors[i].second.numel()};
+    }
+    auto slice_of = [&](const std::string& n, const Shape& full) -> std::optional<TensorSlice> {
+      std::optional<TensorSlice> s = tp_slice_of(n, full);
+      if (!zopt || n.rfind("optimizer/", 0) != 0 || full.empty()) return s;
+      const std::string name = n.substr(10);
+      auto it = zero_range.find(name);
+      const bool master = name.size() > 7 && name.compare(name.size() - 7, 7, ".master") == 0;
+      if (it == zero_range.end() && !master) return s;  // not sharded: whole (import checks it)
+      if (!s) {
+        s = TensorSlice{};
+        s->name = n;
+        s->dim = -1;
+        s->full_shape = full;
+      }
+      // A master this run keeps none of (f32 parameters): nothing to read.
+      s->flat_offset = it == zero_range.end() ? 0 : it->second.first;
+      s->flat_count = it == zero_range.end() ? 0 : it->second.second;
+      return s;
+    };
+    Checkpoint c = grid.tp > 1 || zopt ? load_checkpoint_sharded(*latest, slice_of)
+                                       : load_checkpoint(*latest);
     FTUNE_CHECK(c.adapter_only == lora, "[sft] resume: ", *latest, " holds ",
                 c.adapter_only ? "a LoRA adapter" : "full weights", " but the recipe ",
                 lora ? "uses LoRA" : "does full fine-tuning");
@@ -609,7 +633,7 @@ struct SftTrainer::Impl {
       t.copy_(it->second);
     }
     if (zopt)
-      zopt->import_state(c.optimizer);
+      zopt->import_local_state(c.optimizer);  // this rank's shards, read as such above
     else
       opt->import_state(c.optimizer);
     const nlohmann::json& ts = c.trainer_state;
