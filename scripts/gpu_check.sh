@@ -72,7 +72,7 @@ run() {
   {
     echo "commit $(cat $B/COMMIT 2>/dev/null) on $(hostname), $(date -u)"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1
-    ldd "$B/bin/tests/test_cuda" "$B/bin/ftune" | grep -E "cublas|not found" || true
+    ldd "$B/bin/tests/test_cuda" "$B/bin/ftune" | grep -E "cublas|cudnn|not found" || true
   } > "$OUT/test_cuda.log"
   head -3 "$OUT/test_cuda.log"
   local t0=$SECONDS
