@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -76,6 +77,15 @@ LoraOptions lora_options(const LoraSection& s, uint64_t seed) {
   return o;
 }
 
+}  // namespace
+
+namespace {
+// "0.42 s" for the log.
+std::string fmt_seconds(double s) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.2f s", s);
+  return buf;
+}
 }  // namespace
 
 struct SftTrainer::Impl {
@@ -477,7 +487,11 @@ struct SftTrainer::Impl {
   // the full-shape tensors (tp slices; ZeRO-1's flat shards of the AdamW state) into the one file,
   // and no rank gathers anything. Otherwise (dp only: every replica holds everything; or no
   // MPI-IO) rank 0 writes what make_checkpoint gathered.
+  // FTUNE_SHARDED_CHECKPOINT=0 falls back to the gathered save (e.g. a shared file system whose
+  // MPI-IO locking misbehaves); the file is the same either way.
   bool sharded_save() const {
+    const char* env = std::getenv("FTUNE_SHARDED_CHECKPOINT");
+    if (env && std::string(env) == "0") return false;
     return world->size() > 1 && (grid.tp > 1 || zopt) && world->backend() == "mpi" &&
            sharded_checkpoint_support();
   }
@@ -533,19 +547,25 @@ struct SftTrainer::Impl {
       return;
     }
     fs::path p = out() / checkpoint_file_name(step);
+    const auto t0 = std::chrono::steady_clock::now();
+    auto seconds = [&] {
+      return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    };
     if (sharded_save()) {  // collective; the file is in place on return
       save_sharded(p.string());
       if (is_root) {
+        const double s = seconds();
         prune_checkpoints(out().string(), cfg.keep_last_n);
         log << "checkpoint: " << p.string() << " (sharded: " << world->size()
-            << " ranks wrote their slices)\n";
+            << " ranks wrote their slices; " << fmt_seconds(s) << ")\n";
       }
     } else {
       Checkpoint c = make_checkpoint();  // every rank (gathers what is sharded)
       if (is_root) {  // the weights are replicated now: rank 0 writes the whole file
         save_checkpoint(p.string(), c);
+        const double s = seconds();
         prune_checkpoints(out().string(), cfg.keep_last_n);
-        log << "checkpoint: " << p.string() << "\n";
+        log << "checkpoint: " << p.string() << " (" << fmt_seconds(s) << ")\n";
       }
     }
     world->barrier();  // the file is complete (renamed) before any rank goes on

@@ -405,5 +405,42 @@ TEST_F(DpSft, Gpt2TensorParallelCheckpointResumesInOneProcess) {
   }
 }
 
+// FTUNE_SHARDED_CHECKPOINT=0: the gathered save (rank 0 writes what the ranks gathered) gives
+// the same file, tensor for tensor, as the sharded save of TensorParallelEqualsOneProcess.
+TEST_F(DpSft, GatheredSaveFallbackWritesTheSameCheckpoint) {
+  if (!checkpoint_support()) GTEST_SKIP() << "no HDF5 in this build";
+  if (world()->size() % 2) GTEST_SKIP() << "tp = 2 needs an even number of ranks";
+  SftConfig c = config("tp_gathered", 2);
+  c.parallel.tp = 2;
+  c.save_every_n_steps = 10;
+  setenv("FTUNE_SHARDED_CHECKPOINT", "0", 1);
+  std::ostringstream log;
+  SftResult r = SftTrainer(c, log).train();
+  unsetenv("FTUNE_SHARDED_CHECKPOINT");
+  EXPECT_EQ(r.steps, 20);
+  if (world()->rank() == 0) {
+    EXPECT_EQ(log.str().find("ranks wrote their slices"), std::string::npos) << log.str();
+    Checkpoint a = load_checkpoint((root_ / "tp_gathered" / checkpoint_file_name(10)).string());
+    Checkpoint b = load_checkpoint((root_ / "tp" / checkpoint_file_name(10)).string());
+    ASSERT_EQ(a.model.size(), b.model.size());
+    ASSERT_EQ(a.optimizer.tensors.size(), b.optimizer.tensors.size());
+    auto same = [](const Tensor& x, const Tensor& y) {
+      return x.shape() == y.shape() && x.dtype() == y.dtype() &&
+             x.to(DType::f64).to_vector<double>() == y.to(DType::f64).to_vector<double>();
+    };
+    for (size_t i = 0; i < a.model.size(); ++i) {
+      EXPECT_EQ(a.model[i].first, b.model[i].first);
+      EXPECT_TRUE(same(a.model[i].second, b.model[i].second)) << a.model[i].first;
+    }
+    for (size_t i = 0; i < a.optimizer.tensors.size(); ++i) {
+      EXPECT_EQ(a.optimizer.tensors[i].first, b.optimizer.tensors[i].first);
+      EXPECT_TRUE(same(a.optimizer.tensors[i].second, b.optimizer.tensors[i].second))
+          << a.optimizer.tensors[i].first;
+    }
+    EXPECT_EQ(a.trainer_state.at("sampler"), b.trainer_state.at("sampler"));
+  }
+  world()->barrier();
+}
+
 }  // namespace
 }  // namespace ftune
