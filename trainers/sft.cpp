@@ -231,7 +231,13 @@ struct SftTrainer::Impl {
     if (lora) apply_lora(*model, lora_options(cfg.lora, cfg.seed));
     // Onto the GPU in the training dtype (adapters included; AdamW keeps f32 masters of 16-bit
     // parameters). The trainable list is taken after: the move replaces the tensors.
-    if (device.is_cuda() || param_dtype != DType::f32) model->to_(device, param_dtype);
+    if (device.is_cuda() || param_dtype != DType::f32) {
+      const bool fused = model->fused_qkv();
+      model->to_(device, param_dtype);
+      // Batched q/k/v: fuse the moved weights now, so the host buffer of the old ones is freed
+      // here rather than at the first forward.
+      if (fused) model->set_fused_qkv(true);
+    }
     model->set_activation_checkpointing(cfg.enable_activation_checkpointing);
     if (lora) {
       trainable = lora_parameters(*model);
