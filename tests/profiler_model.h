@@ -151,4 +151,22 @@ inline Tensor profiled_step(const ToyModel& m, optim::AdamW& opt, Device dev, bo
   return loss;
 }
 
+// AdamW over a ToyModel's parameters (lr 1e-2), for the profiler tests' optimizer phase.
+inline optim::AdamW make_opt(const ToyModel& m) {
+  optim::ParamGroup g;
+  for (size_t i = 0; i < m.params.size(); ++i)
+    g.params.emplace_back("p" + std::to_string(i), m.params[i]);
+  optim::AdamWOptions o;
+  o.lr = 1e-2;
+  return optim::AdamW({g}, o);
+}
+
+// The report's row for (phase, label), or nullptr.
+inline const profiler::Row* find_row(const profiler::Report& r, const std::string& phase,
+                                     const std::string& label) {
+  for (const auto& row : r.rows)
+    if (row.phase == phase && row.label == label) return &row;
+  return nullptr;
+}
+
 }  // namespace ftune::test

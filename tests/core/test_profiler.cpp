@@ -14,21 +14,8 @@ namespace {
 using test::ToyConfig;
 using test::ToyModel;
 
-optim::AdamW make_opt(const ToyModel& m) {
-  optim::ParamGroup g;
-  for (size_t i = 0; i < m.params.size(); ++i)
-    g.params.emplace_back("p" + std::to_string(i), m.params[i]);
-  optim::AdamWOptions o;
-  o.lr = 1e-2;
-  return optim::AdamW({g}, o);
-}
-
-const profiler::Row* find_row(const profiler::Report& r, const std::string& phase,
-                              const std::string& label) {
-  for (const auto& row : r.rows)
-    if (row.phase == phase && row.label == label) return &row;
-  return nullptr;
-}
+using test::find_row;
+using test::make_opt;
 
 double calls_of(const profiler::Report& r, const std::string& phase, const std::string& label) {
   const profiler::Row* row = find_row(r, phase, label);

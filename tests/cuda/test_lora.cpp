@@ -16,24 +16,6 @@
 namespace ftune::test {
 namespace {
 
-double rms(const Tensor& t) {
-  auto v = t.to(Device::cpu()).to_vector<double>();
-  double s = 0;
-  for (double x : v) s += x * x;
-  return v.empty() ? 0 : std::sqrt(s / double(v.size()));
-}
-
-// Outputs are compared at a tolerance relative to their own scale: f32 differs from the CPU only
-// in summation order; bf16/f16 round u, drop(x) and the output once each.
-::testing::AssertionResult close_scaled(const Tensor& got, const Tensor& ref, DType dt) {
-  const double r = rms(ref);
-  const double k = dt == DType::f32 ? 2e-5 : dtype_rtol(dt);
-  // 16-bit results are sums of separately rounded terms (the base GEMM's output, the adapter's
-  // full-size product, the dropout-scaled update) that may cancel: the absolute error is a few
-  // roundings at the terms' scale (rms), not at the result's (seen on an H200: f16 dx off by
-  // 7 ulps of a small element).
-  return all_close(got, ref, (dt == DType::f32 ? 1.0 : 4.0) * k * r, k);
-}
 
 template <class F>
 void for_dtype(DType dt, F&& f) {

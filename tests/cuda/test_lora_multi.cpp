@@ -14,20 +14,6 @@
 namespace ftune::test {
 namespace {
 
-double rms(const Tensor& t) {
-  auto v = t.to(Device::cpu()).to_vector<double>();
-  double s = 0;
-  for (double x : v) s += x * x;
-  return v.empty() ? 0 : std::sqrt(s / double(v.size()));
-}
-
-// As tests/cuda/test_lora.cpp: f32 differs in summation order only; 16-bit outputs are sums of
-// separately rounded terms, so the absolute error is a few roundings at the terms' scale.
-::testing::AssertionResult close_scaled(const Tensor& got, const Tensor& ref, DType dt) {
-  const double r = rms(ref);
-  const double k = dt == DType::f32 ? 2e-5 : dtype_rtol(dt);
-  return all_close(got, ref, (dt == DType::f32 ? 1.0 : 4.0) * k * r, k);
-}
 
 struct Seg {
   int64_t out, r;  // r 0: no adapter
