@@ -447,13 +447,39 @@ __global__ void __launch_bounds__(kGenThreads) gen_dkv_kernel(Args a) {
 }
 
 // ---- decode path ----------------------------------------------------------------------------------
-// One query per sequence. CTA (split, head, entry) of 4 warps reads keys [split * chunk, ...):
-// warp w takes the blocks of 4 keys 4w, 4w + 16, ...; lanes own d = lane + 32 i. The 4 warp states merge in shared
-// memory; with one split that is the answer, else the partial (max, sum, unnormalized output)
-// goes to `part` and decode_combine_kernel merges the splits.
+// One query per sequence. CTA (head, split, entry) of 4 warps reads keys [split * chunk, ...):
+// warp w takes the blocks of 4 keys 4w, 4w + 16, ...; lane owns the NPL consecutive elements
+// d = lane * NPL + i, so with kRows (D = 32 NPL, aligned rows) a key or value row is one load of
+// NPL elements per lane (8 bytes per lane at bf16 d128) instead of NPL 2-byte loads. The head is
+// the fastest grid index: the query heads of one kv head run side by side and read its K / V
+// through L2 once, not once per head. The 4 warp states merge in shared memory; with one split
+// that is the answer, else the partial (max, sum, unnormalized output) goes to `part` and
+// decode_combine_kernel merges the splits.
 constexpr int kDecWarps = 4, kDecUnroll = 4;
 
+// NPL consecutive elements at p (aligned to NPL * sizeof(T) bytes) into f32 registers.
 template <class T, int NPL>
+__device__ __forceinline__ void load_run(const T* p, float (&out)[NPL]) {
+  constexpr int kBytes = NPL * int(sizeof(T));
+  if constexpr (kBytes >= 16) {
+#pragma unroll
+    for (int c = 0; c < kBytes / 16; ++c) {
+      float f[kVec<T>];
+      load_vec(p + c * kVec<T>, f);
+#pragma unroll
+      for (int i = 0; i < kVec<T>; ++i) out[c * kVec<T> + i] = f[i];
+    }
+  } else {
+    struct alignas(kBytes) Run {
+      T v[NPL];
+    };
+    const Run r = *reinterpret_cast<const Run*>(p);
+#pragma unroll
+    for (int i = 0; i < NPL; ++i) out[i] = to_f(r.v[i]);
+  }
+}
+
+template <class T, int NPL, bool kRows>
 __global__ void __launch_bounds__(kDecWarps * 32) decode_kernel(Args a, int chunk, float* part) {
   extern __shared__ float smem[];
   const int D = a.D;
@@ -463,8 +489,8 @@ __global__ void __launch_bounds__(kDecWarps * 32) decode_kernel(Args a, int chun
   SeqDesc s;
   int unused;
   tile_of(a.map, blockIdx.z, gridDim.z, blockIdx.z, s, unused);
-  const int split = blockIdx.x, splits = gridDim.x;
-  const int h = blockIdx.y, hk = h / (a.H / a.Hkv);
+  const int h = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+  const int hk = h / (a.H / a.Hkv);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t ldq = int64_t(a.H) * D, ldk = int64_t(a.Hkv) * D;
   const int64_t tok = s.q_start;
@@ -474,7 +500,7 @@ __global__ void __launch_bounds__(kDecWarps * 32) decode_kernel(Args a, int chun
   float qv[NPL], acc[NPL];
 #pragma unroll
   for (int i = 0; i < NPL; ++i) {
-    const int d = lane + 32 * i;
+    const int d = lane * NPL + i;
     qv[i] = d < D ? to_f(q[d]) * a.scale : 0.f;
     acc[i] = 0.f;
   }
@@ -488,14 +514,23 @@ __global__ void __launch_bounds__(kDecWarps * 32) decode_kernel(Args a, int chun
 #pragma unroll
     for (int u = 0; u < kDecUnroll; ++u) {
       const bool key_in = j0 + u < ke;
-      const T* kr = k + int64_t(j0 + u) * ldk;
-      const T* vr = v + int64_t(j0 + u) * ldk;
+      const T* kr = k + int64_t(j0 + u) * ldk + lane * NPL;
+      const T* vr = v + int64_t(j0 + u) * ldk + lane * NPL;
+      if constexpr (kRows) {
+        if (key_in) {
+          load_run<T, NPL>(kr, kv[u]);
+          load_run<T, NPL>(vr, vv[u]);
+        } else {
 #pragma unroll
-      for (int i = 0; i < NPL; ++i) {
-        const int d = lane + 32 * i;
-        const bool in = key_in && d < D;
-        kv[u][i] = in ? to_f(kr[d]) : 0.f;
-        vv[u][i] = in ? to_f(vr[d]) : 0.f;
+          for (int i = 0; i < NPL; ++i) kv[u][i] = vv[u][i] = 0.f;
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < NPL; ++i) {
+          const bool in = key_in && lane * NPL + i < D;
+          kv[u][i] = in ? to_f(kr[i]) : 0.f;
+          vv[u][i] = in ? to_f(vr[i]) : 0.f;
+        }
       }
     }
     float x[kDecUnroll], mx = -INFINITY;
@@ -523,7 +558,7 @@ __global__ void __launch_bounds__(kDecWarps * 32) decode_kernel(Args a, int chun
   }
 #pragma unroll
   for (int i = 0; i < NPL; ++i) {
-    const int d = lane + 32 * i;
+    const int d = lane * NPL + i;
     if (d < D) s_acc[warp * D + d] = acc[i];
   }
   if (lane == 0) {
@@ -2077,7 +2112,8 @@ void decode_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType
   // flight matter), each split at least 256 keys.
   const int64_t ctas = int64_t(t.nz) * p.num_heads;
   const int64_t want = 8 * int64_t(ftune::cuda::device_sm_count(dev));
-  int64_t splits = std::clamp<int64_t>((want + ctas - 1) / ctas, 1, std::max<int64_t>(1, (max_k + 255) / 256));
+  int64_t splits = std::clamp<int64_t>((want + ctas - 1) / ctas, 1,
+                                       std::clamp<int64_t>((max_k + 255) / 256, 1, 65535));
   const int chunk = int(std::max<int64_t>(1, (max_k + splits - 1) / splits));
   splits = std::max<int64_t>(1, (max_k + chunk - 1) / chunk);
   Tensor part;
@@ -2090,8 +2126,14 @@ void decode_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType
     using T = typename decltype(tag)::type;
     dispatch_npl(D, [&](auto npl) {
       constexpr int NPL = decltype(npl)::value;
-      decode_kernel<T, NPL><<<dim3(unsigned(splits), unsigned(p.num_heads), t.nz),
-                              kDecWarps * 32, smem, stream()>>>(a, chunk, pp);
+      // Whole rows per warp: D = 32 NPL and every row start aligned to NPL elements (D is a
+      // multiple of NPL, so the base pointers decide).
+      const uintptr_t run = uintptr_t(NPL) * sizeof(T);
+      const bool rows = D == 32 * NPL && reinterpret_cast<uintptr_t>(a.k) % run == 0 &&
+                        reinterpret_cast<uintptr_t>(a.v) % run == 0;
+      const dim3 grid(unsigned(p.num_heads), unsigned(splits), t.nz);
+      if (rows) decode_kernel<T, NPL, true><<<grid, kDecWarps * 32, smem, stream()>>>(a, chunk, pp);
+      else decode_kernel<T, NPL, false><<<grid, kDecWarps * 32, smem, stream()>>>(a, chunk, pp);
       FTUNE_LAUNCH_CHECK("attention decode");
     });
     if (splits > 1) {
