@@ -7,13 +7,15 @@
 //   bench_sft [--model DIR | --layers 4 --d 512 --heads 8 --kv-heads 8 --ffn 1376 --vocab 2048]
 //             [--seq 256] [--batch 8] [--lora-r 8 (0: full)] [--targets all-linear] [--steps 8]
 //             [--warmup 2] [--device cpu|cuda] [--dtype f32|bf16] [--ckpt 0|1] [--tie 1|0]
-//             [--profile N] [--profile-json FILE]
+//             [--profile N] [--profile-json FILE] [--attention ftune|cudnn]
 // --profile N: after the timed steps (which never carry it), N more steps under the op-level
 // profiler (core/profiler.h; one discarded warm-up step and one step without op hooks first), its
 // table on stderr: per op label, calls, GPU and host ms per step, host issue time per phase.
 // On the GPU the step ends with the loss read back (as the trainer's NaN guard does), so each timed
 // step includes its whole device work; peak_gpu_mib is the caching allocator's high-water mark, and
 // mfu counts 6 * params * tokens (+ attention) against the H100/H200 dense bf16 rate.
+// --attention: the fused attention the GPU runs (a recipe's `attention.backend`); cudnn needs a
+// build with cuDNN and falls back to ftune's kernel, with a note, on shapes cuDNN does not serve.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -52,7 +54,7 @@ int main(int argc, char** argv) {
   std::string model_dir, targets = "all-linear";
   int64_t layers = 4, d = 512, heads = 8, kv = 8, ffn = 1376, vocab = 2048, seq = 256, batch = 8;
   int64_t lora_r = 8, steps = 8, warmup = 2, ckpt = 0, tie = 1, profile = 0;
-  std::string device = "cpu", dtype = "f32", profile_json;
+  std::string device = "cpu", dtype = "f32", profile_json, attention = "ftune";
   for (int i = 1; i < argc; i += 2) {
     std::string k = argv[i];
     if (i + 1 >= argc) {
@@ -98,6 +100,8 @@ int main(int argc, char** argv) {
       profile = std::stoll(v);
     else if (k == "--profile-json")
       profile_json = v;
+    else if (k == "--attention")
+      attention = v;
     else {
       std::fprintf(stderr, "bench_sft: unknown option %s\n", k.c_str());
       return 2;
@@ -149,6 +153,7 @@ int main(int argc, char** argv) {
         for (auto& [n, t] : model->named_parameters())
           if (t.requires_grad()) trainable.emplace_back(n, t);
     }
+    ops::set_attention_backend(attention);  // throws clearly for an unknown name or no cuDNN
     model->set_activation_checkpointing(ckpt != 0);
     model->train();  // as the trainer does (LoRA dropout is 0 here, so it changes no math)
     std::vector<Tensor> params;
@@ -214,6 +219,7 @@ int main(int argc, char** argv) {
                           {"device", device},
                           {"dtype", dtype},
                           {"activation_checkpointing", ckpt != 0},
+                          {"attention", attention},
                           {"peak_gpu_mib", gpu},
                           {"mfu_vs_989tflops", dev.is_cuda() ? nlohmann::json(tps * flops_per_token / 989e12) : nlohmann::json(nullptr)},
                           {"layers", mc.num_hidden_layers},

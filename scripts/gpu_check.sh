@@ -110,6 +110,10 @@ run() {
       timeout 150 "$bld/bench/bench_sft" $shape $mode $prof >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft $mode failed: $?" >> "$OUT/e2e.log"
       (cd "$ROOT" && PYTHONUNBUFFERED=1 timeout 150 python3 bench/sft/peft_step.py $shape $mode >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log") || echo "peft_step $mode failed: $?" >> "$OUT/e2e.log"
     done
+    # The same steps with cuDNN's attention (attention.backend: cudnn), no profile.
+    for mode in "--lora-r 16" "--lora-r 0"; do
+      timeout 150 "$bld/bench/bench_sft" $shape $mode --attention cudnn >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft $mode --attention cudnn failed: $?" >> "$OUT/e2e.log"
+    done
   fi
   local t4=$SECONDS
 
@@ -132,7 +136,7 @@ for line in open(sys.argv[1]):
         j = json.loads(line)
     except Exception:
         continue
-    print(f"| {j.get('impl', 'ftune')} | {j['mode']} | {j.get('activation_checkpointing')} | {j['ms_per_step']:.1f} | "
+    print(f"| {j.get('impl', 'ftune') + ('+' + j['attention'] if j.get('attention', 'ftune') != 'ftune' else '')} | {j['mode']} | {j.get('activation_checkpointing')} | {j['ms_per_step']:.1f} | "
           f"{j['tokens_per_s']:.0f} | {(j.get('mfu_vs_989tflops') or 0) * 100:.1f}% | {j.get('peak_gpu_mib') or 0:.0f} |")
 PY
   grep -v -E "^== profile|^profile:|^step \(ms\)|^  with|^host issue|^attributed|^phase|^(forward|backward|clip|adamw|step) |^$|^ " "$OUT/e2e.log" 2>/dev/null | tail -3

@@ -82,14 +82,15 @@ def main():
         o.append("AdamW on them; LoRA through peft, `all-linear`, r 16). MFU: 6 x params x tokens/s (+ attention)")
         o.append("over 989 TFLOP/s dense bf16.")
         o.append("")
-        o.append("| mode | act. ckpt | ftune tokens/s | peer tokens/s | speed-up | ftune MFU | peer MFU | ftune peak GPU GiB | peer peak GPU GiB | ftune fwd / bwd / optim ms |")
-        o.append("|---|---|---|---|---|---|---|---|---|---|")
-        ours = {(j["mode"], bool(j.get("activation_checkpointing"))): j for j in e2e if "impl" not in j}
+        o.append("| mode | act. ckpt | attention | ftune tokens/s | peer tokens/s | speed-up | ftune MFU | peer MFU | ftune peak GPU GiB | peer peak GPU GiB | ftune fwd / bwd / optim ms |")
+        o.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        ours = {(j["mode"], bool(j.get("activation_checkpointing")), j.get("attention", "ftune")): j
+                for j in e2e if "impl" not in j}
         peer = {(j["mode"], bool(j.get("activation_checkpointing"))): j for j in e2e if "impl" in j}
         for k, j in ours.items():
-            p = peer.get(k)
-            o.append("| %s | %s | %.0f | %s | %s | %.1f%% | %s | %.1f | %s | %.1f / %.1f / %.1f |" % (
-                k[0], "on" if k[1] else "off", j["tokens_per_s"], "%.0f" % p["tokens_per_s"] if p else "",
+            p = peer.get(k[:2])
+            o.append("| %s | %s | %s | %.0f | %s | %s | %.1f%% | %s | %.1f | %s | %.1f / %.1f / %.1f |" % (
+                k[0], "on" if k[1] else "off", k[2], j["tokens_per_s"], "%.0f" % p["tokens_per_s"] if p else "",
                 "%.2fx" % (j["tokens_per_s"] / p["tokens_per_s"]) if p else "",
                 100 * (j.get("mfu_vs_989tflops") or 0), "%.1f%%" % (100 * (p.get("mfu_vs_989tflops") or 0)) if p else "",
                 (j.get("peak_gpu_mib") or 0) / 1024, "%.1f" % ((p.get("peak_gpu_mib") or 0) / 1024) if p else "",
