@@ -90,6 +90,13 @@ void set_attention_fwd_row_blocks(int n);
 // with 16-byte loads. Process-wide, not thread-safe.
 void set_attention_bwd_variant(int v);
 
+// Benchmark / test hook: the tensor-core dK/dV split over query heads under grouped-query
+// attention (deterministic dQ only; the dK/dV kernels of every variant at head_dim 128, of
+// variants 0-2 at 64). -1 (the default): split when the kv heads give fewer than 4 CTAs per SM; 0:
+// never; 1: whenever H > Hkv. Each query head's CTAs write their share of dK/dV in f32, summed
+// per group in head order afterwards. Same results up to f32 summation order. Process-wide.
+void set_attention_bwd_split_heads(int v);
+
 }  // namespace ftune::kernels::cuda
 
 // cuDNN's fused flash attention (kernels/cuda/attention_cudnn.cpp), the `attention.backend:

@@ -1,9 +1,9 @@
 // Fused attention on the GPU (FlashAttention-2): the CUDA twin of kernels/cpu/attention.cpp.
 //
 // Paths (chosen per call by the launchers at the bottom):
-//   - fast: bf16/f16, head_dim 64 or 128, 16-byte aligned buffers. Tensor cores through
-//     mma.sync.m16n8k16 (sm_80+), operands fetched from shared memory with ldmatrix, K/V tiles
-//     staged with cp.async. Forward only for now; see fa_fwd_kernel.
+//   - fast: bf16/f16, head_dim 64 or 128, 16-byte aligned buffers (and, forward, scale > 0).
+//     Tensor cores through mma.sync.m16n8k16 (sm_80+), operands fetched from shared memory with
+//     ldmatrix, K/V tiles staged with cp.async; see fa_fwd_kernel and the backward below it.
 //   - general: any float dtype, any head_dim <= 256. A plain tiled kernel in f32 on CUDA cores,
 //     written to be obviously right (it is also the reference the fast path is tested beside).
 //   - decode: every sequence has at most one query (generation over a KV cache): keys split
@@ -67,11 +67,19 @@ struct Args {
   float* lse;          // forward: written; backward: read
   const float* delta;  // backward: rowsum(dO * O) [H, Nq]
   float* dq_accum;     // backward without determinism: f32 [Nq, H, D] summed by atomics
+  // dK/dV split over the query heads (fa_bwd_dkdv_body, kAtomic 0): the CTAs' grid.y is the query
+  // head, and each writes its head's unscaled dK / dV share as f32 [group][Nk, Hkv, D] here (null:
+  // that gradient is not wanted); dkv_reduce_kernel sums the group in order. Null: one CTA per
+  // kv head walks all its query heads and writes dk / dv itself.
+  float* dk_part;
+  float* dv_part;
+  bool split_heads;
   void* out;           // forward output
   void* dq;
   void* dk;
   void* dv;
   int H, Hkv, D, nq;
+  int64_t nk;  // key tokens
   float scale;
   bool causal;
   TileMap map;
@@ -911,7 +919,8 @@ __global__ void __launch_bounds__(kFaThreads) fa_fwd_kernel(Args a) {
   };
   // Tiles [0, n_plain) need no mask: all their keys exist and, causal, lie at or left of the
   // diagonal of the CTA's first row (c0 + 63 <= r0 + off). Once a tile needs it, every later
-  // one does, so the masked tiles are the last (one or two, causal) of the loop.
+  // one does, so the masked tiles are the last few of the loop (those crossing the diagonal of
+  // the CTA's rows, and the ragged end).
   int n_plain = min(ntiles, s.len_k / kFaBN);
   if (a.causal) n_plain = min(n_plain, r0 + off + 1 > 0 ? (r0 + off + 1) / kFaBN : 0);
   for (int jt = 0; jt < n_plain; ++jt) step(jt, std::false_type{});
@@ -982,7 +991,11 @@ __device__ __forceinline__ void fa_bwd_dkdv_body(const Args& a) {
   SeqDesc s;
   int c0;
   tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, c0);
-  const int hk = blockIdx.y, group = a.H / a.Hkv;
+  const int group = a.H / a.Hkv;
+  // Split over query heads (kAtomic 0 only): this CTA walks query head blockIdx.y alone.
+  const bool split = kAtomic == 0 && a.split_heads;
+  const int hk = split ? int(blockIdx.y) / group : int(blockIdx.y);
+  const int h_first = split ? int(blockIdx.y) : hk * group, n_heads = split ? 1 : group;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int keys = min(64, s.len_k - c0), off = s.len_k - s.len_q;
   const int64_t ldq = int64_t(a.H) * D, ldk = int64_t(a.Hkv) * D;
@@ -995,12 +1008,12 @@ __device__ __forceinline__ void fa_bwd_dkdv_body(const Args& a) {
   // Query row r sees key c iff r + off >= c: rows before c0 - off see none of these keys.
   const int first_row = a.causal ? max(0, c0 - off) : 0;
   const int nrt = s.len_q > first_row ? (s.len_q - first_row + kBwdBM - 1) / kBwdBM : 0;
-  const int n_it = group * nrt;
+  const int n_it = n_heads * nrt;
   const float log2e = 1.4426950408889634f, sl2 = a.scale * log2e;
 
   // Issues the loads of iteration it into buffer `buf`.
   auto load_it = [&](int it, int buf) {
-    const int h = hk * group + it / nrt, r0 = first_row + (it % nrt) * kBwdBM;
+    const int h = h_first + it / nrt, r0 = first_row + (it % nrt) * kBwdBM;
     const int rows = min(kBwdBM, s.len_q - r0);
     const int64_t qoff = int64_t(s.q_start + r0) * ldq + int64_t(h) * D;
     fa_load<T, D>(sQ + buf * kTile, qbase + qoff, ldq, rows, qbase);
@@ -1118,7 +1131,7 @@ __device__ __forceinline__ void fa_bwd_dkdv_body(const Args& a) {
           sDs[(nb * 8 + 2 * t + (e & 1)) * kDsLds + warp * 16 + g + 8 * (e >> 1)] =
               from_f<T>(st[nb][e]);
       __syncthreads();  // the previous tile's readers passed the loop-top barrier already
-      const int h = hk * group + it / nrt;
+      const int h = h_first + it / nrt;
       float* dqa = a.dq_accum + (int64_t(s.q_start + r0) * a.H + h) * D;  // rows: stride H * D
 #pragma unroll
       for (int nd = 0; nd < D / 16; ++nd) {
@@ -1178,7 +1191,7 @@ __device__ __forceinline__ void fa_bwd_dkdv_body(const Args& a) {
 #pragma unroll
       for (int kk = 0; kk < 64 / 16; ++kk)
         ldsm_x4(af[kk], sDs + (warp * 16 + (lane & 15)) * kDsLds + kk * 16 + (lane >> 4) * 8);
-      const int h = hk * group + it / nrt;
+      const int h = h_first + it / nrt;
       float* dqa = a.dq_accum + (int64_t(s.q_start + r0) * a.H + h) * D;  // rows: stride H * D
 #pragma unroll
       for (int nd = 0; nd < D / 16; ++nd) {
@@ -1214,6 +1227,8 @@ __device__ __forceinline__ void fa_bwd_dkdv_body(const Args& a) {
 
   T* gk = static_cast<T*>(a.dk);
   T* gv = static_cast<T*>(a.dv);
+  // Split over query heads: this head's share, unscaled f32, at [h % group][key token][hk][:].
+  const int64_t part_off = split ? int64_t(h_first % group) * a.nk * ldk : 0;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int j = warp * 16 + g + 8 * i;
@@ -1221,12 +1236,42 @@ __device__ __forceinline__ void fa_bwd_dkdv_body(const Args& a) {
     const int64_t base = int64_t(s.k_start + c0 + j) * ldk + int64_t(hk) * D;
 #pragma unroll
     for (int nd = 0; nd < D / 8; ++nd) {
+      if (split) {
+        if (a.dk_part)
+          *reinterpret_cast<float2*>(a.dk_part + part_off + base + nd * 8 + 2 * t) =
+              make_float2(dk[nd][2 * i], dk[nd][2 * i + 1]);
+        if (a.dv_part)
+          *reinterpret_cast<float2*>(a.dv_part + part_off + base + nd * 8 + 2 * t) =
+              make_float2(dv[nd][2 * i], dv[nd][2 * i + 1]);
+        continue;
+      }
       if (gk)
         *reinterpret_cast<uint32_t*>(gk + base + nd * 8 + 2 * t) =
             pack2<T>(dk[nd][2 * i] * a.scale, dk[nd][2 * i + 1] * a.scale);
       if (gv)
         *reinterpret_cast<uint32_t*>(gv + base + nd * 8 + 2 * t) =
             pack2<T>(dv[nd][2 * i], dv[nd][2 * i + 1]);
+    }
+  }
+}
+
+// dK / dV from the per-query-head shares of the split dK/dV kernels: element i (of Nk * Hkv * D)
+// sums its `group` shares in head order (deterministic), dK times the softmax scale.
+template <class T>
+__global__ void dkv_reduce_kernel(const float* __restrict__ dk_part,
+                                  const float* __restrict__ dv_part, T* dk, T* dv, int64_t n,
+                                  int group, float scale) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    if (dk) {
+      float acc = 0.f;
+      for (int g = 0; g < group; ++g) acc += dk_part[g * n + i];
+      dk[i] = from_f<T>(acc * scale);
+    }
+    if (dv) {
+      float acc = 0.f;
+      for (int g = 0; g < group; ++g) acc += dv_part[g * n + i];
+      dv[i] = from_f<T>(acc);
     }
   }
 }
@@ -1481,8 +1526,10 @@ __global__ void dq_convert_kernel(const float* __restrict__ acc, T* __restrict__
 // and keeps dQ [16 x D] in registers; K/V tiles of 64 keys double-buffered. Per tile:
 //   S = Q K^T, dP = dO V^T (A from Q / dO rows, B from K / V rows), P = exp(scale S - lse),
 //   dS = P (dP - Delta), dQ += dS K (A = dS packed, B = K via ldmatrix.trans).
+// At D = 64, 4 resident CTAs per SM (its 55 KB of shared memory allow 4): at most 128 registers,
+// which it fits without spilling.
 template <class T, int D>
-__global__ void __launch_bounds__(kFaThreads) fa_bwd_dq_kernel(Args a) {
+__global__ void __launch_bounds__(kFaThreads, D == 64 ? 4 : 1) fa_bwd_dq_kernel(Args a) {
   constexpr int LDS = kFaLds<D>;
   constexpr int kTile = 64 * LDS;
   extern __shared__ __align__(16) unsigned char fa_smem[];
@@ -1940,6 +1987,7 @@ int g_fwd_row_blocks = -1;
 // -1 (the default): auto, variant 1 at head_dim 64 and 4 at head_dim 128, the fastest on an H200
 // (4-13% over variant 0; bench/results/gpu_h200.md).
 int g_bwd_variant = -1;
+int g_bwd_split_heads = -1;  // set_attention_bwd_split_heads
 int bwd_variant(int64_t head_dim) {
   if (g_bwd_variant >= 0) return g_bwd_variant;
   return head_dim == 64 ? 1 : 4;
@@ -2049,6 +2097,7 @@ Args make_args(const AttnParams& p) {
   a.Hkv = int(p.num_kv_heads);
   a.D = int(p.head_dim);
   a.nq = int(p.nq);
+  a.nk = p.nk;
   a.scale = float(p.scale);
   a.causal = p.causal;
   return a;
@@ -2181,6 +2230,27 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
       FTUNE_CHECK(t.nz <= 65535, "[attention_backward] batch of ", t.nz, " rows");
       Args b = a;
       b.map = t.map;
+      // Grouped-query attention with few kv heads gives few dK/dV CTAs, each walking all the
+      // query heads of its group (Qwen2.5-0.5B at 4 x 2048: 256 CTAs, the first key tiles 224
+      // query tiles deep, for 3 x 132 resident slots). Then one CTA per query head instead, its
+      // share of dK/dV in f32 scratch, summed per group by dkv_reduce_kernel.
+      const int group = int(p.num_heads / p.num_kv_heads);
+      const int64_t ctas = int64_t(t.nx) * p.num_kv_heads * t.nz;
+      const bool split = !atomic_dq && group > 1 &&
+                         (g_bwd_split_heads == 1 ||
+                          (g_bwd_split_heads == -1 &&
+                           ctas < 4 * int64_t(ftune::cuda::device_sm_count(dev))));
+      Tensor part;
+      if (split) {
+        const int64_t n = p.nk * p.num_kv_heads * D;
+        const int64_t parts = (a.dk ? 1 : 0) + (a.dv ? 1 : 0);
+        part = Tensor::empty({std::max<int64_t>(1, parts * group * n)}, DType::f32,
+                             Device::cuda(dev));
+        b.split_heads = true;
+        b.dk_part = a.dk ? part.data<float>() : nullptr;
+        b.dv_part = a.dv ? part.data<float>() + (a.dk ? group * n : 0) : nullptr;
+      }
+      const unsigned grid_y = unsigned(split ? p.num_heads : p.num_kv_heads);
       if (atomic_dq) {
         b.dq_accum = accum.data<float>();
         const size_t smem =
@@ -2195,7 +2265,7 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
         const size_t smem = 6 * kTileBytes + 4 * kBwdBM * sizeof(float);
         auto launch = [&](auto kernel) {
           set_smem(kernel, smem);
-          kernel<<<dim3(t.nx, unsigned(p.num_kv_heads), t.nz), kFaThreads, smem, stream()>>>(b);
+          kernel<<<dim3(t.nx, grid_y, t.nz), kFaThreads, smem, stream()>>>(b);
         };
         bool done = false;
         if constexpr (D == 64) {
@@ -2207,6 +2277,13 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
         if (!done) launch(fa_bwd_dkdv_kernel<T, D, 0>);
       }
       FTUNE_LAUNCH_CHECK("attention_backward dk/dv (tensor cores)");
+      if (split) {
+        const int64_t n = p.nk * p.num_kv_heads * D;
+        dkv_reduce_kernel<T><<<grid_1d(n, 256), 256, 0, stream()>>>(
+            b.dk_part, b.dv_part, static_cast<T*>(a.dk), static_cast<T*>(a.dv), n, group,
+            a.scale);
+        FTUNE_LAUNCH_CHECK("attention_backward dk/dv reduce over query heads");
+      }
     }
   }
   if (atomic_dq) {
@@ -2269,6 +2346,12 @@ void set_attention_fwd_row_blocks(int n) {
   FTUNE_CHECK(n >= -1 && n <= 2,
               "[attention] forward row blocks must be 0 (default), 1, 2 or -1 (auto), got ", n);
   g_fwd_row_blocks = n;
+}
+
+void set_attention_bwd_split_heads(int v) {
+  FTUNE_CHECK(v >= -1 && v <= 1,
+              "[attention_backward] split over query heads must be -1 (auto), 0 or 1, got ", v);
+  g_bwd_split_heads = v;
 }
 
 void set_attention_bwd_variant(int v) {

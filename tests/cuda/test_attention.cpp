@@ -357,17 +357,19 @@ TEST(CudaAttention, DeterministicBackwardIsBitwiseRepeatable) {
   }
 }
 
-// The tensor-core forward with 128-row CTAs (two 64-row blocks per warp group; a benchmark
-// option) gives the same answers.
-TEST(CudaAttention, ForwardWith128RowBlocks) {
+// The tensor-core forward with 64-row and 128-row CTAs (one or two 64-row blocks per warp group;
+// a benchmark option) gives the same answers.
+TEST(CudaAttention, ForwardWith64And128RowBlocks) {
   FTUNE_REQUIRE_GPU();
   struct Restore {
     ~Restore() { kernels::cuda::set_attention_fwd_row_blocks(-1); }
   } restore;
-  kernels::cuda::set_attention_fwd_row_blocks(2);
+  for (int blocks : {1, 2})
   for (int64_t d : {64, 128})
     for (bool causal : {true, false})
       for (DType dt : {DType::bf16, DType::f16}) {
+        SCOPED_TRACE("row blocks " + std::to_string(blocks));
+        kernels::cuda::set_attention_fwd_row_blocks(blocks);
         Case c;
         c.cu_q = {0, 5, 5, 45, 175, 176, 242};
         c.cu_k = {0, 70, 79, 109, 239, 240, 440};
@@ -390,7 +392,7 @@ TEST(CudaAttention, ForwardWith128RowBlocks) {
 // cases as the default paths (fwd and all grads; bf16/f16; d64/d128; causal and not; GQA 8/2;
 // ragged packed sequences; a KV-cache layout; a long uniform batch where auto picks 128-row CTAs
 // at d64).
-TEST(CudaAttention, BackwardVariants1To5AndAutoForwardRowBlocks) {
+TEST(CudaAttention, BackwardVariants0To5AndAutoForwardRowBlocks) {
   FTUNE_REQUIRE_GPU();
   struct Restore {
     ~Restore() {
@@ -407,7 +409,7 @@ TEST(CudaAttention, BackwardVariants1To5AndAutoForwardRowBlocks) {
     Inputs in = make_inputs(c, dt, seed);
     Result ref;
     bool have_ref = false;
-    for (int variant : {1, 3, 4, 5}) {
+    for (int variant : {0, 1, 2, 3, 4, 5}) {
       SCOPED_TRACE("backward variant " + std::to_string(variant));
       kernels::cuda::set_attention_bwd_variant(variant);
       Result got = run_gpu(c, in, dt);
@@ -453,6 +455,114 @@ TEST(CudaAttention, BackwardVariants1To5AndAutoForwardRowBlocks) {
     c.causal = true;
     check_variants(c, DType::bf16, 18);
   }
+}
+
+// A negative scale (the op maps 0 to 1/sqrt(d)): the tensor-core forward folds the scale into
+// its softmax's max, so it leaves scale <= 0 to the general kernel; the backward stays on tensor
+// cores. Both must match the CPU.
+TEST(CudaAttention, NegativeScale) {
+  FTUNE_REQUIRE_GPU();
+  for (int64_t d : {64, 128})
+    for (bool causal : {true, false})
+      for (DType dt : {DType::bf16, DType::f16}) {
+        Case c;
+        c.cu_q = {0, 5, 5, 45, 175, 176, 242};
+        c.cu_k = {0, 70, 79, 109, 239, 240, 440};
+        c.d = d;
+        c.causal = causal;
+        c.scale = -1.0 / std::sqrt(double(d));
+        check_case(c, dt, 21);
+        Case u;
+        u.b = 2;
+        u.tq = u.tk = 300;
+        u.d = d;
+        u.causal = causal;
+        u.scale = c.scale;
+        check_case(u, dt, 22);
+      }
+}
+
+// Causal with more queries than keys (off = len_k - len_q < 0: the first rows see no key, later
+// query tiles have unmasked key tiles) and fewer (off > 0), under 64- and 128-row forward CTAs:
+// the forward's split into unmasked and masked key tiles, and the backward's masks.
+TEST(CudaAttention, CausalWithUnequalQueryAndKeyLengths) {
+  FTUNE_REQUIRE_GPU();
+  struct Restore {
+    ~Restore() { kernels::cuda::set_attention_fwd_row_blocks(-1); }
+  } restore;
+  for (int blocks : {1, 2})
+    for (auto [tq, tk] : {std::pair<int64_t, int64_t>{300, 200}, {100, 300}})
+      for (int64_t d : {64, 128})
+        for (DType dt : {DType::bf16, DType::f16}) {
+          SCOPED_TRACE("row blocks " + std::to_string(blocks));
+          kernels::cuda::set_attention_fwd_row_blocks(blocks);
+          Case c;
+          c.b = 2;
+          c.tq = tq;
+          c.tk = tk;
+          c.d = d;
+          c.causal = true;
+          check_case(c, dt, 23);
+        }
+}
+
+// Grouped-query dK/dV split over the query heads (each head's share in f32, summed per group:
+// set_attention_bwd_split_heads) and not split: both match the CPU, including Qwen2.5-0.5B's
+// 14 / 2 heads, MQA, and only dK or only dV wanted (SomeGradientsOnly runs the auto choice).
+TEST(CudaAttention, DkDvSplitOverQueryHeadsOnAndOff) {
+  FTUNE_REQUIRE_GPU();
+  struct Restore {
+    ~Restore() { kernels::cuda::set_attention_bwd_split_heads(-1); }
+  } restore;
+  ASSERT_TRUE(cuda::deterministic());
+  for (int split : {0, 1})
+    for (int64_t d : {64, 128})
+      for (bool causal : {true, false})
+        for (DType dt : {DType::bf16, DType::f16}) {
+          SCOPED_TRACE("split over query heads " + std::to_string(split));
+          kernels::cuda::set_attention_bwd_split_heads(split);
+          Case c;
+          c.cu_q = {0, 5, 5, 45, 175, 176, 242};
+          c.cu_k = {0, 70, 79, 109, 239, 240, 440};
+          c.d = d;
+          c.causal = causal;
+          check_case(c, dt, 24);
+          Case q;
+          q.b = 2;
+          q.tq = q.tk = 300;
+          q.h = 14;
+          q.hkv = 2;
+          q.d = d;
+          q.causal = causal;
+          check_case(q, dt, 25);
+          Case m = q;
+          m.h = 4;
+          m.hkv = 1;
+          check_case(m, dt, 26);
+        }
+  // Only one of dK / dV, split (the scratch holds just that share).
+  kernels::cuda::set_attention_bwd_split_heads(1);
+  Case c;
+  c.cu_q = c.cu_k = {0, 17, 145};
+  c.d = 64;
+  const DType dt = DType::bf16;
+  Inputs in = make_inputs(c, dt, 27);
+  Result full = run_gpu(c, in, dt);
+  Result ref = run_cpu(c, in, &full.out);
+  AttnParams p = c.params();
+  auto seqs = c.seqs();
+  const Device dev = Device::cuda(0);
+  Tensor q = to_gpu(in.q, dt), k = to_gpu(in.k, dt), v = to_gpu(in.v, dt), g = to_gpu(in.dout, dt);
+  Tensor out = to_gpu(full.out, dt), lse = full.lse.to(dev);
+  Tensor dk = Tensor::empty(k.shape(), dt, dev), dv = Tensor::empty(v.shape(), dt, dev);
+  kernels::cuda::attention_backward(p, seqs, dt, q.raw_data(), k.raw_data(), v.raw_data(),
+                                    out.raw_data(), lse.data<float>(), g.raw_data(), nullptr,
+                                    dk.raw_data(), nullptr);
+  expect_close(to_host(dk), ref.dk, dt, "dk alone");
+  kernels::cuda::attention_backward(p, seqs, dt, q.raw_data(), k.raw_data(), v.raw_data(),
+                                    out.raw_data(), lse.data<float>(), g.raw_data(), nullptr,
+                                    nullptr, dv.raw_data());
+  expect_close(to_host(dv), ref.dv, dt, "dv alone");
 }
 
 TEST(CudaAttention, SomeGradientsOnly) {
