@@ -156,6 +156,76 @@ FTUNE_GPU_BENCH(attention) {
   kernels::cuda::set_attention_fwd_row_blocks(-1);  // back to the defaults
   kernels::cuda::set_attention_bwd_variant(-1);
 
+  // Grouped-query attention at the end-to-end benchmark's shape (Qwen2.5-0.5B: 14 query heads on
+  // 2 kv heads, d64, 4 x 2048, causal), the defaults: dK/dV split over the query heads (auto)
+  // against not split (set_attention_bwd_split_heads(0)), and cuDNN.
+  {
+    const int64_t B = 4, N = 2048, H = 14, Hkv = 2, D = 64;
+    const int64_t nq = B * N * H * D, nk = B * N * Hkv * D;
+    void* q = bench::random_device(2, nq, 1, 1.f, 31);
+    void* k = bench::random_device(2, nk, 1, 1.f, 32);
+    void* v = bench::random_device(2, nk, 1, 1.f, 33);
+    void* go = bench::random_device(2, nq, 1, 1.f, 34);
+    void* o = bench::random_device(2, nq, 1, 1.f, 35);
+    void* dq = bench::random_device(2, nq, 1, 1.f, 36);
+    void* dk = bench::random_device(2, nk, 1, 1.f, 37);
+    void* dv = bench::random_device(2, nk, 1, 1.f, 38);
+    float* lse = static_cast<float*>(bench::random_device(4, H * B * N, 0, 1.f, 39));
+    AttnParams p;
+    p.num_heads = H;
+    p.num_kv_heads = Hkv;
+    p.head_dim = D;
+    p.nq = p.nk = B * N;
+    p.scale = 1.0 / std::sqrt(double(D));
+    p.causal = true;
+    const auto seqs = batch(B, N, N);
+    const double fwd_flops = 4.0 * B * H * N * N * D * 0.5;
+    const std::string shape = "bf16 d64 h14/2 b4 n2048 causal";
+    auto fwd = [&] { kernels::cuda::attention_forward(p, seqs, DType::bf16, q, k, v, o, lse); };
+    auto bwd = [&] {
+      kernels::cuda::attention_backward(p, seqs, DType::bf16, q, k, v, o, lse, go, dq, dk, dv);
+    };
+    bench::Row r;
+    r.name = "attn_fwd " + shape;
+    r.ms = ctx.time_ms(fwd, 3, 20);
+    r.flops = fwd_flops;
+    ctx.add(r);
+    fwd();
+    bench::Row rb;
+    rb.name = "attn_fwd+bwd " + shape;
+    rb.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, 20);
+    rb.flops = 3.5 * fwd_flops;
+    ctx.add(rb);
+    kernels::cuda::set_attention_bwd_split_heads(0);
+    bench::Row rn;
+    rn.name = "attn_fwd+bwd " + shape + " nosplit";
+    rn.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, 20);
+    rn.flops = 3.5 * fwd_flops;
+    ctx.add(rn);
+    kernels::cuda::set_attention_bwd_split_heads(-1);
+    if (kernels::cuda::cudnn_attention_unsupported(p, seqs, DType::bf16).empty()) {
+      auto cfwd = [&] {
+        kernels::cuda::cudnn_attention_forward(p, seqs, DType::bf16, q, k, v, o, lse);
+      };
+      auto cbwd = [&] {
+        kernels::cuda::cudnn_attention_backward(p, seqs, DType::bf16, q, k, v, o, lse, go, dq, dk,
+                                                dv);
+      };
+      bench::Row c1;
+      c1.name = "attn_fwd " + shape + " cudnn";
+      c1.ms = ctx.time_ms(cfwd, 3, 20);
+      c1.flops = fwd_flops;
+      ctx.add(c1);
+      cfwd();
+      bench::Row c2;
+      c2.name = "attn_fwd+bwd " + shape + " cudnn";
+      c2.ms = ctx.time_ms([&] { cfwd(); cbwd(); }, 2, 20);
+      c2.flops = 3.5 * fwd_flops;
+      ctx.add(c2);
+    }
+    for (void* ptr : {q, k, v, go, o, dq, dk, dv, static_cast<void*>(lse)}) bench::free_device(ptr);
+  }
+
   // Decode: one query per sequence over the cached tokens; 32 query heads on 8 kv heads. Many
   // short caches, and a few long ones (keys split across CTAs, then merged).
   for (auto [B, T] : {std::pair<int64_t, int64_t>{64, 4096}, {4, 32768}}) {
