@@ -220,6 +220,8 @@ int main(int argc, char** argv) {
                           {"dtype", dtype},
                           {"activation_checkpointing", ckpt != 0},
                           {"attention", attention},
+                          {"fused_qkv", lora_r > 0 && !(std::getenv("FTUNE_FUSED_QKV") &&
+                                                        std::string(std::getenv("FTUNE_FUSED_QKV")) == "0")},
                           {"peak_gpu_mib", gpu},
                           {"mfu_vs_989tflops", dev.is_cuda() ? nlohmann::json(tps * flops_per_token / 989e12) : nlohmann::json(nullptr)},
                           {"layers", mc.num_hidden_layers},

@@ -84,7 +84,9 @@ def main():
         o.append("")
         o.append("| mode | act. ckpt | attention | ftune tokens/s | peer tokens/s | speed-up | ftune MFU | peer MFU | ftune peak GPU GiB | peer peak GPU GiB | ftune fwd / bwd / optim ms |")
         o.append("|---|---|---|---|---|---|---|---|---|---|---|")
-        ours = {(j["mode"], bool(j.get("activation_checkpointing")), j.get("attention", "ftune")): j
+        ours = {(j["mode"], bool(j.get("activation_checkpointing")),
+                 j.get("attention", "ftune") + (" (unbatched qkv)" if j["mode"] == "lora" and
+                                                j.get("fused_qkv") is False else "")): j
                 for j in e2e if "impl" not in j}
         peer = {(j["mode"], bool(j.get("activation_checkpointing"))): j for j in e2e if "impl" in j}
         for k, j in ours.items():
