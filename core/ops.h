@@ -76,6 +76,16 @@ enum class Reduction { mean, sum, none };
 // Never materialises the softmax: the vocabulary is processed in chunks with an online max/sum.
 Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index = -100,
                      Reduction reduction = Reduction::mean);
+// cross_entropy(linear(h, w), targets, ignore_index, reduction) without the [N, V] logits: the
+// rows go in chunks of chunk_rows (0: about 256 MiB of logits each), each chunk's logits, loss
+// and gradient formed and dropped at once; dh and dW (accumulated over the chunks by the GEMM,
+// in f32 for 16-bit weights on the GPU) are computed in the forward and scaled by the upstream
+// gradient in the backward (which runs once: no retain_graph). h [..., d], w [V, d] (an LM
+// head: no bias), targets [N]. reduction mean or sum. For the LM loss of a large vocabulary
+// (Qwen2.5's 151936: 2.5 GB of bf16 logits at 8192 tokens, and as much for their gradient).
+Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targets,
+                            int64_t ignore_index = -100, Reduction reduction = Reduction::mean,
+                            int64_t chunk_rows = 0);
 // log p(target) per row [N], for RL; rows with target ignore_index get 0.
 Tensor token_logprobs(const Tensor& logits, const Tensor& targets, int64_t ignore_index = -100);
 // entropy of softmax(logits) per row [N].

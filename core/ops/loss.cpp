@@ -6,7 +6,9 @@
 #include <cmath>
 #include <limits>
 
+#include "core/autograd.h"
 #include "core/ops/common.h"
+#include "kernels/matmul.h"
 
 namespace ftune::ops {
 
@@ -111,11 +113,11 @@ struct Nll {
 
 // On the GPU, nll holds gpu_sign * nll in gpu_dt (f32 for a reduction; the logits dtype when it
 // is the op's output) and stat is f32.
-Nll nll_impl(const char* op, const Tensor& logits, const Tensor& targets, int64_t ignore,
+// The per-row nll of logits [r.n, r.v] against already checked i64 targets [r.n].
+Nll nll_rows(const char* op, const Tensor& logits, const Tensor& tgt, int64_t ignore,
              const Rows& r, DType gpu_dt = DType::f32, float gpu_sign = 1.0f) {
-  check_same_device(op, {&logits, &targets});
   Nll f;
-  f.tgt = check_targets(op, targets, r, ignore, &f.counted);
+  f.tgt = tgt;
   f.x = logits_2d(logits, r);
   if (logits.device().is_cuda()) {  // stat and nll in f32
     f.stat = Tensor::empty({r.n, 2}, DType::f32, logits.device());
@@ -132,6 +134,16 @@ Nll nll_impl(const char* op, const Tensor& logits, const Tensor& targets, int64_
     kernels::cpu::nll_forward<T>(f.x.data<T>(), f.tgt.data<int64_t>(), r.n, r.v, ignore,
                                  f.stat.data<T>(), f.nll.data<T>());
   });
+  return f;
+}
+
+Nll nll_impl(const char* op, const Tensor& logits, const Tensor& targets, int64_t ignore,
+             const Rows& r, DType gpu_dt = DType::f32, float gpu_sign = 1.0f) {
+  check_same_device(op, {&logits, &targets});
+  int64_t counted = 0;
+  Tensor tgt = check_targets(op, targets, r, ignore, &counted);
+  Nll f = nll_rows(op, logits, tgt, ignore, r, gpu_dt, gpu_sign);
+  f.counted = counted;
   return f;
 }
 
@@ -214,6 +226,133 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
            return std::vector<Tensor>{
                nll_grad("cross_entropy", f, r, shape, ignore_index, g, g_stride, scale)};
          });
+  return out;
+}
+
+Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targets,
+                            int64_t ignore_index, Reduction reduction, int64_t chunk_rows) {
+  const char* op = "linear_cross_entropy";
+  profiler::OpScope prof(op);
+  check_logits(op, h, "hidden");
+  check_logits(op, w, "weight");
+  check_same_device(op, {&h, &w, &targets});
+  FTUNE_CHECK(h.dtype() == w.dtype(), "[", op, "] hidden ", h.desc(), " and weight ", w.desc(),
+              " differ in dtype");
+  FTUNE_CHECK(w.dim() == 2 && h.size(-1) == w.size(1), "[", op, "] weight ", w.desc(),
+              " must be [vocab, ", h.size(-1), "] for hidden ", h.desc());
+  FTUNE_CHECK(reduction != Reduction::none, "[", op, "] reduction none is not supported (per-row "
+              "losses need no fusion): use cross_entropy(linear(h, w), targets, ...)");
+  FTUNE_CHECK(chunk_rows >= 0, "[", op, "] chunk_rows must be >= 0 (0: auto), got ", chunk_rows);
+  const DType dt = h.dtype();
+  const Device dev = h.device();
+  const bool gpu = dev.is_cuda();
+  // CPU 16-bit: no accumulating GEMM of that type; the plain composition is exact there.
+  if (!gpu && dt != DType::f32 && dt != DType::f64)
+    return cross_entropy(linear(h, w), targets, ignore_index, reduction);
+  const int64_t d = w.size(1), V = w.size(0);
+  Rows r;
+  r.v = V;
+  r.lead.assign(h.shape().begin(), h.shape().end() - 1);
+  r.n = shape_numel(r.lead);
+  int64_t counted = 0;
+  Tensor tgt = check_targets(op, targets, r, ignore_index, &counted);  // checked once, i64 [N]
+  const bool need_h = grad_enabled() && h.requires_grad();
+  const bool need_w = grad_enabled() && w.requires_grad();
+  const double scale =
+      reduction == Reduction::mean ? (counted > 0 ? 1.0 / double(counted) : 0.0) : 1.0;
+  // Rows per chunk: about 256 MiB of logits (and as much again for their gradient) at a time.
+  int64_t chunk = chunk_rows > 0 ? chunk_rows
+                                 : std::max<int64_t>(1, (int64_t(256) << 20) /
+                                                            std::max<int64_t>(1, V * int64_t(dtype_size(dt))));
+  chunk = std::min(chunk, std::max<int64_t>(1, r.n));
+
+  Tensor out, dh, dw;
+  {
+    NoGradGuard ng;
+    Tensor h2 = contig(h).view({r.n, d});
+    Tensor wc = contig(w);
+    if (need_h) dh = Tensor::empty({r.n, d}, dt, dev);
+    // dW over the chunks: accumulated by the GEMM (beta 1), in f32 for 16-bit weights.
+    const DType acc_dt = gpu && dt != DType::f32 && dt != DType::f64 ? DType::f32 : dt;
+    Tensor acc;
+    if (need_w) acc = r.n > 0 ? Tensor::empty({V, d}, acc_dt, dev) : Tensor::zeros({V, d}, acc_dt, dev);
+    Tensor nll_all = gpu ? Tensor::empty({std::max<int64_t>(1, r.n)}, DType::f32, dev) : Tensor();
+    double cpu_sum = 0.0;
+    const Tensor one = Tensor::scalar(1.0, gpu ? DType::f32 : dt, dev);  // dlogits of the sum
+    for (int64_t c0 = 0; c0 < r.n; c0 += chunk) {
+      const int64_t rows = std::min(chunk, r.n - c0);
+      Tensor hc = h2.slice(0, c0, c0 + rows);
+      Rows rc;
+      rc.n = rows;
+      rc.v = V;
+      rc.lead = {rows};
+      Nll f = nll_rows(op, linear(hc, wc), tgt.slice(0, c0, c0 + rows), ignore_index, rc);
+      if (gpu) {
+        nll_all.slice(0, c0, c0 + rows).copy_(f.nll);
+      } else {
+        dispatch_float(dt, op, [&]<class T>() {
+          const T* p = f.nll.data<T>();
+          for (int64_t i = 0; i < rows; ++i) cpu_sum += double(p[i]);
+        });
+      }
+      if (!need_h && !need_w) continue;
+      Tensor dl = nll_grad(op, f, rc, {rows, V}, ignore_index, one, 0, scale);  // [rows, V]
+      f = Nll();  // the chunk's logits go
+      if (need_h) dh.slice(0, c0, c0 + rows).copy_(matmul(dl, wc));
+      if (need_w) {
+        const float beta = c0 == 0 ? 0.f : 1.f;
+        if (gpu) {
+#ifdef FTUNE_HAVE_CUDA
+          kernels::cuda::GemmArgs g;
+          g.trans_a = true;  // dW [V, d] += dl^T [V, rows] hc [rows, d]
+          g.m = V;
+          g.n = d;
+          g.k = rows;
+          g.ab_dtype = dt;
+          g.c_dtype = acc_dt;
+          g.a = dl.raw_data();
+          g.lda = V;
+          g.b = hc.raw_data();
+          g.ldb = d;
+          g.c = acc.raw_data();
+          g.ldc = d;
+          g.beta = beta;
+          kernels::cuda::gemm(g);
+#endif
+        } else {
+          dispatch_float(dt, op, [&]<class T>() {
+            if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>)
+              kernels::cpu::gemm<T>(true, false, V, d, rows, T(1), dl.data<T>(), V, hc.data<T>(),
+                                    d, T(beta), acc.data<T>(), d);
+          });
+        }
+      }
+    }
+    if (need_w) dw = acc_dt == dt ? acc : acc.to(dt);
+    if (gpu) {
+      out = Tensor::empty({}, DType::f32, dev);
+#ifdef FTUNE_HAVE_CUDA
+      kernels::cuda::sum_scaled(nll_all.data<float>(), r.n, scale, out.raw_data(), out.dtype());
+#endif
+    } else {
+      out = Tensor::scalar(cpu_sum * scale, dt, dev);
+    }
+  }
+  // The gradients were formed with the forward (for an upstream gradient of 1); the backward
+  // scales them by the upstream scalar. They are handed over once: no retain_graph.
+  auto state = std::make_shared<std::pair<Tensor, Tensor>>(dh, dw);
+  const Shape h_shape = h.shape();
+  record(op, out, {h, w}, [state, h_shape](const Tensor& g, const std::vector<bool>& needs) {
+    FTUNE_CHECK(state->first.defined() || state->second.defined() || !(needs[0] || needs[1]),
+                "[linear_cross_entropy] its backward ran twice (retain_graph is not supported: "
+                "the gradients are formed in the forward)");
+    const double gs = g.item();
+    auto scaled = [gs](Tensor t) { return !t.defined() || gs == 1.0 ? t : mul_scalar(t, gs); };
+    Tensor gh = needs[0] && state->first.defined() ? scaled(state->first).view(h_shape) : Tensor();
+    Tensor gw = needs[1] ? scaled(state->second) : Tensor();
+    *state = {};
+    return std::vector<Tensor>{gh, gw};
+  });
   return out;
 }
 

@@ -346,3 +346,102 @@ TEST(Loss, CrossEntropyDoesNotAllocateNxV) {
   EXPECT_LT(peak_growth([&] { ops::entropy(x); }), nv_bytes);
   EXPECT_LT(peak_growth([&] { ops::kl_div(x, y, ops::KLKind::jsd); }), nv_bytes);
 }
+
+// linear_cross_entropy against cross_entropy(linear(h, w)) in f64: loss and both gradients, over
+// chunk sizes that do and do not divide the rows (1, 7, all), mean and sum, ignored rows, a
+// leading batch dim, an upstream gradient other than 1 (the backward's scaling), and only one
+// of the inputs needing a gradient.
+TEST(LinearCrossEntropy, MatchesTheComposition) {
+  Generator g(11);
+  const int64_t B = 3, T = 5, d = 6, V = 13;
+  Tensor h0 = randn({B, T, d}, g, 0.0, 1.0).to(DType::f64);
+  Tensor w0 = randn({V, d}, g, 0.0, 1.0).to(DType::f64);
+  std::vector<int64_t> tv;
+  for (int64_t i = 0; i < B * T; ++i) tv.push_back(i % 4 == 3 ? -100 : (i * 5) % V);
+  Tensor t = i64(tv);
+  for (auto red : {ops::Reduction::mean, ops::Reduction::sum})
+    for (int64_t chunk : {int64_t(0), int64_t(1), int64_t(7), B * T})
+      for (double upstream : {1.0, 0.37}) {
+        SCOPED_TRACE("chunk " + std::to_string(chunk) + " upstream " + std::to_string(upstream) +
+                     (red == ops::Reduction::sum ? " sum" : " mean"));
+        Tensor h1 = h0.clone().set_requires_grad(true), w1 = w0.clone().set_requires_grad(true);
+        Tensor ref = ops::cross_entropy(ops::linear(h1, w1).view({B * T, V}), t, -100, red);
+        ops::mul_scalar(ref, upstream).backward();
+        Tensor h2 = h0.clone().set_requires_grad(true), w2 = w0.clone().set_requires_grad(true);
+        Tensor got = ops::linear_cross_entropy(h2, w2, t, -100, red, chunk);
+        ops::mul_scalar(got, upstream).backward();
+        EXPECT_NEAR(got.item(), ref.item(), 1e-12 * std::max(1.0, std::abs(ref.item())));
+        EXPECT_LT(ops::max_abs_diff(h2.grad(), h1.grad()), 1e-12);
+        EXPECT_LT(ops::max_abs_diff(w2.grad(), w1.grad()), 1e-12);
+        EXPECT_EQ(h2.grad().shape(), h0.shape());
+      }
+  // Only the weight, then only the hidden states, need a gradient.
+  Tensor wa = w0.clone().set_requires_grad(true);
+  ops::linear_cross_entropy(h0, wa, t, -100, ops::Reduction::sum, 4).backward();
+  Tensor wb = w0.clone().set_requires_grad(true);
+  ops::cross_entropy(ops::linear(h0, wb).view({B * T, V}), t, -100, ops::Reduction::sum).backward();
+  EXPECT_LT(ops::max_abs_diff(wa.grad(), wb.grad()), 1e-12);
+  Tensor ha = h0.clone().set_requires_grad(true);
+  ops::linear_cross_entropy(ha, w0, t, -100, ops::Reduction::sum, 4).backward();
+  Tensor hb = h0.clone().set_requires_grad(true);
+  ops::cross_entropy(ops::linear(hb, w0).view({B * T, V}), t, -100, ops::Reduction::sum).backward();
+  EXPECT_LT(ops::max_abs_diff(ha.grad(), hb.grad()), 1e-12);
+  // No gradient at all (evaluation): the loss alone.
+  EXPECT_NEAR(ops::linear_cross_entropy(h0, w0, t, -100, ops::Reduction::mean, 2).item(),
+              ops::cross_entropy(ops::linear(h0, w0).view({B * T, V}), t).item(), 1e-12);
+}
+
+TEST(LinearCrossEntropy, AllIgnoredAndEmpty) {
+  Generator g(12);
+  Tensor h = randn({4, 3}, g, 0.0, 1.0).set_requires_grad(true);
+  Tensor w = randn({5, 3}, g, 0.0, 1.0).set_requires_grad(true);
+  Tensor loss = ops::linear_cross_entropy(h, w, i64({-100, -100, -100, -100}), -100,
+                                          ops::Reduction::mean, 3);
+  EXPECT_EQ(loss.item(), 0.0);
+  loss.backward();
+  for (double x : h.grad().to_vector<double>()) EXPECT_EQ(x, 0.0);
+  for (double x : w.grad().to_vector<double>()) EXPECT_EQ(x, 0.0);
+  Tensor he = Tensor::zeros({0, 3}, DType::f32).set_requires_grad(true);
+  Tensor we = randn({5, 3}, g, 0.0, 1.0).set_requires_grad(true);
+  Tensor le = ops::linear_cross_entropy(he, we, Tensor::zeros({0}, DType::i64), -100,
+                                        ops::Reduction::sum);
+  EXPECT_EQ(le.item(), 0.0);
+  le.backward();
+  for (double x : we.grad().to_vector<double>()) EXPECT_EQ(x, 0.0);
+}
+
+// The logits are never whole: with 4-row chunks of a [64, V] problem the peak stays near one
+// chunk's logits and gradient, far below the [64, V] logits the composition allocates.
+TEST(LinearCrossEntropy, NeverAllocatesTheWholeLogits) {
+  Generator g(13);
+  const int64_t N = 64, d = 8, V = 4096;
+  Tensor h = randn({N, d}, g, 0.0, 1.0).set_requires_grad(true);
+  Tensor w = randn({V, d}, g, 0.0, 1.0).set_requires_grad(true);
+  std::vector<int64_t> tv(N);
+  for (int64_t i = 0; i < N; ++i) tv[i] = (i * 37) % V;
+  Tensor t = i64(tv);
+  const int64_t logits_bytes = N * V * 4;
+  const int64_t grown = peak_growth([&] {
+    ops::linear_cross_entropy(h, w, t, -100, ops::Reduction::mean, 4).backward();
+  });
+  // dW [V, d] (and its handover) plus a few 4-row chunks: well under the whole logits.
+  EXPECT_LT(grown, logits_bytes / 2) << grown << " bytes";
+}
+
+TEST(LinearCrossEntropy, BadInputThrows) {
+  Generator g(14);
+  Tensor h = randn({4, 3}, g, 0.0, 1.0), w = randn({5, 3}, g, 0.0, 1.0);
+  Tensor t = i64({0, 1, 2, 3});
+  expect_error([&] { ops::linear_cross_entropy(h, randn({5, 4}, g, 0.0, 1.0), t); },
+               {"[linear_cross_entropy]", "weight"});
+  expect_error([&] { ops::linear_cross_entropy(h, w, i64({0, 1, 9, 3})); },
+               {"[linear_cross_entropy]", "target 9", "out of range"});
+  expect_error([&] { ops::linear_cross_entropy(h, w, t, -100, ops::Reduction::none); },
+               {"[linear_cross_entropy]", "reduction none"});
+  expect_error([&] { ops::linear_cross_entropy(h, w.to(DType::f64), t); },
+               {"[linear_cross_entropy]", "dtype"});
+  Tensor hr = h.clone().set_requires_grad(true);
+  Tensor loss = ops::linear_cross_entropy(hr, w, t);
+  loss.backward(Tensor(), /*retain_graph=*/true);
+  expect_error([&] { loss.backward(); }, {"[linear_cross_entropy]", "retain_graph"});
+}
