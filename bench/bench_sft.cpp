@@ -7,13 +7,15 @@
 //   bench_sft [--model DIR | --layers 4 --d 512 --heads 8 --kv-heads 8 --ffn 1376 --vocab 2048]
 //             [--seq 256] [--batch 8] [--lora-r 8 (0: full)] [--targets all-linear] [--steps 8]
 //             [--warmup 2] [--device cpu|cuda] [--dtype f32|bf16] [--ckpt 0|1] [--tie 1|0]
-//             [--profile N] [--profile-json FILE] [--attention ftune|cudnn]
+//             [--profile N] [--profile-json FILE] [--attention ftune|cudnn] [--chunked-loss 1|0]
 // --profile N: after the timed steps (which never carry it), N more steps under the op-level
 // profiler (core/profiler.h; one discarded warm-up step and one step without op hooks first), its
 // table on stderr: per op label, calls, GPU and host ms per step, host issue time per phase.
 // On the GPU the step ends with the loss read back (as the trainer's NaN guard does), so each timed
 // step includes its whole device work; peak_gpu_mib is the caching allocator's high-water mark, and
 // mfu counts 6 * params * tokens (+ attention) against the H100/H200 dense bf16 rate.
+// --chunked-loss: the trainer's `chunked_loss` (default on): the loss through
+// ops::linear_cross_entropy, never the whole logits; 0: linear then cross_entropy.
 // --attention: the fused attention the GPU runs (a recipe's `attention.backend`); cudnn needs a
 // build with cuDNN and falls back to ftune's kernel, with a note, on shapes cuDNN does not serve.
 #include <algorithm>
@@ -53,7 +55,7 @@ double peak_rss_mib() {
 int main(int argc, char** argv) {
   std::string model_dir, targets = "all-linear";
   int64_t layers = 4, d = 512, heads = 8, kv = 8, ffn = 1376, vocab = 2048, seq = 256, batch = 8;
-  int64_t lora_r = 8, steps = 8, warmup = 2, ckpt = 0, tie = 1, profile = 0;
+  int64_t lora_r = 8, steps = 8, warmup = 2, ckpt = 0, tie = 1, profile = 0, chunked_loss = 1;
   std::string device = "cpu", dtype = "f32", profile_json, attention = "ftune";
   for (int i = 1; i < argc; i += 2) {
     std::string k = argv[i];
@@ -102,6 +104,8 @@ int main(int argc, char** argv) {
       profile_json = v;
     else if (k == "--attention")
       attention = v;
+    else if (k == "--chunked-loss")
+      chunked_loss = std::stoll(v);
     else {
       std::fprintf(stderr, "bench_sft: unknown option %s\n", k.c_str());
       return 2;
@@ -167,12 +171,22 @@ int main(int argc, char** argv) {
     Tensor ids = randint({batch, seq}, gen, 0, mc.vocab_size, DType::i32).to(dev);
     Tensor labels = randint({batch * seq}, gen, 0, mc.vocab_size, DType::i64).to(dev);
     std::vector<double> ms, phase_fwd, phase_bwd, phase_opt;
+    // The summed cross-entropy of the batch, as trainers/sft.cpp takes it.
+    auto loss_sum = [&] {
+      if (chunked_loss) {
+        Tensor h = model->hidden_states(ids);
+        return ops::linear_cross_entropy(h.view({batch * seq, mc.hidden_size}),
+                                         model->lm_head_weight(), labels, -100,
+                                         ops::Reduction::sum);
+      }
+      Tensor logits = model->forward(ids);
+      return ops::cross_entropy(logits.view({batch * seq, mc.vocab_size}), labels, -100,
+                                ops::Reduction::sum);
+    };
     for (int64_t s = 0; s < warmup + steps; ++s) {
       auto t0 = std::chrono::steady_clock::now();
       // The trainer's loss: a summed cross-entropy read back (NaN guard), scaled by 1/targets.
-      Tensor logits = model->forward(ids);
-      Tensor ce = ops::cross_entropy(logits.view({batch * seq, mc.vocab_size}), labels, -100,
-                                     ops::Reduction::sum);
+      Tensor ce = loss_sum();
       if (!std::isfinite(ce.item())) throw std::runtime_error("non-finite loss");  // syncs
       auto t1 = std::chrono::steady_clock::now();
       ops::mul_scalar(ce, 1.0 / double(batch * seq)).backward();
@@ -220,6 +234,7 @@ int main(int argc, char** argv) {
                           {"dtype", dtype},
                           {"activation_checkpointing", ckpt != 0},
                           {"attention", attention},
+                          {"chunked_loss", chunked_loss != 0},
                           {"fused_qkv", lora_r > 0 && !(std::getenv("FTUNE_FUSED_QKV") &&
                                                         std::string(std::getenv("FTUNE_FUSED_QKV")) == "0")},
                           {"peak_gpu_mib", gpu},
@@ -247,9 +262,7 @@ int main(int argc, char** argv) {
       auto profiled = [&](bool hooks) {
         profiler::begin_step(dev, hooks);
         profiler::phase("forward");
-        Tensor logits = model->forward(ids);
-        Tensor ce = ops::cross_entropy(logits.view({batch * seq, mc.vocab_size}), labels, -100,
-                                       ops::Reduction::sum);
+        Tensor ce = loss_sum();
         Tensor loss = ops::mul_scalar(ce, 1.0 / double(batch * seq));
         profiler::phase("backward");
         loss.backward();

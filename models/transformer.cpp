@@ -755,6 +755,8 @@ Tensor Transformer::forward_logits_shard(const Tensor& ids, const ForwardOptions
 
 const std::shared_ptr<parallel::Communicator>& Transformer::tp_group() const { return impl_->tp; }
 
+const Tensor& Transformer::lm_head_weight() const { return impl_->head->weight; }
+
 void Transformer::set_activation_checkpointing(bool on) { impl_->body->checkpointing = on; }
 bool Transformer::activation_checkpointing() const { return impl_->body->checkpointing; }
 

@@ -80,6 +80,10 @@ class Transformer : public nn::Module {
   // (every rank gets the full logits; for generation and evaluation: training wants
   // forward_logits_shard and parallel::vocab_parallel_cross_entropy).
   Tensor forward(const Tensor& ids, const ForwardOptions& opt = {});
+  // The LM head's weight [vocab (this rank's shard under TP), hidden]: the embedding when tied.
+  // forward is ops::linear(hidden_states, lm_head_weight()) (no bias), so training can take its
+  // loss with ops::linear_cross_entropy(hidden_states(...), lm_head_weight(), ...).
+  const Tensor& lm_head_weight() const;
 
   // ---- Tensor parallel (Megatron; docs/distributed.md "Tensor parallel").
   // Keeps this rank's slices of every split parameter, the full model having been built (loaded

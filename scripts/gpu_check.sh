@@ -110,10 +110,11 @@ run() {
       timeout 150 "$bld/bench/bench_sft" $shape $mode $prof >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft $mode failed: $?" >> "$OUT/e2e.log"
       (cd "$ROOT" && PYTHONUNBUFFERED=1 timeout 150 python3 bench/sft/peft_step.py $shape $mode >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log") || echo "peft_step $mode failed: $?" >> "$OUT/e2e.log"
     done
-    # The same steps with cuDNN's attention (attention.backend: cudnn), no profile; and LoRA
-    # without the batched q/k/v projection (FTUNE_FUSED_QKV=0), which decides its default.
-    for mode in "--lora-r 16" "--lora-r 0"; do
-      timeout 150 "$bld/bench/bench_sft" $shape $mode --attention cudnn >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft $mode --attention cudnn failed: $?" >> "$OUT/e2e.log"
+    # A/B rows, no profile: full with cuDNN's attention (attention.backend: cudnn); full with the
+    # loss through linear then cross_entropy (--chunked-loss 0: the whole logits); LoRA without
+    # the batched q/k/v projection (FTUNE_FUSED_QKV=0). They decide those defaults.
+    for ab in "--lora-r 0 --attention cudnn" "--lora-r 0 --chunked-loss 0"; do
+      timeout 150 "$bld/bench/bench_sft" $shape $ab >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft $ab failed: $?" >> "$OUT/e2e.log"
     done
     FTUNE_FUSED_QKV=0 timeout 150 "$bld/bench/bench_sft" $shape --lora-r 16 >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft --lora-r 16 FTUNE_FUSED_QKV=0 failed: $?" >> "$OUT/e2e.log"
   fi
@@ -140,6 +141,7 @@ for line in open(sys.argv[1]):
         continue
     impl = j.get('impl', 'ftune') + ('+' + j['attention'] if j.get('attention', 'ftune') != 'ftune' else '')
     impl += ' (unbatched qkv)' if j.get('mode') == 'lora' and j.get('fused_qkv') is False else ''
+    impl += ' (whole logits)' if j.get('chunked_loss') is False else ''
     print(f"| {impl} | {j['mode']} | {j.get('activation_checkpointing')} | {j['ms_per_step']:.1f} | "
           f"{j['tokens_per_s']:.0f} | {(j.get('mfu_vs_989tflops') or 0) * 100:.1f}% | {j.get('peak_gpu_mib') or 0:.0f} |")
 PY

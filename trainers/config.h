@@ -98,6 +98,11 @@ struct SftConfig {
   std::string device = "cpu";  // cpu | cuda | cuda:N ("cuda": the GPU of the local rank)
   bool enable_activation_checkpointing = false;  // recompute each block in the backward
   bool allow_tf32 = false;  // f32 GEMMs on the GPU may use TF32 tensor cores
+  // The training loss through ops::linear_cross_entropy: the LM head and cross-entropy in chunks
+  // of rows, never the whole [tokens, vocab] logits (nor their gradient). Same loss and
+  // gradients up to the order of dW's sums. Off: linear then cross_entropy. Not under TP (the
+  // vocab-parallel loss has no logits gathered anyway).
+  bool chunked_loss = true;
 
   ModelSection model;
   TokenizerSection tokenizer;

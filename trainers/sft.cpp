@@ -749,6 +749,14 @@ struct SftTrainer::Impl {
   // Summed cross-entropy of a batch; under TP over this rank's vocab shard of the logits (the
   // max, the sum of exps and the target logit are reduced over tp; no logits are gathered).
   Tensor loss_sum_of(const SftBatch& b) {
+    if (grid.tp == 1 && cfg.chunked_loss) {  // never the whole logits (ops::linear_cross_entropy)
+      ForwardOptions fo;
+      fo.positions = b.positions;
+      fo.cu_seqlens = b.cu_seqlens;
+      Tensor h = model->hidden_states(b.ids, fo);
+      return ops::linear_cross_entropy(h.view({-1, h.size(-1)}), model->lm_head_weight(),
+                                       b.labels.view({-1}), -100, ops::Reduction::sum);
+    }
     if (grid.tp == 1) {
       Tensor logits = logits_of(b);
       int64_t V = logits.size(-1);

@@ -67,13 +67,11 @@ struct Args {
   float* lse;          // forward: written; backward: read
   const float* delta;  // backward: rowsum(dO * O) [H, Nq]
   float* dq_accum;     // backward without determinism: f32 [Nq, H, D] summed by atomics
-  // dK/dV split over the query heads (fa_bwd_dkdv_body, kAtomic 0): the CTAs' grid.y is the query
-  // head, and each writes its head's unscaled dK / dV share as f32 [group][Nk, Hkv, D] here (null:
-  // that gradient is not wanted); dkv_reduce_kernel sums the group in order. Null: one CTA per
-  // kv head walks all its query heads and writes dk / dv itself.
+  // dK/dV split over the query heads (fa_bwd_dkdv_body with kAtomic 3): the CTAs' grid.y is the
+  // query head, and each writes its head's unscaled dK / dV share as f32 [group][Nk, Hkv, D] here
+  // (null: that gradient is not wanted); dkv_reduce_kernel sums the group in order.
   float* dk_part;
   float* dv_part;
-  bool split_heads;
   void* out;           // forward output
   void* dq;
   void* dk;
@@ -457,8 +455,8 @@ __global__ void __launch_bounds__(kGenThreads) gen_dkv_kernel(Args a) {
 // ---- decode path ----------------------------------------------------------------------------------
 // One query per sequence. CTA (head, split, entry) of 4 warps reads keys [split * chunk, ...):
 // warp w takes the blocks of 4 keys 4w, 4w + 16, ...; lane owns the NPL consecutive elements
-// d = lane * NPL + i, so with kRows (D = 32 NPL, aligned rows) a key or value row is one load of
-// NPL elements per lane (8 bytes per lane at bf16 d128) instead of NPL 2-byte loads. The head is
+// d = lane * NPL + i, so with kRows (D a multiple of NPL, aligned rows) a key or value row is one
+// load of NPL elements per lane (8 bytes per lane at bf16 d128) instead of NPL 2-byte loads. The head is
 // the fastest grid index: the query heads of one kv head run side by side and read its K / V
 // through L2 once, not once per head. The 4 warp states merge in shared memory; with one split
 // that is the answer, else the partial (max, sum, unnormalized output) goes to `part` and
@@ -525,7 +523,7 @@ __global__ void __launch_bounds__(kDecWarps * 32) decode_kernel(Args a, int chun
       const T* kr = k + int64_t(j0 + u) * ldk + lane * NPL;
       const T* vr = v + int64_t(j0 + u) * ldk + lane * NPL;
       if constexpr (kRows) {
-        if (key_in) {
+        if (key_in && lane * NPL < D) {  // D % NPL == 0: a lane's run is whole or absent
           load_run<T, NPL>(kr, kv[u]);
           load_run<T, NPL>(vr, vv[u]);
         } else {
@@ -971,7 +969,8 @@ constexpr int kBwdBM = 64;  // query rows per inner tile
 constexpr int kDsLds = 64 + 8;  // row stride of the staged dS (elements)
 
 // The body is shared by two entry points that differ only in their launch bounds (below).
-// kAtomic: 0 no dQ (deterministic), 1 the atomic dQ described above, 2 (backward variant 2) the
+// kAtomic: 0 no dQ (deterministic), 3 as 0 split over the query heads (Args::dk_part), 1 the
+// atomic dQ described above, 2 (backward variant 2) the
 // same sums with dS staged before the dK product and dQ formed after it (dS^T's registers are free
 // by then), each warp's 4 dS fragments read from shared memory once (not once per 16 columns of D),
 // and float2 atomics (sm_90: half the atomic instructions).
@@ -992,8 +991,9 @@ __device__ __forceinline__ void fa_bwd_dkdv_body(const Args& a) {
   int c0;
   tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, c0);
   const int group = a.H / a.Hkv;
-  // Split over query heads (kAtomic 0 only): this CTA walks query head blockIdx.y alone.
-  const bool split = kAtomic == 0 && a.split_heads;
+  // kAtomic 3, split over query heads: this CTA walks query head blockIdx.y alone (a template
+  // case of its own, so the other kernels' code is untouched by it).
+  constexpr bool split = kAtomic == 3;
   const int hk = split ? int(blockIdx.y) / group : int(blockIdx.y);
   const int h_first = split ? int(blockIdx.y) : hk * group, n_heads = split ? 1 : group;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -1282,9 +1282,9 @@ __global__ void __launch_bounds__(kFaThreads) fa_bwd_dkdv_kernel(Args a) {
 }
 // Backward variant 1 at D = 64: 3 resident CTAs per SM asked of ptxas caps the registers at 168
 // (the default uses 174), so 3 CTAs (12 warps) fit per SM instead of 2; shared memory allows 4.
-template <class T, int D>
+template <class T, int D, int kAtomic = 0>
 __global__ void __launch_bounds__(kFaThreads, 3) fa_bwd_dkdv_kernel_occ3(Args a) {
-  fa_bwd_dkdv_body<T, D, 0>(a);
+  fa_bwd_dkdv_body<T, D, kAtomic>(a);
 }
 
 // fa_bwd_dkdv_mk2_kernel (backward variant 3, D = 64): fa_bwd_dkdv_kernel with 128 keys per CTA,
@@ -1526,10 +1526,9 @@ __global__ void dq_convert_kernel(const float* __restrict__ acc, T* __restrict__
 // and keeps dQ [16 x D] in registers; K/V tiles of 64 keys double-buffered. Per tile:
 //   S = Q K^T, dP = dO V^T (A from Q / dO rows, B from K / V rows), P = exp(scale S - lse),
 //   dS = P (dP - Delta), dQ += dS K (A = dS packed, B = K via ldmatrix.trans).
-// At D = 64, 4 resident CTAs per SM (its 55 KB of shared memory allow 4): at most 128 registers,
-// which it fits without spilling.
+// The body is shared by two entry points that differ only in their launch bounds (below).
 template <class T, int D>
-__global__ void __launch_bounds__(kFaThreads, D == 64 ? 4 : 1) fa_bwd_dq_kernel(Args a) {
+__device__ __forceinline__ void fa_bwd_dq_body(const Args& a) {
   constexpr int LDS = kFaLds<D>;
   constexpr int kTile = 64 * LDS;
   extern __shared__ __align__(16) unsigned char fa_smem[];
@@ -1656,6 +1655,17 @@ __global__ void __launch_bounds__(kFaThreads, D == 64 ? 4 : 1) fa_bwd_dq_kernel(
       *reinterpret_cast<uint32_t*>(row + nd * 8 + 2 * t) =
           pack2<T>(dq[nd][2 * i] * a.scale, dq[nd][2 * i + 1] * a.scale);
   }
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kFaThreads) fa_bwd_dq_kernel(Args a) {
+  fa_bwd_dq_body<T, D>(a);
+}
+// At D = 64: 4 resident CTAs per SM (its 55 KB of shared memory allow 4) asked of ptxas caps the
+// registers at 128, which it fits without spilling (the leaner softmax had raised it to 164).
+template <class T, int D>
+__global__ void __launch_bounds__(kFaThreads, 4) fa_bwd_dq_kernel_occ4(Args a) {
+  fa_bwd_dq_body<T, D>(a);
 }
 
 // fa_bwd_dq_kernel_1buf (backward variant 1 at D = 128): fa_bwd_dq_kernel with one K and one V
@@ -2175,10 +2185,10 @@ void decode_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType
     using T = typename decltype(tag)::type;
     dispatch_npl(D, [&](auto npl) {
       constexpr int NPL = decltype(npl)::value;
-      // Whole rows per warp: D = 32 NPL and every row start aligned to NPL elements (D is a
-      // multiple of NPL, so the base pointers decide).
+      // A lane's NPL elements in one load: D a multiple of NPL (every row start then aligned to
+      // NPL elements, so the base pointers decide; head_dim 80 and 96 too).
       const uintptr_t run = uintptr_t(NPL) * sizeof(T);
-      const bool rows = D == 32 * NPL && reinterpret_cast<uintptr_t>(a.k) % run == 0 &&
+      const bool rows = D % NPL == 0 && reinterpret_cast<uintptr_t>(a.k) % run == 0 &&
                         reinterpret_cast<uintptr_t>(a.v) % run == 0;
       const dim3 grid(unsigned(p.num_heads), unsigned(splits), t.nz);
       if (rows) decode_kernel<T, NPL, true><<<grid, kDecWarps * 32, smem, stream()>>>(a, chunk, pp);
@@ -2234,11 +2244,15 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
       // query heads of its group (Qwen2.5-0.5B at 4 x 2048: 256 CTAs, the first key tiles 224
       // query tiles deep, for 3 x 132 resident slots). Then one CTA per query head instead, its
       // share of dK/dV in f32 scratch, summed per group by dkv_reduce_kernel.
+      // The f32 scratch is 2 x group x the bf16 dK + dV: auto stays under 512 MiB of it (a long
+      // MQA batch would take GBs; it has many key tiles anyway).
       const int group = int(p.num_heads / p.num_kv_heads);
       const int64_t ctas = int64_t(t.nx) * p.num_kv_heads * t.nz;
+      const int64_t scratch = ((a.dk ? 1 : 0) + (a.dv ? 1 : 0)) * group * p.nk * p.num_kv_heads *
+                              D * int64_t(sizeof(float));
       const bool split = !atomic_dq && group > 1 &&
                          (g_bwd_split_heads == 1 ||
-                          (g_bwd_split_heads == -1 &&
+                          (g_bwd_split_heads == -1 && scratch <= (int64_t(512) << 20) &&
                            ctas < 4 * int64_t(ftune::cuda::device_sm_count(dev))));
       Tensor part;
       if (split) {
@@ -2246,7 +2260,6 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
         const int64_t parts = (a.dk ? 1 : 0) + (a.dv ? 1 : 0);
         part = Tensor::empty({std::max<int64_t>(1, parts * group * n)}, DType::f32,
                              Device::cuda(dev));
-        b.split_heads = true;
         b.dk_part = a.dk ? part.data<float>() : nullptr;
         b.dv_part = a.dv ? part.data<float>() + (a.dk ? group * n : 0) : nullptr;
       }
@@ -2270,11 +2283,15 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
         bool done = false;
         if constexpr (D == 64) {
           if (variant == 1) {
-            launch(fa_bwd_dkdv_kernel_occ3<T, D>);
+            if (split) launch(fa_bwd_dkdv_kernel_occ3<T, D, 3>);
+            else launch(fa_bwd_dkdv_kernel_occ3<T, D>);
             done = true;
           }
         }
-        if (!done) launch(fa_bwd_dkdv_kernel<T, D, 0>);
+        if (!done) {
+          if (split) launch(fa_bwd_dkdv_kernel<T, D, 3>);
+          else launch(fa_bwd_dkdv_kernel<T, D, 0>);
+        }
       }
       FTUNE_LAUNCH_CHECK("attention_backward dk/dv (tensor cores)");
       if (split) {
@@ -2334,7 +2351,10 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
           done = true;
         }
       }
-      if (!done) launch(fa_bwd_dq_kernel<T, D>, 6);
+      if (!done) {
+        if constexpr (D == 64) launch(fa_bwd_dq_kernel_occ4<T, D>, 6);
+        else launch(fa_bwd_dq_kernel<T, D>, 6);
+      }
       FTUNE_LAUNCH_CHECK("attention_backward dq (tensor cores)");
     }
   }

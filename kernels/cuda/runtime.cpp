@@ -189,10 +189,11 @@ void cuda_memcpy_h2d(void* dst, const void* src, size_t bytes, int dev) {
   cudaStream_t s = static_cast<cudaStream_t>(cuda::current_stream());
   if (bytes < (size_t(1) << 20)) {
     CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, s));
-    // From pageable memory the call returns once src sits in the driver's staging buffer (CUDA
-    // "API synchronization behavior"), so the caller may free or reuse it and no sync is needed:
-    // small uploads inside a step (positions, attention tile tables) then do not drain the
-    // stream. From page-locked memory the DMA reads src later, so wait for it.
+    // From pageable memory the driver stages src before the call returns, so the caller may free
+    // or reuse it and no sync is needed (PyTorch's non_blocking H2D copies from pageable memory
+    // rely on the same): small uploads inside a step (positions, attention tile tables) then do
+    // not drain the stream. From page-locked memory the DMA reads src later, so wait for it. (On
+    // HMM/ATS systems, where the GPU can read pageable memory, this has not been checked.)
     cudaPointerAttributes attr{};
     if (cudaPointerGetAttributes(&attr, src) != cudaSuccess) {
       (void)cudaGetLastError();  // older drivers: unknown host pointer; be safe
