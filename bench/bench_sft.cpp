@@ -192,8 +192,8 @@ int main(int argc, char** argv) {
       ops::mul_scalar(ce, 1.0 / double(batch * seq)).backward();
       if (dev.is_cuda()) cuda_synchronize(dev.index);
       auto t2 = std::chrono::steady_clock::now();
-      optim::clip_grad_norm(params, 1.0);
-      opt.step();
+      // As the trainer: the norm (read back), its clipping coefficient applied inside AdamW.
+      opt.step(optim::clip_coefficient(std::sqrt(optim::grad_sum_squares(params)), 1.0));
       opt.zero_grad();
       if (dev.is_cuda()) cuda_synchronize(dev.index);
       auto t3 = std::chrono::steady_clock::now();
@@ -257,7 +257,7 @@ int main(int argc, char** argv) {
 
     if (profile > 0) {
       // The timed step, with the loss read (the NaN guard) moved after the step so that nothing
-      // but clip_grad_norm's norm read synchronizes inside it: the host issue time of forward and
+      // but the gradient norm's read synchronizes inside it: the host issue time of forward and
       // backward shows whether the host keeps ahead of the GPU.
       auto profiled = [&](bool hooks) {
         profiler::begin_step(dev, hooks);
@@ -267,9 +267,9 @@ int main(int argc, char** argv) {
         profiler::phase("backward");
         loss.backward();
         profiler::phase("clip");
-        optim::clip_grad_norm(params, 1.0);
+        const double coef = optim::clip_coefficient(std::sqrt(optim::grad_sum_squares(params)), 1.0);
         profiler::phase("adamw");
-        opt.step();
+        opt.step(coef);
         opt.zero_grad();
         profiler::end_step();
         if (!std::isfinite(ce.item())) throw std::runtime_error("non-finite loss");

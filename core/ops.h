@@ -83,6 +83,8 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
 // gradient in the backward (which runs once: no retain_graph). h [..., d], w [V, d] (an LM
 // head: no bias), targets [N]. reduction mean or sum. For the LM loss of a large vocabulary
 // (Qwen2.5's 151936: 2.5 GB of bf16 logits at 8192 tokens, and as much for their gradient).
+// In f16 the gradients are formed before any loss scale reaches them (small values flush to 0):
+// under loss scaling take the composition.
 Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targets,
                             int64_t ignore_index = -100, Reduction reduction = Reduction::mean,
                             int64_t chunk_rows = 0);

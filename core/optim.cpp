@@ -1,5 +1,6 @@
 #include "core/optim.h"
 
+#include <algorithm>
 #include <cmath>
 #include <numbers>
 #include <unordered_map>
@@ -132,8 +133,10 @@ AdamW::AdamW(std::vector<ParamGroup> groups, AdamWOptions opt)
   }
 }
 
-void AdamW::step() {
+void AdamW::step(double grad_scale) {
   profiler::OpScope prof("adamw");
+  FTUNE_CHECK(std::isfinite(grad_scale) && grad_scale >= 0, "[adamw] grad_scale must be finite "
+              "and >= 0, got ", grad_scale);
   NoGradGuard ng;
   // Validate every gradient first: a bad one must leave all parameters and the state untouched.
   for (const Slot& s : slots_) {
@@ -171,7 +174,8 @@ void AdamW::step() {
     const ParamGroup& grp = groups_[s.group];
     const double lr = lr_ * grp.lr_scale;
     const double wd = grp.weight_decay.value_or(opt_.weight_decay);
-    const kernels::AdamWConsts c = adamw_consts(opt_, lr, wd, s.step);
+    kernels::AdamWConsts c = adamw_consts(opt_, lr, wd, s.step);
+    c.grad_scale = float(grad_scale);
     if (s.param.device().is_cpu()) {
       update_param(s.param, s.master, g, s.m, s.v, c);
       continue;
@@ -189,8 +193,11 @@ void AdamW::step() {
 #endif
 }
 
-void adamw_update_pieces(const std::vector<AdamWPiece>& pieces, const AdamWOptions& opt) {
+void adamw_update_pieces(const std::vector<AdamWPiece>& pieces, const AdamWOptions& opt,
+                         double grad_scale) {
   NoGradGuard ng;
+  FTUNE_CHECK(std::isfinite(grad_scale) && grad_scale >= 0, "[adamw] grad_scale must be finite "
+              "and >= 0, got ", grad_scale);
   for (const AdamWPiece& p : pieces) {
     FTUNE_CHECK(p.param.defined() && p.grad.defined() && p.m.defined() && p.v.defined(),
                 "[adamw] adamw_update_pieces: undefined tensor in a piece");
@@ -223,7 +230,8 @@ void adamw_update_pieces(const std::vector<AdamWPiece>& pieces, const AdamWOptio
 #endif
   for (const AdamWPiece& p : pieces) {
     if (p.param.numel() == 0) continue;
-    const kernels::AdamWConsts c = adamw_consts(opt, p.lr, p.weight_decay, p.step);
+    kernels::AdamWConsts c = adamw_consts(opt, p.lr, p.weight_decay, p.step);
+    c.grad_scale = float(grad_scale);
     if (p.param.device().is_cpu()) {
       Tensor master = p.master, m = p.m, v = p.v;
       update_param(p.param, master, p.grad, m, v, c);
@@ -402,6 +410,7 @@ void dispatch_grad(const Tensor& g, F&& f) {
 }  // namespace
 
 double grad_sum_squares(const std::vector<Tensor>& params) {
+  profiler::OpScope prof("grad_norm");
   return sum_squares(grads_of(params));
 }
 
@@ -435,6 +444,11 @@ void scale_(const std::vector<Tensor>& xs, double s) {
 #ifdef FTUNE_HAVE_CUDA
   if (!gpu.empty()) kernels::cuda::scale_inplace_multi(device_arrays(gpu), s);
 #endif
+}
+
+double clip_coefficient(double norm, double max_norm) {
+  if (!(max_norm > 0) || !std::isfinite(norm)) return 1.0;
+  return std::min(1.0, max_norm / (norm + 1e-6));  // torch's clip_grad_norm_
 }
 
 double clip_grad_norm(const std::vector<Tensor>& params, double max_norm) {

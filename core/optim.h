@@ -53,7 +53,10 @@ class AdamW {
  public:
   explicit AdamW(std::vector<ParamGroup> groups, AdamWOptions opt = AdamWOptions());
 
-  void step();       // one update of every param that has a gradient
+  // One update of every param that has a gradient, each gradient first multiplied by grad_scale
+  // inside the update (the clipping coefficient of clip_coefficient: no separate pass over the
+  // gradients, which stay as they are).
+  void step(double grad_scale = 1.0);
   void zero_grad();  // drops the gradients (torch's set_to_none)
   double lr() const { return lr_; }
   void set_lr(double lr) { lr_ = lr; }  // the schedule sets it before each step
@@ -98,7 +101,8 @@ struct AdamWPiece {
 // The update AdamW::step applies, on pieces: the same kernels (CPU pieces one by one, GPU pieces
 // in one multi-tensor launch per device) with the same per-step constants, so a sharded update
 // equals the whole one element for element.
-void adamw_update_pieces(const std::vector<AdamWPiece>& pieces, const AdamWOptions& opt);
+void adamw_update_pieces(const std::vector<AdamWPiece>& pieces, const AdamWOptions& opt,
+                         double grad_scale = 1.0);
 
 // ---------------------------------------------------------------- schedules
 enum class ScheduleKind { constant, linear, cosine };
@@ -139,5 +143,9 @@ void scale_(const std::vector<Tensor>& xs, double s);
 // finite, grads are scaled in place by min(1, max_norm / (norm + 1e-6)); a non-finite norm is
 // returned as is, with the grads untouched (the trainer decides what to do with the step).
 double clip_grad_norm(const std::vector<Tensor>& params, double max_norm);
+// torch's clip_grad_norm_ coefficient for a gradient norm: min(1, max_norm / (norm + 1e-6)); 1
+// when max_norm <= 0 (no clipping) or the norm is not finite. AdamW::step(coef) then clips inside
+// its update, as clip_grad_norm + step would, without the pass that scales the gradients.
+double clip_coefficient(double norm, double max_norm);
 
 }  // namespace ftune::optim

@@ -13,12 +13,13 @@ struct AdamWConsts {
   float beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f;
   float step_size = 0.0f;  // lr / (1 - beta1^t)
   float bc2_sqrt = 1.0f;   // sqrt(1 - beta2^t)
+  float grad_scale = 1.0f; // g is multiplied by it first (the gradient clipping coefficient)
 };
 
 namespace cpu {
 
-// One AdamW step over n elements (torch.optim.AdamW order):
-//   p *= decay; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+// One AdamW step over n elements (torch.optim.AdamW order), g first scaled by grad_scale:
+//   g *= grad_scale; p *= decay; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
 //   p -= step_size * m / (sqrt(v) / bc2_sqrt + eps)
 // master, m, v are f32 [n]; g [n] is G (f32, bf16 or f16). P = float updates master in place
 // (param is unused); P = bf16/f16 also writes the rounded master into param [n].

@@ -279,7 +279,7 @@ ShardedAdamW::ShardedAdamW(std::vector<optim::ParamGroup> groups, optim::AdamWOp
   }
 }
 
-void ShardedAdamW::step() {
+void ShardedAdamW::step(double grad_scale) {
   NoGradGuard ng;
   ++step_;
   const auto& params = red_.params();
@@ -308,7 +308,7 @@ void ShardedAdamW::step() {
       pc.step = s.step;
       pieces.push_back(std::move(pc));
     }
-    optim::adamw_update_pieces(pieces, opt_);
+    optim::adamw_update_pieces(pieces, opt_, grad_scale);
   }
   // Every rank's updated shard to every rank: the shard of each bucket, flattened, gathered in
   // the parameters' dtype on their device.

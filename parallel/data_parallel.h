@@ -107,7 +107,9 @@ class ShardedAdamW {
   ShardedAdamW(std::vector<optim::ParamGroup> groups, optim::AdamWOptions opt,
                GradReducer& reducer);
 
-  void step();       // collective (all_gather of the parameters)
+  // Collective (all_gather of the parameters). grad_scale: as optim::AdamW::step's (the clipping
+  // coefficient, applied inside the update).
+  void step(double grad_scale = 1.0);
   void zero_grad();  // drops the gradients and the reduced shards
   double lr() const { return lr_; }
   void set_lr(double lr) { lr_ = lr; }

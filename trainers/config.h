@@ -101,7 +101,8 @@ struct SftConfig {
   // The training loss through ops::linear_cross_entropy: the LM head and cross-entropy in chunks
   // of rows, never the whole [tokens, vocab] logits (nor their gradient). Same loss and
   // gradients up to the order of dW's sums. Off: linear then cross_entropy. Not under TP (the
-  // vocab-parallel loss has no logits gathered anyway).
+  // vocab-parallel loss has no logits gathered anyway), nor with dtype f16 (the loss scale must
+  // reach the logits' gradient before it is formed in f16).
   bool chunked_loss = true;
 
   ModelSection model;

@@ -749,7 +749,9 @@ struct SftTrainer::Impl {
   // Summed cross-entropy of a batch; under TP over this rank's vocab shard of the logits (the
   // max, the sum of exps and the target logit are reduced over tp; no logits are gathered).
   Tensor loss_sum_of(const SftBatch& b) {
-    if (grid.tp == 1 && cfg.chunked_loss) {  // never the whole logits (ops::linear_cross_entropy)
+    // Never the whole logits (ops::linear_cross_entropy). Not in f16: its dlogits are formed in the
+    // forward, before the loss scale could keep their small values from flushing to zero.
+    if (grid.tp == 1 && cfg.chunked_loss && cfg.dtype != "f16") {
       ForwardOptions fo;
       fo.positions = b.positions;
       fo.cu_seqlens = b.cu_seqlens;
@@ -791,8 +793,8 @@ struct SftTrainer::Impl {
   }
 
   // The global gradient norm under TP: split parameters' squares summed over the tp group,
-  // replicated ones (identical on every tp rank) counted once. Clips like clip_grad_norm.
-  double tp_clip_grad_norm(double max_norm) {
+  // replicated ones (identical on every tp rank) counted once.
+  double tp_grad_norm() {
     double split = 0, replicated = 0;
     for (auto& [n, t] : trainable) {
       Tensor g = t.grad();
@@ -802,16 +804,11 @@ struct SftTrainer::Impl {
       (it != shards.end() && it->second.dim >= 0 ? split : replicated) += s;
     }
     split = grid.tp_group->all_reduce_scalar(split);
-    double norm = std::sqrt(split + replicated);
-    if (max_norm > 0 && std::isfinite(norm)) {
-      double scale = std::min(1.0, max_norm / (norm + 1e-6));
-      if (scale < 1.0) optim::scale_grads(params_of_trainable(), scale);
-    }
-    return norm;
+    return std::sqrt(split + replicated);
   }
   // The same under TP + ZeRO-1: the reducer's gradient shards hold the dp-summed gradient, so
   // both sums are first taken over the dp group (each shard once), then the split one over tp.
-  double tp_zero_clip_grad_norm(double max_norm) {
+  double tp_zero_grad_norm() {
     std::vector<bool> split_flag;
     for (auto& [n, t] : trainable) {  // the reducer's parameters, in the same (model) order
       auto it = shards.find(n);
@@ -819,12 +816,7 @@ struct SftTrainer::Impl {
     }
     auto [split, replicated] = zopt->grad_sum_squares_split(split_flag);
     split = grid.tp_group->all_reduce_scalar(split);
-    double norm = std::sqrt(split + replicated);
-    if (max_norm > 0 && std::isfinite(norm)) {
-      double scale = std::min(1.0, max_norm / (norm + 1e-6));
-      if (scale < 1.0) zopt->scale_grads(scale);
-    }
-    return norm;
+    return std::sqrt(split + replicated);
   }
   std::vector<Tensor> params_of_trainable() const {
     std::vector<Tensor> ps;
@@ -1046,20 +1038,21 @@ struct SftTrainer::Impl {
         else
           bad = true;
       }
+      // The global gradient norm; clipping (torch's clip_grad_norm_) happens inside the AdamW
+      // update, through its coefficient: no pass that scales the gradients first.
       double gnorm = 0;
       if (!bad && !overflow) {
         if (zopt && grid.tp > 1)
-          gnorm = tp_zero_clip_grad_norm(cfg.clip_grad_norm);
+          gnorm = tp_zero_grad_norm();
         else if (zopt)
-          gnorm = cfg.clip_grad_norm > 0 ? zopt->clip_grad_norm(cfg.clip_grad_norm)
-                                         : std::sqrt(zopt->grad_sum_squares());
+          gnorm = std::sqrt(zopt->grad_sum_squares());
         else if (grid.tp > 1)
-          gnorm = tp_clip_grad_norm(cfg.clip_grad_norm);
+          gnorm = tp_grad_norm();
         else  // plain DP: the reduced gradients are the same on every rank
-          gnorm = cfg.clip_grad_norm > 0 ? optim::clip_grad_norm(params, cfg.clip_grad_norm)
-                                         : std::sqrt(optim::grad_sum_squares(params));
+          gnorm = std::sqrt(optim::grad_sum_squares(params));
         bad = !std::isfinite(gnorm);
       }
+      const double clip_coef = optim::clip_coefficient(gnorm, cfg.clip_grad_norm);
       double lr = sched->lr_at(step - overflow_steps);
       if (overflow) {
         zero_grad();
@@ -1089,10 +1082,10 @@ struct SftTrainer::Impl {
         consecutive_bad = 0;
         if (zopt) {
           zopt->set_lr(lr);
-          zopt->step();
+          zopt->step(clip_coef);
         } else {
           opt->set_lr(lr);
-          opt->step();
+          opt->step(clip_coef);
         }
         zero_grad();
         if (scaler) scaler->update(false);

@@ -19,9 +19,10 @@ inline void adamw_f32(float* p, const float* g, float* m, float* v, int64_t n,
                       const AdamWConsts& c) {
   const float decay = c.decay, b1 = c.beta1, b2 = c.beta2, eps = c.eps;
   const float one_b1 = 1.0f - b1, one_b2 = 1.0f - b2, step = c.step_size, bc2 = c.bc2_sqrt;
+  const float gs = c.grad_scale;  // 1: exact (x * 1 = x)
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const float gi = g[i];
+    const float gi = g[i] * gs;
     const float mi = b1 * m[i] + one_b1 * gi;
     const float vi = b2 * v[i] + one_b2 * gi * gi;
     m[i] = mi;

@@ -128,6 +128,7 @@ struct AdamDesc {
 // and sum rounded on its own (no fused multiply-add), as torch.optim.AdamW writes it.
 __device__ __forceinline__ void adamw_elem(float& p, float g, float& m, float& v,
                                            const AdamWConsts& c) {
+  g = __fmul_rn(g, c.grad_scale);  // the clipping coefficient (1: exact)
   const float one_b1 = __fsub_rn(1.0f, c.beta1), one_b2 = __fsub_rn(1.0f, c.beta2);
   const float mi = __fadd_rn(__fmul_rn(c.beta1, m), __fmul_rn(one_b1, g));
   const float vi = __fadd_rn(__fmul_rn(c.beta2, v), __fmul_rn(__fmul_rn(one_b2, g), g));

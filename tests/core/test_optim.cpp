@@ -518,3 +518,60 @@ TEST(ClipGradNorm, SumOfSquaresIsTheSameForEveryThreadCount) {
   omp_set_num_threads(omp_get_num_procs());
   for (double v : seen) EXPECT_EQ(v, seen[0]);  // bitwise: resume must clip exactly as before
 }
+
+// Clipping inside the update: step(clip_coefficient(norm, max)) is clip_grad_norm + step() bit
+// for bit on f32 gradients (the same f32 product g * coef), leaves the gradients as they are,
+// and step(1) is step(); a bf16 parameter with bf16 gradients follows within bf16 rounding.
+TEST(AdamW, ClipCoefficientInsideTheStepEqualsClippingFirst) {
+  EXPECT_EQ(clip_coefficient(13.0, 20.0), 1.0);
+  EXPECT_EQ(clip_coefficient(13.0, 6.5), 6.5 / (13.0 + 1e-6));
+  EXPECT_EQ(clip_coefficient(13.0, 0.0), 1.0);  // clipping off
+  EXPECT_EQ(clip_coefficient(std::nan(""), 1.0), 1.0);
+  for (DType dt : {DType::f32, DType::bf16}) {
+    SCOPED_TRACE(dtype_name(dt));
+    Generator gen(7);
+    Tensor a0 = randn({37}, gen).to(dt), b0 = randn({5, 3}, gen).to(dt);
+    std::vector<Tensor> ga, gb;
+    for (int s = 0; s < 3; ++s) {
+      ga.push_back(randn({37}, gen, 0.0, 2.0).to(dt));
+      gb.push_back(randn({5, 3}, gen, 0.0, 2.0).to(dt));
+    }
+    auto run = [&](bool inside) {
+      Tensor a = a0.clone().set_requires_grad(true), b = b0.clone().set_requires_grad(true);
+      AdamW opt({ParamGroup{{{"a", a}, {"b", b}}}}, {});
+      for (int s = 0; s < 3; ++s) {
+        a.set_grad(ga[s].clone());
+        b.set_grad(gb[s].clone());
+        if (inside) {
+          const auto before = a.grad().to_vector<float>();
+          opt.step(clip_coefficient(std::sqrt(grad_sum_squares({a, b})), 1.5));
+          EXPECT_EQ(a.grad().to_vector<float>(), before);  // untouched
+        } else {
+          clip_grad_norm({a, b}, 1.5);
+          opt.step();
+        }
+      }
+      return std::make_pair(a.to_vector<float>(), b.to_vector<float>());
+    };
+    auto x = run(true), y = run(false);
+    if (dt == DType::f32) {
+      EXPECT_EQ(x.first, y.first);
+      EXPECT_EQ(x.second, y.second);
+    } else {
+      for (size_t i = 0; i < x.first.size(); ++i) EXPECT_NEAR(x.first[i], y.first[i], 2e-2);
+    }
+    // step(1) is step().
+    Tensor c = a0.clone().set_requires_grad(true), d = a0.clone().set_requires_grad(true);
+    AdamW oc({ParamGroup{{{"c", c}}}}, {}), od({ParamGroup{{{"d", d}}}}, {});
+    c.set_grad(ga[0].clone());
+    d.set_grad(ga[0].clone());
+    oc.step(1.0);
+    od.step();
+    EXPECT_EQ(c.to_vector<float>(), d.to_vector<float>());
+  }
+  Tensor p = Tensor::zeros({2}).set_requires_grad(true);
+  AdamW o({ParamGroup{{{"p", p}}}}, {});
+  p.set_grad(Tensor::ones({2}));
+  EXPECT_THROW(o.step(-1.0), Error);
+  EXPECT_THROW(o.step(std::nan("")), Error);
+}
