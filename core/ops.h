@@ -77,7 +77,7 @@ enum class Reduction { mean, sum, none };
 Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index = -100,
                      Reduction reduction = Reduction::mean);
 // cross_entropy(linear(h, w), targets, ignore_index, reduction) without the [N, V] logits: the
-// rows go in chunks of chunk_rows (0: about 256 MiB of logits each), each chunk's logits, loss
+// rows go in chunks of chunk_rows (0: about 1 GiB of logits each), each chunk's logits, loss
 // and gradient formed and dropped at once; dh and dW (accumulated over the chunks by the GEMM,
 // in f32 for 16-bit weights on the GPU) are computed in the forward and scaled by the upstream
 // gradient in the backward (which runs once: no retain_graph). h [..., d], w [V, d] (an LM

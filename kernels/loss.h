@@ -89,6 +89,10 @@ void nll_forward(const void* x, DType dt, const int64_t* tgt, int64_t n, int64_t
                  float* stat, void* out, DType out_dt, float sign);
 void nll_backward(const void* x, DType dt, const int64_t* tgt, const float* stat, const float* g,
                   int64_t g_stride, float scale, int64_t n, int64_t v, int64_t ignore, void* dx);
+// nll_forward (f32 nll, sign 1) and nll_backward (upstream gradient `scale` for every row) in
+// one kernel: each row's logits read once from memory. dx must not alias x.
+void nll_fused(const void* x, DType dt, const int64_t* tgt, int64_t n, int64_t v, int64_t ignore,
+               float scale, float* nll, void* dx);
 void entropy_forward(const void* x, DType dt, int64_t n, int64_t v, float* stat, float* h);
 void entropy_backward(const void* x, DType dt, const float* stat, const float* h, const float* g,
                       int64_t n, int64_t v, void* dx);

@@ -260,9 +260,11 @@ Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targ
   const bool need_w = grad_enabled() && w.requires_grad();
   const double scale =
       reduction == Reduction::mean ? (counted > 0 ? 1.0 / double(counted) : 0.0) : 1.0;
-  // Rows per chunk: about 256 MiB of logits (and as much again for their gradient) at a time.
+  // Rows per chunk: about 1 GiB of logits (and as much again for their gradient) at a time. Each
+  // chunk after the first costs dW's accumulation, a read and a write of the [V, d] f32 sum (1.1
+  // GB at Qwen2.5-0.5B's shapes), so the chunks are large: the saving is the logits beyond 1 GiB.
   int64_t chunk = chunk_rows > 0 ? chunk_rows
-                                 : std::max<int64_t>(1, (int64_t(256) << 20) /
+                                 : std::max<int64_t>(1, (int64_t(1) << 30) /
                                                             std::max<int64_t>(1, V * int64_t(dtype_size(dt))));
   chunk = std::min(chunk, std::max<int64_t>(1, r.n));
 
@@ -286,18 +288,31 @@ Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targ
       rc.n = rows;
       rc.v = V;
       rc.lead = {rows};
-      Nll f = nll_rows(op, linear(hc, wc), tgt.slice(0, c0, c0 + rows), ignore_index, rc);
-      if (gpu) {
-        nll_all.slice(0, c0, c0 + rows).copy_(f.nll);
+      Tensor logits = linear(hc, wc);
+      const Tensor tc = tgt.slice(0, c0, c0 + rows);
+      Tensor dl;  // d loss / d logits of the chunk [rows, V]
+      if (gpu && (need_h || need_w)) {
+        // Loss and gradient in one kernel, each row's logits read once from memory.
+        dl = Tensor::empty({rows, V}, dt, dev);
+#ifdef FTUNE_HAVE_CUDA
+        kernels::cuda::nll_fused(logits.raw_data(), dt, tc.data<int64_t>(), rows, V, ignore_index,
+                                 float(scale), nll_all.data<float>() + c0, dl.raw_data());
+#endif
+        logits = Tensor();
       } else {
-        dispatch_float(dt, op, [&]<class T>() {
-          const T* p = f.nll.data<T>();
-          for (int64_t i = 0; i < rows; ++i) cpu_sum += double(p[i]);
-        });
+        Nll f = nll_rows(op, logits, tc, ignore_index, rc);
+        logits = Tensor();
+        if (gpu) {
+          nll_all.slice(0, c0, c0 + rows).copy_(f.nll);
+        } else {
+          dispatch_float(dt, op, [&]<class T>() {
+            const T* p = f.nll.data<T>();
+            for (int64_t i = 0; i < rows; ++i) cpu_sum += double(p[i]);
+          });
+        }
+        if (need_h || need_w) dl = nll_grad(op, f, rc, {rows, V}, ignore_index, one, 0, scale);
       }
       if (!need_h && !need_w) continue;
-      Tensor dl = nll_grad(op, f, rc, {rows, V}, ignore_index, one, 0, scale);  // [rows, V]
-      f = Nll();  // the chunk's logits go
       if (need_h) dh.slice(0, c0, c0 + rows).copy_(matmul(dl, wc));
       if (need_w) {
         const float beta = c0 == 0 ? 0.f : 1.f;
