@@ -165,12 +165,16 @@ Tensor lora_linear_multi(const Tensor& x, const Tensor& w, const Tensor& bias,
   bool any_p = false;
   for (const Adapter& a : ad) any_p = any_p || a.p > 0;
   Tensor xd = any_p && M > 0 ? Tensor::empty({M, in}, x.dtype(), x.device()) : Tensor();
+  // Without a bias and with an adapter on every segment, the low-rank terms go first and the
+  // base GEMM adds them in its epilogue (beta = 1: nearly free in a compute-bound GEMM, where a
+  // low-rank GEMM with beta = 1 after it would read and write y again; kernels/cuda/lora.cu).
+  const bool lowrank_first = !b2.defined() && ad.size() == segs.size();
   if (M > 0) {
     dispatch_kernels(x.device(), x.dtype(), op, [&]<class K, class T>() {
       const T* xp = x2.data<T>();
       T* up = u.data<T>();
       T* yp = y.data<T>();
-      K::base(M, N, in, xp, w2.data<T>(), ptr_or_null<T>(b2), yp);  // y = x W^T + b
+      if (!lowrank_first) K::base(M, N, in, xp, w2.data<T>(), ptr_or_null<T>(b2), yp);  // x W^T + b
       if (batched) {
         K::mm(false, true, M, R, in, 1.0, xp, in, acat.data<T>(), in, 0.0, up, R);  // u = x A^T
       } else {
@@ -183,9 +187,11 @@ Tensor lora_linear_multi(const Tensor& x, const Tensor& w, const Tensor& bias,
           K::mm(false, true, M, a.r, in, 1.0, xs, in, a.a.data<T>(), in, 0.0, up + a.ro, R);
         }
       }
-      for (const Adapter& a : ad)  // y_i += scale_i u_i B_i^T
-        K::mm(false, true, M, a.out, a.r, a.scale, up + a.ro, R, a.b.data<T>(), a.r, 1.0, yp + a.o,
-              N);
+      for (const Adapter& a : ad)  // y_i (+)= scale_i u_i B_i^T
+        K::mm(false, true, M, a.out, a.r, a.scale, up + a.ro, R, a.b.data<T>(), a.r,
+              lowrank_first ? 0.0 : 1.0, yp + a.o, N);
+      if (lowrank_first)  // y += x W^T
+        K::mm(false, true, M, N, in, 1.0, xp, in, w2.data<T>(), in, 1.0, yp, N);
     });
   }
   if (!needs_record(inputs)) return y;
@@ -246,17 +252,25 @@ Tensor lora_linear_multi(const Tensor& x, const Tensor& w, const Tensor& bias,
           for (const Adapter& a : saved)  // du_i = scale_i g_i B_i (every adapter's columns)
             K::mm(false, false, M, a.r, a.out, a.scale, gp + a.o, N, a.b.data<T>(), a.r, 0.0,
                   dup + a.ro, R);
+          // dx: the adapters' shares first, then the base GEMM g W adds them in its epilogue
+          // (beta = 1), as in kernels/cuda/lora.cu.
           T* dxp = need[0] ? grads[0].data<T>() : nullptr;
-          if (dxp) K::mm(false, false, M, in, N, 1.0, gp, N, ws.data<T>(), in, 0.0, dxp, in);
+          auto base_dx = [&](bool accumulate) {
+            K::mm(false, false, M, in, N, 1.0, gp, N, ws.data<T>(), in, accumulate ? 1.0 : 0.0,
+                  dxp, in);
+          };
           if (batched) {
             if (need_da) {  // dA = du^T x for all adapters at once
               T* dap = n_ad > 1 ? dacat.data<T>() : grads[1].data<T>();
               K::mm(true, false, R, in, M, 1.0, dup, R, xs.data<T>(), in, 0.0, dap, in);
             }
-            if (dxp)  // dx += du [A_0; A_1; ...]
-              K::mm(false, false, M, in, R, 1.0, dup, R, as.data<T>(), in, 1.0, dxp, in);
+            if (dxp) {  // dx = du [A_0; A_1; ...] + g W
+              K::mm(false, false, M, in, R, 1.0, dup, R, as.data<T>(), in, 0.0, dxp, in);
+              base_dx(true);
+            }
             return;
           }
+          bool dx_started = false;  // dxp holds a sum of adapter shares
           for (size_t i = 0; i < n_ad; ++i) {
             const Adapter& a = saved[i];
             if (need[1 + 2 * i]) {  // dA_i = du_i^T drop_i(x)
@@ -269,14 +283,20 @@ Tensor lora_linear_multi(const Tensor& x, const Tensor& w, const Tensor& bias,
                     grads[1 + 2 * i].data<T>(), in);
             }
             if (!dxp) continue;
-            if (a.p == 0) {  // dx += du_i A_i
-              K::mm(false, false, M, in, a.r, 1.0, dup + a.ro, R, a.a.data<T>(), in, 1.0, dxp, in);
+            if (a.p == 0) {  // dx (+)= du_i A_i
+              K::mm(false, false, M, in, a.r, 1.0, dup + a.ro, R, a.a.data<T>(), in,
+                    dx_started ? 1.0 : 0.0, dxp, in);
+            } else if (!dx_started) {  // dx = drop_i'(du_i A_i), masked in place
+              K::mm(false, false, M, in, a.r, 1.0, dup + a.ro, R, a.a.data<T>(), in, 0.0, dxp, in);
+              K::drop(dxp, dxp, M * in, a.p, a.seed);
             } else {  // dx += drop_i'(du_i A_i)
               K::mm(false, false, M, in, a.r, 1.0, dup + a.ro, R, a.a.data<T>(), in, 0.0,
                     xd.data<T>(), in);
               K::drop_acc(dxp, xd.data<T>(), M * in, a.p, a.seed);
             }
+            dx_started = true;
           }
+          if (dxp) base_dx(dx_started);
         });
         if (dacat.defined())  // the rows of each adapter, as its own tensor
           for (size_t i = 0; i < n_ad; ++i)

@@ -1,8 +1,10 @@
 // Fused LoRA linear on the GPU: y = x W^T + b + scale * (drop(x) A^T) B^T and its backward.
-// The base GEMM writes y with the bias in cuBLASLt's epilogue; the low-rank update is a second
-// GEMM with beta = 1 into the same y (k = r), so no full-size temporary exists without dropout.
-// With dropout the mask is Philox-drawn per element exactly as the CPU kernel draws it
-// (kernels/lora.h), in one vectorized pass that writes drop(x) (or accumulates a masked tensor).
+// The low-rank update (k = r) is written first and the compute-bound base GEMM adds it in its
+// epilogue (beta = 1), so y (and in the backward dx = g W + drop'(du A)) is written once more
+// rather than read and written again by a memory-bound GEMM; no full-size temporary exists
+// without dropout. (With a bias, the base GEMM goes first: gemm's 16-bit bias path seeds y with
+// the bias.) With dropout the mask is Philox-drawn per element exactly as the CPU kernel draws it
+// (kernels/lora.h), in one vectorized pass that writes drop(x) (or masks a tensor in place).
 #include <cmath>
 
 #include "core/rng.h"
@@ -154,14 +156,23 @@ void lora_forward(const LoraDims& d, const T* x, const T* w, const T* bias, cons
   FTUNE_CHECK(M >= 0 && in >= 0 && out >= 0 && r >= 1, "[lora_forward] bad dims m=", M, " in=", in,
               " out=", out, " r=", r);
   FTUNE_CHECK(p == 0 || xd, "[lora_forward] dropout ", p, " needs the xd scratch");
-  mm<T>(false, true, M, out, in, 1.f, x, in, w, in, 0.f, y, out, bias);  // y = x W^T + b
   const T* xs = x;
   if (p > 0) {
     lora_dropout<T>(x, xd, M * in, p, seed, d.mask_cols());
     xs = xd;
   }
-  mm<T>(false, true, M, r, in, 1.f, xs, in, a, in, 0.f, u, r);    // u = drop(x) A^T
-  mm<T>(false, true, M, out, r, scale, u, r, b, r, 1.f, y, out);  // y += scale u B^T
+  mm<T>(false, true, M, r, in, 1.f, xs, in, a, in, 0.f, u, r);  // u = drop(x) A^T
+  if (!bias) {
+    // The low-rank term first, then the base GEMM adds it in its epilogue (beta = 1): the
+    // base GEMM is compute-bound, so reading y there is nearly free, where a low-rank GEMM
+    // with beta = 1 after it would read and write all of y again.
+    mm<T>(false, true, M, out, r, scale, u, r, b, r, 0.f, y, out);  // y = scale u B^T
+    mm<T>(false, true, M, out, in, 1.f, x, in, w, in, 1.f, y, out);  // y += x W^T
+    return;
+  }
+  // With a bias (gemm's 16-bit bias path seeds y with it before the base GEMM): the other order.
+  mm<T>(false, true, M, out, in, 1.f, x, in, w, in, 0.f, y, out, bias);  // y = x W^T + b
+  mm<T>(false, true, M, out, r, scale, u, r, b, r, 1.f, y, out);        // y += scale u B^T
 }
 
 template <class T>
@@ -177,21 +188,22 @@ void lora_backward(const LoraDims& d, const T* g, const T* x, const T* w, const 
   // dB = scale g^T u; with M == 0 the GEMMs' k == 0 path writes zeros into dA and dB.
   if (db) mm<T>(true, false, out, r, M, scale, g, out, u, r, 0.f, db, r);
   if (!dx && !da) return;
-  mm<T>(false, false, M, r, out, scale, g, out, b, r, 0.f, du, r);           // du = scale g B
-  if (dx) mm<T>(false, false, M, in, out, 1.f, g, out, w, in, 0.f, dx, in);  // dx = g W
-  if (p == 0) {
-    if (da) mm<T>(true, false, r, in, M, 1.f, du, r, x, in, 0.f, da, in);   // dA = du^T x
-    if (dx) mm<T>(false, false, M, in, r, 1.f, du, r, a, in, 1.f, dx, in);  // dx += du A
-    return;
-  }
+  mm<T>(false, false, M, r, out, scale, g, out, b, r, 0.f, du, r);  // du = scale g B
   const int64_t n = M * in;
   if (da) {
-    lora_dropout<T>(x, xd, n, p, seed, d.mask_cols());
-    mm<T>(true, false, r, in, M, 1.f, du, r, xd, in, 0.f, da, in);  // dA = du^T drop(x)
+    const T* xs = x;
+    if (p > 0) {
+      lora_dropout<T>(x, xd, n, p, seed, d.mask_cols());
+      xs = xd;
+    }
+    mm<T>(true, false, r, in, M, 1.f, du, r, xs, in, 0.f, da, in);  // dA = du^T drop(x)
   }
   if (dx) {
-    mm<T>(false, false, M, in, r, 1.f, du, r, a, in, 0.f, xd, in);  // du A
-    lora_dropout_accumulate<T>(dx, xd, n, p, seed, d.mask_cols());  // dx += drop'(du A)
+    // The adapter's share first, then the base GEMM adds it in its epilogue (beta = 1, nearly
+    // free in a compute-bound GEMM): dx = g W + drop'(du A) with no extra pass over dx.
+    mm<T>(false, false, M, in, r, 1.f, du, r, a, in, 0.f, dx, in);             // dx = du A
+    if (p > 0) lora_dropout<T>(dx, dx, n, p, seed, d.mask_cols());             // drop'(du A)
+    mm<T>(false, false, M, in, out, 1.f, g, out, w, in, 1.f, dx, in);          // dx += g W
   }
 }
 

@@ -117,6 +117,9 @@ std::vector<OpCase> cases() {
   cs.push_back(multi_case("qkv_dropout_same_p", {10, 16}, false,
                           {{6, 4, 0.25, 0.1, 99}, {6, 4, 0.25, 0.1, 100}, {6, 4, 0.25, 0.1, 101}}));
   cs.push_back(multi_case("one_segment_p0", {5, 12}, true, {{7, 2, 2.0, 0, 0}}));
+  // No bias, an adapter on every segment, no dropout: the low-rank terms first, the batched A's.
+  cs.push_back(multi_case("qkv_nobias_p0_lowrank_first", {9, 16}, false,
+                          {{6, 4, 0.5, 0, 0}, {3, 2, 1.0, 0, 0}, {3, 2, 1.0, 0, 0}}));
   cs.push_back(multi_case("no_adapter", {4, 8}, true, {{6, 0, 0, 0, 0}, {2, 0, 0, 0, 0}}));
 
   // Llama-like q/k/v at d=1024, 8 kv heads of 16 query heads' 64 dims: timing only.
