@@ -243,12 +243,9 @@ Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targ
   FTUNE_CHECK(reduction != Reduction::none, "[", op, "] reduction none is not supported (per-row "
               "losses need no fusion): use cross_entropy(linear(h, w), targets, ...)");
   FTUNE_CHECK(chunk_rows >= 0, "[", op, "] chunk_rows must be >= 0 (0: auto), got ", chunk_rows);
-  const DType dt = h.dtype();
+  const DType dt = h.dtype();  // f32 or f64 on the CPU (check_logits), f32/bf16/f16 on a GPU
   const Device dev = h.device();
   const bool gpu = dev.is_cuda();
-  // CPU 16-bit: no accumulating GEMM of that type; the plain composition is exact there.
-  if (!gpu && dt != DType::f32 && dt != DType::f64)
-    return cross_entropy(linear(h, w), targets, ignore_index, reduction);
   const int64_t d = w.size(1), V = w.size(0);
   Rows r;
   r.v = V;
@@ -313,7 +310,30 @@ Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targ
         if (need_h || need_w) dl = nll_grad(op, f, rc, {rows, V}, ignore_index, one, 0, scale);
       }
       if (!need_h && !need_w) continue;
-      if (need_h) dh.slice(0, c0, c0 + rows).copy_(matmul(dl, wc));
+      if (need_h) {  // dh[c0 : c0 + rows] = dl [rows, V] W [V, d], written in place
+        if (gpu) {
+#ifdef FTUNE_HAVE_CUDA
+          kernels::cuda::GemmArgs g;
+          g.m = rows;
+          g.n = d;
+          g.k = V;
+          g.ab_dtype = g.c_dtype = dt;
+          g.a = dl.raw_data();
+          g.lda = V;
+          g.b = wc.raw_data();
+          g.ldb = d;
+          g.c = dh.slice(0, c0, c0 + rows).raw_data();
+          g.ldc = d;
+          kernels::cuda::gemm(g);
+#endif
+        } else {
+          dispatch_float(dt, op, [&]<class T>() {
+            if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>)
+              kernels::cpu::gemm<T>(false, false, rows, d, V, T(1), dl.data<T>(), V, wc.data<T>(),
+                                    d, T(0), dh.data<T>() + c0 * d, d);
+          });
+        }
+      }
       if (need_w) {
         const float beta = c0 == 0 ? 0.f : 1.f;
         if (gpu) {

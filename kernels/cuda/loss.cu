@@ -331,7 +331,9 @@ __device__ __forceinline__ void nll_grad_row(const T* __restrict__ xr, T* __rest
 // and its gradient together): the row's (max, log-sum-exp) from one sweep, nll to out (f32), then
 // dx = scale * d nll / dx from a second sweep, which finds the row (at most 300 KB at a 152k bf16
 // vocabulary) in L2: one read of the logits from memory instead of two.
-template <int W, class T>
+// W: the statistics sweep's width (nll_forward's: x alone decides); W2: the gradient sweep's (x
+// and dx together, nll_backward's), so each sweep sums in the order of its two-kernel twin.
+template <int W, int W2, class T>
 __global__ void __launch_bounds__(kThreads) nll_fused_kernel(const T* __restrict__ x,
                                                              const int64_t* __restrict__ tgt,
                                                              int64_t v, int64_t ignore,
@@ -344,7 +346,7 @@ __global__ void __launch_bounds__(kThreads) nll_fused_kernel(const T* __restrict
   T* dr = dx + row * v;
   if (t == ignore) {
     if (threadIdx.x == 0) out[row] = 0.f;
-    zero_row<W>(dr, v);
+    zero_row<W2>(dr, v);
     return;
   }
   Lse st;
@@ -353,7 +355,7 @@ __global__ void __launch_bounds__(kThreads) nll_fused_kernel(const T* __restrict
   });
   const float2 r = reduce_lse(st, kLog2e, shm);  // on every thread
   if (threadIdx.x == 0) out[row] = (r.x - to_f(xr[t])) + r.y;
-  nll_grad_row<W, T>(xr, dr, v, t, r.x, r.y, scale);
+  nll_grad_row<W2, T>(xr, dr, v, t, r.x, r.y, scale);
 }
 
 template <int W, class T>
@@ -726,10 +728,16 @@ void nll_fused(const void* x, DType dt, const int64_t* tgt, int64_t n, int64_t v
   check_rows(op, n, v);
   FTUNE_CHECK(x != dx, "[", op, "] dx must not alias x");
   if (n == 0) return;
-  dispatch_w(dt, op, same_phase({x, dx}), [&](auto tag, auto w) {
+  const bool phase = same_phase({x, dx});
+  dispatch_w(dt, op, true, [&](auto tag, auto w) {
     using T = typename decltype(tag)::type;
-    nll_fused_kernel<decltype(w)::value, T><<<unsigned(n), kThreads, 0, stream()>>>(
-        static_cast<const T*>(x), tgt, v, ignore, scale, nll, static_cast<T*>(dx));
+    constexpr int W = decltype(w)::value;
+    auto launch = [&](auto kernel) {
+      kernel<<<unsigned(n), kThreads, 0, stream()>>>(static_cast<const T*>(x), tgt, v, ignore,
+                                                      scale, nll, static_cast<T*>(dx));
+    };
+    if (phase) launch(nll_fused_kernel<W, W, T>);
+    else launch(nll_fused_kernel<W, 1, T>);
   });
   FTUNE_LAUNCH_CHECK(op);
 }

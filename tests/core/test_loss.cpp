@@ -391,6 +391,35 @@ TEST(LinearCrossEntropy, MatchesTheComposition) {
               ops::cross_entropy(ops::linear(h0, w0).view({B * T, V}), t).item(), 1e-12);
 }
 
+// A tied LM head: the weight is also the embedding the hidden states came from, and two
+// micro-batches accumulate (upstream gradients 0.25 and 1.25): the weight's gradient sums both
+// uses, as through the composition.
+TEST(LinearCrossEntropy, TiedWeightAndAccumulatedMicroBatches) {
+  Generator g(15);
+  const int64_t N = 9, d = 5, V = 11;
+  Tensor w0 = randn({V, d}, g, 0.0, 1.0).to(DType::f64);
+  Tensor p0 = randn({d, d}, g, 0.0, 0.5).to(DType::f64);  // a layer between embedding and head
+  std::vector<int64_t> ids_v, tv;
+  for (int64_t i = 0; i < N; ++i) {
+    ids_v.push_back((i * 3) % V);
+    tv.push_back(i == 4 ? -100 : (i * 7 + 1) % V);
+  }
+  Tensor ids = i64(ids_v), t = i64(tv);
+  auto run = [&](bool fused) {
+    Tensor w = w0.clone().set_requires_grad(true), p = p0.clone().set_requires_grad(true);
+    for (double up : {0.25, 1.25}) {
+      Tensor h = ops::matmul(ops::embedding(w, ids), p);
+      Tensor loss = fused ? ops::linear_cross_entropy(h, w, t, -100, ops::Reduction::sum, 4)
+                          : ops::cross_entropy(ops::linear(h, w), t, -100, ops::Reduction::sum);
+      ops::mul_scalar(loss, up).backward();
+    }
+    return std::make_pair(w.grad(), p.grad());
+  };
+  auto a = run(true), b = run(false);
+  EXPECT_LT(ops::max_abs_diff(a.first, b.first), 1e-12);
+  EXPECT_LT(ops::max_abs_diff(a.second, b.second), 1e-12);
+}
+
 TEST(LinearCrossEntropy, AllIgnoredAndEmpty) {
   Generator g(12);
   Tensor h = randn({4, 3}, g, 0.0, 1.0).set_requires_grad(true);

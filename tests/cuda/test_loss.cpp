@@ -8,6 +8,7 @@
 #include <cmath>
 #include <vector>
 
+#include "core/autograd.h"
 #include "core/ops.h"
 #include "kernels/loss.h"
 #include "tests/cuda/cuda_test_util.h"
@@ -386,6 +387,46 @@ TEST(CudaLoss, LinearCrossEntropyMatchesCpu) {
         EXPECT_LT(rel(wg.grad(), wc.grad()), tol) << "dW";
         EXPECT_EQ(wg.grad().dtype(), dt);
       }
+  // A frozen weight (LoRA trains below the head), no gradient at all (evaluation), every target
+  // ignored, and no rows: against the CPU in f64.
+  Generator g(43);
+  const DType dt = DType::bf16;
+  Tensor h0 = rand_host({N, d}, g, dt, 1.0), w0 = rand_host({V, d}, g, dt, 0.2);
+  Tensor t = Tensor::from_vector(make_targets(N, V, 44), {N});
+  Tensor hc = h0.to(DType::f64).set_requires_grad(true);
+  Tensor lc = ops::linear_cross_entropy(hc, w0.to(DType::f64), t, kIgnore, ops::Reduction::mean, 8);
+  lc.backward();
+  Tensor hg = to_gpu(h0, dt).set_requires_grad(true);
+  Tensor lg = ops::linear_cross_entropy(hg, to_gpu(w0, dt), t.to(Device::cuda(0)), kIgnore,
+                                        ops::Reduction::mean, 8);
+  lg.backward();
+  EXPECT_NEAR(lg.item(), lc.item(), 2e-2 * std::abs(lc.item()));
+  double hmax = 0;
+  for (double x : hc.grad().to_vector<double>()) hmax = std::max(hmax, std::abs(x));
+  EXPECT_LT(ops::max_abs_diff(hg.grad().to(Device::cpu()).to(DType::f64), hc.grad()), 2e-2 * hmax);
+  {
+    NoGradGuard ng;
+    Tensor l0 = ops::linear_cross_entropy(to_gpu(h0, dt), to_gpu(w0, dt), t.to(Device::cuda(0)),
+                                          kIgnore, ops::Reduction::sum, 8);
+    Tensor l1 = ops::linear_cross_entropy(h0.to(DType::f64), w0.to(DType::f64), t, kIgnore,
+                                          ops::Reduction::sum, 8);
+    EXPECT_NEAR(l0.item(), l1.item(), 2e-2 * std::abs(l1.item()));
+  }
+  std::vector<int64_t> none(size_t(N), kIgnore);
+  Tensor hz = to_gpu(h0, dt).set_requires_grad(true), wz = to_gpu(w0, dt).set_requires_grad(true);
+  Tensor lz = ops::linear_cross_entropy(hz, wz, Tensor::from_vector(none, {N}).to(Device::cuda(0)),
+                                        kIgnore, ops::Reduction::mean, 8);
+  lz.backward();
+  EXPECT_EQ(lz.item(), 0.0);
+  for (double x : hz.grad().to(Device::cpu()).to_vector<double>()) EXPECT_EQ(x, 0.0);
+  for (double x : wz.grad().to(Device::cpu()).to_vector<double>()) EXPECT_EQ(x, 0.0);
+  Tensor he = Tensor::zeros({0, d}, dt, Device::cuda(0)).set_requires_grad(true);
+  Tensor we = to_gpu(w0, dt).set_requires_grad(true);
+  Tensor le = ops::linear_cross_entropy(he, we, Tensor::zeros({0}, DType::i64, Device::cuda(0)),
+                                        kIgnore, ops::Reduction::sum);
+  EXPECT_EQ(le.item(), 0.0);
+  le.backward();
+  for (double x : we.grad().to(Device::cpu()).to_vector<double>()) EXPECT_EQ(x, 0.0);
 }
 
 }  // namespace
