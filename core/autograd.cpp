@@ -61,6 +61,23 @@ void record(const char* name, Tensor& out, const std::vector<Tensor>& inputs, Ba
 
 namespace {
 
+// The accumulation targets of the node whose backward runs on this thread (accumulation_target),
+// per input; saved and restored around each backward (activation checkpointing runs a whole
+// backward inside one).
+thread_local const std::vector<Tensor*>* g_targets = nullptr;
+
+struct TargetsScope {
+  const std::vector<Tensor*>* prev;
+  explicit TargetsScope(const std::vector<Tensor*>* t) : prev(g_targets) { g_targets = t; }
+  ~TargetsScope() { g_targets = prev; }
+};
+
+// A summed gradient nothing else references (no other handle, no view of its storage).
+bool exclusive(const Tensor& t) {
+  return t.defined() && t.impl_ptr().use_count() == 1 && t.impl()->storage.use_count() == 1 &&
+         t.is_contiguous();
+}
+
 // Sum of two gradients, never in place: a backward may hand the same tensor to two inputs.
 Tensor add_grads(const Tensor& a, const Tensor& b) {
   profiler::OpScope prof("autograd accumulate");
@@ -108,6 +125,11 @@ void finish_leaf(TensorImpl* leaf, std::unordered_map<TensorImpl*, Tensor>& leaf
 }
 
 }  // namespace
+
+Tensor accumulation_target(size_t input) {
+  if (!g_targets || input >= g_targets->size() || !(*g_targets)[input]) return Tensor();
+  return *(*g_targets)[input];
+}
 
 void run_backward(const Tensor& root, const Tensor& grad_in, bool retain_graph) {
   FTUNE_CHECK(root.defined(), "[autograd] backward() of an undefined tensor");
@@ -171,8 +193,23 @@ void run_backward(const Tensor& root, const Tensor& grad_in, bool retain_graph) 
     }
     std::vector<bool> need(n->edges.size());
     for (size_t i = 0; i < n->edges.size(); ++i) need[i] = n->edges[i].active();
+    // The sums an input's backward may add into (accumulation_target): a node's gradient already
+    // summed from other consumers, held only here, for an input that is no other input's too.
+    std::vector<Tensor*> targets(n->edges.size(), nullptr);
+    std::vector<const TensorImpl*> handed(n->edges.size(), nullptr);
+    for (size_t i = 0; i < n->edges.size(); ++i) {
+      Node* p = n->edges[i].node.get();
+      if (!p) continue;
+      bool twice = false;
+      for (size_t j = 0; j < n->edges.size(); ++j) twice = twice || (j != i && n->edges[j].node.get() == p);
+      auto it = grads.find(p);
+      if (twice || it == grads.end() || !exclusive(it->second)) continue;
+      targets[i] = &it->second;
+      handed[i] = it->second.impl();
+    }
     std::vector<Tensor> in_grads;
     {
+      TargetsScope ts(&targets);
       profiler::BackwardScope prof(n->name, n->prof_label);
       in_grads = n->backward(g, need);
     }
@@ -188,6 +225,8 @@ void run_backward(const Tensor& root, const Tensor& grad_in, bool retain_graph) 
           auto it = grads.find(e.node.get());
           if (it == grads.end() || !it->second.defined())
             grads[e.node.get()] = std::move(gi);
+          else if (handed[i] && gi.impl() == handed[i])
+            ;  // the backward added its share into the sum in place (accumulation_target)
           else
             it->second = add_grads(it->second, gi);
         }

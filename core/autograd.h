@@ -68,6 +68,14 @@ void record(const char* name, Tensor& out, const std::vector<Tensor>& inputs, Ba
 Tensor checkpoint(std::function<Tensor(const Tensor&)> f, const Tensor& x,
                   const std::vector<Tensor>& params);
 
+// Inside a node's backward: the gradient already summed for its input `input` by that input's
+// other consumers, when the backward may add its own share into it in place (the engine holds the
+// only reference to it, contiguous); an undefined Tensor otherwise, and outside a backward. A
+// backward that adds into it returns that same tensor for the input, and the engine then sums
+// nothing. linear's dX GEMM does (beta = 1): the gradients of q/k/v or gate/up reaching their
+// shared input need no separate passes adding [tokens, hidden] tensors.
+Tensor accumulation_target(size_t input);
+
 // Runs backward from root; grad defaults to ones (a scalar loss gets 1).
 void run_backward(const Tensor& root, const Tensor& grad, bool retain_graph);
 

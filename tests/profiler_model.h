@@ -106,14 +106,15 @@ struct ToyModel {
 
 // The autograd graph below root, counted without running it: nodes by name, and how many times
 // the engine sums gradients ("autograd accumulate": once per extra consumer of a node or leaf,
-// once per leaf that receives a gradient).
+// once per leaf that receives a gradient). A node consumed only as linear's input (q/k/v, gate/up)
+// needs no sums: each later dX GEMM adds into the sum so far (accumulation_target).
 struct GraphCount {
   std::map<std::string, int64_t> nodes;
   int64_t accumulations = 0;
 };
 inline GraphCount count_graph(const Tensor& root) {
   GraphCount gc;
-  std::map<const Node*, int64_t> consumers;
+  std::map<const Node*, int64_t> consumers, as_linear_input;
   std::map<const TensorImpl*, int64_t> leaf_uses;
   std::vector<const Node*> stack{root.grad_fn().get()};
   std::unordered_set<const Node*> seen{root.grad_fn().get()};
@@ -121,16 +122,19 @@ inline GraphCount count_graph(const Tensor& root) {
     const Node* n = stack.back();
     stack.pop_back();
     ++gc.nodes[n->name];
-    for (const auto& e : n->edges) {
+    for (size_t i = 0; i < n->edges.size(); ++i) {
+      const auto& e = n->edges[i];
       if (e.node) {
         ++consumers[e.node.get()];
+        if (n->name == "linear" && i == 0) ++as_linear_input[e.node.get()];
         if (seen.insert(e.node.get()).second) stack.push_back(e.node.get());
       } else if (e.leaf) {
         ++leaf_uses[e.leaf.get()];
       }
     }
   }
-  for (const auto& [n, k] : consumers) gc.accumulations += k - 1;
+  for (const auto& [n, k] : consumers)
+    gc.accumulations += as_linear_input[n] == k ? 0 : k - 1;
   for (const auto& [l, k] : leaf_uses) gc.accumulations += k;  // k - 1 sums + the final store
   return gc;
 }

@@ -59,7 +59,8 @@ Tensor bmm_raw(const Tensor& a, bool ta, const Tensor& b, bool tb) {
 
 // One GPU GEMM on contiguous buffers of one dtype: c = op(a) op(b) (+ bias).
 void linear_gpu(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const Tensor& a, int64_t lda,
-                const Tensor& b, int64_t ldb, Tensor& c, int64_t ldc, const Tensor& bias) {
+                const Tensor& b, int64_t ldb, Tensor& c, int64_t ldc, const Tensor& bias,
+                float beta = 0.f) {
 #ifdef FTUNE_HAVE_CUDA
   kernels::cuda::GemmArgs g;
   g.trans_a = ta;
@@ -75,10 +76,11 @@ void linear_gpu(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const Tensor&
   g.c = c.raw_data();
   g.ldc = ldc;
   g.bias = bias.defined() ? bias.raw_data() : nullptr;
+  g.beta = beta;
   kernels::cuda::gemm(g);
 #else
   (void)ta, (void)tb, (void)m, (void)n, (void)k, (void)a, (void)lda, (void)b, (void)ldb, (void)c,
-      (void)ldc, (void)bias;
+      (void)ldc, (void)bias, (void)beta;
   FTUNE_THROW("[linear] has no GPU implementation (built without CUDA)");
 #endif
 }
@@ -170,11 +172,18 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b) {
   record("linear", y, {x, w, b}, [xs, ws, xshape, M, in, outf](const Tensor& g, const std::vector<bool>& need) {
     Tensor gc = contig(g);
     Tensor gx, gw, gb;
+    // dX: into the gradient x's other consumers have summed already, when the engine offers it
+    // (the GEMM adds with beta = 1: no separate pass summing two [M, in] gradients).
+    bool into = false;
+    if (need[0]) {
+      Tensor acc = accumulation_target(0);
+      into = acc.defined() && acc.shape() == xshape && acc.dtype() == gc.dtype() &&
+             acc.device() == gc.device() && acc.is_contiguous();
+      gx = into ? acc : Tensor::empty(xshape, gc.dtype(), gc.device());
+    }
     if (gc.device().is_cuda()) {
-      if (need[0]) {
-        gx = Tensor::empty(xshape, gc.dtype(), gc.device());
-        linear_gpu(false, false, M, in, outf, gc, outf, ws, in, gx, in, Tensor());  // g W
-      }
+      if (need[0])  // g W (+ the sum so far)
+        linear_gpu(false, false, M, in, outf, gc, outf, ws, in, gx, in, Tensor(), into ? 1.f : 0.f);
       if (need[1]) {
         gw = Tensor::empty({outf, in}, gc.dtype(), gc.device());
         linear_gpu(true, false, outf, in, M, gc, outf, xs, in, gw, in, Tensor());  // g^T x
@@ -188,10 +197,9 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b) {
     }
     dispatch_float(gc.dtype(), "linear_backward", [&]<class T>() {
       const T* pg = gc.data<T>();
-      if (need[0]) {
-        gx = Tensor::empty(xshape, gc.dtype(), gc.device());
-        kernels::cpu::gemm<T>(false, false, M, in, outf, T(1), pg, outf, ws.data<T>(), in, T(0), gx.data<T>(), in);
-      }
+      if (need[0])
+        kernels::cpu::gemm<T>(false, false, M, in, outf, T(1), pg, outf, ws.data<T>(), in,
+                              into ? T(1) : T(0), gx.data<T>(), in);
       if (need[1]) {
         gw = Tensor::empty({outf, in}, gc.dtype(), gc.device());
         kernels::cpu::gemm<T>(true, false, outf, in, M, T(1), pg, outf, xs.data<T>(), in, T(0), gw.data<T>(), in);

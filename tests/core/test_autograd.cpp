@@ -4,6 +4,8 @@
 #include <cmath>
 
 #include "core/ops.h"
+#include "core/autograd.h"
+#include "core/profiler.h"
 #include "core/rng.h"
 
 using namespace ftune;
@@ -165,4 +167,81 @@ TEST(Autograd, InPlaceWriteToASavedTensorIsRefused) {
   other.fill_(1.0);
   out.backward();
   EXPECT_EQ(w.grad().to_vector<double>(), (std::vector<double>{3.0, 3.0}));
+}
+
+// Fan-in into linear's input (q/k/v, gate/up on one normed input): each later dX GEMM adds into
+// the gradient summed so far (accumulation_target), with the same gradients as summing them.
+// Checked against the sum of the three dX products formed separately, in f64; with the input
+// used twice by one op (no target then), under activation checkpointing (a backward inside a
+// backward), and when another handle holds the summed gradient (not exclusive: no target).
+TEST(Autograd, LinearAddsItsInputGradientIntoTheSumSoFar) {
+  Generator gen(3);
+  const int64_t N = 5, d = 4;
+  Tensor x0 = randn({N, d}, gen).to(DType::f64).set_requires_grad(true);
+  std::vector<Tensor> ws, gs;
+  for (int i = 0; i < 3; ++i) {
+    ws.push_back(randn({3 + i, d}, gen).to(DType::f64).set_requires_grad(true));
+    gs.push_back(randn({N, 3 + i}, gen).to(DType::f64));
+  }
+  auto loss_of = [&](const Tensor& x) {
+    Tensor l;
+    for (int i = 0; i < 3; ++i) {
+      Tensor t = ops::sum(ops::mul(ops::linear(x, ws[i]), gs[i]));
+      l = l.defined() ? ops::add(l, t) : t;
+    }
+    return l;
+  };
+  // dL/dx = sum_i g_i W_i, and x = 2 x0 (an op output, so the sum is the engine's, not a leaf's).
+  Tensor want;
+  for (int i = 0; i < 3; ++i) {
+    Tensor t = ops::matmul(gs[i], ws[i].detach());
+    want = want.defined() ? ops::add(want, t) : t;
+  }
+  want = ops::mul_scalar(want, 2.0);
+  loss_of(ops::mul_scalar(x0, 2.0)).backward();
+  EXPECT_LT(ops::max_abs_diff(x0.grad(), want), 1e-12);
+  // The same inside a checkpointed block: the inner backward has its own targets.
+  x0.zero_grad();
+  Tensor y = checkpoint([&](const Tensor& h) { return ops::mul_scalar(h, 1.0); },
+                        ops::mul_scalar(x0, 2.0), {});
+  loss_of(y).backward();
+  EXPECT_LT(ops::max_abs_diff(x0.grad(), want), 1e-12);
+  // linear(x, x): x is both inputs of one node; no target, the two shares are summed.
+  Tensor s0 = randn({3, 3}, gen).to(DType::f64);
+  Tensor s = s0.clone().set_requires_grad(true);
+  ops::sum(ops::linear(ops::mul_scalar(s, 1.0), ops::mul_scalar(s, 1.0))).backward();
+  // d/ds sum_ij (s s^T)_ij = (1 1^T) s + (1 1^T)^T s = 2 * column sums broadcast.
+  Tensor ones = Tensor::ones({3, 3}, DType::f64);
+  EXPECT_LT(ops::max_abs_diff(s.grad(), ops::mul_scalar(ops::matmul(ones, s0), 2.0)), 1e-12);
+}
+
+// The fan-in above needs no engine sums: the profiler counts none at the shared input (two with
+// matmul, which has no accumulating backward).
+TEST(Autograd, LinearFanInSkipsTheEngineSum) {
+  Generator gen(4);
+  Tensor x0 = randn({6, 4}, gen).set_requires_grad(true);
+  Tensor w = randn({5, 4}, gen).set_requires_grad(true);
+  auto count = [&](bool use_linear) {
+    profiler::reset();
+    profiler::begin_step(Device::cpu());
+    profiler::phase("forward");
+    Tensor x = ops::mul_scalar(x0, 2.0);
+    Tensor l;
+    for (int i = 0; i < 3; ++i) {
+      Tensor y = use_linear ? ops::linear(x, w) : ops::matmul(x, w.transpose(0, 1));
+      Tensor t = ops::sum(y);
+      l = l.defined() ? ops::add(l, t) : t;
+    }
+    profiler::phase("backward");
+    l.backward();
+    profiler::end_step();
+    double n = 0;
+    for (const auto& row : profiler::report().rows)
+      if (row.phase == "backward" && row.label == "autograd accumulate") n = row.calls;
+    profiler::reset();
+    x0.zero_grad();
+    w.zero_grad();
+    return n;
+  };
+  EXPECT_EQ(count(false) - count(true), 2.0);
 }
