@@ -277,6 +277,37 @@ Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targ
     if (need_w) acc = r.n > 0 ? Tensor::empty({V, d}, acc_dt, dev) : Tensor::zeros({V, d}, acc_dt, dev);
     Tensor nll_all = gpu ? Tensor::empty({std::max<int64_t>(1, r.n)}, DType::f32, dev) : Tensor();
     double cpu_sum = 0.0;
+    // c[c_off...] [m, n] = op(a) [m, k] b [k, n] + beta c, row-major, on h's device (a, b of dt;
+    // c of dt, or f32 on the GPU).
+    auto gemm_into = [&](bool ta, int64_t m, int64_t n, int64_t k, const Tensor& a, int64_t lda,
+                         const Tensor& b, int64_t ldb, Tensor& c, int64_t c_off, int64_t ldc,
+                         float beta) {
+      if (gpu) {
+#ifdef FTUNE_HAVE_CUDA
+        kernels::cuda::GemmArgs g;
+        g.trans_a = ta;
+        g.m = m;
+        g.n = n;
+        g.k = k;
+        g.ab_dtype = dt;
+        g.c_dtype = c.dtype();
+        g.a = a.raw_data();
+        g.lda = lda;
+        g.b = b.raw_data();
+        g.ldb = ldb;
+        g.c = static_cast<char*>(c.raw_data()) + c_off * int64_t(dtype_size(c.dtype()));
+        g.ldc = ldc;
+        g.beta = beta;
+        kernels::cuda::gemm(g);
+#endif
+        return;
+      }
+      dispatch_float(dt, op, [&]<class T>() {
+        if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>)
+          kernels::cpu::gemm<T>(ta, false, m, n, k, T(1), a.data<T>(), lda, b.data<T>(), ldb,
+                                T(beta), c.data<T>() + c_off, ldc);
+      });
+    };
     const Tensor one = Tensor::scalar(1.0, gpu ? DType::f32 : dt, dev);  // dlogits of the sum
     for (int64_t c0 = 0; c0 < r.n; c0 += chunk) {
       const int64_t rows = std::min(chunk, r.n - c0);
@@ -310,58 +341,10 @@ Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targ
         if (need_h || need_w) dl = nll_grad(op, f, rc, {rows, V}, ignore_index, one, 0, scale);
       }
       if (!need_h && !need_w) continue;
-      if (need_h) {  // dh[c0 : c0 + rows] = dl [rows, V] W [V, d], written in place
-        if (gpu) {
-#ifdef FTUNE_HAVE_CUDA
-          kernels::cuda::GemmArgs g;
-          g.m = rows;
-          g.n = d;
-          g.k = V;
-          g.ab_dtype = g.c_dtype = dt;
-          g.a = dl.raw_data();
-          g.lda = V;
-          g.b = wc.raw_data();
-          g.ldb = d;
-          g.c = dh.slice(0, c0, c0 + rows).raw_data();
-          g.ldc = d;
-          kernels::cuda::gemm(g);
-#endif
-        } else {
-          dispatch_float(dt, op, [&]<class T>() {
-            if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>)
-              kernels::cpu::gemm<T>(false, false, rows, d, V, T(1), dl.data<T>(), V, wc.data<T>(),
-                                    d, T(0), dh.data<T>() + c0 * d, d);
-          });
-        }
-      }
-      if (need_w) {
-        const float beta = c0 == 0 ? 0.f : 1.f;
-        if (gpu) {
-#ifdef FTUNE_HAVE_CUDA
-          kernels::cuda::GemmArgs g;
-          g.trans_a = true;  // dW [V, d] += dl^T [V, rows] hc [rows, d]
-          g.m = V;
-          g.n = d;
-          g.k = rows;
-          g.ab_dtype = dt;
-          g.c_dtype = acc_dt;
-          g.a = dl.raw_data();
-          g.lda = V;
-          g.b = hc.raw_data();
-          g.ldb = d;
-          g.c = acc.raw_data();
-          g.ldc = d;
-          g.beta = beta;
-          kernels::cuda::gemm(g);
-#endif
-        } else {
-          dispatch_float(dt, op, [&]<class T>() {
-            if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>)
-              kernels::cpu::gemm<T>(true, false, V, d, rows, T(1), dl.data<T>(), V, hc.data<T>(),
-                                    d, T(beta), acc.data<T>(), d);
-          });
-        }
-      }
+      if (need_h)  // dh[c0 : c0 + rows] = dl [rows, V] W [V, d], written in place
+        gemm_into(false, rows, d, V, dl, V, wc, d, dh, c0 * d, d, 0.f);
+      if (need_w)  // dW [V, d] (+)= dl^T [V, rows] hc [rows, d]
+        gemm_into(true, V, d, rows, dl, V, hc, d, acc, 0, d, c0 == 0 ? 0.f : 1.f);
     }
     if (need_w) dw = acc_dt == dt ? acc : acc.to(dt);
     if (gpu) {

@@ -1526,6 +1526,28 @@ __global__ void dq_convert_kernel(const float* __restrict__ acc, T* __restrict__
 // and keeps dQ [16 x D] in registers; K/V tiles of 64 keys double-buffered. Per tile:
 //   S = Q K^T, dP = dO V^T (A from Q / dO rows, B from K / V rows), P = exp(scale S - lse),
 //   dS = P (dP - Delta), dQ += dS K (A = dS packed, B = K via ldmatrix.trans).
+// dS = P (dP - Delta) of one 64-key tile, in place of S (the dQ kernels of 64 rows): P = 2^(S
+// sl2 - lse) for this thread's rows row_a, row_b; kMask zeroes keys past the sequence's end and
+// right of the causal diagonal (only the tiles that need it pay for the index tests).
+template <bool kMask>
+__device__ __forceinline__ void dq_dscores(float (&sc)[kFaBN / 8][4],
+                                           const float (&dp)[kFaBN / 8][4], const float (&lse2)[2],
+                                           const float (&dl)[2], float sl2, int c0, int t,
+                                           int row_a, int row_b, int len_k, bool causal, int off) {
+#pragma unroll
+  for (int nb = 0; nb < kFaBN / 8; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float p = ex2_ftz(fmaf(sc[nb][e], sl2, -lse2[e >> 1]));
+      if constexpr (kMask) {
+        const int col = c0 + nb * 8 + 2 * t + (e & 1);
+        const int row = e < 2 ? row_a : row_b;
+        if (col >= len_k || (causal && col > row + off)) p = 0.f;
+      }
+      sc[nb][e] = p * (dp[nb][e] - dl[e >> 1]);
+    }
+}
+
 // The body is shared by two entry points that differ only in their launch bounds (below).
 template <class T, int D>
 __device__ __forceinline__ void fa_bwd_dq_body(const Args& a) {
@@ -1609,22 +1631,10 @@ __device__ __forceinline__ void fa_bwd_dq_body(const Args& a) {
     }
     const bool need_mask = c0 + kFaBN > s.len_k || (a.causal && c0 + kFaBN - 1 > r0 + off);
     // dS = P (dP - Delta); the per-element index tests only on the tiles that need them.
-    auto dscores = [&](auto mask_tag) {
-#pragma unroll
-      for (int nb = 0; nb < kFaBN / 8; ++nb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float p = ex2_ftz(fmaf(sc[nb][e], sl2, -lse2[e >> 1]));
-          if constexpr (decltype(mask_tag)::value) {
-            const int col = c0 + nb * 8 + 2 * t + (e & 1);
-            const int row = e < 2 ? row_a : row_b;
-            if (col >= s.len_k || (a.causal && col > row + off)) p = 0.f;
-          }
-          sc[nb][e] = p * (dp[nb][e] - dl[e >> 1]);
-        }
-    };
-    if (need_mask) dscores(std::true_type{});
-    else dscores(std::false_type{});
+    if (need_mask)
+      dq_dscores<true>(sc, dp, lse2, dl, sl2, c0, t, row_a, row_b, s.len_k, a.causal, off);
+    else
+      dq_dscores<false>(sc, dp, lse2, dl, sl2, c0, t, row_a, row_b, s.len_k, a.causal, off);
 #pragma unroll
     for (int kk = 0; kk < kFaBN / 16; ++kk) {
       uint32_t pa[4];
@@ -1753,22 +1763,10 @@ __global__ void __launch_bounds__(kFaThreads, 3) fa_bwd_dq_kernel_1buf(Args a) {
     cp_async_commit();
     const bool need_mask = c0 + kFaBN > s.len_k || (a.causal && c0 + kFaBN - 1 > r0 + off);
     // dS = P (dP - Delta); the per-element index tests only on the tiles that need them.
-    auto dscores = [&](auto mask_tag) {
-#pragma unroll
-      for (int nb = 0; nb < kFaBN / 8; ++nb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float p = ex2_ftz(fmaf(sc[nb][e], sl2, -lse2[e >> 1]));
-          if constexpr (decltype(mask_tag)::value) {
-            const int col = c0 + nb * 8 + 2 * t + (e & 1);
-            const int row = e < 2 ? row_a : row_b;
-            if (col >= s.len_k || (a.causal && col > row + off)) p = 0.f;
-          }
-          sc[nb][e] = p * (dp[nb][e] - dl[e >> 1]);
-        }
-    };
-    if (need_mask) dscores(std::true_type{});
-    else dscores(std::false_type{});
+    if (need_mask)
+      dq_dscores<true>(sc, dp, lse2, dl, sl2, c0, t, row_a, row_b, s.len_k, a.causal, off);
+    else
+      dq_dscores<false>(sc, dp, lse2, dl, sl2, c0, t, row_a, row_b, s.len_k, a.causal, off);
 #pragma unroll
     for (int kk = 0; kk < kFaBN / 16; ++kk) {
       uint32_t pa[4];

@@ -182,6 +182,27 @@ void check_case(const Case& c, DType dt, uint64_t seed = 1) {
 
 const DType kDtypes[] = {DType::f32, DType::bf16, DType::f16};
 
+// The packed KV-cache layout of PackedKvCacheLayout: (len_q, len_k) = (5, 70), (0, 9), (40, 30),
+// (130, 130), (1, 1), (66, 200).
+Case kv_cache_case(int64_t d, bool causal) {
+  Case c;
+  c.cu_q = {0, 5, 5, 45, 175, 176, 242};
+  c.cu_k = {0, 70, 79, 109, 239, 240, 440};
+  c.d = d;
+  c.causal = causal;
+  return c;
+}
+// b rows of tq queries over tk keys.
+Case uniform_case(int64_t b, int64_t tq, int64_t tk, int64_t d, bool causal) {
+  Case c;
+  c.b = b;
+  c.tq = tq;
+  c.tk = tk;
+  c.d = d;
+  c.causal = causal;
+  return c;
+}
+
 TEST(CudaAttention, UniformBatchAllPaths) {
   FTUNE_REQUIRE_GPU();
   // T = 300 is no multiple of the 64 (tensor-core) or 32 (general) tiles.
@@ -465,18 +486,10 @@ TEST(CudaAttention, NegativeScale) {
   for (int64_t d : {64, 128})
     for (bool causal : {true, false})
       for (DType dt : {DType::bf16, DType::f16}) {
-        Case c;
-        c.cu_q = {0, 5, 5, 45, 175, 176, 242};
-        c.cu_k = {0, 70, 79, 109, 239, 240, 440};
-        c.d = d;
-        c.causal = causal;
+        Case c = kv_cache_case(d, causal);
         c.scale = -1.0 / std::sqrt(double(d));
         check_case(c, dt, 21);
-        Case u;
-        u.b = 2;
-        u.tq = u.tk = 300;
-        u.d = d;
-        u.causal = causal;
+        Case u = uniform_case(2, 300, 300, d, causal);
         u.scale = c.scale;
         check_case(u, dt, 22);
       }
@@ -496,13 +509,7 @@ TEST(CudaAttention, CausalWithUnequalQueryAndKeyLengths) {
         for (DType dt : {DType::bf16, DType::f16}) {
           SCOPED_TRACE("row blocks " + std::to_string(blocks));
           kernels::cuda::set_attention_fwd_row_blocks(blocks);
-          Case c;
-          c.b = 2;
-          c.tq = tq;
-          c.tk = tk;
-          c.d = d;
-          c.causal = true;
-          check_case(c, dt, 23);
+          check_case(uniform_case(2, tq, tk, d, true), dt, 23);
         }
 }
 
@@ -521,19 +528,10 @@ TEST(CudaAttention, DkDvSplitOverQueryHeadsOnAndOff) {
         for (DType dt : {DType::bf16, DType::f16}) {
           SCOPED_TRACE("split over query heads " + std::to_string(split));
           kernels::cuda::set_attention_bwd_split_heads(split);
-          Case c;
-          c.cu_q = {0, 5, 5, 45, 175, 176, 242};
-          c.cu_k = {0, 70, 79, 109, 239, 240, 440};
-          c.d = d;
-          c.causal = causal;
-          check_case(c, dt, 24);
-          Case q;
-          q.b = 2;
-          q.tq = q.tk = 300;
+          check_case(kv_cache_case(d, causal), dt, 24);
+          Case q = uniform_case(2, 300, 300, d, causal);
           q.h = 14;
           q.hkv = 2;
-          q.d = d;
-          q.causal = causal;
           check_case(q, dt, 25);
           Case m = q;
           m.h = 4;
