@@ -61,15 +61,21 @@ void record(const char* name, Tensor& out, const std::vector<Tensor>& inputs, Ba
 
 namespace {
 
-// The accumulation targets of the node whose backward runs on this thread (accumulation_target),
-// per input; saved and restored around each backward (activation checkpointing runs a whole
-// backward inside one).
-thread_local const std::vector<Tensor*>* g_targets = nullptr;
+// The node whose backward runs on this thread, with the engine's summed gradients, for
+// accumulation_target; `handed` records what it gave out (per input, allocated on first use).
+// Saved and restored around each backward: activation checkpointing runs a whole backward
+// inside one.
+struct BackwardCtx {
+  const Node* node = nullptr;
+  std::unordered_map<Node*, Tensor>* grads = nullptr;
+  std::vector<const TensorImpl*> handed;
+};
+thread_local BackwardCtx* g_ctx = nullptr;
 
-struct TargetsScope {
-  const std::vector<Tensor*>* prev;
-  explicit TargetsScope(const std::vector<Tensor*>* t) : prev(g_targets) { g_targets = t; }
-  ~TargetsScope() { g_targets = prev; }
+struct CtxScope {
+  BackwardCtx* prev;
+  explicit CtxScope(BackwardCtx* c) : prev(g_ctx) { g_ctx = c; }
+  ~CtxScope() { g_ctx = prev; }
 };
 
 // A summed gradient nothing else references (no other handle, no view of its storage).
@@ -127,8 +133,17 @@ void finish_leaf(TensorImpl* leaf, std::unordered_map<TensorImpl*, Tensor>& leaf
 }  // namespace
 
 Tensor accumulation_target(size_t input) {
-  if (!g_targets || input >= g_targets->size() || !(*g_targets)[input]) return Tensor();
-  return *(*g_targets)[input];
+  BackwardCtx* c = g_ctx;
+  if (!c || input >= c->node->edges.size()) return Tensor();
+  Node* p = c->node->edges[input].node.get();
+  if (!p) return Tensor();  // a leaf: its gradient is stored, not summed here
+  for (size_t j = 0; j < c->node->edges.size(); ++j)  // an input twice: both shares to sum
+    if (j != input && c->node->edges[j].node.get() == p) return Tensor();
+  auto it = c->grads->find(p);
+  if (it == c->grads->end() || !exclusive(it->second)) return Tensor();
+  if (c->handed.empty()) c->handed.assign(c->node->edges.size(), nullptr);
+  c->handed[input] = it->second.impl();
+  return it->second;
 }
 
 void run_backward(const Tensor& root, const Tensor& grad_in, bool retain_graph) {
@@ -193,23 +208,13 @@ void run_backward(const Tensor& root, const Tensor& grad_in, bool retain_graph) 
     }
     std::vector<bool> need(n->edges.size());
     for (size_t i = 0; i < n->edges.size(); ++i) need[i] = n->edges[i].active();
-    // The sums an input's backward may add into (accumulation_target): a node's gradient already
-    // summed from other consumers, held only here, for an input that is no other input's too.
-    std::vector<Tensor*> targets(n->edges.size(), nullptr);
-    std::vector<const TensorImpl*> handed(n->edges.size(), nullptr);
-    for (size_t i = 0; i < n->edges.size(); ++i) {
-      Node* p = n->edges[i].node.get();
-      if (!p) continue;
-      bool twice = false;
-      for (size_t j = 0; j < n->edges.size(); ++j) twice = twice || (j != i && n->edges[j].node.get() == p);
-      auto it = grads.find(p);
-      if (twice || it == grads.end() || !exclusive(it->second)) continue;
-      targets[i] = &it->second;
-      handed[i] = it->second.impl();
-    }
+    // The sums an input's backward may add into (accumulation_target, worked out on request).
+    BackwardCtx ctx;
+    ctx.node = n;
+    ctx.grads = &grads;
     std::vector<Tensor> in_grads;
     {
-      TargetsScope ts(&targets);
+      CtxScope cs(&ctx);
       profiler::BackwardScope prof(n->name, n->prof_label);
       in_grads = n->backward(g, need);
     }
@@ -225,7 +230,7 @@ void run_backward(const Tensor& root, const Tensor& grad_in, bool retain_graph) 
           auto it = grads.find(e.node.get());
           if (it == grads.end() || !it->second.defined())
             grads[e.node.get()] = std::move(gi);
-          else if (handed[i] && gi.impl() == handed[i])
+          else if (!ctx.handed.empty() && ctx.handed[i] && gi.impl() == ctx.handed[i])
             ;  // the backward added its share into the sum in place (accumulation_target)
           else
             it->second = add_grads(it->second, gi);

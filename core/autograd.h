@@ -70,10 +70,12 @@ Tensor checkpoint(std::function<Tensor(const Tensor&)> f, const Tensor& x,
 
 // Inside a node's backward: the gradient already summed for its input `input` by that input's
 // other consumers, when the backward may add its own share into it in place (the engine holds the
-// only reference to it, contiguous); an undefined Tensor otherwise, and outside a backward. A
-// backward that adds into it returns that same tensor for the input, and the engine then sums
-// nothing. linear's dX GEMM does (beta = 1): the gradients of q/k/v or gate/up reaching their
-// shared input need no separate passes adding [tokens, hidden] tensors.
+// only reference to it, contiguous; not for a leaf, nor for a producer that is two of the node's
+// inputs); an undefined Tensor otherwise, and outside a backward. A backward that adds into it
+// must return that very tensor (not a view or a copy) as input `input`'s gradient: the engine
+// then sums nothing; anything else returned is summed as usual. linear's dX GEMM does (beta = 1):
+// the gradients of q/k/v or gate/up reaching their shared input need no separate passes adding
+// [tokens, hidden] tensors. Whether a sum exists yet depends on the order the consumers run.
 Tensor accumulation_target(size_t input);
 
 // Runs backward from root; grad defaults to ones (a scalar loss gets 1).

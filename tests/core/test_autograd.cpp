@@ -171,9 +171,7 @@ TEST(Autograd, InPlaceWriteToASavedTensorIsRefused) {
 
 // Fan-in into linear's input (q/k/v, gate/up on one normed input): each later dX GEMM adds into
 // the gradient summed so far (accumulation_target), with the same gradients as summing them.
-// Checked against the sum of the three dX products formed separately, in f64; with the input
-// used twice by one op (no target then), under activation checkpointing (a backward inside a
-// backward), and when another handle holds the summed gradient (not exclusive: no target).
+// Checked against the sum of the three dX products formed separately, in f64.
 TEST(Autograd, LinearAddsItsInputGradientIntoTheSumSoFar) {
   Generator gen(3);
   const int64_t N = 5, d = 4;
@@ -200,19 +198,62 @@ TEST(Autograd, LinearAddsItsInputGradientIntoTheSumSoFar) {
   want = ops::mul_scalar(want, 2.0);
   loss_of(ops::mul_scalar(x0, 2.0)).backward();
   EXPECT_LT(ops::max_abs_diff(x0.grad(), want), 1e-12);
-  // The same inside a checkpointed block: the inner backward has its own targets.
-  x0.zero_grad();
-  Tensor y = checkpoint([&](const Tensor& h) { return ops::mul_scalar(h, 1.0); },
-                        ops::mul_scalar(x0, 2.0), {});
-  loss_of(y).backward();
-  EXPECT_LT(ops::max_abs_diff(x0.grad(), want), 1e-12);
-  // linear(x, x): x is both inputs of one node; no target, the two shares are summed.
+
+  // Inside a checkpointed block whose inner graph has the fan-in (the inner backward's own
+  // targets), with a linear on the block's input created after it (an outer target offered to
+  // the checkpoint node, which does not take it): as without checkpointing.
+  auto block = [&](const Tensor& h) {
+    Tensor t = ops::mul_scalar(h, 1.0);
+    return ops::add(ops::linear(t, ws[0].detach()), ops::linear(t, ws[0].detach()));
+  };
+  auto run = [&](bool ckpt) {
+    Tensor a = x0.detach().clone().set_requires_grad(true);
+    Tensor x = ops::mul_scalar(a, 2.0);
+    Tensor y = ckpt ? checkpoint(block, x, {}) : block(x);
+    Tensor z = ops::linear(x, ws[1].detach());
+    ops::add(ops::sum(ops::mul(y, ops::add(gs[0], gs[0]))), ops::sum(ops::mul(z, gs[1]))).backward();
+    return a.grad();
+  };
+  EXPECT_LT(ops::max_abs_diff(run(true), run(false)), 1e-12);
+}
+
+// Where the summed gradient is referenced elsewhere, linear must not write into it.
+TEST(Autograd, LinearLeavesSharedGradientsAlone) {
+  Generator gen(5);
+  const int64_t N = 4, d = 3;
+  // (1) The user's gradient passed straight through add's backward to linear's input.
+  Tensor x0 = randn({N, d}, gen).to(DType::f64).set_requires_grad(true);
+  Tensor w = randn({d, d}, gen).to(DType::f64).set_requires_grad(true);
+  Tensor G = randn({N, d}, gen).to(DType::f64);
+  const std::vector<double> g_before = G.to_vector<double>();
+  Tensor h = ops::mul_scalar(x0, 1.0);
+  ops::add(ops::linear(h, w), h).backward(G);  // add is newer: h's sum is G itself at linear
+  EXPECT_EQ(G.to_vector<double>(), g_before);
+  EXPECT_LT(ops::max_abs_diff(x0.grad(), ops::add(G, ops::matmul(G, w.detach()))), 1e-12);
+  // (2) One tensor handed by add's backward to two producers, each also read by a linear.
+  Tensor p0 = randn({N, d}, gen).to(DType::f64).set_requires_grad(true);
+  Tensor q0 = randn({N, d}, gen).to(DType::f64).set_requires_grad(true);
+  Tensor w1 = randn({2, d}, gen).to(DType::f64), w2 = randn({5, d}, gen).to(DType::f64);
+  Tensor g1 = randn({N, 2}, gen).to(DType::f64), g2 = randn({N, 5}, gen).to(DType::f64);
+  Tensor g3 = randn({N, d}, gen).to(DType::f64);
+  Tensor a = ops::mul_scalar(p0, 1.0), b = ops::mul_scalar(q0, 1.0);
+  Tensor l1 = ops::sum(ops::mul(ops::linear(a, w1), g1));
+  Tensor l2 = ops::sum(ops::mul(ops::linear(b, w2), g2));
+  Tensor l3 = ops::sum(ops::mul(ops::add(a, b), g3));  // newest: its backward runs first
+  ops::add(ops::add(l1, l2), l3).backward();
+  EXPECT_LT(ops::max_abs_diff(p0.grad(), ops::add(g3, ops::matmul(g1, w1))), 1e-12);
+  EXPECT_LT(ops::max_abs_diff(q0.grad(), ops::add(g3, ops::matmul(g2, w2))), 1e-12);
+  // (3) linear(t, t) after another consumer of t has summed: t is both inputs of one node, no
+  // target; d/dt sum(t t^T) = 2 (1 1^T) t, plus 3 from the other consumer.
   Tensor s0 = randn({3, 3}, gen).to(DType::f64);
   Tensor s = s0.clone().set_requires_grad(true);
-  ops::sum(ops::linear(ops::mul_scalar(s, 1.0), ops::mul_scalar(s, 1.0))).backward();
-  // d/ds sum_ij (s s^T)_ij = (1 1^T) s + (1 1^T)^T s = 2 * column sums broadcast.
+  Tensor t = ops::mul_scalar(s, 1.0);
+  Tensor y = ops::sum(ops::linear(t, t));
+  Tensor z = ops::sum(ops::mul_scalar(t, 3.0));  // newer than the linear
+  ops::add(y, z).backward();
   Tensor ones = Tensor::ones({3, 3}, DType::f64);
-  EXPECT_LT(ops::max_abs_diff(s.grad(), ops::mul_scalar(ops::matmul(ones, s0), 2.0)), 1e-12);
+  EXPECT_LT(ops::max_abs_diff(s.grad(), ops::add_scalar(ops::mul_scalar(ops::matmul(ones, s0), 2.0), 3.0)),
+            1e-12);
 }
 
 // The fan-in above needs no engine sums: the profiler counts none at the shared input (two with

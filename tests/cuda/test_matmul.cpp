@@ -309,5 +309,39 @@ TEST(CudaGemm, OpsBf16WithGradients) {
   }
 }
 
+// Three linears on one input that is an op output (q/k/v on a normed input): the later dX GEMMs
+// add into the gradient summed so far (autograd's accumulation_target, beta = 1 on the GPU).
+// f32 and bf16 on the GPU against the same graph on the CPU in f64.
+TEST(CudaGemm, LinearFanInAddsIntoTheSumSoFar) {
+  FTUNE_REQUIRE_GPU();
+  const int64_t N = 37, d = 64;
+  for (DType dt : {DType::f32, DType::bf16}) {
+    SCOPED_TRACE(dtype_name(dt));
+    Generator g(61);
+    Tensor x0 = rand_host({N, d}, g, dt);
+    std::vector<Tensor> ws, gs;
+    for (int64_t o : {64, 16, 16}) {
+      ws.push_back(rand_host({o, d}, g, dt, 0.2));
+      gs.push_back(rand_host({N, o}, g, dt));
+    }
+    auto grad_of = [&](const Device& dev, DType t) {
+      auto on = [&](const Tensor& h) { return dev.is_cuda() ? to_gpu(h, t) : h.to(t); };
+      Tensor a = on(x0).set_requires_grad(true);
+      Tensor x = ops::mul_scalar(a, 2.0);
+      Tensor l;
+      for (size_t i = 0; i < ws.size(); ++i) {
+        Tensor s = ops::sum(ops::mul(ops::linear(x, on(ws[i])), on(gs[i])));
+        l = l.defined() ? ops::add(l, s) : s;
+      }
+      l.backward();
+      return a.grad().to(Device::cpu()).to(DType::f64);
+    };
+    Tensor want = grad_of(Device::cpu(), DType::f64), got = grad_of(Device::cuda(0), dt);
+    double m = 0;
+    for (double v : want.to_vector<double>()) m = std::max(m, std::abs(v));
+    EXPECT_LT(ops::max_abs_diff(got, want), (dt == DType::f32 ? 1e-4 : 3e-2) * m);
+  }
+}
+
 }  // namespace
 }  // namespace ftune::test
