@@ -818,11 +818,6 @@ struct SftTrainer::Impl {
     split = grid.tp_group->all_reduce_scalar(split);
     return std::sqrt(split + replicated);
   }
-  std::vector<Tensor> params_of_trainable() const {
-    std::vector<Tensor> ps;
-    for (auto& [n, t] : trainable) ps.push_back(t);
-    return ps;
-  }
 
   // The batch's tensors onto the training device (cu_seqlens stay on the host: the attention op
   // sizes its grid from them).
