@@ -386,24 +386,14 @@ TEST(CudaAttention, ForwardWith64And128RowBlocks) {
     ~Restore() { kernels::cuda::set_attention_fwd_row_blocks(-1); }
   } restore;
   for (int blocks : {1, 2})
-  for (int64_t d : {64, 128})
-    for (bool causal : {true, false})
-      for (DType dt : {DType::bf16, DType::f16}) {
-        SCOPED_TRACE("row blocks " + std::to_string(blocks));
-        kernels::cuda::set_attention_fwd_row_blocks(blocks);
-        Case c;
-        c.cu_q = {0, 5, 5, 45, 175, 176, 242};
-        c.cu_k = {0, 70, 79, 109, 239, 240, 440};
-        c.d = d;
-        c.causal = causal;
-        check_case(c, dt, 13);
-        Case u;
-        u.b = 2;
-        u.tq = u.tk = 300;
-        u.d = d;
-        u.causal = causal;
-        check_case(u, dt, 14);
-      }
+    for (int64_t d : {64, 128})
+      for (bool causal : {true, false})
+        for (DType dt : {DType::bf16, DType::f16}) {
+          SCOPED_TRACE("row blocks " + std::to_string(blocks));
+          kernels::cuda::set_attention_fwd_row_blocks(blocks);
+          check_case(kv_cache_case(d, causal), dt, 13);
+          check_case(uniform_case(2, 300, 300, d, causal), dt, 14);
+        }
 }
 
 // Backward variant 1 (more resident CTAs per SM: dK/dV at d64 with capped registers, dQ at d128
