@@ -152,45 +152,28 @@ void AdamW::step(double grad_scale) {
                 s.name, "' ", s.param.desc(), " is on another device");
   }
   ++step_;
-  // GPU params are updated together after the loop, in one multi-tensor launch per device.
-#ifdef FTUNE_HAVE_CUDA
-  std::vector<Tensor> keep;  // contiguous copies of gradients, alive until the launch
-  std::vector<kernels::cuda::AdamWTensor> on_gpu;
-  int gpu_dev = -1;
-  auto flush_gpu = [&] {
-    if (on_gpu.empty()) return;
-    ftune::cuda::set_device(gpu_dev);
-    kernels::cuda::adamw_update_multi(on_gpu);
-    on_gpu.clear();
-  };
-#endif
+  // Each parameter with a gradient is one whole piece of adamw_update_pieces (GPU pieces in one
+  // multi-tensor launch per device): the same update as ZeRO-1's shards.
+  std::vector<AdamWPiece> pieces;
   for (Slot& s : slots_) {
     Tensor g = s.param.grad();
     if (!g.defined()) continue;
-    if (!g.is_contiguous()) g = g.contiguous();
     // The master is taken on the param's device (a device cast for GPU params).
     if (is_16bit(s.param.dtype()) && !s.master.defined()) s.master = s.param.to(DType::f32);
     ++s.step;
     const ParamGroup& grp = groups_[s.group];
-    const double lr = lr_ * grp.lr_scale;
-    const double wd = grp.weight_decay.value_or(opt_.weight_decay);
-    kernels::AdamWConsts c = adamw_consts(opt_, lr, wd, s.step);
-    c.grad_scale = float(grad_scale);
-    if (s.param.device().is_cpu()) {
-      update_param(s.param, s.master, g, s.m, s.v, c);
-      continue;
-    }
-#ifdef FTUNE_HAVE_CUDA
-    if (s.param.device().index != gpu_dev) flush_gpu();
-    gpu_dev = s.param.device().index;
-    s.param.bump_version();  // the update writes the parameter in place
-    keep.push_back(g);
-    on_gpu.push_back(gpu_slot(s.param, s.master, g, s.m, s.v, c));
-#endif
+    AdamWPiece pc;
+    pc.param = s.param;
+    pc.master = s.master;
+    pc.grad = g.is_contiguous() ? g : g.contiguous();  // alive in pieces until the launch
+    pc.m = s.m;
+    pc.v = s.v;
+    pc.lr = lr_ * grp.lr_scale;
+    pc.weight_decay = grp.weight_decay.value_or(opt_.weight_decay);
+    pc.step = s.step;
+    pieces.push_back(std::move(pc));
   }
-#ifdef FTUNE_HAVE_CUDA
-  flush_gpu();
-#endif
+  adamw_update_pieces(pieces, opt_, grad_scale);
 }
 
 void adamw_update_pieces(const std::vector<AdamWPiece>& pieces, const AdamWOptions& opt,

@@ -448,14 +448,24 @@ ShardedAdamW::LocalState ShardedAdamW::export_local_state() const {
   return ls;
 }
 
-void ShardedAdamW::import_local_state(const optim::OptimizerState& state) {
-  NoGradGuard ng;
+namespace {
+
+// A state's tensors by name, each defined and named once, after checking its step.
+std::unordered_map<std::string, const Tensor*> state_by_name(const optim::OptimizerState& state) {
   FTUNE_CHECK(state.step >= 0, "[zero] state with negative step ", state.step);
   std::unordered_map<std::string, const Tensor*> by_name;
   for (const auto& [name, t] : state.tensors) {
     FTUNE_CHECK(t.defined(), "[zero] state tensor '", name, "' is undefined");
     FTUNE_CHECK(by_name.emplace(name, &t).second, "[zero] state has tensor '", name, "' twice");
   }
+  return by_name;
+}
+
+}  // namespace
+
+void ShardedAdamW::import_local_state(const optim::OptimizerState& state) {
+  NoGradGuard ng;
+  const auto by_name = state_by_name(state);
   auto get = [&](const std::string& name, int64_t numel) -> const Tensor& {
     auto it = by_name.find(name);
     FTUNE_CHECK(it != by_name.end(), "[zero] state has no tensor '", name, "'");
@@ -509,12 +519,7 @@ void ShardedAdamW::import_local_state(const optim::OptimizerState& state) {
 
 void ShardedAdamW::import_state(const optim::OptimizerState& state) {
   NoGradGuard ng;
-  FTUNE_CHECK(state.step >= 0, "[zero] state with negative step ", state.step);
-  std::unordered_map<std::string, const Tensor*> by_name;
-  for (const auto& [name, t] : state.tensors) {
-    FTUNE_CHECK(t.defined(), "[zero] state tensor '", name, "' is undefined");
-    FTUNE_CHECK(by_name.emplace(name, &t).second, "[zero] state has tensor '", name, "' twice");
-  }
+  const auto by_name = state_by_name(state);
   const auto& params = red_.params();
   auto get = [&](const std::string& name, const Shape& shape) -> const Tensor& {
     auto it = by_name.find(name);
