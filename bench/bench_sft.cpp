@@ -22,7 +22,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
 #include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -235,8 +234,7 @@ int main(int argc, char** argv) {
                           {"activation_checkpointing", ckpt != 0},
                           {"attention", attention},
                           {"chunked_loss", chunked_loss != 0},
-                          {"fused_qkv", lora_r > 0 && !(std::getenv("FTUNE_FUSED_QKV") &&
-                                                        std::string(std::getenv("FTUNE_FUSED_QKV")) == "0")},
+                          {"fused_qkv", lora_r > 0 && model->fused_qkv()},
                           {"peak_gpu_mib", gpu},
                           {"mfu_vs_989tflops", dev.is_cuda() ? nlohmann::json(tps * flops_per_token / 989e12) : nlohmann::json(nullptr)},
                           {"layers", mc.num_hidden_layers},
