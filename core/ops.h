@@ -29,7 +29,8 @@ Tensor sigmoid(const Tensor& a);
 Tensor relu(const Tensor& a);
 Tensor square(const Tensor& a);
 Tensor where_mask(const Tensor& mask_b8, const Tensor& a, double fill);  // mask ? a : fill
-// In place, never recorded (optimizer, gradient accumulation): a += alpha * b, same shape.
+// In place, never recorded (optimizer, gradient accumulation): a += alpha * b, same shape. a may
+// be a strided view (a slice of a wider tensor): then the sum is formed apart and written back.
 void add_(Tensor& a, const Tensor& b, double alpha = 1.0);
 void mul_(Tensor& a, double s);
 Tensor cast(const Tensor& a, DType dt);  // differentiable between float dtypes
@@ -84,10 +85,12 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
 // head: no bias), targets [N]. reduction mean or sum. For the LM loss of a large vocabulary
 // (Qwen2.5's 151936: 2.5 GB of bf16 logits at 8192 tokens, and as much for their gradient).
 // In f16 the gradients are formed before any loss scale reaches them (small values flush to 0):
-// under loss scaling take the composition.
+// under loss scaling take the composition. argmax, when given, receives each row's argmax over
+// the vocabulary (i64 [N], ties to the lowest index, as argmax(linear(h, w), -1)): evaluation's
+// token accuracy, also without the whole logits.
 Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targets,
                             int64_t ignore_index = -100, Reduction reduction = Reduction::mean,
-                            int64_t chunk_rows = 0);
+                            int64_t chunk_rows = 0, Tensor* argmax = nullptr);
 // log p(target) per row [N], for RL; rows with target ignore_index get 0.
 Tensor token_logprobs(const Tensor& logits, const Tensor& targets, int64_t ignore_index = -100);
 // entropy of softmax(logits) per row [N].

@@ -449,6 +449,14 @@ Tensor Tensor::slice(int64_t d, int64_t start, int64_t end) const {
   DType dt = dtype();
   Device dev = device();
   record("slice", out, {*this}, [=](const Tensor& g, const std::vector<bool>&) {
+    // Slices of one tensor (the q | k | v split of a fused projection): the first to run forms
+    // the whole gradient, zeros outside its range; each later one adds its range into that sum
+    // (accumulation_target) instead of a zero-padded whole tensor the engine would add.
+    if (Tensor sum = accumulation_target(0); sum.defined()) {
+      Tensor range = sum.slice(d, start, end);
+      ops::add_(range, g);
+      return std::vector<Tensor>{sum};
+    }
     Tensor full = Tensor::zeros(in_shape, dt, dev);
     full.slice(d, start, end).copy_(g);
     return std::vector<Tensor>{full};

@@ -13,15 +13,17 @@ namespace ftune::kernels::cpu {
 // y = (x - mean) * rstd * weight + bias, with the biased variance; bias may be undefined.
 void layer_norm_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps,
                         Tensor& y, Tensor& mean, Tensor& rstd);
-// Writes each of dx, dweight, dbias that is defined (an undefined one is not computed).
+// Writes each of dx, dweight, dbias that is defined (an undefined one is not computed). With
+// accumulate_dx, dx holds a gradient summed so far (the residual stream's) and the input gradient
+// is added into it, with the roundings of the engine's sum of the two (bit for bit).
 void layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
                          const Tensor& mean, const Tensor& rstd, Tensor& dx, Tensor& dweight,
-                         Tensor& dbias);
+                         Tensor& dbias, bool accumulate_dx = false);
 
 // y = weight * (x * rstd), rstd = 1 / sqrt(mean(x^2) + eps) (HF LlamaRMSNorm).
 void rms_norm_forward(const Tensor& x, const Tensor& weight, double eps, Tensor& y, Tensor& rstd);
 void rms_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& rstd,
-                       Tensor& dx, Tensor& dweight);
+                       Tensor& dx, Tensor& dweight, bool accumulate_dx = false);
 
 // h = x + residual (rounded to x's dtype, written to h_out: the next block's residual), then
 // y = norm(h) with its statistics, in one pass on the GPU. h_out may be residual itself (in place).
@@ -40,10 +42,10 @@ void layer_norm_forward(const Tensor& x, const Tensor& weight, const Tensor& bia
                         Tensor& y, Tensor& mean, Tensor& rstd);
 void layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
                          const Tensor& mean, const Tensor& rstd, Tensor& dx, Tensor& dweight,
-                         Tensor& dbias);
+                         Tensor& dbias, bool accumulate_dx = false);
 void rms_norm_forward(const Tensor& x, const Tensor& weight, double eps, Tensor& y, Tensor& rstd);
 void rms_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& rstd,
-                       Tensor& dx, Tensor& dweight);
+                       Tensor& dx, Tensor& dweight, bool accumulate_dx = false);
 void rms_norm_residual_forward(const Tensor& x, const Tensor& residual, const Tensor& weight,
                                double eps, Tensor& y, Tensor& h_out, Tensor& rstd);
 void layer_norm_residual_forward(const Tensor& x, const Tensor& residual, const Tensor& weight,

@@ -1,6 +1,7 @@
 // A small Llama-style decoder built from core/ops.h for the step profiler's tests (tests/core on
 // the CPU, tests/cuda on a GPU): one training step whose op calls are known by construction.
 #pragma once
+#include <algorithm>
 #include <map>
 #include <string>
 #include <unordered_set>
@@ -106,17 +107,22 @@ struct ToyModel {
 
 // The autograd graph below root, counted without running it: nodes by name, and how many times
 // the engine sums gradients ("autograd accumulate": once per extra consumer of a node or leaf,
-// once per leaf that receives a gradient). A node consumed only as linear's input (q/k/v, gate/up)
-// needs no sums: each later dX GEMM adds into the sum so far (accumulation_target). With mixed
-// consumers the count depends on the order they run in, which this model does not follow: it
-// counts k - 1 there, right for the models these tests build (no node mixes them).
+// once per leaf that receives a gradient). Some backwards add their share into the sum so far
+// (accumulation_target): linear's and the norms' input, and slice's (the q | k | v split). The
+// consumers of a node are taken newest first, the order the engine runs them in for these
+// models: the first forms the sum, each later one costs an engine sum unless it adds into it.
 struct GraphCount {
   std::map<std::string, int64_t> nodes;
   int64_t accumulations = 0;
 };
+inline bool adds_into_the_sum(const std::string& name, size_t input) {
+  return input == 0 &&
+         (name == "linear" || name == "rms_norm" || name == "layer_norm" || name == "slice");
+}
 inline GraphCount count_graph(const Tensor& root) {
   GraphCount gc;
-  std::map<const Node*, int64_t> consumers, as_linear_input;
+  // Per producer: its consumers' (creation order, whether that consumer adds into the sum).
+  std::map<const Node*, std::vector<std::pair<uint64_t, bool>>> consumers;
   std::map<const TensorImpl*, int64_t> leaf_uses;
   std::vector<const Node*> stack{root.grad_fn().get()};
   std::unordered_set<const Node*> seen{root.grad_fn().get()};
@@ -127,16 +133,17 @@ inline GraphCount count_graph(const Tensor& root) {
     for (size_t i = 0; i < n->edges.size(); ++i) {
       const auto& e = n->edges[i];
       if (e.node) {
-        ++consumers[e.node.get()];
-        if (n->name == "linear" && i == 0) ++as_linear_input[e.node.get()];
+        consumers[e.node.get()].emplace_back(n->seq, adds_into_the_sum(n->name, i));
         if (seen.insert(e.node.get()).second) stack.push_back(e.node.get());
       } else if (e.leaf) {
         ++leaf_uses[e.leaf.get()];
       }
     }
   }
-  for (const auto& [n, k] : consumers)
-    gc.accumulations += as_linear_input[n] == k ? 0 : k - 1;
+  for (auto& [n, cs] : consumers) {
+    std::sort(cs.begin(), cs.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+    for (size_t i = 1; i < cs.size(); ++i) gc.accumulations += cs[i].second ? 0 : 1;
+  }
   for (const auto& [l, k] : leaf_uses) gc.accumulations += k;  // k - 1 sums + the final store
   return gc;
 }

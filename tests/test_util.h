@@ -21,7 +21,7 @@ namespace fs = std::filesystem;
 struct Metrics {
   std::vector<int64_t> steps;
   std::vector<double> train_loss, grad_norm, lr;
-  std::vector<double> eval_loss;
+  std::vector<double> eval_loss, eval_accuracy;
 };
 
 inline Metrics read_metrics(const fs::path& p) {
@@ -38,6 +38,7 @@ inline Metrics read_metrics(const fs::path& p) {
       m.lr.push_back(j["lr"]);
     } else {
       m.eval_loss.push_back(j["loss"]);
+      if (j.contains("accuracy")) m.eval_accuracy.push_back(j["accuracy"]);
     }
   }
   return m;

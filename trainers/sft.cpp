@@ -858,7 +858,17 @@ struct SftTrainer::Impl {
       to_device(b);
       Tensor labels = b.labels.view({-1});
       std::vector<int64_t> pred;
-      if (grid.tp == 1) {
+      if (grid.tp == 1 && cfg.chunked_loss) {  // as training: never the whole logits
+        ForwardOptions fo;
+        fo.positions = b.positions;
+        fo.cu_seqlens = b.cu_seqlens;
+        Tensor h = model->hidden_states(b.ids, fo);
+        Tensor am;
+        loss_sum += ops::linear_cross_entropy(h.view({-1, h.size(-1)}), model->lm_head_weight(),
+                                              labels, -100, ops::Reduction::sum, 0, &am)
+                        .item();
+        pred = am.to_vector<int64_t>();
+      } else if (grid.tp == 1) {
         Tensor logits = logits_of(b);
         Tensor flat = logits.view({-1, logits.size(-1)});
         loss_sum += ops::cross_entropy(flat, labels, -100, ops::Reduction::sum).item();

@@ -135,8 +135,15 @@ void add_(Tensor& a, const Tensor& b, double alpha) {
   profiler::OpScope prof("add_");
   FTUNE_CHECK(a.shape() == b.shape(), "[add_] shape mismatch: ", a.desc(), " += ", b.desc());
   check_same_device("add_", {&a, &b});
-  FTUNE_CHECK(a.is_contiguous(), "[add_] destination must be contiguous: ", a.desc());
   Tensor bb = b.dtype() == a.dtype() ? contig(b) : b.detach().to(a.dtype()).contiguous();
+  if (!a.is_contiguous()) {
+    // A strided destination (a slice of a wider tensor): the sum formed apart, then written
+    // back through a's strides (copy_ bumps the version).
+    NoGradGuard no_grad;
+    Tensor ad = a.detach();
+    ad.copy_(alpha == 1.0 ? add(ad, bb) : add(ad, mul_scalar(bb, alpha)));
+    return;
+  }
   a.bump_version();
   FTUNE_KERNEL(a.device(), axpy)(a, bb, alpha);
 }

@@ -230,7 +230,8 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
 }
 
 Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targets,
-                            int64_t ignore_index, Reduction reduction, int64_t chunk_rows) {
+                            int64_t ignore_index, Reduction reduction, int64_t chunk_rows,
+                            Tensor* argmax) {
   const char* op = "linear_cross_entropy";
   profiler::OpScope prof(op);
   check_logits(op, h, "hidden");
@@ -309,6 +310,7 @@ Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targ
       });
     };
     const Tensor one = Tensor::scalar(1.0, gpu ? DType::f32 : dt, dev);  // dlogits of the sum
+    if (argmax) *argmax = Tensor::empty({r.n}, DType::i64, dev);
     for (int64_t c0 = 0; c0 < r.n; c0 += chunk) {
       const int64_t rows = std::min(chunk, r.n - c0);
       Tensor hc = h2.slice(0, c0, c0 + rows);
@@ -317,6 +319,7 @@ Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targ
       rc.v = V;
       rc.lead = {rows};
       Tensor logits = linear(hc, wc);
+      if (argmax) argmax->slice(0, c0, c0 + rows).copy_(ops::argmax(logits, -1));
       const Tensor tc = tgt.slice(0, c0, c0 + rows);
       Tensor dl;  // d loss / d logits of the chunk [rows, V]
       if (gpu && (need_h || need_w)) {

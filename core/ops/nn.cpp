@@ -103,6 +103,23 @@ Tensor embedding(const Tensor& weight, const Tensor& ids) {
   return out;
 }
 
+namespace {
+// A norm's dx buffer: the residual stream's gradient summed so far when the engine offers it
+// (accumulation_target; acc is set and the kernel adds into it: the block's x + f(norm(x)) needs
+// no separate pass summing the two [tokens, hidden] gradients), else a fresh tensor.
+Tensor norm_dx(bool need, const Tensor& xc, bool& acc) {
+  acc = false;
+  if (!need) return Tensor();
+  Tensor t = accumulation_target(0);
+  if (t.defined() && t.shape() == xc.shape() && t.dtype() == xc.dtype() &&
+      t.device() == xc.device()) {
+    acc = true;
+    return t;
+  }
+  return Tensor::empty(xc.shape(), xc.dtype(), xc.device());
+}
+}  // namespace
+
 Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps) {
   profiler::OpScope prof("layer_norm");
   check_norm("layer_norm", x, weight, bias, eps);
@@ -118,12 +135,13 @@ Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, dou
   bool has_bias = bias.defined();
   record("layer_norm", out, {x, weight, bias},
          [xc, wc, mean, rstd, has_bias](const Tensor& g, const std::vector<bool>& need) {
-           Tensor dx, dw, db;
-           if (need[0]) dx = Tensor::empty(xc.shape(), xc.dtype(), xc.device());
+           Tensor dw, db;
+           bool acc = false;
+           Tensor dx = norm_dx(need[0], xc, acc);
            if (need[1]) dw = Tensor::empty(wc.shape(), wc.dtype(), wc.device());
            if (has_bias && need[2]) db = Tensor::empty(wc.shape(), wc.dtype(), wc.device());
            FTUNE_KERNEL(xc.device(), layer_norm_backward)(contig(g), xc, wc, mean, rstd, dx, dw,
-                                                          db);
+                                                          db, acc);
            return std::vector<Tensor>{dx, dw, db};
          });
   return out;
@@ -141,10 +159,11 @@ Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
   if (!needs_record({&x, &weight})) return out;
   record("rms_norm", out, {x, weight},
          [xc, wc, rstd](const Tensor& g, const std::vector<bool>& need) {
-           Tensor dx, dw;
-           if (need[0]) dx = Tensor::empty(xc.shape(), xc.dtype(), xc.device());
+           Tensor dw;
+           bool acc = false;
+           Tensor dx = norm_dx(need[0], xc, acc);
            if (need[1]) dw = Tensor::empty(wc.shape(), wc.dtype(), wc.device());
-           FTUNE_KERNEL(xc.device(), rms_norm_backward)(contig(g), xc, wc, rstd, dx, dw);
+           FTUNE_KERNEL(xc.device(), rms_norm_backward)(contig(g), xc, wc, rstd, dx, dw, acc);
            return std::vector<Tensor>{dx, dw};
          });
   return out;

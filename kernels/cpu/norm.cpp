@@ -73,13 +73,14 @@ void norm_forward_t(const T* x, const T* w, const T* b, int64_t N, int64_t D, do
 //   dw = sum over rows of dy * xhat, db = sum over rows of dy.
 template <class T, bool kCenter>
 void norm_backward_t(const T* dy, const T* x, const T* w, const double* mean, const double* rstd,
-                     int64_t N, int64_t D, T* dx, T* dw, T* db) {
+                     int64_t N, int64_t D, T* dx, T* dw, T* db, bool acc) {
   const int64_t nchunk = std::clamp<int64_t>(N, 1, kMaxChunks);
   std::vector<double> pw(dw ? size_t(nchunk * D) : 0), pb(db ? size_t(nchunk * D) : 0);
 #pragma omp parallel for schedule(static) if (N * D > kParallelMin)
   for (int64_t c = 0; c < nchunk; ++c) {
     double* cw = dw ? pw.data() + c * D : nullptr;
     double* cb = db ? pb.data() + c * D : nullptr;
+    std::vector<T> row(acc && dx ? size_t(D) : 0);
     for (int64_t r = c * N / nchunk; r < (c + 1) * N / nchunk; ++r) {
       const T* xr = x + r * D;
       const T* gr = dy + r * D;
@@ -97,13 +98,22 @@ void norm_backward_t(const T* dy, const T* x, const T* w, const double* mean, co
         const T a = T(sg / double(D));
         const T cc = T(sgx / double(D));
         T* dxr = dx + r * D;
+        // With acc, dx goes through a row buffer and is then added to the sum so far: the same
+        // two roundings as the engine's sum of the two gradients (no multiply-add contracted
+        // across them), so a checkpointed block, whose input is a leaf the engine sums at, gets
+        // the same bits.
+        T* out = acc ? row.data() : dxr;
         if constexpr (kCenter) {
 #pragma omp simd
           for (int64_t j = 0; j < D; ++j)
-            dxr[j] = rt * (gr[j] * w[j] - a - ((xr[j] - mh) - ml) * rt * cc);
+            out[j] = rt * (gr[j] * w[j] - a - ((xr[j] - mh) - ml) * rt * cc);
         } else {
 #pragma omp simd
-          for (int64_t j = 0; j < D; ++j) dxr[j] = rt * (gr[j] * w[j] - xr[j] * rt * cc);
+          for (int64_t j = 0; j < D; ++j) out[j] = rt * (gr[j] * w[j] - xr[j] * rt * cc);
+        }
+        if (acc) {
+#pragma omp simd
+          for (int64_t j = 0; j < D; ++j) dxr[j] = dxr[j] + out[j];
         }
       }
       if (cw) {
@@ -167,12 +177,12 @@ void layer_norm_forward(const Tensor& x, const Tensor& weight, const Tensor& bia
 
 void layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
                          const Tensor& mean, const Tensor& rstd, Tensor& dx, Tensor& dweight,
-                         Tensor& dbias) {
+                         Tensor& dbias, bool accumulate_dx) {
   const int64_t D = x.size(-1), N = D ? x.numel() / D : 0;
   dispatch_float(x.dtype(), "layer_norm_backward", [&]<class T>() {
     norm_backward_t<T, true>(dy.data<T>(), x.data<T>(), weight.data<T>(), mean.data<double>(),
                              rstd.data<double>(), N, D, ptr_or_null<T>(dx), ptr_or_null<T>(dweight),
-                             ptr_or_null<T>(dbias));
+                             ptr_or_null<T>(dbias), accumulate_dx);
   });
 }
 
@@ -185,12 +195,12 @@ void rms_norm_forward(const Tensor& x, const Tensor& weight, double eps, Tensor&
 }
 
 void rms_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& rstd,
-                       Tensor& dx, Tensor& dweight) {
+                       Tensor& dx, Tensor& dweight, bool accumulate_dx) {
   const int64_t D = x.size(-1), N = D ? x.numel() / D : 0;
   dispatch_float(x.dtype(), "rms_norm_backward", [&]<class T>() {
     norm_backward_t<T, false>(dy.data<T>(), x.data<T>(), weight.data<T>(), nullptr,
                               rstd.data<double>(), N, D, ptr_or_null<T>(dx),
-                              ptr_or_null<T>(dweight), nullptr);
+                              ptr_or_null<T>(dweight), nullptr, accumulate_dx);
   });
 }
 

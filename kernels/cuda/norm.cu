@@ -48,6 +48,16 @@ __device__ __forceinline__ void load_chunk(const T* row, int c, int D, float (&o
     }
   }
 }
+// v = chunk c of row + v rounded to T (the sum so far of a gradient, which the store then
+// overwrites): the engine's sum of the two gradients bit for bit (v rounded, then one rounded
+// add, never contracted into a multiply-add), so a checkpointed block gets the same bits.
+template <class T, bool kVecOK>
+__device__ __forceinline__ void add_chunk(const T* row, int c, int D, float (&v)[kVec<T>]) {
+  float t[kVec<T>];
+  load_chunk<T, kVecOK>(row, c, D, t);
+#pragma unroll
+  for (int i = 0; i < kVec<T>; ++i) v[i] = __fadd_rn(t[i], to_f(from_f<T>(v[i])));
+}
 template <class T, bool kVecOK>
 __device__ __forceinline__ void store_chunk(T* row, int c, int D, const float (&v)[kVec<T>]) {
   constexpr int V = kVec<T>;
@@ -202,7 +212,7 @@ template <class T, int kMax, bool kVecOK, bool kWarp, bool kCenter>
 __global__ void __launch_bounds__(kMaxThreads)
 norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w,
                 const float* __restrict__ mean, const float* __restrict__ rstd, T* __restrict__ dx,
-                float* __restrict__ pw, float* __restrict__ pb, int64_t N, int D) {
+                float* __restrict__ pw, float* __restrict__ pb, int64_t N, int D, bool acc) {
   constexpr int V = kVec<T>;
   static_assert(!kWarp || 32 * kMax * V <= kWarpMaxD, "warp rows must fit the shared buffer");
   __shared__ float shm[32];
@@ -283,6 +293,7 @@ norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __re
         float o[V];
 #pragma unroll
         for (int i = 0; i < V; ++i) o[i] = rs * (gc[k][i] - a - (xc[k][i] - mu) * rs * cc);
+        if (acc) add_chunk<T, kVecOK>(dxr, c, D, o);
         store_chunk<T, kVecOK>(dxr, c, D, o);
       }
     }
@@ -293,6 +304,7 @@ norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __re
       load_chunk<T, kVecOK>(w, c, D, wv);
 #pragma unroll
       for (int i = 0; i < V; ++i) o[i] = rs * (gv[i] * wv[i] - a - (xv[i] - mu) * rs * cc);
+      if (acc) add_chunk<T, kVecOK>(dxr, c, D, o);
       store_chunk<T, kVecOK>(dxr, c, D, o);
     }
   }
@@ -447,7 +459,7 @@ __global__ void __launch_bounds__(kPipeBwdThreads, 1)
 norm_bwd_pipe_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w,
                      const float* __restrict__ mean, const float* __restrict__ rstd,
                      T* __restrict__ dx, float* __restrict__ pw, float* __restrict__ pb, int64_t N,
-                     int D) {
+                     int D, bool acc) {
   constexpr int V = kVec<T>;
   __shared__ float shm[32];
   const int lane = threadIdx.x, size = blockDim.x;
@@ -517,6 +529,7 @@ norm_bwd_pipe_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T*
           const float gw = to_f(gc[k].v[i]) * to_f(wr[k].v[i]);
           o[i] = rs * (gw - a - (to_f(xc[k].v[i]) - mu) * rs * cc);
         }
+        if (acc) add_chunk<T, true>(dxr, c, D, o);
         store_vec(dxr + c * V, o);
       }
     }
@@ -705,7 +718,7 @@ void forward_impl(const char* op, bool center, const Tensor& x, const Tensor& re
 
 void backward_impl(const char* op, bool center, const Tensor& dy, const Tensor& x,
                    const Tensor& weight, const Tensor& mean, const Tensor& rstd, Tensor& dx,
-                   Tensor& dweight, Tensor& dbias) {
+                   Tensor& dweight, Tensor& dbias, bool accumulate_dx) {
   FTUNE_CHECK(weight.defined() && rstd.defined() && dy.defined(), "[", op,
               "] dy, weight and rstd must be defined");
   if (center) FTUNE_CHECK(mean.defined(), "[", op, "] mean is undefined");
@@ -754,7 +767,7 @@ void backward_impl(const char* op, bool center, const Tensor& dy, const Tensor& 
           auto* pwp = pw.defined() ? static_cast<float*>(pw.raw_data()) : nullptr;
           auto* pbp = pb.defined() ? static_cast<float*>(pb.raw_data()) : nullptr;
           kernel<<<unsigned(grid), threads, 0, stream()>>>(dyp, xp, wp, mp, sp, dxp, pwp, pbp,
-                                                           s.N, s.D);
+                                                           s.N, s.D, accumulate_dx && dxp);
           FTUNE_LAUNCH_CHECK(op);
           const dim3 block(32, kSumRows);
           const unsigned cgrid = unsigned((s.D + 31) / 32);
@@ -784,8 +797,9 @@ void layer_norm_forward(const Tensor& x, const Tensor& weight, const Tensor& bia
 
 void layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
                          const Tensor& mean, const Tensor& rstd, Tensor& dx, Tensor& dweight,
-                         Tensor& dbias) {
-  backward_impl("layer_norm_backward", true, dy, x, weight, mean, rstd, dx, dweight, dbias);
+                         Tensor& dbias, bool accumulate_dx) {
+  backward_impl("layer_norm_backward", true, dy, x, weight, mean, rstd, dx, dweight, dbias,
+                accumulate_dx);
 }
 
 void rms_norm_forward(const Tensor& x, const Tensor& weight, double eps, Tensor& y, Tensor& rstd) {
@@ -794,9 +808,10 @@ void rms_norm_forward(const Tensor& x, const Tensor& weight, double eps, Tensor&
 }
 
 void rms_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& rstd,
-                       Tensor& dx, Tensor& dweight) {
+                       Tensor& dx, Tensor& dweight, bool accumulate_dx) {
   Tensor no_db;
-  backward_impl("rms_norm_backward", false, dy, x, weight, Tensor(), rstd, dx, dweight, no_db);
+  backward_impl("rms_norm_backward", false, dy, x, weight, Tensor(), rstd, dx, dweight, no_db,
+                accumulate_dx);
 }
 
 void rms_norm_residual_forward(const Tensor& x, const Tensor& residual, const Tensor& weight,

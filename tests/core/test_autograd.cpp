@@ -286,3 +286,85 @@ TEST(Autograd, LinearFanInSkipsTheEngineSum) {
   };
   EXPECT_EQ(count(false) - count(true), 2.0);
 }
+
+// Slices of one tensor (a fused q | k | v projection split): the first slice's backward forms
+// the whole gradient, each later one adds its range into that sum. Ranges that overlap, a range
+// along a middle dim (strided), and another consumer of the whole tensor: the gradient is the
+// sum of every share, against the composition formed by hand in f64.
+TEST(Autograd, SlicesAddTheirRangesIntoTheSumSoFar) {
+  Generator gen(7);
+  const int64_t B = 2, T = 3, F = 9;
+  Tensor x0 = randn({B, T, F}, gen).to(DType::f64).set_requires_grad(true);
+  struct Cut {
+    int64_t dim, start, end;
+  };
+  const std::vector<Cut> cuts = {{2, 0, 5}, {2, 5, 7}, {2, 7, 9}, {2, 3, 8}, {1, 1, 3}};
+  std::vector<Tensor> gs;
+  for (const Cut& c : cuts) {
+    Shape s{B, T, F};
+    s[size_t(c.dim)] = c.end - c.start;
+    gs.push_back(randn(s, gen).to(DType::f64));
+  }
+  Tensor gw = randn({B, T, F}, gen).to(DType::f64);
+  for (bool whole_first : {false, true}) {
+    x0.zero_grad();
+    Tensor y = ops::mul_scalar(x0, 2.0);
+    Tensor l;
+    auto plus = [&](const Tensor& t) { l = l.defined() ? ops::add(l, t) : t; };
+    // The whole-tensor consumer made first runs last (newest first), or first when made last.
+    if (!whole_first) plus(ops::sum(ops::mul(y, gw)));
+    for (size_t i = 0; i < cuts.size(); ++i)
+      plus(ops::sum(ops::mul(y.slice(cuts[i].dim, cuts[i].start, cuts[i].end), gs[i])));
+    if (whole_first) plus(ops::sum(ops::mul(y, gw)));
+    l.backward();
+    Tensor want = gw.clone();
+    for (size_t i = 0; i < cuts.size(); ++i) {
+      Tensor r = want.slice(cuts[i].dim, cuts[i].start, cuts[i].end);
+      r.copy_(ops::add(r, gs[i]));
+    }
+    want = ops::mul_scalar(want, 2.0);
+    EXPECT_LT(ops::max_abs_diff(x0.grad(), want), 1e-12) << "whole_first " << whole_first;
+  }
+}
+
+// The q | k | v split needs no engine sums at the fused output: the profiler counts two fewer
+// there than with three separate tensors formed by hand and added.
+TEST(Autograd, SliceFanInSkipsTheEngineSum) {
+  Generator gen(8);
+  Tensor x0 = randn({6, 10}, gen).set_requires_grad(true);
+  auto count = [&](bool slices) {
+    profiler::reset();
+    profiler::begin_step(Device::cpu());
+    profiler::phase("forward");
+    Tensor y = ops::mul_scalar(x0, 2.0);
+    Tensor l;
+    for (int64_t i = 0; i < 3; ++i) {
+      // By hand: y times a 0/1 mask of the range, a whole-size tensor per share.
+      Tensor part;
+      if (slices) {
+        part = y.slice(1, 3 * i, 3 * i + 3);
+      } else {
+        Tensor m = Tensor::zeros({6, 10}, DType::f32);
+        m.slice(1, 3 * i, 3 * i + 3).fill_(1.0);
+        part = ops::mul(y, m);
+      }
+      Tensor t = ops::sum(part);
+      l = l.defined() ? ops::add(l, t) : t;
+    }
+    profiler::phase("backward");
+    l.backward();
+    profiler::end_step();
+    double n = 0;
+    for (const auto& row : profiler::report().rows)
+      if (row.phase == "backward" && row.label == "autograd accumulate") n = row.calls;
+    profiler::reset();
+    Tensor g = x0.grad().clone();
+    x0.zero_grad();
+    return std::make_pair(n, g);
+  };
+  auto [n_mask, g_mask] = count(false);
+  auto [n_slice, g_slice] = count(true);
+  EXPECT_EQ(n_mask - n_slice, 2.0);
+  // The last column is in no range: its gradient is 0 both ways.
+  EXPECT_LT(ops::max_abs_diff(g_mask, g_slice), 1e-6);
+}

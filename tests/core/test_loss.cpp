@@ -391,6 +391,35 @@ TEST(LinearCrossEntropy, MatchesTheComposition) {
               ops::cross_entropy(ops::linear(h0, w0).view({B * T, V}), t).item(), 1e-12);
 }
 
+// Evaluation's token accuracy by chunks: each row's argmax over the vocabulary is argmax of the
+// whole logits (ignored rows too), with or without a gradient being formed, and the loss is
+// unchanged by asking for it. Near-ties broken by the last bits: checked in f64.
+TEST(LinearCrossEntropy, ArgmaxOfEachRowByChunks) {
+  Generator g(14);
+  const int64_t B = 3, T = 7, d = 6, V = 29;
+  Tensor h0 = randn({B, T, d}, g, 0.0, 1.0).to(DType::f64);
+  Tensor w0 = randn({V, d}, g, 0.0, 1.0).to(DType::f64);
+  std::vector<int64_t> tv;
+  for (int64_t i = 0; i < B * T; ++i) tv.push_back(i % 5 == 2 ? -100 : (i * 3) % V);
+  Tensor t = i64(tv);
+  const std::vector<int64_t> want =
+      ops::argmax(ops::linear(h0, w0).view({B * T, V}), -1).to_vector<int64_t>();
+  for (int64_t chunk : {int64_t(0), int64_t(1), int64_t(4), B * T})
+    for (bool grad : {false, true}) {
+      SCOPED_TRACE("chunk " + std::to_string(chunk) + (grad ? " with gradient" : ""));
+      Tensor h = h0.clone().set_requires_grad(grad);
+      Tensor am;
+      Tensor loss = ops::linear_cross_entropy(h, w0, t, -100, ops::Reduction::sum, chunk, &am);
+      EXPECT_EQ(am.dtype(), DType::i64);
+      EXPECT_EQ(am.shape(), (Shape{B * T}));
+      EXPECT_EQ(am.to_vector<int64_t>(), want);
+      EXPECT_NEAR(loss.item(),
+                  ops::linear_cross_entropy(h0, w0, t, -100, ops::Reduction::sum, chunk).item(),
+                  1e-12 * std::abs(loss.item()));
+      if (grad) loss.backward();
+    }
+}
+
 // A tied LM head: the weight is also the embedding the hidden states came from, and two
 // micro-batches accumulate (upstream gradients 0.25 and 1.25): the weight's gradient sums both
 // uses, as through the composition.

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "core/ops.h"
+#include "core/profiler.h"
 #include "core/rng.h"
 
 using namespace ftune;
@@ -165,6 +166,67 @@ TEST(NnNorm, WeightGradientIsDeterministicAcrossThreadCounts) {
   auto g1 = grads_with(1);
   EXPECT_EQ(g1, grads_with(2));
   EXPECT_EQ(g1, grads_with(4));
+}
+
+// A pre-norm block's residual fan-in, h feeding both norm(h) and the residual add: the norm's
+// backward adds its dx into the gradient the add already gave h (accumulation_target). In f64,
+// against the two shares formed by separate backward passes and summed; with the add made
+// after the norm (its backward runs first: the block's order) and before it (no sum to add into
+// yet), and with the norm's weight frozen. The profiler counts one engine sum fewer at h.
+TEST(NnNorm, BackwardAddsDxIntoTheResidualGradient) {
+  Generator gen(12);
+  const int64_t N = 6, D = 10;
+  Tensor x0 = randn({N, D}, gen).to(DType::f64);
+  Tensor w = randn({D}, gen).to(DType::f64), b = randn({D}, gen).to(DType::f64);
+  Tensor g1 = randn({N, D}, gen).to(DType::f64), g2 = randn({N, D}, gen).to(DType::f64);
+  for (bool layer : {false, true})
+    for (bool add_last : {true, false})
+      for (bool train_w : {true, false}) {
+        SCOPED_TRACE(std::string(layer ? "layer_norm" : "rms_norm") + (add_last ? " add last" : "") +
+                     (train_w ? " weight trained" : ""));
+        auto norm = [&](const Tensor& h, const Tensor& wt) {
+          return layer ? ops::layer_norm(h, wt, b, 1e-5) : ops::rms_norm(h, wt, 1e-5);
+        };
+        // Separately: the residual share is 1.5 g1, the norm's from its own pass.
+        Tensor xa = x0.clone().set_requires_grad(true);
+        ops::sum(ops::mul(norm(ops::mul_scalar(xa, 1.5), w), g2)).backward();
+        Tensor want = ops::add(ops::mul_scalar(g1, 1.5), xa.grad());
+        Tensor wt = w.clone().set_requires_grad(train_w);
+        Tensor xb = x0.clone().set_requires_grad(true);
+        Tensor h = ops::mul_scalar(xb, 1.5);
+        Tensor r, y;
+        if (add_last) {
+          y = norm(h, wt);
+          r = ops::add(h, g1);
+        } else {
+          r = ops::add(h, g1);
+          y = norm(h, wt);
+        }
+        ops::add(ops::sum(ops::mul(r, g1)), ops::sum(ops::mul(y, g2))).backward();
+        EXPECT_LT(ops::max_abs_diff(xb.grad(), want), 1e-12);
+      }
+
+  auto sums_at_h = [&](bool norm_fan_in) {
+    profiler::reset();
+    profiler::begin_step(Device::cpu());
+    profiler::phase("forward");
+    Tensor x = x0.clone().set_requires_grad(true);
+    Tensor h = ops::mul_scalar(x, 1.5);
+    // Without the fan-in: the same norm of a copy of h (made by an op, so no leaf).
+    Tensor y = ops::rms_norm(norm_fan_in ? h : ops::mul_scalar(x, 1.5), w, 1e-5);
+    Tensor r = ops::add(h, g1);
+    Tensor l = ops::add(ops::sum(ops::mul(r, g1)), ops::sum(ops::mul(y, g2)));
+    profiler::phase("backward");
+    l.backward();
+    profiler::end_step();
+    double n = 0;
+    for (const auto& row : profiler::report().rows)
+      if (row.phase == "backward" && row.label == "autograd accumulate") n = row.calls;
+    profiler::reset();
+    return n;
+  };
+  // The separate copy adds one sum at the leaf x; the fan-in at h would add one in the engine.
+  EXPECT_EQ(sums_at_h(true), sums_at_h(false) - 1.0);
 }
 
 // ------------------------------------------------------------------ rope

@@ -200,6 +200,42 @@ TEST(CudaElementwise, AxpyAndScale) {
     }
 }
 
+// ops::add_ into a strided destination (a slice along the last dim of a wider tensor), and the
+// slice backward that uses it: the q | k | v split's gradients summed into one tensor on the GPU,
+// against the same graph on the CPU.
+TEST(CudaElementwise, StridedAddInPlaceAndSliceGradients) {
+  FTUNE_REQUIRE_GPU();
+  for (DType dt : kDtypes) {
+    Generator g(37);
+    Tensor w = rand_host({5, 11}, g, dt), b = rand_host({5, 4}, g, dt);
+    Tensor ref = w.clone();
+    {
+      Tensor r = ref.slice(1, 6, 10);
+      ops::add_(r, b, 0.5);
+    }
+    Tensor wd = to_gpu(w, dt);
+    Tensor rd = wd.slice(1, 6, 10);
+    ops::add_(rd, to_gpu(b, dt), 0.5);
+    EXPECT_TRUE(all_close(wd, ref, 1e-6, ew_rtol(dt))) << "add_ strided " << dtype_name(dt);
+    EXPECT_EQ(wd.slice(1, 0, 6).contiguous().to(Device::cpu()).to(DType::f32).to_vector<float>(),
+              w.slice(1, 0, 6).contiguous().to(DType::f32).to_vector<float>());
+
+    Tensor x = rand_host({3, 7, 12}, g, dt), gq = rand_host({3, 7, 8}, g, dt),
+           gk = rand_host({3, 7, 2}, g, dt), gv = rand_host({3, 7, 2}, g, dt);
+    auto grad_of = [&](Device dev) {
+      Tensor xl = (dev.is_cuda() ? to_gpu(x, dt) : x.clone()).set_requires_grad(true);
+      Tensor y = ops::mul_scalar(xl, 2.0);
+      auto term = [&](int64_t s, int64_t e, const Tensor& gt) {
+        return ops::sum(ops::mul(y.slice(2, s, e), dev.is_cuda() ? to_gpu(gt, dt) : gt));
+      };
+      ops::add(ops::add(term(0, 8, gq), term(8, 10, gk)), term(10, 12, gv)).backward();
+      return xl.grad();
+    };
+    EXPECT_TRUE(all_close(grad_of(Device::cuda(0)), grad_of(Device::cpu()), 1e-6, ew_rtol(dt)))
+        << "slice gradients " << dtype_name(dt);
+  }
+}
+
 // ---- reductions -----------------------------------------------------------------------------------
 
 TEST(CudaElementwise, SumDim) {

@@ -411,6 +411,24 @@ TEST(CudaLoss, LinearCrossEntropyMatchesCpu) {
     Tensor l1 = ops::linear_cross_entropy(h0.to(DType::f64), w0.to(DType::f64), t, kIgnore,
                                           ops::Reduction::sum, 8);
     EXPECT_NEAR(l0.item(), l1.item(), 2e-2 * std::abs(l1.item()));
+    // Evaluation's argmax by chunks: each row's pick is a largest logit of the f64 reference
+    // (bf16 logits tie and round: within their rounding of the row's maximum).
+    Tensor am;
+    Tensor l2 = ops::linear_cross_entropy(to_gpu(h0, dt), to_gpu(w0, dt), t.to(Device::cuda(0)),
+                                          kIgnore, ops::Reduction::sum, 8, &am);
+    EXPECT_EQ(l2.item(), l0.item());
+    ASSERT_EQ(am.device(), Device::cuda(0));
+    const std::vector<int64_t> picks = am.to(Device::cpu()).to_vector<int64_t>();
+    Tensor ref = ops::linear(h0.to(DType::f64), w0.to(DType::f64));
+    const std::vector<double> lv = ref.to_vector<double>();
+    ASSERT_EQ(picks.size(), size_t(N));
+    for (int64_t i = 0; i < N; ++i) {
+      ASSERT_TRUE(picks[size_t(i)] >= 0 && picks[size_t(i)] < V) << "row " << i;
+      double mx = -1e300;
+      for (int64_t j = 0; j < V; ++j) mx = std::max(mx, lv[size_t(i * V + j)]);
+      EXPECT_GE(lv[size_t(i * V + picks[size_t(i)])], mx - 1e-2 * std::max(1.0, std::abs(mx)))
+          << "row " << i;
+    }
   }
   std::vector<int64_t> none(size_t(N), kIgnore);
   Tensor hz = to_gpu(h0, dt).set_requires_grad(true), wz = to_gpu(w0, dt).set_requires_grad(true);

@@ -74,7 +74,8 @@ TEST(CudaNorm, ForwardMatchesCpu) {
   check_forward(true, DType::f32, {33, 31}, false);
 }
 
-// need: which of dx, dweight, dbias to compute (bit 0, 1, 2).
+// need: which of dx, dweight, dbias to compute (bit 0, 1, 2); bit 3: dx added into a gradient
+// summed so far (accumulate_dx).
 void check_backward(bool layer, DType dt, const Size& sz, int need) {
   SCOPED_TRACE(std::string(layer ? "layer_norm_backward " : "rms_norm_backward ") + label(dt, sz) +
                " need " + std::to_string(need));
@@ -101,12 +102,18 @@ void check_backward(bool layer, DType dt, const Size& sz, int need) {
          db = want_db ? cpu_empty({sz.D}) : Tensor();
   Tensor gdx = want_dx ? gpu_empty(xs, dt) : Tensor(), gdw = want_dw ? gpu_empty({sz.D}, dt) : Tensor(),
          gdb = want_db ? gpu_empty({sz.D}, dt) : Tensor();
+  const bool acc = want_dx && (need & 8);
+  if (acc) {
+    Tensor sum_so_far = rand_host(xs, gen, dt);
+    dx.copy_(sum_so_far);
+    gdx.copy_(to_gpu(sum_so_far, dt));
+  }
   if (layer) {
-    kernels::cpu::layer_norm_backward(dy, x, w, mean, rstd, dx, dw, db);
-    kernels::cuda::layer_norm_backward(gdy, gx, gw, gmean, grstd, gdx, gdw, gdb);
+    kernels::cpu::layer_norm_backward(dy, x, w, mean, rstd, dx, dw, db, acc);
+    kernels::cuda::layer_norm_backward(gdy, gx, gw, gmean, grstd, gdx, gdw, gdb, acc);
   } else {
-    kernels::cpu::rms_norm_backward(dy, x, w, rstd, dx, dw);
-    kernels::cuda::rms_norm_backward(gdy, gx, gw, grstd, gdx, gdw);
+    kernels::cpu::rms_norm_backward(dy, x, w, rstd, dx, dw, acc);
+    kernels::cuda::rms_norm_backward(gdy, gx, gw, grstd, gdx, gdw, acc);
   }
   // Column sums over N rows grow like sqrt(N): scale the absolute tolerance with them.
   const double col_atol = tol(dt) * std::sqrt(double(sz.N));
@@ -121,6 +128,8 @@ TEST(CudaNorm, BackwardMatchesCpu) {
     for (const Size& s : kSizes) {
       check_backward(false, dt, s, 3);
       check_backward(true, dt, s, 7);
+      check_backward(false, dt, s, 8 | 3);
+      check_backward(true, dt, s, 8 | 1);
     }
 }
 

@@ -312,9 +312,15 @@ TEST_F(SftRun, ChunkedLossTrainsTheSameCurveAsTheWholeLogits) {
       EXPECT_NEAR(m[0].train_loss[i], m[1].train_loss[i], 1e-6 * std::abs(m[1].train_loss[i])) << i;
       EXPECT_NEAR(m[0].grad_norm[i], m[1].grad_norm[i], 1e-6 * std::abs(m[1].grad_norm[i])) << i;
     }
+    // Evaluation by chunks too (its loss and token accuracy): the same metrics.
     ASSERT_EQ(m[0].eval_loss.size(), m[1].eval_loss.size());
-    for (size_t i = 0; i < m[0].eval_loss.size(); ++i)
+    ASSERT_FALSE(m[0].eval_loss.empty());
+    ASSERT_EQ(m[0].eval_accuracy.size(), m[0].eval_loss.size());
+    ASSERT_EQ(m[1].eval_accuracy.size(), m[1].eval_loss.size());
+    for (size_t i = 0; i < m[0].eval_loss.size(); ++i) {
       EXPECT_NEAR(m[0].eval_loss[i], m[1].eval_loss[i], 1e-6 * std::abs(m[1].eval_loss[i])) << i;
+      EXPECT_EQ(m[0].eval_accuracy[i], m[1].eval_accuracy[i]) << i;
+    }
   }
 }
 
