@@ -73,9 +73,11 @@ Tensor checkpoint(std::function<Tensor(const Tensor&)> f, const Tensor& x,
 // only reference to it, contiguous; not for a leaf, nor for a producer that is two of the node's
 // inputs); an undefined Tensor otherwise, and outside a backward. A backward that adds into it
 // must return that very tensor (not a view or a copy) as input `input`'s gradient: the engine
-// then sums nothing; anything else returned is summed as usual. linear's dX GEMM does (beta = 1):
-// the gradients of q/k/v or gate/up reaching their shared input need no separate passes adding
-// [tokens, hidden] tensors. Whether a sum exists yet depends on the order the consumers run.
+// then sums nothing; anything else returned is summed as usual. Users: linear's dX GEMM (beta = 1:
+// q/k/v or gate/up reaching their shared input), the norms' dx (the residual stream's gradient:
+// x feeds both norm(x) and x + f(norm(x))) and slice (the q | k | v split of a fused projection
+// adds each range into the whole): no separate passes adding [tokens, hidden] tensors. Whether a
+// sum exists yet depends on the order the consumers run.
 Tensor accumulation_target(size_t input);
 
 // Runs backward from root; grad defaults to ones (a scalar loss gets 1).

@@ -86,8 +86,9 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
 // (Qwen2.5's 151936: 2.5 GB of bf16 logits at 8192 tokens, and as much for their gradient).
 // In f16 the gradients are formed before any loss scale reaches them (small values flush to 0):
 // under loss scaling take the composition. argmax, when given, receives each row's argmax over
-// the vocabulary (i64 [N], ties to the lowest index, as argmax(linear(h, w), -1)): evaluation's
-// token accuracy, also without the whole logits.
+// the vocabulary (i64 [N], ties to the lowest index, as argmax(linear(h, w), -1) up to the
+// logits' last bits: on the GPU a chunk's GEMM may round differently from the whole one's):
+// evaluation's token accuracy, also without the whole logits.
 Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targets,
                             int64_t ignore_index = -100, Reduction reduction = Reduction::mean,
                             int64_t chunk_rows = 0, Tensor* argmax = nullptr);

@@ -109,8 +109,10 @@ struct ToyModel {
 // the engine sums gradients ("autograd accumulate": once per extra consumer of a node or leaf,
 // once per leaf that receives a gradient). Some backwards add their share into the sum so far
 // (accumulation_target): linear's and the norms' input, and slice's (the q | k | v split). The
-// consumers of a node are taken newest first, the order the engine runs them in for these
-// models: the first forms the sum, each later one costs an engine sum unless it adds into it.
+// consumers of a node are taken newest first, the order the engine runs them in: the first forms
+// the sum, each later one costs an engine sum unless it adds into it. accumulation_target's
+// refusals (a shared sum, one producer as two inputs, a checkpointed block's inner graph) are not
+// modelled: the graphs these tests build have none.
 struct GraphCount {
   std::map<std::string, int64_t> nodes;
   int64_t accumulations = 0;

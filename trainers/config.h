@@ -98,11 +98,13 @@ struct SftConfig {
   std::string device = "cpu";  // cpu | cuda | cuda:N ("cuda": the GPU of the local rank)
   bool enable_activation_checkpointing = false;  // recompute each block in the backward
   bool allow_tf32 = false;  // f32 GEMMs on the GPU may use TF32 tensor cores
+  bool gemm_autotune = false;  // GPU GEMMs: the fastest of cuBLASLt's top picks, timed at first use
   // The training loss through ops::linear_cross_entropy: the LM head and cross-entropy in chunks
   // of rows, never the whole [tokens, vocab] logits (nor their gradient). Same loss and
   // gradients up to the order of dW's sums. Off: linear then cross_entropy. Not under TP (the
   // vocab-parallel loss has no logits gathered anyway), nor with dtype f16 (the loss scale must
-  // reach the logits' gradient before it is formed in f16).
+  // reach the logits' gradient before it is formed in f16). Evaluation also takes its loss and
+  // token accuracy by chunks when this is on (in every dtype: no gradient is formed there).
   bool chunked_loss = true;
 
   ModelSection model;

@@ -137,11 +137,17 @@ void add_(Tensor& a, const Tensor& b, double alpha) {
   check_same_device("add_", {&a, &b});
   Tensor bb = b.dtype() == a.dtype() ? contig(b) : b.detach().to(a.dtype()).contiguous();
   if (!a.is_contiguous()) {
-    // A strided destination (a slice of a wider tensor): the sum formed apart, then written
-    // back through a's strides (copy_ bumps the version).
+    // A strided destination (a slice of a wider tensor): the same axpy on a contiguous copy,
+    // written back through a's strides (copy_ bumps the version). Not a view whose elements
+    // share addresses (a stride 0 over a dim > 1, as expand makes): each would get another sum.
+    for (int64_t d = 0; d < a.dim(); ++d)
+      FTUNE_CHECK(a.strides()[size_t(d)] != 0 || a.shape()[size_t(d)] <= 1,
+                  "[add_] destination ", a.desc(), " repeats elements (stride 0 in dim ", d, ")");
     NoGradGuard no_grad;
     Tensor ad = a.detach();
-    ad.copy_(alpha == 1.0 ? add(ad, bb) : add(ad, mul_scalar(bb, alpha)));
+    Tensor t = ad.contiguous();
+    FTUNE_KERNEL(t.device(), axpy)(t, bb, alpha);
+    ad.copy_(t);
     return;
   }
   a.bump_version();

@@ -112,7 +112,7 @@ Tensor norm_dx(bool need, const Tensor& xc, bool& acc) {
   if (!need) return Tensor();
   Tensor t = accumulation_target(0);
   if (t.defined() && t.shape() == xc.shape() && t.dtype() == xc.dtype() &&
-      t.device() == xc.device()) {
+      t.device() == xc.device() && t.is_contiguous()) {
     acc = true;
     return t;
   }

@@ -298,7 +298,8 @@ TEST(Autograd, SlicesAddTheirRangesIntoTheSumSoFar) {
   struct Cut {
     int64_t dim, start, end;
   };
-  const std::vector<Cut> cuts = {{2, 0, 5}, {2, 5, 7}, {2, 7, 9}, {2, 3, 8}, {1, 1, 3}};
+  // Along the last dim (strided ranges), a middle one, and the first (a contiguous range).
+  const std::vector<Cut> cuts = {{2, 0, 5}, {2, 5, 7}, {2, 7, 9}, {2, 3, 8}, {1, 1, 3}, {0, 1, 2}};
   std::vector<Tensor> gs;
   for (const Cut& c : cuts) {
     Shape s{B, T, F};

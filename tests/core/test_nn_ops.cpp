@@ -11,6 +11,7 @@
 #include "core/ops.h"
 #include "core/profiler.h"
 #include "core/rng.h"
+#include "kernels/norm.h"
 
 using namespace ftune;
 
@@ -227,6 +228,32 @@ TEST(NnNorm, BackwardAddsDxIntoTheResidualGradient) {
   };
   // The separate copy adds one sum at the leaf x; the fan-in at h would add one in the engine.
   EXPECT_EQ(sums_at_h(true), sums_at_h(false) - 1.0);
+}
+
+// The kernels' accumulate_dx is the engine's sum bit for bit (dx rounded, then added), also on
+// the OpenMP path (rows split over threads, each with its row buffer): in f32, against the kernel
+// writing dx and ops::add.
+TEST(NnNorm, AccumulateIsTheEngineSumBitForBit) {
+  Generator gen(13);
+  const int64_t N = 96, D = 1024;
+  Tensor x = randn({N, D}, gen, 0.3, 1.0), w = randn({D}, gen), dy = randn({N, D}, gen);
+  Tensor sum = randn({N, D}, gen);
+  for (bool layer : {false, true}) {
+    SCOPED_TRACE(layer ? "layer_norm" : "rms_norm");
+    Tensor y = Tensor::empty({N, D}), mean = Tensor::empty({N}, DType::f64),
+           rstd = Tensor::empty({N}, DType::f64);
+    Tensor dx = Tensor::empty({N, D}), acc = sum.clone(), none;
+    if (layer) {
+      kernels::cpu::layer_norm_forward(x, w, Tensor(), 1e-5, y, mean, rstd);
+      kernels::cpu::layer_norm_backward(dy, x, w, mean, rstd, dx, none, none);
+      kernels::cpu::layer_norm_backward(dy, x, w, mean, rstd, acc, none, none, true);
+    } else {
+      kernels::cpu::rms_norm_forward(x, w, 1e-5, y, rstd);
+      kernels::cpu::rms_norm_backward(dy, x, w, rstd, dx, none);
+      kernels::cpu::rms_norm_backward(dy, x, w, rstd, acc, none, true);
+    }
+    EXPECT_EQ(acc.to_vector<float>(), ops::add(sum, dx).to_vector<float>());
+  }
 }
 
 // ------------------------------------------------------------------ rope

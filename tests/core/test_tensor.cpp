@@ -209,3 +209,28 @@ TEST(Tensor, LinearWithEmptyInnerDimIsBiasOnly) {
   EXPECT_EQ(ops::lora_linear(x, w, b, a, bb, 2.0).to_vector<float>(),
             (std::vector<float>{1.5f, -2.0f, 1.5f, -2.0f, 1.5f, -2.0f}));
 }
+
+// ops::add_ into a strided destination (a slice along a middle or last dim): the same axpy as on
+// a contiguous tensor, written back through the strides; the rest of the wider tensor untouched,
+// the storage's version bumped. A view that repeats elements (expand) is refused.
+TEST(Tensor, AddInPlaceIntoAStridedView) {
+  Generator g(21);
+  Tensor wide = randn({4, 7}, g);
+  const std::vector<float> before = wide.to_vector<float>();
+  Tensor b = randn({4, 3}, g);
+  Tensor r = wide.slice(1, 2, 5);
+  ASSERT_FALSE(r.is_contiguous());
+  Tensor want = r.contiguous();
+  ops::add_(want, b, 0.3);  // the contiguous path (axpy)
+  const uint64_t v0 = wide.impl()->storage->version;
+  ops::add_(r, b, 0.3);
+  EXPECT_GT(wide.impl()->storage->version, v0);
+  const std::vector<float> got = wide.to_vector<float>(), w = want.to_vector<float>();
+  for (int64_t i = 0; i < 4; ++i)
+    for (int64_t j = 0; j < 7; ++j) {
+      const float expect = j >= 2 && j < 5 ? w[size_t(i * 3 + j - 2)] : before[size_t(i * 7 + j)];
+      EXPECT_EQ(got[size_t(i * 7 + j)], expect) << i << "," << j;
+    }
+  Tensor e = Tensor::zeros({3}).expand({2, 3});
+  EXPECT_THROW(ops::add_(e, Tensor::ones({2, 3})), Error);
+}

@@ -389,6 +389,20 @@ TEST(CudaLoss, LinearCrossEntropyMatchesCpu) {
       }
   // A frozen weight (LoRA trains below the head), no gradient at all (evaluation), every target
   // ignored, and no rows: against the CPU in f64.
+  auto check_argmax = [&](const Tensor& am, const Tensor& h, const Tensor& w) {
+    ASSERT_EQ(am.device(), Device::cuda(0));
+    ASSERT_EQ(am.dtype(), DType::i64);
+    const std::vector<int64_t> picks = am.to(Device::cpu()).to_vector<int64_t>();
+    const std::vector<double> lv = ops::linear(h.to(DType::f64), w.to(DType::f64)).to_vector<double>();
+    ASSERT_EQ(picks.size(), size_t(N));
+    for (int64_t i = 0; i < N; ++i) {
+      ASSERT_TRUE(picks[size_t(i)] >= 0 && picks[size_t(i)] < V) << "row " << i;
+      double mx = -1e300;
+      for (int64_t j = 0; j < V; ++j) mx = std::max(mx, lv[size_t(i * V + j)]);
+      EXPECT_GE(lv[size_t(i * V + picks[size_t(i)])], mx - 1e-2 * std::max(1.0, std::abs(mx)))
+          << "row " << i;
+    }
+  };
   Generator g(43);
   const DType dt = DType::bf16;
   Tensor h0 = rand_host({N, d}, g, dt, 1.0), w0 = rand_host({V, d}, g, dt, 0.2);
@@ -417,18 +431,16 @@ TEST(CudaLoss, LinearCrossEntropyMatchesCpu) {
     Tensor l2 = ops::linear_cross_entropy(to_gpu(h0, dt), to_gpu(w0, dt), t.to(Device::cuda(0)),
                                           kIgnore, ops::Reduction::sum, 8, &am);
     EXPECT_EQ(l2.item(), l0.item());
-    ASSERT_EQ(am.device(), Device::cuda(0));
-    const std::vector<int64_t> picks = am.to(Device::cpu()).to_vector<int64_t>();
-    Tensor ref = ops::linear(h0.to(DType::f64), w0.to(DType::f64));
-    const std::vector<double> lv = ref.to_vector<double>();
-    ASSERT_EQ(picks.size(), size_t(N));
-    for (int64_t i = 0; i < N; ++i) {
-      ASSERT_TRUE(picks[size_t(i)] >= 0 && picks[size_t(i)] < V) << "row " << i;
-      double mx = -1e300;
-      for (int64_t j = 0; j < V; ++j) mx = std::max(mx, lv[size_t(i * V + j)]);
-      EXPECT_GE(lv[size_t(i * V + picks[size_t(i)])], mx - 1e-2 * std::max(1.0, std::abs(mx)))
-          << "row " << i;
-    }
+    check_argmax(am, h0, w0);
+  }
+  {  // the argmax also with the gradients formed (the fused loss-and-gradient kernel's branch)
+    Tensor am;
+    Tensor hg2 = to_gpu(h0, dt).set_requires_grad(true);
+    ops::linear_cross_entropy(hg2, to_gpu(w0, dt), t.to(Device::cuda(0)), kIgnore,
+                              ops::Reduction::sum, 8, &am)
+        .backward();
+    EXPECT_TRUE(hg2.grad().defined());
+    check_argmax(am, h0, w0);
   }
   std::vector<int64_t> none(size_t(N), kIgnore);
   Tensor hz = to_gpu(h0, dt).set_requires_grad(true), wz = to_gpu(w0, dt).set_requires_grad(true);

@@ -144,7 +144,45 @@ TEST(CudaNorm, GenericKernelsWithPipelineOff) {
       check_forward(true, dt, s, true);
       check_backward(false, dt, s, 3);
       check_backward(true, dt, s, 7);
+      check_backward(false, dt, s, 8 | 3);
+      check_backward(true, dt, s, 8 | 1);
     }
+  ::unsetenv("FTUNE_NORM_PIPE");
+}
+
+// accumulate_dx is the engine's sum bit for bit: the kernel adding into S equals the kernel
+// writing dx followed by ops::add(S, dx) (a checkpointed block, whose input is a leaf, takes the
+// second way), on every kernel path (warp rows, block rows, pipelined, generic).
+TEST(CudaNorm, AccumulateEqualsTheEngineSumBitForBit) {
+  FTUNE_REQUIRE_GPU();
+  for (const char* pipe : {"1", "0"}) {
+    ::setenv("FTUNE_NORM_PIPE", pipe, 1);
+    for (DType dt : kTypes)
+      for (const Size& s : {Size{7, 1000}, Size{33, 31}, Size{64, 256}, Size{9, 4096}, Size{5, 4100}})
+        for (bool layer : {false, true}) {
+          SCOPED_TRACE(label(dt, s) + (layer ? " layer_norm" : " rms_norm") + " pipe " + pipe);
+          Generator gen(71 + s.N * 3 + s.D);
+          const Shape xs{s.N, s.D};
+          Tensor x = to_gpu(rand_host(xs, gen, dt, 1.0, layer ? 0.5 : 0.0), dt);
+          Tensor w = to_gpu(rand_host({s.D}, gen, dt), dt);
+          Tensor dy = to_gpu(rand_host(xs, gen, dt), dt);
+          Tensor sum = to_gpu(rand_host(xs, gen, dt), dt);
+          Tensor y = gpu_empty(xs, dt), mean = gpu_empty({s.N}, DType::f32),
+                 rstd = gpu_empty({s.N}, DType::f32);
+          Tensor dx = gpu_empty(xs, dt), acc = sum.clone(), none;
+          if (layer) {
+            kernels::cuda::layer_norm_forward(x, w, Tensor(), 1e-5, y, mean, rstd);
+            kernels::cuda::layer_norm_backward(dy, x, w, mean, rstd, dx, none, none);
+            kernels::cuda::layer_norm_backward(dy, x, w, mean, rstd, acc, none, none, true);
+          } else {
+            kernels::cuda::rms_norm_forward(x, w, 1e-5, y, rstd);
+            kernels::cuda::rms_norm_backward(dy, x, w, rstd, dx, none);
+            kernels::cuda::rms_norm_backward(dy, x, w, rstd, acc, none, true);
+          }
+          const std::vector<double> want = ops::add(sum, dx).to(Device::cpu()).to_vector<double>();
+          EXPECT_EQ(acc.to(Device::cpu()).to_vector<double>(), want);
+        }
+  }
   ::unsetenv("FTUNE_NORM_PIPE");
 }
 
