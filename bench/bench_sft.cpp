@@ -8,6 +8,7 @@
 //             [--seq 256] [--batch 8] [--lora-r 8 (0: full)] [--targets all-linear] [--steps 8]
 //             [--warmup 2] [--device cpu|cuda] [--dtype f32|bf16] [--ckpt 0|1] [--tie 1|0]
 //             [--profile N] [--profile-json FILE] [--attention ftune|cudnn] [--chunked-loss 1|0]
+//             [--gemm-autotune 0|1]
 // --profile N: after the timed steps (which never carry it), N more steps under the op-level
 // profiler (core/profiler.h; one discarded warm-up step and one step without op hooks first), its
 // table on stderr: per op label, calls, GPU and host ms per step, host issue time per phase.
@@ -16,6 +17,8 @@
 // mfu counts 6 * params * tokens (+ attention) against the H100/H200 dense bf16 rate.
 // --chunked-loss: the trainer's `chunked_loss` (default on): the loss through
 // ops::linear_cross_entropy, never the whole logits; 0: linear then cross_entropy.
+// --gemm-autotune: the recipe's `gemm_autotune` (default: FTUNE_GEMM_AUTOTUNE, else off): each
+// GEMM shape's cuBLASLt algorithm timed at first use (in the warm-up steps).
 // --attention: the fused attention the GPU runs (a recipe's `attention.backend`); cudnn needs a
 // build with cuDNN and falls back to ftune's kernel, with a note, on shapes cuDNN does not serve.
 #include <algorithm>
@@ -30,6 +33,7 @@
 #include <vector>
 
 #include "core/allocator.h"
+#include "core/cuda_runtime.h"
 #include "core/optim.h"
 #include "core/profiler.h"
 #include "core/rng.h"
@@ -55,6 +59,7 @@ int main(int argc, char** argv) {
   std::string model_dir, targets = "all-linear";
   int64_t layers = 4, d = 512, heads = 8, kv = 8, ffn = 1376, vocab = 2048, seq = 256, batch = 8;
   int64_t lora_r = 8, steps = 8, warmup = 2, ckpt = 0, tie = 1, profile = 0, chunked_loss = 1;
+  int64_t gemm_autotune = -1;  // -1: FTUNE_GEMM_AUTOTUNE's default
   std::string device = "cpu", dtype = "f32", profile_json, attention = "ftune";
   for (int i = 1; i < argc; i += 2) {
     std::string k = argv[i];
@@ -105,6 +110,8 @@ int main(int argc, char** argv) {
       attention = v;
     else if (k == "--chunked-loss")
       chunked_loss = std::stoll(v);
+    else if (k == "--gemm-autotune")
+      gemm_autotune = std::stoll(v);
     else {
       std::fprintf(stderr, "bench_sft: unknown option %s\n", k.c_str());
       return 2;
@@ -157,6 +164,7 @@ int main(int argc, char** argv) {
           if (t.requires_grad()) trainable.emplace_back(n, t);
     }
     ops::set_attention_backend(attention);  // throws clearly for an unknown name or no cuDNN
+    if (gemm_autotune >= 0) cuda::set_gemm_autotune(gemm_autotune != 0);
     model->set_activation_checkpointing(ckpt != 0);
     model->train();  // as the trainer does (LoRA dropout is 0 here, so it changes no math)
     std::vector<Tensor> params;
@@ -234,6 +242,7 @@ int main(int argc, char** argv) {
                           {"activation_checkpointing", ckpt != 0},
                           {"attention", attention},
                           {"chunked_loss", chunked_loss != 0},
+                          {"gemm_autotune", cuda::gemm_autotune()},
                           {"fused_qkv", lora_r > 0 && model->fused_qkv()},
                           {"peak_gpu_mib", gpu},
                           {"mfu_vs_989tflops", dev.is_cuda() ? nlohmann::json(tps * flops_per_token / 989e12) : nlohmann::json(nullptr)},

@@ -76,6 +76,12 @@ class StreamGuard {
 // Whether f32 GEMMs may use TF32 tensor cores (recipe: `tf32: true`). Off by default.
 void set_allow_tf32(bool on);
 bool allow_tf32();
+// GEMM autotuning (recipe: `gemm_autotune: true`; FTUNE_GEMM_AUTOTUNE=1 sets the default): each
+// GEMM shape's algorithm is the fastest of cuBLASLt's top heuristic candidates, timed once at its
+// first use, instead of the heuristic's first pick. Off by default: the pick can change between
+// runs, and with it the last bits of the results (split-K and tile orders).
+void set_gemm_autotune(bool on);
+bool gemm_autotune();
 // Deterministic mode: kernels avoid float atomics whose order varies (embedding backward, ...).
 // On by default.
 void set_deterministic(bool on);

@@ -46,6 +46,8 @@ void set_current_stream(StreamHandle) {}
 void stream_synchronize(StreamHandle) {}
 void set_allow_tf32(bool) {}
 bool allow_tf32() { return false; }
+void set_gemm_autotune(bool) {}
+bool gemm_autotune() { return false; }
 void set_deterministic(bool) {}
 bool deterministic() { return true; }
 }  // namespace cuda

@@ -554,6 +554,7 @@ void bind_sft_config(const RecipeNode& root, const std::string& file, SftConfig&
   top.choice("dtype", c.dtype, {"f32", "bf16", "f16"});
   top.boolean("enable_activation_checkpointing", c.enable_activation_checkpointing);
   top.boolean("allow_tf32", c.allow_tf32);
+  top.boolean("gemm_autotune", c.gemm_autotune);
   top.boolean("chunked_loss", c.chunked_loss);
   if (const RecipeNode* d = top.value("device"); d && d->kind == Kind::Scalar) {
     const std::string& s = d->text;

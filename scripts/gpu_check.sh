@@ -111,9 +111,10 @@ run() {
       (cd "$ROOT" && PYTHONUNBUFFERED=1 timeout 150 python3 bench/sft/peft_step.py $shape $mode >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log") || echo "peft_step $mode failed: $?" >> "$OUT/e2e.log"
     done
     # A/B rows, no profile: full with cuDNN's attention (attention.backend: cudnn); full with the
-    # loss through linear then cross_entropy (--chunked-loss 0: the whole logits); LoRA without
-    # the batched q/k/v projection (FTUNE_FUSED_QKV=0). They decide those defaults.
-    for ab in "--lora-r 0 --attention cudnn" "--lora-r 0 --chunked-loss 0"; do
+    # loss through linear then cross_entropy (--chunked-loss 0: the whole logits); full with the
+    # GEMMs autotuned (gemm_autotune); LoRA without the batched q/k/v projection
+    # (FTUNE_FUSED_QKV=0). They decide those defaults.
+    for ab in "--lora-r 0 --attention cudnn" "--lora-r 0 --chunked-loss 0" "--lora-r 0 --gemm-autotune 1"; do
       timeout 150 "$bld/bench/bench_sft" $shape $ab >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft $ab failed: $?" >> "$OUT/e2e.log"
     done
     FTUNE_FUSED_QKV=0 timeout 150 "$bld/bench/bench_sft" $shape --lora-r 16 >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft --lora-r 16 FTUNE_FUSED_QKV=0 failed: $?" >> "$OUT/e2e.log"

@@ -87,7 +87,8 @@ def main():
         ours = {(j["mode"], bool(j.get("activation_checkpointing")),
                  j.get("attention", "ftune") + (" (unbatched qkv)" if j["mode"] == "lora" and
                                                 j.get("fused_qkv") is False else "")
-                 + (" (whole logits)" if j.get("chunked_loss") is False else "")): j
+                 + (" (whole logits)" if j.get("chunked_loss") is False else "")
+                 + (" (GEMMs autotuned)" if j.get("gemm_autotune") is True else "")): j
                 for j in e2e if "impl" not in j}
         peer = {(j["mode"], bool(j.get("activation_checkpointing"))): j for j in e2e if "impl" in j}
         for k, j in ours.items():

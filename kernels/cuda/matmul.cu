@@ -4,6 +4,8 @@
 // columns, i.e. over our rows). Per thread and device: one cublasLt handle; per (device, stream):
 // one workspace from the caching allocator; a cache of descriptors + the heuristic's algorithm
 // keyed by everything they depend on (shapes, strides, dtypes, pointer alignment, TF32, bias).
+// With autotuning (ftune::cuda::gemm_autotune) the algorithm is the fastest of the heuristic's
+// top candidates, timed on the call's operands at the plan's first use (into a scratch C).
 #include <cublasLt.h>
 
 #include <cstring>
@@ -29,6 +31,8 @@ namespace {
 
 constexpr size_t kWorkspaceBytes = size_t(32) << 20;
 constexpr size_t kMaxPlans = 512;
+constexpr int kTuneCandidates = 8;  // the heuristic's top picks timed by the autotuner
+constexpr int kTuneRuns = 3;        // timed runs of each, after one warm-up
 
 cudaDataType_t cuda_type(DType t) {
   switch (t) {
@@ -54,13 +58,13 @@ uint32_t alignment(const void* p, int64_t stride_elems, size_t esize, int64_t ba
 
 struct Key {
   int device = 0;
-  bool ta = false, tb = false, bias = false, tf32 = false;
+  bool ta = false, tb = false, bias = false, tf32 = false, tuned = false;
   int64_t m = 0, n = 0, k = 0, lda = 0, ldb = 0, ldc = 0, batch = 0, sa = 0, sb = 0, sc = 0;
   DType ab = DType::f32, c = DType::f32;
   uint32_t al_a = 0, al_b = 0, al_c = 0;
   auto tie() const {
-    return std::tie(device, ta, tb, bias, tf32, m, n, k, lda, ldb, ldc, batch, sa, sb, sc, ab, c,
-                    al_a, al_b, al_c);
+    return std::tie(device, ta, tb, bias, tf32, tuned, m, n, k, lda, ldb, ldc, batch, sa, sb, sc,
+                    ab, c, al_a, al_b, al_c);
   }
   bool operator==(const Key& o) const { return tie() == o.tie(); }
 };
@@ -69,7 +73,8 @@ struct KeyHash {
     uint64_t h = 1469598103934665603ull;
     auto mix = [&](uint64_t v) { h = (h ^ v) * 1099511628211ull; };
     mix(uint64_t(k.device) | uint64_t(k.ta) << 8 | uint64_t(k.tb) << 9 | uint64_t(k.bias) << 10 |
-        uint64_t(k.tf32) << 11 | uint64_t(k.ab) << 16 | uint64_t(k.c) << 24);
+        uint64_t(k.tf32) << 11 | uint64_t(k.tuned) << 12 | uint64_t(k.ab) << 16 |
+        uint64_t(k.c) << 24);
     for (int64_t v : {k.m, k.n, k.k, k.lda, k.ldb, k.ldc, k.batch, k.sa, k.sb, k.sc})
       mix(uint64_t(v));
     mix(uint64_t(k.al_a) | uint64_t(k.al_b) << 16 | uint64_t(k.al_c) << 32);
@@ -127,7 +132,48 @@ cublasLtMatrixLayout_t make_layout(cudaDataType_t t, int64_t rows, int64_t cols,
   return l;
 }
 
-Plan& plan_for(const Key& key, cublasLtHandle_t h) {
+// Times each usable candidate (one warm-up, then kTuneRuns runs between two events on the current
+// stream) on g's A, B (and bias) into a zeroed scratch C of C's extent; returns the index of the
+// fastest, or 0 when none could be timed. Synchronizes the stream once per new plan.
+int fastest_candidate(const Key& key, const Plan& p, cublasLtHandle_t h, const GemmArgs& g,
+                      const cublasLtMatmulHeuristicResult_t* res, int found) {
+  const int64_t extent = key.batch > 1 ? (key.batch - 1) * key.sc + key.m * key.ldc
+                                       : key.m * key.ldc;
+  Tensor scratch = Tensor::zeros({extent}, key.c, Device::cuda(key.device));
+  cudaStream_t s = stream();
+  void* ws = workspace(key.device, s);
+  cudaEvent_t e0 = nullptr, e1 = nullptr;
+  CUDA_CHECK(cudaEventCreate(&e0));
+  CUDA_CHECK(cudaEventCreate(&e1));
+  int best = 0;
+  float best_ms = 0.f;
+  bool any = false;
+  for (int i = 0; i < found; ++i) {
+    if (res[i].state != CUBLAS_STATUS_SUCCESS) continue;
+    auto run = [&] {
+      return cublasLtMatmul(h, p.op, &g.alpha, g.b, p.la, g.a, p.lb, &g.beta, scratch.raw_data(),
+                            p.lc, scratch.raw_data(), p.lc, &res[i].algo, ws, kWorkspaceBytes, s);
+    };
+    if (run() != CUBLAS_STATUS_SUCCESS) continue;  // this candidate cannot run here: skip it
+    CUDA_CHECK(cudaEventRecord(e0, s));
+    bool ok = true;
+    for (int r = 0; r < kTuneRuns && ok; ++r) ok = run() == CUBLAS_STATUS_SUCCESS;
+    CUDA_CHECK(cudaEventRecord(e1, s));
+    CUDA_CHECK(cudaEventSynchronize(e1));
+    float ms = 0.f;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    if (ok && (!any || ms < best_ms)) {
+      best = i;
+      best_ms = ms;
+      any = true;
+    }
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  return best;
+}
+
+Plan& plan_for(const Key& key, cublasLtHandle_t h, const GemmArgs& g) {
   auto& plans = state().plans;
   auto it = plans.find(key);
   if (it != plans.end()) return *it->second;
@@ -181,18 +227,27 @@ Plan& plan_for(const Key& key, cublasLtHandle_t h) {
   if (st == CUBLAS_STATUS_SUCCESS)
     st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
                                               &reduction, sizeof(reduction));
-  cublasLtMatmulHeuristicResult_t res{};
+  cublasLtMatmulHeuristicResult_t res[kTuneCandidates] = {};
   int found = 0;
   if (st == CUBLAS_STATUS_SUCCESS)
-    st =
-        cublasLtMatmulAlgoGetHeuristic(h, p->op, p->la, p->lb, p->lc, p->lc, pref, 1, &res, &found);
+    st = cublasLtMatmulAlgoGetHeuristic(h, p->op, p->la, p->lb, p->lc, p->lc, pref,
+                                        key.tuned ? kTuneCandidates : 1, res, &found);
   cublasLtMatmulPreferenceDestroy(pref);
   CUBLAS_CHECK(st);
   FTUNE_CHECK(found > 0, "[gemm] cuBLASLt has no algorithm for ", key.ta ? "A^T" : "A", " ",
               key.tb ? "B^T" : "B", " m=", key.m, " n=", key.n, " k=", key.k, " lda=", key.lda,
               " ldb=", key.ldb, " ldc=", key.ldc, " batch=", key.batch, " ", dtype_name(key.ab),
               " -> ", dtype_name(key.c), key.bias ? " with bias" : "");
-  p->algo = res.algo;
+  int pick = 0;
+  if (key.tuned && found > 1) {
+    if (key.bias) {  // the timed runs read the call's bias
+      const void* bp = g.bias;
+      CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp,
+                                                  sizeof(bp)));
+    }
+    pick = fastest_candidate(key, *p, h, g, res, found);
+  }
+  p->algo = res[pick].algo;
   return *plans.emplace(key, std::move(p)).first->second;
 }
 
@@ -310,6 +365,7 @@ void gemm(const GemmArgs& g) {
   key.tb = g.trans_b;
   key.bias = g.bias != nullptr;
   key.tf32 = g.ab_dtype == DType::f32 && ftune::cuda::allow_tf32();
+  key.tuned = ftune::cuda::gemm_autotune();
   key.m = g.m;
   key.n = g.n;
   key.k = g.k;
@@ -326,7 +382,7 @@ void gemm(const GemmArgs& g) {
   key.al_b = alignment(g.b, key.sb, eab, g.batch);
   key.al_c = alignment(g.c, key.sc, ec, g.batch);
   cublasLtHandle_t h = handle(dev);
-  Plan& p = plan_for(key, h);
+  Plan& p = plan_for(key, h, g);
   if (g.bias) {  // the pointer is per call; the descriptor is this thread's own
     const void* bp = g.bias;
     CUBLAS_CHECK(

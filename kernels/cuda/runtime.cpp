@@ -9,6 +9,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -258,6 +259,10 @@ namespace {
 thread_local StreamHandle t_stream = nullptr;
 std::atomic<bool> g_tf32{false};
 std::atomic<bool> g_deterministic{true};
+std::atomic<bool> g_gemm_autotune{[] {
+  const char* e = std::getenv("FTUNE_GEMM_AUTOTUNE");
+  return e != nullptr && std::string(e) == "1";
+}()};
 }  // namespace
 
 int local_rank_from_env() {
@@ -345,6 +350,8 @@ void set_current_stream(StreamHandle s) { t_stream = s; }
 void stream_synchronize(StreamHandle s) { CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(s))); }
 void set_allow_tf32(bool on) { g_tf32 = on; }
 bool allow_tf32() { return g_tf32; }
+void set_gemm_autotune(bool on) { g_gemm_autotune = on; }
+bool gemm_autotune() { return g_gemm_autotune; }
 void set_deterministic(bool on) { g_deterministic = on; }
 bool deterministic() { return g_deterministic; }
 

@@ -192,6 +192,44 @@ TEST(CudaGemm, BiasAlphaBetaAndMixedOutput) {
           }
 }
 
+// gemm_autotune: each new plan times the heuristic's top candidates into a scratch C, so C keeps
+// its values until the chosen algorithm runs (beta 0.5 reads them), with a bias, batched, large k
+// (split-K candidates), every dtype; the results are the CPU's. Plans made with autotuning off
+// are not reused with it on (and the other way round).
+TEST(CudaGemm, AutotunedPlansMatchCpu) {
+  FTUNE_REQUIRE_GPU();
+  ftune::cuda::set_allow_tf32(false);
+  uint64_t seed = 500;
+  for (bool tuned : {true, false})
+    for (DType dt : {DType::f32, DType::bf16, DType::f16}) {
+      ftune::cuda::set_gemm_autotune(tuned);
+      Case c;
+      c.dt = c.cdt = dt;
+      c.tb = true;
+      c.m = 1000;
+      c.n = 768;
+      c.k = 4096;
+      c.alpha = 0.75f;
+      c.beta = 0.5f;
+      c.bias = true;
+      run_case(c, seed++);
+      c.bias = false;
+      c.beta = 0.f;
+      c.batch = 3;
+      c.m = 129;
+      c.n = 64;
+      c.k = 1000;
+      run_case(c, seed++);
+      if (dt != DType::f32) {
+        c.cdt = DType::f32;  // 16-bit inputs, f32 C
+        c.batch = 1;
+        c.beta = 0.5f;
+        run_case(c, seed++);
+      }
+    }
+  ftune::cuda::set_gemm_autotune(false);
+}
+
 TEST(CudaGemm, EmptyInnerDimension) {
   FTUNE_REQUIRE_GPU();
   uint64_t seed = 400;
