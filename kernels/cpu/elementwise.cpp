@@ -120,6 +120,22 @@ void axpy(Tensor& a, const Tensor& b, double alpha) {
     const T* pb = b.data<T>();
     const T al = T(alpha);
     const int64_t n = a.numel();
+    if (!a.is_contiguous()) {  // a strided view (a slice of a wider tensor), run by run
+      const Shape bst = contiguous_strides(a.shape());
+      strided_for<2>(a.shape(), {&a.strides(), &bst},
+                     [&](int64_t m, const std::array<int64_t, 2>& off,
+                         const std::array<int64_t, 2>& st) {
+                       T* ra = pa + off[0];
+                       const T* rb = pb + off[1];
+                       if (st[0] == 1) {
+#pragma omp simd
+                         for (int64_t j = 0; j < m; ++j) ra[j] += al * rb[j];
+                       } else {
+                         for (int64_t j = 0; j < m; ++j) ra[j * st[0]] += al * rb[j];
+                       }
+                     });
+      return;
+    }
 #pragma omp parallel for schedule(static) if (n > (1 << 15))
     for (int64_t i = 0; i < n; ++i) pa[i] += al * pb[i];
   });
