@@ -30,7 +30,7 @@ Tensor relu(const Tensor& a);
 Tensor square(const Tensor& a);
 Tensor where_mask(const Tensor& mask_b8, const Tensor& a, double fill);  // mask ? a : fill
 // In place, never recorded (optimizer, gradient accumulation): a += alpha * b, same shape. a may
-// be a strided view (a slice of a wider tensor): then the sum is formed apart and written back.
+// be a strided view whose elements are distinct (a slice of a wider tensor; not expand's).
 void add_(Tensor& a, const Tensor& b, double alpha = 1.0);
 void mul_(Tensor& a, double s);
 Tensor cast(const Tensor& a, DType dt);  // differentiable between float dtypes

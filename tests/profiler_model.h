@@ -2,6 +2,7 @@
 // the CPU, tests/cuda on a GPU): one training step whose op calls are known by construction.
 #pragma once
 #include <algorithm>
+#include <functional>
 #include <map>
 #include <string>
 #include <unordered_set>
@@ -148,6 +149,23 @@ inline GraphCount count_graph(const Tensor& root) {
   }
   for (const auto& [l, k] : leaf_uses) gc.accumulations += k;  // k - 1 sums + the final store
   return gc;
+}
+
+// The engine's gradient sums ("autograd accumulate" calls, leaves' stores included) in the
+// backward of the scalar forward() returns, counted by the profiler on the CPU.
+inline double backward_sums(const std::function<Tensor()>& forward) {
+  profiler::reset();
+  profiler::begin_step(Device::cpu());
+  profiler::phase("forward");
+  Tensor l = forward();
+  profiler::phase("backward");
+  l.backward();
+  profiler::end_step();
+  double n = 0;
+  for (const auto& row : profiler::report().rows)
+    if (row.phase == "backward" && row.label == "autograd accumulate") n = row.calls;
+  profiler::reset();
+  return n;
 }
 
 // One step (forward, backward, AdamW) with the profiler's phases; returns the loss tensor.

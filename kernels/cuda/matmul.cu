@@ -5,7 +5,8 @@
 // one workspace from the caching allocator; a cache of descriptors + the heuristic's algorithm
 // keyed by everything they depend on (shapes, strides, dtypes, pointer alignment, TF32, bias).
 // With autotuning (ftune::cuda::gemm_autotune) the algorithm is the fastest of the heuristic's
-// top candidates, timed on the call's operands at the plan's first use (into a scratch C).
+// top candidates, timed on the call's operands at the plan's first use (into C when beta is 0,
+// else into a scratch C).
 #include <cublasLt.h>
 
 #include <cstring>
@@ -133,13 +134,19 @@ cublasLtMatrixLayout_t make_layout(cudaDataType_t t, int64_t rows, int64_t cols,
 }
 
 // Times each usable candidate (one warm-up, then kTuneRuns runs between two events on the current
-// stream) on g's A, B (and bias) into a zeroed scratch C of C's extent; returns the index of the
-// fastest, or 0 when none could be timed. Synchronizes the stream once per new plan.
+// stream) on g's A, B (and bias); returns the index of the fastest, or 0 when none could be timed.
+// With beta 0 they write C itself (never read; the call that follows overwrites it), else a zeroed
+// scratch C of C's extent (C keeps its values). Synchronizes the stream once per new plan.
 int fastest_candidate(const Key& key, const Plan& p, cublasLtHandle_t h, const GemmArgs& g,
                       const cublasLtMatmulHeuristicResult_t* res, int found) {
-  const int64_t extent = key.batch > 1 ? (key.batch - 1) * key.sc + key.m * key.ldc
-                                       : key.m * key.ldc;
-  Tensor scratch = Tensor::zeros({extent}, key.c, Device::cuda(key.device));
+  Tensor scratch;
+  void* out = g.c;
+  if (g.beta != 0.f) {
+    const int64_t extent = key.batch > 1 ? (key.batch - 1) * key.sc + key.m * key.ldc
+                                         : key.m * key.ldc;
+    scratch = Tensor::zeros({extent}, key.c, Device::cuda(key.device));
+    out = scratch.raw_data();
+  }
   cudaStream_t s = stream();
   void* ws = workspace(key.device, s);
   cudaEvent_t e0 = nullptr, e1 = nullptr;
@@ -151,8 +158,8 @@ int fastest_candidate(const Key& key, const Plan& p, cublasLtHandle_t h, const G
   for (int i = 0; i < found; ++i) {
     if (res[i].state != CUBLAS_STATUS_SUCCESS) continue;
     auto run = [&] {
-      return cublasLtMatmul(h, p.op, &g.alpha, g.b, p.la, g.a, p.lb, &g.beta, scratch.raw_data(),
-                            p.lc, scratch.raw_data(), p.lc, &res[i].algo, ws, kWorkspaceBytes, s);
+      return cublasLtMatmul(h, p.op, &g.alpha, g.b, p.la, g.a, p.lb, &g.beta, out, p.lc, out, p.lc,
+                            &res[i].algo, ws, kWorkspaceBytes, s);
     };
     if (run() != CUBLAS_STATUS_SUCCESS) continue;  // this candidate cannot run here: skip it
     CUDA_CHECK(cudaEventRecord(e0, s));

@@ -7,6 +7,7 @@
 #include "core/autograd.h"
 #include "core/profiler.h"
 #include "core/rng.h"
+#include "tests/profiler_model.h"
 
 using namespace ftune;
 
@@ -263,23 +264,16 @@ TEST(Autograd, LinearFanInSkipsTheEngineSum) {
   Tensor x0 = randn({6, 4}, gen).set_requires_grad(true);
   Tensor w = randn({5, 4}, gen).set_requires_grad(true);
   auto count = [&](bool use_linear) {
-    profiler::reset();
-    profiler::begin_step(Device::cpu());
-    profiler::phase("forward");
-    Tensor x = ops::mul_scalar(x0, 2.0);
-    Tensor l;
-    for (int i = 0; i < 3; ++i) {
-      Tensor y = use_linear ? ops::linear(x, w) : ops::matmul(x, w.transpose(0, 1));
-      Tensor t = ops::sum(y);
-      l = l.defined() ? ops::add(l, t) : t;
-    }
-    profiler::phase("backward");
-    l.backward();
-    profiler::end_step();
-    double n = 0;
-    for (const auto& row : profiler::report().rows)
-      if (row.phase == "backward" && row.label == "autograd accumulate") n = row.calls;
-    profiler::reset();
+    const double n = test::backward_sums([&] {
+      Tensor x = ops::mul_scalar(x0, 2.0);
+      Tensor l;
+      for (int i = 0; i < 3; ++i) {
+        Tensor y = use_linear ? ops::linear(x, w) : ops::matmul(x, w.transpose(0, 1));
+        Tensor t = ops::sum(y);
+        l = l.defined() ? ops::add(l, t) : t;
+      }
+      return l;
+    });
     x0.zero_grad();
     w.zero_grad();
     return n;
@@ -334,31 +328,24 @@ TEST(Autograd, SliceFanInSkipsTheEngineSum) {
   Generator gen(8);
   Tensor x0 = randn({6, 10}, gen).set_requires_grad(true);
   auto count = [&](bool slices) {
-    profiler::reset();
-    profiler::begin_step(Device::cpu());
-    profiler::phase("forward");
-    Tensor y = ops::mul_scalar(x0, 2.0);
-    Tensor l;
-    for (int64_t i = 0; i < 3; ++i) {
-      // By hand: y times a 0/1 mask of the range, a whole-size tensor per share.
-      Tensor part;
-      if (slices) {
-        part = y.slice(1, 3 * i, 3 * i + 3);
-      } else {
-        Tensor m = Tensor::zeros({6, 10}, DType::f32);
-        m.slice(1, 3 * i, 3 * i + 3).fill_(1.0);
-        part = ops::mul(y, m);
+    const double n = test::backward_sums([&] {
+      Tensor y = ops::mul_scalar(x0, 2.0);
+      Tensor l;
+      for (int64_t i = 0; i < 3; ++i) {
+        // By hand: y times a 0/1 mask of the range, a whole-size tensor per share.
+        Tensor part;
+        if (slices) {
+          part = y.slice(1, 3 * i, 3 * i + 3);
+        } else {
+          Tensor m = Tensor::zeros({6, 10}, DType::f32);
+          m.slice(1, 3 * i, 3 * i + 3).fill_(1.0);
+          part = ops::mul(y, m);
+        }
+        Tensor t = ops::sum(part);
+        l = l.defined() ? ops::add(l, t) : t;
       }
-      Tensor t = ops::sum(part);
-      l = l.defined() ? ops::add(l, t) : t;
-    }
-    profiler::phase("backward");
-    l.backward();
-    profiler::end_step();
-    double n = 0;
-    for (const auto& row : profiler::report().rows)
-      if (row.phase == "backward" && row.label == "autograd accumulate") n = row.calls;
-    profiler::reset();
+      return l;
+    });
     Tensor g = x0.grad().clone();
     x0.zero_grad();
     return std::make_pair(n, g);

@@ -12,6 +12,7 @@
 #include "core/profiler.h"
 #include "core/rng.h"
 #include "kernels/norm.h"
+#include "tests/profiler_model.h"
 
 using namespace ftune;
 
@@ -208,23 +209,14 @@ TEST(NnNorm, BackwardAddsDxIntoTheResidualGradient) {
       }
 
   auto sums_at_h = [&](bool norm_fan_in) {
-    profiler::reset();
-    profiler::begin_step(Device::cpu());
-    profiler::phase("forward");
-    Tensor x = x0.clone().set_requires_grad(true);
-    Tensor h = ops::mul_scalar(x, 1.5);
-    // Without the fan-in: the same norm of a copy of h (made by an op, so no leaf).
-    Tensor y = ops::rms_norm(norm_fan_in ? h : ops::mul_scalar(x, 1.5), w, 1e-5);
-    Tensor r = ops::add(h, g1);
-    Tensor l = ops::add(ops::sum(ops::mul(r, g1)), ops::sum(ops::mul(y, g2)));
-    profiler::phase("backward");
-    l.backward();
-    profiler::end_step();
-    double n = 0;
-    for (const auto& row : profiler::report().rows)
-      if (row.phase == "backward" && row.label == "autograd accumulate") n = row.calls;
-    profiler::reset();
-    return n;
+    return test::backward_sums([&] {
+      Tensor x = x0.clone().set_requires_grad(true);
+      Tensor h = ops::mul_scalar(x, 1.5);
+      // Without the fan-in: the same norm of a copy of h (made by an op, so no leaf).
+      Tensor y = ops::rms_norm(norm_fan_in ? h : ops::mul_scalar(x, 1.5), w, 1e-5);
+      Tensor r = ops::add(h, g1);
+      return ops::add(ops::sum(ops::mul(r, g1)), ops::sum(ops::mul(y, g2)));
+    });
   };
   // The separate copy adds one sum at the leaf x; the fan-in at h would add one in the engine.
   EXPECT_EQ(sums_at_h(true), sums_at_h(false) - 1.0);

@@ -192,8 +192,9 @@ TEST(CudaGemm, BiasAlphaBetaAndMixedOutput) {
           }
 }
 
-// gemm_autotune: each new plan times the heuristic's top candidates into a scratch C, so C keeps
-// its values until the chosen algorithm runs (beta 0.5 reads them), with a bias, batched, large k
+// gemm_autotune: each new plan times the heuristic's top candidates, into a scratch C when beta is
+// not 0, so C keeps its values until the chosen algorithm runs (beta 0.5 reads them; beta 0 times
+// into C, which the real call then overwrites), with a bias, batched, large k
 // (split-K candidates), every dtype; the results are the CPU's. Plans made with autotuning off
 // are not reused with it on (and the other way round).
 TEST(CudaGemm, AutotunedPlansMatchCpu) {
