@@ -15,8 +15,8 @@ void binary(BinaryOp op, const Tensor& a, const Tensor& b, Tensor& out);  // a, 
 void unary(UnaryOp op, const Tensor& a, Tensor& out, double scalar = 0.0);
 // Backward of a unary op from its input x and output y: dx = dy * f'(x).
 void unary_backward(UnaryOp op, const Tensor& x, const Tensor& y, const Tensor& dy, Tensor& dx, double scalar);
-// a += alpha*b, same dtype; b contiguous, a contiguous or (CPU only) a strided view whose
-// elements are distinct.
+// a += alpha*b, same dtype; b contiguous, a contiguous or a strided view whose elements are
+// distinct (add_ into a slice).
 void axpy(Tensor& a, const Tensor& b, double alpha);
 void scale_(Tensor& a, double s);
 // Sums a contiguous [outer, n, inner] tensor over n into out [outer, inner]. Accumulates in f64.

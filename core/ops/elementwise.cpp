@@ -137,24 +137,12 @@ void add_(Tensor& a, const Tensor& b, double alpha) {
   check_same_device("add_", {&a, &b});
   Tensor bb = b.dtype() == a.dtype() ? contig(b) : b.detach().to(a.dtype()).contiguous();
   if (!a.is_contiguous()) {
-    // A strided destination (a slice of a wider tensor): the same axpy, through a's strides on
-    // the CPU; on the GPU on a contiguous copy written back (copy_ bumps the version). Not a
-    // view whose elements share addresses (a stride 0 over a dim > 1, as expand makes): each
-    // would get another sum.
+    // A strided destination (a slice of a wider tensor): the kernels walk a's strides, with
+    // the same arithmetic. Not a view whose elements share addresses (a stride 0 over a dim > 1,
+    // as expand makes): each would get another sum.
     for (int64_t d = 0; d < a.dim(); ++d)
       FTUNE_CHECK(a.strides()[size_t(d)] != 0 || a.shape()[size_t(d)] <= 1,
                   "[add_] destination ", a.desc(), " repeats elements (stride 0 in dim ", d, ")");
-    if (a.device().is_cpu()) {  // the CPU kernel walks a's strides
-      a.bump_version();
-      kernels::cpu::axpy(a, bb, alpha);
-      return;
-    }
-    NoGradGuard no_grad;
-    Tensor ad = a.detach();
-    Tensor t = ad.contiguous();
-    FTUNE_KERNEL(t.device(), axpy)(t, bb, alpha);
-    ad.copy_(t);
-    return;
   }
   a.bump_version();
   FTUNE_KERNEL(a.device(), axpy)(a, bb, alpha);

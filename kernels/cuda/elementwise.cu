@@ -162,6 +162,28 @@ __global__ void strided_kernel(Strided<NI> s, Ptrs<T, NI> in, T* __restrict__ ou
   }
 }
 
+// a += alpha * b through a's strides (a slice of a wider tensor; its elements distinct), b any
+// view of a's shape: input 0 of s is a, input 1 is b. The arithmetic of AxpyF on a contiguous a.
+template <class T, class Idx>
+__global__ void axpy_strided_kernel(Strided<2> s, T* a, const T* __restrict__ b, int64_t n,
+                                    float alpha) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t oa = 0, ob = 0;
+    Idx r = Idx(i);
+    for (int d = s.nd - 1; d >= 0; --d) {
+      const Idx size = Idx(s.size[d]);
+      const Idx q = r / size;
+      const int64_t c = int64_t(r - q * size);
+      r = q;
+      oa += c * s.stride[0][d];
+      ob += c * s.stride[1][d];
+    }
+    const float x[2] = {to_f(a[oa]), to_f(b[ob])};
+    a[oa] = from_f<T>(x[0] + alpha * x[1]);
+  }
+}
+
 // The row-broadcast fast path: out is [rows, cols] (contiguous) and input k's element (r, c) is at
 // p[k] + r * rs[k] + c * cs[k] with cs[k] 0 (one value per row) or 1 (a row of cols elements, e.g.
 // a bias with rs = 0). 16-byte vectors along the row: cols % kVec == 0, every row of a cs = 1
@@ -498,6 +520,22 @@ void axpy(Tensor& a, const Tensor& b, double alpha) {
   check_out(name, a, b);
   kernels::cuda::dispatch_float(a.dtype(), name, [&](auto tag) {
     using T = typename decltype(tag)::type;
+    if (!a.is_contiguous()) {  // a strided destination (add_ into a slice)
+      const int64_t n = a.numel();
+      if (n == 0) return;
+      const Tensor* ab[2] = {&a, &b};
+      const Strided<2> s = coalesce<2>(name, a.shape(), ab);
+      auto* pa = static_cast<T*>(a.raw_data());
+      auto* pb = static_cast<const T*>(b.raw_data());
+      if (n < (int64_t(1) << 31))
+        axpy_strided_kernel<T, uint32_t><<<grid_1d(n, 256), 256, 0, stream()>>>(s, pa, pb, n,
+                                                                                 float(alpha));
+      else
+        axpy_strided_kernel<T, uint64_t><<<grid_1d(n, 256), 256, 0, stream()>>>(s, pa, pb, n,
+                                                                                 float(alpha));
+      FTUNE_LAUNCH_CHECK(name);
+      return;
+    }
     Ptrs<T, 2> in{{static_cast<const T*>(a.raw_data()), static_cast<const T*>(b.raw_data())}};
     OutPtrs<T, 1> o{{static_cast<T*>(a.raw_data())}};
     launch_map<T, 2, 1>(name, in, o, a.numel(), AxpyF{float(alpha)});

@@ -211,14 +211,31 @@ TEST(CudaElementwise, StridedAddInPlaceAndSliceGradients) {
     Tensor ref = w.clone();
     {
       Tensor r = ref.slice(1, 6, 10);
-      ops::add_(r, b, 0.5);
+      ops::add_(r, b, 0.3);
     }
     Tensor wd = to_gpu(w, dt);
     Tensor rd = wd.slice(1, 6, 10);
-    ops::add_(rd, to_gpu(b, dt), 0.5);
+    Tensor same = rd.contiguous();  // the contiguous path, for the bits
+    ops::add_(same, to_gpu(b, dt), 0.3);
+    ops::add_(rd, to_gpu(b, dt), 0.3);
     EXPECT_TRUE(all_close(wd, ref, 1e-6, ew_rtol(dt))) << "add_ strided " << dtype_name(dt);
+    EXPECT_EQ(rd.contiguous().to(Device::cpu()).to(DType::f64).to_vector<double>(),
+              same.to(Device::cpu()).to(DType::f64).to_vector<double>());
     EXPECT_EQ(wd.slice(1, 0, 6).contiguous().to(Device::cpu()).to(DType::f32).to_vector<float>(),
               w.slice(1, 0, 6).contiguous().to(DType::f32).to_vector<float>());
+    // A middle-dim slice of a 3-d tensor (dims that do not merge), against the CPU.
+    Tensor w3 = rand_host({3, 5, 6}, g, dt), b3 = rand_host({3, 2, 6}, g, dt);
+    Tensor ref3 = w3.clone();
+    {
+      Tensor r = ref3.slice(1, 2, 4);
+      ops::add_(r, b3, -1.25);
+    }
+    Tensor w3d = to_gpu(w3, dt);
+    {
+      Tensor r = w3d.slice(1, 2, 4);
+      ops::add_(r, to_gpu(b3, dt), -1.25);
+    }
+    EXPECT_TRUE(all_close(w3d, ref3, 1e-6, ew_rtol(dt))) << "add_ 3-d " << dtype_name(dt);
 
     Tensor x = rand_host({3, 7, 12}, g, dt), gq = rand_host({3, 7, 8}, g, dt),
            gk = rand_host({3, 7, 2}, g, dt), gv = rand_host({3, 7, 2}, g, dt);
