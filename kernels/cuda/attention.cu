@@ -1256,7 +1256,10 @@ __device__ __forceinline__ void fa_bwd_dkdv_body(const Args& a) {
 }
 
 // dK / dV from the per-query-head shares of the split dK/dV kernels: element i (of Nk * Hkv * D)
-// sums its `group` shares in head order (deterministic), dK times the softmax scale.
+// sums its `group` shares in head order (deterministic), dK times the softmax scale. Every key
+// row is written: the split relies on cu_seqlens_k covering every key token (the op's contract;
+// the unsplit kernels would leave a key outside every sequence untouched, this writes its
+// never-written share).
 template <class T>
 __global__ void dkv_reduce_kernel(const float* __restrict__ dk_part,
                                   const float* __restrict__ dv_part, T* dk, T* dv, int64_t n,

@@ -465,6 +465,17 @@ TEST(CudaAttention, BackwardVariants0To5AndAutoForwardRowBlocks) {
     c.d = d;
     c.causal = true;
     check_variants(c, DType::bf16, 18);
+    // Plain multi-head attention (one query head per kv head): no dK/dV split, so the unsplit
+    // dK/dV kernels of every variant run (the grouped cases above take the split by default).
+    Case m;
+    m.b = 2;
+    m.tq = m.tk = 300;
+    m.h = m.hkv = 4;
+    m.d = d;
+    m.causal = true;
+    check_variants(m, DType::bf16, 19);
+    m.causal = false;
+    check_variants(m, DType::f16, 20);
   }
 }
 
@@ -571,7 +582,8 @@ TEST(CudaAttention, SomeGradientsOnly) {
 
 TEST(CudaAttention, DecodeMatchesCpuAndFullForwardLastRow) {
   FTUNE_REQUIRE_GPU();
-  for (int64_t d : {64, 128, 80})
+  // d 33: rows that the lanes' vector loads cannot take (the element-by-element decode kernel).
+  for (int64_t d : {64, 128, 80, 33})
     for (DType dt : kDtypes)
       for (int64_t tk : {37, 3000}) {  // 3000 keys: split across CTAs, merged by the combiner
         // Full causal forward over tk tokens; the decode step is its last query alone.
