@@ -65,7 +65,8 @@ void lora_backward(const LoraDims& d, const T* g, const T* x, const T* w, const 
 // contracts as above. GEMMs run on cuBLASLt with f32 accumulation (the bias in the base GEMM's
 // epilogue); the dropout passes are one vectorized kernel each. scale is f32 (for T = float the
 // signatures are exactly the CPU's). keep is not used on the GPU (each pass redraws the mask,
-// cheaper there than a byte mask in memory) and may be null.
+// cheaper there than a byte mask in memory) and may be null; xd only serves dA there (dx's
+// adapter share is masked in place), so it may be null when da is.
 namespace cuda {
 
 template <class T>

@@ -100,7 +100,9 @@ Tensor lora_linear(const Tensor& x, const Tensor& w, const Tensor& b, const Tens
            Tensor da = need[1] ? Tensor::empty({d.r, d.in}, dt, dev) : Tensor();
            Tensor db = need[2] ? Tensor::empty({d.out, d.r}, dt, dev) : Tensor();
            Tensor du = need[0] || need[1] ? Tensor::empty({d.m, d.r}, dt, dev) : Tensor();
-           Tensor scratch = dropout > 0 && (need[0] || need[1])
+           // drop(x) for dA; on the CPU also du A before its masked add into dx (the GPU masks
+           // that in place).
+           Tensor scratch = dropout > 0 && (need[1] || (!gpu && need[0]))
                                 ? Tensor::empty({d.m, d.in}, dt, dev)
                                 : Tensor();
            if (gpu) {  // the GPU redraws the mask in each pass: no keep bytes

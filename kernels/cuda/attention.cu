@@ -2143,6 +2143,7 @@ void decode_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType
   Tables t;
   int64_t max_k = 0;
   if (uniform_batch(seqs)) {
+    if (seqs[0].len_q == 0) return;  // no sequence has a query: nothing to write
     t.nz = unsigned(seqs.size());
     t.map.tq = 1;
     t.map.tk = int(seqs[0].len_k);

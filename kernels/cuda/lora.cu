@@ -184,7 +184,7 @@ void lora_backward(const LoraDims& d, const T* g, const T* x, const T* w, const 
   FTUNE_CHECK(M >= 0 && in >= 0 && out >= 0 && r >= 1, "[lora_backward] bad dims m=", M, " in=", in,
               " out=", out, " r=", r);
   FTUNE_CHECK(!(dx || da) || du, "[lora_backward] dx or dA needs the du scratch");
-  FTUNE_CHECK(p == 0 || !(dx || da) || xd, "[lora_backward] dropout ", p, " needs the xd scratch");
+  FTUNE_CHECK(p == 0 || !da || xd, "[lora_backward] dropout ", p, " with dA needs the xd scratch");
   // dB = scale g^T u; with M == 0 the GEMMs' k == 0 path writes zeros into dA and dB.
   if (db) mm<T>(true, false, out, r, M, scale, g, out, u, r, 0.f, db, r);
   if (!dx && !da) return;

@@ -34,6 +34,9 @@ constexpr size_t kWorkspaceBytes = size_t(32) << 20;
 constexpr size_t kMaxPlans = 512;
 constexpr int kTuneCandidates = 8;  // the heuristic's top picks timed by the autotuner
 constexpr int kTuneRuns = 3;        // timed runs of each, after one warm-up
+// The largest scratch C the autotuner allocates (beta != 0): beyond it the plan keeps the
+// heuristic's first pick (an LM-head chunk's f32 dW sum or a large LoRA output is 0.5-2 GB).
+constexpr int64_t kTuneScratchBytes = int64_t(64) << 20;
 
 cudaDataType_t cuda_type(DType t) {
   switch (t) {
@@ -136,7 +139,8 @@ cublasLtMatrixLayout_t make_layout(cudaDataType_t t, int64_t rows, int64_t cols,
 // Times each usable candidate (one warm-up, then kTuneRuns runs between two events on the current
 // stream) on g's A, B (and bias); returns the index of the fastest, or 0 when none could be timed.
 // With beta 0 they write C itself (never read; the call that follows overwrites it), else a zeroed
-// scratch C of C's extent (C keeps its values). Synchronizes the stream once per new plan.
+// scratch C of C's extent (C keeps its values), up to kTuneScratchBytes: a larger C keeps the
+// first pick. Synchronizes the stream once per new plan.
 int fastest_candidate(const Key& key, const Plan& p, cublasLtHandle_t h, const GemmArgs& g,
                       const cublasLtMatmulHeuristicResult_t* res, int found) {
   Tensor scratch;
@@ -144,14 +148,22 @@ int fastest_candidate(const Key& key, const Plan& p, cublasLtHandle_t h, const G
   if (g.beta != 0.f) {
     const int64_t extent = key.batch > 1 ? (key.batch - 1) * key.sc + key.m * key.ldc
                                          : key.m * key.ldc;
+    if (extent * int64_t(dtype_size(key.c)) > kTuneScratchBytes) return 0;
     scratch = Tensor::zeros({extent}, key.c, Device::cuda(key.device));
     out = scratch.raw_data();
   }
   cudaStream_t s = stream();
   void* ws = workspace(key.device, s);
-  cudaEvent_t e0 = nullptr, e1 = nullptr;
-  CUDA_CHECK(cudaEventCreate(&e0));
-  CUDA_CHECK(cudaEventCreate(&e1));
+  struct Events {  // destroyed on every exit, a throwing CUDA_CHECK included
+    cudaEvent_t e0 = nullptr, e1 = nullptr;
+    ~Events() {
+      if (e0) cudaEventDestroy(e0);
+      if (e1) cudaEventDestroy(e1);
+    }
+  } ev;
+  CUDA_CHECK(cudaEventCreate(&ev.e0));
+  CUDA_CHECK(cudaEventCreate(&ev.e1));
+  cudaEvent_t e0 = ev.e0, e1 = ev.e1;
   int best = 0;
   float best_ms = 0.f;
   bool any = false;
@@ -175,8 +187,6 @@ int fastest_candidate(const Key& key, const Plan& p, cublasLtHandle_t h, const G
       any = true;
     }
   }
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
   return best;
 }
 
