@@ -130,6 +130,9 @@ save_every_n_steps: 40
 keep_last_n: 2
 resume: true
 max_consecutive_nan_steps: 9
+allow_tf32: true
+gemm_autotune: true
+chunked_loss: false
 early_stopping: {patience: 2, min_delta: 0.01}
 eval:
   max_batches: 6
@@ -176,6 +179,9 @@ parallel: {dp: 2, tp: 4}
   EXPECT_EQ(c.keep_last_n, 2);
   EXPECT_TRUE(c.resume);
   EXPECT_EQ(c.max_consecutive_nan_steps, 9);
+  EXPECT_TRUE(c.allow_tf32);
+  EXPECT_TRUE(c.gemm_autotune);
+  EXPECT_FALSE(c.chunked_loss);
   EXPECT_EQ(c.early_stopping.patience, 2);
   EXPECT_EQ(c.early_stopping.min_delta, 0.01);
   EXPECT_EQ(c.eval_max_batches, 6);
