@@ -136,24 +136,31 @@ Strided<NI> coalesce(const char* op, const Shape& shape, const Tensor* const (&i
   return s;
 }
 
-// Idx: the type of the flat index's div/mod walk (32-bit when out has < 2^31 elements: several
-// times cheaper than 64-bit division); offsets are 64-bit.
+// The element offsets of flat index i in each of the NI operands. Idx: the type of the index's
+// div/mod walk (32-bit when there are < 2^31 elements: several times cheaper than 64-bit
+// division); offsets are 64-bit.
+template <int NI, class Idx>
+__device__ __forceinline__ void strided_offsets(const Strided<NI>& s, int64_t i,
+                                                int64_t (&off)[NI]) {
+#pragma unroll
+  for (int k = 0; k < NI; ++k) off[k] = 0;
+  Idx r = Idx(i);
+  for (int d = s.nd - 1; d >= 0; --d) {
+    const Idx size = Idx(s.size[d]);
+    const Idx q = r / size;
+    const int64_t c = int64_t(r - q * size);
+    r = q;
+#pragma unroll
+    for (int k = 0; k < NI; ++k) off[k] += c * s.stride[k][d];
+  }
+}
+
 template <class T, int NI, class Idx, class F>
 __global__ void strided_kernel(Strided<NI> s, Ptrs<T, NI> in, T* __restrict__ out, int64_t n, F f) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
     int64_t off[NI];
-#pragma unroll
-    for (int k = 0; k < NI; ++k) off[k] = 0;
-    Idx r = Idx(i);
-    for (int d = s.nd - 1; d >= 0; --d) {
-      const Idx size = Idx(s.size[d]);
-      const Idx q = r / size;
-      const int64_t c = int64_t(r - q * size);
-      r = q;
-#pragma unroll
-      for (int k = 0; k < NI; ++k) off[k] += c * s.stride[k][d];
-    }
+    strided_offsets<NI, Idx>(s, i, off);
     float x[NI], y[1];
 #pragma unroll
     for (int k = 0; k < NI; ++k) x[k] = to_f(in.p[k][off[k]]);
@@ -167,20 +174,15 @@ __global__ void strided_kernel(Strided<NI> s, Ptrs<T, NI> in, T* __restrict__ ou
 template <class T, class Idx>
 __global__ void axpy_strided_kernel(Strided<2> s, T* a, const T* __restrict__ b, int64_t n,
                                     float alpha) {
+  const AxpyF f{alpha};
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
-    int64_t oa = 0, ob = 0;
-    Idx r = Idx(i);
-    for (int d = s.nd - 1; d >= 0; --d) {
-      const Idx size = Idx(s.size[d]);
-      const Idx q = r / size;
-      const int64_t c = int64_t(r - q * size);
-      r = q;
-      oa += c * s.stride[0][d];
-      ob += c * s.stride[1][d];
-    }
-    const float x[2] = {to_f(a[oa]), to_f(b[ob])};
-    a[oa] = from_f<T>(x[0] + alpha * x[1]);
+    int64_t off[2];
+    strided_offsets<2, Idx>(s, i, off);
+    const float x[2] = {to_f(a[off[0]]), to_f(b[off[1]])};
+    float y[1];
+    f(x, y);
+    a[off[0]] = from_f<T>(y[0]);
   }
 }
 
