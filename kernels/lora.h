@@ -63,10 +63,13 @@ void lora_backward(const LoraDims& d, const T* g, const T* x, const T* w, const 
 
 // The GPU twins (kernels/cuda/lora.cu), T = float, bf16 or f16: the same mask, shapes and
 // contracts as above. GEMMs run on cuBLASLt with f32 accumulation (the bias in the base GEMM's
-// epilogue); the dropout passes are one vectorized kernel each. scale is f32 (for T = float the
-// signatures are exactly the CPU's). keep is not used on the GPU (each pass redraws the mask,
-// cheaper there than a byte mask in memory) and may be null; xd only serves dA there (dx's
-// adapter share is masked in place), so it may be null when da is.
+// epilogue). With dropout, bf16/f16 and r <= 64 the low-rank GEMMs are tensor-core kernels that
+// draw the mask as they read x (lora_down_fused / lora_up_fused below: drop(x) is never written);
+// elsewhere the dropout passes are one vectorized kernel each. FTUNE_LORA_FUSED=0 turns the
+// fused kernels off, =1 uses them without dropout too (read per call). scale is f32 (for
+// T = float the signatures are exactly the CPU's). keep is not used on the GPU (each pass
+// redraws the mask, cheaper there than a byte mask in memory) and may be null. xd may be null
+// too: where the unfused path needs drop(x), it then takes a scratch buffer of its own.
 namespace cuda {
 
 template <class T>
@@ -82,6 +85,22 @@ template <class T>
 void lora_backward(const LoraDims& d, const T* g, const T* x, const T* w, const T* a, const T* b,
                    const T* u, float scale, double p, uint64_t seed, T* du, T* xd, uint8_t* keep,
                    T* dx, T* da, T* db);
+
+// The fused low-rank GEMMs, also used by lora_linear_multi (core/ops/lora_multi.cpp). Each
+// returns false, launching nothing, where it does not apply: T = float, r > 64, in % 8 != 0,
+// buffers off the 16-byte grid, a column-slice mask whose full width or offset is not a multiple
+// of 4, m == 0, or FTUNE_LORA_FUSED (0: never; unset: only with dropout, p > 0).
+// u [m, r] (row stride ldu) = drop(x) A^T.
+template <class T>
+bool lora_down_fused(const LoraDims& d, const T* x, const T* a, double p, uint64_t seed, T* u,
+                     int64_t ldu);
+// From du [m, r] (row stride ldu): da [r, in] = du^T drop(x) (null: not needed; x may then be
+// null) and dx [m, in] = drop'(du A), or dx += drop'(du A) with dx_accumulate (null: not needed;
+// a may then be null). dA's partial sums over row blocks are summed in a fixed order
+// (deterministic).
+template <class T>
+bool lora_up_fused(const LoraDims& d, const T* x, const T* du, int64_t ldu, const T* a, double p,
+                   uint64_t seed, T* da, T* dx, bool dx_accumulate);
 
 }  // namespace cuda
 }  // namespace ftune::kernels

@@ -66,7 +66,9 @@ Tensor lora_linear(const Tensor& x, const Tensor& w, const Tensor& b, const Tens
   out_shape.back() = outf;
   Tensor y = Tensor::empty(out_shape, x.dtype(), x.device());
   Tensor u = Tensor::empty({d.m, r}, x.dtype(), x.device());
-  Tensor xd = dropout > 0 ? Tensor::empty({d.m, in}, x.dtype(), x.device()) : Tensor();
+  // drop(x) for the CPU kernel (the GPU's fused kernels draw the mask as they read x; where they
+  // do not apply, the GPU kernel takes a scratch of its own).
+  Tensor xd = dropout > 0 && !gpu ? Tensor::empty({d.m, in}, x.dtype(), x.device()) : Tensor();
   if (gpu) {
 #ifdef FTUNE_HAVE_CUDA
     dispatch_gpu_float(x.dtype(), op, [&]<class T>() {
@@ -100,9 +102,9 @@ Tensor lora_linear(const Tensor& x, const Tensor& w, const Tensor& b, const Tens
            Tensor da = need[1] ? Tensor::empty({d.r, d.in}, dt, dev) : Tensor();
            Tensor db = need[2] ? Tensor::empty({d.out, d.r}, dt, dev) : Tensor();
            Tensor du = need[0] || need[1] ? Tensor::empty({d.m, d.r}, dt, dev) : Tensor();
-           // drop(x) for dA; on the CPU also du A before its masked add into dx (the GPU masks
-           // that in place).
-           Tensor scratch = dropout > 0 && (need[1] || (!gpu && need[0]))
+           // The CPU's drop(x) for dA, then du A before its masked add into dx (the GPU needs
+           // none: see the forward).
+           Tensor scratch = dropout > 0 && !gpu && (need[0] || need[1])
                                 ? Tensor::empty({d.m, d.in}, dt, dev)
                                 : Tensor();
            if (gpu) {  // the GPU redraws the mask in each pass: no keep bytes

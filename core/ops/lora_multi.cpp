@@ -1,6 +1,8 @@
 // lora_linear_multi (core/ops.h): several LoRA linears on one input (q, k, v) as one fused op.
 // The algorithm is written once over a kernel set (the CPU's, or the GPU's cuBLASLt GEMM and
-// dropout kernels of kernels/cuda/lora.cu), so both devices run the same sequence of GEMMs.
+// dropout kernels of kernels/cuda/lora.cu), so both devices run the same sequence of GEMMs;
+// with dropout the GPU's fused low-rank kernels (lora_down_fused / lora_up_fused) stand in for
+// an adapter's GEMMs and dropout passes where they apply.
 #include <cmath>
 
 #include "core/ops/common.h"
@@ -35,6 +37,14 @@ struct CpuKernels {
   static void drop_acc(T* acc, const T* t, int64_t n, double p, uint64_t seed) {
     kernels::cpu::lora_dropout_accumulate<T>(acc, t, n, p, seed);
   }
+  // The fused low-rank GEMMs with their dropout (kernels/lora.h): GPU only.
+  static bool down(const kernels::LoraDims&, const T*, const T*, double, uint64_t, T*, int64_t) {
+    return false;
+  }
+  static bool up(const kernels::LoraDims&, const T*, const T*, int64_t, const T*, double, uint64_t,
+                 T*, T*, bool) {
+    return false;
+  }
 };
 
 #ifdef FTUNE_HAVE_CUDA
@@ -56,6 +66,14 @@ struct CudaKernels {
   }
   static void drop_acc(T* acc, const T* t, int64_t n, double p, uint64_t seed) {
     kernels::cuda::lora_dropout_accumulate<T>(acc, t, n, p, seed);
+  }
+  static bool down(const kernels::LoraDims& d, const T* x, const T* a, double p, uint64_t seed,
+                   T* u, int64_t ldu) {
+    return kernels::cuda::lora_down_fused<T>(d, x, a, p, seed, u, ldu);
+  }
+  static bool up(const kernels::LoraDims& d, const T* x, const T* du, int64_t ldu, const T* a,
+                 double p, uint64_t seed, T* da, T* dx, bool dx_accumulate) {
+    return kernels::cuda::lora_up_fused<T>(d, x, du, ldu, a, p, seed, da, dx, dx_accumulate);
   }
 };
 #endif
@@ -162,9 +180,7 @@ Tensor lora_linear_multi(const Tensor& x, const Tensor& w, const Tensor& bias,
   out_shape.back() = N;
   Tensor y = Tensor::empty(out_shape, x.dtype(), x.device());
   Tensor u = Tensor::empty({M, R}, x.dtype(), x.device());
-  bool any_p = false;
-  for (const Adapter& a : ad) any_p = any_p || a.p > 0;
-  Tensor xd = any_p && M > 0 ? Tensor::empty({M, in}, x.dtype(), x.device()) : Tensor();
+  Tensor xd;  // drop_i(x), where the fused kernels do not draw the mask themselves
   // Without a bias and with an adapter on every segment, the low-rank terms go first and the
   // base GEMM adds them in its epilogue (beta = 1: nearly free in a compute-bound GEMM, where a
   // low-rank GEMM with beta = 1 after it would read and write y again; kernels/cuda/lora.cu).
@@ -179,8 +195,10 @@ Tensor lora_linear_multi(const Tensor& x, const Tensor& w, const Tensor& bias,
         K::mm(false, true, M, R, in, 1.0, xp, in, acat.data<T>(), in, 0.0, up, R);  // u = x A^T
       } else {
         for (const Adapter& a : ad) {  // u_i = drop_i(x) A_i^T
+          if (K::down({M, in, a.out, a.r}, xp, a.a.data<T>(), a.p, a.seed, up + a.ro, R)) continue;
           const T* xs = xp;
           if (a.p > 0) {
+            if (!xd.defined()) xd = Tensor::empty({M, in}, x.dtype(), x.device());
             K::drop(xp, xd.data<T>(), M * in, a.p, a.seed);
             xs = xd.data<T>();
           }
@@ -236,9 +254,11 @@ Tensor lora_linear_multi(const Tensor& x, const Tensor& w, const Tensor& bias,
         const bool need_du = need[0] || need_da;
         Tensor du = need_du ? Tensor::empty({M, R}, dt, dev) : Tensor();
         Tensor dacat = batched && need_da && n_ad > 1 ? Tensor::empty({R, in}, dt, dev) : Tensor();
-        bool any_p = false;
-        for (const Adapter& a : saved) any_p = any_p || a.p > 0;
-        Tensor xd = any_p && need_du ? Tensor::empty({M, in}, dt, dev) : Tensor();
+        Tensor xd;  // as in the forward: allocated where an unfused pass needs it
+        auto xd_ptr = [&]<class T>() {
+          if (!xd.defined()) xd = Tensor::empty({M, in}, dt, dev);
+          return xd.data<T>();
+        };
         dispatch_kernels(dev, dt, "lora_linear_multi_backward", [&]<class K, class T>() {
           const T* gp = gc.data<T>();
           for (size_t i = 0; i < n_ad; ++i) {  // dB_i = scale_i g_i^T u_i
@@ -273,11 +293,19 @@ Tensor lora_linear_multi(const Tensor& x, const Tensor& w, const Tensor& bias,
           bool dx_started = false;  // dxp holds a sum of adapter shares
           for (size_t i = 0; i < n_ad; ++i) {
             const Adapter& a = saved[i];
+            // dA_i and dx's share drop_i'(du_i A_i) in one fused pass over x, where it applies.
+            if (K::up({M, in, a.out, a.r}, ptr_or_null<T>(xs), dup + a.ro, R,
+                      ptr_or_null<T>(a.a), a.p, a.seed,
+                      need[1 + 2 * i] ? grads[1 + 2 * i].data<T>() : nullptr, dxp, dx_started)) {
+              dx_started = dx_started || dxp;
+              continue;
+            }
             if (need[1 + 2 * i]) {  // dA_i = du_i^T drop_i(x)
               const T* src = xs.data<T>();
               if (a.p > 0) {
-                K::drop(src, xd.data<T>(), M * in, a.p, a.seed);
-                src = xd.data<T>();
+                T* xdp = xd_ptr.template operator()<T>();
+                K::drop(src, xdp, M * in, a.p, a.seed);
+                src = xdp;
               }
               K::mm(true, false, a.r, in, M, 1.0, dup + a.ro, R, src, in, 0.0,
                     grads[1 + 2 * i].data<T>(), in);
@@ -290,9 +318,9 @@ Tensor lora_linear_multi(const Tensor& x, const Tensor& w, const Tensor& bias,
               K::mm(false, false, M, in, a.r, 1.0, dup + a.ro, R, a.a.data<T>(), in, 0.0, dxp, in);
               K::drop(dxp, dxp, M * in, a.p, a.seed);
             } else {  // dx += drop_i'(du_i A_i)
-              K::mm(false, false, M, in, a.r, 1.0, dup + a.ro, R, a.a.data<T>(), in, 0.0,
-                    xd.data<T>(), in);
-              K::drop_acc(dxp, xd.data<T>(), M * in, a.p, a.seed);
+              T* xdp = xd_ptr.template operator()<T>();
+              K::mm(false, false, M, in, a.r, 1.0, dup + a.ro, R, a.a.data<T>(), in, 0.0, xdp, in);
+              K::drop_acc(dxp, xdp, M * in, a.p, a.seed);
             }
             dx_started = true;
           }

@@ -6,11 +6,14 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <sstream>
+#include <string>
 
 #include "core/cuda_runtime.h"
 #include "core/ops.h"
 #include "kernels/lora.h"
+#include "kernels/matmul.h"
 #include "tests/cuda/cuda_test_util.h"
 
 namespace ftune::test {
@@ -259,6 +262,170 @@ TEST(CudaLora, AdapterReachesDx) {
       1, ptr<float>(du), ptr<float>(xd), nullptr, ptr<float>(with_p), nullptr, nullptr);
   EXPECT_GT(rel_l2(to_host(with0), to_host(base)), 1e-2);
   EXPECT_GT(rel_l2(to_host(with_p), to_host(with0)), 1e-3);
+}
+
+// ---- the fused low-rank kernels (lora_down_fused / lora_up_fused) ----------------------------
+
+// Sets an environment variable for a scope (the kernels read FTUNE_LORA_FUSED per call).
+struct ScopedEnv {
+  std::string name;
+  bool had = false;
+  std::string old;
+  ScopedEnv(const char* n, const char* v) : name(n) {
+    if (const char* o = std::getenv(n)) {
+      had = true;
+      old = o;
+    }
+    if (v) ::setenv(n, v, 1);
+    else ::unsetenv(n);
+  }
+  ~ScopedEnv() {
+    if (had) ::setenv(name.c_str(), old.c_str(), 1);
+    else ::unsetenv(name.c_str());
+  }
+};
+
+// The decision of which path a call takes happens on the host, before anything is launched: it
+// runs without a GPU. Each declined case would otherwise read or write out of bounds, or draw a
+// mask the kernels cannot (a column slice off the Philox block grid).
+TEST(CudaLora, FusedKernelsDeclineWhatTheyDoNotCover) {
+#ifndef FTUNE_HAVE_CUDA
+  GTEST_SKIP() << gpu_skip_reason();
+#endif
+  alignas(16) static bf16 buf[256];
+  alignas(16) static float fbuf[256];
+  bf16* x = buf;
+  const kernels::LoraDims ok{64, 64, 32, 8};
+  auto down = [&](const kernels::LoraDims& d, double p, const bf16* xp) {
+    return kernels::cuda::lora_down_fused<bf16>(d, xp, buf, p, 1, buf, d.r);
+  };
+  auto up = [&](const kernels::LoraDims& d, double p, const bf16* xp) {
+    return kernels::cuda::lora_up_fused<bf16>(d, xp, buf, d.r, buf, p, 1, buf, buf, false);
+  };
+  {
+    ScopedEnv env("FTUNE_LORA_FUSED", nullptr);  // auto: only with dropout
+    EXPECT_FALSE(down(ok, 0.0, x));
+    EXPECT_FALSE(up(ok, 0.0, x));
+    EXPECT_FALSE(kernels::cuda::lora_down_fused<float>(ok, fbuf, fbuf, 0.1, 1, fbuf, 8));
+    EXPECT_FALSE(kernels::cuda::lora_up_fused<float>(ok, fbuf, fbuf, 8, fbuf, 0.1, 1, fbuf, fbuf,
+                                                     false));
+    EXPECT_FALSE(down({64, 64, 32, 65}, 0.1, x)) << "rank above 64";
+    EXPECT_FALSE(up({64, 64, 32, 65}, 0.1, x)) << "rank above 64";
+    EXPECT_FALSE(down({64, 60, 32, 8}, 0.1, x)) << "rows of x not whole 16-byte chunks";
+    EXPECT_FALSE(up({64, 60, 32, 8}, 0.1, x)) << "rows of x not whole 16-byte chunks";
+    EXPECT_FALSE(down({0, 64, 32, 8}, 0.1, x)) << "no rows";
+    EXPECT_FALSE(down(ok, 0.1, x + 1)) << "x off the 16-byte grid";
+    EXPECT_FALSE(up(ok, 0.1, x + 1)) << "x off the 16-byte grid";
+    EXPECT_FALSE(down({64, 64, 32, 8, 2, 128}, 0.1, x)) << "slice offset not a multiple of 4";
+    EXPECT_FALSE(up({64, 64, 32, 8, 4, 70}, 0.1, x)) << "full width not a multiple of 4";
+    EXPECT_FALSE(kernels::cuda::lora_up_fused<bf16>(ok, x, buf, 8, buf, 0.1, 1, nullptr, nullptr,
+                                                    false))
+        << "no output asked for";
+  }
+  {
+    ScopedEnv env("FTUNE_LORA_FUSED", "0");  // never
+    EXPECT_FALSE(down(ok, 0.1, x));
+    EXPECT_FALSE(up(ok, 0.1, x));
+  }
+  EXPECT_THROW(down(ok, 1.0, x), Error);
+}
+
+// Row-major host GEMM in f32: c [m, n] = a [m, k] b^T (tb) or a b.
+Tensor host_mm(const Tensor& a, const Tensor& b, bool ta, bool tb) {
+  const int64_t m = ta ? a.size(1) : a.size(0), k = ta ? a.size(0) : a.size(1);
+  const int64_t n = tb ? b.size(0) : b.size(1);
+  Tensor c = Tensor::empty({m, n});
+  kernels::cpu::gemm<float>(ta, tb, m, n, k, 1.f, a.data<float>(), a.size(1), b.data<float>(),
+                            b.size(1), 0.f, c.data<float>(), n);
+  return c;
+}
+
+// drop(t) on the host as the GPU rounds it: the mask's product rounded to dt.
+Tensor host_drop(const Tensor& t, double p, uint64_t seed, const kernels::LoraMaskCols& cols,
+                 DType dt) {
+  if (p == 0) return t.clone();
+  Tensor out = Tensor::empty(t.shape());
+  kernels::cpu::lora_dropout<float>(t.data<float>(), out.data<float>(), t.numel(), p, seed, cols);
+  return out.to(dt).to(DType::f32);
+}
+
+// u = drop(x) A^T, dA = du^T drop(x) and dx (=|+=) drop'(du A) from the fused kernels against
+// the same products on the host, over ranks that pad (1, 5, 24, 33), one that fills the tile
+// (64), row counts around the 64-row tile and over many splits, strided u / du (ldu > r), column
+// slices of a row-parallel input, and without dropout (FTUNE_LORA_FUSED=1). The kernels must
+// take each case (they return whether they did).
+TEST(CudaLora, FusedLowRankKernelsMatchCpu) {
+  FTUNE_REQUIRE_GPU();
+  struct Case {
+    int64_t m, in, r, ldu;
+    kernels::LoraMaskCols cols;  // width is set to in below
+  };
+  const Case cases[] = {{1, 8, 1, 1, {}},          {63, 64, 4, 4, {}},
+                        {64, 72, 5, 13, {}},        {65, 200, 8, 8, {0, 8, 216}},
+                        {300, 1024, 16, 24, {}},    {129, 520, 24, 24, {0, 4, 528}},
+                        {1000, 136, 33, 40, {}},    {257, 256, 64, 64, {}},
+                        {4100, 64, 16, 16, {}},     {700, 2048, 48, 48, {0, 2048, 4096}}};
+  uint64_t seed = 7;
+  for (DType dt : {DType::bf16, DType::f16})
+    for (const Case& c : cases)
+      for (double p : {0.0, 0.3}) {
+        ScopedEnv env("FTUNE_LORA_FUSED", p == 0 ? "1" : nullptr);
+        kernels::LoraDims d{c.m, c.in, 32, c.r};
+        if (c.cols.full) {
+          d.in_offset = c.cols.offset;
+          d.in_full = c.cols.full;
+        }
+        SCOPED_TRACE(describe(d, dt, p, false) + " ldu=" + std::to_string(c.ldu) + " cols " +
+                     std::to_string(d.in_offset) + "/" + std::to_string(d.in_full));
+        Generator gen(seed++);
+        const uint64_t dseed = 1000 + seed;
+        Tensor hx = rand_host({c.m, c.in}, gen, dt);
+        Tensor ha = rand_host({c.r, c.in}, gen, dt, 1.0 / std::sqrt(double(c.in)));
+        Tensor hdu = rand_host({c.m, c.ldu}, gen, dt);  // du in its first r columns
+        Tensor hdx0 = rand_host({c.m, c.in}, gen, dt);
+        Tensor du_r = hdu.slice(1, 0, c.r).contiguous();
+        // Host reference in f32 from the same dt-rounded values.
+        const kernels::LoraMaskCols cols = d.mask_cols();
+        Tensor xd = host_drop(hx, p, dseed, cols, dt);
+        Tensor u_ref = host_mm(xd, ha, false, true);
+        Tensor da_ref = host_mm(du_r, xd, true, false);
+        Tensor share = host_drop(host_mm(du_r, ha, false, false).to(dt).to(DType::f32), p, dseed,
+                                 cols, dt);
+        Tensor dx_ref = share, dxacc_ref = hdx0.clone();
+        ops::add_(dxacc_ref, share);
+
+        Tensor x = to_gpu(hx, dt), a = to_gpu(ha, dt), du = to_gpu(hdu, dt);
+        Tensor u = gpu_empty({c.m, c.ldu}, dt), da = gpu_empty({c.r, c.in}, dt);
+        Tensor da2 = gpu_empty({c.r, c.in}, dt), dx = gpu_empty({c.m, c.in}, dt);
+        Tensor dxacc = to_gpu(hdx0, dt), dx_only = gpu_empty({c.m, c.in}, dt);
+        Tensor da_only = gpu_empty({c.r, c.in}, dt);
+        for_dtype(dt, [&]<class T>() {
+          EXPECT_TRUE(kernels::cuda::lora_down_fused<T>(d, ptr<T>(x), ptr<T>(a), p, dseed,
+                                                        ptr<T>(u), c.ldu));
+          EXPECT_TRUE(kernels::cuda::lora_up_fused<T>(d, ptr<T>(x), ptr<T>(du), c.ldu, ptr<T>(a),
+                                                      p, dseed, ptr<T>(da), ptr<T>(dx), false));
+          EXPECT_TRUE(kernels::cuda::lora_up_fused<T>(d, ptr<T>(x), ptr<T>(du), c.ldu, ptr<T>(a),
+                                                      p, dseed, ptr<T>(da2), ptr<T>(dxacc), true));
+          EXPECT_TRUE(kernels::cuda::lora_up_fused<T>(d, nullptr, ptr<T>(du), c.ldu, ptr<T>(a), p,
+                                                      dseed, nullptr, ptr<T>(dx_only), false));
+          EXPECT_TRUE(kernels::cuda::lora_up_fused<T>(d, ptr<T>(x), ptr<T>(du), c.ldu, nullptr, p,
+                                                      dseed, ptr<T>(da_only), nullptr, false));
+        });
+        EXPECT_TRUE(close_scaled(to_host(u).slice(1, 0, c.r).contiguous(), u_ref, dt)) << "u";
+        EXPECT_TRUE(close_scaled(to_host(da), da_ref, dt)) << "dA";
+        EXPECT_TRUE(close_scaled(to_host(dx), dx_ref, dt)) << "dx";
+        EXPECT_TRUE(close_scaled(to_host(dxacc), dxacc_ref, dt)) << "dx accumulated";
+        // The same pass with fewer outputs, and dA again: bit for bit (fixed summation order).
+        EXPECT_TRUE(all_close(to_host(dx_only), to_host(dx), 0, 0)) << "dx alone";
+        EXPECT_TRUE(all_close(to_host(da_only), to_host(da), 0, 0)) << "dA alone";
+        EXPECT_TRUE(all_close(to_host(da2), to_host(da), 0, 0)) << "dA again";
+        if (p > 0) {  // dropped elements of dx are exactly 0 where the mask drops
+          auto v = to_host(dx).to_vector<double>();
+          int64_t zeros = 0;
+          for (double e : v) zeros += e == 0.0;
+          if (c.m * c.in >= 10000) EXPECT_NEAR(double(zeros) / double(v.size()), p, 0.05);
+        }
+      }
 }
 
 // ---- the op with autograd
