@@ -140,7 +140,10 @@ def main():
     if lr:
         o.append("## LoRA linear (bf16, 8192 tokens, 4096 -> 4096, r 16)")
         o.append("")
-        o.append("| case | ftune ms | unfused in-binary ms | PyTorch composition ms (autograd) | speed-up vs PyTorch |")
+        o.append("Rows in parentheses are A/B runs of the other low-rank path (FTUNE_LORA_FUSED); their "
+                 "in-binary reference is the default path.")
+        o.append("")
+        o.append("| case | ftune ms | in-binary reference ms (unfused) | PyTorch composition ms (autograd) | speed-up vs PyTorch |")
         o.append("|---|---|---|---|---|")
         for r in lr:
             tkey = r[0] if r[0] in tl else r[0].replace("lora_linear fwd ", "lora_linear fwd (no_grad) ")

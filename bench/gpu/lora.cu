@@ -2,9 +2,11 @@
 // the fused kernels (kernels/lora.h) against the unfused composition a framework runs
 // (y = x W^T; t = x A^T; l = t B^T; y += s l; backward: gl = s g; dB = gl^T t; dt = gl B;
 // dA = dt^T x; dx = g W; dx += dt A via a full-size temporary), both on cuBLASLt, in one binary.
-// bench/gpu/torch_lora.py times PyTorch's autograd on the same shapes.
+// bench/gpu/torch_lora.py times PyTorch's autograd on the same shapes. Each case also runs the
+// other low-rank path (FTUNE_LORA_FUSED) as an A/B row.
 #include <cuda_bf16.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "bench/gpu/gpu_bench.h"
@@ -112,6 +114,32 @@ FTUNE_GPU_BENCH(lora) {
         ctx.time_ms([&] { mm(false, true, M, out, in, 1.f, x, in, w, in, 0.f, y, out); }, 3, 20);
     fwd.ref_name = "base GEMM alone";
     ctx.add(fwd);
+    // A/B of the low-rank path (FTUNE_LORA_FUSED, kernels/lora.h): with dropout the default is
+    // the fused tensor-core kernels, so the other row is cuBLASLt + dropout passes; without, the
+    // default is cuBLASLt, so the other row is the fused kernels. ref: the default path's time.
+    const char* other = p > 0 ? "0" : "1";
+    ::setenv("FTUNE_LORA_FUSED", other, 1);
+    Row ab;
+    ab.name = row.name + (p > 0 ? " (cuBLASLt + dropout passes)" : " (fused low-rank kernels)");
+    ab.ms = ctx.time_ms(fused, 3, 20);
+    Row abf;
+    abf.name = fwd.name + (p > 0 ? " (cuBLASLt + dropout passes)" : " (fused low-rank kernels)");
+    abf.ms = ctx.time_ms(
+        [&] {
+          kernels::cuda::lora_forward<bf16>(d, (bf16*)x, (bf16*)w, nullptr, (bf16*)a, (bf16*)b, s,
+                                            p, seed, (bf16*)xd, (bf16*)u, (bf16*)y);
+        },
+        3, 20);
+    ::unsetenv("FTUNE_LORA_FUSED");
+    ab.ref_ms = row.ms;
+    ab.ref_name = "default path";
+    ab.flops = row.flops;
+    ab.bytes = row.bytes;
+    ctx.add(ab);
+    abf.ref_ms = fwd.ms;
+    abf.ref_name = "default path";
+    abf.flops = fwd.flops;
+    ctx.add(abf);
   }
   for (void* p : {x, w, a, b, g, y, u, xd, du, dx, da, db, l, tmp, gl}) free_device(p);
 }
