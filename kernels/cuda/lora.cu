@@ -157,11 +157,13 @@ struct LoArgs {
   const void* a;   // [r, in]
   const void* du;  // backward: [m, r], row stride ldu
   void* u;         // forward: [m, r], row stride ldu
+  float* u_part;   // forward split over columns: [splits, m, r] f32 (null: one split, into u)
   void* dx;        // backward: [m, in] (null: not needed)
   float* da_part;  // backward: [splits, r, in] f32 (null: dA not needed)
   int64_t m, in, ldu;
   int r;
   int64_t rows_per_split;  // backward: a multiple of kLoBM
+  int ktiles_per_split;    // forward: column tiles per split
   int64_t mfull, moff;     // element [row, col] draws mask index row * mfull + moff + col
   uint32_t thr;
   float inv;
@@ -194,8 +196,9 @@ __device__ __forceinline__ void mask8(T* p, uint32_t keep, float inv) {
 // Chunk i (16 bytes) of a tile of kLoBM rows x kLoBK columns: row i / 8, column (i % 8) * 8.
 // Each thread masks exactly the chunks it copied (visible to it after its cp.async wait).
 
-// u [m, r] = drop(x) A^T. One CTA per 64 rows, walking the columns in a kDownStages-deep
-// cp.async pipeline of x and A tiles.
+// u [m, r] = drop(x) A^T. CTA (bx, by) takes rows [64 bx, 64 bx + 64) and column tiles
+// [by * ktiles_per_split, ...), walked in a kDownStages-deep cp.async pipeline of x and A tiles.
+// With several column splits each writes an f32 partial, summed by lora_u_reduce_kernel.
 template <class T, int R16>
 __global__ void __launch_bounds__(kLoThreads) lora_down_kernel(LoArgs p) {
   constexpr int RP = 16 * R16;
@@ -206,12 +209,14 @@ __global__ void __launch_bounds__(kLoThreads) lora_down_kernel(LoArgs p) {
   const T* aw = static_cast<const T*>(p.a);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int64_t row0 = int64_t(blockIdx.x) * kLoBM;
-  const int ktiles = int((p.in + kLoBK - 1) / kLoBK);
+  const int kt_all = int((p.in + kLoBK - 1) / kLoBK);
+  const int kt_begin = int(blockIdx.y) * p.ktiles_per_split;
+  const int ktiles = max(0, min(kt_all, kt_begin + p.ktiles_per_split) - kt_begin);
 
-  auto issue = [&](int kt) {
+  auto issue = [&](int kt) {  // kt: the split's kt-th column tile
     T* xt = xs + (kt % kDownStages) * kLoBM * kLoLds;
     T* at = as + (kt % kDownStages) * RP * kLoLds;
-    const int64_t c0 = int64_t(kt) * kLoBK;
+    const int64_t c0 = int64_t(kt_begin + kt) * kLoBK;
     for (int i = tid; i < kLoBM * (kLoBK / 8); i += kLoThreads) {
       const int rr = i >> 3, cc = (i & 7) * 8;
       const bool ok = row0 + rr < p.m && c0 + cc < p.in;
@@ -238,7 +243,7 @@ __global__ void __launch_bounds__(kLoThreads) lora_down_kernel(LoArgs p) {
     T* xt = xs + (kt % kDownStages) * kLoBM * kLoLds;
     const T* at = as + (kt % kDownStages) * RP * kLoLds;
     if (p.drop) {
-      const int64_t c0 = int64_t(kt) * kLoBK;
+      const int64_t c0 = int64_t(kt_begin + kt) * kLoBK;
       for (int i = tid; i < kLoBM * (kLoBK / 8); i += kLoThreads) {
         const int rr = i >> 3, cc = (i & 7) * 8;
         const int64_t row = row0 + rr, col = c0 + cc;
@@ -268,6 +273,7 @@ __global__ void __launch_bounds__(kLoThreads) lora_down_kernel(LoArgs p) {
   cp_async_wait<0>();  // no copy may be in flight when the CTA exits
 
   T* u = static_cast<T*>(p.u);
+  float* part = p.u_part ? p.u_part + int64_t(blockIdx.y) * p.m * p.r : nullptr;
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int j = 0; j < 2 * R16; ++j)
@@ -276,9 +282,26 @@ __global__ void __launch_bounds__(kLoThreads) lora_down_kernel(LoArgs p) {
       const int64_t row = row0 + warp * 16 + g + h * 8;
       const int col = 8 * j + 2 * t;
       if (row >= p.m) continue;
-      if (col < p.r) u[row * p.ldu + col] = from_f<T>(acc[j][2 * h]);
-      if (col + 1 < p.r) u[row * p.ldu + col + 1] = from_f<T>(acc[j][2 * h + 1]);
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        if (col + e >= p.r) continue;
+        if (part) part[row * p.r + col + e] = acc[j][2 * h + e];
+        else u[row * p.ldu + col + e] = from_f<T>(acc[j][2 * h + e]);
+      }
     }
+}
+
+// u [m, r] (row stride ldu) = the column splits' partials summed in order, rounded to T once.
+template <class T>
+__global__ void lora_u_reduce_kernel(const float* part, T* u, int splits, int64_t m, int r,
+                                     int64_t ldu) {
+  const int64_t n = m * r;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    float s = 0.f;
+    for (int k = 0; k < splits; ++k) s += part[int64_t(k) * n + i];
+    u[i / r * ldu + i % r] = from_f<T>(s);
+  }
 }
 
 // The backward's pass over x: CTA (bx, by) owns columns [64 bx, 64 bx + 64) and rows
@@ -579,16 +602,35 @@ bool lora_down_fused(const LoraDims& d, const T* x, const T* a, double p, uint64
     args.a = a;
     args.u = u;
     args.ldu = ldu;
-    const int64_t blocks = (d.m + kLoBM - 1) / kLoBM;
+    const int64_t blocks = (d.m + kLoBM - 1) / kLoBM, ktiles = (d.in + kLoBK - 1) / kLoBK;
     FTUNE_CHECK(blocks < (int64_t(1) << 31), "[lora_down_fused] ", d.m, " rows");
+    // Few row blocks (short batches) would leave most SMs idle: the columns are then split too,
+    // for about 2 CTAs per SM, each split at least 4 column tiles deep.
+    const int64_t want = 2 * int64_t(ftune::cuda::device_sm_count(ftune::cuda::current_device()));
+    int64_t splits = std::clamp<int64_t>((want + blocks - 1) / blocks, 1,
+                                         std::max<int64_t>(1, ktiles / 4));
+    const int64_t per_split = (ktiles + splits - 1) / splits;
+    splits = (ktiles + per_split - 1) / per_split;
+    args.ktiles_per_split = int(per_split);
+    Tensor part;
+    if (splits > 1) {
+      part = Tensor::empty({splits * d.m * d.r}, DType::f32,
+                           Device::cuda(ftune::cuda::current_device()));
+      args.u_part = part.data<float>();
+    }
     rank_dispatch(d.r, [&](auto r16) {
       constexpr int R16 = decltype(r16)::value;
       const size_t smem = size_t(kDownStages) * (kLoBM + 16 * R16) * kLoLds * sizeof(D);
       auto kernel = lora_down_kernel<D, R16>;
       lo_set_smem(kernel, smem);
-      kernel<<<unsigned(blocks), kLoThreads, smem, stream()>>>(args);
+      kernel<<<dim3(unsigned(blocks), unsigned(splits)), kLoThreads, smem, stream()>>>(args);
     });
     FTUNE_LAUNCH_CHECK("lora_down_fused");
+    if (splits > 1) {
+      lora_u_reduce_kernel<D><<<grid_1d(d.m * d.r, 256), 256, 0, stream()>>>(
+          part.data<float>(), reinterpret_cast<D*>(u), int(splits), d.m, int(d.r), ldu);
+      FTUNE_LAUNCH_CHECK("lora_down_fused (u reduce)");
+    }
     return true;
   }
 }
