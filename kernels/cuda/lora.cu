@@ -168,7 +168,8 @@ struct LoArgs {
   uint32_t thr;
   float inv;
   uint64_t seed;
-  bool drop, dx_acc, du_vec;
+  bool drop, dx_acc;
+  int du_load;  // 16: 16-byte cp.async (r, ldu multiples of 8, aligned), 4: 4-byte, 0: by element
 };
 
 // The keep bits of 8 consecutive elements whose first mask index g0 is a multiple of 4 (two
@@ -309,7 +310,7 @@ __global__ void lora_u_reduce_kernel(const float* part, T* u, int splits, int64_
 // Per tile: the mask (drawn once: it masks x in shared memory and is kept as 8 bits per chunk
 // for dx), dA += du^T drop(x) (each warp 16 of the 64 columns, every rank; f32 partials per
 // split, summed in a fixed order by lora_da_reduce_kernel), dx = drop'(du A) (each warp 16 rows,
-// staged through shared memory for 16-byte stores; with dx_acc added to dx's values).
+// staged through shared memory for 16-byte stores; with dx_acc added to dx's values in place).
 template <class T, int R16>
 __global__ void __launch_bounds__(kLoThreads) lora_up_kernel(LoArgs p) {
   constexpr int RP = 16 * R16;
@@ -351,13 +352,20 @@ __global__ void __launch_bounds__(kLoThreads) lora_up_kernel(LoArgs p) {
       }
     }
     T* dt = dus + st * kLoBM * kDuLds;
-    if (p.du_vec) {  // r and ldu multiples of 8, du 16-byte aligned
+    if (p.du_load == 16) {  // r and ldu multiples of 8, du 16-byte aligned
       for (int i = tid; i < kLoBM * (RP / 8); i += kLoThreads) {
         const int rr = i / (RP / 8), cc = (i % (RP / 8)) * 8;
         const bool ok = row0 + rr < r_end && cc < p.r;
         cp_async16(dt + rr * kDuLds + cc, ok ? du + (row0 + rr) * p.ldu + cc : du, ok ? 16 : 0);
       }
-    } else {  // element by element (synchronous loads)
+    } else if (p.du_load == 4) {  // r and ldu even, du 4-byte aligned (e.g. an adapter of a
+                                  // batched q/k/v at column offset 8 of ldu 40)
+      for (int i = tid; i < kLoBM * (RP / 2); i += kLoThreads) {
+        const int rr = i / (RP / 2), cc = (i % (RP / 2)) * 2;
+        const bool ok = row0 + rr < r_end && cc < p.r;
+        cp_async4(dt + rr * kDuLds + cc, ok ? du + (row0 + rr) * p.ldu + cc : du, ok ? 4 : 0);
+      }
+    } else {  // element by element (synchronous loads; an odd rank)
       for (int i = tid; i < kLoBM * RP; i += kLoThreads) {
         const int rr = i / RP, cc = i % RP;
         dt[rr * kDuLds + cc] =
@@ -433,38 +441,44 @@ __global__ void __launch_bounds__(kLoThreads) lora_up_kernel(LoArgs p) {
           mma16816<T>(acc[2 * nb + 1], af, bf[2], bf[3]);
         }
       }
-      // Round as the unfused path does (the GEMM's output, then the mask's product), stage the
-      // warp's 16 rows, then write them 16 bytes at a time.
+      // The unfused path's roundings: dx = drop'(du A) is the GEMM's output rounded to T, then
+      // the mask's product rounded again (staged: the warp's 16 rows, then written 16 bytes at
+      // a time). dx += drop'(du A) adds the f32 product of the rounded GEMM output (the
+      // unfused accumulate's), or without dropout the f32 sum itself (a GEMM with beta = 1),
+      // into dx, rounded once, straight from the fragments.
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int rr = warp * 16 + g + 8 * h, cc = 8 * j + 2 * t;
-          float v0 = to_f(from_f<T>(acc[j][2 * h])), v1 = to_f(from_f<T>(acc[j][2 * h + 1]));
+          float v0 = acc[j][2 * h], v1 = acc[j][2 * h + 1];
+          if (p.drop || !p.dx_acc) {
+            v0 = to_f(from_f<T>(v0));
+            v1 = to_f(from_f<T>(v1));
+          }
           if (p.drop) {
             const uint32_t k = kt[rr * 8 + j] >> (2 * t);
             v0 = k & 1u ? __fmul_rn(v0, p.inv) : 0.f;
             v1 = k & 2u ? __fmul_rn(v1, p.inv) : 0.f;
           }
-          *reinterpret_cast<uint32_t*>(os + rr * kLoLds + cc) = pack2<T>(v0, v1);
+          if (!p.dx_acc) {
+            *reinterpret_cast<uint32_t*>(os + rr * kLoLds + cc) = pack2<T>(v0, v1);
+          } else if (row0 + rr < r_end && c0 + cc < p.in) {
+            uint32_t* dst = reinterpret_cast<uint32_t*>(dx + (row0 + rr) * p.in + c0 + cc);
+            const uint32_t old = *dst;
+            const T* o = reinterpret_cast<const T*>(&old);
+            *dst = pack2<T>(__fadd_rn(to_f(o[0]), v0), __fadd_rn(to_f(o[1]), v1));
+          }
         }
-      __syncwarp();
+      if (!p.dx_acc) {
+        __syncwarp();
 #pragma unroll
-      for (int i = lane; i < 16 * (kLoBK / 8); i += 32) {
-        const int rr = warp * 16 + (i >> 3), cc = (i & 7) * 8;
-        const int64_t row = row0 + rr, col = c0 + cc;
-        if (row >= r_end || col >= p.in) continue;
-        T* dst = dx + row * p.in + col;
-        if (p.dx_acc) {  // dx += share, summed in f32 and rounded once (the share itself was
-                         // rounded to T, where the unfused accumulate adds its f32 product)
-          float o[8], s[8];
-          load_vec(dst, o);
-          load_vec(os + rr * kLoLds + cc, s);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) o[e] = __fadd_rn(o[e], s[e]);
-          store_vec(dst, o);
-        } else {
-          *reinterpret_cast<Vec<T>*>(dst) = *reinterpret_cast<const Vec<T>*>(os + rr * kLoLds + cc);
+        for (int i = lane; i < 16 * (kLoBK / 8); i += 32) {
+          const int rr = warp * 16 + (i >> 3), cc = (i & 7) * 8;
+          const int64_t row = row0 + rr, col = c0 + cc;
+          if (row >= r_end || col >= p.in) continue;
+          *reinterpret_cast<Vec<T>*>(dx + row * p.in + col) =
+              *reinterpret_cast<const Vec<T>*>(os + rr * kLoLds + cc);
         }
       }
       __syncwarp();  // the staging rows are rewritten by the next tile
@@ -516,8 +530,8 @@ void rank_dispatch(int64_t r, F&& f) {
 }
 
 // FTUNE_LORA_FUSED: 0 = never (cuBLASLt GEMMs + separate dropout passes), 1 = the fused kernels
-// wherever they apply, unset (auto) = the fused kernels with dropout, cuBLASLt without (the
-// measured default). Read per call, so a benchmark can compare the paths in one process.
+// wherever they apply, unset (auto) = the fused kernels with dropout, cuBLASLt without (to be
+// settled by bench_gpu's A/B rows). Read per call, so a benchmark can compare both in one process.
 int fused_mode() {
   const char* e = std::getenv("FTUNE_LORA_FUSED");
   if (e && e[0] == '0') return 0;
@@ -653,7 +667,8 @@ bool lora_up_fused(const LoraDims& d, const T* x, const T* du, int64_t ldu, cons
     args.a = dx ? a : nullptr;
     args.dx = dx;
     args.dx_acc = dx_accumulate;
-    args.du_vec = d.r % 8 == 0 && ldu % 8 == 0 && aligned16(du);
+    const bool even = d.r % 2 == 0 && ldu % 2 == 0 && (reinterpret_cast<uintptr_t>(du) & 3) == 0;
+    args.du_load = d.r % 8 == 0 && ldu % 8 == 0 && aligned16(du) ? 16 : even ? 4 : 0;
     // Column blocks x row splits: about 4 CTAs per SM, each split a whole number of row tiles.
     const int64_t ncol = (d.in + kLoBK - 1) / kLoBK, tiles = (d.m + kLoBM - 1) / kLoBM;
     const int64_t want = 4 * int64_t(ftune::cuda::device_sm_count(ftune::cuda::current_device()));

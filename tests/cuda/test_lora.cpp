@@ -289,11 +289,15 @@ struct ScopedEnv {
 // runs without a GPU. Each declined case would otherwise read or write out of bounds, or draw a
 // mask the kernels cannot (a column slice off the Philox block grid).
 TEST(CudaLora, FusedKernelsDeclineWhatTheyDoNotCover) {
-#ifndef FTUNE_HAVE_CUDA
-  GTEST_SKIP() << gpu_skip_reason();
-#endif
-  alignas(16) static bf16 buf[256];
-  alignas(16) static float fbuf[256];
+  // With a GPU the buffers are device memory (large enough for the calls), so a regression that
+  // launches fails here rather than with a sticky illegal address in a later test.
+  const bool gpu = cuda_available();
+  alignas(16) static bf16 hbuf[64 * 128];
+  alignas(16) static float hfbuf[64 * 128];
+  Tensor dbuf = gpu ? gpu_empty({64 * 128}, DType::bf16) : Tensor();
+  Tensor dfbuf = gpu ? gpu_empty({64 * 128}, DType::f32) : Tensor();
+  bf16* buf = gpu ? dbuf.data<bf16>() : hbuf;
+  float* fbuf = gpu ? dfbuf.data<float>() : hfbuf;
   bf16* x = buf;
   const kernels::LoraDims ok{64, 64, 32, 8};
   auto down = [&](const kernels::LoraDims& d, double p, const bf16* xp) {
@@ -361,6 +365,7 @@ TEST(CudaLora, FusedLowRankKernelsMatchCpu) {
     kernels::LoraMaskCols cols;  // width is set to in below
   };
   const Case cases[] = {{1, 8, 1, 1, {}},          {63, 64, 4, 4, {}},
+                        {200, 72, 8, 12, {}},  // du by 4-byte copies (ldu not a multiple of 8)
                         {64, 72, 5, 13, {}},        {65, 200, 8, 8, {0, 8, 216}},
                         {300, 1024, 16, 24, {}},    {129, 520, 24, 24, {0, 4, 528}},
                         {1000, 136, 33, 40, {}},    {257, 256, 64, 64, {}},

@@ -1,7 +1,8 @@
 // lora_linear_multi (batched q/k/v) on the GPU against the same op on the CPU in f32, on the same
 // dtype-rounded inputs: y and every gradient (dx, each dA and dB), f32 / bf16 / f16, GQA-like
 // segment sizes with an unadapted segment, different ranks, with and without dropout (per-adapter
-// masks, one adapter at p = 0 among them), odd sizes (pointers into u and y off the 16-byte grid).
+// masks, one adapter at p = 0 among them), odd sizes (pointers into u and y off the 16-byte grid),
+// and the fused low-rank kernels' du loads (16-byte and 4-byte) at the adapters' column offsets.
 // The f32 CUDA-vs-CPU driver runs the op-table cases (tests/ops/table_lora_multi.cpp) too.
 #include <gtest/gtest.h>
 
@@ -30,6 +31,10 @@ TEST(CudaLoraMulti, MatchesCpuForwardAndGradients) {
       {{128, 8, 2.0, 0, 0}, {32, 0, 0, 0, 0}, {32, 8, 2.0, 0, 0}},
       // odd ranks and rows; dropout on two adapters (own seeds), none on the third.
       {{72, 5, 1.5, 0.1, 11}, {24, 3, 1.5, 0.0, 12}, {24, 7, 1.5, 0.25, 13}},
+      // dropout on every adapter, ranks the fused kernels load 16 bytes at a time (u, du of row
+      // stride 32 at column offsets 0, 8, 24), then 4 bytes at a time (row stride 30).
+      {{64, 8, 2.0, 0.1, 21}, {32, 16, 2.0, 0.2, 22}, {32, 8, 2.0, 0.05, 23}},
+      {{64, 8, 2.0, 0.1, 31}, {32, 16, 2.0, 0.2, 32}, {32, 6, 2.0, 0.05, 33}},
   };
   for (DType dt : {DType::f32, DType::bf16, DType::f16})
     for (size_t ci = 0; ci < configs.size(); ++ci)
