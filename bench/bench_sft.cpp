@@ -8,7 +8,7 @@
 //             [--seq 256] [--batch 8] [--lora-r 8 (0: full)] [--targets all-linear] [--steps 8]
 //             [--warmup 2] [--device cpu|cuda] [--dtype f32|bf16] [--ckpt 0|1] [--tie 1|0]
 //             [--profile N] [--profile-json FILE] [--attention ftune|cudnn] [--chunked-loss 1|0]
-//             [--gemm-autotune 0|1]
+//             [--gemm-autotune 0|1] [--lora-dropout 0]
 // --profile N: after the timed steps (which never carry it), N more steps under the op-level
 // profiler (core/profiler.h; one discarded warm-up step and one step without op hooks first), its
 // table on stderr: per op label, calls, GPU and host ms per step, host issue time per phase.
@@ -19,12 +19,15 @@
 // ops::linear_cross_entropy, never the whole logits; 0: linear then cross_entropy.
 // --gemm-autotune: the recipe's `gemm_autotune` (default: FTUNE_GEMM_AUTOTUNE, else off): each
 // GEMM shape's cuBLASLt algorithm timed at first use (in the warm-up steps).
+// --lora-dropout P: the adapters' dropout (lora_dropout; 0 by default, as most recipes), a fresh
+// mask per step as the trainer draws them (set_lora_dropout_seed).
 // --attention: the fused attention the GPU runs (a recipe's `attention.backend`); cudnn needs a
 // build with cuDNN and falls back to ftune's kernel, with a note, on shapes cuDNN does not serve.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -60,6 +63,7 @@ int main(int argc, char** argv) {
   int64_t layers = 4, d = 512, heads = 8, kv = 8, ffn = 1376, vocab = 2048, seq = 256, batch = 8;
   int64_t lora_r = 8, steps = 8, warmup = 2, ckpt = 0, tie = 1, profile = 0, chunked_loss = 1;
   int64_t gemm_autotune = -1;  // -1: FTUNE_GEMM_AUTOTUNE's default
+  double lora_dropout = 0;
   std::string device = "cpu", dtype = "f32", profile_json, attention = "ftune";
   for (int i = 1; i < argc; i += 2) {
     std::string k = argv[i];
@@ -88,6 +92,8 @@ int main(int argc, char** argv) {
       batch = std::stoll(v);
     else if (k == "--lora-r")
       lora_r = std::stoll(v);
+    else if (k == "--lora-dropout")
+      lora_dropout = std::stod(v);
     else if (k == "--targets")
       targets = v;
     else if (k == "--steps")
@@ -147,6 +153,7 @@ int main(int argc, char** argv) {
       LoraOptions lo;
       lo.r = lora_r;
       lo.alpha = 2.0 * double(lora_r);
+      lo.dropout = lora_dropout;
       lo.target_modules = {targets};
       apply_lora(*model, lo);
       trainable = lora_parameters(*model);
@@ -166,7 +173,7 @@ int main(int argc, char** argv) {
     ops::set_attention_backend(attention);  // throws clearly for an unknown name or no cuDNN
     if (gemm_autotune >= 0) cuda::set_gemm_autotune(gemm_autotune != 0);
     model->set_activation_checkpointing(ckpt != 0);
-    model->train();  // as the trainer does (LoRA dropout is 0 here, so it changes no math)
+    model->train();  // as the trainer does (LoRA dropout, if any, applies in training mode)
     std::vector<Tensor> params;
     int64_t n_train = 0;
     for (auto& [n, t] : trainable) {
@@ -192,6 +199,7 @@ int main(int argc, char** argv) {
     };
     for (int64_t s = 0; s < warmup + steps; ++s) {
       auto t0 = std::chrono::steady_clock::now();
+      if (lora_r > 0) set_lora_dropout_seed(*model, uint64_t(s) + 1);  // fresh masks per step
       // The trainer's loss: a summed cross-entropy read back (NaN guard), scaled by 1/targets.
       Tensor ce = loss_sum();
       if (!std::isfinite(ce.item())) throw std::runtime_error("non-finite loss");  // syncs
@@ -252,6 +260,8 @@ int main(int argc, char** argv) {
                           {"params", base_params},
                           {"mode", lora_r > 0 ? "lora" : "full"},
                           {"lora_r", lora_r},
+                          {"lora_dropout", lora_dropout},
+                          {"lora_fused", std::getenv("FTUNE_LORA_FUSED") ? std::getenv("FTUNE_LORA_FUSED") : "auto"},
                           {"trainable", n_train},
                           {"seq", seq},
                           {"batch", batch},

@@ -118,6 +118,12 @@ run() {
       timeout 150 "$bld/bench/bench_sft" $shape $ab >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft $ab failed: $?" >> "$OUT/e2e.log"
     done
     FTUNE_FUSED_QKV=0 timeout 150 "$bld/bench/bench_sft" $shape --lora-r 16 >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft --lora-r 16 FTUNE_FUSED_QKV=0 failed: $?" >> "$OUT/e2e.log"
+    # LoRA with dropout 0.05 (a common recipe setting): ftune (the fused low-rank kernels), the
+    # peer with the same dropout, and ftune's unfused path (FTUNE_LORA_FUSED=0) as the A/B.
+    local drop="--lora-r 16 --lora-dropout 0.05"
+    timeout 150 "$bld/bench/bench_sft" $shape $drop >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft $drop failed: $?" >> "$OUT/e2e.log"
+    (cd "$ROOT" && PYTHONUNBUFFERED=1 timeout 150 python3 bench/sft/peft_step.py $shape $drop >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log") || echo "peft_step $drop failed: $?" >> "$OUT/e2e.log"
+    FTUNE_LORA_FUSED=0 timeout 150 "$bld/bench/bench_sft" $shape $drop >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft $drop FTUNE_LORA_FUSED=0 failed: $?" >> "$OUT/e2e.log"
   fi
   local t4=$SECONDS
 
@@ -143,6 +149,8 @@ for line in open(sys.argv[1]):
     impl = j.get('impl', 'ftune') + ('+' + j['attention'] if j.get('attention', 'ftune') != 'ftune' else '')
     impl += ' (unbatched qkv)' if j.get('mode') == 'lora' and j.get('fused_qkv') is False else ''
     impl += ' (whole logits)' if j.get('chunked_loss') is False else ''
+    impl += ' (dropout %g)' % j['lora_dropout'] if j.get('lora_dropout') else ''
+    impl += ' (FTUNE_LORA_FUSED=%s)' % j['lora_fused'] if j.get('lora_fused', 'auto') != 'auto' else ''
     print(f"| {impl} | {j['mode']} | {j.get('activation_checkpointing')} | {j['ms_per_step']:.1f} | "
           f"{j['tokens_per_s']:.0f} | {(j.get('mfu_vs_989tflops') or 0) * 100:.1f}% | {j.get('peak_gpu_mib') or 0:.0f} |")
 PY

@@ -88,11 +88,14 @@ def main():
                  j.get("attention", "ftune") + (" (unbatched qkv)" if j["mode"] == "lora" and
                                                 j.get("fused_qkv") is False else "")
                  + (" (whole logits)" if j.get("chunked_loss") is False else "")
-                 + (" (GEMMs autotuned)" if j.get("gemm_autotune") is True else "")): j
+                 + (" (GEMMs autotuned)" if j.get("gemm_autotune") is True else "")
+                 + (" (dropout %g)" % j["lora_dropout"] if j.get("lora_dropout") else "")
+                 + (" (FTUNE_LORA_FUSED=%s)" % j["lora_fused"] if j.get("lora_fused", "auto") != "auto" else "")): j
                 for j in e2e if "impl" not in j}
-        peer = {(j["mode"], bool(j.get("activation_checkpointing"))): j for j in e2e if "impl" in j}
+        peer = {(j["mode"], bool(j.get("activation_checkpointing")), j.get("lora_dropout") or 0): j
+                for j in e2e if "impl" in j}
         for k, j in ours.items():
-            p = peer.get(k[:2])
+            p = peer.get(k[:2] + (j.get("lora_dropout") or 0,))
             o.append("| %s | %s | %s | %.0f | %s | %s | %.1f%% | %s | %.1f | %s | %.1f / %.1f / %.1f |" % (
                 k[0], "on" if k[1] else "off", k[2], j["tokens_per_s"], "%.0f" % p["tokens_per_s"] if p else "",
                 "%.2fx" % (j["tokens_per_s"] / p["tokens_per_s"]) if p else "",

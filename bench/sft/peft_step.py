@@ -5,7 +5,7 @@ One optimizer step: forward of LlamaForCausalLM (attn_implementation="sdpa", tor
 attention), cross-entropy over every position, backward, clip_grad_norm_(1.0), torch.optim.AdamW
 (lr 1e-3, weight decay 0.01 on matrices and none on vectors, as ftune's decay_groups; default
 implementation), zero_grad(set_to_none=True). LoRA through peft: LoraConfig(r, lora_alpha=2r,
-target_modules="all-linear", lora_dropout=0), which adapts every projection of the blocks and not
+target_modules="all-linear", lora_dropout=--lora-dropout, 0 by default), which adapts every projection of the blocks and not
 lm_head, as ftune's "all-linear". Random ids/labels of the same shapes as bench_sft.
 
 Prints one JSON line with bench_sft's keys: ms_per_step (median of --steps after --warmup),
@@ -16,7 +16,7 @@ default 2). One configuration per process, like bench_sft.
 
   python3 bench/sft/peft_step.py [--model DIR | --layers 4 --d 512 --heads 8 --kv-heads 8
       --ffn 1376 --vocab 2048] [--seq 256] [--batch 8] [--lora-r 8 (0: full)] [--steps 8]
-      [--warmup 2]
+      [--warmup 2] [--lora-dropout 0]
 """
 import argparse
 import json
@@ -46,6 +46,7 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lora-r", type=int, default=8)
+    ap.add_argument("--lora-dropout", type=float, default=0.0)
     ap.add_argument("--targets", default="all-linear")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
@@ -88,7 +89,7 @@ def main():
     if a.lora_r > 0:
         from peft import LoraConfig, get_peft_model
         lc = LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, target_modules=a.targets,
-                        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+                        lora_dropout=a.lora_dropout, bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, lc)
     model.train()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -133,7 +134,8 @@ def main():
         "impl": "torch+peft" if a.lora_r > 0 else "torch",
         "model": a.model or "random", "layers": mc.num_hidden_layers, "d": mc.hidden_size,
         "vocab": mc.vocab_size, "params": base_params,
-        "mode": "lora" if a.lora_r > 0 else "full", "lora_r": a.lora_r, "trainable": n_train,
+        "mode": "lora" if a.lora_r > 0 else "full", "lora_r": a.lora_r,
+        "lora_dropout": a.lora_dropout, "trainable": n_train,
         "seq": a.seq, "batch": a.batch, "ms_per_step": med,
         "tokens_per_s": a.batch * a.seq / (med / 1e3), "peak_rss_mib": peak,
         "rss_base_mib": rss_base, "adamw_state_mib": state_bytes / (1024.0 * 1024.0),
