@@ -141,7 +141,7 @@ run() {
   echo
   echo "== bench_gpu: rows below 80% of copy bandwidth (all in bench_gpu.md) =="
   grep -E "^\| [a-z]" "$OUT/bench_gpu.md" 2>/dev/null | grep -v "attn_fwd" | awk -F'|' '{gsub(/ /,"",$5); if ($5+0 < 80) print}' | cut -c1-110 | head -30
-  tail -2 "$OUT/bench_gpu.log"
+  tail -2 "$OUT/bench_gpu.log" 2>/dev/null
   echo
   echo "== end-to-end SFT step (e2e.jsonl) =="
   python3 - "$OUT/e2e.jsonl" <<'PY' 2>/dev/null || true
@@ -167,8 +167,8 @@ PY
   grep -A26 "^== profile: " "$OUT/e2e.log" 2>/dev/null | cut -c1-120
   echo
   echo "== trainer =="
-  grep -E "^\[  FAILED  \]|Failure|^\[       OK \]|Expected|Which is|actual" "$OUT/test_trainer.log" | head -12
-  grep -E "^epoch|^eval|error" "$OUT/quickstart_gpu.log" | tail -4
+  grep -E "^\[  FAILED  \]|Failure|^\[       OK \]|Expected|Which is|actual" "$OUT/test_trainer.log" 2>/dev/null | head -12
+  grep -E "^epoch|^eval|error" "$OUT/quickstart_gpu.log" 2>/dev/null | tail -4
   echo
   echo "== test_cuda failures (full log in test_cuda.log) =="
   grep -E "^\[  FAILED  \] [A-Za-z]" "$OUT/test_cuda.log" | grep -v " ms)" | sort -u | head -30
@@ -181,8 +181,8 @@ PY
   skip=$(grep -c "^\[  SKIPPED \] .* ms)" "$OUT/test_cuda.log")
   printf "| step | rc | seconds | result |\n|---|---|---|---|\n"
   printf "| test_cuda | %s | %s | %s passed, %s failed, %s skipped |\n" "$trc" $((t1 - t0)) "$pass" "$fail" "$skip"
-  printf "| trainer test | %s | | %s |\n" "$lrc" "$(grep -c '^\[       OK \]' "$OUT/test_trainer.log") ok"
-  printf "| quickstart bf16 | %s | %s | %s |\n" "$qrc" $((t15 - t1)) "$(grep -E '^epoch' "$OUT/quickstart_gpu.log" | tail -1 | cut -c1-60)"
+  printf "| trainer test | %s | | %s |\n" "$lrc" "$(grep -c '^\[       OK \]' "$OUT/test_trainer.log" 2>/dev/null) ok"
+  printf "| quickstart bf16 | %s | %s | %s |\n" "$qrc" $((t15 - t1)) "$(grep -E '^epoch' "$OUT/quickstart_gpu.log" 2>/dev/null | tail -1 | cut -c1-60)"
   printf "| bench_gpu | %s | %s | %s rows |\n" "$brc" $((t2 - t15)) "$(grep -c '^| [a-z]' "$OUT/bench_gpu.md" 2>/dev/null)"
   printf "| torch ref | %s | %s | |\n" "$prc" $((t3 - t2))
   printf "| e2e sft | | %s | %s rows |\n" $((t4 - t3)) "$(grep -c ms_per_step "$OUT/e2e.jsonl" 2>/dev/null)"
