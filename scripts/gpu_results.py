@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Formats a scripts/gpu_check.sh run's files into bench/results/gpu_<device>.md.
 
-  python3 scripts/gpu_results.py DIR [--out bench/results/gpu_h200.md]
+  python3 scripts/gpu_results.py DIR [DIR2] [--out bench/results/gpu_h200.md]
 
 DIR holds the run's $OUT files (test_cuda.log, test_trainer.log, quickstart_gpu.log, bench_gpu.md,
-torch_ref.log, e2e.jsonl). Ratios are ours over the reference in throughput (> 1: ftune faster).
+torch_ref.log, e2e.jsonl). With the check split over two calls (GPU_CHECK_PART=core, then e2e),
+give both folders: each file is read from the first one that has it with content. Ratios are ours
+over the reference in throughput (> 1: ftune faster).
 """
 import argparse
 import json
@@ -12,9 +14,15 @@ import os
 import re
 
 
-def read(d, name):
-    p = os.path.join(d, name)
-    return open(p).read() if os.path.exists(p) else ""
+def read(dirs, name):
+    for d in dirs:
+        p = os.path.join(d, name)
+        if os.path.exists(p) and os.path.getsize(p) > 0:
+            text = open(p).read()
+            # test_cuda.log of an e2e-only part holds only the run header: prefer a real one.
+            if name != "test_cuda.log" or "[==========]" in text or d == dirs[-1]:
+                return text
+    return ""
 
 
 def bench_rows(md):
@@ -30,7 +38,7 @@ def bench_rows(md):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("dir")
+    ap.add_argument("dir", nargs="+")
     ap.add_argument("--out", default="bench/results/gpu_h200.md")
     ap.add_argument("--date", default="")
     a = ap.parse_args()
