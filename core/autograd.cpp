@@ -68,6 +68,7 @@ namespace {
 struct BackwardCtx {
   const Node* node = nullptr;
   std::unordered_map<Node*, Tensor>* grads = nullptr;
+  std::unordered_map<TensorImpl*, Tensor>* leaf_grads = nullptr;  // this pass's sums per leaf
   std::vector<const TensorImpl*> handed;
 };
 thread_local BackwardCtx* g_ctx = nullptr;
@@ -135,15 +136,23 @@ void finish_leaf(TensorImpl* leaf, std::unordered_map<TensorImpl*, Tensor>& leaf
 Tensor accumulation_target(size_t input) {
   BackwardCtx* c = g_ctx;
   if (!c || input >= c->node->edges.size()) return Tensor();
-  Node* p = c->node->edges[input].node.get();
-  if (!p) return Tensor();  // a leaf: its gradient is stored, not summed here
-  for (size_t j = 0; j < c->node->edges.size(); ++j)  // an input twice: both shares to sum
-    if (j != input && c->node->edges[j].node.get() == p) return Tensor();
-  auto it = c->grads->find(p);
-  if (it == c->grads->end() || !exclusive(it->second)) return Tensor();
-  if (c->handed.empty()) c->handed.assign(c->node->edges.size(), nullptr);
-  c->handed[input] = it->second.impl();
-  return it->second;
+  const auto& edges = c->node->edges;
+  Tensor* sum = nullptr;
+  if (Node* p = edges[input].node.get()) {
+    for (size_t j = 0; j < edges.size(); ++j)  // an input twice: both shares to sum
+      if (j != input && edges[j].node.get() == p) return Tensor();
+    auto it = c->grads->find(p);
+    if (it != c->grads->end()) sum = &it->second;
+  } else if (TensorImpl* leaf = edges[input].leaf.get(); leaf && c->leaf_grads) {
+    for (size_t j = 0; j < edges.size(); ++j)
+      if (j != input && edges[j].leaf.get() == leaf) return Tensor();
+    auto it = c->leaf_grads->find(leaf);
+    if (it != c->leaf_grads->end()) sum = &it->second;
+  }
+  if (!sum || !exclusive(*sum)) return Tensor();
+  if (c->handed.empty()) c->handed.assign(edges.size(), nullptr);
+  c->handed[input] = sum->impl();
+  return *sum;
 }
 
 void run_backward(const Tensor& root, const Tensor& grad_in, bool retain_graph) {
@@ -212,6 +221,7 @@ void run_backward(const Tensor& root, const Tensor& grad_in, bool retain_graph) 
     BackwardCtx ctx;
     ctx.node = n;
     ctx.grads = &grads;
+    ctx.leaf_grads = &leaf_grads;
     std::vector<Tensor> in_grads;
     {
       CtxScope cs(&ctx);
@@ -270,6 +280,9 @@ void run_backward(const Tensor& root, const Tensor& grad_in, bool retain_graph) 
           auto it = leaf_grads.find(leaf);
           if (it == leaf_grads.end())
             leaf_grads.emplace(leaf, std::move(gi));
+          else if (!ctx.handed.empty() && ctx.handed[i] && gi.impl() == ctx.handed[i])
+            gi = Tensor();  // added into the pass's sum in place (accumulation_target); this
+                            // handle goes, so the store below may take the sum without a copy
           else
             it->second = add_grads(it->second, gi);
         }

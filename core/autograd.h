@@ -70,14 +70,16 @@ Tensor checkpoint(std::function<Tensor(const Tensor&)> f, const Tensor& x,
 
 // Inside a node's backward: the gradient already summed for its input `input` by that input's
 // other consumers, when the backward may add its own share into it in place (the engine holds the
-// only reference to it, contiguous; not for a leaf, nor for a producer that is two of the node's
-// inputs); an undefined Tensor otherwise, and outside a backward. A backward that adds into it
-// must return that very tensor (not a view or a copy) as input `input`'s gradient: the engine
-// then sums nothing; anything else returned is summed as usual. Users: linear's dX GEMM (beta = 1:
-// q/k/v or gate/up reaching their shared input), the norms' dx (the residual stream's gradient:
-// x feeds both norm(x) and x + f(norm(x))) and slice (the q | k | v split of a fused projection
-// adds each range into the whole): no separate passes adding [tokens, hidden] tensors. Whether a
-// sum exists yet depends on the order the consumers run.
+// only reference to it, contiguous; not for a producer or leaf that is two of the node's inputs);
+// an undefined Tensor otherwise, and outside a backward. A leaf's sum is this backward pass's
+// (the gradient it will add to .grad), not .grad itself. A backward that adds into it must return
+// that very tensor (not a view or a copy) as input `input`'s gradient: the engine then sums
+// nothing; anything else returned is summed as usual. Users: linear's dX GEMM (beta = 1: q/k/v or
+// gate/up reaching their shared input), the norms' dx (the residual stream's gradient: x feeds
+// both norm(x) and x + f(norm(x))), slice (the q | k | v split of a fused projection adds each
+// range into the whole) and embedding (a tied embedding's rows added into the LM head's
+// gradient of the same weight): no separate passes adding [tokens, hidden] or [vocab, hidden]
+// tensors. Whether a sum exists yet depends on the order the consumers run.
 Tensor accumulation_target(size_t input);
 
 // Runs backward from root; grad defaults to ones (a scalar loss gets 1).

@@ -109,7 +109,8 @@ struct ToyModel {
 // The autograd graph below root, counted without running it: nodes by name, and how many times
 // the engine sums gradients ("autograd accumulate": once per extra consumer of a node or leaf,
 // once per leaf that receives a gradient). Some backwards add their share into the sum so far
-// (accumulation_target): linear's and the norms' input, and slice's (the q | k | v split). The
+// (accumulation_target): linear's and the norms' input, slice's (the q | k | v split), and
+// embedding's weight into a leaf's sum (a tied embedding after the LM head). The
 // consumers of a node are taken newest first, the order the engine runs them in: the first forms
 // the sum, each later one costs an engine sum unless it adds into it. accumulation_target's
 // refusals (a shared sum, one producer as two inputs, a checkpointed block's inner graph) are not
@@ -122,11 +123,15 @@ inline bool adds_into_the_sum(const std::string& name, size_t input) {
   return input == 0 &&
          (name == "linear" || name == "rms_norm" || name == "layer_norm" || name == "slice");
 }
+// The same for a leaf's sum: embedding's weight (a tied embedding after the LM head).
+inline bool adds_into_the_leaf_sum(const std::string& name, size_t input) {
+  return input == 0 && name == "embedding";
+}
 inline GraphCount count_graph(const Tensor& root) {
   GraphCount gc;
   // Per producer: its consumers' (creation order, whether that consumer adds into the sum).
   std::map<const Node*, std::vector<std::pair<uint64_t, bool>>> consumers;
-  std::map<const TensorImpl*, int64_t> leaf_uses;
+  std::map<const TensorImpl*, std::vector<std::pair<uint64_t, bool>>> leaf_consumers;
   std::vector<const Node*> stack{root.grad_fn().get()};
   std::unordered_set<const Node*> seen{root.grad_fn().get()};
   while (!stack.empty()) {
@@ -139,7 +144,7 @@ inline GraphCount count_graph(const Tensor& root) {
         consumers[e.node.get()].emplace_back(n->seq, adds_into_the_sum(n->name, i));
         if (seen.insert(e.node.get()).second) stack.push_back(e.node.get());
       } else if (e.leaf) {
-        ++leaf_uses[e.leaf.get()];
+        leaf_consumers[e.leaf.get()].emplace_back(n->seq, adds_into_the_leaf_sum(n->name, i));
       }
     }
   }
@@ -147,7 +152,11 @@ inline GraphCount count_graph(const Tensor& root) {
     std::sort(cs.begin(), cs.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
     for (size_t i = 1; i < cs.size(); ++i) gc.accumulations += cs[i].second ? 0 : 1;
   }
-  for (const auto& [l, k] : leaf_uses) gc.accumulations += k;  // k - 1 sums + the final store
+  for (auto& [l, cs] : leaf_consumers) {  // the final store, and the sums of later consumers
+    std::sort(cs.begin(), cs.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+    gc.accumulations += 1;
+    for (size_t i = 1; i < cs.size(); ++i) gc.accumulations += cs[i].second ? 0 : 1;
+  }
   return gc;
 }
 

@@ -95,8 +95,13 @@ Tensor embedding(const Tensor& weight, const Tensor& ids) {
          [idc, ws](const Tensor& g, const std::vector<bool>& need) {
            Tensor dw;
            if (need[0]) {
-             dw = Tensor::empty(ws, g.dtype(), g.device());
-             FTUNE_KERNEL(g.device(), embedding_backward)(contig(g), idc, dw);
+             // A tied embedding: the LM head's gradient of the same weight is this pass's sum
+             // so far (its backward runs first); the rows are added into it, with no [V, D]
+             // zero fill and no engine sum.
+             dw = accumulation_target(0);
+             const bool add = dw.defined();
+             if (!add) dw = Tensor::empty(ws, g.dtype(), g.device());
+             FTUNE_KERNEL(g.device(), embedding_backward)(contig(g), idc, dw, add);
            }
            return std::vector<Tensor>{dw, Tensor()};
          });

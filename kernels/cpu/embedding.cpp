@@ -49,7 +49,7 @@ void embedding_forward(const Tensor& weight, const Tensor& ids, Tensor& out) {
   });
 }
 
-void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor& dweight) {
+void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor& dweight, bool accumulate) {
   const int64_t V = dweight.size(0), D = dweight.size(1), n = ids.numel();
   dispatch_float(dweight.dtype(), "embedding_backward", [&]<class T>() {
     dispatch_index(ids.dtype(), "embedding_backward", [&]<class I>() {
@@ -68,6 +68,25 @@ void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor& dweight) {
       run_start.push_back(n);
       const int64_t runs = int64_t(run_start.size()) - 1;
 
+      if (accumulate) {  // each row's sum in a buffer (the overwrite's bits), then one add
+#pragma omp parallel if (int64_t(n) * D > kParallelMin)
+        {
+          std::vector<T> buf(static_cast<size_t>(D));
+#pragma omp for schedule(dynamic, 8)
+          for (int64_t r = 0; r < runs; ++r) {
+            std::fill(buf.begin(), buf.end(), T(0));
+            for (int64_t k = run_start[r]; k < run_start[r + 1]; ++k) {
+              const T* src = g + order[k] * D;
+              T* b = buf.data();
+#pragma omp simd
+              for (int64_t j = 0; j < D; ++j) b[j] += src[j];
+            }
+            T* dst = dw + int64_t(id[order[run_start[r]]]) * D;
+            for (int64_t j = 0; j < D; ++j) dst[j] += buf[size_t(j)];
+          }
+        }
+        return;
+      }
 #pragma omp parallel if (V * D > kParallelMin)
       {
 #pragma omp for schedule(static)

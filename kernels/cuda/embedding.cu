@@ -113,10 +113,30 @@ __device__ __forceinline__ void add_f32(const float* p, float (&a)[V]) {
   }
 }
 
+// A finished run's sum into its dweight row: overwritten, or with add (a tied embedding's
+// gradient added into the LM head's) dst = round(dst + round_T(acc)): the overwrite, then the
+// engine's add of two T values in f32, bit for bit.
+template <class T, bool VEC, int V>
+__device__ __forceinline__ void store_row(T* dst, const float (&acc)[V], bool add) {
+  if constexpr (VEC) {
+    if (add) {
+      float o[V];
+      load_vec(dst, o);
+#pragma unroll
+      for (int e = 0; e < V; ++e) o[e] = __fadd_rn(o[e], to_f(from_f<T>(acc[e])));
+      store_vec(dst, o);
+    } else {
+      store_vec(dst, acc);
+    }
+  } else {
+    *dst = add ? from_f<T>(__fadd_rn(to_f(*dst), to_f(from_f<T>(acc[0])))) : from_f<T>(acc[0]);
+  }
+}
+
 template <class T, bool VEC>
 __global__ void tile_sum_kernel(const T* __restrict__ dy, const uint32_t* __restrict__ keys,
                                 const int32_t* __restrict__ order, int64_t n, int64_t D, int64_t slices,
-                                int64_t tiles, float* __restrict__ part, T* __restrict__ dw) {
+                                int64_t tiles, float* __restrict__ part, T* __restrict__ dw, bool add) {
   constexpr int V = VEC ? kVec<T> : 1;
   constexpr int U = 4;  // rows loaded ahead of their (in-order) accumulation
   const int lane = threadIdx.x & 31;
@@ -138,11 +158,7 @@ __global__ void tile_sum_kernel(const T* __restrict__ dy, const uint32_t* __rest
       if (began_before || continues) {
         store_f32<V>(part + (t * 2 + (began_before ? 0 : 1)) * D + c0, acc);
       } else {
-        T* dst = dw + int64_t(id) * D + c0;
-        if constexpr (VEC)
-          store_vec(dst, acc);
-        else
-          *dst = from_f<T>(acc[0]);
+        store_row<T, VEC>(dw + int64_t(id) * D + c0, acc, add);
       }
     };
     for (int64_t k = ts; k < te; k += U) {
@@ -188,7 +204,7 @@ template <class T, bool VEC>
 __global__ void __launch_bounds__(256, 3)
 tile_sum_shfl_kernel(const T* __restrict__ dy, const uint32_t* __restrict__ keys,
                      const int32_t* __restrict__ order, int64_t n, int64_t D, int64_t slices,
-                     int64_t tiles, float* __restrict__ part, T* __restrict__ dw) {
+                     int64_t tiles, float* __restrict__ part, T* __restrict__ dw, bool add) {
   static_assert(kTile == 64, "two ids per lane");
   constexpr int V = VEC ? kVec<T> : 1;
   constexpr int U = 4;  // rows loaded ahead of their (in-order) accumulation
@@ -221,11 +237,7 @@ tile_sum_shfl_kernel(const T* __restrict__ dy, const uint32_t* __restrict__ keys
       if (began_before || continues) {
         store_f32<V>(part + (t * 2 + (began_before ? 0 : 1)) * D + c0, acc);
       } else {
-        T* dst = dw + int64_t(id) * D + c0;
-        if constexpr (VEC)
-          store_vec(dst, acc);
-        else
-          *dst = from_f<T>(acc[0]);
+        store_row<T, VEC>(dw + int64_t(id) * D + c0, acc, add);
       }
     };
 #pragma unroll 1
@@ -271,7 +283,8 @@ tile_sum_shfl_kernel(const T* __restrict__ dy, const uint32_t* __restrict__ keys
 // For each run that begins in tile t and continues past it: tail(t) + head(t+1) + ... in order.
 template <class T, bool VEC>
 __global__ void tile_carry_kernel(const uint32_t* __restrict__ keys, int64_t n, int64_t D, int64_t slices,
-                                  int64_t tiles, const float* __restrict__ part, T* __restrict__ dw) {
+                                  int64_t tiles, const float* __restrict__ part, T* __restrict__ dw,
+                                  bool add) {
   constexpr int V = VEC ? kVec<T> : 1;
   const int lane = threadIdx.x & 31;
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
@@ -293,11 +306,7 @@ __global__ void tile_carry_kernel(const uint32_t* __restrict__ keys, int64_t n, 
       const int64_t e2 = min(n, (t2 + 1) * kTile);
       if (e2 >= n || keys[e2] != id) break;
     }
-    T* dst = dw + int64_t(id) * D + c0;
-    if constexpr (VEC)
-      store_vec(dst, acc);
-    else
-      *dst = from_f<T>(acc[0]);
+    store_row<T, VEC>(dw + int64_t(id) * D + c0, acc, add);
   }
 }
 
@@ -368,7 +377,7 @@ void embedding_forward(const Tensor& weight, const Tensor& ids, Tensor& out) {
   FTUNE_LAUNCH_CHECK(op);
 }
 
-void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor& dweight) {
+void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor& dweight, bool accumulate) {
   const char* op = "embedding_backward";
   check_cuda(op, dy, "dy");
   check_cuda(op, ids, "ids");
@@ -381,7 +390,9 @@ void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor& dweight) {
               ")");
   const bool atomic = !ftune::cuda::deterministic() && dweight.dtype() == DType::f32;
   // The sorted path zeroes only the rows no id touches (below); the others start from zeros.
-  if (n == 0 || D == 0 || atomic)
+  // Accumulating, untouched rows keep their values and the atomics add onto them.
+  if (accumulate && (n == 0 || D == 0)) return;
+  if (n == 0 || D == 0 || (atomic && !accumulate))
     CUDA_CHECK(cudaMemsetAsync(dweight.raw_data(), 0, size_t(V * D) * dtype_size(dweight.dtype()), stream()));
   if (n == 0 || D == 0) return;
   const Device dev = dweight.device();
@@ -415,7 +426,7 @@ void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor& dweight) {
                                                                touched_p);
   });
   FTUNE_LAUNCH_CHECK(op);
-  kernels::cuda::dispatch_float(dweight.dtype(), op, [&](auto tag) {
+  if (!accumulate) kernels::cuda::dispatch_float(dweight.dtype(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
     T* pdw = static_cast<T*>(dweight.raw_data());
     const unsigned zgrid = unsigned(std::min<int64_t>(V, int64_t(ftune::cuda::device_sm_count(dev.index)) * 16));
@@ -450,18 +461,22 @@ void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor& dweight) {
     const bool shfl = !(env && env[0] == '0');
     if (vec) {
       if (shfl)
-        tile_sum_shfl_kernel<T, true><<<grid, 256, 0, stream()>>>(pdy, k_out, p_out, n, D, slices, tiles, pp, pdw);
+        tile_sum_shfl_kernel<T, true><<<grid, 256, 0, stream()>>>(pdy, k_out, p_out, n, D, slices, tiles, pp, pdw,
+                                                                   accumulate);
       else
-        tile_sum_kernel<T, true><<<grid, 256, 0, stream()>>>(pdy, k_out, p_out, n, D, slices, tiles, pp, pdw);
+        tile_sum_kernel<T, true><<<grid, 256, 0, stream()>>>(pdy, k_out, p_out, n, D, slices, tiles, pp, pdw,
+                                                              accumulate);
       FTUNE_LAUNCH_CHECK(op);
-      tile_carry_kernel<T, true><<<grid, 256, 0, stream()>>>(k_out, n, D, slices, tiles, pp, pdw);
+      tile_carry_kernel<T, true><<<grid, 256, 0, stream()>>>(k_out, n, D, slices, tiles, pp, pdw, accumulate);
     } else {
       if (shfl)
-        tile_sum_shfl_kernel<T, false><<<grid, 256, 0, stream()>>>(pdy, k_out, p_out, n, D, slices, tiles, pp, pdw);
+        tile_sum_shfl_kernel<T, false><<<grid, 256, 0, stream()>>>(pdy, k_out, p_out, n, D, slices, tiles, pp, pdw,
+                                                                    accumulate);
       else
-        tile_sum_kernel<T, false><<<grid, 256, 0, stream()>>>(pdy, k_out, p_out, n, D, slices, tiles, pp, pdw);
+        tile_sum_kernel<T, false><<<grid, 256, 0, stream()>>>(pdy, k_out, p_out, n, D, slices, tiles, pp, pdw,
+                                                               accumulate);
       FTUNE_LAUNCH_CHECK(op);
-      tile_carry_kernel<T, false><<<grid, 256, 0, stream()>>>(k_out, n, D, slices, tiles, pp, pdw);
+      tile_carry_kernel<T, false><<<grid, 256, 0, stream()>>>(k_out, n, D, slices, tiles, pp, pdw, accumulate);
     }
   });
   FTUNE_LAUNCH_CHECK(op);

@@ -324,6 +324,44 @@ TEST(Autograd, SlicesAddTheirRangesIntoTheSumSoFar) {
 
 // The q | k | v split needs no engine sums at the fused output: the profiler counts two fewer
 // there than with three separate tensors formed by hand and added.
+// A tied embedding: one weight W [V, D] is the embedding table and the LM head. The LM head's
+// backward runs first and forms W's sum for the pass; the embedding's backward adds its rows into
+// that sum (accumulation_target on a leaf): the same gradient, bit for bit, as two separate leaves
+// summed, with one engine sum fewer. Reversed (the embedding's backward first), nothing is handed
+// out and the engine sums as before. Gradient accumulation over two passes adds into .grad.
+TEST(Autograd, TiedEmbeddingAddsIntoTheLmHeadGradient) {
+  Generator gen(12);
+  const int64_t V = 11, D = 6;
+  Tensor w0 = randn({V, D}, gen);
+  Tensor ids = Tensor::from_vector<int64_t>({3, 7, 3, 0, 9, 3, 7, 1}, {8});  // rows 2, 4, 5, ... unused
+  Tensor r = randn({8, V}, gen), x = randn({8, D}, gen), q = randn({8, D}, gen);
+  auto loss = [&](const Tensor& emb_w, const Tensor& head_w, bool reversed) {
+    if (reversed) {  // the head's node is the older one: the embedding's backward runs first
+      Tensor head = ops::linear(x, head_w);
+      Tensor emb = ops::embedding(emb_w, ids);
+      return ops::add(ops::sum(ops::mul(head, r)), ops::sum(ops::mul(emb, q)));
+    }
+    Tensor h = ops::embedding(emb_w, ids);
+    return ops::sum(ops::mul(ops::linear(h, head_w), r));
+  };
+  for (bool reversed : {false, true}) {
+    SCOPED_TRACE(reversed ? "embedding's backward first" : "LM head's backward first");
+    Tensor tied = w0.clone().set_requires_grad(true);
+    Tensor e = w0.clone().set_requires_grad(true), h = w0.clone().set_requires_grad(true);
+    const double n_tied = test::backward_sums([&] { return loss(tied, tied, reversed); });
+    const double n_two = test::backward_sums([&] { return loss(e, h, reversed); });
+    Tensor want = ops::add(h.grad(), e.grad());  // the engine's sum: LM head's + embedding's
+    auto got = tied.grad().to_vector<double>(), ref = want.to_vector<double>();
+    ASSERT_EQ(got.size(), ref.size());
+    for (size_t i = 0; i < got.size(); ++i) EXPECT_EQ(got[i], ref[i]) << i;
+    // Two leaves: two stores. Tied: one store, plus one sum unless the embedding added into it.
+    EXPECT_EQ(n_tied, reversed ? n_two : n_two - 1);
+    // A second pass (gradient accumulation) adds into .grad.
+    test::backward_sums([&] { return loss(tied, tied, reversed); });
+    EXPECT_LT(ops::max_abs_diff(tied.grad(), ops::mul_scalar(want, 2.0)), 1e-12);
+  }
+}
+
 TEST(Autograd, SliceFanInSkipsTheEngineSum) {
   Generator gen(8);
   Tensor x0 = randn({6, 10}, gen).set_requires_grad(true);

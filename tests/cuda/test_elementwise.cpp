@@ -506,6 +506,12 @@ void check_embedding_cases() {
           // Long runs are summed per tile, then across tiles: f32 rounding differs from the CPU's.
           EXPECT_TRUE(all_close(dw, dref, 2e-5 * std::sqrt(double(c.n)), dtype_rtol(dt))) << "backward " << what;
         }
+        // Added into a gradient that holds values (a tied LM head's): the overwrite then the
+        // engine's add, bit for bit; rows no id names keep their values.
+        Tensor init = to_gpu(rand_host({c.V, c.D}, g, dt), dt);
+        Tensor acc = init.clone();
+        kernels::cuda::embedding_backward(dyd, idd, acc, true);
+        EXPECT_TRUE(same_values(acc, ops::add(init, dw))) << "accumulate " << what;
       }
 }
 
@@ -528,8 +534,16 @@ TEST(CudaEmbedding, BackwardUnalignedAndNonDeterministicPath) {
   ftune::cuda::set_deterministic(false);
   Tensor dw2 = gpu_empty({V, D}, DType::f32);
   kernels::cuda::embedding_backward(to_gpu(dy, DType::f32), ids.to(Device::cuda(0)), dw2);
+  // Accumulating (a tied LM head's gradient): the atomics add onto its values.
+  Tensor init = to_gpu(rand_host({V, D}, g, DType::f32), DType::f32), acc = init.clone();
+  kernels::cuda::embedding_backward(to_gpu(dy, DType::f32), ids.to(Device::cuda(0)), acc, true);
   ftune::cuda::set_deterministic(true);
   EXPECT_TRUE(all_close(dw2, dref, 1e-4, 1e-5));
+  EXPECT_TRUE(all_close(acc, ops::add(init, dw1), 1e-4, 1e-5));
+  // The scalar column path accumulating: the overwrite then the add, bit for bit.
+  Tensor acc1 = init.clone();
+  kernels::cuda::embedding_backward(unaligned_gpu(dy, DType::f32), ids.to(Device::cuda(0)), acc1, true);
+  EXPECT_TRUE(same_values(acc1, ops::add(init, dw)));
 }
 
 // ---- cast -----------------------------------------------------------------------------------------
