@@ -1,6 +1,8 @@
 #include "core/allocator.h"
 
+#include <algorithm>
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <mutex>
 #include <unordered_map>
@@ -125,6 +127,26 @@ Device Device::parse(const std::string& s) {
     }
   }
   FTUNE_THROW("[device] unknown device '", s, "' (expected cpu, cuda or cuda:N)");
+}
+
+std::string cuda_oom_message(size_t bytes, int device, const AllocatorStats& stats,
+                             int64_t free_bytes, int64_t total_bytes) {
+  auto gib = [](double b) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.2f GiB", b / double(int64_t(1) << 30));
+    return std::string(buf);
+  };
+  std::string m = "out of GPU memory on cuda:" + std::to_string(device) + ": asked for " +
+                  gib(double(bytes)) + " with " + gib(double(stats.current_bytes)) +
+                  " held by ftune's tensors (peak " + gib(double(stats.peak_bytes)) + ")";
+  if (total_bytes > 0)
+    m += " of the device's " + gib(double(total_bytes)) + " (" +
+         gib(double(std::max<int64_t>(free_bytes, 0))) + " free)";
+  m += ". To lower the peak: enable_activation_checkpointing: true; a smaller batch_size (with a "
+       "larger gradient_accumulation_steps to keep the tokens per step); a shorter "
+       "tokenizer.max_seq_len; chunked_loss: true (the default); LoRA instead of full "
+       "fine-tuning; or parallel.zero: 1 over several GPUs";
+  return m;
 }
 
 }  // namespace ftune

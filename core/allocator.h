@@ -3,6 +3,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "core/device.h"
 
@@ -35,6 +36,11 @@ void cuda_memcpy_h2d(void* dst, const void* src, size_t bytes, int device);
 void cuda_memcpy_d2h(void* dst, const void* src, size_t bytes, int device);
 void cuda_memcpy_d2d(void* dst, const void* src, size_t bytes, int device);
 void cuda_synchronize(int device = 0);
+// The error text of a device allocation that failed for lack of memory (after the cache was
+// freed): what was asked, what ftune's tensors hold (and held at most), the device's free and
+// total bytes (negative: unknown), and the recipe keys that lower the peak.
+std::string cuda_oom_message(size_t bytes, int device, const AllocatorStats& stats,
+                             int64_t free_bytes, int64_t total_bytes);
 // Tests: fill every new device allocation with 0xFF bytes (NaN for floats) so a kernel that leaves
 // part of its output unwritten fails its comparison instead of passing on stale zeros.
 void cuda_set_alloc_poison(bool on);

@@ -108,6 +108,19 @@ std::shared_ptr<void> cuda_alloc(size_t bytes, int dev) {
       CUDA_CHECK(cudaSetDevice(dev));
       err = cudaMalloc(&p, cls);
     }
+    if (err == cudaErrorMemoryAllocation) {
+      cudaGetLastError();
+      size_t free_b = 0, total_b = 0;
+      const bool known = cudaMemGetInfo(&free_b, &total_b) == cudaSuccess;
+      cudaGetLastError();
+      AllocatorStats st;
+      {
+        std::lock_guard<std::mutex> lk(pl.mu);
+        st = pl.stats;
+      }
+      FTUNE_THROW("[cuda_alloc] ", cuda_oom_message(cls, dev, st, known ? int64_t(free_b) : -1,
+                                                     known ? int64_t(total_b) : -1));
+    }
     if (err != cudaSuccess)
       FTUNE_THROW("[cuda_alloc] cudaMalloc of ", cls, " bytes on cuda:", dev, ": ", cudaGetErrorString(err));
     std::lock_guard<std::mutex> lk(pl.mu);
