@@ -2048,12 +2048,6 @@ void dispatch_npl(int D, F&& f) {
   else f(std::integral_constant<int, 8>{});
 }
 
-template <class K>
-void set_smem(K kernel, size_t bytes) {
-  if (bytes > 48 * 1024)
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    int(bytes)));
-}
 
 bool fast_ok(DType dt, int D, std::initializer_list<const void*> ptrs) {
   if (dt == DType::f32 || (D != 64 && D != 128)) return false;

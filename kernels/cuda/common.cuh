@@ -117,6 +117,14 @@ inline unsigned grid_1d(int64_t n, int threads) {
   return unsigned(b < 1 ? 1 : (b > cap ? cap : b));
 }
 
+// Opts a kernel into more than the default 48 KiB of dynamic shared memory when it needs it.
+template <class K>
+void set_smem(K kernel, size_t bytes) {
+  if (bytes > 48 * 1024)
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    int(bytes)));
+}
+
 // Host-side precondition checks of a launcher.
 inline void check_cuda(const char* op, const Tensor& t, const char* what) {
   FTUNE_CHECK(t.defined(), "[", op, "] ", what, " is undefined");

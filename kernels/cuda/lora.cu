@@ -513,12 +513,6 @@ __global__ void lora_da_reduce_kernel(const float* part, T* da, int splits, int6
   }
 }
 
-template <class K>
-void lo_set_smem(K kernel, size_t bytes) {
-  if (bytes > 48 * 1024)
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    int(bytes)));
-}
 
 // Calls f(std::integral_constant<int, R16>) with R16 = ceil(r / 16), r <= kMaxFusedRank.
 template <class F>
@@ -636,7 +630,7 @@ bool lora_down_fused(const LoraDims& d, const T* x, const T* a, double p, uint64
       constexpr int R16 = decltype(r16)::value;
       const size_t smem = size_t(kDownStages) * (kLoBM + 16 * R16) * kLoLds * sizeof(D);
       auto kernel = lora_down_kernel<D, R16>;
-      lo_set_smem(kernel, smem);
+      set_smem(kernel, smem);
       kernel<<<dim3(unsigned(blocks), unsigned(splits)), kLoThreads, smem, stream()>>>(args);
     });
     FTUNE_LAUNCH_CHECK("lora_down_fused");
@@ -689,7 +683,7 @@ bool lora_up_fused(const LoraDims& d, const T* x, const T* du, int64_t ldu, cons
       const size_t smem = (size_t(RP) * kLoLds + 3 * kLoBM * kLoLds + 2 * kLoBM * (RP + 8)) *
                               sizeof(D) + 2 * kLoBM * 8;
       auto kernel = lora_up_kernel<D, R16>;
-      lo_set_smem(kernel, smem);
+      set_smem(kernel, smem);
       kernel<<<dim3(unsigned(ncol), unsigned(splits)), kLoThreads, smem, stream()>>>(args);
     });
     FTUNE_LAUNCH_CHECK("lora_up_fused");
