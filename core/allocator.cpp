@@ -131,9 +131,12 @@ Device Device::parse(const std::string& s) {
 
 std::string cuda_oom_message(size_t bytes, int device, const AllocatorStats& stats,
                              int64_t free_bytes, int64_t total_bytes) {
-  auto gib = [](double b) {
+  auto gib = [](double b) {  // GiB, or MiB below 1 GiB
     char buf[32];
-    std::snprintf(buf, sizeof buf, "%.2f GiB", b / double(int64_t(1) << 30));
+    if (b >= double(int64_t(1) << 30))
+      std::snprintf(buf, sizeof buf, "%.2f GiB", b / double(int64_t(1) << 30));
+    else
+      std::snprintf(buf, sizeof buf, "%.1f MiB", b / double(int64_t(1) << 20));
     return std::string(buf);
   };
   std::string m = "out of GPU memory on cuda:" + std::to_string(device) + ": asked for " +

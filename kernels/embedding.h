@@ -16,7 +16,7 @@ void embedding_forward(const Tensor& weight, const Tensor& ids, Tensor& out);
 // result is deterministic and independent of the thread count. accumulate: dweight += that sum
 // instead (each row's sum formed first, then added: the bits of the overwrite followed by an add,
 // as the autograd engine sums a tied embedding's gradient with the LM head's; rows no id names
-// are left as they are).
+// are left as they are, so a -0 there stays -0 where the add would give +0).
 void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor& dweight,
                         bool accumulate = false);
 
@@ -26,7 +26,7 @@ void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor& dweight,
 // embedding_backward is deterministic (sorted ids, one writer per dweight element summing in
 // increasing n, as the CPU does) unless ftune::cuda::deterministic() is off, when f32 uses float
 // atomics. With accumulate each row's sum is rounded to T, then added in f32 and rounded (the
-// overwrite then the engine's add, bit for bit).
+// overwrite then the engine's add, bit for bit; the f32 atomics add each term onto the values).
 namespace ftune::kernels::cuda {
 
 int64_t first_bad_id(const Tensor& ids, int64_t V);

@@ -110,7 +110,8 @@ struct ToyModel {
 // the engine sums gradients ("autograd accumulate": once per extra consumer of a node or leaf,
 // once per leaf that receives a gradient). Some backwards add their share into the sum so far
 // (accumulation_target): linear's and the norms' input, slice's (the q | k | v split), and
-// embedding's weight into a leaf's sum (a tied embedding after the LM head). The
+// embedding's weight (a tied embedding after the LM head: a leaf's sum, or a node's when the
+// weight reaches both through an op). The
 // consumers of a node are taken newest first, the order the engine runs them in: the first forms
 // the sum, each later one costs an engine sum unless it adds into it. accumulation_target's
 // refusals (a shared sum, one producer as two inputs, a checkpointed block's inner graph) are not
@@ -120,8 +121,8 @@ struct GraphCount {
   int64_t accumulations = 0;
 };
 inline bool adds_into_the_sum(const std::string& name, size_t input) {
-  return input == 0 &&
-         (name == "linear" || name == "rms_norm" || name == "layer_norm" || name == "slice");
+  return input == 0 && (name == "linear" || name == "rms_norm" || name == "layer_norm" ||
+                        name == "slice" || name == "embedding");
 }
 // The same for a leaf's sum: embedding's weight (a tied embedding after the LM head).
 inline bool adds_into_the_leaf_sum(const std::string& name, size_t input) {

@@ -2048,7 +2048,6 @@ void dispatch_npl(int D, F&& f) {
   else f(std::integral_constant<int, 8>{});
 }
 
-
 bool fast_ok(DType dt, int D, std::initializer_list<const void*> ptrs) {
   if (dt == DType::f32 || (D != 64 && D != 128)) return false;
   for (const void* p : ptrs)

@@ -3,8 +3,10 @@
 // backward (deterministic): the positions are sorted by id (CUB radix sort, stable, so equal ids
 // keep increasing n) and summed per run of one id in f32 by fixed tiles of the sorted order (see
 // tile_sum_kernel): every dweight element has one writer and one summation order, no atomics.
-// Rows no id touches are zeroed by their own kernel (touched rows are written once, by the sums).
-// With ftune::cuda::deterministic() off, f32 takes a float-atomic scatter instead.
+// Rows no id touches are zeroed by their own kernel (touched rows are written once, by the sums);
+// accumulating (a tied embedding's rows into the LM head's gradient), they are left as they are
+// and each touched row's sum is added once. With ftune::cuda::deterministic() off, f32 takes a
+// float-atomic scatter instead (onto the values, accumulating).
 #include <cub/device/device_radix_sort.cuh>
 #include <cstdlib>
 
@@ -51,7 +53,7 @@ __global__ void sort_prep_kernel(const I* __restrict__ ids, int64_t n, uint32_t*
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     keys[i] = uint32_t(ids[i]);
     pos[i] = int32_t(i);
-    touched[ids[i]] = 1;
+    if (touched) touched[ids[i]] = 1;  // null when accumulating: no zero fill follows
   }
 }
 
@@ -413,9 +415,10 @@ void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor& dweight, bo
   auto* k_out = static_cast<uint32_t*>(keys_sorted.raw_data());
   auto* p_in = static_cast<int32_t*>(pos.raw_data());
   auto* p_out = static_cast<int32_t*>(order.raw_data());
-  Tensor touched = Tensor::empty({V}, DType::b8, dev);  // 1 where some id names the row
-  auto* touched_p = static_cast<uint8_t*>(touched.raw_data());
-  CUDA_CHECK(cudaMemsetAsync(touched_p, 0, size_t(V), stream()));
+  // 1 where some id names the row: only the zero fill of the others needs it.
+  Tensor touched = accumulate ? Tensor() : Tensor::empty({V}, DType::b8, dev);
+  auto* touched_p = accumulate ? nullptr : static_cast<uint8_t*>(touched.raw_data());
+  if (touched_p) CUDA_CHECK(cudaMemsetAsync(touched_p, 0, size_t(V), stream()));
   const int ni = int(n);
   int end_bit = 1;
   while (end_bit < 32 && (int64_t(1) << end_bit) < V) ++end_bit;

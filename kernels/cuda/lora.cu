@@ -513,7 +513,6 @@ __global__ void lora_da_reduce_kernel(const float* part, T* da, int splits, int6
   }
 }
 
-
 // Calls f(std::integral_constant<int, R16>) with R16 = ceil(r / 16), r <= kMaxFusedRank.
 template <class F>
 void rank_dispatch(int64_t r, F&& f) {

@@ -118,7 +118,7 @@ std::shared_ptr<void> cuda_alloc(size_t bytes, int dev) {
         std::lock_guard<std::mutex> lk(pl.mu);
         st = pl.stats;
       }
-      FTUNE_THROW("[cuda_alloc] ", cuda_oom_message(cls, dev, st, known ? int64_t(free_b) : -1,
+      FTUNE_THROW("[cuda_alloc] ", cuda_oom_message(bytes, dev, st, known ? int64_t(free_b) : -1,
                                                      known ? int64_t(total_b) : -1));
     }
     if (err != cudaSuccess)

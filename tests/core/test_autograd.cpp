@@ -322,8 +322,6 @@ TEST(Autograd, SlicesAddTheirRangesIntoTheSumSoFar) {
   }
 }
 
-// The q | k | v split needs no engine sums at the fused output: the profiler counts two fewer
-// there than with three separate tensors formed by hand and added.
 // A tied embedding: one weight W [V, D] is the embedding table and the LM head. The LM head's
 // backward runs first and forms W's sum for the pass; the embedding's backward adds its rows into
 // that sum (accumulation_target on a leaf): the same gradient, bit for bit, as two separate leaves
@@ -362,6 +360,50 @@ TEST(Autograd, TiedEmbeddingAddsIntoTheLmHeadGradient) {
   }
 }
 
+// The weight reaching the embedding and the head through one op (a scale): the embedding adds
+// into that node's sum instead (the same values as two separate weights; the graph model counts
+// the engine's sums). And a leaf's sum that is also another node's pending gradient (add hands
+// one tensor to both inputs) is not handed out: adding into it would corrupt the other gradient.
+TEST(Autograd, EmbeddingAddsIntoANodeSumAndNeverIntoASharedOne) {
+  Generator gen(13);
+  const int64_t V = 8, D = 4;
+  Tensor w0 = randn({V, D}, gen), w3v = randn({V, D}, gen), s = randn({V, D}, gen);
+  Tensor ids = Tensor::from_vector<int64_t>({3, 3, 5, 0}, {4});
+  Tensor r = randn({4, V}, gen), q = randn({4, D}, gen);
+  {
+    auto run = [&](const Tensor& we, const Tensor& wh, bool same) {
+      Tensor v1 = ops::mul_scalar(we, 2.0);
+      Tensor v2 = same ? v1 : ops::mul_scalar(wh, 2.0);
+      return ops::sum(ops::mul(ops::linear(ops::embedding(v1, ids), v2), r));
+    };
+    Tensor t = w0.clone().set_requires_grad(true);
+    Tensor a = w0.clone().set_requires_grad(true), b = w0.clone().set_requires_grad(true);
+    const double n_t = test::backward_sums([&] { return run(t, t, true); });
+    run(a, b, false).backward();
+    auto got = t.grad().to_vector<double>(), want = ops::add(a.grad(), b.grad()).to_vector<double>();
+    for (size_t i = 0; i < got.size(); ++i) EXPECT_EQ(got[i], want[i]) << i;
+    Tensor t2 = w0.clone().set_requires_grad(true);
+    EXPECT_EQ(n_t, double(test::count_graph(run(t2, t2, true)).accumulations));
+  }
+  {
+    auto run = [&](const Tensor& wa, const Tensor& wb, const Tensor& w3) {
+      Tensor x3 = ops::mul_scalar(w3, 1.0);  // older than the embedding: its backward runs later
+      Tensor e = ops::embedding(wb, ids);
+      Tensor y = ops::add(wa, x3);  // one gradient tensor for wa's sum and x3's pending one
+      return ops::add(ops::sum(ops::mul(y, s)), ops::sum(ops::mul(e, q)));
+    };
+    Tensor t = w0.clone().set_requires_grad(true), t3 = w3v.clone().set_requires_grad(true);
+    Tensor a = w0.clone().set_requires_grad(true), b = w0.clone().set_requires_grad(true);
+    Tensor r3 = w3v.clone().set_requires_grad(true);
+    run(t, t, t3).backward();
+    run(a, b, r3).backward();
+    EXPECT_LT(ops::max_abs_diff(t.grad(), ops::add(a.grad(), b.grad())), 1e-12);
+    EXPECT_LT(ops::max_abs_diff(t3.grad(), r3.grad()), 1e-12) << "the other gradient changed";
+  }
+}
+
+// The q | k | v split needs no engine sums at the fused output: the profiler counts two fewer
+// there than with three separate tensors formed by hand and added.
 TEST(Autograd, SliceFanInSkipsTheEngineSum) {
   Generator gen(8);
   Tensor x0 = randn({6, 10}, gen).set_requires_grad(true);

@@ -246,12 +246,13 @@ TEST(Allocator, OutOfMemoryMessageSaysWhatAndHowToFit) {
   st.peak_bytes = int64_t(12) << 30;
   const std::string m = cuda_oom_message(size_t(3) << 29, 1, st, int64_t(1) << 29, int64_t(80) << 30);
   for (const char* want : {"out of GPU memory on cuda:1", "asked for 1.50 GiB", "10.00 GiB held",
-                           "peak 12.00 GiB", "80.00 GiB (0.50 GiB free)",
+                           "peak 12.00 GiB", "80.00 GiB (512.0 MiB free)",
                            "enable_activation_checkpointing: true", "batch_size",
                            "gradient_accumulation_steps", "max_seq_len", "parallel.zero: 1"})
     EXPECT_NE(m.find(want), std::string::npos) << want << " not in: " << m;
-  const std::string unknown = cuda_oom_message(100, 0, st, -1, -1);
+  const std::string unknown = cuda_oom_message(size_t(3) << 20, 0, st, -1, -1);
   EXPECT_EQ(unknown.find("device's"), std::string::npos) << unknown;
+  EXPECT_NE(unknown.find("asked for 3.0 MiB"), std::string::npos) << unknown;
 }
 
 }  // namespace
