@@ -79,7 +79,8 @@ Tensor checkpoint(std::function<Tensor(const Tensor&)> f, const Tensor& x,
 // both norm(x) and x + f(norm(x))), slice (the q | k | v split of a fused projection adds each
 // range into the whole) and embedding (a tied embedding's rows added into the LM head's
 // gradient of the same weight, a leaf's sum or, when the weight reaches both through an op, that
-// op's): no separate passes adding [tokens, hidden] or [vocab, hidden] tensors. Whether a sum exists yet depends on the order the consumers run.
+// op's): no separate passes adding [tokens, hidden] or [vocab, hidden] tensors. Whether a sum
+// exists yet depends on the order the consumers run.
 Tensor accumulation_target(size_t input);
 
 // Runs backward from root; grad defaults to ones (a scalar loss gets 1).

@@ -331,7 +331,8 @@ TEST(Autograd, TiedEmbeddingAddsIntoTheLmHeadGradient) {
   Generator gen(12);
   const int64_t V = 11, D = 6;
   Tensor w0 = randn({V, D}, gen);
-  Tensor ids = Tensor::from_vector<int64_t>({3, 7, 3, 0, 9, 3, 7, 1}, {8});  // rows 2, 4, 5, ... unused
+  // Rows 2, 4, 5, 6, 8 and 10 are named by no id.
+  Tensor ids = Tensor::from_vector<int64_t>({3, 7, 3, 0, 9, 3, 7, 1}, {8});
   Tensor r = randn({8, V}, gen), x = randn({8, D}, gen), q = randn({8, D}, gen);
   auto loss = [&](const Tensor& emb_w, const Tensor& head_w, bool reversed) {
     if (reversed) {  // the head's node is the older one: the embedding's backward runs first
@@ -380,7 +381,8 @@ TEST(Autograd, EmbeddingAddsIntoANodeSumAndNeverIntoASharedOne) {
     Tensor a = w0.clone().set_requires_grad(true), b = w0.clone().set_requires_grad(true);
     const double n_t = test::backward_sums([&] { return run(t, t, true); });
     run(a, b, false).backward();
-    auto got = t.grad().to_vector<double>(), want = ops::add(a.grad(), b.grad()).to_vector<double>();
+    auto got = t.grad().to_vector<double>();
+    auto want = ops::add(a.grad(), b.grad()).to_vector<double>();
     for (size_t i = 0; i < got.size(); ++i) EXPECT_EQ(got[i], want[i]) << i;
     Tensor t2 = w0.clone().set_requires_grad(true);
     EXPECT_EQ(n_t, double(test::count_graph(run(t2, t2, true)).accumulations));
