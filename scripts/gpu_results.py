@@ -149,7 +149,7 @@ def main():
     tl = dict(re.findall(r"\| (lora_linear [^|]+?|base GEMM [^|]+?) \| ([\d.]+) \|", tref))
     lr = [r for n, r in rows.items() if n.startswith("lora_linear")]
     if lr:
-        o.append("## LoRA linear (bf16, 8192 tokens, 4096 -> 4096, r 16)")
+        o.append("## LoRA linear (bf16, 8192 tokens, r 16; 4096 -> 4096, and the 0.5B model's MLP shapes)")
         o.append("")
         o.append("Rows in parentheses are A/B runs of the other low-rank path (FTUNE_LORA_FUSED); their "
                  "in-binary reference is the default path.")

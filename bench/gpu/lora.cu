@@ -8,6 +8,7 @@
 
 #include <cstdlib>
 #include <string>
+#include <utility>
 
 #include "bench/gpu/gpu_bench.h"
 #include "kernels/cuda/common.cuh"
@@ -142,4 +143,45 @@ FTUNE_GPU_BENCH(lora) {
     ctx.add(abf);
   }
   for (void* p : {x, w, a, b, g, y, u, xd, du, dx, da, db, l, tmp, gl}) free_device(p);
+
+  // The 0.5B end-to-end step's MLP shapes (d 896, ffn 4864: gate/up, then down), fwd+bwd with
+  // each low-rank path: where the skinny GEMMs are smallest, the A/B that sets FTUNE_LORA_FUSED's
+  // default. ref: the default path's time.
+  for (auto [in2, out2] : {std::pair<int64_t, int64_t>{896, 4864}, {4864, 896}}) {
+    const kernels::LoraDims d2{M, in2, out2, r};
+    void* x2 = random_device(2, M * in2, 1, 1.0f, 21);
+    void* w2 = B(out2 * in2);
+    void* a2 = B(r * in2);
+    void* b2 = random_device(2, out2 * r, 1, 0.02f, 22);
+    void* g2 = random_device(2, M * out2, 1, 1.0f, 23);
+    void *y2 = B(M * out2), *u2 = B(M * r), *du2 = B(M * r), *dx2 = B(M * in2);
+    void *da2 = B(r * in2), *db2 = B(out2 * r);
+    const double flops2 =
+        2.0 * (2.0 * M * in2 * out2) + 2.0 * (3.0 * M * in2 * r + 3.0 * M * out2 * r);
+    for (double p : {0.0, 0.1}) {
+      auto step = [&] {
+        kernels::cuda::lora_forward<bf16>(d2, (bf16*)x2, (bf16*)w2, nullptr, (bf16*)a2,
+                                          (bf16*)b2, s, p, 7, nullptr, (bf16*)u2, (bf16*)y2);
+        kernels::cuda::lora_backward<bf16>(d2, (bf16*)g2, (bf16*)x2, (bf16*)w2, (bf16*)a2,
+                                           (bf16*)b2, (bf16*)u2, s, p, 7, (bf16*)du2, nullptr,
+                                           nullptr, (bf16*)dx2, (bf16*)da2, (bf16*)db2);
+      };
+      Row def;
+      def.name = "lora_linear fwd+bwd bf16 8192x" + std::to_string(in2) + "x" +
+                 std::to_string(out2) + " r16 p=" + std::string(p > 0 ? "0.1" : "0");
+      def.ms = ctx.time_ms(step, 3, 20);
+      def.flops = flops2;
+      ::setenv("FTUNE_LORA_FUSED", p > 0 ? "0" : "1", 1);
+      Row ab;
+      ab.name = def.name + (p > 0 ? " (cuBLASLt + dropout passes)" : " (fused low-rank kernels)");
+      ab.ms = ctx.time_ms(step, 3, 20);
+      ::unsetenv("FTUNE_LORA_FUSED");
+      ab.flops = flops2;
+      ab.ref_ms = def.ms;
+      ab.ref_name = "default path";
+      ctx.add(def);
+      ctx.add(ab);
+    }
+    for (void* q : {x2, w2, a2, b2, g2, y2, u2, du2, dx2, da2, db2}) free_device(q);
+  }
 }
