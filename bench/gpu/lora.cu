@@ -7,6 +7,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdlib>
+#include <functional>
 #include <string>
 #include <utility>
 
@@ -47,32 +48,85 @@ void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const vo
                             static_cast<const bf16*>(b), ldb, beta, static_cast<bf16*>(c), ldc);
 }
 
+// n bf16 values ~ N(0, 0.02^2) on the device (weights, and outputs the kernels overwrite).
+void* small_random(int64_t n) { return random_device(2, n, 1, 0.02f, uint64_t(n) ^ 0x5eed); }
+
+// The fused LoRA linear's buffers at one shape (tokens M, in -> out, rank r, scale s) and its
+// calls: the forward, and forward + backward (dx, dA, dB), at dropout p.
+struct LoraCase {
+  kernels::LoraDims d;
+  float s;
+  void *x, *w, *a, *b, *g, *y, *u, *du, *dx, *da, *db;
+  LoraCase(int64_t M, int64_t in, int64_t out, int64_t r, float scale)
+      : d{M, in, out, r}, s(scale) {
+    auto B = small_random;
+    x = random_device(2, M * in, 1, 1.0f, 11);
+    w = B(out * in);
+    a = B(r * in);
+    b = random_device(2, out * r, 1, 0.02f, 12);
+    g = random_device(2, M * out, 1, 1.0f, 13);
+    y = B(M * out);
+    u = B(M * r);
+    du = B(M * r);
+    dx = B(M * in);
+    da = B(r * in);
+    db = B(out * r);
+  }
+  ~LoraCase() {
+    for (void* q : {x, w, a, b, g, y, u, du, dx, da, db}) free_device(q);
+  }
+  LoraCase(const LoraCase&) = delete;
+  LoraCase& operator=(const LoraCase&) = delete;
+  // xd null: the kernels take a scratch of their own where the unfused path needs drop(x).
+  void forward(double p) const {
+    kernels::cuda::lora_forward<bf16>(d, (bf16*)x, (bf16*)w, nullptr, (bf16*)a, (bf16*)b, s, p, 7,
+                                      nullptr, (bf16*)u, (bf16*)y);
+  }
+  void step(double p) const {
+    forward(p);
+    kernels::cuda::lora_backward<bf16>(d, (bf16*)g, (bf16*)x, (bf16*)w, (bf16*)a, (bf16*)b,
+                                       (bf16*)u, s, p, 7, (bf16*)du, nullptr, nullptr, (bf16*)dx,
+                                       (bf16*)da, (bf16*)db);
+  }
+  // GEMM flops: base fwd + dx (2 x 2 M in out) and the adapter's 6 skinny GEMMs.
+  double step_flops() const {
+    return 2.0 * (2.0 * d.m * d.in * d.out) +
+           2.0 * (3.0 * d.m * d.in * d.r + 3.0 * d.m * d.out * d.r);
+  }
+  double forward_flops() const {
+    return 2.0 * d.m * d.in * d.out + 2.0 * d.m * d.in * d.r + 2.0 * d.m * d.out * d.r;
+  }
+};
+
+// The A/B of the low-rank path (FTUNE_LORA_FUSED, kernels/lora.h): with dropout the default is
+// the fused tensor-core kernels, so the other row is cuBLASLt + dropout passes; without, the
+// default is cuBLASLt, so the other row is the fused kernels. ref: the default path's row.
+Row other_path(Ctx& ctx, const Row& def, double p, const std::function<void()>& fn) {
+  ::setenv("FTUNE_LORA_FUSED", p > 0 ? "0" : "1", 1);
+  Row ab;
+  ab.name = def.name + (p > 0 ? " (cuBLASLt + dropout passes)" : " (fused low-rank kernels)");
+  ab.ms = ctx.time_ms(fn, 3, 20);
+  ::unsetenv("FTUNE_LORA_FUSED");
+  ab.ref_ms = def.ms;
+  ab.ref_name = "default path";
+  ab.flops = def.flops;
+  ab.bytes = def.bytes;
+  return ab;
+}
+
 }  // namespace
 
 FTUNE_GPU_BENCH(lora) {
   const int64_t M = 8192, in = 4096, out = 4096, r = 16;
   const float s = 2.0f;
-  const kernels::LoraDims d{M, in, out, r};
-  auto B = [](int64_t n) { return random_device(2, n, 1, 0.02f, uint64_t(n) ^ 0x5eed); };
-  void* x = random_device(2, M * in, 1, 1.0f, 11);
-  void* w = B(out * in);
-  void* a = B(r * in);
-  void* b = random_device(2, out * r, 1, 0.02f, 12);
-  void* g = random_device(2, M * out, 1, 1.0f, 13);
-  void *y = B(M * out), *u = B(M * r), *xd = B(M * in), *du = B(M * r);
-  void *dx = B(M * in), *da = B(r * in), *db = B(out * r);
-  void *l = B(M * out), *tmp = B(M * in), *gl = B(M * out);
-  // GEMM flops: base fwd + dx (2 x 2 M in out) and the adapter's 6 skinny GEMMs.
-  const double flops = 2.0 * (2.0 * M * in * out) + 2.0 * (3.0 * M * in * r + 3.0 * M * out * r);
+  const LoraCase c(M, in, out, r, s);
+  auto B = small_random;
+  // The unfused composition's own buffers (drop(x), the low-rank term, dx's share, s g).
+  void *xd = B(M * in), *l = B(M * out), *tmp = B(M * in), *gl = B(M * out);
+  const void *x = c.x, *w = c.w, *a = c.a, *b = c.b, *g = c.g;
+  void *y = c.y, *u = c.u, *du = c.du, *dx = c.dx, *da = c.da, *db = c.db;
   for (double p : {0.0, 0.1}) {
     const uint64_t seed = 7;
-    auto fused = [&] {
-      kernels::cuda::lora_forward<bf16>(d, (bf16*)x, (bf16*)w, nullptr, (bf16*)a, (bf16*)b, s, p,
-                                        seed, (bf16*)xd, (bf16*)u, (bf16*)y);
-      kernels::cuda::lora_backward<bf16>(d, (bf16*)g, (bf16*)x, (bf16*)w, (bf16*)a, (bf16*)b,
-                                         (bf16*)u, s, p, seed, (bf16*)du, (bf16*)xd, nullptr,
-                                         (bf16*)dx, (bf16*)da, (bf16*)db);
-    };
     auto unfused = [&] {
       const void* xs = x;
       if (p > 0) {  // drop(x) materialized once, kept for the backward (as autograd saves it)
@@ -94,94 +148,40 @@ FTUNE_GPU_BENCH(lora) {
     };
     Row row;
     row.name = "lora_linear fwd+bwd bf16 8192x4096x4096 r16 p=" + std::string(p > 0 ? "0.1" : "0");
-    row.ms = ctx.time_ms(fused, 3, 20);
+    row.ms = ctx.time_ms([&] { c.step(p); }, 3, 20);
     row.ref_ms = ctx.time_ms(unfused, 3, 20);
     row.ref_name = "unfused (cuBLASLt + passes)";
-    row.flops = flops;
+    row.flops = c.step_flops();
     // Full-size tensors that must move at least: x read twice (fwd, dA), g read twice, W twice,
     // y and dx written once.
     row.bytes = 2.0 * (2.0 * M * in + 2.0 * M * out + 2.0 * in * out + M * out + M * in);
     ctx.add(row);
     Row fwd;
     fwd.name = "lora_linear fwd bf16 8192x4096x4096 r16 p=" + std::string(p > 0 ? "0.1" : "0");
-    fwd.ms = ctx.time_ms(
-        [&] {
-          kernels::cuda::lora_forward<bf16>(d, (bf16*)x, (bf16*)w, nullptr, (bf16*)a, (bf16*)b, s,
-                                            p, seed, (bf16*)xd, (bf16*)u, (bf16*)y);
-        },
-        3, 20);
-    fwd.flops = 2.0 * M * in * out + 2.0 * M * in * r + 2.0 * M * out * r;
+    fwd.ms = ctx.time_ms([&] { c.forward(p); }, 3, 20);
+    fwd.flops = c.forward_flops();
     fwd.ref_ms =
         ctx.time_ms([&] { mm(false, true, M, out, in, 1.f, x, in, w, in, 0.f, y, out); }, 3, 20);
     fwd.ref_name = "base GEMM alone";
     ctx.add(fwd);
-    // A/B of the low-rank path (FTUNE_LORA_FUSED, kernels/lora.h): with dropout the default is
-    // the fused tensor-core kernels, so the other row is cuBLASLt + dropout passes; without, the
-    // default is cuBLASLt, so the other row is the fused kernels. ref: the default path's time.
-    const char* other = p > 0 ? "0" : "1";
-    ::setenv("FTUNE_LORA_FUSED", other, 1);
-    Row ab;
-    ab.name = row.name + (p > 0 ? " (cuBLASLt + dropout passes)" : " (fused low-rank kernels)");
-    ab.ms = ctx.time_ms(fused, 3, 20);
-    Row abf;
-    abf.name = fwd.name + (p > 0 ? " (cuBLASLt + dropout passes)" : " (fused low-rank kernels)");
-    abf.ms = ctx.time_ms(
-        [&] {
-          kernels::cuda::lora_forward<bf16>(d, (bf16*)x, (bf16*)w, nullptr, (bf16*)a, (bf16*)b, s,
-                                            p, seed, (bf16*)xd, (bf16*)u, (bf16*)y);
-        },
-        3, 20);
-    ::unsetenv("FTUNE_LORA_FUSED");
-    ab.ref_ms = row.ms;
-    ab.ref_name = "default path";
-    ab.flops = row.flops;
-    ab.bytes = row.bytes;
-    ctx.add(ab);
-    abf.ref_ms = fwd.ms;
-    abf.ref_name = "default path";
-    abf.flops = fwd.flops;
-    ctx.add(abf);
+    ctx.add(other_path(ctx, row, p, [&] { c.step(p); }));
+    ctx.add(other_path(ctx, fwd, p, [&] { c.forward(p); }));
   }
-  for (void* p : {x, w, a, b, g, y, u, xd, du, dx, da, db, l, tmp, gl}) free_device(p);
+  for (void* q : {xd, l, tmp, gl}) free_device(q);
 
   // The 0.5B end-to-end step's MLP shapes (d 896, ffn 4864: gate/up, then down), fwd+bwd with
   // each low-rank path: where the skinny GEMMs are smallest, the A/B that sets FTUNE_LORA_FUSED's
-  // default. ref: the default path's time.
+  // default.
   for (auto [in2, out2] : {std::pair<int64_t, int64_t>{896, 4864}, {4864, 896}}) {
-    const kernels::LoraDims d2{M, in2, out2, r};
-    void* x2 = random_device(2, M * in2, 1, 1.0f, 21);
-    void* w2 = B(out2 * in2);
-    void* a2 = B(r * in2);
-    void* b2 = random_device(2, out2 * r, 1, 0.02f, 22);
-    void* g2 = random_device(2, M * out2, 1, 1.0f, 23);
-    void *y2 = B(M * out2), *u2 = B(M * r), *du2 = B(M * r), *dx2 = B(M * in2);
-    void *da2 = B(r * in2), *db2 = B(out2 * r);
-    const double flops2 =
-        2.0 * (2.0 * M * in2 * out2) + 2.0 * (3.0 * M * in2 * r + 3.0 * M * out2 * r);
+    const LoraCase c2(M, in2, out2, r, s);
     for (double p : {0.0, 0.1}) {
-      auto step = [&] {
-        kernels::cuda::lora_forward<bf16>(d2, (bf16*)x2, (bf16*)w2, nullptr, (bf16*)a2,
-                                          (bf16*)b2, s, p, 7, nullptr, (bf16*)u2, (bf16*)y2);
-        kernels::cuda::lora_backward<bf16>(d2, (bf16*)g2, (bf16*)x2, (bf16*)w2, (bf16*)a2,
-                                           (bf16*)b2, (bf16*)u2, s, p, 7, (bf16*)du2, nullptr,
-                                           nullptr, (bf16*)dx2, (bf16*)da2, (bf16*)db2);
-      };
       Row def;
       def.name = "lora_linear fwd+bwd bf16 8192x" + std::to_string(in2) + "x" +
                  std::to_string(out2) + " r16 p=" + std::string(p > 0 ? "0.1" : "0");
-      def.ms = ctx.time_ms(step, 3, 20);
-      def.flops = flops2;
-      ::setenv("FTUNE_LORA_FUSED", p > 0 ? "0" : "1", 1);
-      Row ab;
-      ab.name = def.name + (p > 0 ? " (cuBLASLt + dropout passes)" : " (fused low-rank kernels)");
-      ab.ms = ctx.time_ms(step, 3, 20);
-      ::unsetenv("FTUNE_LORA_FUSED");
-      ab.flops = flops2;
-      ab.ref_ms = def.ms;
-      ab.ref_name = "default path";
+      def.ms = ctx.time_ms([&] { c2.step(p); }, 3, 20);
+      def.flops = c2.step_flops();
       ctx.add(def);
-      ctx.add(ab);
+      ctx.add(other_path(ctx, def, p, [&] { c2.step(p); }));
     }
-    for (void* q : {x2, w2, a2, b2, g2, y2, u2, du2, dx2, da2, db2}) free_device(q);
   }
 }
