@@ -92,6 +92,26 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
 Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targets,
                             int64_t ignore_index = -100, Reduction reduction = Reduction::mean,
                             int64_t chunk_rows = 0, Tensor* argmax = nullptr);
+// The local halves of a cross-entropy over logits split along the vocabulary, for
+// parallel::vocab_parallel_cross_entropy (which reduces the row statistics over the ranks).
+// Not recorded by autograd. logits [N, V_r] (contiguous) are one shard of the vocabulary's columns;
+// local_targets (i64 [N], on the logits' device) hold each row's target column in this shard,
+// ignore_index, or any other value outside [0, V_r) when the target is in another shard.
+// stat [N, 2] gets each row's (max, log sum exp(x - max)) over the shard and nll [N] gets
+// lse - x_target for the rows whose target is here, 0 for the others; ignored rows get 0 in both.
+// f32 on the GPU (any float logits), the logits' dtype on the CPU.
+struct ShardNll {
+  Tensor stat, nll;
+};
+ShardNll cross_entropy_shard_forward(const Tensor& logits, const Tensor& local_targets,
+                                     int64_t ignore_index);
+// d(scale * g_i * nll_i)/dlogits on the shard, given the whole vocabulary's statistics `stat`
+// [N, 2] (a row's (m, ls), probabilities exp(x - m - ls); the layout and dtype of the forward's):
+// each row's softmax over all the shards, minus the one-hot where the target is in this shard.
+// g [N] with g_stride 1, or a scalar with g_stride 0. Ignored rows get 0.
+Tensor cross_entropy_shard_backward(const Tensor& logits, const Tensor& local_targets,
+                                    const Tensor& stat, const Tensor& g, int64_t g_stride,
+                                    double scale, int64_t ignore_index);
 // log p(target) per row [N], for RL; rows with target ignore_index get 0.
 Tensor token_logprobs(const Tensor& logits, const Tensor& targets, int64_t ignore_index = -100);
 // entropy of softmax(logits) per row [N].

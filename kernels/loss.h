@@ -37,12 +37,16 @@ void row_stats(const T* x, int64_t n, int64_t v, T* stat, int64_t chunk = kLossC
 
 // Negative log-likelihood of targets, fused: x [N, V], tgt [N] (already checked to be in [0, V) or
 // ignore). nll[i] = lse[i] - x[i, tgt[i]] and stat [N, 2] as above; rows with tgt == ignore get
-// nll = 0 and stat = 0.
+// nll = 0 and stat = 0. Vocabulary shards (parallel::vocab_parallel_cross_entropy): x is one
+// shard of the columns and a target outside [0, V) other than ignore is in another shard; its row
+// gets its stat and nll = 0 here, and no one-hot term in nll_backward.
 template <class T>
 void nll_forward(const T* x, const int64_t* tgt, int64_t n, int64_t v, int64_t ignore, T* stat,
                  T* nll, int64_t chunk = kLossChunk);
 // dx[i, :] = (softmax(x[i]) - onehot(tgt[i])) * g[i * g_stride] * scale in one pass (g_stride 0
-// for a scalar upstream gradient); ignored rows get 0. stat is nll_forward's.
+// for a scalar upstream gradient); ignored rows get 0. stat is nll_forward's, or any row's (m, ls):
+// the probabilities are exp(x - m - ls), so a shard given the whole vocabulary's statistics gets
+// its columns of the whole row's softmax.
 template <class T>
 void nll_backward(const T* x, const int64_t* tgt, const T* stat, const T* g, int64_t g_stride,
                   T scale, int64_t n, int64_t v, int64_t ignore, T* dx);

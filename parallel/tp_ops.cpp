@@ -210,9 +210,8 @@ Tensor vocab_parallel_cross_entropy(const Tensor& logits_shard, const Tensor& ta
   const char* op = "vocab_parallel_cross_entropy";
   check_input(op, logits_shard, tp);
   const Tensor& x = logits_shard;
-  FTUNE_CHECK(
-      x.dim() >= 1 && (x.dtype() == DType::f32 || x.dtype() == DType::f64) && x.device().is_cpu(),
-      "[", op, "] logits shard must be f32|f64 on CPU with a vocabulary dim, got ", x.desc());
+  FTUNE_CHECK(x.dim() >= 1 && is_floating(x.dtype()), "[", op,
+              "] logits shard must be floating point with a vocabulary dim, got ", x.desc());
   FTUNE_CHECK(targets.defined() && (targets.dtype() == DType::i32 || targets.dtype() == DType::i64),
               "[", op, "] targets must be i32|i64, got ",
               targets.defined() ? targets.desc() : "undefined");
@@ -221,77 +220,98 @@ Tensor vocab_parallel_cross_entropy(const Tensor& logits_shard, const Tensor& ta
   const int64_t n = shape_numel(lead);
   FTUNE_CHECK(targets.shape() == lead || (targets.dim() == 1 && targets.numel() == n), "[", op,
               "] targets ", targets.desc(), " do not match logits rows ", shape_str(lead));
+  const int nr = tp->size();
   std::vector<int64_t> sizes = gather_sizes(vr, *tp);
-  int64_t off = 0, vocab = 0;
-  for (int q = 0; q < tp->size(); ++q) {
-    if (q < tp->rank()) off += sizes[size_t(q)];
-    vocab += sizes[size_t(q)];
-  }
+  std::vector<int64_t> offsets(size_t(nr) + 1, 0);
+  for (int q = 0; q < nr; ++q) offsets[size_t(q) + 1] = offsets[size_t(q)] + sizes[size_t(q)];
+  const int64_t vocab = offsets.back(), off = offsets[size_t(tp->rank())];
   FTUNE_CHECK(vocab > 0, "[", op, "] the vocabulary is empty on every rank");
-  auto tgt = std::make_shared<std::vector<int64_t>>(targets.to_vector<int64_t>());
+  const std::vector<int64_t> tgt = targets.to_vector<int64_t>();  // [N] ids: a small host copy
+  // Each row's target column in this shard; ignore_index; or `elsewhere` (outside [0, V_r), not
+  // ignore_index) when another rank holds it.
+  const int64_t elsewhere = ignore_index == -1 ? -2 : -1;
+  std::vector<int64_t> local(static_cast<size_t>(n));
   int64_t counted = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t t = (*tgt)[size_t(i)];
-    if (t == ignore_index) continue;
+    const int64_t t = tgt[size_t(i)];
+    if (t == ignore_index) {
+      local[size_t(i)] = ignore_index;
+      continue;
+    }
     FTUNE_CHECK(t >= 0 && t < vocab, "[", op, "] target ", t, " at row ", i,
                 " is out of range [0, ", vocab, ") and is not ignore_index (", ignore_index, ")");
+    local[size_t(i)] = t >= off && t < off + vr ? t - off : elsewhere;
     ++counted;
   }
-  // Rows in f64: the local max, then the global one; then sum of exps and the target logit.
-  Tensor xd = x.detach().contiguous().to(DType::f64).view({n, vr});
-  const double* px = xd.data<double>();
-  Tensor mx = Tensor::full({n}, -std::numeric_limits<double>::infinity(), DType::f64);
-  double* pm = mx.data<double>();
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < vr; ++j) pm[i] = std::max(pm[i], px[i * vr + j]);
-  tp->all_reduce(mx, ReduceOp::max);
-  Tensor st = Tensor::zeros({2 * n}, DType::f64);  // [sum exp (x - max) | target logit]
-  double* ps = st.data<double>();
-  for (int64_t i = 0; i < n; ++i) {
-    double s = 0.0;
-    for (int64_t j = 0; j < vr; ++j) s += std::exp(px[i * vr + j] - pm[i]);
-    ps[i] = s;
-    const int64_t t = (*tgt)[size_t(i)] - off;
-    if ((*tgt)[size_t(i)] != ignore_index && t >= 0 && t < vr) ps[n + i] = px[i * vr + t];
+  // This shard's row statistics and the nll of the rows whose target it holds, from the loss
+  // kernels (the GPU's in f32, the CPU's in the logits' dtype), as [(m, ls) per row | nll] per rank; one
+  // all_gather brings every rank's, and each rank combines them in f64 on the host.
+  const bool gpu = x.device().is_cuda();
+  const DType sdt = gpu ? DType::f32 : x.dtype();
+  const Tensor x2 = x.detach().contiguous().view({n, vr});
+  const Tensor tl = Tensor::from_vector(local, {n}, x.device());
+  Tensor mine;
+  if (vr > 0 && n > 0) {
+    ops::ShardNll f = ops::cross_entropy_shard_forward(x2, tl, ignore_index);
+    mine = Tensor::empty({3 * n}, sdt, x.device());
+    mine.slice(0, 0, 2 * n).copy_(f.stat.view({2 * n}));
+    mine.slice(0, 2 * n, 3 * n).copy_(f.nll);
+  } else {  // an empty shard adds nothing to any row: m = -inf
+    std::vector<double> none(size_t(3 * n), 0.0);
+    for (int64_t i = 0; i < n; ++i) none[size_t(2 * i)] = -std::numeric_limits<double>::infinity();
+    mine = Tensor::from_vector(none, {3 * n}).to(sdt).to(x.device());
   }
-  tp->all_reduce(st);
-  std::vector<double> nll(size_t(n), 0.0);
+  Tensor all = Tensor::empty({int64_t(nr) * 3 * n}, sdt, x.device());
+  tp->all_gather(mine, all);
+  const std::vector<double> a = all.to_vector<double>();
+  auto m_of = [&](int q, int64_t i) { return a[size_t(int64_t(q) * 3 * n + 2 * i)]; };
+  auto ls_of = [&](int q, int64_t i) { return a[size_t(int64_t(q) * 3 * n + 2 * i + 1)]; };
+  auto nll_of = [&](int q, int64_t i) { return a[size_t(int64_t(q) * 3 * n + 2 * n + i)]; };
+  // Per row: the whole vocabulary's (M, LS) (M the largest shard max: an exact logit) for the
+  // backward, and the nll from the owner's, nll_o + log sum_q exp(lse_q - lse_o) (>= 0 and exact
+  // where the owner's shard dominates).
+  std::vector<double> stat(size_t(2 * n), 0.0), nll(size_t(n), 0.0);
   double total = 0.0;
   for (int64_t i = 0; i < n; ++i) {
-    if ((*tgt)[size_t(i)] == ignore_index) continue;
-    nll[size_t(i)] = std::log(ps[i]) + pm[i] - ps[n + i];
+    const int64_t t = tgt[size_t(i)];
+    if (t == ignore_index) continue;
+    int o = 0;
+    while (t >= offsets[size_t(o) + 1]) ++o;
+    double mx = -std::numeric_limits<double>::infinity();
+    for (int q = 0; q < nr; ++q)
+      if (sizes[size_t(q)] > 0) mx = std::max(mx, m_of(q, i));
+    double s = 0.0, so = 0.0;
+    for (int q = 0; q < nr; ++q) {
+      if (sizes[size_t(q)] == 0) continue;
+      s += std::exp((m_of(q, i) - mx) + ls_of(q, i));
+      so += std::exp((m_of(q, i) - m_of(o, i)) + (ls_of(q, i) - ls_of(o, i)));
+    }
+    stat[size_t(2 * i)] = mx;
+    stat[size_t(2 * i + 1)] = std::log(s);
+    nll[size_t(i)] = nll_of(o, i) + std::log(so);
     total += nll[size_t(i)];
   }
   Tensor out;
   if (reduction == ops::Reduction::none) {
-    out = Tensor::from_vector(nll, lead).to(x.dtype());
-  } else {
+    out = Tensor::from_vector(nll, lead).to(x.dtype()).to(x.device());
+  } else {  // as ops::cross_entropy: f32 on the GPU whatever the logits' dtype
     if (reduction == ops::Reduction::mean) total = counted > 0 ? total / double(counted) : 0.0;
-    out = Tensor::scalar(total, x.dtype());
+    out = Tensor::scalar(total, gpu ? DType::f32 : x.dtype(), x.device());
   }
+  const Tensor stat_g = Tensor::from_vector(stat, {n, 2}).to(sdt).to(x.device());
   const Shape shape = x.shape();
-  const DType dt = x.dtype();
   record(op, out, {x},
-         [xd, mx, st, tgt, off, n, vr, shape, dt, ignore_index, reduction, counted](
-             const Tensor& g, const std::vector<bool>&) {
+         [x2, tl, stat_g, shape, ignore_index, reduction, counted](const Tensor& g,
+                                                                  const std::vector<bool>&) {
+           if (x2.numel() == 0)
+             return std::vector<Tensor>{Tensor::zeros(shape, x2.dtype(), x2.device())};
            double scale = 1.0;
            if (reduction == ops::Reduction::mean) scale = counted > 0 ? 1.0 / double(counted) : 0.0;
-           std::vector<double> gv = g.to_vector<double>();
            const bool per_row = reduction == ops::Reduction::none;
-           const double* px = xd.data<double>();
-           const double* pm = mx.data<double>();
-           const double* ps = st.data<double>();
-           Tensor dx = Tensor::zeros({n, vr}, DType::f64);
-           double* pd = dx.data<double>();
-           for (int64_t i = 0; i < n; ++i) {
-             const int64_t t = (*tgt)[size_t(i)];
-             if (t == ignore_index) continue;
-             const double gi = scale * gv[per_row ? size_t(i) : 0];
-             for (int64_t j = 0; j < vr; ++j)
-               pd[i * vr + j] = gi * std::exp(px[i * vr + j] - pm[i]) / ps[i];
-             if (t - off >= 0 && t - off < vr) pd[i * vr + (t - off)] -= gi;
-           }
-           return std::vector<Tensor>{dx.to(dt).view(shape)};
+           Tensor gr = per_row ? g.contiguous().view({x2.size(0)}) : g;
+           Tensor dx = ops::cross_entropy_shard_backward(x2, tl, stat_g, gr, per_row ? 1 : 0,
+                                                         scale, ignore_index);
+           return std::vector<Tensor>{dx.view(shape)};
          });
   return out;
 }

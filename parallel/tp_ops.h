@@ -5,7 +5,8 @@
 // Every op here is a collective over `tp`: all ranks of the group call it in the same order with
 // tensors of the same shape (the local shards may differ in their split dim only). Backward runs
 // the conjugate collective, so the graphs of the tp ranks must match op for op (they do when
-// every rank runs the same model code). CPU tensors (the MPI backend stages GPU ones).
+// every rank runs the same model code). CPU or GPU tensors (the MPI backend stages GPU ones
+// through the host unless it is CUDA-aware; NCCL takes them as they are).
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -60,11 +61,14 @@ Tensor vocab_parallel_embedding(const Tensor& weight_shard, const Tensor& ids, i
 
 // Cross-entropy over logits split along the vocabulary: logits_shard [N, V_r] (leading dims
 // flatten into N) holds columns [sum_{q<r} V_q, ... + V_r) of the full [N, V] logits, rank after
-// rank. targets [N] (i32|i64, the same on every rank) index the full vocabulary. Three
-// reductions over tp (the row max, then the sum of exps and the target logit together); no
-// logits are gathered. Same value and semantics as ops::cross_entropy on the full logits
-// (ignore_index rows skipped, mean over counted rows, 0 when none). The backward needs no
-// communication: softmax - onehot on the local shard.
+// rank. targets [N] (i32|i64, the same on every rank) index the full vocabulary. Each rank runs
+// the loss kernels on its shard (ops::cross_entropy_shard_forward: per row the shard's max and
+// log-sum-exp, and the nll where it holds the target) and one all_gather of those 3 numbers per
+// row (after a one-number all_gather of the shard sizes) gives every rank the whole rows'
+// statistics, combined in f64; no logits are gathered. Same value and semantics as
+// ops::cross_entropy on the full logits (ignore_index rows skipped, mean over counted rows, 0
+// when none; on the GPU a reduced loss is f32, per-row ones in the logits' dtype). The backward
+// needs no communication: softmax - onehot on the local shard, one kernel pass.
 Tensor vocab_parallel_cross_entropy(const Tensor& logits_shard, const Tensor& targets,
                                     const std::shared_ptr<Communicator>& tp,
                                     int64_t ignore_index = -100,

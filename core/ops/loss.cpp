@@ -229,6 +229,59 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore
   return out;
 }
 
+namespace {
+
+Rows shard_rows(const char* op, const Tensor& logits, const Tensor& local_targets) {
+  check_logits(op, logits, "logits");
+  check_defined(op, local_targets, "local_targets");
+  check_same_device(op, {&logits, &local_targets});
+  FTUNE_CHECK(logits.dim() == 2 && logits.is_contiguous(), "[", op,
+              "] logits must be a contiguous [N, V_r] shard, got ", logits.desc());
+  FTUNE_CHECK(local_targets.dtype() == DType::i64 && local_targets.dim() == 1 &&
+                  local_targets.is_contiguous() && local_targets.size(0) == logits.size(0),
+              "[", op, "] local_targets must be contiguous i64 [", logits.size(0), "], got ",
+              local_targets.desc());
+  return rows_of(op, logits, "logits");
+}
+
+}  // namespace
+
+ShardNll cross_entropy_shard_forward(const Tensor& logits, const Tensor& local_targets,
+                                     int64_t ignore_index) {
+  const char* op = "cross_entropy_shard_forward";
+  profiler::OpScope prof(op);
+  Rows r = shard_rows(op, logits, local_targets);
+  FTUNE_CHECK(r.v > 0, "[", op, "] empty vocabulary shard (the caller skips it)");
+  NoGradGuard no_grad;
+  Nll f = nll_rows(op, logits.detach(), local_targets, ignore_index, r);
+  return {f.stat, f.nll};
+}
+
+Tensor cross_entropy_shard_backward(const Tensor& logits, const Tensor& local_targets,
+                                    const Tensor& stat, const Tensor& g, int64_t g_stride,
+                                    double scale, int64_t ignore_index) {
+  const char* op = "cross_entropy_shard_backward";
+  profiler::OpScope prof(op);
+  Rows r = shard_rows(op, logits, local_targets);
+  const DType sdt = logits.device().is_cuda() ? DType::f32 : logits.dtype();
+  FTUNE_CHECK(stat.defined() && stat.shape() == Shape({r.n, 2}) && stat.dtype() == sdt &&
+                  stat.is_contiguous() && stat.device() == logits.device(),
+              "[", op, "] stat must be contiguous ", dtype_name(sdt), " [", r.n, ", 2] on ",
+              logits.device().str(), ", got ", stat.defined() ? stat.desc() : "undefined");
+  FTUNE_CHECK(g.defined() && (g_stride == 0 ? g.numel() == 1 : g_stride == 1 && g.numel() == r.n),
+              "[", op, "] g must be a scalar (g_stride 0) or [", r.n, "] (g_stride 1), got ",
+              g.defined() ? g.desc() : "undefined", " with g_stride ", g_stride);
+  check_same_device(op, {&logits, &g});
+  NoGradGuard no_grad;
+  Nll f;
+  f.x = logits.detach();
+  f.tgt = local_targets;
+  f.stat = stat;
+  // The CPU kernel takes g in the logits' dtype, the GPU one converts it to f32 itself.
+  Tensor gg = logits.device().is_cuda() ? g.detach() : g.detach().to(logits.dtype());
+  return nll_grad(op, f, r, {r.n, r.v}, ignore_index, gg, g_stride, scale);
+}
+
 Tensor linear_cross_entropy(const Tensor& h, const Tensor& w, const Tensor& targets,
                             int64_t ignore_index, Reduction reduction, int64_t chunk_rows,
                             Tensor* argmax) {

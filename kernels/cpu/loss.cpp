@@ -193,7 +193,9 @@ void nll_forward(const T* x, const int64_t* tgt, int64_t n, int64_t v, int64_t i
     const T ls = o.log_s();
     stat[2 * i] = o.m;
     stat[2 * i + 1] = ls;
-    nll[i] = T((double(o.m) - double(xr[tgt[i]])) + double(ls));  // lse - x_t, near-max exact
+    // lse - x_t, near-max exact; 0 when the target is in another vocabulary shard
+    const int64_t t = tgt[i];
+    nll[i] = t >= 0 && t < v ? T((double(o.m) - double(xr[t])) + double(ls)) : T(0);
   }
 }
 
@@ -211,7 +213,7 @@ void nll_backward(const T* x, const int64_t* tgt, const T* stat, const T* g, int
     const T gi = g[i * g_stride] * scale, m = stat[2 * i], ls = stat[2 * i + 1];
 #pragma omp simd
     for (int64_t j = 0; j < v; ++j) dr[j] = vexp((xr[j] - m) - ls) * gi;
-    dr[tgt[i]] -= gi;
+    if (tgt[i] >= 0 && tgt[i] < v) dr[tgt[i]] -= gi;  // else in another vocabulary shard
   }
 }
 

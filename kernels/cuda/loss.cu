@@ -294,7 +294,8 @@ __global__ void __launch_bounds__(kThreads) nll_fwd_kernel(const T* __restrict__
   if (threadIdx.x == 0) {
     stat[2 * row] = r.x;
     stat[2 * row + 1] = r.y;
-    out[row] = from_f<O>(sign * ((r.x - to_f(xr[t])) + r.y));  // lse - x_t, near-max exact
+    // lse - x_t, near-max exact; 0 when the target is in another vocabulary shard
+    out[row] = from_f<O>(t >= 0 && t < v ? sign * ((r.x - to_f(xr[t])) + r.y) : 0.f);
   }
 }
 

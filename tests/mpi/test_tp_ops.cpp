@@ -154,5 +154,36 @@ TEST(TpOps, VocabParallelCrossEntropyEqualsCrossEntropy) {
   EXPECT_THROW(vocab_parallel_cross_entropy(mine, bad, w), Error);
 }
 
+// The edges of the shard protocol: a rank whose vocabulary shard is empty (V = ranks - 1 gives
+// the last rank none), ignore_index -1 (the value that otherwise marks "the target is on another
+// rank" in the local targets), and f64 logits, against ops::cross_entropy at f64 precision.
+TEST(TpOps, VocabParallelCrossEntropyEmptyShardAndIgnoreMinusOne) {
+  auto w = world();
+  Generator gen(6);
+  for (int64_t V : {int64_t(w->size() - 1), int64_t(11)}) {
+    ShardInfo si = last_dim_shard(V, 1, *w);
+    Tensor logits = randn({5, V}, gen, 0.0, 4.0).to(DType::f64);
+    std::vector<int64_t> t = randint({5}, gen, 0, V).to_vector<int64_t>();
+    t[3] = -1;
+    Tensor targets = Tensor::from_vector(t, {5});
+    for (ops::Reduction red : {ops::Reduction::mean, ops::Reduction::none}) {
+      Tensor fl = logits.clone().set_requires_grad(true);
+      Tensor ref = ops::cross_entropy(fl, targets, -1, red);
+      Tensor mine = shard_slice(logits, si).set_requires_grad(true);
+      Tensor got = vocab_parallel_cross_entropy(mine, targets, w, -1, red);
+      ASSERT_EQ(got.shape(), ref.shape());
+      ASSERT_EQ(got.dtype(), DType::f64);
+      EXPECT_LT(rel_err(got, ref), 1e-12) << "V " << V << " reduction " << int(red);
+      Tensor gw = red == ops::Reduction::none ? randn({5}, gen).to(DType::f64)
+                                              : Tensor::scalar(0.3, DType::f64);
+      ref.backward(gw);
+      got.backward(gw);
+      ASSERT_EQ(mine.grad().shape(), mine.shape());
+      if (si.size > 0)
+        EXPECT_LT(rel_err(mine.grad(), shard_slice(fl.grad(), si)), 1e-12) << "V " << V;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace ftune
