@@ -173,9 +173,6 @@ struct SftTrainer::Impl {
       cuda::set_allow_tf32(cfg.allow_tf32);
       if (cfg.gemm_autotune) cuda::set_gemm_autotune(true);  // else FTUNE_GEMM_AUTOTUNE's default
       ops::set_attention_backend(cfg.attention.backend);  // throws clearly without cuDNN
-      FTUNE_CHECK(cfg.parallel.tp == 1, "[sft] ", cfg.recipe_file, ": device ", cfg.device,
-                  " with parallel.tp > 1 is not supported yet (the tensor-parallel layers and the "
-                  "vocab-parallel loss are CPU-only); use data parallelism (tp: 1; zero: 1 works)");
     }
     param_dtype = cfg.dtype == "bf16" ? DType::bf16 : cfg.dtype == "f16" ? DType::f16 : DType::f32;
     setup_loss_scaler();

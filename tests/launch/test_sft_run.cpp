@@ -27,6 +27,8 @@
 #include "models/lora.h"
 #include "models/transformer.h"
 #include "tests/test_util.h"
+#include "tests/thread_group.h"
+#include "trainers/sft.h"
 
 namespace ftune {
 namespace {
@@ -93,6 +95,62 @@ class SftRun : public ::testing::Test {
       << "keep_last_n: 2\n"
       << extra;
     return p;
+  }
+
+  // SftTrainer in this process with parallel.tp = `ranks`, on `ranks` threads of an in-process
+  // communicator (tests/thread_group.h; ranks 1: one rank, the reference); the run's metrics.
+  // The multi-rank runs of tests/mpi use mpirun; this runs where there is none (the GPU check).
+  static Metrics train_tp_in_threads(SftConfig c, int ranks) {
+    c.parallel.tp = ranks;
+    test::run_ranks(ranks, [&](int r, std::shared_ptr<parallel::Communicator> w) {
+      std::ostringstream log;
+      SftResult res = SftTrainer(c, log, w).train();
+      EXPECT_EQ(res.steps, c.max_steps) << "rank " << r << "\n" << log.str();
+      if (r == 0 && ranks > 1)
+        EXPECT_NE(log.str().find("tp " + std::to_string(ranks)), std::string::npos) << log.str();
+    });
+    return read_metrics(fs::path(c.output_dir) / "metrics.jsonl");
+  }
+  static SftConfig tp_config(const std::string& name, const std::string& device) {
+    SftConfig c;
+    c.output_dir = (root_ / name).string();
+    c.seed = 11;
+    c.device = device;
+    c.model.path = model_.string();
+    c.tokenizer.max_seq_len = 64;
+    c.dataset.path = data_.string();
+    c.dataset.packed = true;
+    c.dataset.val_size = 16;
+    c.optimizer.lr = 3e-3;
+    c.optimizer.weight_decay = 0.01;
+    c.lr_scheduler.name = "cosine";
+    c.lr_scheduler.num_warmup_steps = 2;
+    c.batch_size = 2;
+    c.max_steps = 8;
+    c.clip_grad_norm = 1.0;
+    c.eval_every_n_steps = 4;  // the vocab-parallel evaluation (loss and argmax over the shards)
+    c.save_every_n_steps = 4;  // checkpoints gathered to full shapes
+    return c;
+  }
+  // tp 2 on 2 threads against one rank: loss, grad-norm and eval-loss curves within rtol.
+  static void check_tp_in_threads(const std::string& name, const SftConfig& c, double rtol) {
+    SftConfig o = c;
+    o.output_dir = (root_ / (name + "_one")).string();
+    Metrics one = train_tp_in_threads(o, 1);
+    SftConfig t = c;
+    t.output_dir = (root_ / (name + "_tp2")).string();
+    Metrics tp = train_tp_in_threads(t, 2);
+    auto same = [&](const std::vector<double>& a, const std::vector<double>& b, const char* what) {
+      ASSERT_EQ(a.size(), b.size()) << name << " " << what;
+      ASSERT_FALSE(a.empty()) << name << " " << what;
+      for (size_t i = 0; i < a.size(); ++i)
+        EXPECT_NEAR(a[i], b[i], rtol * std::abs(b[i])) << name << " " << what << " " << i;
+    };
+    same(tp.train_loss, one.train_loss, "loss");
+    same(tp.grad_norm, one.grad_norm, "grad_norm");
+    same(tp.eval_loss, one.eval_loss, "eval loss");
+    EXPECT_TRUE(fs::exists(fs::path(t.output_dir) / checkpoint_file_name(8)) || !checkpoint_support())
+        << "rank 0 writes the gathered checkpoint";
   }
 
   // An uninterrupted run, and one SIGKILLed at a random step then resumed; same curves.
@@ -322,6 +380,36 @@ TEST_F(SftRun, ChunkedLossTrainsTheSameCurveAsTheWholeLogits) {
       EXPECT_EQ(m[0].eval_accuracy[i], m[1].eval_accuracy[i]) << i;
     }
   }
+}
+
+// Tensor parallelism (tp 2) on 2 threads of this process equals one rank: full fine-tuning, and
+// LoRA on every linear with dropout. The CPU twin of GpuTensorParallelMatchesOneGpu (it checks the
+// in-process harness and the trainer's tp path where no GPU is; tests/mpi does it over MPI).
+TEST_F(SftRun, TensorParallelInThreadsMatchesOneRank) {
+  check_tp_in_threads("tp_threads_full", tp_config("tp_threads_full", "cpu"), 1e-5);
+  SftConfig c = tp_config("tp_threads_lora", "cpu");
+  c.lora.enabled = true;
+  c.lora.r = 4;
+  c.lora.target_modules = {"all-linear"};
+  c.lora.dropout = 0.25;  // row-parallel ranks draw their slices of the one-rank masks
+  c.optimizer.lr = 1e-2;
+  check_tp_in_threads("tp_threads_lora", c, 1e-5);
+}
+
+// Tensor parallelism on the GPU: tp 2 (two threads sharing the one GPU, collectives through the
+// host) against one rank on the same GPU. f32 full fine-tuning to 1e-4 (other summation orders);
+// bf16 LoRA with dropout (the fused low-rank kernels on column slices of the masks) to 2%.
+TEST_F(SftRun, GpuTensorParallelMatchesOneGpu) {
+  if (!cuda_available()) GTEST_SKIP() << "no GPU is present (scripts/gpu_check.sh runs this on one)";
+  check_tp_in_threads("tp_gpu_full", tp_config("tp_gpu_full", "cuda"), 1e-4);
+  SftConfig c = tp_config("tp_gpu_lora", "cuda");
+  c.dtype = "bf16";
+  c.lora.enabled = true;
+  c.lora.r = 8;
+  c.lora.target_modules = {"all-linear"};
+  c.lora.dropout = 0.1;
+  c.optimizer.lr = 1e-2;
+  check_tp_in_threads("tp_gpu_lora", c, 2e-2);
 }
 
 TEST_F(SftRun, GpuRunWithLoraDropoutMatchesTheCpuRun) {
