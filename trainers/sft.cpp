@@ -194,6 +194,12 @@ struct SftTrainer::Impl {
                   "at configure time)");
       FTUNE_CHECK(device.is_cuda(), "[sft] ", cfg.recipe_file,
                   ": parallel.backend: nccl needs device: cuda (NCCL reduces GPU tensors)");
+#ifdef FTUNE_HAVE_NCCL
+      // Tensor parallel: the activations' all-reduces (two per block forward, two backward) and
+      // the vocab-parallel loss's gather go through NCCL on the GPU, not through host memory.
+      // Bootstrapped over the MPI tp group; every tp rank makes it here (a collective).
+      if (grid.tp > 1) grid.tp_group = parallel::make_nccl_communicator(grid.tp_group, device.index);
+#endif
     }
     fs::create_directories(out());
 
