@@ -97,21 +97,21 @@ class SftRun : public ::testing::Test {
     return p;
   }
 
-  // SftTrainer in this process with parallel.tp = `ranks`, on `ranks` threads of an in-process
-  // communicator (tests/thread_group.h; ranks 1: one rank, the reference); the run's metrics.
+  // SftTrainer in this process on `ranks` threads of an in-process communicator
+  // (tests/thread_group.h), the layout c.parallel's (tp, zero; dp = ranks / tp); the run's metrics.
   // The multi-rank runs of tests/mpi use mpirun; this runs where there is none (the GPU check).
-  static Metrics train_tp_in_threads(SftConfig c, int ranks) {
-    c.parallel.tp = ranks;
+  static Metrics train_in_threads(const SftConfig& c, int ranks) {
     test::run_ranks(ranks, [&](int r, std::shared_ptr<parallel::Communicator> w) {
       std::ostringstream log;
       SftResult res = SftTrainer(c, log, w).train();
       EXPECT_EQ(res.steps, c.max_steps) << "rank " << r << "\n" << log.str();
-      if (r == 0 && ranks > 1)
-        EXPECT_NE(log.str().find("tp " + std::to_string(ranks)), std::string::npos) << log.str();
+      const std::string layout = str_cat("parallel: ", ranks, " ranks, dp ", ranks / c.parallel.tp,
+                                         ", tp ", c.parallel.tp);
+      if (r == 0 && ranks > 1) EXPECT_NE(log.str().find(layout), std::string::npos) << log.str();
     });
     return read_metrics(fs::path(c.output_dir) / "metrics.jsonl");
   }
-  static SftConfig tp_config(const std::string& name, const std::string& device) {
+  static SftConfig thread_config(const std::string& name, const std::string& device) {
     SftConfig c;
     c.output_dir = (root_ / name).string();
     c.seed = 11;
@@ -128,27 +128,33 @@ class SftRun : public ::testing::Test {
     c.batch_size = 2;
     c.max_steps = 8;
     c.clip_grad_norm = 1.0;
-    c.eval_every_n_steps = 4;  // the vocab-parallel evaluation (loss and argmax over the shards)
+    c.eval_every_n_steps = 4;  // evaluation over the layout (tp: loss and argmax over the shards)
     c.save_every_n_steps = 4;  // checkpoints gathered to full shapes
     return c;
   }
-  // tp 2 on 2 threads against one rank: loss, grad-norm and eval-loss curves within rtol.
-  static void check_tp_in_threads(const std::string& name, const SftConfig& c, double rtol) {
+  // `c` on 2 ranks (its tp and zero) against one rank with the same global batch (dp 2: twice
+  // the accumulation): loss, grad-norm and eval-loss curves within rtol.
+  static void check_two_ranks_in_threads(const std::string& name, const SftConfig& c,
+                                         double rtol) {
     SftConfig o = c;
     o.output_dir = (root_ / (name + "_one")).string();
-    Metrics one = train_tp_in_threads(o, 1);
+    o.parallel.tp = 1;
+    o.parallel.zero = 0;
+    o.gradient_accumulation_steps = c.gradient_accumulation_steps * (2 / c.parallel.tp);
+    Metrics one = train_in_threads(o, 1);
     SftConfig t = c;
-    t.output_dir = (root_ / (name + "_tp2")).string();
-    Metrics tp = train_tp_in_threads(t, 2);
+    t.output_dir = (root_ / (name + "_two")).string();
+    Metrics two = train_in_threads(t, 2);
     auto same = [&](const std::vector<double>& a, const std::vector<double>& b, const char* what) {
       ASSERT_EQ(a.size(), b.size()) << name << " " << what;
       ASSERT_FALSE(a.empty()) << name << " " << what;
       for (size_t i = 0; i < a.size(); ++i)
         EXPECT_NEAR(a[i], b[i], rtol * std::abs(b[i])) << name << " " << what << " " << i;
     };
-    same(tp.train_loss, one.train_loss, "loss");
-    same(tp.grad_norm, one.grad_norm, "grad_norm");
-    same(tp.eval_loss, one.eval_loss, "eval loss");
+    same(two.train_loss, one.train_loss, "loss");
+    same(two.grad_norm, one.grad_norm, "grad_norm");
+    same(two.eval_loss, one.eval_loss, "eval loss");
+    EXPECT_LT(two.train_loss.back(), two.train_loss.front()) << name << ": it trains";
     EXPECT_TRUE(fs::exists(fs::path(t.output_dir) / checkpoint_file_name(8)) || !checkpoint_support())
         << "rank 0 writes the gathered checkpoint";
   }
@@ -382,18 +388,25 @@ TEST_F(SftRun, ChunkedLossTrainsTheSameCurveAsTheWholeLogits) {
   }
 }
 
-// Tensor parallelism (tp 2) on 2 threads of this process equals one rank: full fine-tuning, and
-// LoRA on every linear with dropout. The CPU twin of GpuTensorParallelMatchesOneGpu (it checks the
-// in-process harness and the trainer's tp path where no GPU is; tests/mpi does it over MPI).
-TEST_F(SftRun, TensorParallelInThreadsMatchesOneRank) {
-  check_tp_in_threads("tp_threads_full", tp_config("tp_threads_full", "cpu"), 1e-5);
-  SftConfig c = tp_config("tp_threads_lora", "cpu");
-  c.lora.enabled = true;
-  c.lora.r = 4;
-  c.lora.target_modules = {"all-linear"};
-  c.lora.dropout = 0.25;  // row-parallel ranks draw their slices of the one-rank masks
-  c.optimizer.lr = 1e-2;
-  check_tp_in_threads("tp_threads_lora", c, 1e-5);
+// Two ranks as 2 threads of this process equal one rank with the same global batch: tensor
+// parallelism (tp 2; full fine-tuning, and LoRA on every linear with dropout) and data parallelism
+// (dp 2, with ZeRO-1). The CPU twin of the GPU tests below (it checks the in-process harness and
+// the trainer's multi-rank paths where no GPU is; tests/mpi does the same over MPI).
+TEST_F(SftRun, TwoRanksInThreadsMatchOneRank) {
+  SftConfig tp = thread_config("thr_tp_full", "cpu");
+  tp.parallel.tp = 2;
+  check_two_ranks_in_threads("thr_tp_full", tp, 1e-5);
+  SftConfig lora = thread_config("thr_tp_lora", "cpu");
+  lora.parallel.tp = 2;
+  lora.lora.enabled = true;
+  lora.lora.r = 4;
+  lora.lora.target_modules = {"all-linear"};
+  lora.lora.dropout = 0.25;  // row-parallel ranks draw their slices of the one-rank masks
+  lora.optimizer.lr = 1e-2;
+  check_two_ranks_in_threads("thr_tp_lora", lora, 1e-5);
+  SftConfig dp = thread_config("thr_dp_zero", "cpu");
+  dp.parallel.zero = 1;
+  check_two_ranks_in_threads("thr_dp_zero", dp, 1e-5);
 }
 
 // Tensor parallelism on the GPU: tp 2 (two threads sharing the one GPU, collectives through the
@@ -401,15 +414,32 @@ TEST_F(SftRun, TensorParallelInThreadsMatchesOneRank) {
 // bf16 LoRA with dropout (the fused low-rank kernels on column slices of the masks) to 2%.
 TEST_F(SftRun, GpuTensorParallelMatchesOneGpu) {
   if (!cuda_available()) GTEST_SKIP() << "no GPU is present (scripts/gpu_check.sh runs this on one)";
-  check_tp_in_threads("tp_gpu_full", tp_config("tp_gpu_full", "cuda"), 1e-4);
-  SftConfig c = tp_config("tp_gpu_lora", "cuda");
-  c.dtype = "bf16";
-  c.lora.enabled = true;
-  c.lora.r = 8;
-  c.lora.target_modules = {"all-linear"};
-  c.lora.dropout = 0.1;
-  c.optimizer.lr = 1e-2;
-  check_tp_in_threads("tp_gpu_lora", c, 2e-2);
+  SftConfig full = thread_config("gpu_tp_full", "cuda");
+  full.parallel.tp = 2;
+  check_two_ranks_in_threads("gpu_tp_full", full, 1e-4);
+  SftConfig lora = thread_config("gpu_tp_lora", "cuda");
+  lora.parallel.tp = 2;
+  lora.dtype = "bf16";
+  lora.lora.enabled = true;
+  lora.lora.r = 8;
+  lora.lora.target_modules = {"all-linear"};
+  lora.lora.dropout = 0.1;
+  lora.optimizer.lr = 1e-2;
+  check_two_ranks_in_threads("gpu_tp_lora", lora, 2e-2);
+}
+
+// Data parallelism on the GPU, as above: dp 2 with ZeRO-1 (GPU gradient buckets reduce-scattered,
+// each rank's f32 masters of its shard, the parameters all-gathered) against one rank with twice
+// the accumulation, f32 full fine-tuning (1e-4) and bf16 full fine-tuning (2%).
+TEST_F(SftRun, GpuDataParallelZeroMatchesOneGpu) {
+  if (!cuda_available()) GTEST_SKIP() << "no GPU is present (scripts/gpu_check.sh runs this on one)";
+  SftConfig f32 = thread_config("gpu_dp_f32", "cuda");
+  f32.parallel.zero = 1;
+  check_two_ranks_in_threads("gpu_dp_f32", f32, 1e-4);
+  SftConfig bf = thread_config("gpu_dp_bf16", "cuda");
+  bf.parallel.zero = 1;
+  bf.dtype = "bf16";
+  check_two_ranks_in_threads("gpu_dp_bf16", bf, 2e-2);
 }
 
 TEST_F(SftRun, GpuRunWithLoraDropoutMatchesTheCpuRun) {
