@@ -189,14 +189,18 @@ const std::vector<std::string>& consumed_keys(ModelFamily f) {
                                                  "sliding_window",
                                                  "use_sliding_window",
                                                  "max_window_layers"};
-  static std::vector<std::string> by_family[4];
-  auto& v = by_family[int(f)];
-  if (v.empty()) {
-    v = common;
-    const auto& add = f == ModelFamily::gpt2 ? gpt2 : llama;
-    v.insert(v.end(), add.begin(), add.end());
-  }
-  return v;
+  // Built once, thread-safely (a static's initialiser): trainers of several in-process ranks
+  // load their configs at the same time.
+  static const std::vector<std::vector<std::string>> by_family = [] {
+    std::vector<std::vector<std::string>> b(4);
+    for (int k = 0; k < 4; ++k) {
+      b[size_t(k)] = common;
+      const auto& add = ModelFamily(k) == ModelFamily::gpt2 ? gpt2 : llama;
+      b[size_t(k)].insert(b[size_t(k)].end(), add.begin(), add.end());
+    }
+    return b;
+  }();
+  return by_family[size_t(f)];
 }
 
 void parse_gpt2(const Reader& r, ModelConfig& c) {

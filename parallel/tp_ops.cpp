@@ -227,32 +227,32 @@ Tensor vocab_parallel_cross_entropy(const Tensor& logits_shard, const Tensor& ta
   const int64_t vocab = offsets.back(), off = offsets[size_t(tp->rank())];
   FTUNE_CHECK(vocab > 0, "[", op, "] the vocabulary is empty on every rank");
   const std::vector<int64_t> tgt = targets.to_vector<int64_t>();  // [N] ids: a small host copy
-  // Each row's target column in this shard; ignore_index; or `elsewhere` (outside [0, V_r), not
-  // ignore_index) when another rank holds it.
-  const int64_t elsewhere = ignore_index == -1 ? -2 : -1;
+  // Each row's target column in this shard, kIgnored, or kElsewhere when another rank holds it.
+  // The kernels never see the caller's ignore_index: a value >= 0 would be some shard's column.
+  constexpr int64_t kIgnored = -1, kElsewhere = -2;
   std::vector<int64_t> local(static_cast<size_t>(n));
   int64_t counted = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t t = tgt[size_t(i)];
     if (t == ignore_index) {
-      local[size_t(i)] = ignore_index;
+      local[size_t(i)] = kIgnored;
       continue;
     }
     FTUNE_CHECK(t >= 0 && t < vocab, "[", op, "] target ", t, " at row ", i,
                 " is out of range [0, ", vocab, ") and is not ignore_index (", ignore_index, ")");
-    local[size_t(i)] = t >= off && t < off + vr ? t - off : elsewhere;
+    local[size_t(i)] = t >= off && t < off + vr ? t - off : kElsewhere;
     ++counted;
   }
   // This shard's row statistics and the nll of the rows whose target it holds, from the loss
-  // kernels (the GPU's in f32, the CPU's in the logits' dtype), as [(m, ls) per row | nll] per rank; one
-  // all_gather brings every rank's, and each rank combines them in f64 on the host.
+  // kernels (the GPU's in f32, the CPU's in the logits' dtype), as [(m, ls) per row | nll] per
+  // rank; one all_gather brings every rank's, and each rank combines them in f64 on the host.
   const bool gpu = x.device().is_cuda();
   const DType sdt = gpu ? DType::f32 : x.dtype();
   const Tensor x2 = x.detach().contiguous().view({n, vr});
   const Tensor tl = Tensor::from_vector(local, {n}, x.device());
   Tensor mine;
   if (vr > 0 && n > 0) {
-    ops::ShardNll f = ops::cross_entropy_shard_forward(x2, tl, ignore_index);
+    ops::ShardNll f = ops::cross_entropy_shard_forward(x2, tl, kIgnored);
     mine = Tensor::empty({3 * n}, sdt, x.device());
     mine.slice(0, 0, 2 * n).copy_(f.stat.view({2 * n}));
     mine.slice(0, 2 * n, 3 * n).copy_(f.nll);
@@ -268,8 +268,9 @@ Tensor vocab_parallel_cross_entropy(const Tensor& logits_shard, const Tensor& ta
   auto ls_of = [&](int q, int64_t i) { return a[size_t(int64_t(q) * 3 * n + 2 * i + 1)]; };
   auto nll_of = [&](int q, int64_t i) { return a[size_t(int64_t(q) * 3 * n + 2 * n + i)]; };
   // Per row: the whole vocabulary's (M, LS) (M the largest shard max: an exact logit) for the
-  // backward, and the nll from the owner's, nll_o + log sum_q exp(lse_q - lse_o) (>= 0 and exact
-  // where the owner's shard dominates).
+  // backward, and the nll from the owner's: nll_o + (lse - lse_o), lse = M + LS the whole row's,
+  // lse_o = m_o + ls_o the owner shard's (no exp of a difference of shards: another shard may
+  // lie hundreds above the owner's).
   std::vector<double> stat(size_t(2 * n), 0.0), nll(size_t(n), 0.0);
   double total = 0.0;
   for (int64_t i = 0; i < n; ++i) {
@@ -280,15 +281,13 @@ Tensor vocab_parallel_cross_entropy(const Tensor& logits_shard, const Tensor& ta
     double mx = -std::numeric_limits<double>::infinity();
     for (int q = 0; q < nr; ++q)
       if (sizes[size_t(q)] > 0) mx = std::max(mx, m_of(q, i));
-    double s = 0.0, so = 0.0;
-    for (int q = 0; q < nr; ++q) {
-      if (sizes[size_t(q)] == 0) continue;
-      s += std::exp((m_of(q, i) - mx) + ls_of(q, i));
-      so += std::exp((m_of(q, i) - m_of(o, i)) + (ls_of(q, i) - ls_of(o, i)));
-    }
+    double s = 0.0;
+    for (int q = 0; q < nr; ++q)
+      if (sizes[size_t(q)] > 0) s += std::exp((m_of(q, i) - mx) + ls_of(q, i));
+    const double ls = std::log(s);
     stat[size_t(2 * i)] = mx;
-    stat[size_t(2 * i + 1)] = std::log(s);
-    nll[size_t(i)] = nll_of(o, i) + std::log(so);
+    stat[size_t(2 * i + 1)] = ls;
+    nll[size_t(i)] = nll_of(o, i) + ((mx - m_of(o, i)) + (ls - ls_of(o, i)));
     total += nll[size_t(i)];
   }
   Tensor out;
@@ -301,8 +300,7 @@ Tensor vocab_parallel_cross_entropy(const Tensor& logits_shard, const Tensor& ta
   const Tensor stat_g = Tensor::from_vector(stat, {n, 2}).to(sdt).to(x.device());
   const Shape shape = x.shape();
   record(op, out, {x},
-         [x2, tl, stat_g, shape, ignore_index, reduction, counted](const Tensor& g,
-                                                                  const std::vector<bool>&) {
+         [x2, tl, stat_g, shape, reduction, counted](const Tensor& g, const std::vector<bool>&) {
            if (x2.numel() == 0)
              return std::vector<Tensor>{Tensor::zeros(shape, x2.dtype(), x2.device())};
            double scale = 1.0;
@@ -310,7 +308,7 @@ Tensor vocab_parallel_cross_entropy(const Tensor& logits_shard, const Tensor& ta
            const bool per_row = reduction == ops::Reduction::none;
            Tensor gr = per_row ? g.contiguous().view({x2.size(0)}) : g;
            Tensor dx = ops::cross_entropy_shard_backward(x2, tl, stat_g, gr, per_row ? 1 : 0,
-                                                         scale, ignore_index);
+                                                         scale, kIgnored);
            return std::vector<Tensor>{dx.view(shape)};
          });
   return out;

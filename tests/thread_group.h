@@ -9,9 +9,12 @@
 //
 // runs the function on 2 threads, each with its rank's communicator, and rethrows the first
 // exception of any rank (after all have stopped; a rank that throws out of a collective leaves the
-// others waiting, so the group is aborted and every waiting collective throws too).
+// others waiting, so the group is aborted and every waiting collective throws too; so does a rank
+// that returns while another waits in a collective it will never join).
 // gtest's EXPECT_* are thread-safe; ASSERT_* returns from the function of that rank only.
 #pragma once
+#include <gtest/gtest.h>
+
 #include <algorithm>
 #include <condition_variable>
 #include <exception>
@@ -23,8 +26,6 @@
 #include <thread>
 #include <utility>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "core/error.h"
 #include "core/tensor.h"
@@ -48,7 +49,7 @@ class ThreadGroupState {
 
   void barrier() {
     std::unique_lock<std::mutex> lk(mu_);
-    FTUNE_CHECK(!aborted_, "[thread group] another rank failed");
+    check_live();
     const uint64_t gen = generation_;
     if (++arrived_ == n_) {
       arrived_ = 0;
@@ -56,15 +57,24 @@ class ThreadGroupState {
       cv_.notify_all();
       return;
     }
-    cv_.wait(lk, [&] { return generation_ != gen || aborted_; });
-    FTUNE_CHECK(!aborted_, "[thread group] another rank failed");
+    cv_.wait(lk, [&] { return generation_ != gen || aborted_ || finished_; });
+    if (generation_ == gen) check_live();
   }
 
+  // A rank failed: every waiting and later collective of every group throws.
   void abort() {
     std::lock_guard<std::mutex> lk(mu_);
     aborted_ = true;
     cv_.notify_all();
     for (auto& [k, child] : children_) child->abort();
+  }
+  // A member of this group returned from its function: a collective of this group still waiting
+  // (or started later) can never complete (the ranks called different collectives), so it throws
+  // instead of hanging. Groups the rank is not in are not told.
+  void finish() {
+    std::lock_guard<std::mutex> lk(mu_);
+    finished_ = true;
+    cv_.notify_all();
   }
 
   // The state of split number `seq`'s group of `color` (made by whichever member asks first).
@@ -77,20 +87,32 @@ class ThreadGroupState {
   }
 
  private:
+  void check_live() const {
+    FTUNE_CHECK(!aborted_, "[thread group] another rank failed");
+    FTUNE_CHECK(!finished_,
+                "[thread group] another rank returned while this one is in a "
+                "collective (the ranks called different collectives)");
+  }
+
   const int n_;
   std::vector<Tensor> slots_;
   std::mutex mu_;
   std::condition_variable cv_;
   int arrived_ = 0;
   uint64_t generation_ = 0;
-  bool aborted_ = false;
+  bool aborted_ = false, finished_ = false;
   std::map<std::pair<uint64_t, int>, std::shared_ptr<ThreadGroupState>> children_;
 };
 
 class ThreadCommunicator : public parallel::Communicator {
  public:
-  ThreadCommunicator(std::shared_ptr<ThreadGroupState> g, int rank)
-      : g_(std::move(g)), rank_(rank) {}
+  // `joined`: every group this rank's thread belongs to (its world and the splits made from it),
+  // shared by the rank's communicators, for run_ranks to tell them when the rank returns.
+  using Joined = std::vector<std::shared_ptr<ThreadGroupState>>;
+  ThreadCommunicator(std::shared_ptr<ThreadGroupState> g, int rank, std::shared_ptr<Joined> joined)
+      : g_(std::move(g)), rank_(rank), joined_(std::move(joined)) {
+    joined_->push_back(g_);
+  }
   int rank() const override { return rank_; }
   int size() const override { return g_->size(); }
   std::string backend() const override { return "thread"; }
@@ -113,7 +135,8 @@ class ThreadCommunicator : public parallel::Communicator {
                 " into ", out.desc(), " over ", size(), " ranks");
     Tensor r = reduce(in, op).view({in.numel()});
     const int64_t n = out.numel();
-    out.copy_(r.slice(0, rank_ * n, (rank_ + 1) * n).to(out.dtype()).to(out.device()).view(out.shape()));
+    out.copy_(
+        r.slice(0, rank_ * n, (rank_ + 1) * n).to(out.dtype()).to(out.device()).view(out.shape()));
   }
   std::unique_ptr<parallel::Work> reduce_scatter_async(const Tensor& in, Tensor& out,
                                                        parallel::ReduceOp op) override {
@@ -146,10 +169,14 @@ class ThreadCommunicator : public parallel::Communicator {
     int new_rank = 0;
     while (members[size_t(new_rank)].second != rank_) ++new_rank;
     auto state = g_->child(splits_++, color, int(members.size()));
-    return std::make_unique<ThreadCommunicator>(state, new_rank);
+    return std::make_unique<ThreadCommunicator>(state, new_rank, joined_);
   }
 
   ThreadGroupState& state() { return *g_; }
+  // This rank returned: every group it is in stops waiting for it.
+  void finish_rank() {
+    for (auto& g : *joined_) g->finish();
+  }
 
  private:
   struct Done : parallel::Work {
@@ -157,7 +184,9 @@ class ThreadCommunicator : public parallel::Communicator {
     bool done() override { return true; }
   };
   static std::unique_ptr<parallel::Work> done() { return std::make_unique<Done>(); }
-  static Tensor host_copy(const Tensor& t) { return t.detach().contiguous().to(Device::cpu()).clone(); }
+  static Tensor host_copy(const Tensor& t) {
+    return t.detach().contiguous().to(Device::cpu()).clone();
+  }
 
   // op over the ranks' values, in f64 on the host, in rank order; shape of t.
   Tensor reduce(const Tensor& t, parallel::ReduceOp op) {
@@ -187,13 +216,16 @@ class ThreadCommunicator : public parallel::Communicator {
 
   std::shared_ptr<ThreadGroupState> g_;
   int rank_;
+  std::shared_ptr<Joined> joined_;
   uint64_t splits_ = 0;
 };
 
 inline std::vector<std::shared_ptr<parallel::Communicator>> make_thread_group(int n) {
   auto g = std::make_shared<ThreadGroupState>(n);
   std::vector<std::shared_ptr<parallel::Communicator>> out;
-  for (int r = 0; r < n; ++r) out.push_back(std::make_shared<ThreadCommunicator>(g, r));
+  for (int r = 0; r < n; ++r)
+    out.push_back(
+        std::make_shared<ThreadCommunicator>(g, r, std::make_shared<ThreadCommunicator::Joined>()));
   return out;
 }
 
@@ -212,6 +244,7 @@ inline void run_ranks(int n,
         fn(r, comms[size_t(r)]);
         // A failed ASSERT_* returned from this rank only: the others would wait for it forever.
         if (::testing::Test::HasFatalFailure()) state.abort();
+        static_cast<ThreadCommunicator&>(*comms[size_t(r)]).finish_rank();
       } catch (...) {
         {
           std::lock_guard<std::mutex> lk(mu);

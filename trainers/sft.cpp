@@ -197,8 +197,14 @@ struct SftTrainer::Impl {
 #ifdef FTUNE_HAVE_NCCL
       // Tensor parallel: the activations' all-reduces (two per block forward, two backward) and
       // the vocab-parallel loss's gather go through NCCL on the GPU, not through host memory.
-      // Bootstrapped over the MPI tp group; every tp rank makes it here (a collective).
-      if (grid.tp > 1) grid.tp_group = parallel::make_nccl_communicator(grid.tp_group, device.index);
+      // Bootstrapped over the MPI tp group; every tp rank makes it here (a collective). With dp > 1
+      // the dp group's NCCL communicator (below) runs beside it, the gradient buckets' all-reduces
+      // overlapping the backward's tp all-reduces: NCCL allows that when every rank issues the
+      // collectives of both in the same order, which holds because every rank runs the same
+      // graph and the buckets fire from the same gradient-ready hooks (untested: no multi-GPU
+      // machine here, docs/distributed.md "NCCL").
+      if (grid.tp > 1)
+        grid.tp_group = parallel::make_nccl_communicator(grid.tp_group, device.index);
 #endif
     }
     fs::create_directories(out());
@@ -419,13 +425,17 @@ struct SftTrainer::Impl {
     } else {
       c.optimizer = zopt ? zopt->export_state() : opt->export_state();
     }
-    if (device.is_cuda()) {  // the file is written from host memory
-      for (auto& [n, t] : c.model) t = t.detach().to(Device::cpu());
-      for (auto& [n, t] : c.optimizer.tensors) t = t.detach().to(Device::cpu());
+    // Full shapes (tp > 1 with `gather`): the file does not depend on the layout. Gathered where
+    // the tensors are (on the GPU a NCCL tp group gathers them in place), one at a time, then
+    // copied to host memory, from which the file is written.
+    const bool tp_gather = grid.tp > 1 && gather;
+    for (auto& [n, t] : c.model) {
+      if (tp_gather) t = gather_if_split(n, t);
+      if (device.is_cuda()) t = t.detach().to(Device::cpu());
     }
-    if (grid.tp > 1 && gather) {  // full shapes: the file does not depend on the layout
-      for (auto& [n, t] : c.model) t = gather_if_split(n, t);
-      for (auto& [n, t] : c.optimizer.tensors) t = gather_if_split(param_of_state(n), t);
+    for (auto& [n, t] : c.optimizer.tensors) {
+      if (tp_gather) t = gather_if_split(param_of_state(n), t);
+      if (device.is_cuda()) t = t.detach().to(Device::cpu());
     }
     c.trainer_state = {
         {"sampler", train_loader->state()},

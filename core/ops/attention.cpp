@@ -1,6 +1,7 @@
 // attention: fused scaled-dot-product attention (kernels/attention.h), with its own backward.
 #include "kernels/attention.h"
 
+#include <atomic>
 #include <cmath>
 #include <iostream>
 #include <mutex>
@@ -40,15 +41,14 @@ int64_t packed_tokens(const Tensor& t, const char* what) {
   return t.size(-3);
 }
 
-std::string& backend_name() {
-  static std::string name = "ftune";
-  return name;
-}
+// The backend: an atomic flag (set from every rank's thread when ranks are threads, as in the
+// tests' in-process groups), not a shared string.
+std::atomic<bool> g_cudnn_backend{false};
 
 // Whether this GPU call goes to cuDNN: backend "cudnn" and a shape its graph serves. A fallback
 // is reported once per reason, so a run says which calls did not use cuDNN.
 bool use_cudnn(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType dt) {
-  if (backend_name() != "cudnn") return false;
+  if (!g_cudnn_backend.load(std::memory_order_relaxed)) return false;
 #ifdef FTUNE_HAVE_CUDNN
   std::string why = kernels::cuda::cudnn_attention_unsupported(p, seqs, dt);
   if (why.empty()) return true;
@@ -86,10 +86,13 @@ void set_attention_backend(const std::string& name) {
               "FTUNE_CUDA=OFF",
 #endif
               "); use attention.backend: ftune");
-  backend_name() = name;
+  g_cudnn_backend.store(name == "cudnn", std::memory_order_relaxed);
 }
 
-const std::string& attention_backend() { return backend_name(); }
+const std::string& attention_backend() {
+  static const std::string ftune = "ftune", cudnn = "cudnn";
+  return g_cudnn_backend.load(std::memory_order_relaxed) ? cudnn : ftune;
+}
 
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, const AttentionOptions& opt) {
   profiler::OpScope prof("attention");

@@ -34,9 +34,8 @@ TEST(CudaTp, VocabParallelCrossEntropyMatchesCrossEntropy) {
         Tensor full = logits.clone().set_requires_grad(true);
         Tensor ref = ops::cross_entropy(full, targets, -100, red);
         // g: 0.5 for the sum, per-row weights for none.
-        Tensor gw = red == ops::Reduction::none
-                        ? to_gpu(rand_host({n}, g, DType::f32), dt)
-                        : Tensor::scalar(0.5, ref.dtype(), gpu);
+        Tensor gw = red == ops::Reduction::none ? to_gpu(rand_host({n}, g, DType::f32), dt)
+                                                : Tensor::scalar(0.5, ref.dtype(), gpu);
         ref.backward(gw);
         run_ranks(ranks, [&](int r, std::shared_ptr<parallel::Communicator> c) {
           parallel::Range rg = parallel::shard_range(V, ranks, r);
@@ -77,10 +76,11 @@ TEST(CudaTp, VocabParallelEmbeddingMatchesEmbedding) {
       mine.set_requires_grad(true);
       Tensor got = parallel::vocab_parallel_embedding(mine, ids, rg.offset, c);
       EXPECT_EQ(got.device(), gpu);
-      EXPECT_TRUE(all_close(got, ref, 0, 0)) << dtype_name(dt) << " rank " << r;  // one nonzero term
+      EXPECT_TRUE(all_close(got, ref, 0, 0))
+          << dtype_name(dt) << " rank " << r;  // one nonzero term
       got.backward(gw);
-      EXPECT_TRUE(all_close(mine.grad(), full.grad().slice(0, rg.offset, rg.offset + rg.size),
-                            1e-6, dtype_rtol(dt)))
+      EXPECT_TRUE(all_close(mine.grad(), full.grad().slice(0, rg.offset, rg.offset + rg.size), 1e-6,
+                            dtype_rtol(dt)))
           << dtype_name(dt) << " rank " << r;
     });
   }

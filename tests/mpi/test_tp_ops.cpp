@@ -155,26 +155,33 @@ TEST(TpOps, VocabParallelCrossEntropyEqualsCrossEntropy) {
 }
 
 // The edges of the shard protocol: a rank whose vocabulary shard is empty (V = ranks - 1 gives
-// the last rank none), ignore_index -1 (the value that otherwise marks "the target is on another
-// rank" in the local targets), and f64 logits, against ops::cross_entropy at f64 precision.
-TEST(TpOps, VocabParallelCrossEntropyEmptyShardAndIgnoreMinusOne) {
+// the last rank none); an ignore_index of -1, 0 or 3 (values a shard's local targets could take:
+// a target offset + 3 on another rank is column 3 there); and f64 logits, against
+// ops::cross_entropy at f64 precision.
+TEST(TpOps, VocabParallelCrossEntropyEmptyShardAndIgnoreIndexValues) {
   auto w = world();
   Generator gen(6);
+  for (int64_t ignore : {int64_t(-1), int64_t(0), int64_t(3)})
   for (int64_t V : {int64_t(w->size() - 1), int64_t(11)}) {
+    if (ignore >= V) continue;
     ShardInfo si = last_dim_shard(V, 1, *w);
-    Tensor logits = randn({5, V}, gen, 0.0, 4.0).to(DType::f64);
-    std::vector<int64_t> t = randint({5}, gen, 0, V).to_vector<int64_t>();
-    t[3] = -1;
-    Tensor targets = Tensor::from_vector(t, {5});
+    Tensor logits = randn({6, V}, gen, 0.0, 4.0).to(DType::f64);
+    // Row 0 ignored; rows 1, 2 at column `ignore` of the second and third shard.
+    const int64_t chunk = (V + w->size() - 1) / w->size();
+    std::vector<int64_t> t = {ignore, chunk + ignore, 2 * chunk + ignore, 0, V - 1, 1};
+    for (size_t k = 1; k < t.size(); ++k)
+      if (t[k] < 0 || t[k] >= V || t[k] == ignore) t[k] = ignore == V - 1 ? 0 : V - 1;
+    Tensor targets = Tensor::from_vector(t, {6});
     for (ops::Reduction red : {ops::Reduction::mean, ops::Reduction::none}) {
+      SCOPED_TRACE(str_cat("V ", V, " ignore_index ", ignore, " reduction ", int(red)));
       Tensor fl = logits.clone().set_requires_grad(true);
-      Tensor ref = ops::cross_entropy(fl, targets, -1, red);
+      Tensor ref = ops::cross_entropy(fl, targets, ignore, red);
       Tensor mine = shard_slice(logits, si).set_requires_grad(true);
-      Tensor got = vocab_parallel_cross_entropy(mine, targets, w, -1, red);
+      Tensor got = vocab_parallel_cross_entropy(mine, targets, w, ignore, red);
       ASSERT_EQ(got.shape(), ref.shape());
       ASSERT_EQ(got.dtype(), DType::f64);
       EXPECT_LT(rel_err(got, ref), 1e-12) << "V " << V << " reduction " << int(red);
-      Tensor gw = red == ops::Reduction::none ? randn({5}, gen).to(DType::f64)
+      Tensor gw = red == ops::Reduction::none ? randn({6}, gen).to(DType::f64)
                                               : Tensor::scalar(0.3, DType::f64);
       ref.backward(gw);
       got.backward(gw);

@@ -1,7 +1,7 @@
-// The in-process thread communicator of tests/thread_group.h (the harness of the GPU tensor-parallel
-// tests): its collectives against the values they must give, the tp x dp grid it splits into, a
-// failing rank that does not hang the others, and the vocab-parallel loss over 3 threads against
-// ops::cross_entropy (the same check as tests/mpi/test_tp_ops.cpp, without mpirun).
+// The in-process thread communicator of tests/thread_group.h (the harness of the GPU
+// tensor-parallel tests): its collectives against the values they must give, the tp x dp grid it
+// splits into, a failing rank that does not hang the others, and the vocab-parallel loss over 3
+// threads against ops::cross_entropy (the same check as tests/mpi/test_tp_ops.cpp, without mpirun).
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -43,7 +43,8 @@ TEST(ThreadGroup, CollectivesGiveEveryRankTheSameResult) {
       std::vector<int64_t> want;
       for (int q = 0; q < n; ++q) want.insert(want.end(), {q, 100 + q});
       EXPECT_EQ(g.to_vector<int64_t>(), want);
-      // reduce_scatter: block q of every rank's input is q + r; rank r gets sum over ranks of r + q'.
+      // reduce_scatter: block q of every rank's input is q + r; rank r gets sum over ranks of r +
+      // q'.
       std::vector<float> in;
       for (int q = 0; q < n; ++q) in.insert(in.end(), {float(q + r), float(q + r)});
       Tensor out = Tensor::zeros({2});
@@ -97,6 +98,21 @@ TEST(ThreadGroup, AFailingRankReleasesTheOthers) {
   EXPECT_EQ(released.load(), 2);
 }
 
+// Ranks that call different collectives (rank 1 returns while rank 0 waits in an all-reduce):
+// an error, not a hang.
+TEST(ThreadGroup, MismatchedCollectivesFailInsteadOfHanging) {
+  try {
+    run_ranks(2, [](int r, std::shared_ptr<Communicator> c) {
+      if (r == 1) return;
+      Tensor t = Tensor::zeros({1});
+      c->all_reduce(t);
+    });
+    FAIL() << "no exception";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("different collectives"), std::string::npos) << e.what();
+  }
+}
+
 // The vocab-parallel loss over 3 threads: value and gradient equal ops::cross_entropy's on the
 // whole logits, with shards of unequal sizes (10 = 4 + 4 + 2) and ignored rows.
 TEST(ThreadGroup, VocabParallelCrossEntropyEqualsCrossEntropy) {
@@ -115,11 +131,37 @@ TEST(ThreadGroup, VocabParallelCrossEntropyEqualsCrossEntropy) {
     parallel::Range rg = parallel::shard_range(V, 3, r);
     Tensor mine =
         logits.slice(1, rg.offset, rg.offset + rg.size).contiguous().set_requires_grad(true);
-    Tensor got = parallel::vocab_parallel_cross_entropy(mine, targets, c, -100, ops::Reduction::sum);
+    Tensor got =
+        parallel::vocab_parallel_cross_entropy(mine, targets, c, -100, ops::Reduction::sum);
     EXPECT_NEAR(got.item(), ref.item(), 1e-5 * std::fabs(ref.item())) << "rank " << r;
     got.backward(Tensor::scalar(0.5));
     Tensor want = fl.grad().slice(1, rg.offset, rg.offset + rg.size);
     EXPECT_LT(ops::max_abs_diff(mine.grad(), want), 1e-6) << "rank " << r;
+  });
+}
+
+// ignore_index 0: on rank 1 (columns 5..9) the target 5 is local column 0, which must not read as
+// ignored. And logits whose other shard lies 800 above the target's (exp of the difference
+// overflows f64): the loss stays finite, as ops::cross_entropy's.
+TEST(ThreadGroup, VocabParallelCrossEntropyIgnoreIndexZeroAndFarApartShards) {
+  Generator gen(8);
+  const int64_t V = 10;
+  Tensor logits = randn({4, V}, gen, 0.0, 2.0).to(DType::f64);
+  Tensor big = logits.slice(0, 3, 4);
+  big.copy_(Tensor::from_vector<double>({0, 0, 0, 0, 0, 800, 800, 800, 800, 800}, {1, V}));
+  Tensor targets = Tensor::from_vector<int64_t>({5, 0, 9, 1}, {4});
+  Tensor fl = logits.clone().set_requires_grad(true);
+  Tensor ref = ops::cross_entropy(fl, targets, 0, ops::Reduction::none);
+  ref.backward(Tensor::ones({4}, DType::f64));
+  ASSERT_TRUE(std::isfinite(ref.to_vector<double>()[3]));
+  run_ranks(2, [&](int r, std::shared_ptr<Communicator> c) {
+    Tensor mine = logits.slice(1, 5 * r, 5 * r + 5).contiguous().set_requires_grad(true);
+    Tensor got = parallel::vocab_parallel_cross_entropy(mine, targets, c, 0, ops::Reduction::none);
+    std::vector<double> g = got.to_vector<double>(), want = ref.to_vector<double>();
+    for (size_t i = 0; i < 4; ++i)
+      EXPECT_NEAR(g[i], want[i], 1e-12 * std::max(1.0, std::fabs(want[i]))) << "row " << i;
+    got.backward(Tensor::ones({4}, DType::f64));
+    EXPECT_LT(ops::max_abs_diff(mine.grad(), fl.grad().slice(1, 5 * r, 5 * r + 5)), 1e-12);
   });
 }
 
