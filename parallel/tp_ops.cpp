@@ -206,7 +206,7 @@ Tensor vocab_parallel_embedding(const Tensor& weight_shard, const Tensor& ids, i
 
 Tensor vocab_parallel_cross_entropy(const Tensor& logits_shard, const Tensor& targets,
                                     const std::shared_ptr<Communicator>& tp, int64_t ignore_index,
-                                    ops::Reduction reduction) {
+                                    ops::Reduction reduction, int64_t vocab_size) {
   const char* op = "vocab_parallel_cross_entropy";
   check_input(op, logits_shard, tp);
   const Tensor& x = logits_shard;
@@ -221,7 +221,15 @@ Tensor vocab_parallel_cross_entropy(const Tensor& logits_shard, const Tensor& ta
   FTUNE_CHECK(targets.shape() == lead || (targets.dim() == 1 && targets.numel() == n), "[", op,
               "] targets ", targets.desc(), " do not match logits rows ", shape_str(lead));
   const int nr = tp->size();
-  std::vector<int64_t> sizes = gather_sizes(vr, *tp);
+  std::vector<int64_t> sizes;
+  if (vocab_size > 0) {  // shard_range's split: no collective
+    for (int q = 0; q < nr; ++q) sizes.push_back(shard_range(vocab_size, nr, q).size);
+    FTUNE_CHECK(sizes[size_t(tp->rank())] == vr, "[", op, "] rank ", tp->rank(), " of ", nr,
+                " holds ", vr, " vocabulary columns, not its shard of ", vocab_size, " (",
+                sizes[size_t(tp->rank())], ")");
+  } else {
+    sizes = gather_sizes(vr, *tp);
+  }
   std::vector<int64_t> offsets(size_t(nr) + 1, 0);
   for (int q = 0; q < nr; ++q) offsets[size_t(q) + 1] = offsets[size_t(q)] + sizes[size_t(q)];
   const int64_t vocab = offsets.back(), off = offsets[size_t(tp->rank())];

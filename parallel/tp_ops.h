@@ -64,14 +64,18 @@ Tensor vocab_parallel_embedding(const Tensor& weight_shard, const Tensor& ids, i
 // rank. targets [N] (i32|i64, the same on every rank) index the full vocabulary. Each rank runs
 // the loss kernels on its shard (ops::cross_entropy_shard_forward: per row the shard's max and
 // log-sum-exp, and the nll where it holds the target) and one all_gather of those 3 numbers per
-// row (after a one-number all_gather of the shard sizes) gives every rank the whole rows'
-// statistics, combined in f64; no logits are gathered. Same value and semantics as
+// row (after a one-number all_gather of the shard sizes, unless vocab_size gives them) gives every
+// rank the whole rows' statistics, combined in f64; no logits are gathered. Same value and semantics as
 // ops::cross_entropy on the full logits (ignore_index rows skipped, mean over counted rows, 0
 // when none; on the GPU a reduced loss is f32, per-row ones in the logits' dtype). The backward
 // needs no communication: softmax - onehot on the local shard, one kernel pass.
+// vocab_size: the full vocabulary when the shards are shard_range's split of it (the model's
+// layout; this rank's shard is checked against it), which spares the all_gather of the shard
+// sizes; 0: any split, the sizes gathered.
 Tensor vocab_parallel_cross_entropy(const Tensor& logits_shard, const Tensor& targets,
                                     const std::shared_ptr<Communicator>& tp,
                                     int64_t ignore_index = -100,
-                                    ops::Reduction reduction = ops::Reduction::mean);
+                                    ops::Reduction reduction = ops::Reduction::mean,
+                                    int64_t vocab_size = 0);
 
 }  // namespace ftune::parallel

@@ -785,7 +785,7 @@ struct SftTrainer::Impl {
     Tensor shard = model->forward_logits_shard(b.ids, fo);
     return parallel::vocab_parallel_cross_entropy(shard.view({-1, shard.size(-1)}),
                                                   b.labels.view({-1}), grid.tp_group, -100,
-                                                  ops::Reduction::sum);
+                                                  ops::Reduction::sum, model->config().vocab_size);
   }
 
   // argmax over the full vocab from this rank's shard [N, V_r]: the global max per row, then the
@@ -894,7 +894,8 @@ struct SftTrainer::Impl {
         Tensor shard = model->forward_logits_shard(b.ids, fo);
         Tensor flat = shard.view({-1, shard.size(-1)});
         loss_sum += parallel::vocab_parallel_cross_entropy(flat, labels, grid.tp_group, -100,
-                                                           ops::Reduction::sum)
+                                                           ops::Reduction::sum,
+                                                           model->config().vocab_size)
                         .item();
         pred = tp_argmax(flat);
       }

@@ -137,6 +137,9 @@ TEST(TpOps, VocabParallelCrossEntropyEqualsCrossEntropy) {
     Tensor got = vocab_parallel_cross_entropy(mine, targets, w, -100, red);
     ASSERT_EQ(got.shape(), ref.shape());
     EXPECT_LT(rel_err(got, ref), 1e-6) << int(red);
+    // Given the full vocabulary (the shard_range split), the same bits without the sizes' gather.
+    Tensor known = vocab_parallel_cross_entropy(mine.detach(), targets, w, -100, red, V);
+    EXPECT_EQ(ops::max_abs_diff(known, got), 0.0) << int(red);
     Tensor gw = red == ops::Reduction::none ? randn({3, 3}, gen) : Tensor::scalar(1.7);
     ref.backward(gw);
     got.backward(gw);
@@ -149,9 +152,12 @@ TEST(TpOps, VocabParallelCrossEntropyEqualsCrossEntropy) {
   EXPECT_EQ(l.item(), 0.0);
   l.backward();
   for (float v : mine.grad().to_vector<float>()) EXPECT_EQ(v, 0.0f);
-  // A target outside the full vocabulary is refused (on every rank alike).
+  // A target outside the full vocabulary is refused (on every rank alike), and so is a
+  // vocabulary size whose split does not give this rank's shard (no collective reached).
   Tensor bad = Tensor::full({3, 3}, double(V), DType::i64);
   EXPECT_THROW(vocab_parallel_cross_entropy(mine, bad, w), Error);
+  EXPECT_THROW(vocab_parallel_cross_entropy(mine, none, w, -100, ops::Reduction::mean, 8 * V),
+               Error);
 }
 
 // The edges of the shard protocol: a rank whose vocabulary shard is empty (V = ranks - 1 gives
