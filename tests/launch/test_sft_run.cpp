@@ -441,11 +441,13 @@ TEST_F(SftRun, GpuTensorParallelMatchesOneGpu) {
   check_two_ranks_in_threads("gpu_tp_lora", lora, 2e-2);
 }
 
-// Data parallelism on the GPU, as above: dp 2 with ZeRO-1 (GPU gradient buckets reduce-scattered,
-// each rank's f32 masters of its shard, the parameters all-gathered) against one rank with twice
-// the accumulation, f32 full fine-tuning (1e-4) and bf16 full fine-tuning (2%).
-TEST_F(SftRun, GpuDataParallelZeroMatchesOneGpu) {
+// Data parallelism on the GPU, as above, against one rank with twice the accumulation: dp 2 with
+// the GPU gradient buckets all-reduced from the gradient-ready hooks (f32), and with ZeRO-1 (the
+// buckets reduce-scattered, each rank's f32 masters of its shard, the parameters all-gathered;
+// f32 and bf16). f32 full fine-tuning to 1e-4, bf16 to 2%.
+TEST_F(SftRun, GpuDataParallelMatchesOneGpu) {
   if (!cuda_available()) GTEST_SKIP() << "no GPU is present (scripts/gpu_check.sh runs this on one)";
+  check_two_ranks_in_threads("gpu_dp_plain", thread_config("gpu_dp_plain", "cuda"), 1e-4);
   SftConfig f32 = thread_config("gpu_dp_f32", "cuda");
   f32.parallel.zero = 1;
   check_two_ranks_in_threads("gpu_dp_f32", f32, 1e-4);
