@@ -21,6 +21,8 @@ struct GenerateArgs {
   bool chat = false;
   std::string system;         // with --chat: a system message before the prompt
   std::string chat_template;  // a name of ChatTemplate::names(); implies --chat
+  std::string device = "cpu";  // cpu | cuda | cuda:N
+  std::string dtype = "f32";   // f32 | bf16 | f16 (16-bit on the GPU only)
 };
 
 // Adds `generate` and its options to `app`; the parsed values land in `args`.

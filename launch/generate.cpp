@@ -16,6 +16,8 @@
 #include <string>
 #include <vector>
 
+#include "core/allocator.h"
+#include "core/cuda_runtime.h"
 #include "core/error.h"
 #include "data/chat_template.h"
 #include "data/tokenizer.h"
@@ -61,6 +63,17 @@ CLI::App* add_generate_command(CLI::App& app, GenerateArgs& a) {
                 "a chat format instead of the one detected from tokenizer_config.json (implies "
                 "--chat)")
       ->check(CLI::IsMember(ChatTemplate::names()));
+  g->add_option("--device", a.device, "cpu, cuda (GPU 0) or cuda:N")
+      ->check([](const std::string& d) {
+        const bool ok = d == "cpu" || d == "cuda" ||
+                        (d.size() > 5 && d.rfind("cuda:", 0) == 0 &&
+                         d.find_first_not_of("0123456789", 5) == std::string::npos);
+        return ok ? std::string() : "expected cpu, cuda or cuda:N, got '" + d + "'";
+      })
+      ->capture_default_str();
+  g->add_option("--dtype", a.dtype, "the weights' and activations' dtype (bf16, f16: GPU only)")
+      ->check(CLI::IsMember({"f32", "bf16", "f16"}))
+      ->capture_default_str();
   return g;
 }
 
@@ -253,9 +266,30 @@ int cmd_generate(const GenerateArgs& a_in) {
     const ModelConfig c = load_hf_config((dir / "config.json").string(), probe);
     max_new = std::clamp<int64_t>(c.max_seq_len() - int64_t(longest) + 1, 0, kDefaultMaxNewTokens);
   }
+  // Where it runs, checked before the weights are read: the CPU in f32, or a GPU in any dtype.
+  const DType dtype = a.dtype == "bf16" ? DType::bf16 : a.dtype == "f16" ? DType::f16 : DType::f32;
+  Device device = Device::cpu();
+  if (a.device == "cpu") {
+    FTUNE_CHECK(dtype == DType::f32, "[generate] --dtype ", a.dtype,
+                " needs --device cuda (the CPU computes in f32)");
+  } else {
+    FTUNE_CHECK(cuda_available(), "[generate] --device ", a.device, " but no GPU is usable here",
+#ifdef FTUNE_HAVE_CUDA
+                " (CUDA found no device)"
+#else
+                " (ftune was built without CUDA: FTUNE_CUDA=OFF)"
+#endif
+    );
+    const int idx = a.device == "cuda" ? 0 : std::stoi(a.device.substr(5));
+    FTUNE_CHECK(idx < cuda_device_count(), "[generate] --device ", a.device,
+                " but this machine has ", cuda_device_count(), " GPU(s)");
+    cuda::set_device(idx);
+    device = Device::cuda(idx);
+  }
   HfConfigOptions load_opt;
   load_opt.max_seq_len = std::max<int64_t>(1, int64_t(longest) + max_new - 1);
   std::unique_ptr<Transformer> model = Transformer::from_pretrained(a.model, load_opt);
+  if (device.is_cuda() || dtype != DType::f32) model->to_(device, dtype);
   const ModelConfig& cfg = model->config();
   for (size_t i = 0; i < prompts.size(); ++i) {
     const auto& ids = prompts[i];

@@ -87,7 +87,7 @@ run() {
   t1=$SECONDS
   # The trainer on the GPU: the GPU-vs-CPU run test, then the quickstart recipe in bf16.
   local multi='SftRun.GpuTensorParallel*:SftRun.GpuDataParallel*'
-  timeout 150 "$bld/tests/test_launch" --gtest_filter="SftRun.Gpu*:LossScaleRun.F16*:-$multi" > "$OUT/test_trainer.log" 2>&1
+  timeout 150 "$bld/tests/test_launch" --gtest_filter="SftRun.Gpu*:LossScaleRun.F16*:Cli.Gpu*:-$multi" > "$OUT/test_trainer.log" 2>&1
   lrc=$?
   # Two ranks as threads sharing the GPU (tp 2, dp 2 + ZeRO-1): apart, so a hang costs only them.
   timeout 120 "$bld/tests/test_launch" --gtest_filter="$multi" >> "$OUT/test_trainer.log" 2>&1 || lrc=$?

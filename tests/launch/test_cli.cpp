@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "core/allocator.h"
 #include "data/chat_template.h"
 #include "data/tokenizer.h"
 #include "io/hf_config.h"
@@ -292,6 +293,47 @@ TEST_F(Cli, BadInputExitsWithOne) {
   EXPECT_NE(tl.err.find("maximum sequence length"), std::string::npos) << tl.err;
 }
 
+// --dtype bf16/f16 need a GPU; --device cuda without one (or past the last GPU) says so, before
+// reading the weights.
+TEST_F(Cli, GenerateDeviceAndDtypeRefusalsNameTheProblem) {
+  const std::string m = model_dir_.string();
+  Result bf = run({"generate", "--model", m, "-p", "x", "--dtype", "bf16"});
+  EXPECT_EQ(bf.rc, 1);
+  EXPECT_NE(bf.err.find("--dtype bf16 needs --device cuda"), std::string::npos) << bf.err;
+  if (!cuda_available()) {
+    Result g = run({"generate", "--model", m, "-p", "x", "--device", "cuda"});
+    EXPECT_EQ(g.rc, 1);
+    EXPECT_NE(g.err.find("no GPU is usable here"), std::string::npos) << g.err;
+  } else {
+    Result g = run({"generate", "--model", m, "-p", "x", "--device", "cuda:99"});
+    EXPECT_EQ(g.rc, 1);
+    EXPECT_NE(g.err.find("GPU(s)"), std::string::npos) << g.err;
+  }
+}
+
+// On the GPU: greedy in f32 prints the CPU's text (the random model's logits differ by rounding
+// only, far from a tie at these sizes), batched too; bf16 and f16 run and stop where asked.
+TEST_F(Cli, GpuGenerateMatchesTheCpu) {
+  if (!cuda_available()) GTEST_SKIP() << "no GPU is present (scripts/gpu_check.sh runs this on one)";
+  const std::string m = model_dir_.string();
+  const std::vector<std::string> prompts = {"-p", "hello world", "-p", "The cat", "-n", "12"};
+  std::vector<std::string> cpu_args = {"generate", "--model", m};
+  cpu_args.insert(cpu_args.end(), prompts.begin(), prompts.end());
+  Result cpu = run(cpu_args);
+  ASSERT_EQ(cpu.rc, 0) << cpu.err;
+  std::vector<std::string> gpu_args = cpu_args;
+  gpu_args.insert(gpu_args.end(), {"--device", "cuda"});
+  Result gpu = run(gpu_args);
+  ASSERT_EQ(gpu.rc, 0) << gpu.err;
+  EXPECT_EQ(gpu.out, cpu.out);
+  for (const char* dt : {"bf16", "f16"}) {
+    Result h = run({"generate", "--model", m, "-p", "hello world", "-n", "5", "--device",
+                    "cuda:0", "--dtype", dt});
+    EXPECT_EQ(h.rc, 0) << dt << ": " << h.err;
+    EXPECT_FALSE(h.out.empty()) << dt;
+  }
+}
+
 TEST_F(Cli, BadUsageExitsWithTwo) {
   const std::string m = model_dir_.string();
   for (const auto& args : std::vector<std::vector<std::string>>{
@@ -304,6 +346,9 @@ TEST_F(Cli, BadUsageExitsWithTwo) {
            {"generate", "--model", m, "-p", "x", "--system", "s"},  // --system needs --chat
            {"generate", "--model", m, "-p", "x", "--chat-template", "nope"},
            {"generate", "--model", m, "-p", "x", "--frobnicate"},
+           {"generate", "--model", m, "-p", "x", "--device", "gpu"},
+           {"generate", "--model", m, "-p", "x", "--device", "cuda:"},
+           {"generate", "--model", m, "-p", "x", "--dtype", "fp8"},
        }) {
     Result r = run(args);
     std::string joined;
