@@ -424,7 +424,8 @@ TEST_F(SftRun, TwoRanksInThreadsMatchOneRank) {
 
 // Tensor parallelism on the GPU: tp 2 (two threads sharing the one GPU, collectives through the
 // host) against one rank on the same GPU. f32 full fine-tuning to 1e-4 (other summation orders);
-// bf16 LoRA with dropout (the fused low-rank kernels on column slices of the masks) to 2%.
+// bf16 LoRA with dropout (the fused low-rank kernels on column slices of the masks) to 5% (as
+// GpuRunMatchesTheCpuRun's bf16: roundings in other GEMM shapes, loss and grad norm alike).
 TEST_F(SftRun, GpuTensorParallelMatchesOneGpu) {
   if (!cuda_available()) GTEST_SKIP() << "no GPU is present (scripts/gpu_check.sh runs this on one)";
   SftConfig full = thread_config("gpu_tp_full", "cuda");
@@ -438,13 +439,13 @@ TEST_F(SftRun, GpuTensorParallelMatchesOneGpu) {
   lora.lora.target_modules = {"all-linear"};
   lora.lora.dropout = 0.1;
   lora.optimizer.lr = 1e-2;
-  check_two_ranks_in_threads("gpu_tp_lora", lora, 2e-2);
+  check_two_ranks_in_threads("gpu_tp_lora", lora, 5e-2);
 }
 
 // Data parallelism on the GPU, as above, against one rank with twice the accumulation: dp 2 with
 // the GPU gradient buckets all-reduced from the gradient-ready hooks (f32), and with ZeRO-1 (the
 // buckets reduce-scattered, each rank's f32 masters of its shard, the parameters all-gathered;
-// f32 and bf16). f32 full fine-tuning to 1e-4, bf16 to 2%.
+// f32 and bf16). f32 full fine-tuning to 1e-4, bf16 to 5%.
 TEST_F(SftRun, GpuDataParallelMatchesOneGpu) {
   if (!cuda_available()) GTEST_SKIP() << "no GPU is present (scripts/gpu_check.sh runs this on one)";
   check_two_ranks_in_threads("gpu_dp_plain", thread_config("gpu_dp_plain", "cuda"), 1e-4);
@@ -454,7 +455,7 @@ TEST_F(SftRun, GpuDataParallelMatchesOneGpu) {
   SftConfig bf = thread_config("gpu_dp_bf16", "cuda");
   bf.parallel.zero = 1;
   bf.dtype = "bf16";
-  check_two_ranks_in_threads("gpu_dp_bf16", bf, 2e-2);
+  check_two_ranks_in_threads("gpu_dp_bf16", bf, 5e-2);
 }
 
 TEST_F(SftRun, GpuRunWithLoraDropoutMatchesTheCpuRun) {
