@@ -1,6 +1,10 @@
 // Helpers shared by the tests that run the ftune binary or the trainer end to end
-// (tests/launch, tests/mpi): shell quoting, reading a file, and the tiny training setup.
+// (tests/launch, tests/mpi): shell quoting, reading a file, the tiny training setup, and
+// comparing loss curves.
 #pragma once
+#include <gtest/gtest.h>
+
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -42,6 +46,15 @@ inline Metrics read_metrics(const fs::path& p) {
     }
   }
   return m;
+}
+
+// Two loss (or grad-norm) curves step by step, each value within rtol of b's.
+inline void expect_same_curve(const std::vector<double>& a, const std::vector<double>& b,
+                              double rtol, const std::string& what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  ASSERT_FALSE(a.empty()) << what;
+  for (size_t i = 0; i < a.size(); ++i)
+    EXPECT_NEAR(a[i], b[i], rtol * std::fabs(b[i])) << what << " at step " << i + 1;
 }
 
 // s as one single-quoted sh word.

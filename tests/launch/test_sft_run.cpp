@@ -145,15 +145,9 @@ class SftRun : public ::testing::Test {
     SftConfig t = c;
     t.output_dir = (root_ / (name + "_two")).string();
     Metrics two = train_in_threads(t, 2);
-    auto same = [&](const std::vector<double>& a, const std::vector<double>& b, const char* what) {
-      ASSERT_EQ(a.size(), b.size()) << name << " " << what;
-      ASSERT_FALSE(a.empty()) << name << " " << what;
-      for (size_t i = 0; i < a.size(); ++i)
-        EXPECT_NEAR(a[i], b[i], rtol * std::abs(b[i])) << name << " " << what << " " << i;
-    };
-    same(two.train_loss, one.train_loss, "loss");
-    same(two.grad_norm, one.grad_norm, "grad_norm");
-    same(two.eval_loss, one.eval_loss, "eval loss");
+    test_util::expect_same_curve(two.train_loss, one.train_loss, rtol, name + " loss");
+    test_util::expect_same_curve(two.grad_norm, one.grad_norm, rtol, name + " grad_norm");
+    test_util::expect_same_curve(two.eval_loss, one.eval_loss, rtol, name + " eval loss");
     // It trains (on the CPU; the GPU runs are held to the CPU-verified one-rank curve instead).
     if (c.device == "cpu") EXPECT_LT(two.train_loss.back(), two.train_loss.front()) << name;
     if (!checkpoint_support()) return;
@@ -170,7 +164,7 @@ class SftRun : public ::testing::Test {
     r.output_dir = resumed.string();
     r.resume = true;
     Metrics res = train_in_threads(r, 1);
-    same(res.train_loss, one.train_loss, "resumed loss");
+    test_util::expect_same_curve(res.train_loss, one.train_loss, rtol, name + " resumed loss");
   }
 
   // An uninterrupted run, and one SIGKILLed at a random step then resumed; same curves.

@@ -30,16 +30,9 @@ namespace {
 namespace fs = std::filesystem;
 using testing::world;
 
+using test_util::expect_same_curve;
 using test_util::Metrics;
 using test_util::read_metrics;
-
-void expect_same_curve(const std::vector<double>& a, const std::vector<double>& b, double rtol,
-                       const std::string& what) {
-  ASSERT_EQ(a.size(), b.size()) << what;
-  ASSERT_FALSE(a.empty()) << what;
-  for (size_t i = 0; i < a.size(); ++i)
-    EXPECT_NEAR(a[i], b[i], rtol * std::fabs(b[i])) << what << " at step " << i + 1;
-}
 
 class DpSft : public ::testing::Test {
  protected:
