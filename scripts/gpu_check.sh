@@ -7,7 +7,10 @@
 #   scripts/gpu_check.sh run         # on the GPU machine: unpack, run the tests and benchmarks,
 #                                    # logs under $OUT (default ./out), a short table last
 #
-# The device tool call (docs/gpu.md):  run(command="scripts/gpu_check.sh run", carry=["gpu_bundle"])
+# The device tool call (docs/gpu.md):
+#   run(command="scripts/gpu_check.sh run", carry=["gpu_bundle"], timeout_s=600)
+# It runs against one deadline (GPU_CHECK_BUDGET, 540 s), the most important steps first; the
+# report names the steps cut and the call that runs them (GPU_CHECK_STEPS=...).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -46,6 +49,91 @@ bundle() {
   du -sh gpu_bundle/bundle.tar.xz
 }
 
+# ---- the run's steps, most important first (run() calls them in GPU_CHECK_STEPS order) ----------
+kReserve=10          # seconds kept for the report after the last step
+declare -A rc        # step -> the first non-zero exit status of its commands ("skipped": no time)
+declare -A cut       # step -> 1 when some of its commands were not started (no time left)
+# min(CAP, the seconds left before the deadline less the report's reserve)
+tmo() { local left=$((deadline - SECONDS - kReserve)); if [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi; }
+# go CAP STEP CMD...: CMD under timeout (CAP or what is left); not started with under 20 s left.
+go() {
+  local cap step=$2
+  cap=$(tmo "$1")
+  shift 2
+  if [ "$cap" -lt 20 ]; then
+    echo "gpu_check: no time left for: ${*##*/}" >&2
+    rc[$step]=${rc[$step]:-skipped}
+    cut[$step]=1
+    return 124
+  fi
+  timeout "$cap" "$@"
+  local r=$?
+  if [ "$r" != 0 ] && [ "${rc[$step]:-0}" = 0 ]; then rc[$step]=$r; fi
+  return $r
+}
+# Every CUDA kernel against its CPU twin (~1 min on the H200 in session 3, 182 tests then).
+step_test_cuda() { go 240 test_cuda "$bld/tests/test_cuda" >> "$OUT/test_cuda.log" 2>&1; }
+# The trainer on the GPU: the GPU-vs-CPU run tests, f16 loss scaling, `ftune generate` on the GPU,
+# the model-level GPU tests (batched q/k/v LoRA vs the CPU), then the quickstart recipe in bf16.
+step_trainer() {
+  local multi='SftRun.GpuTensorParallel*:SftRun.GpuDataParallel*'
+  go 150 trainer "$bld/tests/test_launch" --gtest_filter="SftRun.Gpu*:LossScaleRun.F16*:Cli.Gpu*:-$multi" > "$OUT/test_trainer.log" 2>&1
+  go 60 trainer "$bld/tests/test_models" --gtest_filter='*Gpu*' >> "$OUT/test_trainer.log" 2>&1
+  go 120 trainer "$bld/ftune" run recipes/quickstart_lora.yaml device=cuda dtype=bf16 \
+    output_dir=/tmp/ftune_qs_gpu > "$OUT/quickstart_gpu.log" 2>&1
+}
+# Every kernel benchmark (bench_gpu.md is rewritten after each family: a timeout keeps the rows).
+step_bench_gpu() { go 240 bench_gpu "$bld/bench/bench_gpu" --out "$OUT/bench_gpu.md" > "$OUT/bench_gpu.log" 2>&1; }
+# The torch references of bench_gpu's attention and LoRA rows (SDPA flash / cuDNN; the PyTorch
+# LoRA composition under autograd).
+step_torch_ref() {
+  local py
+  for py in "$B"/torch_*.py; do
+    [ -e "$py" ] || continue
+    PYTHONUNBUFFERED=1 go 120 torch_ref python3 "$py" >> "$OUT/torch_ref.log" 2>&1
+  done
+}
+# End to end (issue 7): one SFT step of a ~0.5B Llama-style model (Qwen2.5-0.5B's shapes: d 896,
+# 24 layers, 14 heads of 64, 2 kv heads, ffn 4864, vocab 151936 tied) at seq 2048, bf16, ftune
+# vs transformers + peft on the same shapes: LoRA, then full. ftune's runs also take 2 (+2)
+# steps under the op-level profiler after their timed ones (bench_sft --profile): the tables go
+# to e2e.log (stderr), "== profile: ..." first.
+kShape="--layers 24 --d 896 --heads 14 --kv-heads 2 --ffn 4864 --vocab 151936 --seq 2048 --batch 4 --steps 4 --warmup 2 --device cuda --dtype bf16"
+e2e_pair() {  # STEP MODE [PROFILE]: ftune, then the peer, with the same shape and mode
+  local step=$1 mode=$2 prof=${3:-}
+  # shellcheck disable=SC2086
+  go 150 "$step" "$bld/bench/bench_sft" $kShape $mode $prof >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft $mode failed: $?" >> "$OUT/e2e.log"
+  # shellcheck disable=SC2086
+  PYTHONUNBUFFERED=1 go 150 "$step" python3 bench/sft/peft_step.py $kShape $mode >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "peft_step $mode failed: $?" >> "$OUT/e2e.log"
+}
+step_e2e() {
+  e2e_pair e2e "--lora-r 16" "--profile 2"
+  e2e_pair e2e "--lora-r 0" "--profile 2"
+}
+# Two ranks as threads sharing the GPU (tp 2, dp 2 + ZeRO-1): apart, so a hang costs only them.
+step_multi_rank() {
+  go 120 multi_rank "$bld/tests/test_launch" --gtest_filter='SftRun.GpuTensorParallel*:SftRun.GpuDataParallel*' >> "$OUT/test_trainer.log" 2>&1
+}
+# The A/B rows that decide defaults, no profile: full with cuDNN's attention (attention.backend:
+# cudnn); full with the loss through linear then cross_entropy (--chunked-loss 0: the whole
+# logits); full with the GEMMs autotuned (gemm_autotune); LoRA without the batched q/k/v
+# projection (FTUNE_FUSED_QKV=0); LoRA with dropout 0.05 (a common recipe setting): ftune, the
+# peer, and ftune's unfused path (FTUNE_LORA_FUSED=0); full with activation checkpointing, and
+# its peer.
+step_e2e_ab() {
+  local ab drop="--lora-r 16 --lora-dropout 0.05"
+  for ab in "--lora-r 0 --attention cudnn" "--lora-r 0 --chunked-loss 0" "--lora-r 0 --gemm-autotune 1"; do
+    # shellcheck disable=SC2086
+    go 150 e2e_ab "$bld/bench/bench_sft" $kShape $ab >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft $ab failed: $?" >> "$OUT/e2e.log"
+  done
+  # shellcheck disable=SC2086
+  go 150 e2e_ab env FTUNE_FUSED_QKV=0 "$bld/bench/bench_sft" $kShape --lora-r 16 >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft --lora-r 16 FTUNE_FUSED_QKV=0 failed: $?" >> "$OUT/e2e.log"
+  e2e_pair e2e_ab "$drop"
+  # shellcheck disable=SC2086
+  go 150 e2e_ab env FTUNE_LORA_FUSED=0 "$bld/bench/bench_sft" $kShape $drop >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft $drop FTUNE_LORA_FUSED=0 failed: $?" >> "$OUT/e2e.log"
+  e2e_pair e2e_ab "--lora-r 0 --ckpt 1"
+}
+
 run() {
   OUT="${OUT:-$ROOT/out}"
   mkdir -p "$OUT"
@@ -61,82 +149,46 @@ run() {
   export OMP_NUM_THREADS=8 OMP_WAIT_POLICY=passive
   # The absolute paths the tests were built with: the source dir (fixtures, recipes, assets) is
   # this checkout, the build dir gets the binaries.
-  local src bld
+  local src
   src=$(cat "$B/SRCDIR"); bld=$(cat "$B/BUILDDIR")
   if [ "$src" != "$ROOT" ] && [ ! -e "$src" ]; then mkdir -p "$(dirname "$src")" && ln -s "$ROOT" "$src"; fi
   if [ ! -e "$bld" ]; then mkdir -p "$bld"; fi
   cp -r "$B/bin/." "$bld/"
-  # At most 8 files come back from $OUT: test_cuda.log (environment first), test_trainer.log,
-  # quickstart_gpu.log, bench_gpu.md, bench_gpu.log, torch_ref.log, e2e.jsonl, e2e.log (which
-  # also holds bench_sft's op-profile tables).
+  # At most 8 files come back from $OUT: test_cuda.log (environment first, each step's seconds
+  # last), test_trainer.log, quickstart_gpu.log, bench_gpu.md, bench_gpu.log, torch_ref.log,
+  # e2e.jsonl, e2e.log (which also holds bench_sft's op-profile tables).
   {
     echo "commit $(cat $B/COMMIT 2>/dev/null) on $(hostname), $(date -u)"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1
     ldd "$B/bin/tests/test_cuda" "$B/bin/ftune" | grep -E "cublas|cudnn|not found" || true
   } > "$OUT/test_cuda.log"
   head -3 "$OUT/test_cuda.log"
-  # GPU_CHECK_PART: all (default), core (tests, trainer, bench_gpu, torch reference: what
-  # GPU_CHECK_E2E=0 runs) or e2e (the end-to-end steps only). The whole check can run past one
-  # device call's 10 minutes; core then e2e, each in its own call, fits.
-  local part="${GPU_CHECK_PART:-all}"
-  [ "${GPU_CHECK_E2E:-1}" = 1 ] || part=core
-  local t0=$SECONDS trc=0 lrc=0 qrc=0 brc=0 prc=0 t1 t15 t2 t3
-  if [ "$part" != e2e ]; then
-  timeout 240 "$bld/tests/test_cuda" >> "$OUT/test_cuda.log" 2>&1
-  trc=$?
-  t1=$SECONDS
-  # The trainer on the GPU: the GPU-vs-CPU run test, then the quickstart recipe in bf16.
-  local multi='SftRun.GpuTensorParallel*:SftRun.GpuDataParallel*'
-  timeout 150 "$bld/tests/test_launch" --gtest_filter="SftRun.Gpu*:LossScaleRun.F16*:Cli.Gpu*:-$multi" > "$OUT/test_trainer.log" 2>&1
-  lrc=$?
-  # Two ranks as threads sharing the GPU (tp 2, dp 2 + ZeRO-1): apart, so a hang costs only them.
-  timeout 120 "$bld/tests/test_launch" --gtest_filter="$multi" >> "$OUT/test_trainer.log" 2>&1 || lrc=$?
-  # Model-level GPU tests (batched q/k/v LoRA on the GPU vs the CPU), in the same log.
-  timeout 60 "$bld/tests/test_models" --gtest_filter='*Gpu*' >> "$OUT/test_trainer.log" 2>&1 || lrc=$?
-  (cd "$ROOT" && timeout 120 "$bld/ftune" run recipes/quickstart_lora.yaml device=cuda dtype=bf16 \
-      output_dir=/tmp/ftune_qs_gpu > "$OUT/quickstart_gpu.log" 2>&1)
-  qrc=$?
-  t15=$SECONDS
-  timeout 240 "$bld/bench/bench_gpu" --out "$OUT/bench_gpu.md" > "$OUT/bench_gpu.log" 2>&1
-  brc=$?
-  t2=$SECONDS
-  for py in "$B"/*.py; do
-    [ -e "$py" ] || continue
-    PYTHONUNBUFFERED=1 timeout 120 python3 "$py" >> "$OUT/torch_ref.log" 2>&1 || prc=$?
-  done
-  fi
-  t1=${t1:-$t0}; t15=${t15:-$t0}; t2=${t2:-$t0}
-  t3=$SECONDS
-  # End to end (issue 7): one SFT step of a ~0.5B Llama-style model (Qwen2.5-0.5B's shapes: d 896,
-  # 24 layers, 14 heads of 64, 2 kv heads, ffn 4864, vocab 151936 tied) at seq 2048, bf16, LoRA
-  # and full, ftune vs transformers + peft on the same shapes. GPU_CHECK_E2E=0 skips it.
-  # LoRA and full (no ckpt) also run 2 (+2) steps under the op-level profiler after their timed
-  # steps (bench_sft --profile): the tables go to e2e.log (stderr), "== profile: ..." first.
-  if [ "$part" != core ]; then
-    local shape="--layers 24 --d 896 --heads 14 --kv-heads 2 --ffn 4864 --vocab 151936 --seq 2048 --batch 4 --steps 4 --warmup 2 --device cuda --dtype bf16"
-    local prof
-    for mode in "--lora-r 16" "--lora-r 0" "--lora-r 0 --ckpt 1"; do
-      case "$mode" in *ckpt*) prof="" ;; *) prof="--profile 2" ;; esac
-      timeout 150 "$bld/bench/bench_sft" $shape $mode $prof >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft $mode failed: $?" >> "$OUT/e2e.log"
-      (cd "$ROOT" && PYTHONUNBUFFERED=1 timeout 150 python3 bench/sft/peft_step.py $shape $mode >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log") || echo "peft_step $mode failed: $?" >> "$OUT/e2e.log"
-    done
-    # A/B rows, no profile: full with cuDNN's attention (attention.backend: cudnn); full with the
-    # loss through linear then cross_entropy (--chunked-loss 0: the whole logits); full with the
-    # GEMMs autotuned (gemm_autotune); LoRA without the batched q/k/v projection
-    # (FTUNE_FUSED_QKV=0). They decide those defaults.
-    for ab in "--lora-r 0 --attention cudnn" "--lora-r 0 --chunked-loss 0" "--lora-r 0 --gemm-autotune 1"; do
-      timeout 150 "$bld/bench/bench_sft" $shape $ab >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft $ab failed: $?" >> "$OUT/e2e.log"
-    done
-    FTUNE_FUSED_QKV=0 timeout 150 "$bld/bench/bench_sft" $shape --lora-r 16 >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft --lora-r 16 FTUNE_FUSED_QKV=0 failed: $?" >> "$OUT/e2e.log"
-    # LoRA with dropout 0.05 (a common recipe setting): ftune (the fused low-rank kernels), the
-    # peer with the same dropout, and ftune's unfused path (FTUNE_LORA_FUSED=0) as the A/B.
-    local drop="--lora-r 16 --lora-dropout 0.05"
-    timeout 150 "$bld/bench/bench_sft" $shape $drop >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft $drop failed: $?" >> "$OUT/e2e.log"
-    (cd "$ROOT" && PYTHONUNBUFFERED=1 timeout 150 python3 bench/sft/peft_step.py $shape $drop >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log") || echo "peft_step $drop failed: $?" >> "$OUT/e2e.log"
-    FTUNE_LORA_FUSED=0 timeout 150 "$bld/bench/bench_sft" $shape $drop >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft $drop FTUNE_LORA_FUSED=0 failed: $?" >> "$OUT/e2e.log"
-  fi
-  local t4=$SECONDS
 
+  # A lent machine gives a session 15 minutes of device time, its start included, so the check
+  # runs against one deadline (GPU_CHECK_BUDGET seconds, default 540: one call of at most 600 s)
+  # and its steps go most important first. Each command's timeout is its own cap or what is
+  # left, whichever is less; a step that would get under 20 s is not started, and the report
+  # names the steps left over with the call that runs them (GPU_CHECK_STEPS: a comma list).
+  local all_steps="test_cuda,trainer,bench_gpu,torch_ref,e2e,multi_rank,e2e_ab"
+  local steps="${GPU_CHECK_STEPS:-$all_steps}"
+  case "${GPU_CHECK_PART:-}" in  # the older split, kept for the commands in old notes
+    core) steps="test_cuda,trainer,bench_gpu,torch_ref,multi_rank" ;;
+    e2e) steps="e2e,e2e_ab" ;;
+  esac
+  [ "${GPU_CHECK_E2E:-1}" = 1 ] || steps=$(echo "$steps" | tr ',' '\n' | grep -v '^e2e' | paste -sd,)
+  deadline=$((SECONDS + ${GPU_CHECK_BUDGET:-540}))
+  left_over=""
+  : > "$B/steps"
+  local st
+  for st in ${steps//,/ }; do
+    case ",$all_steps," in *",$st,"*) ;; *) echo "gpu_check: unknown step '$st' (steps: $all_steps)" | tee -a "$B/steps"; continue ;; esac
+    if [ $((deadline - SECONDS - kReserve)) -lt 20 ]; then left_over="$left_over,$st"; continue; fi
+    local t=$SECONDS
+    "step_$st"
+    printf "| %s | %s | %s |\n" "$st" "${rc[$st]:-0}" $((SECONDS - t)) >> "$B/steps"
+    if [ -n "${cut[$st]:-}" ]; then left_over="$left_over,$st"; fi  # cut short: again, whole
+  done
+  left_over=${left_over#,}
   # The report: short, the most important last (the device tool returns the output's tail).
   echo
   echo "== torch reference (torch_ref.log, tail) =="
@@ -182,14 +234,16 @@ PY
   pass=$(grep -c "^\[       OK \]" "$OUT/test_cuda.log")
   fail=$(grep -E "^\[  FAILED  \] [A-Za-z]" "$OUT/test_cuda.log" | grep -c " ms)")
   skip=$(grep -c "^\[  SKIPPED \] .* ms)" "$OUT/test_cuda.log")
-  printf "| step | rc | seconds | result |\n|---|---|---|---|\n"
-  printf "| test_cuda | %s | %s | %s passed, %s failed, %s skipped |\n" "$trc" $((t1 - t0)) "$pass" "$fail" "$skip"
-  printf "| trainer test | %s | | %s |\n" "$lrc" "$(grep -c '^\[       OK \]' "$OUT/test_trainer.log" 2>/dev/null) ok"
-  printf "| quickstart bf16 | %s | %s | %s |\n" "$qrc" $((t15 - t1)) "$(grep -E '^epoch' "$OUT/quickstart_gpu.log" 2>/dev/null | tail -1 | cut -c1-60)"
-  printf "| bench_gpu | %s | %s | %s rows |\n" "$brc" $((t2 - t15)) "$(grep -c '^| [a-z]' "$OUT/bench_gpu.md" 2>/dev/null)"
-  printf "| torch ref | %s | %s | |\n" "$prc" $((t3 - t2))
-  printf "| e2e sft | | %s | %s rows |\n" $((t4 - t3)) "$(grep -c ms_per_step "$OUT/e2e.jsonl" 2>/dev/null)"
-  [ "$trc" = 0 ] && [ "$brc" = 0 ] && [ "$lrc" = 0 ]
+  echo "test_cuda: $pass passed, $fail failed, $skip skipped"
+  echo "trainer tests: $(grep -c '^\[       OK \]' "$OUT/test_trainer.log" 2>/dev/null) ok, $(grep -E "^\[  FAILED  \] [A-Za-z]" "$OUT/test_trainer.log" 2>/dev/null | grep -c " ms)") failed"
+  echo "quickstart bf16: $(grep -E '^epoch' "$OUT/quickstart_gpu.log" 2>/dev/null | tail -1 | cut -c1-90)"
+  echo "bench_gpu: $(grep -c '^| [a-z]' "$OUT/bench_gpu.md" 2>/dev/null) rows; e2e: $(grep -c ms_per_step "$OUT/e2e.jsonl" 2>/dev/null) rows"
+  { echo; echo "== steps (gpu_check.sh, budget ${GPU_CHECK_BUDGET:-540} s) =="; printf "| step | rc | seconds |\n|---|---|---|\n"; cat "$B/steps"; } | tee -a "$OUT/test_cuda.log"
+  if [ -n "$left_over" ]; then
+    echo "NOT RUN (no time left): $left_over"
+    echo "next call: run(command=\"GPU_CHECK_STEPS=$left_over scripts/gpu_check.sh run\", carry=[\"gpu_bundle\"])"
+  fi
+  [ "${rc[test_cuda]:-0}" = 0 ] && [ "${rc[trainer]:-0}" = 0 ] && [ "${rc[bench_gpu]:-0}" = 0 ] && [ "${rc[multi_rank]:-0}" = 0 ]
 }
 
 case "$mode" in

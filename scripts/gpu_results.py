@@ -66,12 +66,19 @@ def main():
              (passed, len(failed), (": " + ", ".join(failed)) if failed else ""))
     tok = len(re.findall(r"^\[       OK \]", tt, re.M))
     tfail = re.findall(r"^\[  FAILED  \] (\S+) \(", tt, re.M)
-    o.append("- GPU trainer test `SftRun.GpuRunMatchesTheCpuRun`: %s." % ("passed" if tok and not tfail else "FAILED"))
+    o.append("- GPU trainer, model and CLI tests (`test_launch`, `test_models`: SftRun.Gpu*, "
+             "LossScaleRun.F16*, Cli.Gpu*, *Gpu*): %d passed, %d failed%s." %
+             (tok, len(tfail), (": " + ", ".join(sorted(set(tfail)))) if tfail else ""))
     m = re.findall(r"eval loss: .*", qs)
     last = [l for l in qs.splitlines() if l.startswith("epoch")]
     if m:
         o.append("- `ftune run recipes/quickstart_lora.yaml device=cuda dtype=bf16`: %s; last step: `%s`." %
                  (m[-1], last[-1] if last else ""))
+    steps = [l for d0 in d for l in read([d0], "test_cuda.log").splitlines()
+             if re.match(r"\| [a-z_0-9]+ \| [^|]+ \| \d+ \|$", l)]
+    if steps:
+        o.append("- The check's steps (`gpu_check.sh`; step, exit status, seconds): " +
+                 ", ".join("%s %s %ss" % tuple(c.strip() for c in l.strip("|").split("|")) for l in steps) + ".")
     o.append("")
     # End to end.
     e2e = []
