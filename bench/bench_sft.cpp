@@ -262,6 +262,7 @@ int main(int argc, char** argv) {
                           {"lora_r", lora_r},
                           {"lora_dropout", lora_dropout},
                           {"lora_fused", std::getenv("FTUNE_LORA_FUSED") ? std::getenv("FTUNE_LORA_FUSED") : "auto"},
+                          {"attn_wgmma", std::getenv("FTUNE_ATTN_WGMMA") ? std::getenv("FTUNE_ATTN_WGMMA") : "auto"},
                           {"trainable", n_train},
                           {"seq", seq},
                           {"batch", batch},

@@ -16,7 +16,7 @@ target_link_libraries(ftune_blas INTERFACE ${FTUNE_OPENBLAS_LIB})
 target_include_directories(ftune_blas INTERFACE ${FTUNE_CBLAS_INCLUDE})
 
 if(FTUNE_CUDA)
-  # sm_90 (H100/H200) by default; -DFTUNE_CUDA_ARCHS="80;90" or CMAKE_CUDA_ARCHITECTURES override.
+  # sm_90a (H100/H200) by default; -DFTUNE_CUDA_ARCHS="80;90a" or CMAKE_CUDA_ARCHITECTURES override.
   if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
     set(CMAKE_CUDA_ARCHITECTURES ${FTUNE_CUDA_ARCHS})
   endif()

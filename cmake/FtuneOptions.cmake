@@ -13,7 +13,9 @@ option(FTUNE_HDF5 "Build HDF5 checkpoints" ON)
 option(FTUNE_BUILD_TESTS "Build the tests" ON)
 option(FTUNE_BUILD_BENCH "Build the benchmarks" ON)
 option(FTUNE_NATIVE "Tune CPU code for this machine (-march=native)" OFF)
-set(FTUNE_CUDA_ARCHS "90" CACHE STRING "CUDA architectures (CMAKE_CUDA_ARCHITECTURES list), e.g. 80;90")
+# 90a: the H100/H200 with Hopper's arch-specific instructions (wgmma), which the plain 90 target
+# cannot assemble; the same machines run it. Other GPUs: add theirs, e.g. "80;90a".
+set(FTUNE_CUDA_ARCHS "90a" CACHE STRING "CUDA architectures (CMAKE_CUDA_ARCHITECTURES list), e.g. 80;90a")
 
 # ccache when present: a 2-core machine rebuilds a lot.
 find_program(FTUNE_CCACHE ccache)

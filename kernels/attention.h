@@ -79,6 +79,15 @@ void attention_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, D
 // sequence has at least 1024 queries). Same results either way.
 void set_attention_fwd_row_blocks(int n);
 
+// Benchmark / test hook: the forward on Hopper's warpgroup MMAs (wgmma) instead of mma.sync, for
+// bf16/f16 at head_dim 64 and 128 (the same row blocks per CTA as above). -1 (the default): as
+// the environment variable FTUNE_ATTN_WGMMA says ("1": on; unset: off, until a GPU run has
+// measured it); 0 off; 1 on. Taken only where attention_fwd_wgmma_available(): a build with
+// sm_90a in its CUDA architectures (the default) and a compute capability 9.0 GPU (H100/H200).
+// Same results up to the f32 summation order inside the MMAs. Process-wide, not thread-safe.
+void set_attention_fwd_wgmma(int v);
+bool attention_fwd_wgmma_available();
+
 // Benchmark hook: the tensor-core backward's variant. -1 (the default): 1 at head_dim 64, 4 at
 // head_dim 128 (the fastest measured on an H200). 0: as described above.
 // 1: more resident CTAs per SM (dK/dV at head_dim 64 capped at 168 registers; dQ at head_dim 128

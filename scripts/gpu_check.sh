@@ -22,7 +22,7 @@ bundle() {
   local build="${FTUNE_GPU_BUILD:-build}"
   if [ ! -f "$build/CMakeCache.txt" ]; then
     scripts/setup_deps.sh
-    cmake -S . -B "$build" -G Ninja -DFTUNE_CUDA=ON -DFTUNE_CUDA_ARCHS=90 -DFTUNE_BUILD_BENCH=ON
+    cmake -S . -B "$build" -G Ninja -DFTUNE_CUDA=ON -DFTUNE_CUDA_ARCHS=90a -DFTUNE_BUILD_BENCH=ON
   fi
   grep -q '^FTUNE_CUDA:BOOL=ON' "$build/CMakeCache.txt" || { echo "gpu_check: $build is not a CUDA build" >&2; exit 1; }
   cmake --build "$build" -j"$FTUNE_JOBS" --target test_cuda bench_gpu ftune test_launch bench_sft test_models
@@ -72,7 +72,12 @@ go() {
   return $r
 }
 # Every CUDA kernel against its CPU twin (~1 min on the H200 in session 3, 182 tests then).
-step_test_cuda() { go 240 test_cuda "$bld/tests/test_cuda" >> "$OUT/test_cuda.log" 2>&1; }
+# The wgmma forward (never run on a GPU before) in a process of its own: a faulting kernel takes
+# its process's CUDA context with it, and no other test.
+step_test_cuda() {
+  go 240 test_cuda "$bld/tests/test_cuda" --gtest_filter='-CudaAttentionWgmma.*' >> "$OUT/test_cuda.log" 2>&1
+  go 60 test_cuda "$bld/tests/test_cuda" --gtest_filter='CudaAttentionWgmma.*' >> "$OUT/test_cuda.log" 2>&1
+}
 # The trainer on the GPU: the GPU-vs-CPU run tests, f16 loss scaling, `ftune generate` on the GPU,
 # the model-level GPU tests (batched q/k/v LoRA vs the CPU), then the quickstart recipe in bf16.
 step_trainer() {
@@ -114,7 +119,8 @@ step_e2e() {
 step_multi_rank() {
   go 120 multi_rank "$bld/tests/test_launch" --gtest_filter='SftRun.GpuTensorParallel*:SftRun.GpuDataParallel*' >> "$OUT/test_trainer.log" 2>&1
 }
-# The A/B rows that decide defaults, no profile: full with cuDNN's attention (attention.backend:
+# The A/B rows that decide defaults, no profile: full with the wgmma attention forward
+# (FTUNE_ATTN_WGMMA=1); full with cuDNN's attention (attention.backend:
 # cudnn); full with the loss through linear then cross_entropy (--chunked-loss 0: the whole
 # logits); full with the GEMMs autotuned (gemm_autotune); LoRA without the batched q/k/v
 # projection (FTUNE_FUSED_QKV=0); LoRA with dropout 0.05 (a common recipe setting): ftune, the
@@ -122,6 +128,8 @@ step_multi_rank() {
 # its peer.
 step_e2e_ab() {
   local ab drop="--lora-r 16 --lora-dropout 0.05"
+  # shellcheck disable=SC2086
+  go 150 e2e_ab env FTUNE_ATTN_WGMMA=1 "$bld/bench/bench_sft" $kShape --lora-r 0 >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft --lora-r 0 FTUNE_ATTN_WGMMA=1 failed: $?" >> "$OUT/e2e.log"
   for ab in "--lora-r 0 --attention cudnn" "--lora-r 0 --chunked-loss 0" "--lora-r 0 --gemm-autotune 1"; do
     # shellcheck disable=SC2086
     go 150 e2e_ab "$bld/bench/bench_sft" $kShape $ab >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft $ab failed: $?" >> "$OUT/e2e.log"
@@ -213,6 +221,7 @@ for line in open(sys.argv[1]):
     impl += ' (whole logits)' if j.get('chunked_loss') is False else ''
     impl += ' (dropout %g)' % j['lora_dropout'] if j.get('lora_dropout') else ''
     impl += ' (FTUNE_LORA_FUSED=%s)' % j['lora_fused'] if j.get('lora_fused', 'auto') != 'auto' else ''
+    impl += ' (FTUNE_ATTN_WGMMA=%s)' % j['attn_wgmma'] if j.get('attn_wgmma', 'auto') != 'auto' else ''
     print(f"| {impl} | {j['mode']} | {j.get('activation_checkpointing')} | {j['ms_per_step']:.1f} | "
           f"{j['tokens_per_s']:.0f} | {(j.get('mfu_vs_989tflops') or 0) * 100:.1f}% | {j.get('peak_gpu_mib') or 0:.0f} |")
 PY

@@ -105,7 +105,8 @@ def main():
                  + (" (whole logits)" if j.get("chunked_loss") is False else "")
                  + (" (GEMMs autotuned)" if j.get("gemm_autotune") is True else "")
                  + (" (dropout %g)" % j["lora_dropout"] if j.get("lora_dropout") else "")
-                 + (" (FTUNE_LORA_FUSED=%s)" % j["lora_fused"] if j.get("lora_fused", "auto") != "auto" else "")): j
+                 + (" (FTUNE_LORA_FUSED=%s)" % j["lora_fused"] if j.get("lora_fused", "auto") != "auto" else "")
+                 + (" (wgmma forward)" if j.get("attn_wgmma", "auto") == "1" else "")): j
                 for j in e2e if "impl" not in j}
         peer = {(j["mode"], bool(j.get("activation_checkpointing")), j.get("lora_dropout") or 0): j
                 for j in e2e if "impl" in j}
@@ -152,6 +153,19 @@ def main():
             ratio = "%.2fx" % (float(fb[4]) / t[1]) if fb else ""
             o.append("| %s | %s | %s | %d | %d | %d | %d | %s |" % (shape, fwd, fbs, t[0], t[1], t[2], t[3], ratio))
         o.append("")
+        if any(n.endswith(" wgmma") for n in rows):
+            o.append("The forward on warpgroup MMAs (`FTUNE_ATTN_WGMMA=1`, `attention_wgmma` rows; TFLOP/s):")
+            o.append("")
+            o.append("| shape | mma.sync fwd bm64 / bm128 | wgmma fwd bm64 / bm128 | wgmma fwd+bwd | torch flash fwd | cuDNN fwd | wgmma fwd+bwd vs flash |")
+            o.append("|---|---|---|---|---|---|---|")
+            for shape, t in tt_rows.items():
+                cell = lambda name: rows[name][4] if name in rows else ""
+                w1, w2 = cell("attn_fwd bf16 " + shape + " wgmma"), cell("attn_fwd bf16 " + shape + " wgmma bm128")
+                wb = cell("attn_fwd+bwd bf16 " + shape + " wgmma")
+                o.append("| %s | %s / %s | %s / %s | %s | %d | %d | %s |" % (
+                    shape, cell("attn_fwd bf16 " + shape), cell("attn_fwd bf16 " + shape + " bm128"), w1, w2,
+                    wb, t[0], t[2], "%.2fx" % (float(wb) / t[1]) if wb else ""))
+            o.append("")
     # LoRA.
     tl = dict(re.findall(r"\| (lora_linear [^|]+?|base GEMM [^|]+?) \| ([\d.]+) \|", tref))
     lr = [r for n, r in rows.items() if n.startswith("lora_linear")]

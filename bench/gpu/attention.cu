@@ -253,3 +253,64 @@ FTUNE_GPU_BENCH(attention) {
     for (void* ptr : {q, k, v, o, static_cast<void*>(lse)}) bench::free_device(ptr);
   }
 }
+
+// The forward on Hopper's warpgroup MMAs (set_attention_fwd_wgmma), beside the rows above: the
+// forward with 64- and 128-row CTAs, and forward + backward (the default backward) with it. A
+// family of its own, run after every other (bench/gpu/main.cu), so a fault in it costs no other
+// rows. Skipped where attention_fwd_wgmma_available() is false.
+FTUNE_GPU_BENCH(attention_wgmma) {
+  using namespace ftune;
+  if (!kernels::cuda::attention_fwd_wgmma_available()) return;
+  const int64_t tokens = 16384;
+  for (int64_t D : {64, 128}) {
+    const int64_t H = 2048 / D;
+    for (int64_t N : {512, 1024, 2048, 4096, 8192}) {
+      const int64_t B = tokens / N, n = B * N * H * D;
+      void* q = bench::random_device(2, n, 1, 1.f, 1);
+      void* k = bench::random_device(2, n, 1, 1.f, 2);
+      void* v = bench::random_device(2, n, 1, 1.f, 3);
+      void* go = bench::random_device(2, n, 1, 1.f, 4);
+      void* o = bench::random_device(2, n, 1, 1.f, 5);
+      void* dq = bench::random_device(2, n, 1, 1.f, 6);
+      void* dk = bench::random_device(2, n, 1, 1.f, 7);
+      void* dv = bench::random_device(2, n, 1, 1.f, 8);
+      float* lse = static_cast<float*>(bench::random_device(4, H * B * N, 0, 1.f, 9));
+      for (bool causal : {false, true}) {
+        AttnParams p;
+        p.num_heads = p.num_kv_heads = H;
+        p.head_dim = D;
+        p.nq = p.nk = B * N;
+        p.scale = 1.0 / std::sqrt(double(D));
+        p.causal = causal;
+        const auto seqs = batch(B, N, N);
+        const double fwd_flops = 4.0 * B * H * N * N * D * (causal ? 0.5 : 1.0);
+        auto fwd = [&] { kernels::cuda::attention_forward(p, seqs, DType::bf16, q, k, v, o, lse); };
+        auto bwd = [&] {
+          kernels::cuda::attention_backward(p, seqs, DType::bf16, q, k, v, o, lse, go, dq, dk, dv);
+        };
+        const int reps = N >= 4096 ? 10 : 20;
+        const std::string shape = "bf16 d" + std::to_string(D) + " h" + std::to_string(H) +
+                                  " b" + std::to_string(B) + " n" + std::to_string(N) +
+                                  (causal ? " causal" : "");
+        kernels::cuda::set_attention_fwd_wgmma(1);
+        for (int blocks : {1, 2}) {
+          kernels::cuda::set_attention_fwd_row_blocks(blocks);
+          bench::Row r;
+          r.name = "attn_fwd " + shape + (blocks == 2 ? " wgmma bm128" : " wgmma");
+          r.ms = ctx.time_ms(fwd, 3, reps);
+          r.flops = fwd_flops;
+          ctx.add(r);
+        }
+        kernels::cuda::set_attention_fwd_row_blocks(-1);
+        fwd();
+        bench::Row rb;
+        rb.name = "attn_fwd+bwd " + shape + " wgmma";
+        rb.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, reps);
+        rb.flops = 3.5 * fwd_flops;
+        ctx.add(rb);
+        kernels::cuda::set_attention_fwd_wgmma(-1);
+      }
+      for (void* ptr : {q, k, v, go, o, dq, dk, dv, static_cast<void*>(lse)}) bench::free_device(ptr);
+    }
+  }
+}

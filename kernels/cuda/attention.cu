@@ -20,6 +20,7 @@
 #include "kernels/cuda/mma.cuh"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cmath>
 #include <limits>
 
@@ -871,6 +872,300 @@ __global__ void __launch_bounds__(kFaThreads) fa_fwd_kernel(Args a) {
         a.lse[int64_t(h) * a.nq + tok] =
             li > 0.f ? m[am][i] * 0.6931471805599453f + logf(li) : INFINITY;
     }
+}
+
+// ---- fast path forward on Hopper: warpgroup MMAs (wgmma, sm_90a) -----------------------------------
+//
+// fa_fwd_wgmma_kernel: fa_fwd_kernel's algorithm with its two products as warpgroup MMAs. WG
+// warpgroups of 4 warps, each owning 64 query rows (warp w of a group: rows 16 w .. 16 w + 15,
+// as in fa_fwd_kernel). Per 64-key tile:
+//   S = Q K^T   wgmma m64n64k16 x D/16: A = Q's fragments in registers (ldmatrix once, as the
+//               mma.sync kernel), B = the K tile, read by the tensor cores from shared memory
+//   O += P V    wgmma m64nDk16 x 4: A = P in registers (the S accumulators rounded to T, packed
+//               as fa_fwd_kernel packs them), B = the V tile from shared memory, N-major (.trans)
+// No ldmatrix of K or V and no per-fragment MMA issue: one instruction per 16-deep step of the
+// whole warpgroup. The accumulators of wgmma m64nNk16 are the m16n8 C fragments of each warp
+// (d[4 j + e]: column 8 j + 2 t + (e & 1), row g + 8 (e >> 1)), so the masking, the online
+// softmax and the epilogue are fa_fwd_kernel's.
+//
+// K and V tiles sit in shared memory as 8 x 8 core matrices without swizzle (the layout wgmma's
+// descriptors describe: 8 rows of 16 bytes, 128 contiguous bytes): 16-byte chunk c of key row r at
+// byte (r / 8) * 16 D + c * 128 + (r % 8) * 16. Numbered q = ((r / 8) * (D / 8) + c) * 8 + r % 8,
+// chunk q is at byte 16 q: consecutive threads copy the 8 rows of one core matrix, conflict-free.
+// K as B of S = Q K^T is K-major: LBO (next core matrix along the reduction, D) 128 bytes, SBO
+// (next 8 keys) 16 D. V as B of O = P V is N-major (transposed): LBO (next 8 keys, the reduction)
+// 16 D, SBO (next 8 columns of D) 128 bytes. Q stays in fa_fwd_kernel's padded row layout.
+//
+// Loads and barriers are fa_fwd_kernel's (V_j while S is formed, K_{j+1} while O accumulates),
+// with fence.proxy.async after each thread's cp.async lands: wgmma reads shared memory through
+// the async proxy. Compiled only for sm_90a (-DFTUNE_CUDA_ARCHS=90a, the default); elsewhere the
+// body is empty and the host never launches it (attention_fwd_wgmma_available).
+constexpr int kWgBN = 64;  // keys per tile
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FA_WG_ACC32(d)                                                                        \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),        \
+      "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), \
+      "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),           \
+      "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),           \
+      "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define FA_WG_ACC64(d)                                                                          \
+  FA_WG_ACC32(d), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), \
+      "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),             \
+      "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),             \
+      "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),             \
+      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]),             \
+      "+f"(d[62]), "+f"(d[63])
+#define FA_WG_REGS32                                                        \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define FA_WG_REGS64                                                                       \
+  FA_WG_REGS32                                                                             \
+  ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "    \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+// The operands after N/2 accumulators: A's 4 registers, B's descriptor, the accumulate flag (a
+// predicate: 0 writes A B, 1 adds it) and B's transpose immediate.
+#define FA_WG_TAIL32 "}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+#define FA_WG_TAIL64 "}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
+#define FA_WG_IN : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(acc), "n"(kTransB)
+
+// d = A B + (acc ? d : 0), wgmma m64nNk16 with f32 accumulators, A from registers (each warp's
+// m16n8k16 A fragment of its 16 rows), B from shared memory through desc. N = 64 or 128.
+template <class T, int N, int kTransB>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc,
+                                         int acc) {
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  if constexpr (N == 64 && kBf16) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" FA_WG_REGS32 FA_WG_TAIL32
+                 : FA_WG_ACC32(d) FA_WG_IN);
+  } else if constexpr (N == 64) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {" FA_WG_REGS32 FA_WG_TAIL32
+                 : FA_WG_ACC32(d) FA_WG_IN);
+  } else if constexpr (kBf16) {
+    static_assert(N == 128, "wgmma_rs: N 64 or 128");
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" FA_WG_REGS64 FA_WG_TAIL64
+                 : FA_WG_ACC64(d) FA_WG_IN);
+  } else {
+    static_assert(N == 128, "wgmma_rs: N 64 or 128");
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {" FA_WG_REGS64 FA_WG_TAIL64
+                 : FA_WG_ACC64(d) FA_WG_IN);
+  }
+}
+#undef FA_WG_ACC32
+#undef FA_WG_ACC64
+#undef FA_WG_REGS32
+#undef FA_WG_REGS64
+#undef FA_WG_TAIL32
+#undef FA_WG_TAIL64
+#undef FA_WG_IN
+
+// A shared-memory matrix descriptor without swizzle: start address, LBO and SBO in bytes (each
+// stored >> 4). A descriptor advances by adding (bytes >> 4): the address is its low 14 bits.
+__device__ __forceinline__ uint64_t wgmma_desc(const void* smem, uint32_t lbo, uint32_t sbo) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t((lbo & 0x3FFFF) >> 4) << 16) |
+         (uint64_t((sbo & 0x3FFFF) >> 4) << 32);
+}
+// Orders this warpgroup's register writes before the wgmma that read them (A fragments,
+// accumulators).
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_wait_all() {
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+// This thread's writes to shared memory (landed cp.async) made visible to the async proxy.
+__device__ __forceinline__ void fence_proxy_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// The compiler sees the accumulators written here: no read of them moves above a wait_group,
+// no write below a wgmma issue.
+template <int N>
+__device__ __forceinline__ void reg_fence(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// A 64-key tile into the core-matrix layout above: NT threads, chunk q at byte 16 q; rows >= valid
+// zero.
+template <class T, int D, int NT>
+__device__ __forceinline__ void fa_wg_load_tile(T* sm, const T* g, int64_t ld, int valid,
+                                                const T* any) {
+  constexpr int C = D / 8;
+  static_assert((kWgBN * C) % NT == 0, "tile chunks per thread");
+#pragma unroll
+  for (int j = 0; j < kWgBN * C / NT; ++j) {
+    const int q = int(threadIdx.x) + j * NT;
+    const int r = (q & 7) + (q / (8 * C)) * 8, c = (q >> 3) % C;
+    const bool ok = r < valid;
+    cp_async16(sm + q * 8, ok ? g + int64_t(r) * ld + c * 8 : any, ok ? 16 : 0);
+  }
+}
+// ROWS rows of Q into the padded row layout (stride D + 8) of fa_fwd_kernel, NT threads.
+template <class T, int D, int NT, int ROWS>
+__device__ __forceinline__ void fa_wg_load_rows(T* sm, const T* g, int64_t ld, int valid,
+                                                const T* any) {
+  constexpr int C = D / 8;
+  static_assert((ROWS * C) % NT == 0, "rows' chunks per thread");
+#pragma unroll
+  for (int j = 0; j < ROWS * C / NT; ++j) {
+    const int q = int(threadIdx.x) + j * NT, r = q / C, c = q % C;
+    const bool ok = r < valid;
+    cp_async16(sm + r * kFaLds<D> + c * 8, ok ? g + int64_t(r) * ld + c * 8 : any, ok ? 16 : 0);
+  }
+}
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+template <class T, int D, int WG>
+__global__ void __launch_bounds__(128 * WG, (D == 64 && WG == 2) ? 2 : 1)
+    fa_fwd_wgmma_kernel(Args a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int NT = 128 * WG, LDS = kFaLds<D>, BM = 64 * WG;
+  extern __shared__ __align__(128) unsigned char fa_smem[];
+  T* sK = reinterpret_cast<T*>(fa_smem);  // [64 keys x D], core matrices
+  T* sV = sK + kWgBN * D;                 // [64 keys x D], core matrices
+  T* sQ = sV + kWgBN * D;                 // [BM][LDS]
+  SeqDesc s;
+  int r0;
+  tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, r0);
+  const int h = blockIdx.y, hk = h / (a.H / a.Hkv);
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int wrow = (threadIdx.x >> 5) * 16;  // this warp's first row in the CTA's block
+  const int rows = min(BM, s.len_q - r0), off = s.len_k - s.len_q;
+  const int64_t ldq = int64_t(a.H) * D, ldk = int64_t(a.Hkv) * D;
+  const T* qbase = static_cast<const T*>(a.q);
+  const T* q = qbase + int64_t(s.q_start + r0) * ldq + int64_t(h) * D;
+  const T* k = static_cast<const T*>(a.k) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
+  const T* v = static_cast<const T*>(a.v) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
+  const int col_end = visible_end(s, r0, rows, a.causal);
+  const int ntiles = (col_end + kWgBN - 1) / kWgBN;
+
+  fa_wg_load_rows<T, D, NT, BM>(sQ, q, ldq, rows, qbase);
+  if (ntiles > 0) fa_wg_load_tile<T, D, NT>(sK, k, ldk, min(kWgBN, col_end), qbase);
+  cp_async_commit();
+
+  constexpr uint32_t kGroupBytes = D * 16;  // 8 key rows of a tile
+  const uint64_t k_desc = wgmma_desc(sK, 128, kGroupBytes);
+  const uint64_t v_desc = wgmma_desc(sV, kGroupBytes, 128);
+  const float sl2 = a.scale * 1.4426950408889634f;
+  float o[D / 2];  // o[4 nd + e]: column 8 nd + 2 t + (e & 1) of row g + 8 (e >> 1)
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+  uint32_t qf[D / 16][4];
+  auto row_of = [&](int i) { return r0 + wrow + g + 8 * i; };
+
+  auto step = [&](int jt, auto mask_tag) {
+    constexpr bool kMask = decltype(mask_tag)::value;
+    const int c0 = jt * kWgBN;
+    cp_async_wait_all();
+    fence_proxy_async_smem();
+    __syncthreads();  // K_j (and Q) landed for every thread; V_{j-1} no longer read
+    if (jt == 0) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        ldsm_x4(qf[kk], sQ + (wrow + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+    }
+    fa_wg_load_tile<T, D, NT>(sV, v + int64_t(c0) * ldk, ldk, min(kWgBN, col_end - c0), qbase);
+    cp_async_commit();
+
+    float sc[kWgBN / 2];  // S: sc[4 nb + e], column 8 nb + 2 t + (e & 1), row g + 8 (e >> 1)
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) wgmma_rs<T, kWgBN, 0>(sc, qf[kk], k_desc + 16 * kk, kk);
+    wgmma_commit();
+    wgmma_wait_all();
+    reg_fence(sc);
+
+    if constexpr (kMask) {
+#pragma unroll
+      for (int i = 0; i < kWgBN / 2; ++i) {
+        const int col = c0 + (i >> 2) * 8 + 2 * t + (i & 1);
+        const int row = row_of((i >> 1) & 1);
+        if (col >= s.len_k || (a.causal && col > row + off)) sc[i] = -INFINITY;
+      }
+    }
+    float mu[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nb = 0; nb < kWgBN / 8; ++nb)
+        mx = fmaxf(mx, fmaxf(sc[4 * nb + 2 * i], sc[4 * nb + 2 * i + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float mn = fmaxf(m[i], mx * sl2);
+      mu[i] = mn == -INFINITY ? 0.f : mn;
+      const float alpha = ex2_ftz(m[i] - mu[i]);
+      m[i] = mn;
+      l[i] *= alpha;
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd) {
+        o[4 * nd + 2 * i] *= alpha;
+        o[4 * nd + 2 * i + 1] *= alpha;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kWgBN / 2; ++i) {
+      const float p = ex2_ftz(fmaf(sc[i], sl2, -mu[(i >> 1) & 1]));  // masked: 0
+      sc[i] = p;
+      l[(i >> 1) & 1] += p;
+    }
+
+    cp_async_wait_all();
+    fence_proxy_async_smem();
+    __syncthreads();  // V_j landed; every warpgroup is done with K_j (its S wait returned)
+    if (jt + 1 < ntiles)
+      fa_wg_load_tile<T, D, NT>(sK, k + int64_t(c0 + kWgBN) * ldk, ldk,
+                                min(kWgBN, col_end - c0 - kWgBN), qbase);
+    cp_async_commit();
+    uint32_t pa[kWgBN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kWgBN / 16; ++kk) {
+      pa[kk][0] = pack2<T>(sc[8 * kk], sc[8 * kk + 1]);
+      pa[kk][1] = pack2<T>(sc[8 * kk + 2], sc[8 * kk + 3]);
+      pa[kk][2] = pack2<T>(sc[8 * kk + 4], sc[8 * kk + 5]);
+      pa[kk][3] = pack2<T>(sc[8 * kk + 6], sc[8 * kk + 7]);
+    }
+    reg_fence(o);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kWgBN / 16; ++kk)
+      wgmma_rs<T, D, 1>(o, pa[kk], v_desc + uint64_t(kk) * (2 * kGroupBytes >> 4), 1);
+    wgmma_commit();
+    wgmma_wait_all();
+    reg_fence(o);
+  };
+  int n_plain = min(ntiles, s.len_k / kWgBN);
+  if (a.causal) n_plain = min(n_plain, r0 + off + 1 > 0 ? (r0 + off + 1) / kWgBN : 0);
+  for (int jt = 0; jt < n_plain; ++jt) step(jt, std::false_type{});
+  for (int jt = n_plain; jt < ntiles; ++jt) step(jt, std::true_type{});
+  cp_async_wait_all();
+
+  T* out = static_cast<T*>(a.out);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float li = l[i];
+    li += __shfl_xor_sync(0xffffffffu, li, 1);
+    li += __shfl_xor_sync(0xffffffffu, li, 2);
+    const int r = wrow + g + 8 * i;
+    if (r >= rows) continue;
+    const int64_t tok = s.q_start + r0 + r;
+    const float inv = li > 0.f ? 1.f / li : 0.f;
+    T* orow = out + tok * ldq + int64_t(h) * D;
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd)
+      *reinterpret_cast<uint32_t*>(orow + nd * 8 + 2 * t) =
+          pack2<T>(o[4 * nd + 2 * i] * inv, o[4 * nd + 2 * i + 1] * inv);
+    if (t == 0)
+      a.lse[int64_t(h) * a.nq + tok] = li > 0.f ? m[i] * 0.6931471805599453f + logf(li) : INFINITY;
+  }
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
 // ---- fast path backward ---------------------------------------------------------------------------
@@ -1911,6 +2206,20 @@ __global__ void __launch_bounds__(kFaThreads, 3) fa_bwd_dq_ma2_occ3_kernel(Args 
 
 // ---- host side ------------------------------------------------------------------------------------
 
+// Whether fa_fwd_wgmma_kernel was built (sm_90a) and runs on device dev (compute capability 9.0:
+// sm_90a code runs there only).
+bool fwd_wgmma_built_for(int dev) {
+#if defined(FTUNE_CUDA_SM90A)
+  int major = 0, minor = 0;
+  CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  return major == 9 && minor == 0;
+#else
+  (void)dev;
+  return false;
+#endif
+}
+
 // 64-row blocks per CTA of the tensor-core forward; 0: the default (1; the benchmark compares 2);
 // -1: auto (2 for head_dim 128, and for head_dim 64 when the longest sequence has >= 1024 queries).
 // The default is auto: measured faster on an H200 than 64-row CTAs everywhere but short causal
@@ -1927,6 +2236,19 @@ int g_bwd_split_heads = -1;  // set_attention_bwd_split_heads
 int bwd_variant(int64_t head_dim) {
   if (g_bwd_variant >= 0) return g_bwd_variant;
   return head_dim == 64 ? 1 : 4;
+}
+
+// The wgmma forward (fa_fwd_wgmma_kernel; set_attention_fwd_wgmma): -1 (the default) reads
+// FTUNE_ATTN_WGMMA per call ("1": on), 0 off, 1 on; taken only where it exists (a build with
+// sm_90a, a compute capability 9.0 device).
+int g_fwd_wgmma = -1;
+bool wgmma_on(int dev) {
+  int mode = g_fwd_wgmma;
+  if (mode == -1) {
+    const char* e = std::getenv("FTUNE_ATTN_WGMMA");
+    mode = e && e[0] == '1' ? 1 : 0;
+  }
+  return mode == 1 && fwd_wgmma_built_for(dev);
 }
 
 // The forward's 64-row blocks per CTA under the current setting.
@@ -2294,6 +2616,20 @@ void set_attention_bwd_split_heads(int v) {
   g_bwd_split_heads = v;
 }
 
+void set_attention_fwd_wgmma(int v) {
+  FTUNE_CHECK(v >= -1 && v <= 1, "[attention] wgmma forward must be -1 (auto), 0 or 1, got ", v);
+  g_fwd_wgmma = v;
+}
+
+bool attention_fwd_wgmma_available() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    cudaGetLastError();  // clear the sticky "no device" of the query
+    return false;
+  }
+  return fwd_wgmma_built_for(ftune::cuda::current_device());
+}
+
 void set_attention_bwd_variant(int v) {
   FTUNE_CHECK(v >= -1 && v <= 5, "[attention_backward] variant must be -1 (auto) or 0..5, got ", v);
   g_bwd_variant = v;
@@ -2328,9 +2664,27 @@ void attention_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DT
     if (t.nx == 0) return;
     FTUNE_CHECK(t.nz <= 65535, "[attention] batch of ", t.nz, " rows (at most 65535)");
     a.map = t.map;
+    const bool wg = wgmma_on(dev);
     ::ftune::kernels::cuda::dispatch_float(dt, "attention", [&](auto tag) {
       using T = typename decltype(tag)::type;
       if constexpr (!std::is_same_v<T, float>) {
+        if (wg) {
+          // K and V tiles (64 keys, core matrices) and the CTA's Q rows (padded).
+          auto launch_wg = [&](auto kernel, int d, int blocks) {
+            const size_t smem = (size_t(2 * kWgBN) * d + size_t(64 * blocks) * (d + 8)) * sizeof(T);
+            set_smem(kernel, smem);
+            kernel<<<dim3(t.nx, unsigned(p.num_heads), t.nz), 128 * blocks, smem, stream()>>>(a);
+            FTUNE_LAUNCH_CHECK("attention forward (wgmma)");
+          };
+          if (D == 64) {
+            if (ma == 2) launch_wg(fa_fwd_wgmma_kernel<T, 64, 2>, 64, 2);
+            else launch_wg(fa_fwd_wgmma_kernel<T, 64, 1>, 64, 1);
+          } else {
+            if (ma == 2) launch_wg(fa_fwd_wgmma_kernel<T, 128, 2>, 128, 2);
+            else launch_wg(fa_fwd_wgmma_kernel<T, 128, 1>, 128, 1);
+          }
+          return;
+        }
         auto launch = [&](auto kernel, int d, int blocks) {
           const size_t smem = size_t(64 * blocks + 2 * kFaBN) * (d + 8) * sizeof(T);
           set_smem(kernel, smem);

@@ -479,6 +479,50 @@ TEST(CudaAttention, BackwardVariants0To5AndAutoForwardRowBlocks) {
   }
 }
 
+// The forward on Hopper's warpgroup MMAs (set_attention_fwd_wgmma; sm_90a build, H100/H200),
+// 64- and 128-row CTAs (one or two warpgroups): out, lse, and the backward (the mma.sync kernels)
+// from its out and lse, against the CPU. The cases of the variants test above (ragged packed
+// sequences, a KV-cache layout with empty sequences and rows that see no key, GQA 8/2, causal and
+// not), causal with len_q != len_k both ways, a long GQA row (many unmasked key tiles) and plain
+// multi-head attention. Its own suite: gpu_check runs it in a process of its own (a kernel that
+// faults would take the process's CUDA context with it).
+TEST(CudaAttentionWgmma, ForwardMatchesCpu) {
+  FTUNE_REQUIRE_GPU();
+  if (!kernels::cuda::attention_fwd_wgmma_available())
+    GTEST_SKIP() << "the wgmma forward needs an sm_90a build and a compute capability 9.0 GPU";
+  struct Restore {
+    ~Restore() {
+      kernels::cuda::set_attention_fwd_wgmma(-1);
+      kernels::cuda::set_attention_fwd_row_blocks(-1);
+    }
+  } restore;
+  kernels::cuda::set_attention_fwd_wgmma(1);
+  for (int blocks : {1, 2})
+    for (int64_t d : {64, 128})
+      for (DType dt : {DType::bf16, DType::f16}) {
+        SCOPED_TRACE("wgmma forward, row blocks " + std::to_string(blocks));
+        kernels::cuda::set_attention_fwd_row_blocks(blocks);
+        for (bool causal : {true, false}) {
+          check_case(kv_cache_case(d, causal), dt, 31);
+          check_case(uniform_case(2, 300, 300, d, causal), dt, 32);
+          Case r;
+          r.cu_q = r.cu_k = {0, 1, 18, 146, 446};
+          r.d = d;
+          r.causal = causal;
+          check_case(r, dt, 33);
+        }
+        check_case(uniform_case(2, 300, 200, d, true), dt, 34);
+        check_case(uniform_case(2, 100, 300, d, true), dt, 35);
+        Case c = uniform_case(1, 1500, 1500, d, true);
+        c.h = 4;
+        c.hkv = 1;
+        check_case(c, dt, 36);
+        Case m = uniform_case(2, 300, 300, d, false);
+        m.h = m.hkv = 4;
+        check_case(m, dt, 37);
+      }
+}
+
 // A negative scale (the op maps 0 to 1/sqrt(d)): the tensor-core forward folds the scale into
 // its softmax's max, so it leaves scale <= 0 to the general kernel; the backward stays on tensor
 // cores. Both must match the CPU.
