@@ -1026,7 +1026,7 @@ __global__ void __launch_bounds__(128 * WG, (D == 64 && WG == 2) ? 2 : 1)
     fa_fwd_wgmma_kernel(Args a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int NT = 128 * WG, LDS = kFaLds<D>, BM = 64 * WG;
-  extern __shared__ __align__(128) unsigned char fa_smem[];
+  extern __shared__ __align__(16) unsigned char fa_smem[];  // no swizzle: 16-byte alignment
   T* sK = reinterpret_cast<T*>(fa_smem);  // [64 keys x D], core matrices
   T* sV = sK + kWgBN * D;                 // [64 keys x D], core matrices
   T* sQ = sV + kWgBN * D;                 // [BM][LDS]
@@ -1165,6 +1165,8 @@ __global__ void __launch_bounds__(128 * WG, (D == 64 && WG == 2) ? 2 : 1)
     if (t == 0)
       a.lse[int64_t(h) * a.nq + tok] = li > 0.f ? m[i] * 0.6931471805599453f + logf(li) : INFINITY;
   }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // device code without sm_90a's wgmma: the host never launches this; fail loudly
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
