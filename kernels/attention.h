@@ -79,13 +79,17 @@ void attention_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, D
 // sequence has at least 1024 queries). Same results either way.
 void set_attention_fwd_row_blocks(int n);
 
-// Benchmark / test hook: the forward on Hopper's warpgroup MMAs (wgmma) instead of mma.sync, for
-// bf16/f16 at head_dim 64 and 128 (the same row blocks per CTA as above). -1 (the default): as
-// the environment variable FTUNE_ATTN_WGMMA says ("1": on; unset: off, until a GPU run has
-// measured it); 0 off; 1 on. Taken only where attention_fwd_wgmma_available(): a build with
-// sm_90a in its CUDA architectures (the default) and a compute capability 9.0 GPU (H100/H200).
-// Same results up to the f32 summation order inside the MMAs. Process-wide, not thread-safe.
+// Benchmark / test hooks: the forward, and the deterministic backward, on Hopper's warpgroup MMAs
+// (wgmma) instead of mma.sync, for bf16/f16 at head_dim 64 and 128 (the forward with the same row
+// blocks per CTA as above; the backward with 64-key dK/dV and 64-row dQ CTAs, the dK/dV split over
+// query heads as set_attention_bwd_split_heads says; without determinism the backward keeps the
+// atomic-dQ mma.sync kernel). -1 (the default): as the environment variable FTUNE_ATTN_WGMMA says
+// ("1" or "all": both, "fwd", "bwd"; unset: neither, until a GPU run has measured them); 0 off;
+// 1 on. Taken only where attention_fwd_wgmma_available() (both passes): a build with sm_90a in
+// its CUDA architectures (the default) and a compute capability 9.0 GPU (H100/H200). Same results
+// up to the f32 summation order inside the MMAs. Process-wide, not thread-safe.
 void set_attention_fwd_wgmma(int v);
+void set_attention_bwd_wgmma(int v);
 bool attention_fwd_wgmma_available();
 
 // Benchmark hook: the tensor-core backward's variant. -1 (the default): 1 at head_dim 64, 4 at

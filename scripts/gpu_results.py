@@ -154,17 +154,17 @@ def main():
             o.append("| %s | %s | %s | %d | %d | %d | %d | %s |" % (shape, fwd, fbs, t[0], t[1], t[2], t[3], ratio))
         o.append("")
         if any(n.endswith(" wgmma") for n in rows):
-            o.append("The forward on warpgroup MMAs (`FTUNE_ATTN_WGMMA=1`, `attention_wgmma` rows; TFLOP/s):")
+            o.append("The kernels on warpgroup MMAs (`FTUNE_ATTN_WGMMA`, the `attention_wgmma` rows; TFLOP/s):")
             o.append("")
-            o.append("| shape | mma.sync fwd bm64 / bm128 | wgmma fwd bm64 / bm128 | wgmma fwd+bwd | torch flash fwd | cuDNN fwd | wgmma fwd+bwd vs flash |")
+            o.append("| shape | mma.sync fwd bm64 / bm128 | wgmma fwd bm64 / bm128 | fwd+bwd: wgmma fwd / both wgmma | torch flash fwd / fwd+bwd | cuDNN fwd / fwd+bwd | both wgmma fwd+bwd vs flash |")
             o.append("|---|---|---|---|---|---|---|")
             for shape, t in tt_rows.items():
                 cell = lambda name: rows[name][4] if name in rows else ""
                 w1, w2 = cell("attn_fwd bf16 " + shape + " wgmma"), cell("attn_fwd bf16 " + shape + " wgmma bm128")
-                wb = cell("attn_fwd+bwd bf16 " + shape + " wgmma")
-                o.append("| %s | %s / %s | %s / %s | %s | %d | %d | %s |" % (
+                wb, wa = cell("attn_fwd+bwd bf16 " + shape + " wgmma"), cell("attn_fwd+bwd bf16 " + shape + " wgmma-all")
+                o.append("| %s | %s / %s | %s / %s | %s / %s | %d / %d | %d / %d | %s |" % (
                     shape, cell("attn_fwd bf16 " + shape), cell("attn_fwd bf16 " + shape + " bm128"), w1, w2,
-                    wb, t[0], t[2], "%.2fx" % (float(wb) / t[1]) if wb else ""))
+                    wb, wa, t[0], t[1], t[2], t[3], "%.2fx" % (float(wa) / t[1]) if wa else ""))
             o.append("")
     # LoRA.
     tl = dict(re.findall(r"\| (lora_linear [^|]+?|base GEMM [^|]+?) \| ([\d.]+) \|", tref))

@@ -955,6 +955,24 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
                  : FA_WG_ACC64(d) FA_WG_IN);
   }
 }
+// d = A B + (acc ? d : 0), wgmma m64n64k16 with A and B from shared memory, both K-major (the
+// backward's S^T = K Q^T, dP^T = V dO^T, S = Q K^T, dP = dO V^T).
+template <class T>
+__device__ __forceinline__ void wgmma_ss64(float (&d)[32], uint64_t da, uint64_t db, int acc) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" FA_WG_REGS32
+                 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : FA_WG_ACC32(d)
+                 : "l"(da), "l"(db), "r"(acc));
+  } else {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {" FA_WG_REGS32
+                 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : FA_WG_ACC32(d)
+                 : "l"(da), "l"(db), "r"(acc));
+  }
+}
 #undef FA_WG_ACC32
 #undef FA_WG_ACC64
 #undef FA_WG_REGS32
@@ -2206,6 +2224,302 @@ __global__ void __launch_bounds__(kFaThreads, 3) fa_bwd_dq_ma2_occ3_kernel(Args 
   fa_bwd_dq_ma2_body<T, D>(a);
 }
 
+// ---- fast path backward on Hopper: warpgroup MMAs (wgmma, sm_90a) ----------------------------------
+//
+// The deterministic backward (fa_bwd_dkdv_body with kAtomic 0 / 3, fa_bwd_dq_body) with its products
+// as warpgroup MMAs; one warpgroup (128 threads) per CTA, warp w owning rows 16 w .. 16 w + 15 of
+// the 64-row M side, as there. Every tile (K, V, Q, dO) sits in shared memory in the forward's
+// core-matrix layout (fa_wg_load_tile), which serves both as a K-major operand (descriptor LBO
+// 128, SBO 16 D: the reduction runs along D) and as an N-major one (.trans, LBO 16 D, SBO 128: the
+// reduction runs along the tile's rows), so no tile is stored twice:
+//   dK/dV (M = 64 keys):  S^T = K Q^T and dP^T = V dO^T   (A, B from shared memory, K-major)
+//                         dV += P^T dO, dK += dS^T Q      (A = P^T / dS^T in registers, B .trans)
+//   dQ (M = 64 rows):     S = Q K^T and dP = dO V^T       (shared memory, K-major)
+//                         dQ += dS K                      (A = dS in registers, B .trans)
+// S^T and dP^T (S and dP) are issued together and awaited together; each accumulate is awaited
+// before its A registers are rewritten. Masking, probabilities, Delta, the epilogues and the
+// split over query heads (kSplit, with dkv_reduce_kernel) are the mma.sync kernels'.
+template <class T, int D, bool kSplit>
+__global__ void __launch_bounds__(128) fa_bwd_dkdv_wgmma_kernel(Args a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kT = kWgBN * D;           // elements of a 64-row tile
+  constexpr uint32_t kGroupBytes = D * 16;  // 8 rows of a tile
+  extern __shared__ __align__(16) unsigned char fa_smem[];
+  T* sK = reinterpret_cast<T*>(fa_smem);  // [64 keys x D]
+  T* sV = sK + kT;                        // [64 keys x D]
+  T* sQ = sV + kT;                        // [2][64 rows x D]
+  T* sG = sQ + 2 * kT;                    // [2][64 rows x D] dO
+  float* sL = reinterpret_cast<float*>(sG + 2 * kT);  // [2][64] lse in log2 units
+  float* sDl = sL + 2 * kBwdBM;                       // [2][64] Delta
+  SeqDesc s;
+  int c0;
+  tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, c0);
+  const int group = a.H / a.Hkv;
+  const int hk = kSplit ? int(blockIdx.y) / group : int(blockIdx.y);
+  const int h_first = kSplit ? int(blockIdx.y) : hk * group, n_heads = kSplit ? 1 : group;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int keys = min(64, s.len_k - c0), off = s.len_k - s.len_q;
+  const int64_t ldq = int64_t(a.H) * D, ldk = int64_t(a.Hkv) * D;
+  const T* qbase = static_cast<const T*>(a.q);
+  const T* gbase = static_cast<const T*>(a.dout);
+  const int64_t koff = int64_t(s.k_start + c0) * ldk + int64_t(hk) * D;
+  fa_wg_load_tile<T, D, 128>(sK, static_cast<const T*>(a.k) + koff, ldk, keys, qbase);
+  fa_wg_load_tile<T, D, 128>(sV, static_cast<const T*>(a.v) + koff, ldk, keys, qbase);
+
+  const int first_row = a.causal ? max(0, c0 - off) : 0;
+  const int nrt = s.len_q > first_row ? (s.len_q - first_row + kBwdBM - 1) / kBwdBM : 0;
+  const int n_it = n_heads * nrt;
+  const float log2e = 1.4426950408889634f, sl2 = a.scale * log2e;
+  auto load_it = [&](int it, int buf) {
+    const int h = h_first + it / nrt, r0 = first_row + (it % nrt) * kBwdBM;
+    const int rows = min(kBwdBM, s.len_q - r0);
+    const int64_t qoff = int64_t(s.q_start + r0) * ldq + int64_t(h) * D;
+    fa_wg_load_tile<T, D, 128>(sQ + buf * kT, qbase + qoff, ldq, rows, qbase);
+    fa_wg_load_tile<T, D, 128>(sG + buf * kT, gbase + qoff, ldq, rows, qbase);
+    for (int r = threadIdx.x; r < kBwdBM; r += 128) {
+      const int64_t idx = int64_t(h) * a.nq + s.q_start + r0 + r;
+      sL[buf * kBwdBM + r] = r < rows ? a.lse[idx] * log2e : INFINITY;
+      sDl[buf * kBwdBM + r] = r < rows ? a.delta[idx] : 0.f;
+    }
+  };
+  if (n_it > 0) load_it(0, 0);
+  cp_async_commit();
+
+  float dk[D / 2], dv[D / 2];  // [4 nd + e]: column 8 nd + 2 t + (e & 1), key row g + 8 (e >> 1)
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
+  const int key_a = c0 + warp * 16 + g, key_b = key_a + 8;
+  const uint64_t k_desc = wgmma_desc(sK, 128, kGroupBytes);
+  const uint64_t v_desc = wgmma_desc(sV, 128, kGroupBytes);
+
+  for (int it = 0; it < n_it; ++it) {
+    const int buf = it & 1;
+    const int r0 = first_row + (it % nrt) * kBwdBM;
+    cp_async_wait_all();
+    fence_proxy_async_smem();
+    __syncthreads();  // tile `it` landed; buffer buf ^ 1 (tile it - 1) is no longer read
+    if (it + 1 < n_it) load_it(it + 1, buf ^ 1);
+    cp_async_commit();
+    const T* q = sQ + buf * kT;
+    const T* go = sG + buf * kT;
+    const float* lse2 = sL + buf * kBwdBM;
+    const float* dl = sDl + buf * kBwdBM;
+    const uint64_t q_desc = wgmma_desc(q, 128, kGroupBytes), q_desc_t = wgmma_desc(q, kGroupBytes, 128);
+    const uint64_t g_desc = wgmma_desc(go, 128, kGroupBytes), g_desc_t = wgmma_desc(go, kGroupBytes, 128);
+
+    // st[4 nb + e]: S^T, then P^T, then dS^T at key row g + 8 (e >> 1), query column 8 nb + 2 t +
+    // (e & 1) of the tile; dpt the same for dP^T.
+    float st[kBwdBM / 2], dpt[kBwdBM / 2];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) wgmma_ss64<T>(st, k_desc + 16 * kk, q_desc + 16 * kk, kk);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) wgmma_ss64<T>(dpt, v_desc + 16 * kk, g_desc + 16 * kk, kk);
+    wgmma_commit();
+    wgmma_wait_all();
+    reg_fence(st);
+    reg_fence(dpt);
+
+    const bool need_mask = r0 + kBwdBM > s.len_q || c0 + 64 > s.len_k ||
+                           (a.causal && c0 + 63 > r0 + off);
+    auto probs = [&](auto mask_tag) {
+#pragma unroll
+      for (int i = 0; i < kBwdBM / 2; ++i) {
+        const int col = (i >> 2) * 8 + 2 * t + (i & 1);  // query row within the tile
+        float p = ex2_ftz(fmaf(st[i], sl2, -lse2[col]));
+        if constexpr (decltype(mask_tag)::value) {
+          const int r = r0 + col, c = (i >> 1) & 1 ? key_b : key_a;
+          if (r >= s.len_q || c >= s.len_k || (a.causal && c > r + off)) p = 0.f;
+        }
+        st[i] = p;
+      }
+    };
+    if (need_mask) probs(std::true_type{});
+    else probs(std::false_type{});
+
+    uint32_t pa[kBwdBM / 16][4];
+    auto pack = [&] {
+#pragma unroll
+      for (int kk = 0; kk < kBwdBM / 16; ++kk)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) pa[kk][r] = pack2<T>(st[8 * kk + 2 * r], st[8 * kk + 2 * r + 1]);
+    };
+    // dV += P^T dO
+    pack();
+    reg_fence(dv);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBwdBM / 16; ++kk)
+      wgmma_rs<T, D, 1>(dv, pa[kk], g_desc_t + uint64_t(kk) * (2 * kGroupBytes >> 4), 1);
+    wgmma_commit();
+    wgmma_wait_all();
+    reg_fence(dv);
+    // dS^T = P^T (dP^T - Delta), then dK += dS^T Q (scaled at the end)
+#pragma unroll
+    for (int i = 0; i < kBwdBM / 2; ++i) st[i] *= dpt[i] - dl[(i >> 2) * 8 + 2 * t + (i & 1)];
+    pack();
+    reg_fence(dk);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBwdBM / 16; ++kk)
+      wgmma_rs<T, D, 1>(dk, pa[kk], q_desc_t + uint64_t(kk) * (2 * kGroupBytes >> 4), 1);
+    wgmma_commit();
+    wgmma_wait_all();
+    reg_fence(dk);
+  }
+  cp_async_wait_all();
+
+  T* gk = static_cast<T*>(a.dk);
+  T* gv = static_cast<T*>(a.dv);
+  const int64_t part_off = kSplit ? int64_t(h_first % group) * a.nk * ldk : 0;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int j = warp * 16 + g + 8 * i;
+    if (j >= keys) continue;
+    const int64_t base = int64_t(s.k_start + c0 + j) * ldk + int64_t(hk) * D;
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd) {
+      const float k0 = dk[4 * nd + 2 * i], k1 = dk[4 * nd + 2 * i + 1];
+      const float v0 = dv[4 * nd + 2 * i], v1 = dv[4 * nd + 2 * i + 1];
+      if constexpr (kSplit) {
+        if (a.dk_part)
+          *reinterpret_cast<float2*>(a.dk_part + part_off + base + nd * 8 + 2 * t) = make_float2(k0, k1);
+        if (a.dv_part)
+          *reinterpret_cast<float2*>(a.dv_part + part_off + base + nd * 8 + 2 * t) = make_float2(v0, v1);
+      } else {
+        if (gk)
+          *reinterpret_cast<uint32_t*>(gk + base + nd * 8 + 2 * t) = pack2<T>(k0 * a.scale, k1 * a.scale);
+        if (gv) *reinterpret_cast<uint32_t*>(gv + base + nd * 8 + 2 * t) = pack2<T>(v0, v1);
+      }
+    }
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // device code without sm_90a's wgmma: the host never launches this; fail loudly
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(128) fa_bwd_dq_wgmma_kernel(Args a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kT = kWgBN * D;
+  constexpr uint32_t kGroupBytes = D * 16;
+  extern __shared__ __align__(16) unsigned char fa_smem[];
+  T* sQ = reinterpret_cast<T*>(fa_smem);  // [64 rows x D]
+  T* sG = sQ + kT;                        // [64 rows x D] dO
+  T* sK = sG + kT;                        // [2][64 keys x D]
+  T* sV = sK + 2 * kT;                    // [2][64 keys x D]
+  SeqDesc s;
+  int r0;
+  tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, r0);
+  const int h = blockIdx.y, hk = h / (a.H / a.Hkv);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int rows = min(64, s.len_q - r0), off = s.len_k - s.len_q;
+  const int64_t ldq = int64_t(a.H) * D, ldk = int64_t(a.Hkv) * D;
+  const T* qbase = static_cast<const T*>(a.q);
+  const int64_t qoff = int64_t(s.q_start + r0) * ldq + int64_t(h) * D;
+  const T* k = static_cast<const T*>(a.k) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
+  const T* v = static_cast<const T*>(a.v) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
+  const int col_end = visible_end(s, r0, rows, a.causal);
+  const int ntiles = (col_end + kWgBN - 1) / kWgBN;
+  fa_wg_load_tile<T, D, 128>(sQ, qbase + qoff, ldq, rows, qbase);
+  fa_wg_load_tile<T, D, 128>(sG, static_cast<const T*>(a.dout) + qoff, ldq, rows, qbase);
+  if (ntiles > 0) {
+    fa_wg_load_tile<T, D, 128>(sK, k, ldk, min(kWgBN, col_end), qbase);
+    fa_wg_load_tile<T, D, 128>(sV, v, ldk, min(kWgBN, col_end), qbase);
+  }
+  cp_async_commit();
+
+  const float log2e = 1.4426950408889634f, sl2 = a.scale * log2e;
+  const int row_a = r0 + warp * 16 + g, row_b = row_a + 8;  // within the sequence
+  float lse2[2], dl[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = warp * 16 + g + 8 * i;
+    const int64_t idx = int64_t(h) * a.nq + s.q_start + r0 + r;
+    lse2[i] = r < rows ? a.lse[idx] * log2e : INFINITY;
+    dl[i] = r < rows ? a.delta[idx] : 0.f;
+  }
+  float dq[D / 2];  // [4 nd + e]: column 8 nd + 2 t + (e & 1), row g + 8 (e >> 1)
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) dq[i] = 0.f;
+  const uint64_t q_desc = wgmma_desc(sQ, 128, kGroupBytes);
+  const uint64_t g_desc = wgmma_desc(sG, 128, kGroupBytes);
+
+  for (int jt = 0; jt < ntiles; ++jt) {
+    const int c0 = jt * kWgBN, buf = jt & 1;
+    cp_async_wait_all();
+    fence_proxy_async_smem();
+    __syncthreads();  // tile jt landed; buffer buf ^ 1 (tile jt - 1) is no longer read
+    if (jt + 1 < ntiles) {
+      const int valid = min(kWgBN, col_end - c0 - kWgBN);
+      fa_wg_load_tile<T, D, 128>(sK + (buf ^ 1) * kT, k + int64_t(c0 + kWgBN) * ldk, ldk, valid, qbase);
+      fa_wg_load_tile<T, D, 128>(sV + (buf ^ 1) * kT, v + int64_t(c0 + kWgBN) * ldk, ldk, valid, qbase);
+    }
+    cp_async_commit();
+    const T* kt = sK + buf * kT;
+    const uint64_t k_desc = wgmma_desc(kt, 128, kGroupBytes), k_desc_t = wgmma_desc(kt, kGroupBytes, 128);
+    const uint64_t v_desc = wgmma_desc(sV + buf * kT, 128, kGroupBytes);
+
+    float sc[kWgBN / 2], dp[kWgBN / 2];  // [4 nb + e]: key column 8 nb + 2 t + (e & 1), row g + 8 (e >> 1)
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) wgmma_ss64<T>(sc, q_desc + 16 * kk, k_desc + 16 * kk, kk);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) wgmma_ss64<T>(dp, g_desc + 16 * kk, v_desc + 16 * kk, kk);
+    wgmma_commit();
+    wgmma_wait_all();
+    reg_fence(sc);
+    reg_fence(dp);
+
+    const bool need_mask = c0 + kWgBN > s.len_k || (a.causal && c0 + kWgBN - 1 > r0 + off);
+    // dS = P (dP - Delta)
+    auto dscores = [&](auto mask_tag) {
+#pragma unroll
+      for (int i = 0; i < kWgBN / 2; ++i) {
+        const int e2 = (i >> 1) & 1;
+        float p = ex2_ftz(fmaf(sc[i], sl2, -lse2[e2]));
+        if constexpr (decltype(mask_tag)::value) {
+          const int col = c0 + (i >> 2) * 8 + 2 * t + (i & 1);
+          const int row = e2 ? row_b : row_a;
+          if (col >= s.len_k || (a.causal && col > row + off)) p = 0.f;
+        }
+        sc[i] = p * (dp[i] - dl[e2]);
+      }
+    };
+    if (need_mask) dscores(std::true_type{});
+    else dscores(std::false_type{});
+    uint32_t pa[kWgBN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kWgBN / 16; ++kk)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) pa[kk][r] = pack2<T>(sc[8 * kk + 2 * r], sc[8 * kk + 2 * r + 1]);
+    reg_fence(dq);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kWgBN / 16; ++kk)
+      wgmma_rs<T, D, 1>(dq, pa[kk], k_desc_t + uint64_t(kk) * (2 * kGroupBytes >> 4), 1);
+    wgmma_commit();
+    wgmma_wait_all();
+    reg_fence(dq);
+  }
+  cp_async_wait_all();
+
+  T* gq = static_cast<T*>(a.dq);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = warp * 16 + g + 8 * i;
+    if (r >= rows) continue;
+    T* row = gq + int64_t(s.q_start + r0 + r) * ldq + int64_t(h) * D;
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd)
+      *reinterpret_cast<uint32_t*>(row + nd * 8 + 2 * t) =
+          pack2<T>(dq[4 * nd + 2 * i] * a.scale, dq[4 * nd + 2 * i + 1] * a.scale);
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // device code without sm_90a's wgmma: the host never launches this; fail loudly
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
 // ---- host side ------------------------------------------------------------------------------------
 
 // Whether fa_fwd_wgmma_kernel was built (sm_90a) and runs on device dev (compute capability 9.0:
@@ -2240,15 +2554,16 @@ int bwd_variant(int64_t head_dim) {
   return head_dim == 64 ? 1 : 4;
 }
 
-// The wgmma forward (fa_fwd_wgmma_kernel; set_attention_fwd_wgmma): -1 (the default) reads
-// FTUNE_ATTN_WGMMA per call ("1": on), 0 off, 1 on; taken only where it exists (a build with
-// sm_90a, a compute capability 9.0 device).
-int g_fwd_wgmma = -1;
-bool wgmma_on(int dev) {
-  int mode = g_fwd_wgmma;
+// The wgmma kernels (set_attention_fwd_wgmma / set_attention_bwd_wgmma): -1 (the default) reads
+// FTUNE_ATTN_WGMMA per call ("1" or "all": both passes, "fwd": the forward, "bwd": the
+// backward; unset: neither), 0 off, 1 on; taken only where they exist (a build with sm_90a, a
+// compute capability 9.0 device). pass: 1 the forward, 2 the backward.
+int g_fwd_wgmma = -1, g_bwd_wgmma = -1;
+bool wgmma_on(int dev, int pass) {
+  int mode = pass == 1 ? g_fwd_wgmma : g_bwd_wgmma;
   if (mode == -1) {
-    const char* e = std::getenv("FTUNE_ATTN_WGMMA");
-    mode = e && e[0] == '1' ? 1 : 0;
+    const std::string e = std::getenv("FTUNE_ATTN_WGMMA") ? std::getenv("FTUNE_ATTN_WGMMA") : "";
+    mode = e == "1" || e == "all" || (pass == 1 && e == "fwd") || (pass == 2 && e == "bwd");
   }
   return mode == 1 && fwd_wgmma_built_for(dev);
 }
@@ -2447,6 +2762,79 @@ void decode_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType
   });
 }
 
+// The dK/dV split over query heads. Grouped-query attention with few kv heads gives few dK/dV
+// CTAs, each walking all the query heads of its group (Qwen2.5-0.5B at 4 x 2048: 256 CTAs, the
+// first key tiles 224 query tiles deep, for 3 x 132 resident slots). Then one CTA per query head
+// instead, its share of dK/dV in f32 scratch (`part`, pointed to by b.dk_part / b.dv_part), summed
+// per group by dkv_reduce. The f32 scratch is 2 x group x the bf16 dK + dV: auto stays under
+// 512 MiB of it (a long MQA batch would take GBs; it has many key tiles anyway). t: the 64-key
+// tiles.
+bool dkdv_split(const AttnParams& p, const Tables& t, Args& b, int dev, Tensor& part) {
+  const int64_t D = p.head_dim;
+  const int group = int(p.num_heads / p.num_kv_heads);
+  const int64_t ctas = int64_t(t.nx) * p.num_kv_heads * t.nz;
+  const int64_t scratch = ((b.dk ? 1 : 0) + (b.dv ? 1 : 0)) * group * p.nk * p.num_kv_heads * D *
+                          int64_t(sizeof(float));
+  const bool split = group > 1 && (g_bwd_split_heads == 1 ||
+                                   (g_bwd_split_heads == -1 && scratch <= (int64_t(512) << 20) &&
+                                    ctas < 4 * int64_t(ftune::cuda::device_sm_count(dev))));
+  if (split) {
+    const int64_t n = p.nk * p.num_kv_heads * D;
+    const int64_t parts = (b.dk ? 1 : 0) + (b.dv ? 1 : 0);
+    part = Tensor::empty({std::max<int64_t>(1, parts * group * n)}, DType::f32, Device::cuda(dev));
+    b.dk_part = b.dk ? part.data<float>() : nullptr;
+    b.dv_part = b.dv ? part.data<float>() + (b.dk ? group * n : 0) : nullptr;
+  }
+  return split;
+}
+template <class T>
+void dkdv_reduce(const AttnParams& p, const Args& b) {
+  const int64_t n = p.nk * p.num_kv_heads * p.head_dim;
+  dkv_reduce_kernel<T><<<grid_1d(n, 256), 256, 0, stream()>>>(
+      b.dk_part, b.dv_part, static_cast<T*>(b.dk), static_cast<T*>(b.dv), n,
+      int(p.num_heads / p.num_kv_heads), b.scale);
+  FTUNE_LAUNCH_CHECK("attention_backward dk/dv reduce over query heads");
+}
+
+// The deterministic backward on warpgroup MMAs (fa_bwd_dkdv_wgmma_kernel, fa_bwd_dq_wgmma_kernel).
+template <class T, int D>
+void wgmma_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const Args& a, int dev) {
+  constexpr size_t kTileBytes = size_t(kWgBN) * D * sizeof(T);
+  if (a.dk || a.dv) {
+    Tables t = make_tiles(seqs, 64, true, p.causal, dev);
+    if (t.nx > 0) {
+      FTUNE_CHECK(t.nz <= 65535, "[attention_backward] batch of ", t.nz, " rows");
+      Args b = a;
+      b.map = t.map;
+      Tensor part;
+      const bool split = dkdv_split(p, t, b, dev, part);
+      const size_t smem = 6 * kTileBytes + 4 * kBwdBM * sizeof(float);
+      auto launch = [&](auto kernel) {
+        set_smem(kernel, smem);
+        kernel<<<dim3(t.nx, unsigned(split ? p.num_heads : p.num_kv_heads), t.nz), 128, smem,
+                 stream()>>>(b);
+      };
+      if (split) launch(fa_bwd_dkdv_wgmma_kernel<T, D, true>);
+      else launch(fa_bwd_dkdv_wgmma_kernel<T, D, false>);
+      FTUNE_LAUNCH_CHECK("attention_backward dk/dv (wgmma)");
+      if (split) dkdv_reduce<T>(p, b);
+    }
+  }
+  if (a.dq) {
+    Tables t = make_tiles(seqs, 64, false, p.causal, dev);
+    if (t.nx > 0) {
+      FTUNE_CHECK(t.nz <= 65535, "[attention_backward] batch of ", t.nz, " rows");
+      Args b = a;
+      b.map = t.map;
+      const size_t smem = 6 * kTileBytes;
+      set_smem(fa_bwd_dq_wgmma_kernel<T, D>, smem);
+      fa_bwd_dq_wgmma_kernel<T, D><<<dim3(t.nx, unsigned(p.num_heads), t.nz), 128, smem,
+                                     stream()>>>(b);
+      FTUNE_LAUNCH_CHECK("attention_backward dq (wgmma)");
+    }
+  }
+}
+
 template <class T, int D>
 void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const Args& a, int dev) {
   const int variant = bwd_variant(D);
@@ -2454,6 +2842,10 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
   // Without determinism dQ comes from the dK/dV kernel through f32 atomics (FlashAttention-2's
   // way: no second pass recomputing S and dP).
   const bool atomic_dq = a.dq && !ftune::cuda::deterministic();
+  if (!atomic_dq && wgmma_on(dev, 2)) {
+    wgmma_backward<T, D>(p, seqs, a, dev);
+    return;
+  }
   Tensor accum;
   if (atomic_dq) {
     const int64_t n = p.nq * p.num_heads * p.head_dim;
@@ -2484,29 +2876,8 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
       FTUNE_CHECK(t.nz <= 65535, "[attention_backward] batch of ", t.nz, " rows");
       Args b = a;
       b.map = t.map;
-      // Grouped-query attention with few kv heads gives few dK/dV CTAs, each walking all the
-      // query heads of its group (Qwen2.5-0.5B at 4 x 2048: 256 CTAs, the first key tiles 224
-      // query tiles deep, for 3 x 132 resident slots). Then one CTA per query head instead, its
-      // share of dK/dV in f32 scratch, summed per group by dkv_reduce_kernel.
-      // The f32 scratch is 2 x group x the bf16 dK + dV: auto stays under 512 MiB of it (a long
-      // MQA batch would take GBs; it has many key tiles anyway).
-      const int group = int(p.num_heads / p.num_kv_heads);
-      const int64_t ctas = int64_t(t.nx) * p.num_kv_heads * t.nz;
-      const int64_t scratch = ((a.dk ? 1 : 0) + (a.dv ? 1 : 0)) * group * p.nk * p.num_kv_heads *
-                              D * int64_t(sizeof(float));
-      const bool split = !atomic_dq && group > 1 &&
-                         (g_bwd_split_heads == 1 ||
-                          (g_bwd_split_heads == -1 && scratch <= (int64_t(512) << 20) &&
-                           ctas < 4 * int64_t(ftune::cuda::device_sm_count(dev))));
       Tensor part;
-      if (split) {
-        const int64_t n = p.nk * p.num_kv_heads * D;
-        const int64_t parts = (a.dk ? 1 : 0) + (a.dv ? 1 : 0);
-        part = Tensor::empty({std::max<int64_t>(1, parts * group * n)}, DType::f32,
-                             Device::cuda(dev));
-        b.dk_part = a.dk ? part.data<float>() : nullptr;
-        b.dv_part = a.dv ? part.data<float>() + (a.dk ? group * n : 0) : nullptr;
-      }
+      const bool split = !atomic_dq && dkdv_split(p, t, b, dev, part);
       const unsigned grid_y = unsigned(split ? p.num_heads : p.num_kv_heads);
       if (atomic_dq) {
         b.dq_accum = accum.data<float>();
@@ -2538,13 +2909,7 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
         }
       }
       FTUNE_LAUNCH_CHECK("attention_backward dk/dv (tensor cores)");
-      if (split) {
-        const int64_t n = p.nk * p.num_kv_heads * D;
-        dkv_reduce_kernel<T><<<grid_1d(n, 256), 256, 0, stream()>>>(
-            b.dk_part, b.dv_part, static_cast<T*>(a.dk), static_cast<T*>(a.dv), n, group,
-            a.scale);
-        FTUNE_LAUNCH_CHECK("attention_backward dk/dv reduce over query heads");
-      }
+      if (split) dkdv_reduce<T>(p, b);
     }
   }
   if (atomic_dq) {
@@ -2623,6 +2988,11 @@ void set_attention_fwd_wgmma(int v) {
   g_fwd_wgmma = v;
 }
 
+void set_attention_bwd_wgmma(int v) {
+  FTUNE_CHECK(v >= -1 && v <= 1, "[attention_backward] wgmma backward must be -1 (auto), 0 or 1, got ", v);
+  g_bwd_wgmma = v;
+}
+
 bool attention_fwd_wgmma_available() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
@@ -2666,7 +3036,7 @@ void attention_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DT
     if (t.nx == 0) return;
     FTUNE_CHECK(t.nz <= 65535, "[attention] batch of ", t.nz, " rows (at most 65535)");
     a.map = t.map;
-    const bool wg = wgmma_on(dev);
+    const bool wg = wgmma_on(dev, 1);
     ::ftune::kernels::cuda::dispatch_float(dt, "attention", [&](auto tag) {
       using T = typename decltype(tag)::type;
       if constexpr (!std::is_same_v<T, float>) {

@@ -523,6 +523,56 @@ TEST(CudaAttentionWgmma, ForwardMatchesCpu) {
       }
 }
 
+// The deterministic backward on warpgroup MMAs (set_attention_bwd_wgmma): dK/dV, with the split
+// over query heads off and on, and dQ, from the mma.sync forward's out and lse; then forward and
+// backward both on wgmma. The same cases as the forward test above.
+TEST(CudaAttentionWgmma, BackwardMatchesCpu) {
+  FTUNE_REQUIRE_GPU();
+  if (!kernels::cuda::attention_fwd_wgmma_available())
+    GTEST_SKIP() << "the wgmma kernels need an sm_90a build and a compute capability 9.0 GPU";
+  struct Restore {
+    ~Restore() {
+      kernels::cuda::set_attention_fwd_wgmma(-1);
+      kernels::cuda::set_attention_bwd_wgmma(-1);
+      kernels::cuda::set_attention_bwd_split_heads(-1);
+    }
+  } restore;
+  ASSERT_TRUE(cuda::deterministic());
+  kernels::cuda::set_attention_fwd_wgmma(0);
+  kernels::cuda::set_attention_bwd_wgmma(1);
+  for (int split : {0, 1})
+    for (int64_t d : {64, 128})
+      for (DType dt : {DType::bf16, DType::f16}) {
+        SCOPED_TRACE("wgmma backward, split over query heads " + std::to_string(split));
+        kernels::cuda::set_attention_bwd_split_heads(split);
+        for (bool causal : {true, false}) {
+          check_case(kv_cache_case(d, causal), dt, 41);
+          check_case(uniform_case(2, 300, 300, d, causal), dt, 42);
+          Case r;
+          r.cu_q = r.cu_k = {0, 1, 18, 146, 446};
+          r.d = d;
+          r.causal = causal;
+          check_case(r, dt, 43);
+        }
+        check_case(uniform_case(2, 300, 200, d, true), dt, 44);
+        check_case(uniform_case(2, 100, 300, d, true), dt, 45);
+        Case c = uniform_case(1, 1500, 1500, d, true);
+        c.h = 4;
+        c.hkv = 1;
+        check_case(c, dt, 46);
+        Case m = uniform_case(2, 300, 300, d, false);
+        m.h = m.hkv = 4;
+        check_case(m, dt, 47);
+      }
+  kernels::cuda::set_attention_bwd_split_heads(-1);
+  kernels::cuda::set_attention_fwd_wgmma(1);
+  for (int64_t d : {64, 128}) {
+    SCOPED_TRACE("wgmma forward and backward");
+    check_case(kv_cache_case(d, true), DType::bf16, 48);
+    check_case(uniform_case(2, 300, 300, d, false), DType::f16, 49);
+  }
+}
+
 // A negative scale (the op maps 0 to 1/sqrt(d)): the tensor-core forward folds the scale into
 // its softmax's max, so it leaves scale <= 0 to the general kernel; the backward stays on tensor
 // cores. Both must match the CPU.
