@@ -87,7 +87,7 @@ def main():
             else:
                 extra = ""
             print(f"  loop {ins[lo][0]:#06x}-{a:#06x}: {n} instructions{extra}; " +
-                  ", ".join(f"{k} {c[k]}" for k in ["HMMA", "LDSM", "MUFU", "LDG", "LDL", "STL", "BAR"]
+                  ", ".join(f"{k} {c[k]}" for k in ["HMMA", "HGMMA", "LDSM", "MUFU", "LDG", "LDL", "STL", "BAR"]
                             if c[k]))
 
 
