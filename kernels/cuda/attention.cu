@@ -1011,17 +1011,23 @@ __device__ __forceinline__ void reg_fence(float (&d)[N]) {
 
 // A 64-key tile into the core-matrix layout above: NT threads, chunk q at byte 16 q; rows >= valid
 // zero.
+// NT is a multiple of 8 C (the chunks of 8 rows), so thread i keeps its chunk column c and steps
+// NT / C rows per pass: one pointer step per chunk, as fa_load_rows.
 template <class T, int D, int NT>
 __device__ __forceinline__ void fa_wg_load_tile(T* sm, const T* g, int64_t ld, int valid,
                                                 const T* any) {
   constexpr int C = D / 8;
-  static_assert((kWgBN * C) % NT == 0, "tile chunks per thread");
+  constexpr int kRowStep = NT / C;  // rows between a thread's chunks: (NT / (8 C)) groups of 8
+  static_assert(NT % (8 * C) == 0 && (kWgBN * C) % NT == 0, "tile chunks per thread");
+  const int q = int(threadIdx.x);
+  const int r = (q & 7) + (q / (8 * C)) * 8, c = (q >> 3) % C;
+  const T* src = g + int64_t(r) * ld + c * 8;
+  const int64_t step = int64_t(kRowStep) * ld;
 #pragma unroll
   for (int j = 0; j < kWgBN * C / NT; ++j) {
-    const int q = int(threadIdx.x) + j * NT;
-    const int r = (q & 7) + (q / (8 * C)) * 8, c = (q >> 3) % C;
-    const bool ok = r < valid;
-    cp_async16(sm + q * 8, ok ? g + int64_t(r) * ld + c * 8 : any, ok ? 16 : 0);
+    const bool ok = r + j * kRowStep < valid;
+    cp_async16(sm + (q + j * NT) * 8, ok ? src : any, ok ? 16 : 0);
+    src += step;
   }
 }
 // ROWS rows of Q into the padded row layout (stride D + 8) of fa_fwd_kernel, NT threads.
