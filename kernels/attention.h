@@ -92,6 +92,15 @@ void set_attention_fwd_wgmma(int v);
 void set_attention_bwd_wgmma(int v);
 bool attention_fwd_wgmma_available();
 
+// Test hook, the layouts under the wgmma kernels: one warpgroup MMA on [64][64] row-major matrices
+// a and b (rounded to bf16), reduction step kk (0..3: columns, or rows of a transposed b, 16 kk ..
+// 16 kk + 15), with the kernels' tile loader, descriptors, A-fragment and accumulator layouts.
+// which 0: D = A_kk B_kk^T, A in registers, B K-major (the forward's S = Q K^T); 1: D = A_kk
+// B[16 kk .. +15][:], B transposed (O += P V); 2: as 0 with A from shared memory (the
+// backward's S^T = K Q^T). Returns D [64][64]. Needs attention_fwd_wgmma_available().
+std::vector<float> wgmma_probe(int which, int kk, const std::vector<float>& a,
+                               const std::vector<float>& b);
+
 // Benchmark hook: the tensor-core backward's variant. -1 (the default): 1 at head_dim 64, 4 at
 // head_dim 128 (the fastest measured on an H200). 0: as described above.
 // 1: more resident CTAs per SM (dK/dV at head_dim 64 capped at 168 registers; dQ at head_dim 128

@@ -2230,6 +2230,53 @@ __global__ void __launch_bounds__(kFaThreads, 3) fa_bwd_dq_ma2_occ3_kernel(Args 
   fa_bwd_dq_ma2_body<T, D>(a);
 }
 
+// One warpgroup MMA of each kind the wgmma kernels use, for wgmma_probe (a test hook): a and b are
+// [64][64] row-major, loaded as the kernels load tiles (b always, a for which 2, into the
+// core-matrix layout); k-step kk (reduction columns or rows 16 kk .. 16 kk + 15).
+//   which 0: D[m][n] = sum_k A[m][16 kk + k] B[n][16 kk + k], A fragments in registers, B K-major
+//            (the forward's S = Q K^T)
+//   which 1: D[m][n] = sum_k A[m][16 kk + k] B[16 kk + k][n], B transposed (O += P V)
+//   which 2: as 0 with A from shared memory, K-major (the backward's S^T = K Q^T)
+// D is written through the accumulator layout the kernels assume.
+template <class T>
+__global__ void __launch_bounds__(128) wgmma_probe_kernel(int which, int kk, const T* a,
+                                                          const T* b, float* d) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __shared__ __align__(16) T sA[64 * 64];
+  __shared__ __align__(16) T sB[64 * 64];
+  fa_wg_load_tile<T, 64, 128>(sB, b, 64, 64, b);
+  fa_wg_load_tile<T, 64, 128>(sA, a, 64, 64, a);
+  cp_async_commit();
+  cp_async_wait_all();
+  fence_proxy_async_smem();
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  // The m16n8k16 A fragment of rows 16 w .. 16 w + 15, columns 16 kk .. 16 kk + 15.
+  auto at = [&](int r, int c) { return a + (warp * 16 + r) * 64 + kk * 16 + c; };
+  uint32_t af[4];
+  af[0] = pack2<T>(to_f(at(g, 2 * t)[0]), to_f(at(g, 2 * t)[1]));
+  af[1] = pack2<T>(to_f(at(g + 8, 2 * t)[0]), to_f(at(g + 8, 2 * t)[1]));
+  af[2] = pack2<T>(to_f(at(g, 2 * t + 8)[0]), to_f(at(g, 2 * t + 8)[1]));
+  af[3] = pack2<T>(to_f(at(g + 8, 2 * t + 8)[0]), to_f(at(g + 8, 2 * t + 8)[1]));
+  constexpr uint32_t kGroupBytes = 64 * 16;
+  float acc[32];
+  wgmma_fence();
+  if (which == 0) wgmma_rs<T, 64, 0>(acc, af, wgmma_desc(sB, 128, kGroupBytes) + 16 * kk, 0);
+  else if (which == 1)
+    wgmma_rs<T, 64, 1>(acc, af, wgmma_desc(sB, kGroupBytes, 128) + uint64_t(kk) * (2 * kGroupBytes >> 4), 0);
+  else
+    wgmma_ss64<T>(acc, wgmma_desc(sA, 128, kGroupBytes) + 16 * kk, wgmma_desc(sB, 128, kGroupBytes) + 16 * kk, 0);
+  wgmma_commit();
+  wgmma_wait_all();
+  reg_fence(acc);
+#pragma unroll
+  for (int i = 0; i < 32; ++i)
+    d[(warp * 16 + g + 8 * ((i >> 1) & 1)) * 64 + (i >> 2) * 8 + 2 * t + (i & 1)] = acc[i];
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+
 // ---- fast path backward on Hopper: warpgroup MMAs (wgmma, sm_90a) ----------------------------------
 //
 // The deterministic backward (fa_bwd_dkdv_body with kAtomic 0 / 3, fa_bwd_dq_body) with its products
@@ -2997,6 +3044,30 @@ void set_attention_fwd_wgmma(int v) {
 void set_attention_bwd_wgmma(int v) {
   FTUNE_CHECK(v >= -1 && v <= 1, "[attention_backward] wgmma backward must be -1 (auto), 0 or 1, got ", v);
   g_bwd_wgmma = v;
+}
+
+std::vector<float> wgmma_probe(int which, int kk, const std::vector<float>& a,
+                               const std::vector<float>& b) {
+  FTUNE_CHECK(which >= 0 && which <= 2 && kk >= 0 && kk < 4, "[wgmma_probe] which 0..2, kk 0..3");
+  FTUNE_CHECK(a.size() == 64 * 64 && b.size() == 64 * 64, "[wgmma_probe] a and b are 64 x 64");
+  FTUNE_CHECK(attention_fwd_wgmma_available(), "[wgmma_probe] no wgmma here (sm_90a build, CC 9.0)");
+  const int dev = ftune::cuda::current_device();
+  std::vector<__nv_bfloat16> ha(a.size()), hb(b.size());
+  for (size_t i = 0; i < a.size(); ++i) ha[i] = __float2bfloat16(a[i]);
+  for (size_t i = 0; i < b.size(); ++i) hb[i] = __float2bfloat16(b[i]);
+  Tensor da = Tensor::empty({64 * 64}, DType::bf16, Device::cuda(dev));
+  Tensor db = Tensor::empty({64 * 64}, DType::bf16, Device::cuda(dev));
+  Tensor dd = Tensor::empty({64 * 64}, DType::f32, Device::cuda(dev));
+  CUDA_CHECK(cudaMemcpyAsync(da.raw_data(), ha.data(), ha.size() * 2, cudaMemcpyHostToDevice, stream()));
+  CUDA_CHECK(cudaMemcpyAsync(db.raw_data(), hb.data(), hb.size() * 2, cudaMemcpyHostToDevice, stream()));
+  wgmma_probe_kernel<__nv_bfloat16><<<1, 128, 0, stream()>>>(
+      which, kk, static_cast<const __nv_bfloat16*>(da.raw_data()),
+      static_cast<const __nv_bfloat16*>(db.raw_data()), dd.data<float>());
+  FTUNE_LAUNCH_CHECK("wgmma probe");
+  std::vector<float> out(64 * 64);
+  CUDA_CHECK(cudaMemcpyAsync(out.data(), dd.raw_data(), out.size() * 4, cudaMemcpyDeviceToHost, stream()));
+  CUDA_CHECK(cudaStreamSynchronize(stream()));
+  return out;
 }
 
 bool attention_fwd_wgmma_available() {

@@ -479,6 +479,78 @@ TEST(CudaAttention, BackwardVariants0To5AndAutoForwardRowBlocks) {
   }
 }
 
+// The layouts under the wgmma kernels, one warpgroup MMA at a time (kernels::cuda::wgmma_probe):
+// each kind (A in registers with B K-major, B transposed, A and B from shared memory) at reduction
+// steps 0 and 3, on small integers (exact in bf16 and f32) against the CPU. On a mismatch it says
+// which elements the hardware read instead: with one operand one-hot and the other holding its
+// row (then column) indices, each output names the element it came from. First in the suite: if
+// a layout is wrong, this says how, and the kernels' tests below fail for that reason.
+TEST(CudaAttentionWgmma, LayoutProbe) {
+  FTUNE_REQUIRE_GPU();
+  if (!kernels::cuda::attention_fwd_wgmma_available())
+    GTEST_SKIP() << "the wgmma kernels need an sm_90a build and a compute capability 9.0 GPU";
+  // B as the product reads it: (n, k) of B^T for which 0 and 2, (k, n) of B for which 1.
+  auto bidx = [](int which, int n, int k) { return which == 1 ? k * 64 + n : n * 64 + k; };
+  auto product = [&](int which, int kk, const std::vector<float>& a, const std::vector<float>& b) {
+    std::vector<float> d(64 * 64, 0.f);
+    for (int m = 0; m < 64; ++m)
+      for (int n = 0; n < 64; ++n)
+        for (int k = 16 * kk; k < 16 * kk + 16; ++k) d[m * 64 + n] += a[m * 64 + k] * b[bidx(which, n, k)];
+    return d;
+  };
+  uint64_t seed = 7;
+  auto small = [&] {  // -3..3
+    seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+    return float(int((seed >> 33) % 7) - 3);
+  };
+  const char* kinds[] = {"A regs, B K-major (S = Q K^T)", "A regs, B transposed (O += P V)",
+                         "A and B from shared memory (S^T = K Q^T)"};
+  for (int which = 0; which < 3; ++which)
+    for (int kk : {0, 3}) {
+      SCOPED_TRACE(std::string(kinds[which]) + ", k-step " + std::to_string(kk));
+      std::vector<float> a(64 * 64), b(64 * 64);
+      for (float& x : a) x = small();
+      for (float& x : b) x = small();
+      const std::vector<float> got = kernels::cuda::wgmma_probe(which, kk, a, b);
+      const std::vector<float> want = product(which, kk, a, b);
+      int bad = 0;
+      for (int i = 0; i < 64 * 64; ++i) bad += got[i] != want[i];
+      EXPECT_EQ(bad, 0) << bad << " of 4096 outputs differ";
+      if (bad == 0) continue;
+      // Which B element each output read: A one-hot (A[m][16 kk + m % 16] = 1), so D[m][n] is the
+      // B element (n, 16 kk + m % 16); B filled with its n, then its k, index. Then which A
+      // element: B one-hot on (n, 16 kk + n % 16), A filled with its m, then its k.
+      std::vector<float> onehot_a(64 * 64, 0.f), onehot_b(64 * 64, 0.f), bn(64 * 64), bk(64 * 64),
+          am(64 * 64), ak(64 * 64);
+      for (int m = 0; m < 64; ++m) onehot_a[m * 64 + 16 * kk + m % 16] = 1.f;
+      for (int n = 0; n < 64; ++n) onehot_b[bidx(which, n, 16 * kk + n % 16)] = 1.f;
+      for (int n = 0; n < 64; ++n)
+        for (int k = 0; k < 64; ++k) {
+          bn[bidx(which, n, k)] = float(n);
+          bk[bidx(which, n, k)] = float(k);
+          am[n * 64 + k] = float(n);
+          ak[n * 64 + k] = float(k);
+        }
+      const auto rn = kernels::cuda::wgmma_probe(which, kk, onehot_a, bn);
+      const auto rk = kernels::cuda::wgmma_probe(which, kk, onehot_a, bk);
+      const auto rm = kernels::cuda::wgmma_probe(which, kk, am, onehot_b);
+      const auto rak = kernels::cuda::wgmma_probe(which, kk, ak, onehot_b);
+      int shown = 0;
+      for (int m = 0; m < 64 && shown < 12; ++m)
+        for (int n = 0; n < 64 && shown < 12; ++n) {
+          const int i = m * 64 + n;
+          const bool b_ok = rn[i] == n && rk[i] == 16 * kk + m % 16;
+          const bool a_ok = rm[i] == m && rak[i] == 16 * kk + n % 16;
+          if (b_ok && a_ok) continue;
+          ++shown;
+          ADD_FAILURE() << "D(" << m << "," << n << "): B element read (n " << rn[i] << ", k " << rk[i]
+                        << "), expected (n " << n << ", k " << 16 * kk + m % 16 << "); A element read (m "
+                        << rm[i] << ", k " << rak[i] << "), expected (m " << m << ", k "
+                        << 16 * kk + n % 16 << ")";
+        }
+    }
+}
+
 // The forward on Hopper's warpgroup MMAs (set_attention_fwd_wgmma; sm_90a build, H100/H200),
 // 64- and 128-row CTAs (one or two warpgroups): out, lse, and the backward (the mma.sync kernels)
 // from its out and lse, against the CPU. The cases of the variants test above (ragged packed
