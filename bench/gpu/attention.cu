@@ -256,7 +256,8 @@ FTUNE_GPU_BENCH(attention) {
 
 // The forward on Hopper's warpgroup MMAs (set_attention_fwd_wgmma), beside the rows above: the
 // forward with 64- and 128-row CTAs, forward + backward (the default backward) with it, and both
-// passes on wgmma (set_attention_bwd_wgmma: "wgmma-all"). A
+// passes on wgmma (set_attention_bwd_wgmma: "wgmma-all", one warpgroup per backward CTA; "wgmma-all
+// wg2", two). A
 // family of its own, run after every other (bench/gpu/main.cu), so a fault in it costs no other
 // rows. Skipped where attention_fwd_wgmma_available() is false.
 FTUNE_GPU_BENCH(attention_wgmma) {
@@ -310,12 +311,14 @@ FTUNE_GPU_BENCH(attention_wgmma) {
         rb.flops = 3.5 * fwd_flops;
         ctx.add(rb);
         // Both passes on wgmma (the deterministic backward: dK/dV and dQ kernels).
-        kernels::cuda::set_attention_bwd_wgmma(1);
-        bench::Row ra;
-        ra.name = "attn_fwd+bwd " + shape + " wgmma-all";
-        ra.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, reps);
-        ra.flops = 3.5 * fwd_flops;
-        ctx.add(ra);
+        for (int wgs : {1, 2}) {  // the backward's warpgroups per CTA
+          kernels::cuda::set_attention_bwd_wgmma(wgs);
+          bench::Row ra;
+          ra.name = "attn_fwd+bwd " + shape + (wgs == 2 ? " wgmma-all wg2" : " wgmma-all");
+          ra.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, reps);
+          ra.flops = 3.5 * fwd_flops;
+          ctx.add(ra);
+        }
         kernels::cuda::set_attention_bwd_wgmma(-1);
         kernels::cuda::set_attention_fwd_wgmma(-1);
       }

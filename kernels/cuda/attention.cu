@@ -2292,15 +2292,16 @@ __global__ void __launch_bounds__(128) wgmma_probe_kernel(int which, int kk, con
 // S^T and dP^T (S and dP) are issued together and awaited together; each accumulate is awaited
 // before its A registers are rewritten. Masking, probabilities, Delta, the epilogues and the
 // split over query heads (kSplit, with dkv_reduce_kernel) are the mma.sync kernels'.
-template <class T, int D, bool kSplit>
-__global__ void __launch_bounds__(128) fa_bwd_dkdv_wgmma_kernel(Args a) {
+template <class T, int D, bool kSplit, int WG>
+__global__ void __launch_bounds__(128 * WG) fa_bwd_dkdv_wgmma_kernel(Args a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int NT = 128 * WG, kKeys = 64 * WG;  // threads; keys per CTA (64 per warpgroup)
   constexpr int kT = kWgBN * D;           // elements of a 64-row tile
   constexpr uint32_t kGroupBytes = D * 16;  // 8 rows of a tile
   extern __shared__ __align__(16) unsigned char fa_smem[];
-  T* sK = reinterpret_cast<T*>(fa_smem);  // [64 keys x D]
-  T* sV = sK + kT;                        // [64 keys x D]
-  T* sQ = sV + kT;                        // [2][64 rows x D]
+  T* sK = reinterpret_cast<T*>(fa_smem);  // [WG][64 keys x D]
+  T* sV = sK + WG * kT;                   // [WG][64 keys x D]
+  T* sQ = sV + WG * kT;                   // [2][64 rows x D], shared by the warpgroups
   T* sG = sQ + 2 * kT;                    // [2][64 rows x D] dO
   float* sL = reinterpret_cast<float*>(sG + 2 * kT);  // [2][64] lse in log2 units
   float* sDl = sL + 2 * kBwdBM;                       // [2][64] Delta
@@ -2310,14 +2311,19 @@ __global__ void __launch_bounds__(128) fa_bwd_dkdv_wgmma_kernel(Args a) {
   const int group = a.H / a.Hkv;
   const int hk = kSplit ? int(blockIdx.y) / group : int(blockIdx.y);
   const int h_first = kSplit ? int(blockIdx.y) : hk * group, n_heads = kSplit ? 1 : group;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int keys = min(64, s.len_k - c0), off = s.len_k - s.len_q;
+  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int keys = min(kKeys, s.len_k - c0), off = s.len_k - s.len_q;
   const int64_t ldq = int64_t(a.H) * D, ldk = int64_t(a.Hkv) * D;
   const T* qbase = static_cast<const T*>(a.q);
   const T* gbase = static_cast<const T*>(a.dout);
   const int64_t koff = int64_t(s.k_start + c0) * ldk + int64_t(hk) * D;
-  fa_wg_load_tile<T, D, 128>(sK, static_cast<const T*>(a.k) + koff, ldk, keys, qbase);
-  fa_wg_load_tile<T, D, 128>(sV, static_cast<const T*>(a.v) + koff, ldk, keys, qbase);
+#pragma unroll
+  for (int w = 0; w < WG; ++w) {
+    const int64_t wo = koff + int64_t(w) * 64 * ldk;
+    fa_wg_load_tile<T, D, NT>(sK + w * kT, static_cast<const T*>(a.k) + wo, ldk, keys - w * 64, qbase);
+    fa_wg_load_tile<T, D, NT>(sV + w * kT, static_cast<const T*>(a.v) + wo, ldk, keys - w * 64, qbase);
+  }
 
   const int first_row = a.causal ? max(0, c0 - off) : 0;
   const int nrt = s.len_q > first_row ? (s.len_q - first_row + kBwdBM - 1) / kBwdBM : 0;
@@ -2327,9 +2333,9 @@ __global__ void __launch_bounds__(128) fa_bwd_dkdv_wgmma_kernel(Args a) {
     const int h = h_first + it / nrt, r0 = first_row + (it % nrt) * kBwdBM;
     const int rows = min(kBwdBM, s.len_q - r0);
     const int64_t qoff = int64_t(s.q_start + r0) * ldq + int64_t(h) * D;
-    fa_wg_load_tile<T, D, 128>(sQ + buf * kT, qbase + qoff, ldq, rows, qbase);
-    fa_wg_load_tile<T, D, 128>(sG + buf * kT, gbase + qoff, ldq, rows, qbase);
-    for (int r = threadIdx.x; r < kBwdBM; r += 128) {
+    fa_wg_load_tile<T, D, NT>(sQ + buf * kT, qbase + qoff, ldq, rows, qbase);
+    fa_wg_load_tile<T, D, NT>(sG + buf * kT, gbase + qoff, ldq, rows, qbase);
+    for (int r = threadIdx.x; r < kBwdBM; r += NT) {
       const int64_t idx = int64_t(h) * a.nq + s.q_start + r0 + r;
       sL[buf * kBwdBM + r] = r < rows ? a.lse[idx] * log2e : INFINITY;
       sDl[buf * kBwdBM + r] = r < rows ? a.delta[idx] : 0.f;
@@ -2341,9 +2347,9 @@ __global__ void __launch_bounds__(128) fa_bwd_dkdv_wgmma_kernel(Args a) {
   float dk[D / 2], dv[D / 2];  // [4 nd + e]: column 8 nd + 2 t + (e & 1), key row g + 8 (e >> 1)
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
-  const int key_a = c0 + warp * 16 + g, key_b = key_a + 8;
-  const uint64_t k_desc = wgmma_desc(sK, 128, kGroupBytes);
-  const uint64_t v_desc = wgmma_desc(sV, 128, kGroupBytes);
+  const int key_a = c0 + wg * 64 + warp * 16 + g, key_b = key_a + 8;
+  const uint64_t k_desc = wgmma_desc(sK + wg * kT, 128, kGroupBytes);
+  const uint64_t v_desc = wgmma_desc(sV + wg * kT, 128, kGroupBytes);
 
   for (int it = 0; it < n_it; ++it) {
     const int buf = it & 1;
@@ -2373,8 +2379,8 @@ __global__ void __launch_bounds__(128) fa_bwd_dkdv_wgmma_kernel(Args a) {
     reg_fence(st);
     reg_fence(dpt);
 
-    const bool need_mask = r0 + kBwdBM > s.len_q || c0 + 64 > s.len_k ||
-                           (a.causal && c0 + 63 > r0 + off);
+    const bool need_mask = r0 + kBwdBM > s.len_q || c0 + kKeys > s.len_k ||
+                           (a.causal && c0 + kKeys - 1 > r0 + off);
     auto probs = [&](auto mask_tag) {
 #pragma unroll
       for (int i = 0; i < kBwdBM / 2; ++i) {
@@ -2427,7 +2433,7 @@ __global__ void __launch_bounds__(128) fa_bwd_dkdv_wgmma_kernel(Args a) {
   const int64_t part_off = kSplit ? int64_t(h_first % group) * a.nk * ldk : 0;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int j = warp * 16 + g + 8 * i;
+    const int j = wg * 64 + warp * 16 + g + 8 * i;
     if (j >= keys) continue;
     const int64_t base = int64_t(s.k_start + c0 + j) * ldk + int64_t(hk) * D;
 #pragma unroll
@@ -2451,22 +2457,24 @@ __global__ void __launch_bounds__(128) fa_bwd_dkdv_wgmma_kernel(Args a) {
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
-template <class T, int D>
-__global__ void __launch_bounds__(128) fa_bwd_dq_wgmma_kernel(Args a) {
+template <class T, int D, int WG>
+__global__ void __launch_bounds__(128 * WG) fa_bwd_dq_wgmma_kernel(Args a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int NT = 128 * WG, kRows = 64 * WG;  // threads; query rows per CTA
   constexpr int kT = kWgBN * D;
   constexpr uint32_t kGroupBytes = D * 16;
   extern __shared__ __align__(16) unsigned char fa_smem[];
-  T* sQ = reinterpret_cast<T*>(fa_smem);  // [64 rows x D]
-  T* sG = sQ + kT;                        // [64 rows x D] dO
-  T* sK = sG + kT;                        // [2][64 keys x D]
+  T* sQ = reinterpret_cast<T*>(fa_smem);  // [WG][64 rows x D]
+  T* sG = sQ + WG * kT;                   // [WG][64 rows x D] dO
+  T* sK = sG + WG * kT;                   // [2][64 keys x D], shared by the warpgroups
   T* sV = sK + 2 * kT;                    // [2][64 keys x D]
   SeqDesc s;
   int r0;
   tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, r0);
   const int h = blockIdx.y, hk = h / (a.H / a.Hkv);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int rows = min(64, s.len_q - r0), off = s.len_k - s.len_q;
+  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int rows = min(kRows, s.len_q - r0), off = s.len_k - s.len_q;
   const int64_t ldq = int64_t(a.H) * D, ldk = int64_t(a.Hkv) * D;
   const T* qbase = static_cast<const T*>(a.q);
   const int64_t qoff = int64_t(s.q_start + r0) * ldq + int64_t(h) * D;
@@ -2474,20 +2482,25 @@ __global__ void __launch_bounds__(128) fa_bwd_dq_wgmma_kernel(Args a) {
   const T* v = static_cast<const T*>(a.v) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
   const int col_end = visible_end(s, r0, rows, a.causal);
   const int ntiles = (col_end + kWgBN - 1) / kWgBN;
-  fa_wg_load_tile<T, D, 128>(sQ, qbase + qoff, ldq, rows, qbase);
-  fa_wg_load_tile<T, D, 128>(sG, static_cast<const T*>(a.dout) + qoff, ldq, rows, qbase);
+#pragma unroll
+  for (int w = 0; w < WG; ++w) {
+    const int64_t wo = qoff + int64_t(w) * 64 * ldq;
+    fa_wg_load_tile<T, D, NT>(sQ + w * kT, qbase + wo, ldq, rows - w * 64, qbase);
+    fa_wg_load_tile<T, D, NT>(sG + w * kT, static_cast<const T*>(a.dout) + wo, ldq, rows - w * 64, qbase);
+  }
   if (ntiles > 0) {
-    fa_wg_load_tile<T, D, 128>(sK, k, ldk, min(kWgBN, col_end), qbase);
-    fa_wg_load_tile<T, D, 128>(sV, v, ldk, min(kWgBN, col_end), qbase);
+    fa_wg_load_tile<T, D, NT>(sK, k, ldk, min(kWgBN, col_end), qbase);
+    fa_wg_load_tile<T, D, NT>(sV, v, ldk, min(kWgBN, col_end), qbase);
   }
   cp_async_commit();
 
   const float log2e = 1.4426950408889634f, sl2 = a.scale * log2e;
-  const int row_a = r0 + warp * 16 + g, row_b = row_a + 8;  // within the sequence
+  const int wrow = wg * 64 + warp * 16;  // this warp's first row in the CTA's block
+  const int row_a = r0 + wrow + g, row_b = row_a + 8;  // within the sequence
   float lse2[2], dl[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int r = warp * 16 + g + 8 * i;
+    const int r = wrow + g + 8 * i;
     const int64_t idx = int64_t(h) * a.nq + s.q_start + r0 + r;
     lse2[i] = r < rows ? a.lse[idx] * log2e : INFINITY;
     dl[i] = r < rows ? a.delta[idx] : 0.f;
@@ -2495,8 +2508,8 @@ __global__ void __launch_bounds__(128) fa_bwd_dq_wgmma_kernel(Args a) {
   float dq[D / 2];  // [4 nd + e]: column 8 nd + 2 t + (e & 1), row g + 8 (e >> 1)
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) dq[i] = 0.f;
-  const uint64_t q_desc = wgmma_desc(sQ, 128, kGroupBytes);
-  const uint64_t g_desc = wgmma_desc(sG, 128, kGroupBytes);
+  const uint64_t q_desc = wgmma_desc(sQ + wg * kT, 128, kGroupBytes);
+  const uint64_t g_desc = wgmma_desc(sG + wg * kT, 128, kGroupBytes);
 
   for (int jt = 0; jt < ntiles; ++jt) {
     const int c0 = jt * kWgBN, buf = jt & 1;
@@ -2505,8 +2518,8 @@ __global__ void __launch_bounds__(128) fa_bwd_dq_wgmma_kernel(Args a) {
     __syncthreads();  // tile jt landed; buffer buf ^ 1 (tile jt - 1) is no longer read
     if (jt + 1 < ntiles) {
       const int valid = min(kWgBN, col_end - c0 - kWgBN);
-      fa_wg_load_tile<T, D, 128>(sK + (buf ^ 1) * kT, k + int64_t(c0 + kWgBN) * ldk, ldk, valid, qbase);
-      fa_wg_load_tile<T, D, 128>(sV + (buf ^ 1) * kT, v + int64_t(c0 + kWgBN) * ldk, ldk, valid, qbase);
+      fa_wg_load_tile<T, D, NT>(sK + (buf ^ 1) * kT, k + int64_t(c0 + kWgBN) * ldk, ldk, valid, qbase);
+      fa_wg_load_tile<T, D, NT>(sV + (buf ^ 1) * kT, v + int64_t(c0 + kWgBN) * ldk, ldk, valid, qbase);
     }
     cp_async_commit();
     const T* kt = sK + buf * kT;
@@ -2560,7 +2573,7 @@ __global__ void __launch_bounds__(128) fa_bwd_dq_wgmma_kernel(Args a) {
   T* gq = static_cast<T*>(a.dq);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int r = warp * 16 + g + 8 * i;
+    const int r = wrow + g + 8 * i;
     if (r >= rows) continue;
     T* row = gq + int64_t(s.q_start + r0 + r) * ldq + int64_t(h) * D;
 #pragma unroll
@@ -2609,8 +2622,9 @@ int bwd_variant(int64_t head_dim) {
 
 // The wgmma kernels (set_attention_fwd_wgmma / set_attention_bwd_wgmma): -1 (the default) reads
 // FTUNE_ATTN_WGMMA per call ("1" or "all": both passes, "fwd": the forward, "bwd": the
-// backward; unset: neither), 0 off, 1 on; taken only where they exist (a build with sm_90a, a
-// compute capability 9.0 device). pass: 1 the forward, 2 the backward.
+// backward; unset: neither), 0 off, 1 on (the backward: 2, on with two warpgroups per CTA);
+// taken only where they exist (a build with sm_90a, a compute capability 9.0 device). pass: 1
+// the forward, 2 the backward.
 int g_fwd_wgmma = -1, g_bwd_wgmma = -1;
 bool wgmma_on(int dev, int pass) {
   int mode = pass == 1 ? g_fwd_wgmma : g_bwd_wgmma;
@@ -2618,7 +2632,7 @@ bool wgmma_on(int dev, int pass) {
     const std::string e = std::getenv("FTUNE_ATTN_WGMMA") ? std::getenv("FTUNE_ATTN_WGMMA") : "";
     mode = e == "1" || e == "all" || (pass == 1 && e == "fwd") || (pass == 2 && e == "bwd");
   }
-  return mode == 1 && fwd_wgmma_built_for(dev);
+  return mode >= 1 && fwd_wgmma_built_for(dev);
 }
 
 // The forward's 64-row blocks per CTA under the current setting.
@@ -2849,40 +2863,41 @@ void dkdv_reduce(const AttnParams& p, const Args& b) {
   FTUNE_LAUNCH_CHECK("attention_backward dk/dv reduce over query heads");
 }
 
-// The deterministic backward on warpgroup MMAs (fa_bwd_dkdv_wgmma_kernel, fa_bwd_dq_wgmma_kernel).
-template <class T, int D>
+// The deterministic backward on warpgroup MMAs (fa_bwd_dkdv_wgmma_kernel, fa_bwd_dq_wgmma_kernel),
+// WG warpgroups per CTA: 64 WG keys (dK/dV) or query rows (dQ) sharing each streamed tile.
+template <class T, int D, int WG>
 void wgmma_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const Args& a, int dev) {
   constexpr size_t kTileBytes = size_t(kWgBN) * D * sizeof(T);
   if (a.dk || a.dv) {
-    Tables t = make_tiles(seqs, 64, true, p.causal, dev);
+    Tables t = make_tiles(seqs, 64 * WG, true, p.causal, dev);
     if (t.nx > 0) {
       FTUNE_CHECK(t.nz <= 65535, "[attention_backward] batch of ", t.nz, " rows");
       Args b = a;
       b.map = t.map;
       Tensor part;
       const bool split = dkdv_split(p, t, b, dev, part);
-      const size_t smem = 6 * kTileBytes + 4 * kBwdBM * sizeof(float);
+      const size_t smem = (2 * WG + 4) * kTileBytes + 4 * kBwdBM * sizeof(float);
       auto launch = [&](auto kernel) {
         set_smem(kernel, smem);
-        kernel<<<dim3(t.nx, unsigned(split ? p.num_heads : p.num_kv_heads), t.nz), 128, smem,
+        kernel<<<dim3(t.nx, unsigned(split ? p.num_heads : p.num_kv_heads), t.nz), 128 * WG, smem,
                  stream()>>>(b);
       };
-      if (split) launch(fa_bwd_dkdv_wgmma_kernel<T, D, true>);
-      else launch(fa_bwd_dkdv_wgmma_kernel<T, D, false>);
+      if (split) launch(fa_bwd_dkdv_wgmma_kernel<T, D, true, WG>);
+      else launch(fa_bwd_dkdv_wgmma_kernel<T, D, false, WG>);
       FTUNE_LAUNCH_CHECK("attention_backward dk/dv (wgmma)");
       if (split) dkdv_reduce<T>(p, b);
     }
   }
   if (a.dq) {
-    Tables t = make_tiles(seqs, 64, false, p.causal, dev);
+    Tables t = make_tiles(seqs, 64 * WG, false, p.causal, dev);
     if (t.nx > 0) {
       FTUNE_CHECK(t.nz <= 65535, "[attention_backward] batch of ", t.nz, " rows");
       Args b = a;
       b.map = t.map;
-      const size_t smem = 6 * kTileBytes;
-      set_smem(fa_bwd_dq_wgmma_kernel<T, D>, smem);
-      fa_bwd_dq_wgmma_kernel<T, D><<<dim3(t.nx, unsigned(p.num_heads), t.nz), 128, smem,
-                                     stream()>>>(b);
+      const size_t smem = (2 * WG + 4) * kTileBytes;
+      set_smem(fa_bwd_dq_wgmma_kernel<T, D, WG>, smem);
+      fa_bwd_dq_wgmma_kernel<T, D, WG><<<dim3(t.nx, unsigned(p.num_heads), t.nz), 128 * WG, smem,
+                                         stream()>>>(b);
       FTUNE_LAUNCH_CHECK("attention_backward dq (wgmma)");
     }
   }
@@ -2896,7 +2911,8 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
   // way: no second pass recomputing S and dP).
   const bool atomic_dq = a.dq && !ftune::cuda::deterministic();
   if (!atomic_dq && wgmma_on(dev, 2)) {
-    wgmma_backward<T, D>(p, seqs, a, dev);
+    if (g_bwd_wgmma == 2) wgmma_backward<T, D, 2>(p, seqs, a, dev);
+    else wgmma_backward<T, D, 1>(p, seqs, a, dev);
     return;
   }
   Tensor accum;
@@ -3042,7 +3058,8 @@ void set_attention_fwd_wgmma(int v) {
 }
 
 void set_attention_bwd_wgmma(int v) {
-  FTUNE_CHECK(v >= -1 && v <= 1, "[attention_backward] wgmma backward must be -1 (auto), 0 or 1, got ", v);
+  FTUNE_CHECK(v >= -1 && v <= 2,
+              "[attention_backward] wgmma backward must be -1 (auto), 0, 1 or 2, got ", v);
   g_bwd_wgmma = v;
 }
 

@@ -595,9 +595,9 @@ TEST(CudaAttentionWgmma, ForwardMatchesCpu) {
       }
 }
 
-// The deterministic backward on warpgroup MMAs (set_attention_bwd_wgmma): dK/dV, with the split
-// over query heads off and on, and dQ, from the mma.sync forward's out and lse; then forward and
-// backward both on wgmma. The same cases as the forward test above.
+// The deterministic backward on warpgroup MMAs (set_attention_bwd_wgmma), one and two warpgroups
+// per CTA: dK/dV, with the split over query heads off and on, and dQ, from the mma.sync forward's
+// out and lse; then forward and backward both on wgmma. The same cases as the forward test above.
 TEST(CudaAttentionWgmma, BackwardMatchesCpu) {
   FTUNE_REQUIRE_GPU();
   if (!kernels::cuda::attention_fwd_wgmma_available())
@@ -611,11 +611,14 @@ TEST(CudaAttentionWgmma, BackwardMatchesCpu) {
   } restore;
   ASSERT_TRUE(cuda::deterministic());
   kernels::cuda::set_attention_fwd_wgmma(0);
-  kernels::cuda::set_attention_bwd_wgmma(1);
+  for (int wgs : {1, 2})  // warpgroups per CTA: 64 or 128 keys (dK/dV) and rows (dQ)
   for (int split : {0, 1})
     for (int64_t d : {64, 128})
       for (DType dt : {DType::bf16, DType::f16}) {
-        SCOPED_TRACE("wgmma backward, split over query heads " + std::to_string(split));
+        if (wgs == 2 && dt == DType::f16) continue;  // the same code as bf16 but for the MMA's type
+        SCOPED_TRACE("wgmma backward, " + std::to_string(wgs) + " warpgroups, split over query heads " +
+                     std::to_string(split));
+        kernels::cuda::set_attention_bwd_wgmma(wgs);
         kernels::cuda::set_attention_bwd_split_heads(split);
         for (bool causal : {true, false}) {
           check_case(kv_cache_case(d, causal), dt, 41);
@@ -638,11 +641,13 @@ TEST(CudaAttentionWgmma, BackwardMatchesCpu) {
       }
   kernels::cuda::set_attention_bwd_split_heads(-1);
   kernels::cuda::set_attention_fwd_wgmma(1);
-  for (int64_t d : {64, 128}) {
-    SCOPED_TRACE("wgmma forward and backward");
-    check_case(kv_cache_case(d, true), DType::bf16, 48);
-    check_case(uniform_case(2, 300, 300, d, false), DType::f16, 49);
-  }
+  for (int wgs : {1, 2})
+    for (int64_t d : {64, 128}) {
+      SCOPED_TRACE("wgmma forward and backward, " + std::to_string(wgs) + " warpgroups");
+      kernels::cuda::set_attention_bwd_wgmma(wgs);
+      check_case(kv_cache_case(d, true), DType::bf16, 48);
+      check_case(uniform_case(2, 300, 300, d, false), DType::f16, 49);
+    }
 }
 
 // A negative scale (the op maps 0 to 1/sqrt(d)): the tensor-core forward folds the scale into
