@@ -997,6 +997,12 @@ __device__ __forceinline__ void wgmma_commit() {
 __device__ __forceinline__ void wgmma_wait_all() {
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 }
+// Waits until at most N of this warpgroup's committed groups are pending: groups complete in
+// order, so every group but the newest N has landed.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
 // This thread's writes to shared memory (landed cp.async) made visible to the async proxy.
 __device__ __forceinline__ void fence_proxy_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -2368,16 +2374,18 @@ __global__ void __launch_bounds__(128 * WG) fa_bwd_dkdv_wgmma_kernel(Args a) {
 
     // st[4 nb + e]: S^T, then P^T, then dS^T at key row g + 8 (e >> 1), query column 8 nb + 2 t +
     // (e & 1) of the tile; dpt the same for dP^T.
+    // Three groups in flight at most, each awaited only where its result is needed: P^T is
+    // formed while dP^T is computed, dS^T while dV accumulates.
     float st[kBwdBM / 2], dpt[kBwdBM / 2];
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) wgmma_ss64<T>(st, k_desc + 16 * kk, q_desc + 16 * kk, kk);
+    wgmma_commit();  // group: S^T
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) wgmma_ss64<T>(dpt, v_desc + 16 * kk, g_desc + 16 * kk, kk);
-    wgmma_commit();
-    wgmma_wait_all();
+    wgmma_commit();  // group: dP^T
+    wgmma_wait<1>();  // S^T landed
     reg_fence(st);
-    reg_fence(dpt);
 
     const bool need_mask = r0 + kBwdBM > s.len_q || c0 + kKeys > s.len_k ||
                            (a.causal && c0 + kKeys - 1 > r0 + off);
@@ -2396,34 +2404,37 @@ __global__ void __launch_bounds__(128 * WG) fa_bwd_dkdv_wgmma_kernel(Args a) {
     if (need_mask) probs(std::true_type{});
     else probs(std::false_type{});
 
-    uint32_t pa[kBwdBM / 16][4];
-    auto pack = [&] {
+    // A fragments: P^T for dV (read by its wgmma until it lands), dS^T for dK.
+    uint32_t pa[kBwdBM / 16][4], pb[kBwdBM / 16][4];
+    auto pack = [&](uint32_t(&f)[kBwdBM / 16][4]) {
 #pragma unroll
       for (int kk = 0; kk < kBwdBM / 16; ++kk)
 #pragma unroll
-        for (int r = 0; r < 4; ++r) pa[kk][r] = pack2<T>(st[8 * kk + 2 * r], st[8 * kk + 2 * r + 1]);
+        for (int r = 0; r < 4; ++r) f[kk][r] = pack2<T>(st[8 * kk + 2 * r], st[8 * kk + 2 * r + 1]);
     };
     // dV += P^T dO
-    pack();
+    pack(pa);
     reg_fence(dv);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBwdBM / 16; ++kk)
       wgmma_rs<T, D, 1>(dv, pa[kk], g_desc_t + uint64_t(kk) * (2 * kGroupBytes >> 4), 1);
-    wgmma_commit();
-    wgmma_wait_all();
-    reg_fence(dv);
+    wgmma_commit();  // group: dV
+    wgmma_wait<1>();  // dP^T landed; dV may still run
+    reg_fence(dpt);
     // dS^T = P^T (dP^T - Delta), then dK += dS^T Q (scaled at the end)
 #pragma unroll
     for (int i = 0; i < kBwdBM / 2; ++i) st[i] *= dpt[i] - dl[(i >> 2) * 8 + 2 * t + (i & 1)];
-    pack();
+    pack(pb);
+    wgmma_wait_all();  // dV landed: pa is free
+    reg_fence(dv);
     reg_fence(dk);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBwdBM / 16; ++kk)
-      wgmma_rs<T, D, 1>(dk, pa[kk], q_desc_t + uint64_t(kk) * (2 * kGroupBytes >> 4), 1);
+      wgmma_rs<T, D, 1>(dk, pb[kk], q_desc_t + uint64_t(kk) * (2 * kGroupBytes >> 4), 1);
     wgmma_commit();
-    wgmma_wait_all();
+    wgmma_wait_all();  // before the next tile's barrier: its loads overwrite this Q buffer
     reg_fence(dk);
   }
   cp_async_wait_all();
@@ -2530,16 +2541,15 @@ __global__ void __launch_bounds__(128 * WG) fa_bwd_dq_wgmma_kernel(Args a) {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) wgmma_ss64<T>(sc, q_desc + 16 * kk, k_desc + 16 * kk, kk);
+    wgmma_commit();  // group: S
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) wgmma_ss64<T>(dp, g_desc + 16 * kk, v_desc + 16 * kk, kk);
-    wgmma_commit();
-    wgmma_wait_all();
+    wgmma_commit();  // group: dP
+    wgmma_wait<1>();  // S landed; P is formed while dP is computed
     reg_fence(sc);
-    reg_fence(dp);
 
     const bool need_mask = c0 + kWgBN > s.len_k || (a.causal && c0 + kWgBN - 1 > r0 + off);
-    // dS = P (dP - Delta)
-    auto dscores = [&](auto mask_tag) {
+    auto probs = [&](auto mask_tag) {
 #pragma unroll
       for (int i = 0; i < kWgBN / 2; ++i) {
         const int e2 = (i >> 1) & 1;
@@ -2549,11 +2559,16 @@ __global__ void __launch_bounds__(128 * WG) fa_bwd_dq_wgmma_kernel(Args a) {
           const int row = e2 ? row_b : row_a;
           if (col >= s.len_k || (a.causal && col > row + off)) p = 0.f;
         }
-        sc[i] = p * (dp[i] - dl[e2]);
+        sc[i] = p;
       }
     };
-    if (need_mask) dscores(std::true_type{});
-    else dscores(std::false_type{});
+    if (need_mask) probs(std::true_type{});
+    else probs(std::false_type{});
+    wgmma_wait_all();  // dP landed
+    reg_fence(dp);
+    // dS = P (dP - Delta)
+#pragma unroll
+    for (int i = 0; i < kWgBN / 2; ++i) sc[i] *= dp[i] - dl[(i >> 1) & 1];
     uint32_t pa[kWgBN / 16][4];
 #pragma unroll
     for (int kk = 0; kk < kWgBN / 16; ++kk)
