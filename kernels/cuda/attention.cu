@@ -2286,8 +2286,9 @@ __global__ void __launch_bounds__(128) wgmma_probe_kernel(int which, int kk, con
 // ---- fast path backward on Hopper: warpgroup MMAs (wgmma, sm_90a) ----------------------------------
 //
 // The deterministic backward (fa_bwd_dkdv_body with kAtomic 0 / 3, fa_bwd_dq_body) with its products
-// as warpgroup MMAs; one warpgroup (128 threads) per CTA, warp w owning rows 16 w .. 16 w + 15 of
-// the 64-row M side, as there. Every tile (K, V, Q, dO) sits in shared memory in the forward's
+// as warpgroup MMAs; WG warpgroups (128 threads each) per CTA, warpgroup w owning 64 keys (dK/dV)
+// or query rows (dQ) of the CTA's 64 WG, its warp v rows 16 v .. 16 v + 15 of them, as there; the
+// streamed tiles (Q/dO, or K/V) are shared by the warpgroups. Every tile (K, V, Q, dO) sits in shared memory in the forward's
 // core-matrix layout (fa_wg_load_tile), which serves both as a K-major operand (descriptor LBO
 // 128, SBO 16 D: the reduction runs along D) and as an N-major one (.trans, LBO 16 D, SBO 128: the
 // reduction runs along the tile's rows), so no tile is stored twice:
@@ -2849,8 +2850,8 @@ void decode_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DType
 // first key tiles 224 query tiles deep, for 3 x 132 resident slots). Then one CTA per query head
 // instead, its share of dK/dV in f32 scratch (`part`, pointed to by b.dk_part / b.dv_part), summed
 // per group by dkv_reduce. The f32 scratch is 2 x group x the bf16 dK + dV: auto stays under
-// 512 MiB of it (a long MQA batch would take GBs; it has many key tiles anyway). t: the 64-key
-// tiles.
+// 512 MiB of it (a long MQA batch would take GBs; it has many key tiles anyway). t: the CTAs' key
+// tiles (64 keys, or 128 for the wgmma backward with two warpgroups, which then splits sooner).
 bool dkdv_split(const AttnParams& p, const Tables& t, Args& b, int dev, Tensor& part) {
   const int64_t D = p.head_dim;
   const int group = int(p.num_heads / p.num_kv_heads);

@@ -647,6 +647,7 @@ TEST(CudaAttentionWgmma, BackwardMatchesCpu) {
       kernels::cuda::set_attention_bwd_wgmma(wgs);
       check_case(kv_cache_case(d, true), DType::bf16, 48);
       check_case(uniform_case(2, 300, 300, d, false), DType::f16, 49);
+      check_case(kv_cache_case(d, true), DType::f16, 50);  // f16 causal (the loop above: bf16 at 2)
     }
 }
 
