@@ -85,8 +85,10 @@ void set_attention_fwd_row_blocks(int n);
 // query heads as set_attention_bwd_split_heads says; without determinism the backward keeps the
 // atomic-dQ mma.sync kernel). -1 (the default): as the environment variable FTUNE_ATTN_WGMMA says
 // ("1" or "all": both, "fwd", "bwd"; unset: neither, until a GPU run has measured them); 0 off;
-// 1 on; the backward also 2: on, with two warpgroups per CTA (128 keys of dK/dV, 128 rows of dQ,
-// sharing each streamed Q/dO or K/V tile; 1: 64). Taken only where
+// 1 on; the forward also 2: on, pipelined (each warpgroup overlaps tile j's softmax with tile
+// j - 1's P V product, K and V double-buffered); the backward also 2: on, with two warpgroups per
+// CTA (128 keys of dK/dV, 128 rows of dQ, sharing each streamed Q/dO or K/V tile; 1: 64). Taken
+// only where
 // attention_fwd_wgmma_available() (both passes): a build with sm_90a in
 // its CUDA architectures (the default) and a compute capability 9.0 GPU (H100/H200). Same results
 // up to the f32 summation order inside the MMAs. Process-wide, not thread-safe.

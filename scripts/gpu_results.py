@@ -161,6 +161,9 @@ def main():
             for shape, t in tt_rows.items():
                 cell = lambda name: rows[name][4] if name in rows else ""
                 w1, w2 = cell("attn_fwd bf16 " + shape + " wgmma"), cell("attn_fwd bf16 " + shape + " wgmma bm128")
+                p1, p2 = cell("attn_fwd bf16 " + shape + " wgmma-pipe"), cell("attn_fwd bf16 " + shape + " wgmma-pipe bm128")
+                if p1 or p2:
+                    w1, w2 = "%s (pipelined %s)" % (w1, p1), "%s (pipelined %s)" % (w2, p2)
                 wb, wa = cell("attn_fwd+bwd bf16 " + shape + " wgmma"), cell("attn_fwd+bwd bf16 " + shape + " wgmma-all")
                 wa2 = cell("attn_fwd+bwd bf16 " + shape + " wgmma-all wg2")
                 wa = "%s / %s" % (wa, wa2) if wa2 else wa

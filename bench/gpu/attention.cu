@@ -255,7 +255,7 @@ FTUNE_GPU_BENCH(attention) {
 }
 
 // The forward on Hopper's warpgroup MMAs (set_attention_fwd_wgmma), beside the rows above: the
-// forward with 64- and 128-row CTAs, forward + backward (the default backward) with it, and both
+// forward, plain and pipelined ("wgmma-pipe"), with 64- and 128-row CTAs, forward + backward (the default backward) with it, and both
 // passes on wgmma (set_attention_bwd_wgmma: "wgmma-all", one warpgroup per backward CTA; "wgmma-all
 // wg2", two). A
 // family of its own, run after every other (bench/gpu/main.cu), so a fault in it costs no other
@@ -294,15 +294,17 @@ FTUNE_GPU_BENCH(attention_wgmma) {
         const std::string shape = "bf16 d" + std::to_string(D) + " h" + std::to_string(H) +
                                   " b" + std::to_string(B) + " n" + std::to_string(N) +
                                   (causal ? " causal" : "");
-        kernels::cuda::set_attention_fwd_wgmma(1);
-        for (int blocks : {1, 2}) {
-          kernels::cuda::set_attention_fwd_row_blocks(blocks);
-          bench::Row r;
-          r.name = "attn_fwd " + shape + (blocks == 2 ? " wgmma bm128" : " wgmma");
-          r.ms = ctx.time_ms(fwd, 3, reps);
-          r.flops = fwd_flops;
-          ctx.add(r);
-        }
+        for (int mode : {2, 1})  // the pipelined forward, then the plain one (left on below)
+          for (int blocks : {1, 2}) {
+            kernels::cuda::set_attention_fwd_wgmma(mode);
+            kernels::cuda::set_attention_fwd_row_blocks(blocks);
+            bench::Row r;
+            r.name = "attn_fwd " + shape + (mode == 2 ? " wgmma-pipe" : " wgmma") +
+                     (blocks == 2 ? " bm128" : "");
+            r.ms = ctx.time_ms(fwd, 3, reps);
+            r.flops = fwd_flops;
+            ctx.add(r);
+          }
         kernels::cuda::set_attention_fwd_row_blocks(-1);
         fwd();
         bench::Row rb;

@@ -1200,6 +1200,196 @@ __global__ void __launch_bounds__(128 * WG, (D == 64 && WG == 2) ? 2 : 1)
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
+// fa_fwd_wgmma_pipe_kernel: fa_fwd_wgmma_kernel with the products of neighbouring key tiles
+// overlapped inside each warpgroup (FlashAttention-3's intra-warpgroup pipelining): at tile j the
+// warpgroup issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} together, forms P_j (the softmax of S_j)
+// while the second product runs, and rescales O once it has landed. K and V are double-buffered:
+// one barrier per tile (K_{j+1} and V_j load while tile j is computed). P_{j-1} is packed out of
+// the S registers before S_j is issued into them. Same results as fa_fwd_wgmma_kernel up to the
+// order of float operations (the same products, the same online softmax).
+template <class T, int D, int WG>
+__global__ void __launch_bounds__(128 * WG, (D == 64 && WG == 2) ? 2 : 1)
+    fa_fwd_wgmma_pipe_kernel(Args a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int NT = 128 * WG, LDS = kFaLds<D>, BM = 64 * WG, kT = kWgBN * D;
+  constexpr uint32_t kGroupBytes = D * 16;
+  extern __shared__ __align__(16) unsigned char fa_smem[];
+  T* sK = reinterpret_cast<T*>(fa_smem);  // [2][64 keys x D], core matrices
+  T* sV = sK + 2 * kT;                    // [2][64 keys x D], core matrices
+  T* sQ = sV + 2 * kT;                    // [BM][LDS]
+  SeqDesc s;
+  int r0;
+  tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, r0);
+  const int h = blockIdx.y, hk = h / (a.H / a.Hkv);
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int wrow = (threadIdx.x >> 5) * 16;  // this warp's first row in the CTA's block
+  const int rows = min(BM, s.len_q - r0), off = s.len_k - s.len_q;
+  const int64_t ldq = int64_t(a.H) * D, ldk = int64_t(a.Hkv) * D;
+  const T* qbase = static_cast<const T*>(a.q);
+  const T* q = qbase + int64_t(s.q_start + r0) * ldq + int64_t(h) * D;
+  const T* k = static_cast<const T*>(a.k) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
+  const T* v = static_cast<const T*>(a.v) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
+  const int col_end = visible_end(s, r0, rows, a.causal);
+  const int ntiles = (col_end + kWgBN - 1) / kWgBN;
+
+  fa_wg_load_rows<T, D, NT, BM>(sQ, q, ldq, rows, qbase);
+  if (ntiles > 0) fa_wg_load_tile<T, D, NT>(sK, k, ldk, min(kWgBN, col_end), qbase);
+  cp_async_commit();
+  // Tile j's loads: K_j into sK[j & 1], V_j into sV[j & 1].
+  auto load_k = [&](int j) {
+    fa_wg_load_tile<T, D, NT>(sK + (j & 1) * kT, k + int64_t(j) * kWgBN * ldk, ldk,
+                              min(kWgBN, col_end - j * kWgBN), qbase);
+  };
+  auto load_v = [&](int j) {
+    fa_wg_load_tile<T, D, NT>(sV + (j & 1) * kT, v + int64_t(j) * kWgBN * ldk, ldk,
+                              min(kWgBN, col_end - j * kWgBN), qbase);
+  };
+  constexpr uint64_t kBufStep = (uint64_t(kT) * sizeof(T)) >> 4;  // descriptor step between buffers
+  const uint64_t k_desc = wgmma_desc(sK, 128, kGroupBytes);
+  const uint64_t v_desc = wgmma_desc(sV, kGroupBytes, 128);
+  const float sl2 = a.scale * 1.4426950408889634f;
+  float o[D / 2];  // o[4 nd + e]: column 8 nd + 2 t + (e & 1) of row g + 8 (e >> 1)
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, alpha[2] = {1.f, 1.f};
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+  uint32_t qf[D / 16][4];
+  float sc[kWgBN / 2];            // S_j, then P_j: column 8 nb + 2 t + (e & 1), row g + 8 (e >> 1)
+  uint32_t pa[kWgBN / 16][4];     // P_{j-1} as A fragments, read by its O product until it lands
+  auto row_of = [&](int i) { return r0 + wrow + g + 8 * i; };
+  int n_plain = min(ntiles, s.len_k / kWgBN);
+  if (a.causal) n_plain = min(n_plain, r0 + off + 1 > 0 ? (r0 + off + 1) / kWgBN : 0);
+
+  // The online softmax of S_j in sc: P_j in sc, m and l updated, alpha the factor O still needs.
+  auto softmax = [&](int jt, auto mask_tag) {
+    if constexpr (decltype(mask_tag)::value) {
+      const int c0 = jt * kWgBN;
+#pragma unroll
+      for (int i = 0; i < kWgBN / 2; ++i) {
+        const int col = c0 + (i >> 2) * 8 + 2 * t + (i & 1);
+        const int row = row_of((i >> 1) & 1);
+        if (col >= s.len_k || (a.causal && col > row + off)) sc[i] = -INFINITY;
+      }
+    }
+    float mu[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nb = 0; nb < kWgBN / 8; ++nb)
+        mx = fmaxf(mx, fmaxf(sc[4 * nb + 2 * i], sc[4 * nb + 2 * i + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float mn = fmaxf(m[i], mx * sl2);
+      mu[i] = mn == -INFINITY ? 0.f : mn;
+      alpha[i] = ex2_ftz(m[i] - mu[i]);
+      m[i] = mn;
+      l[i] *= alpha[i];
+    }
+#pragma unroll
+    for (int i = 0; i < kWgBN / 2; ++i) {
+      const float p = ex2_ftz(fmaf(sc[i], sl2, -mu[(i >> 1) & 1]));  // masked: 0
+      sc[i] = p;
+      l[(i >> 1) & 1] += p;
+    }
+  };
+  auto pack_p = [&] {
+#pragma unroll
+    for (int kk = 0; kk < kWgBN / 16; ++kk)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) pa[kk][r] = pack2<T>(sc[8 * kk + 2 * r], sc[8 * kk + 2 * r + 1]);
+  };
+  auto rescale_o = [&] {
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[4 * nd + e] *= alpha[e >> 1];
+  };
+  auto issue_s = [&](int jt) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      wgmma_rs<T, kWgBN, 0>(sc, qf[kk], k_desc + (jt & 1) * kBufStep + 16 * kk, kk);
+    wgmma_commit();
+  };
+  auto issue_pv = [&](int jt) {
+#pragma unroll
+    for (int kk = 0; kk < kWgBN / 16; ++kk)
+      wgmma_rs<T, D, 1>(o, pa[kk], v_desc + (jt & 1) * kBufStep + uint64_t(kk) * (2 * kGroupBytes >> 4), 1);
+    wgmma_commit();
+  };
+
+  if (ntiles > 0) {
+    // Tile 0: S_0 alone (O is still zero).
+    cp_async_wait_all();
+    fence_proxy_async_smem();
+    __syncthreads();  // Q and K_0 landed
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      ldsm_x4(qf[kk], sQ + (wrow + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+    load_v(0);
+    if (ntiles > 1) load_k(1);
+    cp_async_commit();
+    wgmma_fence();
+    issue_s(0);
+    wgmma_wait_all();
+    reg_fence(sc);
+    if (n_plain > 0) softmax(0, std::false_type{});
+    else softmax(0, std::true_type{});
+    for (int jt = 1; jt < ntiles; ++jt) {
+      cp_async_wait_all();
+      fence_proxy_async_smem();
+      __syncthreads();  // K_j and V_{j-1} landed; every warpgroup is done with S_{j-1}, PV_{j-2}
+      load_v(jt);
+      if (jt + 1 < ntiles) load_k(jt + 1);
+      cp_async_commit();
+      pack_p();  // P_{j-1} out of sc, which S_j overwrites
+      reg_fence(o);
+      wgmma_fence();
+      issue_s(jt);       // group: S_j
+      issue_pv(jt - 1);  // group: O += P_{j-1} V_{j-1}
+      wgmma_wait<1>();   // S_j landed; the O product may still run
+      reg_fence(sc);
+      if (jt < n_plain) softmax(jt, std::false_type{});
+      else softmax(jt, std::true_type{});
+      wgmma_wait_all();  // O landed: pa free, O rescaled to the new max
+      reg_fence(o);
+      rescale_o();
+    }
+    // The last tile's O product.
+    cp_async_wait_all();
+    fence_proxy_async_smem();
+    __syncthreads();  // V_{n-1} landed
+    pack_p();
+    reg_fence(o);
+    wgmma_fence();
+    issue_pv(ntiles - 1);
+    wgmma_wait_all();
+    reg_fence(o);
+  }
+  cp_async_wait_all();
+
+  T* out = static_cast<T*>(a.out);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float li = l[i];
+    li += __shfl_xor_sync(0xffffffffu, li, 1);
+    li += __shfl_xor_sync(0xffffffffu, li, 2);
+    const int r = wrow + g + 8 * i;
+    if (r >= rows) continue;
+    const int64_t tok = s.q_start + r0 + r;
+    const float inv = li > 0.f ? 1.f / li : 0.f;
+    T* orow = out + tok * ldq + int64_t(h) * D;
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd)
+      *reinterpret_cast<uint32_t*>(orow + nd * 8 + 2 * t) =
+          pack2<T>(o[4 * nd + 2 * i] * inv, o[4 * nd + 2 * i + 1] * inv);
+    if (t == 0)
+      a.lse[int64_t(h) * a.nq + tok] = li > 0.f ? m[i] * 0.6931471805599453f + logf(li) : INFINITY;
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // device code without sm_90a's wgmma: the host never launches this; fail loudly
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
 // ---- fast path backward ---------------------------------------------------------------------------
 // Two kernels, no atomics. Both use the fragment layouts documented above fa_fwd_kernel.
 //
@@ -2638,7 +2828,8 @@ int bwd_variant(int64_t head_dim) {
 
 // The wgmma kernels (set_attention_fwd_wgmma / set_attention_bwd_wgmma): -1 (the default) reads
 // FTUNE_ATTN_WGMMA per call ("1" or "all": both passes, "fwd": the forward, "bwd": the
-// backward; unset: neither), 0 off, 1 on (the backward: 2, on with two warpgroups per CTA);
+// backward; unset: neither), 0 off, 1 on, 2 on (the forward: pipelined, fa_fwd_wgmma_pipe_kernel;
+// the backward: two warpgroups per CTA);
 // taken only where they exist (a build with sm_90a, a compute capability 9.0 device). pass: 1
 // the forward, 2 the backward.
 int g_fwd_wgmma = -1, g_bwd_wgmma = -1;
@@ -3069,7 +3260,7 @@ void set_attention_bwd_split_heads(int v) {
 }
 
 void set_attention_fwd_wgmma(int v) {
-  FTUNE_CHECK(v >= -1 && v <= 1, "[attention] wgmma forward must be -1 (auto), 0 or 1, got ", v);
+  FTUNE_CHECK(v >= -1 && v <= 2, "[attention] wgmma forward must be -1 (auto), 0, 1 or 2, got ", v);
   g_fwd_wgmma = v;
 }
 
@@ -3151,14 +3342,25 @@ void attention_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DT
       using T = typename decltype(tag)::type;
       if constexpr (!std::is_same_v<T, float>) {
         if (wg) {
-          // K and V tiles (64 keys, core matrices) and the CTA's Q rows (padded).
+          // K and V tiles (64 keys, core matrices; double-buffered when pipelined) and the CTA's
+          // Q rows (padded).
+          const bool pipe = g_fwd_wgmma == 2;
           auto launch_wg = [&](auto kernel, int d, int blocks) {
-            const size_t smem = (size_t(2 * kWgBN) * d + size_t(64 * blocks) * (d + 8)) * sizeof(T);
+            const size_t smem =
+                (size_t((pipe ? 4 : 2) * kWgBN) * d + size_t(64 * blocks) * (d + 8)) * sizeof(T);
             set_smem(kernel, smem);
             kernel<<<dim3(t.nx, unsigned(p.num_heads), t.nz), 128 * blocks, smem, stream()>>>(a);
             FTUNE_LAUNCH_CHECK("attention forward (wgmma)");
           };
-          if (D == 64) {
+          if (pipe) {
+            if (D == 64) {
+              if (ma == 2) launch_wg(fa_fwd_wgmma_pipe_kernel<T, 64, 2>, 64, 2);
+              else launch_wg(fa_fwd_wgmma_pipe_kernel<T, 64, 1>, 64, 1);
+            } else {
+              if (ma == 2) launch_wg(fa_fwd_wgmma_pipe_kernel<T, 128, 2>, 128, 2);
+              else launch_wg(fa_fwd_wgmma_pipe_kernel<T, 128, 1>, 128, 1);
+            }
+          } else if (D == 64) {
             if (ma == 2) launch_wg(fa_fwd_wgmma_kernel<T, 64, 2>, 64, 2);
             else launch_wg(fa_fwd_wgmma_kernel<T, 64, 1>, 64, 1);
           } else {

@@ -551,8 +551,8 @@ TEST(CudaAttentionWgmma, LayoutProbe) {
     }
 }
 
-// The forward on Hopper's warpgroup MMAs (set_attention_fwd_wgmma; sm_90a build, H100/H200),
-// 64- and 128-row CTAs (one or two warpgroups): out, lse, and the backward (the mma.sync kernels)
+// The forward on Hopper's warpgroup MMAs (set_attention_fwd_wgmma; sm_90a build, H100/H200), plain
+// and pipelined, 64- and 128-row CTAs (one or two warpgroups): out, lse, and the backward (the mma.sync kernels)
 // from its out and lse, against the CPU. The cases of the variants test above (ragged packed
 // sequences, a KV-cache layout with empty sequences and rows that see no key, GQA 8/2, causal and
 // not), causal with len_q != len_k both ways, a long GQA row (many unmasked key tiles) and plain
@@ -568,11 +568,13 @@ TEST(CudaAttentionWgmma, ForwardMatchesCpu) {
       kernels::cuda::set_attention_fwd_row_blocks(-1);
     }
   } restore;
-  kernels::cuda::set_attention_fwd_wgmma(1);
+  for (int mode : {1, 2})  // 2: pipelined (fa_fwd_wgmma_pipe_kernel)
   for (int blocks : {1, 2})
     for (int64_t d : {64, 128})
       for (DType dt : {DType::bf16, DType::f16}) {
-        SCOPED_TRACE("wgmma forward, row blocks " + std::to_string(blocks));
+        SCOPED_TRACE("wgmma forward" + std::string(mode == 2 ? " (pipelined)" : "") +
+                     ", row blocks " + std::to_string(blocks));
+        kernels::cuda::set_attention_fwd_wgmma(mode);
         kernels::cuda::set_attention_fwd_row_blocks(blocks);
         for (bool causal : {true, false}) {
           check_case(kv_cache_case(d, causal), dt, 31);
