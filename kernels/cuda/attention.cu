@@ -2617,15 +2617,14 @@ __global__ void __launch_bounds__(128 * WG) fa_bwd_dkdv_wgmma_kernel(Args a) {
 #pragma unroll
     for (int i = 0; i < kBwdBM / 2; ++i) st[i] *= dpt[i] - dl[(i >> 2) * 8 + 2 * t + (i & 1)];
     pack(pb);
-    wgmma_wait_all();  // dV landed: pa is free
-    reg_fence(dv);
     reg_fence(dk);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBwdBM / 16; ++kk)
       wgmma_rs<T, D, 1>(dk, pb[kk], q_desc_t + uint64_t(kk) * (2 * kGroupBytes >> 4), 1);
-    wgmma_commit();
-    wgmma_wait_all();  // before the next tile's barrier: its loads overwrite this Q buffer
+    wgmma_commit();  // group: dK, queued behind dV (neither touches the other's registers)
+    wgmma_wait_all();  // dV and dK landed, before the next tile's barrier: its loads overwrite buf
+    reg_fence(dv);
     reg_fence(dk);
   }
   cp_async_wait_all();
