@@ -84,7 +84,8 @@ void set_attention_fwd_row_blocks(int n);
 // blocks per CTA as above; the backward with 64-key dK/dV and 64-row dQ CTAs, the dK/dV split over
 // query heads as set_attention_bwd_split_heads says; without determinism the backward keeps the
 // atomic-dQ mma.sync kernel). -1 (the default): as the environment variable FTUNE_ATTN_WGMMA says
-// ("1" or "all": both, "fwd", "bwd"; unset: neither, until a GPU run has measured them); 0 off;
+// ("1" or "all": both, "fwd", "bwd", "2": both as 2 below; unset: neither, until a GPU run has
+// measured them); 0 off;
 // 1 on; the forward also 2: on, pipelined (each warpgroup overlaps tile j's softmax with tile
 // j - 1's P V product, K and V double-buffered); the backward also 2: on, with two warpgroups per
 // CTA (128 keys of dK/dV, 128 rows of dQ, sharing each streamed Q/dO or K/V tile; 1: 64). Taken

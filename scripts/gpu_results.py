@@ -106,7 +106,8 @@ def main():
                  + (" (GEMMs autotuned)" if j.get("gemm_autotune") is True else "")
                  + (" (dropout %g)" % j["lora_dropout"] if j.get("lora_dropout") else "")
                  + (" (FTUNE_LORA_FUSED=%s)" % j["lora_fused"] if j.get("lora_fused", "auto") != "auto" else "")
-                 + (" (wgmma forward)" if j.get("attn_wgmma", "auto") == "1" else "")): j
+                 + (" (wgmma attention, FTUNE_ATTN_WGMMA=%s)" % j["attn_wgmma"]
+                    if j.get("attn_wgmma", "auto") not in ("auto", "0") else "")): j
                 for j in e2e if "impl" not in j}
         peer = {(j["mode"], bool(j.get("activation_checkpointing")), j.get("lora_dropout") or 0): j
                 for j in e2e if "impl" in j}

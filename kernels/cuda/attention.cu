@@ -2827,18 +2827,20 @@ int bwd_variant(int64_t head_dim) {
 
 // The wgmma kernels (set_attention_fwd_wgmma / set_attention_bwd_wgmma): -1 (the default) reads
 // FTUNE_ATTN_WGMMA per call ("1" or "all": both passes, "fwd": the forward, "bwd": the
-// backward; unset: neither), 0 off, 1 on, 2 on (the forward: pipelined, fa_fwd_wgmma_pipe_kernel;
-// the backward: two warpgroups per CTA);
+// backward, "2": both passes as mode 2; unset: neither), 0 off, 1 on, 2 on (the forward:
+// pipelined, fa_fwd_wgmma_pipe_kernel; the backward: two warpgroups per CTA);
 // taken only where they exist (a build with sm_90a, a compute capability 9.0 device). pass: 1
 // the forward, 2 the backward.
 int g_fwd_wgmma = -1, g_bwd_wgmma = -1;
-bool wgmma_on(int dev, int pass) {
+// The mode that applies to this call: 0 (mma.sync), 1 or 2.
+int wgmma_mode(int dev, int pass) {
   int mode = pass == 1 ? g_fwd_wgmma : g_bwd_wgmma;
   if (mode == -1) {
     const std::string e = std::getenv("FTUNE_ATTN_WGMMA") ? std::getenv("FTUNE_ATTN_WGMMA") : "";
-    mode = e == "1" || e == "all" || (pass == 1 && e == "fwd") || (pass == 2 && e == "bwd");
+    mode = e == "2" ? 2
+                    : e == "1" || e == "all" || (pass == 1 && e == "fwd") || (pass == 2 && e == "bwd");
   }
-  return mode >= 1 && fwd_wgmma_built_for(dev);
+  return mode >= 1 && fwd_wgmma_built_for(dev) ? mode : 0;
 }
 
 // The forward's 64-row blocks per CTA under the current setting.
@@ -3116,8 +3118,8 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
   // Without determinism dQ comes from the dK/dV kernel through f32 atomics (FlashAttention-2's
   // way: no second pass recomputing S and dP).
   const bool atomic_dq = a.dq && !ftune::cuda::deterministic();
-  if (!atomic_dq && wgmma_on(dev, 2)) {
-    if (g_bwd_wgmma == 2) wgmma_backward<T, D, 2>(p, seqs, a, dev);
+  if (const int wg_mode = atomic_dq ? 0 : wgmma_mode(dev, 2); wg_mode > 0) {
+    if (wg_mode == 2) wgmma_backward<T, D, 2>(p, seqs, a, dev);
     else wgmma_backward<T, D, 1>(p, seqs, a, dev);
     return;
   }
@@ -3336,14 +3338,15 @@ void attention_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DT
     if (t.nx == 0) return;
     FTUNE_CHECK(t.nz <= 65535, "[attention] batch of ", t.nz, " rows (at most 65535)");
     a.map = t.map;
-    const bool wg = wgmma_on(dev, 1);
+    const int wg_mode = wgmma_mode(dev, 1);
+    const bool wg = wg_mode > 0;
     ::ftune::kernels::cuda::dispatch_float(dt, "attention", [&](auto tag) {
       using T = typename decltype(tag)::type;
       if constexpr (!std::is_same_v<T, float>) {
         if (wg) {
           // K and V tiles (64 keys, core matrices; double-buffered when pipelined) and the CTA's
           // Q rows (padded).
-          const bool pipe = g_fwd_wgmma == 2;
+          const bool pipe = wg_mode == 2;
           auto launch_wg = [&](auto kernel, int d, int blocks) {
             const size_t smem =
                 (size_t((pipe ? 4 : 2) * kWgBN) * d + size_t(64 * blocks) * (d + 8)) * sizeof(T);
