@@ -28,131 +28,196 @@ std::vector<AttnSeq> batch(int64_t B, int64_t tq, int64_t tk) {
   return s;
 }
 
-}  // namespace
+// One shape of the TFLOP/s tables: B x N tokens of bf16, H heads of D (B N = 16k tokens), its
+// forward and backward on random device buffers as closures, the forward's FLOPs
+// (FlashAttention's convention) and the repetitions.
+struct Shape {
+  AttnParams p;
+  std::vector<AttnSeq> seqs;
+  std::string name;  // "bf16 d64 h32 b32 n512 [causal]"
+  double fwd_flops = 0;
+  int reps = 0;
+  void *q, *k, *v, *go, *o, *dq, *dk, *dv;
+  float* lse;
+  void fwd() const {
+    ftune::kernels::cuda::attention_forward(p, seqs, ftune::DType::bf16, q, k, v, o, lse);
+  }
+  void bwd() const {
+    ftune::kernels::cuda::attention_backward(p, seqs, ftune::DType::bf16, q, k, v, o, lse, go, dq,
+                                             dk, dv);
+  }
+};
 
-FTUNE_GPU_BENCH(attention) {
+// fn(shape) for head_dim 64 (32 heads) and 128 (16 heads), seq 512 .. 8192, non-causal then causal.
+template <class F>
+void for_each_shape(F&& fn) {
   using namespace ftune;
   const int64_t tokens = 16384;
   for (int64_t D : {64, 128}) {
     const int64_t H = 2048 / D;
     for (int64_t N : {512, 1024, 2048, 4096, 8192}) {
       const int64_t B = tokens / N, n = B * N * H * D;
-      void* q = bench::random_device(2, n, 1, 1.f, 1);
-      void* k = bench::random_device(2, n, 1, 1.f, 2);
-      void* v = bench::random_device(2, n, 1, 1.f, 3);
-      void* go = bench::random_device(2, n, 1, 1.f, 4);
-      void* o = bench::random_device(2, n, 1, 1.f, 5);
-      void* dq = bench::random_device(2, n, 1, 1.f, 6);
-      void* dk = bench::random_device(2, n, 1, 1.f, 7);
-      void* dv = bench::random_device(2, n, 1, 1.f, 8);
-      float* lse = static_cast<float*>(bench::random_device(4, H * B * N, 0, 1.f, 9));
+      Shape sh;
+      void** bufs[] = {&sh.q, &sh.k, &sh.v, &sh.go, &sh.o, &sh.dq, &sh.dk, &sh.dv};
+      for (int i = 0; i < 8; ++i) *bufs[i] = bench::random_device(2, n, 1, 1.f, uint64_t(i + 1));
+      sh.lse = static_cast<float*>(bench::random_device(4, H * B * N, 0, 1.f, 9));
       for (bool causal : {false, true}) {
-        AttnParams p;
-        p.num_heads = p.num_kv_heads = H;
-        p.head_dim = D;
-        p.nq = p.nk = B * N;
-        p.scale = 1.0 / std::sqrt(double(D));
-        p.causal = causal;
-        const auto seqs = batch(B, N, N);
-        const double fwd_flops = 4.0 * B * H * N * N * D * (causal ? 0.5 : 1.0);
-        auto fwd = [&] { kernels::cuda::attention_forward(p, seqs, DType::bf16, q, k, v, o, lse); };
-        auto bwd = [&] {
-          kernels::cuda::attention_backward(p, seqs, DType::bf16, q, k, v, o, lse, go, dq, dk, dv);
-        };
-        const int reps = N >= 4096 ? 10 : 20;
-        const int vreps = reps / 2;  // the variant rows: fewer repetitions keep the family short
-        const std::string shape = "bf16 d" + std::to_string(D) + " h" + std::to_string(H) +
-                                  " b" + std::to_string(B) + " n" + std::to_string(N) +
-                                  (causal ? " causal" : "");
-        // The plain rows are the original kernels (64-row forward, backward variant 0); the
-        // default (auto: bm128 forward, bwd-v1 at d64 / bwd-v4 at d128) is among the rows below.
-        kernels::cuda::set_attention_fwd_row_blocks(0);
-        kernels::cuda::set_attention_bwd_variant(0);
-        bench::Row r;
-        r.name = "attn_fwd " + shape;
-        r.ms = ctx.time_ms(fwd, 3, reps);
-        r.flops = fwd_flops;
-        ctx.add(r);
-        // The same with 128-row CTAs (the default is 64): which one should be the default.
-        kernels::cuda::set_attention_fwd_row_blocks(2);
-        bench::Row r2;
-        r2.name = "attn_fwd " + shape + " bm128";
-        r2.ms = ctx.time_ms(fwd, 3, reps);
-        r2.flops = fwd_flops;
-        ctx.add(r2);
-        kernels::cuda::set_attention_fwd_row_blocks(0);
-        fwd();  // a real lse for the backward
-        bench::Row rb;
-        rb.name = "attn_fwd+bwd " + shape;
-        rb.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, reps);
-        rb.flops = 3.5 * fwd_flops;
-        ctx.add(rb);
-        // Backward variant 1 (more resident CTAs per SM), forward at the default.
-        kernels::cuda::set_attention_bwd_variant(1);
-        bench::Row rv;
-        rv.name = "attn_fwd+bwd " + shape + " bwd-v1";
-        rv.ms = ctx.time_ms([&] { fwd(); bwd(); }, 1, vreps);
-        rv.flops = 3.5 * fwd_flops;
-        ctx.add(rv);
-        if (D == 64) {  // variant 3 differs from 1 only at head_dim 64
-          kernels::cuda::set_attention_bwd_variant(3);
-          bench::Row r3;
-          r3.name = "attn_fwd+bwd " + shape + " bwd-v3";
-          r3.ms = ctx.time_ms([&] { fwd(); bwd(); }, 1, vreps);
-          r3.flops = 3.5 * fwd_flops;
-          ctx.add(r3);
-        }
-        kernels::cuda::set_attention_bwd_variant(4);
-        bench::Row r4;
-        r4.name = "attn_fwd+bwd " + shape + " bwd-v4";
-        r4.ms = ctx.time_ms([&] { fwd(); bwd(); }, 1, vreps);
-        r4.flops = 3.5 * fwd_flops;
-        ctx.add(r4);
-        if (D == 64) {  // variant 5 differs from 4 only at head_dim 64
-          kernels::cuda::set_attention_bwd_variant(5);
-          bench::Row r5;
-          r5.name = "attn_fwd+bwd " + shape + " bwd-v5";
-          r5.ms = ctx.time_ms([&] { fwd(); bwd(); }, 1, vreps);
-          r5.flops = 3.5 * fwd_flops;
-          ctx.add(r5);
-        }
-        kernels::cuda::set_attention_bwd_variant(0);
-        // Determinism off, backward variant 2: dQ by float2 atomics inside the dK/dV kernel.
-        cuda::set_deterministic(false);
-        kernels::cuda::set_attention_bwd_variant(2);
-        bench::Row ra;
-        ra.name = "attn_fwd+bwd " + shape + " atomic-dq-v2";
-        ra.ms = ctx.time_ms([&] { fwd(); bwd(); }, 1, vreps);
-        ra.flops = 3.5 * fwd_flops;
-        ctx.add(ra);
-        kernels::cuda::set_attention_bwd_variant(0);
-        cuda::set_deterministic(true);
-        // The baseline: cuDNN's fused flash attention on the same buffers (attention.backend:
-        // cudnn), same FLOP convention. Its first call builds and caches the plan (warm-up).
-        if (kernels::cuda::cudnn_attention_unsupported(p, seqs, DType::bf16).empty()) {
-          auto cfwd = [&] {
-            kernels::cuda::cudnn_attention_forward(p, seqs, DType::bf16, q, k, v, o, lse);
-          };
-          auto cbwd = [&] {
-            kernels::cuda::cudnn_attention_backward(p, seqs, DType::bf16, q, k, v, o, lse, go, dq,
-                                                    dk, dv);
-          };
-          bench::Row c1;
-          c1.name = "attn_fwd " + shape + " cudnn";
-          c1.ms = ctx.time_ms(cfwd, 3, reps);
-          c1.flops = fwd_flops;
-          ctx.add(c1);
-          cfwd();
-          bench::Row c2;
-          c2.name = "attn_fwd+bwd " + shape + " cudnn";
-          c2.ms = ctx.time_ms([&] { cfwd(); cbwd(); }, 2, reps);
-          c2.flops = 3.5 * fwd_flops;
-          ctx.add(c2);
-        }
+        sh.p.num_heads = sh.p.num_kv_heads = H;
+        sh.p.head_dim = D;
+        sh.p.nq = sh.p.nk = B * N;
+        sh.p.scale = 1.0 / std::sqrt(double(D));
+        sh.p.causal = causal;
+        sh.seqs = batch(B, N, N);
+        sh.fwd_flops = 4.0 * B * H * N * N * D * (causal ? 0.5 : 1.0);
+        sh.reps = N >= 4096 ? 10 : 20;
+        sh.name = "bf16 d" + std::to_string(D) + " h" + std::to_string(H) + " b" +
+                  std::to_string(B) + " n" + std::to_string(N) + (causal ? " causal" : "");
+        fn(sh);
       }
-      for (void* ptr : {q, k, v, go, o, dq, dk, dv, static_cast<void*>(lse)}) bench::free_device(ptr);
+      for (void** b : bufs) bench::free_device(*b);
+      bench::free_device(sh.lse);
     }
   }
+}
+
+}  // namespace
+
+FTUNE_GPU_BENCH(attention) {
+  using namespace ftune;
+  for_each_shape([&](const Shape& sh) {
+    const AttnParams& p = sh.p;
+    const auto& seqs = sh.seqs;
+    void *q = sh.q, *k = sh.k, *v = sh.v, *go = sh.go, *o = sh.o, *dq = sh.dq, *dk = sh.dk,
+         *dv = sh.dv;
+    float* lse = sh.lse;
+    const double fwd_flops = sh.fwd_flops;
+    auto fwd = [&] { sh.fwd(); };
+    auto bwd = [&] { sh.bwd(); };
+    const int reps = sh.reps;
+    const int vreps = reps / 2;  // the variant rows: fewer repetitions keep the family short
+    const std::string& shape = sh.name;
+    const int64_t D = p.head_dim;
+    // The plain rows are the original kernels (64-row forward, backward variant 0); the
+    // default (auto: bm128 forward, bwd-v1 at d64 / bwd-v4 at d128) is among the rows below.
+    kernels::cuda::set_attention_fwd_row_blocks(0);
+    kernels::cuda::set_attention_bwd_variant(0);
+    bench::Row r;
+    r.name = "attn_fwd " + shape;
+    r.ms = ctx.time_ms(fwd, 3, reps);
+    r.flops = fwd_flops;
+    ctx.add(r);
+    // The same with 128-row CTAs (the default is 64): which one should be the default.
+    kernels::cuda::set_attention_fwd_row_blocks(2);
+    bench::Row r2;
+    r2.name = "attn_fwd " + shape + " bm128";
+    r2.ms = ctx.time_ms(fwd, 3, reps);
+    r2.flops = fwd_flops;
+    ctx.add(r2);
+    kernels::cuda::set_attention_fwd_row_blocks(0);
+    fwd();  // a real lse for the backward
+    bench::Row rb;
+    rb.name = "attn_fwd+bwd " + shape;
+    rb.ms = ctx.time_ms(
+        [&] {
+          fwd();
+          bwd();
+        },
+        2, reps);
+    rb.flops = 3.5 * fwd_flops;
+    ctx.add(rb);
+    // Backward variant 1 (more resident CTAs per SM), forward at the default.
+    kernels::cuda::set_attention_bwd_variant(1);
+    bench::Row rv;
+    rv.name = "attn_fwd+bwd " + shape + " bwd-v1";
+    rv.ms = ctx.time_ms(
+        [&] {
+          fwd();
+          bwd();
+        },
+        1, vreps);
+    rv.flops = 3.5 * fwd_flops;
+    ctx.add(rv);
+    if (D == 64) {  // variant 3 differs from 1 only at head_dim 64
+      kernels::cuda::set_attention_bwd_variant(3);
+      bench::Row r3;
+      r3.name = "attn_fwd+bwd " + shape + " bwd-v3";
+      r3.ms = ctx.time_ms(
+          [&] {
+            fwd();
+            bwd();
+          },
+          1, vreps);
+      r3.flops = 3.5 * fwd_flops;
+      ctx.add(r3);
+    }
+    kernels::cuda::set_attention_bwd_variant(4);
+    bench::Row r4;
+    r4.name = "attn_fwd+bwd " + shape + " bwd-v4";
+    r4.ms = ctx.time_ms(
+        [&] {
+          fwd();
+          bwd();
+        },
+        1, vreps);
+    r4.flops = 3.5 * fwd_flops;
+    ctx.add(r4);
+    if (D == 64) {  // variant 5 differs from 4 only at head_dim 64
+      kernels::cuda::set_attention_bwd_variant(5);
+      bench::Row r5;
+      r5.name = "attn_fwd+bwd " + shape + " bwd-v5";
+      r5.ms = ctx.time_ms(
+          [&] {
+            fwd();
+            bwd();
+          },
+          1, vreps);
+      r5.flops = 3.5 * fwd_flops;
+      ctx.add(r5);
+    }
+    kernels::cuda::set_attention_bwd_variant(0);
+    // Determinism off, backward variant 2: dQ by float2 atomics inside the dK/dV kernel.
+    cuda::set_deterministic(false);
+    kernels::cuda::set_attention_bwd_variant(2);
+    bench::Row ra;
+    ra.name = "attn_fwd+bwd " + shape + " atomic-dq-v2";
+    ra.ms = ctx.time_ms(
+        [&] {
+          fwd();
+          bwd();
+        },
+        1, vreps);
+    ra.flops = 3.5 * fwd_flops;
+    ctx.add(ra);
+    kernels::cuda::set_attention_bwd_variant(0);
+    cuda::set_deterministic(true);
+    // The baseline: cuDNN's fused flash attention on the same buffers (attention.backend:
+    // cudnn), same FLOP convention. Its first call builds and caches the plan (warm-up).
+    if (kernels::cuda::cudnn_attention_unsupported(p, seqs, DType::bf16).empty()) {
+      auto cfwd = [&] {
+        kernels::cuda::cudnn_attention_forward(p, seqs, DType::bf16, q, k, v, o, lse);
+      };
+      auto cbwd = [&] {
+        kernels::cuda::cudnn_attention_backward(p, seqs, DType::bf16, q, k, v, o, lse, go, dq, dk,
+                                                dv);
+      };
+      bench::Row c1;
+      c1.name = "attn_fwd " + shape + " cudnn";
+      c1.ms = ctx.time_ms(cfwd, 3, reps);
+      c1.flops = fwd_flops;
+      ctx.add(c1);
+      cfwd();
+      bench::Row c2;
+      c2.name = "attn_fwd+bwd " + shape + " cudnn";
+      c2.ms = ctx.time_ms(
+          [&] {
+            cfwd();
+            cbwd();
+          },
+          2, reps);
+      c2.flops = 3.5 * fwd_flops;
+      ctx.add(c2);
+    }
+  });
   kernels::cuda::set_attention_fwd_row_blocks(-1);  // back to the defaults
   kernels::cuda::set_attention_bwd_variant(-1);
 
@@ -193,13 +258,23 @@ FTUNE_GPU_BENCH(attention) {
     fwd();
     bench::Row rb;
     rb.name = "attn_fwd+bwd " + shape;
-    rb.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, 20);
+    rb.ms = ctx.time_ms(
+        [&] {
+          fwd();
+          bwd();
+        },
+        2, 20);
     rb.flops = 3.5 * fwd_flops;
     ctx.add(rb);
     kernels::cuda::set_attention_bwd_split_heads(0);
     bench::Row rn;
     rn.name = "attn_fwd+bwd " + shape + " nosplit";
-    rn.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, 20);
+    rn.ms = ctx.time_ms(
+        [&] {
+          fwd();
+          bwd();
+        },
+        2, 20);
     rn.flops = 3.5 * fwd_flops;
     ctx.add(rn);
     kernels::cuda::set_attention_bwd_split_heads(-1);
@@ -219,7 +294,12 @@ FTUNE_GPU_BENCH(attention) {
       cfwd();
       bench::Row c2;
       c2.name = "attn_fwd+bwd " + shape + " cudnn";
-      c2.ms = ctx.time_ms([&] { cfwd(); cbwd(); }, 2, 20);
+      c2.ms = ctx.time_ms(
+          [&] {
+            cfwd();
+            cbwd();
+          },
+          2, 20);
       c2.flops = 3.5 * fwd_flops;
       ctx.add(c2);
     }
@@ -255,76 +335,58 @@ FTUNE_GPU_BENCH(attention) {
 }
 
 // The forward on Hopper's warpgroup MMAs (set_attention_fwd_wgmma), beside the rows above: the
-// forward, plain and pipelined ("wgmma-pipe"), with 64- and 128-row CTAs, forward + backward (the default backward) with it, and both
-// passes on wgmma (set_attention_bwd_wgmma: "wgmma-all", one warpgroup per backward CTA; "wgmma-all
-// wg2", two). A
-// family of its own, run after every other (bench/gpu/main.cu), so a fault in it costs no other
-// rows. Skipped where attention_fwd_wgmma_available() is false.
+// forward, plain and pipelined ("wgmma-pipe"), with 64- and 128-row CTAs, forward + backward (the
+// default backward) with it, and both passes on wgmma (set_attention_bwd_wgmma: "wgmma-all", one
+// warpgroup per backward CTA; "wgmma-all wg2", two). A family of its own, run after every other
+// (bench/gpu/main.cu), so a fault in it costs no other rows. Skipped where
+// attention_fwd_wgmma_available() is false.
 FTUNE_GPU_BENCH(attention_wgmma) {
   using namespace ftune;
   if (!kernels::cuda::attention_fwd_wgmma_available()) return;
-  const int64_t tokens = 16384;
-  for (int64_t D : {64, 128}) {
-    const int64_t H = 2048 / D;
-    for (int64_t N : {512, 1024, 2048, 4096, 8192}) {
-      const int64_t B = tokens / N, n = B * N * H * D;
-      void* q = bench::random_device(2, n, 1, 1.f, 1);
-      void* k = bench::random_device(2, n, 1, 1.f, 2);
-      void* v = bench::random_device(2, n, 1, 1.f, 3);
-      void* go = bench::random_device(2, n, 1, 1.f, 4);
-      void* o = bench::random_device(2, n, 1, 1.f, 5);
-      void* dq = bench::random_device(2, n, 1, 1.f, 6);
-      void* dk = bench::random_device(2, n, 1, 1.f, 7);
-      void* dv = bench::random_device(2, n, 1, 1.f, 8);
-      float* lse = static_cast<float*>(bench::random_device(4, H * B * N, 0, 1.f, 9));
-      for (bool causal : {false, true}) {
-        AttnParams p;
-        p.num_heads = p.num_kv_heads = H;
-        p.head_dim = D;
-        p.nq = p.nk = B * N;
-        p.scale = 1.0 / std::sqrt(double(D));
-        p.causal = causal;
-        const auto seqs = batch(B, N, N);
-        const double fwd_flops = 4.0 * B * H * N * N * D * (causal ? 0.5 : 1.0);
-        auto fwd = [&] { kernels::cuda::attention_forward(p, seqs, DType::bf16, q, k, v, o, lse); };
-        auto bwd = [&] {
-          kernels::cuda::attention_backward(p, seqs, DType::bf16, q, k, v, o, lse, go, dq, dk, dv);
-        };
-        const int reps = N >= 4096 ? 10 : 20;
-        const std::string shape = "bf16 d" + std::to_string(D) + " h" + std::to_string(H) +
-                                  " b" + std::to_string(B) + " n" + std::to_string(N) +
-                                  (causal ? " causal" : "");
-        for (int mode : {2, 1})  // the pipelined forward, then the plain one (left on below)
-          for (int blocks : {1, 2}) {
-            kernels::cuda::set_attention_fwd_wgmma(mode);
-            kernels::cuda::set_attention_fwd_row_blocks(blocks);
-            bench::Row r;
-            r.name = "attn_fwd " + shape + (mode == 2 ? " wgmma-pipe" : " wgmma") +
-                     (blocks == 2 ? " bm128" : "");
-            r.ms = ctx.time_ms(fwd, 3, reps);
-            r.flops = fwd_flops;
-            ctx.add(r);
-          }
-        kernels::cuda::set_attention_fwd_row_blocks(-1);
-        fwd();
-        bench::Row rb;
-        rb.name = "attn_fwd+bwd " + shape + " wgmma";
-        rb.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, reps);
-        rb.flops = 3.5 * fwd_flops;
-        ctx.add(rb);
-        // Both passes on wgmma (the deterministic backward: dK/dV and dQ kernels).
-        for (int wgs : {1, 2}) {  // the backward's warpgroups per CTA
-          kernels::cuda::set_attention_bwd_wgmma(wgs);
-          bench::Row ra;
-          ra.name = "attn_fwd+bwd " + shape + (wgs == 2 ? " wgmma-all wg2" : " wgmma-all");
-          ra.ms = ctx.time_ms([&] { fwd(); bwd(); }, 2, reps);
-          ra.flops = 3.5 * fwd_flops;
-          ctx.add(ra);
-        }
-        kernels::cuda::set_attention_bwd_wgmma(-1);
-        kernels::cuda::set_attention_fwd_wgmma(-1);
+  for_each_shape([&](const Shape& sh) {
+    auto fwd = [&] { sh.fwd(); };
+    auto bwd = [&] { sh.bwd(); };
+    const double fwd_flops = sh.fwd_flops;
+    const int reps = sh.reps;
+    const std::string& shape = sh.name;
+    for (int mode : {2, 1})  // the pipelined forward, then the plain one (left on below)
+      for (int blocks : {1, 2}) {
+        kernels::cuda::set_attention_fwd_wgmma(mode);
+        kernels::cuda::set_attention_fwd_row_blocks(blocks);
+        bench::Row r;
+        r.name = "attn_fwd " + shape + (mode == 2 ? " wgmma-pipe" : " wgmma") +
+                 (blocks == 2 ? " bm128" : "");
+        r.ms = ctx.time_ms(fwd, 3, reps);
+        r.flops = fwd_flops;
+        ctx.add(r);
       }
-      for (void* ptr : {q, k, v, go, o, dq, dk, dv, static_cast<void*>(lse)}) bench::free_device(ptr);
+    kernels::cuda::set_attention_fwd_row_blocks(-1);
+    fwd();
+    bench::Row rb;
+    rb.name = "attn_fwd+bwd " + shape + " wgmma";
+    rb.ms = ctx.time_ms(
+        [&] {
+          fwd();
+          bwd();
+        },
+        2, reps);
+    rb.flops = 3.5 * fwd_flops;
+    ctx.add(rb);
+    // Both passes on wgmma (the deterministic backward: dK/dV and dQ kernels).
+    for (int wgs : {1, 2}) {  // the backward's warpgroups per CTA
+      kernels::cuda::set_attention_bwd_wgmma(wgs);
+      bench::Row ra;
+      ra.name = "attn_fwd+bwd " + shape + (wgs == 2 ? " wgmma-all wg2" : " wgmma-all");
+      ra.ms = ctx.time_ms(
+          [&] {
+            fwd();
+            bwd();
+          },
+          2, reps);
+      ra.flops = 3.5 * fwd_flops;
+      ctx.add(ra);
     }
-  }
+    kernels::cuda::set_attention_bwd_wgmma(-1);
+    kernels::cuda::set_attention_fwd_wgmma(-1);
+  });
 }

@@ -479,6 +479,31 @@ TEST(CudaAttention, BackwardVariants0To5AndAutoForwardRowBlocks) {
   }
 }
 
+// The cases of the wgmma kernels' tests (seeds seed .. seed + 6): the KV-cache layout (an empty
+// sequence, len_q < len_k and > len_k, rows that see no key), a uniform ragged batch and packed
+// ragged sequences (lengths 1, 17, 128, 300), causal and not; causal with len_q != len_k both
+// ways; a long GQA row (many unmasked key tiles, 4 heads on 1); plain multi-head attention.
+void check_wgmma_cases(int64_t d, DType dt, uint64_t seed) {
+  for (bool causal : {true, false}) {
+    check_case(kv_cache_case(d, causal), dt, seed);
+    check_case(uniform_case(2, 300, 300, d, causal), dt, seed + 1);
+    Case r;
+    r.cu_q = r.cu_k = {0, 1, 18, 146, 446};
+    r.d = d;
+    r.causal = causal;
+    check_case(r, dt, seed + 2);
+  }
+  check_case(uniform_case(2, 300, 200, d, true), dt, seed + 3);
+  check_case(uniform_case(2, 100, 300, d, true), dt, seed + 4);
+  Case c = uniform_case(1, 1500, 1500, d, true);
+  c.h = 4;
+  c.hkv = 1;
+  check_case(c, dt, seed + 5);
+  Case m = uniform_case(2, 300, 300, d, false);
+  m.h = m.hkv = 4;
+  check_case(m, dt, seed + 6);
+}
+
 // The layouts under the wgmma kernels, one warpgroup MMA at a time (kernels::cuda::wgmma_probe):
 // each kind (A in registers with B K-major, B transposed, A and B from shared memory) at reduction
 // steps 0 and 3, on small integers (exact in bf16 and f32) against the CPU. On a mismatch it says
@@ -576,24 +601,7 @@ TEST(CudaAttentionWgmma, ForwardMatchesCpu) {
                      ", row blocks " + std::to_string(blocks));
         kernels::cuda::set_attention_fwd_wgmma(mode);
         kernels::cuda::set_attention_fwd_row_blocks(blocks);
-        for (bool causal : {true, false}) {
-          check_case(kv_cache_case(d, causal), dt, 31);
-          check_case(uniform_case(2, 300, 300, d, causal), dt, 32);
-          Case r;
-          r.cu_q = r.cu_k = {0, 1, 18, 146, 446};
-          r.d = d;
-          r.causal = causal;
-          check_case(r, dt, 33);
-        }
-        check_case(uniform_case(2, 300, 200, d, true), dt, 34);
-        check_case(uniform_case(2, 100, 300, d, true), dt, 35);
-        Case c = uniform_case(1, 1500, 1500, d, true);
-        c.h = 4;
-        c.hkv = 1;
-        check_case(c, dt, 36);
-        Case m = uniform_case(2, 300, 300, d, false);
-        m.h = m.hkv = 4;
-        check_case(m, dt, 37);
+        check_wgmma_cases(d, dt, 31);
       }
 }
 
@@ -622,24 +630,7 @@ TEST(CudaAttentionWgmma, BackwardMatchesCpu) {
                      std::to_string(split));
         kernels::cuda::set_attention_bwd_wgmma(wgs);
         kernels::cuda::set_attention_bwd_split_heads(split);
-        for (bool causal : {true, false}) {
-          check_case(kv_cache_case(d, causal), dt, 41);
-          check_case(uniform_case(2, 300, 300, d, causal), dt, 42);
-          Case r;
-          r.cu_q = r.cu_k = {0, 1, 18, 146, 446};
-          r.d = d;
-          r.causal = causal;
-          check_case(r, dt, 43);
-        }
-        check_case(uniform_case(2, 300, 200, d, true), dt, 44);
-        check_case(uniform_case(2, 100, 300, d, true), dt, 45);
-        Case c = uniform_case(1, 1500, 1500, d, true);
-        c.h = 4;
-        c.hkv = 1;
-        check_case(c, dt, 46);
-        Case m = uniform_case(2, 300, 300, d, false);
-        m.h = m.hkv = 4;
-        check_case(m, dt, 47);
+        check_wgmma_cases(d, dt, 41);
       }
   kernels::cuda::set_attention_bwd_split_heads(-1);
   kernels::cuda::set_attention_fwd_wgmma(1);
