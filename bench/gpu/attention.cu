@@ -8,6 +8,7 @@
 // torch_attention.py. Plus one decode step over a long KV cache (GB/s: K and V read once).
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -85,137 +86,61 @@ void for_each_shape(F&& fn) {
 FTUNE_GPU_BENCH(attention) {
   using namespace ftune;
   for_each_shape([&](const Shape& sh) {
-    const AttnParams& p = sh.p;
-    const auto& seqs = sh.seqs;
-    void *q = sh.q, *k = sh.k, *v = sh.v, *go = sh.go, *o = sh.o, *dq = sh.dq, *dk = sh.dk,
-         *dv = sh.dv;
-    float* lse = sh.lse;
-    const double fwd_flops = sh.fwd_flops;
+    const int reps = sh.reps, vreps = reps / 2;  // the variant rows: fewer repetitions
     auto fwd = [&] { sh.fwd(); };
-    auto bwd = [&] { sh.bwd(); };
-    const int reps = sh.reps;
-    const int vreps = reps / 2;  // the variant rows: fewer repetitions keep the family short
-    const std::string& shape = sh.name;
-    const int64_t D = p.head_dim;
+    auto fb = [&] {
+      sh.fwd();
+      sh.bwd();
+    };
+    // One row: fn timed after `warm` calls over `n`, its FLOPs the forward's times `x`.
+    auto row = [&](const std::string& name, const std::function<void()>& fn, int warm, int n,
+                   double x) {
+      bench::Row r;
+      r.name = name;
+      r.ms = ctx.time_ms(fn, warm, n);
+      r.flops = x * sh.fwd_flops;
+      ctx.add(r);
+    };
+    const std::string fwd_name = "attn_fwd " + sh.name, fb_name = "attn_fwd+bwd " + sh.name;
     // The plain rows are the original kernels (64-row forward, backward variant 0); the
     // default (auto: bm128 forward, bwd-v1 at d64 / bwd-v4 at d128) is among the rows below.
     kernels::cuda::set_attention_fwd_row_blocks(0);
     kernels::cuda::set_attention_bwd_variant(0);
-    bench::Row r;
-    r.name = "attn_fwd " + shape;
-    r.ms = ctx.time_ms(fwd, 3, reps);
-    r.flops = fwd_flops;
-    ctx.add(r);
+    row(fwd_name, fwd, 3, reps, 1.0);
     // The same with 128-row CTAs (the default is 64): which one should be the default.
     kernels::cuda::set_attention_fwd_row_blocks(2);
-    bench::Row r2;
-    r2.name = "attn_fwd " + shape + " bm128";
-    r2.ms = ctx.time_ms(fwd, 3, reps);
-    r2.flops = fwd_flops;
-    ctx.add(r2);
+    row(fwd_name + " bm128", fwd, 3, reps, 1.0);
     kernels::cuda::set_attention_fwd_row_blocks(0);
     fwd();  // a real lse for the backward
-    bench::Row rb;
-    rb.name = "attn_fwd+bwd " + shape;
-    rb.ms = ctx.time_ms(
-        [&] {
-          fwd();
-          bwd();
-        },
-        2, reps);
-    rb.flops = 3.5 * fwd_flops;
-    ctx.add(rb);
-    // Backward variant 1 (more resident CTAs per SM), forward at the default.
-    kernels::cuda::set_attention_bwd_variant(1);
-    bench::Row rv;
-    rv.name = "attn_fwd+bwd " + shape + " bwd-v1";
-    rv.ms = ctx.time_ms(
-        [&] {
-          fwd();
-          bwd();
-        },
-        1, vreps);
-    rv.flops = 3.5 * fwd_flops;
-    ctx.add(rv);
-    if (D == 64) {  // variant 3 differs from 1 only at head_dim 64
-      kernels::cuda::set_attention_bwd_variant(3);
-      bench::Row r3;
-      r3.name = "attn_fwd+bwd " + shape + " bwd-v3";
-      r3.ms = ctx.time_ms(
-          [&] {
-            fwd();
-            bwd();
-          },
-          1, vreps);
-      r3.flops = 3.5 * fwd_flops;
-      ctx.add(r3);
+    row(fb_name, fb, 2, reps, 3.5);
+    // Backward variants, the forward at the 64-row default: 1 (more resident CTAs per SM), 3
+    // and 5 (differ from 1 and 4 only at head_dim 64), 4.
+    for (int variant : {1, 3, 4, 5}) {
+      if ((variant == 3 || variant == 5) && sh.p.head_dim != 64) continue;
+      kernels::cuda::set_attention_bwd_variant(variant);
+      row(fb_name + " bwd-v" + std::to_string(variant), fb, 1, vreps, 3.5);
     }
-    kernels::cuda::set_attention_bwd_variant(4);
-    bench::Row r4;
-    r4.name = "attn_fwd+bwd " + shape + " bwd-v4";
-    r4.ms = ctx.time_ms(
-        [&] {
-          fwd();
-          bwd();
-        },
-        1, vreps);
-    r4.flops = 3.5 * fwd_flops;
-    ctx.add(r4);
-    if (D == 64) {  // variant 5 differs from 4 only at head_dim 64
-      kernels::cuda::set_attention_bwd_variant(5);
-      bench::Row r5;
-      r5.name = "attn_fwd+bwd " + shape + " bwd-v5";
-      r5.ms = ctx.time_ms(
-          [&] {
-            fwd();
-            bwd();
-          },
-          1, vreps);
-      r5.flops = 3.5 * fwd_flops;
-      ctx.add(r5);
-    }
-    kernels::cuda::set_attention_bwd_variant(0);
     // Determinism off, backward variant 2: dQ by float2 atomics inside the dK/dV kernel.
     cuda::set_deterministic(false);
     kernels::cuda::set_attention_bwd_variant(2);
-    bench::Row ra;
-    ra.name = "attn_fwd+bwd " + shape + " atomic-dq-v2";
-    ra.ms = ctx.time_ms(
-        [&] {
-          fwd();
-          bwd();
-        },
-        1, vreps);
-    ra.flops = 3.5 * fwd_flops;
-    ctx.add(ra);
+    row(fb_name + " atomic-dq-v2", fb, 1, vreps, 3.5);
     kernels::cuda::set_attention_bwd_variant(0);
     cuda::set_deterministic(true);
     // The baseline: cuDNN's fused flash attention on the same buffers (attention.backend:
     // cudnn), same FLOP convention. Its first call builds and caches the plan (warm-up).
-    if (kernels::cuda::cudnn_attention_unsupported(p, seqs, DType::bf16).empty()) {
+    if (kernels::cuda::cudnn_attention_unsupported(sh.p, sh.seqs, DType::bf16).empty()) {
       auto cfwd = [&] {
-        kernels::cuda::cudnn_attention_forward(p, seqs, DType::bf16, q, k, v, o, lse);
+        kernels::cuda::cudnn_attention_forward(sh.p, sh.seqs, DType::bf16, sh.q, sh.k, sh.v, sh.o,
+                                               sh.lse);
       };
-      auto cbwd = [&] {
-        kernels::cuda::cudnn_attention_backward(p, seqs, DType::bf16, q, k, v, o, lse, go, dq, dk,
-                                                dv);
+      auto cfb = [&] {
+        cfwd();
+        kernels::cuda::cudnn_attention_backward(sh.p, sh.seqs, DType::bf16, sh.q, sh.k, sh.v, sh.o,
+                                                sh.lse, sh.go, sh.dq, sh.dk, sh.dv);
       };
-      bench::Row c1;
-      c1.name = "attn_fwd " + shape + " cudnn";
-      c1.ms = ctx.time_ms(cfwd, 3, reps);
-      c1.flops = fwd_flops;
-      ctx.add(c1);
+      row(fwd_name + " cudnn", cfwd, 3, reps, 1.0);
       cfwd();
-      bench::Row c2;
-      c2.name = "attn_fwd+bwd " + shape + " cudnn";
-      c2.ms = ctx.time_ms(
-          [&] {
-            cfwd();
-            cbwd();
-          },
-          2, reps);
-      c2.flops = 3.5 * fwd_flops;
-      ctx.add(c2);
+      row(fb_name + " cudnn", cfb, 2, reps, 3.5);
     }
   });
   kernels::cuda::set_attention_fwd_row_blocks(-1);  // back to the defaults
@@ -345,46 +270,33 @@ FTUNE_GPU_BENCH(attention_wgmma) {
   if (!kernels::cuda::attention_fwd_wgmma_available()) return;
   for_each_shape([&](const Shape& sh) {
     auto fwd = [&] { sh.fwd(); };
-    auto bwd = [&] { sh.bwd(); };
-    const double fwd_flops = sh.fwd_flops;
-    const int reps = sh.reps;
-    const std::string& shape = sh.name;
+    auto fb = [&] {
+      sh.fwd();
+      sh.bwd();
+    };
+    auto row = [&](const std::string& name, const std::function<void()>& fn, int warm, double x) {
+      bench::Row r;
+      r.name = name;
+      r.ms = ctx.time_ms(fn, warm, sh.reps);
+      r.flops = x * sh.fwd_flops;
+      ctx.add(r);
+    };
     for (int mode : {2, 1})  // the pipelined forward, then the plain one (left on below)
       for (int blocks : {1, 2}) {
         kernels::cuda::set_attention_fwd_wgmma(mode);
         kernels::cuda::set_attention_fwd_row_blocks(blocks);
-        bench::Row r;
-        r.name = "attn_fwd " + shape + (mode == 2 ? " wgmma-pipe" : " wgmma") +
-                 (blocks == 2 ? " bm128" : "");
-        r.ms = ctx.time_ms(fwd, 3, reps);
-        r.flops = fwd_flops;
-        ctx.add(r);
+        row("attn_fwd " + sh.name + (mode == 2 ? " wgmma-pipe" : " wgmma") +
+                (blocks == 2 ? " bm128" : ""),
+            fwd, 3, 1.0);
       }
     kernels::cuda::set_attention_fwd_row_blocks(-1);
     fwd();
-    bench::Row rb;
-    rb.name = "attn_fwd+bwd " + shape + " wgmma";
-    rb.ms = ctx.time_ms(
-        [&] {
-          fwd();
-          bwd();
-        },
-        2, reps);
-    rb.flops = 3.5 * fwd_flops;
-    ctx.add(rb);
-    // Both passes on wgmma (the deterministic backward: dK/dV and dQ kernels).
-    for (int wgs : {1, 2}) {  // the backward's warpgroups per CTA
+    row("attn_fwd+bwd " + sh.name + " wgmma", fb, 2, 3.5);
+    // Both passes on wgmma (the deterministic backward: dK/dV and dQ kernels), one and two
+    // warpgroups per backward CTA.
+    for (int wgs : {1, 2}) {
       kernels::cuda::set_attention_bwd_wgmma(wgs);
-      bench::Row ra;
-      ra.name = "attn_fwd+bwd " + shape + (wgs == 2 ? " wgmma-all wg2" : " wgmma-all");
-      ra.ms = ctx.time_ms(
-          [&] {
-            fwd();
-            bwd();
-          },
-          2, reps);
-      ra.flops = 3.5 * fwd_flops;
-      ctx.add(ra);
+      row("attn_fwd+bwd " + sh.name + (wgs == 2 ? " wgmma-all wg2" : " wgmma-all"), fb, 2, 3.5);
     }
     kernels::cuda::set_attention_bwd_wgmma(-1);
     kernels::cuda::set_attention_fwd_wgmma(-1);

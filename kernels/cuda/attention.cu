@@ -1051,15 +1051,96 @@ __device__ __forceinline__ void fa_wg_load_rows(T* sm, const T* g, int64_t ld, i
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-template <class T, int D, int WG>
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// The online softmax of one 64-key tile of S (the wgmma accumulators sc of this thread's rows g
+// and g + 8, raw scores) for both wgmma forwards: keys past the end or right of the causal
+// diagonal masked (kMask), the running max m (log2 units) and sum l updated, sc replaced by P.
+// alpha: the factor the output accumulated so far still needs (2^(m_old - m_new)).
+template <bool kMask>
+__device__ __forceinline__ void fa_wg_softmax(float (&sc)[kWgBN / 2], float (&m)[2], float (&l)[2],
+                                              float (&alpha)[2], float sl2, int c0, int t,
+                                              const int (&row)[2], int len_k, bool causal,
+                                              int off) {
+  if constexpr (kMask) {
+#pragma unroll
+    for (int i = 0; i < kWgBN / 2; ++i) {
+      const int col = c0 + (i >> 2) * 8 + 2 * t + (i & 1);
+      if (col >= len_k || (causal && col > row[(i >> 1) & 1] + off)) sc[i] = -INFINITY;
+    }
+  }
+  float mu[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nb = 0; nb < kWgBN / 8; ++nb)
+      mx = fmaxf(mx, fmaxf(sc[4 * nb + 2 * i], sc[4 * nb + 2 * i + 1]));
+    // The 4 threads of a quad (same g) hold the row's 64 columns between them.
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float mn = fmaxf(m[i], mx * sl2);  // -inf * sl2 = -inf
+    mu[i] = mn == -INFINITY ? 0.f : mn;      // no key seen yet: p = alpha = 0, no NaN
+    alpha[i] = ex2_ftz(m[i] - mu[i]);
+    m[i] = mn;
+    l[i] *= alpha[i];
+  }
+#pragma unroll
+  for (int i = 0; i < kWgBN / 2; ++i) {
+    const float p = ex2_ftz(fmaf(sc[i], sl2, -mu[(i >> 1) & 1]));  // masked: 0
+    sc[i] = p;
+    l[(i >> 1) & 1] += p;  // this thread's share of the row sum; the quad sums it at the end
+  }
+}
+
+// Both wgmma forwards' epilogue: O / l and the logsumexp of this thread's rows wrow + g (+ 8) of
+// the CTA's block (r0 within the sequence), rows >= rows skipped; lse +inf for a row that saw no
+// key (its output 0).
+template <class T, int D>
+__device__ __forceinline__ void fa_wg_store(const Args& a, const SeqDesc& s, int r0, int h,
+                                            int rows, int wrow, int g, int t,
+                                            const float (&o)[D / 2], const float (&m)[2],
+                                            const float (&l)[2]) {
+  T* out = static_cast<T*>(a.out);
+  const int64_t ldq = int64_t(a.H) * D;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float li = l[i];
+    li += __shfl_xor_sync(0xffffffffu, li, 1);
+    li += __shfl_xor_sync(0xffffffffu, li, 2);
+    const int r = wrow + g + 8 * i;
+    if (r >= rows) continue;
+    const int64_t tok = s.q_start + r0 + r;
+    const float inv = li > 0.f ? 1.f / li : 0.f;
+    T* orow = out + tok * ldq + int64_t(h) * D;
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd)
+      *reinterpret_cast<uint32_t*>(orow + nd * 8 + 2 * t) =
+          pack2<T>(o[4 * nd + 2 * i] * inv, o[4 * nd + 2 * i + 1] * inv);
+    if (t == 0)
+      a.lse[int64_t(h) * a.nq + tok] = li > 0.f ? m[i] * 0.6931471805599453f + logf(li) : INFINITY;
+  }
+}
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+// The forward on Hopper's warpgroup MMAs, two variants sharing setup and epilogue:
+// kPipe false: per tile, S = Q K_j^T, the softmax, then O += P V_j, each product awaited (two
+// barriers per tile: V_j loads while S is formed, K_{j+1} while O accumulates).
+// kPipe true (fa_fwd_wgmma_pipe): the products of neighbouring key tiles overlapped inside each
+// warpgroup (FlashAttention-3's intra-warpgroup pipelining): at tile j the warpgroup issues S_j =
+// Q K_j^T and O += P_{j-1} V_{j-1} together, forms P_j (the softmax of S_j) while the second
+// product runs, and rescales O once it has landed. K and V are double-buffered: one barrier per
+// tile (K_{j+1} and V_j load while tile j is computed). P_{j-1} is packed out of the S registers
+// before S_j is issued into them. Same results up to the order of float operations.
+template <class T, int D, int WG, bool kPipe>
 __global__ void __launch_bounds__(128 * WG, (D == 64 && WG == 2) ? 2 : 1)
     fa_fwd_wgmma_kernel(Args a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int NT = 128 * WG, LDS = kFaLds<D>, BM = 64 * WG;
+  constexpr int NT = 128 * WG, LDS = kFaLds<D>, BM = 64 * WG, kT = kWgBN * D;
+  constexpr int kBufs = kPipe ? 2 : 1;
   extern __shared__ __align__(16) unsigned char fa_smem[];  // no swizzle: 16-byte alignment
-  T* sK = reinterpret_cast<T*>(fa_smem);  // [64 keys x D], core matrices
-  T* sV = sK + kWgBN * D;                 // [64 keys x D], core matrices
-  T* sQ = sV + kWgBN * D;                 // [BM][LDS]
+  T* sK = reinterpret_cast<T*>(fa_smem);  // [kBufs][64 keys x D], core matrices
+  T* sV = sK + kBufs * kT;                // [kBufs][64 keys x D], core matrices
+  T* sQ = sV + kBufs * kT;                // [BM][LDS]
   SeqDesc s;
   int r0;
   tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, r0);
@@ -1088,303 +1169,162 @@ __global__ void __launch_bounds__(128 * WG, (D == 64 && WG == 2) ? 2 : 1)
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
   uint32_t qf[D / 16][4];
-  auto row_of = [&](int i) { return r0 + wrow + g + 8 * i; };
-
-  auto step = [&](int jt, auto mask_tag) {
-    constexpr bool kMask = decltype(mask_tag)::value;
-    const int c0 = jt * kWgBN;
-    cp_async_wait_all();
-    fence_proxy_async_smem();
-    __syncthreads();  // K_j (and Q) landed for every thread; V_{j-1} no longer read
-    if (jt == 0) {
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
-        ldsm_x4(qf[kk], sQ + (wrow + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
-    }
-    fa_wg_load_tile<T, D, NT>(sV, v + int64_t(c0) * ldk, ldk, min(kWgBN, col_end - c0), qbase);
-    cp_async_commit();
-
-    float sc[kWgBN / 2];  // S: sc[4 nb + e], column 8 nb + 2 t + (e & 1), row g + 8 (e >> 1)
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) wgmma_rs<T, kWgBN, 0>(sc, qf[kk], k_desc + 16 * kk, kk);
-    wgmma_commit();
-    wgmma_wait_all();
-    reg_fence(sc);
-
-    if constexpr (kMask) {
-#pragma unroll
-      for (int i = 0; i < kWgBN / 2; ++i) {
-        const int col = c0 + (i >> 2) * 8 + 2 * t + (i & 1);
-        const int row = row_of((i >> 1) & 1);
-        if (col >= s.len_k || (a.causal && col > row + off)) sc[i] = -INFINITY;
-      }
-    }
-    float mu[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nb = 0; nb < kWgBN / 8; ++nb)
-        mx = fmaxf(mx, fmaxf(sc[4 * nb + 2 * i], sc[4 * nb + 2 * i + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float mn = fmaxf(m[i], mx * sl2);
-      mu[i] = mn == -INFINITY ? 0.f : mn;
-      const float alpha = ex2_ftz(m[i] - mu[i]);
-      m[i] = mn;
-      l[i] *= alpha;
-#pragma unroll
-      for (int nd = 0; nd < D / 8; ++nd) {
-        o[4 * nd + 2 * i] *= alpha;
-        o[4 * nd + 2 * i + 1] *= alpha;
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kWgBN / 2; ++i) {
-      const float p = ex2_ftz(fmaf(sc[i], sl2, -mu[(i >> 1) & 1]));  // masked: 0
-      sc[i] = p;
-      l[(i >> 1) & 1] += p;
-    }
-
-    cp_async_wait_all();
-    fence_proxy_async_smem();
-    __syncthreads();  // V_j landed; every warpgroup is done with K_j (its S wait returned)
-    if (jt + 1 < ntiles)
-      fa_wg_load_tile<T, D, NT>(sK, k + int64_t(c0 + kWgBN) * ldk, ldk,
-                                min(kWgBN, col_end - c0 - kWgBN), qbase);
-    cp_async_commit();
-    uint32_t pa[kWgBN / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kWgBN / 16; ++kk) {
-      pa[kk][0] = pack2<T>(sc[8 * kk], sc[8 * kk + 1]);
-      pa[kk][1] = pack2<T>(sc[8 * kk + 2], sc[8 * kk + 3]);
-      pa[kk][2] = pack2<T>(sc[8 * kk + 4], sc[8 * kk + 5]);
-      pa[kk][3] = pack2<T>(sc[8 * kk + 6], sc[8 * kk + 7]);
-    }
-    reg_fence(o);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kWgBN / 16; ++kk)
-      wgmma_rs<T, D, 1>(o, pa[kk], v_desc + uint64_t(kk) * (2 * kGroupBytes >> 4), 1);
-    wgmma_commit();
-    wgmma_wait_all();
-    reg_fence(o);
-  };
-  int n_plain = min(ntiles, s.len_k / kWgBN);
-  if (a.causal) n_plain = min(n_plain, r0 + off + 1 > 0 ? (r0 + off + 1) / kWgBN : 0);
-  for (int jt = 0; jt < n_plain; ++jt) step(jt, std::false_type{});
-  for (int jt = n_plain; jt < ntiles; ++jt) step(jt, std::true_type{});
-  cp_async_wait_all();
-
-  T* out = static_cast<T*>(a.out);
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    float li = l[i];
-    li += __shfl_xor_sync(0xffffffffu, li, 1);
-    li += __shfl_xor_sync(0xffffffffu, li, 2);
-    const int r = wrow + g + 8 * i;
-    if (r >= rows) continue;
-    const int64_t tok = s.q_start + r0 + r;
-    const float inv = li > 0.f ? 1.f / li : 0.f;
-    T* orow = out + tok * ldq + int64_t(h) * D;
-#pragma unroll
-    for (int nd = 0; nd < D / 8; ++nd)
-      *reinterpret_cast<uint32_t*>(orow + nd * 8 + 2 * t) =
-          pack2<T>(o[4 * nd + 2 * i] * inv, o[4 * nd + 2 * i + 1] * inv);
-    if (t == 0)
-      a.lse[int64_t(h) * a.nq + tok] = li > 0.f ? m[i] * 0.6931471805599453f + logf(li) : INFINITY;
-  }
-#elif defined(__CUDA_ARCH__)
-  __trap();  // device code without sm_90a's wgmma: the host never launches this; fail loudly
-#endif  // __CUDA_ARCH_FEAT_SM90_ALL
-}
-
-// fa_fwd_wgmma_pipe_kernel: fa_fwd_wgmma_kernel with the products of neighbouring key tiles
-// overlapped inside each warpgroup (FlashAttention-3's intra-warpgroup pipelining): at tile j the
-// warpgroup issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} together, forms P_j (the softmax of S_j)
-// while the second product runs, and rescales O once it has landed. K and V are double-buffered:
-// one barrier per tile (K_{j+1} and V_j load while tile j is computed). P_{j-1} is packed out of
-// the S registers before S_j is issued into them. Same results as fa_fwd_wgmma_kernel up to the
-// order of float operations (the same products, the same online softmax).
-template <class T, int D, int WG>
-__global__ void __launch_bounds__(128 * WG, (D == 64 && WG == 2) ? 2 : 1)
-    fa_fwd_wgmma_pipe_kernel(Args a) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int NT = 128 * WG, LDS = kFaLds<D>, BM = 64 * WG, kT = kWgBN * D;
-  constexpr uint32_t kGroupBytes = D * 16;
-  extern __shared__ __align__(16) unsigned char fa_smem[];
-  T* sK = reinterpret_cast<T*>(fa_smem);  // [2][64 keys x D], core matrices
-  T* sV = sK + 2 * kT;                    // [2][64 keys x D], core matrices
-  T* sQ = sV + 2 * kT;                    // [BM][LDS]
-  SeqDesc s;
-  int r0;
-  tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, r0);
-  const int h = blockIdx.y, hk = h / (a.H / a.Hkv);
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int wrow = (threadIdx.x >> 5) * 16;  // this warp's first row in the CTA's block
-  const int rows = min(BM, s.len_q - r0), off = s.len_k - s.len_q;
-  const int64_t ldq = int64_t(a.H) * D, ldk = int64_t(a.Hkv) * D;
-  const T* qbase = static_cast<const T*>(a.q);
-  const T* q = qbase + int64_t(s.q_start + r0) * ldq + int64_t(h) * D;
-  const T* k = static_cast<const T*>(a.k) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
-  const T* v = static_cast<const T*>(a.v) + int64_t(s.k_start) * ldk + int64_t(hk) * D;
-  const int col_end = visible_end(s, r0, rows, a.causal);
-  const int ntiles = (col_end + kWgBN - 1) / kWgBN;
-
-  fa_wg_load_rows<T, D, NT, BM>(sQ, q, ldq, rows, qbase);
-  if (ntiles > 0) fa_wg_load_tile<T, D, NT>(sK, k, ldk, min(kWgBN, col_end), qbase);
-  cp_async_commit();
-  // Tile j's loads: K_j into sK[j & 1], V_j into sV[j & 1].
-  auto load_k = [&](int j) {
-    fa_wg_load_tile<T, D, NT>(sK + (j & 1) * kT, k + int64_t(j) * kWgBN * ldk, ldk,
-                              min(kWgBN, col_end - j * kWgBN), qbase);
-  };
-  auto load_v = [&](int j) {
-    fa_wg_load_tile<T, D, NT>(sV + (j & 1) * kT, v + int64_t(j) * kWgBN * ldk, ldk,
-                              min(kWgBN, col_end - j * kWgBN), qbase);
-  };
-  constexpr uint64_t kBufStep = (uint64_t(kT) * sizeof(T)) >> 4;  // descriptor step between buffers
-  const uint64_t k_desc = wgmma_desc(sK, 128, kGroupBytes);
-  const uint64_t v_desc = wgmma_desc(sV, kGroupBytes, 128);
-  const float sl2 = a.scale * 1.4426950408889634f;
-  float o[D / 2];  // o[4 nd + e]: column 8 nd + 2 t + (e & 1) of row g + 8 (e >> 1)
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, alpha[2] = {1.f, 1.f};
-#pragma unroll
-  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-  uint32_t qf[D / 16][4];
-  float sc[kWgBN / 2];            // S_j, then P_j: column 8 nb + 2 t + (e & 1), row g + 8 (e >> 1)
-  uint32_t pa[kWgBN / 16][4];     // P_{j-1} as A fragments, read by its O product until it lands
-  auto row_of = [&](int i) { return r0 + wrow + g + 8 * i; };
+  const int row[2] = {r0 + wrow + g, r0 + wrow + g + 8};  // this thread's rows in the sequence
+  // Tiles [0, n_plain) need no mask: all their keys exist and, causal, lie at or left of the
+  // diagonal of the CTA's first row; every later tile needs it.
   int n_plain = min(ntiles, s.len_k / kWgBN);
   if (a.causal) n_plain = min(n_plain, r0 + off + 1 > 0 ? (r0 + off + 1) / kWgBN : 0);
 
-  // The online softmax of S_j in sc: P_j in sc, m and l updated, alpha the factor O still needs.
-  auto softmax = [&](int jt, auto mask_tag) {
-    if constexpr (decltype(mask_tag)::value) {
+  if constexpr (!kPipe) {
+    auto step = [&](int jt, auto mask_tag) {
+      constexpr bool kMask = decltype(mask_tag)::value;
       const int c0 = jt * kWgBN;
-#pragma unroll
-      for (int i = 0; i < kWgBN / 2; ++i) {
-        const int col = c0 + (i >> 2) * 8 + 2 * t + (i & 1);
-        const int row = row_of((i >> 1) & 1);
-        if (col >= s.len_k || (a.causal && col > row + off)) sc[i] = -INFINITY;
-      }
-    }
-    float mu[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nb = 0; nb < kWgBN / 8; ++nb)
-        mx = fmaxf(mx, fmaxf(sc[4 * nb + 2 * i], sc[4 * nb + 2 * i + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float mn = fmaxf(m[i], mx * sl2);
-      mu[i] = mn == -INFINITY ? 0.f : mn;
-      alpha[i] = ex2_ftz(m[i] - mu[i]);
-      m[i] = mn;
-      l[i] *= alpha[i];
-    }
-#pragma unroll
-    for (int i = 0; i < kWgBN / 2; ++i) {
-      const float p = ex2_ftz(fmaf(sc[i], sl2, -mu[(i >> 1) & 1]));  // masked: 0
-      sc[i] = p;
-      l[(i >> 1) & 1] += p;
-    }
-  };
-  auto pack_p = [&] {
-#pragma unroll
-    for (int kk = 0; kk < kWgBN / 16; ++kk)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) pa[kk][r] = pack2<T>(sc[8 * kk + 2 * r], sc[8 * kk + 2 * r + 1]);
-  };
-  auto rescale_o = [&] {
-#pragma unroll
-    for (int nd = 0; nd < D / 8; ++nd)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) o[4 * nd + e] *= alpha[e >> 1];
-  };
-  auto issue_s = [&](int jt) {
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-      wgmma_rs<T, kWgBN, 0>(sc, qf[kk], k_desc + (jt & 1) * kBufStep + 16 * kk, kk);
-    wgmma_commit();
-  };
-  auto issue_pv = [&](int jt) {
-#pragma unroll
-    for (int kk = 0; kk < kWgBN / 16; ++kk)
-      wgmma_rs<T, D, 1>(o, pa[kk], v_desc + (jt & 1) * kBufStep + uint64_t(kk) * (2 * kGroupBytes >> 4), 1);
-    wgmma_commit();
-  };
-
-  if (ntiles > 0) {
-    // Tile 0: S_0 alone (O is still zero).
-    cp_async_wait_all();
-    fence_proxy_async_smem();
-    __syncthreads();  // Q and K_0 landed
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-      ldsm_x4(qf[kk], sQ + (wrow + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
-    load_v(0);
-    if (ntiles > 1) load_k(1);
-    cp_async_commit();
-    wgmma_fence();
-    issue_s(0);
-    wgmma_wait_all();
-    reg_fence(sc);
-    if (n_plain > 0) softmax(0, std::false_type{});
-    else softmax(0, std::true_type{});
-    for (int jt = 1; jt < ntiles; ++jt) {
       cp_async_wait_all();
       fence_proxy_async_smem();
-      __syncthreads();  // K_j and V_{j-1} landed; every warpgroup is done with S_{j-1}, PV_{j-2}
-      load_v(jt);
-      if (jt + 1 < ntiles) load_k(jt + 1);
+      __syncthreads();  // K_j (and Q) landed for every thread; V_{j-1} no longer read
+      if (jt == 0) {
+  #pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+          ldsm_x4(qf[kk], sQ + (wrow + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+      }
+      fa_wg_load_tile<T, D, NT>(sV, v + int64_t(c0) * ldk, ldk, min(kWgBN, col_end - c0), qbase);
       cp_async_commit();
-      pack_p();  // P_{j-1} out of sc, which S_j overwrites
+
+      float sc[kWgBN / 2];  // S: sc[4 nb + e], column 8 nb + 2 t + (e & 1), row g + 8 (e >> 1)
+      wgmma_fence();
+  #pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) wgmma_rs<T, kWgBN, 0>(sc, qf[kk], k_desc + 16 * kk, kk);
+      wgmma_commit();
+      wgmma_wait_all();
+      reg_fence(sc);
+
+      float alpha[2];
+      fa_wg_softmax<kMask>(sc, m, l, alpha, sl2, c0, t, row, s.len_k, a.causal, off);
+  #pragma unroll
+      for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
+
+      cp_async_wait_all();
+      fence_proxy_async_smem();
+      __syncthreads();  // V_j landed; every warpgroup is done with K_j (its S wait returned)
+      if (jt + 1 < ntiles)
+        fa_wg_load_tile<T, D, NT>(sK, k + int64_t(c0 + kWgBN) * ldk, ldk,
+                                  min(kWgBN, col_end - c0 - kWgBN), qbase);
+      cp_async_commit();
+      uint32_t pa[kWgBN / 16][4];
+  #pragma unroll
+      for (int kk = 0; kk < kWgBN / 16; ++kk) {
+        pa[kk][0] = pack2<T>(sc[8 * kk], sc[8 * kk + 1]);
+        pa[kk][1] = pack2<T>(sc[8 * kk + 2], sc[8 * kk + 3]);
+        pa[kk][2] = pack2<T>(sc[8 * kk + 4], sc[8 * kk + 5]);
+        pa[kk][3] = pack2<T>(sc[8 * kk + 6], sc[8 * kk + 7]);
+      }
       reg_fence(o);
       wgmma_fence();
-      issue_s(jt);       // group: S_j
-      issue_pv(jt - 1);  // group: O += P_{j-1} V_{j-1}
-      wgmma_wait<1>();   // S_j landed; the O product may still run
-      reg_fence(sc);
-      if (jt < n_plain) softmax(jt, std::false_type{});
-      else softmax(jt, std::true_type{});
-      wgmma_wait_all();  // O landed: pa free, O rescaled to the new max
+  #pragma unroll
+      for (int kk = 0; kk < kWgBN / 16; ++kk)
+        wgmma_rs<T, D, 1>(o, pa[kk], v_desc + uint64_t(kk) * (2 * kGroupBytes >> 4), 1);
+      wgmma_commit();
+      wgmma_wait_all();
       reg_fence(o);
-      rescale_o();
+    };
+    for (int jt = 0; jt < n_plain; ++jt) step(jt, std::false_type{});
+    for (int jt = n_plain; jt < ntiles; ++jt) step(jt, std::true_type{});
+  } else {
+    // Tile j's loads: K_j into sK[j & 1], V_j into sV[j & 1].
+    auto load_k = [&](int j) {
+      fa_wg_load_tile<T, D, NT>(sK + (j & 1) * kT, k + int64_t(j) * kWgBN * ldk, ldk,
+                                min(kWgBN, col_end - j * kWgBN), qbase);
+    };
+    auto load_v = [&](int j) {
+      fa_wg_load_tile<T, D, NT>(sV + (j & 1) * kT, v + int64_t(j) * kWgBN * ldk, ldk,
+                                min(kWgBN, col_end - j * kWgBN), qbase);
+    };
+    constexpr uint64_t kBufStep = (uint64_t(kT) * sizeof(T)) >> 4;  // descriptor step between buffers
+    float alpha[2] = {1.f, 1.f};
+    float sc[kWgBN / 2];            // S_j, then P_j: column 8 nb + 2 t + (e & 1), row g + 8 (e >> 1)
+    uint32_t pa[kWgBN / 16][4];     // P_{j-1} as A fragments, read by its O product until it lands
+
+    // The online softmax of S_j in sc: P_j in sc, m and l updated, alpha the factor O still needs.
+    auto softmax = [&](int jt, auto mask_tag) {
+      fa_wg_softmax<decltype(mask_tag)::value>(sc, m, l, alpha, sl2, jt * kWgBN, t, row, s.len_k,
+                                               a.causal, off);
+    };
+    auto pack_p = [&] {
+  #pragma unroll
+      for (int kk = 0; kk < kWgBN / 16; ++kk)
+  #pragma unroll
+        for (int r = 0; r < 4; ++r) pa[kk][r] = pack2<T>(sc[8 * kk + 2 * r], sc[8 * kk + 2 * r + 1]);
+    };
+    auto rescale_o = [&] {
+  #pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd)
+  #pragma unroll
+        for (int e = 0; e < 4; ++e) o[4 * nd + e] *= alpha[e >> 1];
+    };
+    auto issue_s = [&](int jt) {
+  #pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        wgmma_rs<T, kWgBN, 0>(sc, qf[kk], k_desc + (jt & 1) * kBufStep + 16 * kk, kk);
+      wgmma_commit();
+    };
+    auto issue_pv = [&](int jt) {
+  #pragma unroll
+      for (int kk = 0; kk < kWgBN / 16; ++kk)
+        wgmma_rs<T, D, 1>(o, pa[kk], v_desc + (jt & 1) * kBufStep + uint64_t(kk) * (2 * kGroupBytes >> 4), 1);
+      wgmma_commit();
+    };
+
+    if (ntiles > 0) {
+      // Tile 0: S_0 alone (O is still zero).
+      cp_async_wait_all();
+      fence_proxy_async_smem();
+      __syncthreads();  // Q and K_0 landed
+  #pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        ldsm_x4(qf[kk], sQ + (wrow + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
+      load_v(0);
+      if (ntiles > 1) load_k(1);
+      cp_async_commit();
+      wgmma_fence();
+      issue_s(0);
+      wgmma_wait_all();
+      reg_fence(sc);
+      if (n_plain > 0) softmax(0, std::false_type{});
+      else softmax(0, std::true_type{});
+      for (int jt = 1; jt < ntiles; ++jt) {
+        cp_async_wait_all();
+        fence_proxy_async_smem();
+        __syncthreads();  // K_j and V_{j-1} landed; every warpgroup is done with S_{j-1}, PV_{j-2}
+        load_v(jt);
+        if (jt + 1 < ntiles) load_k(jt + 1);
+        cp_async_commit();
+        pack_p();  // P_{j-1} out of sc, which S_j overwrites
+        reg_fence(o);
+        wgmma_fence();
+        issue_s(jt);       // group: S_j
+        issue_pv(jt - 1);  // group: O += P_{j-1} V_{j-1}
+        wgmma_wait<1>();   // S_j landed; the O product may still run
+        reg_fence(sc);
+        if (jt < n_plain) softmax(jt, std::false_type{});
+        else softmax(jt, std::true_type{});
+        wgmma_wait_all();  // O landed: pa free, O rescaled to the new max
+        reg_fence(o);
+        rescale_o();
+      }
+      // The last tile's O product.
+      cp_async_wait_all();
+      fence_proxy_async_smem();
+      __syncthreads();  // V_{n-1} landed
+      pack_p();
+      reg_fence(o);
+      wgmma_fence();
+      issue_pv(ntiles - 1);
+      wgmma_wait_all();
+      reg_fence(o);
     }
-    // The last tile's O product.
-    cp_async_wait_all();
-    fence_proxy_async_smem();
-    __syncthreads();  // V_{n-1} landed
-    pack_p();
-    reg_fence(o);
-    wgmma_fence();
-    issue_pv(ntiles - 1);
-    wgmma_wait_all();
-    reg_fence(o);
   }
   cp_async_wait_all();
-
-  T* out = static_cast<T*>(a.out);
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    float li = l[i];
-    li += __shfl_xor_sync(0xffffffffu, li, 1);
-    li += __shfl_xor_sync(0xffffffffu, li, 2);
-    const int r = wrow + g + 8 * i;
-    if (r >= rows) continue;
-    const int64_t tok = s.q_start + r0 + r;
-    const float inv = li > 0.f ? 1.f / li : 0.f;
-    T* orow = out + tok * ldq + int64_t(h) * D;
-#pragma unroll
-    for (int nd = 0; nd < D / 8; ++nd)
-      *reinterpret_cast<uint32_t*>(orow + nd * 8 + 2 * t) =
-          pack2<T>(o[4 * nd + 2 * i] * inv, o[4 * nd + 2 * i + 1] * inv);
-    if (t == 0)
-      a.lse[int64_t(h) * a.nq + tok] = li > 0.f ? m[i] * 0.6931471805599453f + logf(li) : INFINITY;
-  }
+  fa_wg_store<T, D>(a, s, r0, h, rows, wrow, g, t, o, m, l);
 #elif defined(__CUDA_ARCH__)
   __trap();  // device code without sm_90a's wgmma: the host never launches this; fail loudly
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
@@ -2828,7 +2768,7 @@ int bwd_variant(int64_t head_dim) {
 // The wgmma kernels (set_attention_fwd_wgmma / set_attention_bwd_wgmma): -1 (the default) reads
 // FTUNE_ATTN_WGMMA per call ("1" or "all": both passes, "fwd": the forward, "bwd": the
 // backward, "2": both passes as mode 2; unset: neither), 0 off, 1 on, 2 on (the forward:
-// pipelined, fa_fwd_wgmma_pipe_kernel; the backward: two warpgroups per CTA);
+// pipelined, fa_fwd_wgmma_kernel with kPipe; the backward: two warpgroups per CTA);
 // taken only where they exist (a build with sm_90a, a compute capability 9.0 device). pass: 1
 // the forward, 2 the backward.
 int g_fwd_wgmma = -1, g_bwd_wgmma = -1;
@@ -3356,18 +3296,18 @@ void attention_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DT
           };
           if (pipe) {
             if (D == 64) {
-              if (ma == 2) launch_wg(fa_fwd_wgmma_pipe_kernel<T, 64, 2>, 64, 2);
-              else launch_wg(fa_fwd_wgmma_pipe_kernel<T, 64, 1>, 64, 1);
+              if (ma == 2) launch_wg(fa_fwd_wgmma_kernel<T, 64, 2, true>, 64, 2);
+              else launch_wg(fa_fwd_wgmma_kernel<T, 64, 1, true>, 64, 1);
             } else {
-              if (ma == 2) launch_wg(fa_fwd_wgmma_pipe_kernel<T, 128, 2>, 128, 2);
-              else launch_wg(fa_fwd_wgmma_pipe_kernel<T, 128, 1>, 128, 1);
+              if (ma == 2) launch_wg(fa_fwd_wgmma_kernel<T, 128, 2, true>, 128, 2);
+              else launch_wg(fa_fwd_wgmma_kernel<T, 128, 1, true>, 128, 1);
             }
           } else if (D == 64) {
-            if (ma == 2) launch_wg(fa_fwd_wgmma_kernel<T, 64, 2>, 64, 2);
-            else launch_wg(fa_fwd_wgmma_kernel<T, 64, 1>, 64, 1);
+            if (ma == 2) launch_wg(fa_fwd_wgmma_kernel<T, 64, 2, false>, 64, 2);
+            else launch_wg(fa_fwd_wgmma_kernel<T, 64, 1, false>, 64, 1);
           } else {
-            if (ma == 2) launch_wg(fa_fwd_wgmma_kernel<T, 128, 2>, 128, 2);
-            else launch_wg(fa_fwd_wgmma_kernel<T, 128, 1>, 128, 1);
+            if (ma == 2) launch_wg(fa_fwd_wgmma_kernel<T, 128, 2, false>, 128, 2);
+            else launch_wg(fa_fwd_wgmma_kernel<T, 128, 1, false>, 128, 1);
           }
           return;
         }
