@@ -83,16 +83,17 @@ void set_attention_fwd_row_blocks(int n);
 // (wgmma) instead of mma.sync, for bf16/f16 at head_dim 64 and 128 (the forward with the same row
 // blocks per CTA as above; the backward with 64-key dK/dV and 64-row dQ CTAs, the dK/dV split over
 // query heads as set_attention_bwd_split_heads says; without determinism the backward keeps the
-// atomic-dQ mma.sync kernel). -1 (the default): as the environment variable FTUNE_ATTN_WGMMA says
-// ("1" or "all": both, "fwd", "bwd", "2": both as 2 below; unset: neither, until a GPU run has
-// measured them); 0 off;
-// 1 on; the forward also 2: on, pipelined (each warpgroup overlaps tile j's softmax with tile
-// j - 1's P V product, K and V double-buffered); the backward also 2: on, with two warpgroups per
-// CTA (128 keys of dK/dV, 128 rows of dQ, sharing each streamed Q/dO or K/V tile; 1: 64). Taken
-// only where
-// attention_fwd_wgmma_available() (both passes): a build with sm_90a in
-// its CUDA architectures (the default) and a compute capability 9.0 GPU (H100/H200). Same results
-// up to the f32 summation order inside the MMAs. Process-wide, not thread-safe.
+// atomic-dQ mma.sync kernel).
+//   -1 (the default): as the environment variable FTUNE_ATTN_WGMMA says ("1" or "all": both
+//      passes, "fwd", "bwd", "2": both passes as 2 below; unset: neither, until a GPU run has
+//      measured them);
+//    0: off;  1: on;
+//    2: on; the forward pipelined (each warpgroup overlaps tile j's softmax with tile j - 1's P V
+//       product, K and V double-buffered), the backward with two warpgroups per CTA (128 keys of
+//       dK/dV, 128 rows of dQ, sharing each streamed Q/dO or K/V tile).
+// Taken only where attention_fwd_wgmma_available() (both passes): a build with sm_90a in its CUDA
+// architectures (the default) and a compute capability 9.0 GPU (H100/H200). Same results up to
+// the f32 summation order inside the MMAs. Process-wide, not thread-safe.
 void set_attention_fwd_wgmma(int v);
 void set_attention_bwd_wgmma(int v);
 bool attention_fwd_wgmma_available();

@@ -120,17 +120,16 @@ step_multi_rank() {
   go 120 multi_rank "$bld/tests/test_launch" --gtest_filter='SftRun.GpuTensorParallel*:SftRun.GpuDataParallel*' >> "$OUT/test_trainer.log" 2>&1
 }
 # The A/B rows that decide defaults, no profile: full with the wgmma attention kernels
-# (FTUNE_ATTN_WGMMA=1, and =2: the pipelined forward, two warpgroups per backward CTA); full with cuDNN's attention (attention.backend:
-# cudnn); full with the loss through linear then cross_entropy (--chunked-loss 0: the whole
-# logits); full with the GEMMs autotuned (gemm_autotune); LoRA without the batched q/k/v
+# (FTUNE_ATTN_WGMMA=1, and =2: the pipelined forward, two warpgroups per backward CTA); full
+# with cuDNN's attention (attention.backend: cudnn); full with the loss through linear then
+# cross_entropy (--chunked-loss 0: the whole logits); full with the GEMMs autotuned (gemm_autotune); LoRA without the batched q/k/v
 # projection (FTUNE_FUSED_QKV=0); LoRA with dropout 0.05 (a common recipe setting): ftune, the
 # peer, and ftune's unfused path (FTUNE_LORA_FUSED=0); full with activation checkpointing, and
 # its peer.
 step_e2e_ab() {
-  local ab drop="--lora-r 16 --lora-dropout 0.05"
-  # shellcheck disable=SC2086
-  local wg
-  for wg in 1 2; do  # 2: the pipelined forward, two warpgroups per backward CTA
+  local ab wg drop="--lora-r 16 --lora-dropout 0.05"
+  for wg in 1 2; do
+    # shellcheck disable=SC2086
     go 150 e2e_ab env FTUNE_ATTN_WGMMA=$wg "$bld/bench/bench_sft" $kShape --lora-r 0 >> "$OUT/e2e.jsonl" 2>> "$OUT/e2e.log" || echo "bench_sft --lora-r 0 FTUNE_ATTN_WGMMA=$wg failed: $?" >> "$OUT/e2e.log"
   done
   for ab in "--lora-r 0 --attention cudnn" "--lora-r 0 --chunked-loss 0" "--lora-r 0 --gemm-autotune 1"; do

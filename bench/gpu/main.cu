@@ -105,17 +105,23 @@ int main(int argc, char** argv) {
                 ftune::cuda::device_sm_count(0), ctx.copy_gbps);
     // The table: written to --out after every family (a run stopped by a timeout keeps the
     // rows measured so far) and printed last (the device tool's output tail carries it).
-    const std::string head = "device: " + dev + "; copy bandwidth " + std::to_string(int(ctx.copy_gbps)) + " GB/s\n\n";
+    const std::string head =
+        "device: " + dev + "; copy bandwidth " + std::to_string(int(ctx.copy_gbps)) + " GB/s\n\n";
     auto table = [&] {
-      std::string t = "| kernel | ms | GB/s | % copy BW | TFLOP/s | reference | ref ms | ratio | note |\n|---|---|---|---|---|---|---|---|---|\n";
+      std::string t =
+          "| kernel | ms | GB/s | % copy BW | TFLOP/s | reference | ref ms | ratio | note "
+          "|\n|---|---|---|---|---|---|---|---|---|\n";
       char buf[1024];
       for (const Row& r : ctx.rows) {
         double gbps = r.ms > 0 ? r.bytes / (r.ms * 1e6) : 0;
         double tf = r.ms > 0 && r.flops > 0 ? r.flops / (r.ms * 1e9) : 0;
-        std::snprintf(buf, sizeof buf, "| %s | %.4f | %.0f | %.0f%% | %s | %s | %s | %s | %s |\n", r.name.c_str(), r.ms,
-                      gbps, 100.0 * gbps / ctx.copy_gbps, tf > 0 ? std::to_string(int(tf + 0.5)).c_str() : "",
-                      r.ref_name.c_str(), r.ref_ms > 0 ? std::to_string(r.ref_ms).substr(0, 7).c_str() : "",
-                      r.ref_ms > 0 && r.ms > 0 ? (std::to_string(r.ref_ms / r.ms).substr(0, 4) + "x").c_str() : "",
+        std::snprintf(buf, sizeof buf, "| %s | %.4f | %.0f | %.0f%% | %s | %s | %s | %s | %s |\n",
+                      r.name.c_str(), r.ms, gbps, 100.0 * gbps / ctx.copy_gbps,
+                      tf > 0 ? std::to_string(int(tf + 0.5)).c_str() : "", r.ref_name.c_str(),
+                      r.ref_ms > 0 ? std::to_string(r.ref_ms).substr(0, 7).c_str() : "",
+                      r.ref_ms > 0 && r.ms > 0
+                          ? (std::to_string(r.ref_ms / r.ms).substr(0, 4) + "x").c_str()
+                          : "",
                       r.note.c_str());
         t += buf;
       }
@@ -127,7 +133,11 @@ int main(int argc, char** argv) {
     // Kernels never run on a GPU before (attention_wgmma) go last: a fault there (a CUDA error
     // is sticky for the process) then costs no other family's rows.
     auto rank = [](const std::string& n) {
-      return n == "attention" ? 0 : n == "lora" ? 1 : n == "matmul" ? 2 : n == "attention_wgmma" ? 4 : 3;
+      return n == "attention"         ? 0
+             : n == "lora"            ? 1
+             : n == "matmul"          ? 2
+             : n == "attention_wgmma" ? 4
+                                      : 3;
     };
     std::stable_sort(families.begin(), families.end(),
                      [&](const auto& x, const auto& y) { return rank(x.first) < rank(y.first); });

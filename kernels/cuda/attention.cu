@@ -20,8 +20,8 @@
 #include "kernels/cuda/mma.cuh"
 
 #include <algorithm>
-#include <cstdlib>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 
 namespace ftune::kernels::cuda {
@@ -874,7 +874,7 @@ __global__ void __launch_bounds__(kFaThreads) fa_fwd_kernel(Args a) {
     }
 }
 
-// ---- fast path forward on Hopper: warpgroup MMAs (wgmma, sm_90a) -----------------------------------
+// ---- fast path forward on Hopper: warpgroup MMAs (wgmma, sm_90a) ------------------------------
 //
 // fa_fwd_wgmma_kernel: fa_fwd_kernel's algorithm with its two products as warpgroup MMAs. WG
 // warpgroups of 4 warps, each owning 64 query rows (warp w of a group: rows 16 w .. 16 w + 15,
@@ -903,25 +903,24 @@ __global__ void __launch_bounds__(kFaThreads) fa_fwd_kernel(Args a) {
 constexpr int kWgBN = 64;  // keys per tile
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define FA_WG_ACC32(d)                                                                        \
-  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),        \
-      "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), \
-      "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),           \
-      "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),           \
-      "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-#define FA_WG_ACC64(d)                                                                          \
-  FA_WG_ACC32(d), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), \
-      "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),             \
-      "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),             \
-      "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),             \
-      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]),             \
-      "+f"(d[62]), "+f"(d[63])
-#define FA_WG_REGS32                                                        \
+#define FA_WG_ACC32(d)                                                                            \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),    \
+      "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),  \
+      "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),  \
+      "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define FA_WG_ACC64(d)                                                                           \
+  FA_WG_ACC32(d), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]),  \
+      "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), \
+      "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), \
+      "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), \
+      "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define FA_WG_REGS32                                                       \
   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-#define FA_WG_REGS64                                                                       \
-  FA_WG_REGS32                                                                             \
-  ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "    \
+#define FA_WG_REGS64                                                                   \
+  FA_WG_REGS32                                                                         \
+  ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
 // The operands after N/2 accumulators: A's 4 registers, B's descriptor, the accumulate flag (a
 // predicate: 0 writes A B, 1 adds it) and B's transpose immediate.
@@ -936,23 +935,27 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
                                          int acc) {
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   if constexpr (N == 64 && kBf16) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" FA_WG_REGS32 FA_WG_TAIL32
-                 : FA_WG_ACC32(d) FA_WG_IN);
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" FA_WG_REGS32 FA_WG_TAIL32
+        : FA_WG_ACC32(d) FA_WG_IN);
   } else if constexpr (N == 64) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {" FA_WG_REGS32 FA_WG_TAIL32
-                 : FA_WG_ACC32(d) FA_WG_IN);
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {" FA_WG_REGS32 FA_WG_TAIL32
+        : FA_WG_ACC32(d) FA_WG_IN);
   } else if constexpr (kBf16) {
     static_assert(N == 128, "wgmma_rs: N 64 or 128");
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" FA_WG_REGS64 FA_WG_TAIL64
-                 : FA_WG_ACC64(d) FA_WG_IN);
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" FA_WG_REGS64 FA_WG_TAIL64
+        : FA_WG_ACC64(d) FA_WG_IN);
   } else {
     static_assert(N == 128, "wgmma_rs: N 64 or 128");
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {" FA_WG_REGS64 FA_WG_TAIL64
-                 : FA_WG_ACC64(d) FA_WG_IN);
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {" FA_WG_REGS64 FA_WG_TAIL64
+        : FA_WG_ACC64(d) FA_WG_IN);
   }
 }
 // d = A B + (acc ? d : 0), wgmma m64n64k16 with A and B from shared memory, both K-major (the
@@ -960,17 +963,19 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
 template <class T>
 __device__ __forceinline__ void wgmma_ss64(float (&d)[32], uint64_t da, uint64_t db, int acc) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" FA_WG_REGS32
-                 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-                 : FA_WG_ACC32(d)
-                 : "l"(da), "l"(db), "r"(acc));
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" FA_WG_REGS32
+        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : FA_WG_ACC32(d)
+        : "l"(da), "l"(db), "r"(acc));
   } else {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {" FA_WG_REGS32
-                 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-                 : FA_WG_ACC32(d)
-                 : "l"(da), "l"(db), "r"(acc));
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {" FA_WG_REGS32
+        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : FA_WG_ACC32(d)
+        : "l"(da), "l"(db), "r"(acc));
   }
 }
 #undef FA_WG_ACC32
@@ -990,7 +995,9 @@ __device__ __forceinline__ uint64_t wgmma_desc(const void* smem, uint32_t lbo, u
 }
 // Orders this warpgroup's register writes before the wgmma that read them (A fragments,
 // accumulators).
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
 __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
@@ -1138,9 +1145,9 @@ __global__ void __launch_bounds__(128 * WG, (D == 64 && WG == 2) ? 2 : 1)
   constexpr int NT = 128 * WG, LDS = kFaLds<D>, BM = 64 * WG, kT = kWgBN * D;
   constexpr int kBufs = kPipe ? 2 : 1;
   extern __shared__ __align__(16) unsigned char fa_smem[];  // no swizzle: 16-byte alignment
-  T* sK = reinterpret_cast<T*>(fa_smem);  // [kBufs][64 keys x D], core matrices
-  T* sV = sK + kBufs * kT;                // [kBufs][64 keys x D], core matrices
-  T* sQ = sV + kBufs * kT;                // [BM][LDS]
+  T* sK = reinterpret_cast<T*>(fa_smem);                    // [kBufs][64 keys x D], core matrices
+  T* sV = sK + kBufs * kT;                                  // [kBufs][64 keys x D], core matrices
+  T* sQ = sV + kBufs * kT;                                  // [BM][LDS]
   SeqDesc s;
   int r0;
   tile_of(a.map, blockIdx.x, gridDim.x, blockIdx.z, s, r0);
@@ -1183,7 +1190,7 @@ __global__ void __launch_bounds__(128 * WG, (D == 64 && WG == 2) ? 2 : 1)
       fence_proxy_async_smem();
       __syncthreads();  // K_j (and Q) landed for every thread; V_{j-1} no longer read
       if (jt == 0) {
-  #pragma unroll
+#pragma unroll
         for (int kk = 0; kk < D / 16; ++kk)
           ldsm_x4(qf[kk], sQ + (wrow + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
       }
@@ -1192,7 +1199,7 @@ __global__ void __launch_bounds__(128 * WG, (D == 64 && WG == 2) ? 2 : 1)
 
       float sc[kWgBN / 2];  // S: sc[4 nb + e], column 8 nb + 2 t + (e & 1), row g + 8 (e >> 1)
       wgmma_fence();
-  #pragma unroll
+#pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) wgmma_rs<T, kWgBN, 0>(sc, qf[kk], k_desc + 16 * kk, kk);
       wgmma_commit();
       wgmma_wait_all();
@@ -1200,7 +1207,7 @@ __global__ void __launch_bounds__(128 * WG, (D == 64 && WG == 2) ? 2 : 1)
 
       float alpha[2];
       fa_wg_softmax<kMask>(sc, m, l, alpha, sl2, c0, t, row, s.len_k, a.causal, off);
-  #pragma unroll
+#pragma unroll
       for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
 
       cp_async_wait_all();
@@ -1211,7 +1218,7 @@ __global__ void __launch_bounds__(128 * WG, (D == 64 && WG == 2) ? 2 : 1)
                                   min(kWgBN, col_end - c0 - kWgBN), qbase);
       cp_async_commit();
       uint32_t pa[kWgBN / 16][4];
-  #pragma unroll
+#pragma unroll
       for (int kk = 0; kk < kWgBN / 16; ++kk) {
         pa[kk][0] = pack2<T>(sc[8 * kk], sc[8 * kk + 1]);
         pa[kk][1] = pack2<T>(sc[8 * kk + 2], sc[8 * kk + 3]);
@@ -1220,7 +1227,7 @@ __global__ void __launch_bounds__(128 * WG, (D == 64 && WG == 2) ? 2 : 1)
       }
       reg_fence(o);
       wgmma_fence();
-  #pragma unroll
+#pragma unroll
       for (int kk = 0; kk < kWgBN / 16; ++kk)
         wgmma_rs<T, D, 1>(o, pa[kk], v_desc + uint64_t(kk) * (2 * kGroupBytes >> 4), 1);
       wgmma_commit();
@@ -1239,10 +1246,11 @@ __global__ void __launch_bounds__(128 * WG, (D == 64 && WG == 2) ? 2 : 1)
       fa_wg_load_tile<T, D, NT>(sV + (j & 1) * kT, v + int64_t(j) * kWgBN * ldk, ldk,
                                 min(kWgBN, col_end - j * kWgBN), qbase);
     };
-    constexpr uint64_t kBufStep = (uint64_t(kT) * sizeof(T)) >> 4;  // descriptor step between buffers
+    constexpr uint64_t kBufStep =
+        (uint64_t(kT) * sizeof(T)) >> 4;  // descriptor step between buffers
     float alpha[2] = {1.f, 1.f};
-    float sc[kWgBN / 2];            // S_j, then P_j: column 8 nb + 2 t + (e & 1), row g + 8 (e >> 1)
-    uint32_t pa[kWgBN / 16][4];     // P_{j-1} as A fragments, read by its O product until it lands
+    float sc[kWgBN / 2];         // S_j, then P_j: column 8 nb + 2 t + (e & 1), row g + 8 (e >> 1)
+    uint32_t pa[kWgBN / 16][4];  // P_{j-1} as A fragments, read by its O product until it lands
 
     // The online softmax of S_j in sc: P_j in sc, m and l updated, alpha the factor O still needs.
     auto softmax = [&](int jt, auto mask_tag) {
@@ -1250,27 +1258,29 @@ __global__ void __launch_bounds__(128 * WG, (D == 64 && WG == 2) ? 2 : 1)
                                                a.causal, off);
     };
     auto pack_p = [&] {
-  #pragma unroll
+#pragma unroll
       for (int kk = 0; kk < kWgBN / 16; ++kk)
-  #pragma unroll
-        for (int r = 0; r < 4; ++r) pa[kk][r] = pack2<T>(sc[8 * kk + 2 * r], sc[8 * kk + 2 * r + 1]);
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+          pa[kk][r] = pack2<T>(sc[8 * kk + 2 * r], sc[8 * kk + 2 * r + 1]);
     };
     auto rescale_o = [&] {
-  #pragma unroll
+#pragma unroll
       for (int nd = 0; nd < D / 8; ++nd)
-  #pragma unroll
+#pragma unroll
         for (int e = 0; e < 4; ++e) o[4 * nd + e] *= alpha[e >> 1];
     };
     auto issue_s = [&](int jt) {
-  #pragma unroll
+#pragma unroll
       for (int kk = 0; kk < D / 16; ++kk)
         wgmma_rs<T, kWgBN, 0>(sc, qf[kk], k_desc + (jt & 1) * kBufStep + 16 * kk, kk);
       wgmma_commit();
     };
     auto issue_pv = [&](int jt) {
-  #pragma unroll
+#pragma unroll
       for (int kk = 0; kk < kWgBN / 16; ++kk)
-        wgmma_rs<T, D, 1>(o, pa[kk], v_desc + (jt & 1) * kBufStep + uint64_t(kk) * (2 * kGroupBytes >> 4), 1);
+        wgmma_rs<T, D, 1>(o, pa[kk],
+                          v_desc + (jt & 1) * kBufStep + uint64_t(kk) * (2 * kGroupBytes >> 4), 1);
       wgmma_commit();
     };
 
@@ -1279,7 +1289,7 @@ __global__ void __launch_bounds__(128 * WG, (D == 64 && WG == 2) ? 2 : 1)
       cp_async_wait_all();
       fence_proxy_async_smem();
       __syncthreads();  // Q and K_0 landed
-  #pragma unroll
+#pragma unroll
       for (int kk = 0; kk < D / 16; ++kk)
         ldsm_x4(qf[kk], sQ + (wrow + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8);
       load_v(0);
@@ -1289,8 +1299,10 @@ __global__ void __launch_bounds__(128 * WG, (D == 64 && WG == 2) ? 2 : 1)
       issue_s(0);
       wgmma_wait_all();
       reg_fence(sc);
-      if (n_plain > 0) softmax(0, std::false_type{});
-      else softmax(0, std::true_type{});
+      if (n_plain > 0)
+        softmax(0, std::false_type{});
+      else
+        softmax(0, std::true_type{});
       for (int jt = 1; jt < ntiles; ++jt) {
         cp_async_wait_all();
         fence_proxy_async_smem();
@@ -1305,8 +1317,10 @@ __global__ void __launch_bounds__(128 * WG, (D == 64 && WG == 2) ? 2 : 1)
         issue_pv(jt - 1);  // group: O += P_{j-1} V_{j-1}
         wgmma_wait<1>();   // S_j landed; the O product may still run
         reg_fence(sc);
-        if (jt < n_plain) softmax(jt, std::false_type{});
-        else softmax(jt, std::true_type{});
+        if (jt < n_plain)
+          softmax(jt, std::false_type{});
+        else
+          softmax(jt, std::true_type{});
         wgmma_wait_all();  // O landed: pa free, O rescaled to the new max
         reg_fence(o);
         rescale_o();
@@ -2375,8 +2389,8 @@ __global__ void __launch_bounds__(kFaThreads, 3) fa_bwd_dq_ma2_occ3_kernel(Args 
 //   which 2: as 0 with A from shared memory, K-major (the backward's S^T = K Q^T)
 // D is written through the accumulator layout the kernels assume.
 template <class T>
-__global__ void __launch_bounds__(128) wgmma_probe_kernel(int which, int kk, const T* a,
-                                                          const T* b, float* d) {
+__global__ void __launch_bounds__(128)
+    wgmma_probe_kernel(int which, int kk, const T* a, const T* b, float* d) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __shared__ __align__(16) T sA[64 * 64];
   __shared__ __align__(16) T sB[64 * 64];
@@ -2397,11 +2411,14 @@ __global__ void __launch_bounds__(128) wgmma_probe_kernel(int which, int kk, con
   constexpr uint32_t kGroupBytes = 64 * 16;
   float acc[32];
   wgmma_fence();
-  if (which == 0) wgmma_rs<T, 64, 0>(acc, af, wgmma_desc(sB, 128, kGroupBytes) + 16 * kk, 0);
+  if (which == 0)
+    wgmma_rs<T, 64, 0>(acc, af, wgmma_desc(sB, 128, kGroupBytes) + 16 * kk, 0);
   else if (which == 1)
-    wgmma_rs<T, 64, 1>(acc, af, wgmma_desc(sB, kGroupBytes, 128) + uint64_t(kk) * (2 * kGroupBytes >> 4), 0);
+    wgmma_rs<T, 64, 1>(acc, af,
+                       wgmma_desc(sB, kGroupBytes, 128) + uint64_t(kk) * (2 * kGroupBytes >> 4), 0);
   else
-    wgmma_ss64<T>(acc, wgmma_desc(sA, 128, kGroupBytes) + 16 * kk, wgmma_desc(sB, 128, kGroupBytes) + 16 * kk, 0);
+    wgmma_ss64<T>(acc, wgmma_desc(sA, 128, kGroupBytes) + 16 * kk,
+                  wgmma_desc(sB, 128, kGroupBytes) + 16 * kk, 0);
   wgmma_commit();
   wgmma_wait_all();
   reg_fence(acc);
@@ -2413,15 +2430,16 @@ __global__ void __launch_bounds__(128) wgmma_probe_kernel(int which, int kk, con
 #endif
 }
 
-// ---- fast path backward on Hopper: warpgroup MMAs (wgmma, sm_90a) ----------------------------------
+// ---- fast path backward on Hopper: warpgroup MMAs (wgmma, sm_90a) -----------------------------
 //
-// The deterministic backward (fa_bwd_dkdv_body with kAtomic 0 / 3, fa_bwd_dq_body) with its products
-// as warpgroup MMAs; WG warpgroups (128 threads each) per CTA, warpgroup w owning 64 keys (dK/dV)
-// or query rows (dQ) of the CTA's 64 WG, its warp v rows 16 v .. 16 v + 15 of them, as there; the
-// streamed tiles (Q/dO, or K/V) are shared by the warpgroups. Every tile (K, V, Q, dO) sits in shared memory in the forward's
-// core-matrix layout (fa_wg_load_tile), which serves both as a K-major operand (descriptor LBO
-// 128, SBO 16 D: the reduction runs along D) and as an N-major one (.trans, LBO 16 D, SBO 128: the
-// reduction runs along the tile's rows), so no tile is stored twice:
+// The deterministic backward (fa_bwd_dkdv_body with kAtomic 0 / 3, fa_bwd_dq_body) with its
+// products as warpgroup MMAs; WG warpgroups (128 threads each) per CTA, warpgroup w owning 64 keys
+// (dK/dV) or query rows (dQ) of the CTA's 64 WG, its warp v rows 16 v .. 16 v + 15 of them, as
+// there; the streamed tiles (Q/dO, or K/V) are shared by the warpgroups. Every tile (K, V, Q, dO)
+// sits in shared memory in the forward's core-matrix layout (fa_wg_load_tile), which serves both as
+// a K-major operand (descriptor LBO 128, SBO 16 D: the reduction runs along D) and as an N-major
+// one (.trans, LBO 16 D, SBO 128: the reduction runs along the tile's rows), so no tile is stored
+// twice:
 //   dK/dV (M = 64 keys):  S^T = K Q^T and dP^T = V dO^T   (A, B from shared memory, K-major)
 //                         dV += P^T dO, dK += dS^T Q      (A = P^T / dS^T in registers, B .trans)
 //   dQ (M = 64 rows):     S = Q K^T and dP = dO V^T       (shared memory, K-major)
@@ -2433,13 +2451,13 @@ template <class T, int D, bool kSplit, int WG>
 __global__ void __launch_bounds__(128 * WG) fa_bwd_dkdv_wgmma_kernel(Args a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int NT = 128 * WG, kKeys = 64 * WG;  // threads; keys per CTA (64 per warpgroup)
-  constexpr int kT = kWgBN * D;           // elements of a 64-row tile
-  constexpr uint32_t kGroupBytes = D * 16;  // 8 rows of a tile
+  constexpr int kT = kWgBN * D;                  // elements of a 64-row tile
+  constexpr uint32_t kGroupBytes = D * 16;       // 8 rows of a tile
   extern __shared__ __align__(16) unsigned char fa_smem[];
-  T* sK = reinterpret_cast<T*>(fa_smem);  // [WG][64 keys x D]
-  T* sV = sK + WG * kT;                   // [WG][64 keys x D]
-  T* sQ = sV + WG * kT;                   // [2][64 rows x D], shared by the warpgroups
-  T* sG = sQ + 2 * kT;                    // [2][64 rows x D] dO
+  T* sK = reinterpret_cast<T*>(fa_smem);              // [WG][64 keys x D]
+  T* sV = sK + WG * kT;                               // [WG][64 keys x D]
+  T* sQ = sV + WG * kT;                               // [2][64 rows x D], shared by the warpgroups
+  T* sG = sQ + 2 * kT;                                // [2][64 rows x D] dO
   float* sL = reinterpret_cast<float*>(sG + 2 * kT);  // [2][64] lse in log2 units
   float* sDl = sL + 2 * kBwdBM;                       // [2][64] Delta
   SeqDesc s;
@@ -2458,8 +2476,10 @@ __global__ void __launch_bounds__(128 * WG) fa_bwd_dkdv_wgmma_kernel(Args a) {
 #pragma unroll
   for (int w = 0; w < WG; ++w) {
     const int64_t wo = koff + int64_t(w) * 64 * ldk;
-    fa_wg_load_tile<T, D, NT>(sK + w * kT, static_cast<const T*>(a.k) + wo, ldk, keys - w * 64, qbase);
-    fa_wg_load_tile<T, D, NT>(sV + w * kT, static_cast<const T*>(a.v) + wo, ldk, keys - w * 64, qbase);
+    fa_wg_load_tile<T, D, NT>(sK + w * kT, static_cast<const T*>(a.k) + wo, ldk, keys - w * 64,
+                              qbase);
+    fa_wg_load_tile<T, D, NT>(sV + w * kT, static_cast<const T*>(a.v) + wo, ldk, keys - w * 64,
+                              qbase);
   }
 
   const int first_row = a.causal ? max(0, c0 - off) : 0;
@@ -2500,8 +2520,10 @@ __global__ void __launch_bounds__(128 * WG) fa_bwd_dkdv_wgmma_kernel(Args a) {
     const T* go = sG + buf * kT;
     const float* lse2 = sL + buf * kBwdBM;
     const float* dl = sDl + buf * kBwdBM;
-    const uint64_t q_desc = wgmma_desc(q, 128, kGroupBytes), q_desc_t = wgmma_desc(q, kGroupBytes, 128);
-    const uint64_t g_desc = wgmma_desc(go, 128, kGroupBytes), g_desc_t = wgmma_desc(go, kGroupBytes, 128);
+    const uint64_t q_desc = wgmma_desc(q, 128, kGroupBytes),
+                   q_desc_t = wgmma_desc(q, kGroupBytes, 128);
+    const uint64_t g_desc = wgmma_desc(go, 128, kGroupBytes),
+                   g_desc_t = wgmma_desc(go, kGroupBytes, 128);
 
     // st[4 nb + e]: S^T, then P^T, then dS^T at key row g + 8 (e >> 1), query column 8 nb + 2 t +
     // (e & 1) of the tile; dpt the same for dP^T.
@@ -2514,12 +2536,12 @@ __global__ void __launch_bounds__(128 * WG) fa_bwd_dkdv_wgmma_kernel(Args a) {
     wgmma_commit();  // group: S^T
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) wgmma_ss64<T>(dpt, v_desc + 16 * kk, g_desc + 16 * kk, kk);
-    wgmma_commit();  // group: dP^T
+    wgmma_commit();   // group: dP^T
     wgmma_wait<1>();  // S^T landed
     reg_fence(st);
 
-    const bool need_mask = r0 + kBwdBM > s.len_q || c0 + kKeys > s.len_k ||
-                           (a.causal && c0 + kKeys - 1 > r0 + off);
+    const bool need_mask =
+        r0 + kBwdBM > s.len_q || c0 + kKeys > s.len_k || (a.causal && c0 + kKeys - 1 > r0 + off);
     auto probs = [&](auto mask_tag) {
 #pragma unroll
       for (int i = 0; i < kBwdBM / 2; ++i) {
@@ -2532,8 +2554,10 @@ __global__ void __launch_bounds__(128 * WG) fa_bwd_dkdv_wgmma_kernel(Args a) {
         st[i] = p;
       }
     };
-    if (need_mask) probs(std::true_type{});
-    else probs(std::false_type{});
+    if (need_mask)
+      probs(std::true_type{});
+    else
+      probs(std::false_type{});
 
     // A fragments: P^T for dV (read by its wgmma until it lands), dS^T for dK.
     uint32_t pa[kBwdBM / 16][4], pb[kBwdBM / 16][4];
@@ -2550,7 +2574,7 @@ __global__ void __launch_bounds__(128 * WG) fa_bwd_dkdv_wgmma_kernel(Args a) {
 #pragma unroll
     for (int kk = 0; kk < kBwdBM / 16; ++kk)
       wgmma_rs<T, D, 1>(dv, pa[kk], g_desc_t + uint64_t(kk) * (2 * kGroupBytes >> 4), 1);
-    wgmma_commit();  // group: dV
+    wgmma_commit();   // group: dV
     wgmma_wait<1>();  // dP^T landed; dV may still run
     reg_fence(dpt);
     // dS^T = P^T (dP^T - Delta), then dK += dS^T Q (scaled at the end)
@@ -2562,7 +2586,7 @@ __global__ void __launch_bounds__(128 * WG) fa_bwd_dkdv_wgmma_kernel(Args a) {
 #pragma unroll
     for (int kk = 0; kk < kBwdBM / 16; ++kk)
       wgmma_rs<T, D, 1>(dk, pb[kk], q_desc_t + uint64_t(kk) * (2 * kGroupBytes >> 4), 1);
-    wgmma_commit();  // group: dK, queued behind dV (neither touches the other's registers)
+    wgmma_commit();    // group: dK, queued behind dV (neither touches the other's registers)
     wgmma_wait_all();  // dV and dK landed, before the next tile's barrier: its loads overwrite buf
     reg_fence(dv);
     reg_fence(dk);
@@ -2583,12 +2607,15 @@ __global__ void __launch_bounds__(128 * WG) fa_bwd_dkdv_wgmma_kernel(Args a) {
       const float v0 = dv[4 * nd + 2 * i], v1 = dv[4 * nd + 2 * i + 1];
       if constexpr (kSplit) {
         if (a.dk_part)
-          *reinterpret_cast<float2*>(a.dk_part + part_off + base + nd * 8 + 2 * t) = make_float2(k0, k1);
+          *reinterpret_cast<float2*>(a.dk_part + part_off + base + nd * 8 + 2 * t) =
+              make_float2(k0, k1);
         if (a.dv_part)
-          *reinterpret_cast<float2*>(a.dv_part + part_off + base + nd * 8 + 2 * t) = make_float2(v0, v1);
+          *reinterpret_cast<float2*>(a.dv_part + part_off + base + nd * 8 + 2 * t) =
+              make_float2(v0, v1);
       } else {
         if (gk)
-          *reinterpret_cast<uint32_t*>(gk + base + nd * 8 + 2 * t) = pack2<T>(k0 * a.scale, k1 * a.scale);
+          *reinterpret_cast<uint32_t*>(gk + base + nd * 8 + 2 * t) =
+              pack2<T>(k0 * a.scale, k1 * a.scale);
         if (gv) *reinterpret_cast<uint32_t*>(gv + base + nd * 8 + 2 * t) = pack2<T>(v0, v1);
       }
     }
@@ -2627,7 +2654,8 @@ __global__ void __launch_bounds__(128 * WG) fa_bwd_dq_wgmma_kernel(Args a) {
   for (int w = 0; w < WG; ++w) {
     const int64_t wo = qoff + int64_t(w) * 64 * ldq;
     fa_wg_load_tile<T, D, NT>(sQ + w * kT, qbase + wo, ldq, rows - w * 64, qbase);
-    fa_wg_load_tile<T, D, NT>(sG + w * kT, static_cast<const T*>(a.dout) + wo, ldq, rows - w * 64, qbase);
+    fa_wg_load_tile<T, D, NT>(sG + w * kT, static_cast<const T*>(a.dout) + wo, ldq, rows - w * 64,
+                              qbase);
   }
   if (ntiles > 0) {
     fa_wg_load_tile<T, D, NT>(sK, k, ldk, min(kWgBN, col_end), qbase);
@@ -2636,7 +2664,7 @@ __global__ void __launch_bounds__(128 * WG) fa_bwd_dq_wgmma_kernel(Args a) {
   cp_async_commit();
 
   const float log2e = 1.4426950408889634f, sl2 = a.scale * log2e;
-  const int wrow = wg * 64 + warp * 16;  // this warp's first row in the CTA's block
+  const int wrow = wg * 64 + warp * 16;                // this warp's first row in the CTA's block
   const int row_a = r0 + wrow + g, row_b = row_a + 8;  // within the sequence
   float lse2[2], dl[2];
 #pragma unroll
@@ -2659,22 +2687,26 @@ __global__ void __launch_bounds__(128 * WG) fa_bwd_dq_wgmma_kernel(Args a) {
     __syncthreads();  // tile jt landed; buffer buf ^ 1 (tile jt - 1) is no longer read
     if (jt + 1 < ntiles) {
       const int valid = min(kWgBN, col_end - c0 - kWgBN);
-      fa_wg_load_tile<T, D, NT>(sK + (buf ^ 1) * kT, k + int64_t(c0 + kWgBN) * ldk, ldk, valid, qbase);
-      fa_wg_load_tile<T, D, NT>(sV + (buf ^ 1) * kT, v + int64_t(c0 + kWgBN) * ldk, ldk, valid, qbase);
+      fa_wg_load_tile<T, D, NT>(sK + (buf ^ 1) * kT, k + int64_t(c0 + kWgBN) * ldk, ldk, valid,
+                                qbase);
+      fa_wg_load_tile<T, D, NT>(sV + (buf ^ 1) * kT, v + int64_t(c0 + kWgBN) * ldk, ldk, valid,
+                                qbase);
     }
     cp_async_commit();
     const T* kt = sK + buf * kT;
-    const uint64_t k_desc = wgmma_desc(kt, 128, kGroupBytes), k_desc_t = wgmma_desc(kt, kGroupBytes, 128);
+    const uint64_t k_desc = wgmma_desc(kt, 128, kGroupBytes),
+                   k_desc_t = wgmma_desc(kt, kGroupBytes, 128);
     const uint64_t v_desc = wgmma_desc(sV + buf * kT, 128, kGroupBytes);
 
-    float sc[kWgBN / 2], dp[kWgBN / 2];  // [4 nb + e]: key column 8 nb + 2 t + (e & 1), row g + 8 (e >> 1)
+    float sc[kWgBN / 2],
+        dp[kWgBN / 2];  // [4 nb + e]: key column 8 nb + 2 t + (e & 1), row g + 8 (e >> 1)
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) wgmma_ss64<T>(sc, q_desc + 16 * kk, k_desc + 16 * kk, kk);
     wgmma_commit();  // group: S
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) wgmma_ss64<T>(dp, g_desc + 16 * kk, v_desc + 16 * kk, kk);
-    wgmma_commit();  // group: dP
+    wgmma_commit();   // group: dP
     wgmma_wait<1>();  // S landed; P is formed while dP is computed
     reg_fence(sc);
 
@@ -2692,8 +2724,10 @@ __global__ void __launch_bounds__(128 * WG) fa_bwd_dq_wgmma_kernel(Args a) {
         sc[i] = p;
       }
     };
-    if (need_mask) probs(std::true_type{});
-    else probs(std::false_type{});
+    if (need_mask)
+      probs(std::true_type{});
+    else
+      probs(std::false_type{});
     wgmma_wait_all();  // dP landed
     reg_fence(dp);
     // dS = P (dP - Delta)
@@ -2777,8 +2811,9 @@ int wgmma_mode(int dev, int pass) {
   int mode = pass == 1 ? g_fwd_wgmma : g_bwd_wgmma;
   if (mode == -1) {
     const std::string e = std::getenv("FTUNE_ATTN_WGMMA") ? std::getenv("FTUNE_ATTN_WGMMA") : "";
-    mode = e == "2" ? 2
-                    : e == "1" || e == "all" || (pass == 1 && e == "fwd") || (pass == 2 && e == "bwd");
+    mode = e == "2"
+               ? 2
+               : e == "1" || e == "all" || (pass == 1 && e == "fwd") || (pass == 2 && e == "bwd");
   }
   return mode >= 1 && fwd_wgmma_built_for(dev) ? mode : 0;
 }
@@ -3030,8 +3065,10 @@ void wgmma_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const
         kernel<<<dim3(t.nx, unsigned(split ? p.num_heads : p.num_kv_heads), t.nz), 128 * WG, smem,
                  stream()>>>(b);
       };
-      if (split) launch(fa_bwd_dkdv_wgmma_kernel<T, D, true, WG>);
-      else launch(fa_bwd_dkdv_wgmma_kernel<T, D, false, WG>);
+      if (split)
+        launch(fa_bwd_dkdv_wgmma_kernel<T, D, true, WG>);
+      else
+        launch(fa_bwd_dkdv_wgmma_kernel<T, D, false, WG>);
       FTUNE_LAUNCH_CHECK("attention_backward dk/dv (wgmma)");
       if (split) dkdv_reduce<T>(p, b);
     }
@@ -3044,8 +3081,8 @@ void wgmma_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const
       b.map = t.map;
       const size_t smem = (2 * WG + 4) * kTileBytes;
       set_smem(fa_bwd_dq_wgmma_kernel<T, D, WG>, smem);
-      fa_bwd_dq_wgmma_kernel<T, D, WG><<<dim3(t.nx, unsigned(p.num_heads), t.nz), 128 * WG, smem,
-                                         stream()>>>(b);
+      fa_bwd_dq_wgmma_kernel<T, D, WG>
+          <<<dim3(t.nx, unsigned(p.num_heads), t.nz), 128 * WG, smem, stream()>>>(b);
       FTUNE_LAUNCH_CHECK("attention_backward dq (wgmma)");
     }
   }
@@ -3059,8 +3096,10 @@ void fast_backward(const AttnParams& p, const std::vector<AttnSeq>& seqs, const 
   // way: no second pass recomputing S and dP).
   const bool atomic_dq = a.dq && !ftune::cuda::deterministic();
   if (const int wg_mode = atomic_dq ? 0 : wgmma_mode(dev, 2); wg_mode > 0) {
-    if (wg_mode == 2) wgmma_backward<T, D, 2>(p, seqs, a, dev);
-    else wgmma_backward<T, D, 1>(p, seqs, a, dev);
+    if (wg_mode == 2)
+      wgmma_backward<T, D, 2>(p, seqs, a, dev);
+    else
+      wgmma_backward<T, D, 1>(p, seqs, a, dev);
     return;
   }
   Tensor accum;
@@ -3215,7 +3254,8 @@ std::vector<float> wgmma_probe(int which, int kk, const std::vector<float>& a,
                                const std::vector<float>& b) {
   FTUNE_CHECK(which >= 0 && which <= 2 && kk >= 0 && kk < 4, "[wgmma_probe] which 0..2, kk 0..3");
   FTUNE_CHECK(a.size() == 64 * 64 && b.size() == 64 * 64, "[wgmma_probe] a and b are 64 x 64");
-  FTUNE_CHECK(attention_fwd_wgmma_available(), "[wgmma_probe] no wgmma here (sm_90a build, CC 9.0)");
+  FTUNE_CHECK(attention_fwd_wgmma_available(),
+              "[wgmma_probe] no wgmma here (sm_90a build, CC 9.0)");
   const int dev = ftune::cuda::current_device();
   std::vector<__nv_bfloat16> ha(a.size()), hb(b.size());
   for (size_t i = 0; i < a.size(); ++i) ha[i] = __float2bfloat16(a[i]);
@@ -3223,14 +3263,17 @@ std::vector<float> wgmma_probe(int which, int kk, const std::vector<float>& a,
   Tensor da = Tensor::empty({64 * 64}, DType::bf16, Device::cuda(dev));
   Tensor db = Tensor::empty({64 * 64}, DType::bf16, Device::cuda(dev));
   Tensor dd = Tensor::empty({64 * 64}, DType::f32, Device::cuda(dev));
-  CUDA_CHECK(cudaMemcpyAsync(da.raw_data(), ha.data(), ha.size() * 2, cudaMemcpyHostToDevice, stream()));
-  CUDA_CHECK(cudaMemcpyAsync(db.raw_data(), hb.data(), hb.size() * 2, cudaMemcpyHostToDevice, stream()));
-  wgmma_probe_kernel<__nv_bfloat16><<<1, 128, 0, stream()>>>(
-      which, kk, static_cast<const __nv_bfloat16*>(da.raw_data()),
-      static_cast<const __nv_bfloat16*>(db.raw_data()), dd.data<float>());
+  CUDA_CHECK(
+      cudaMemcpyAsync(da.raw_data(), ha.data(), ha.size() * 2, cudaMemcpyHostToDevice, stream()));
+  CUDA_CHECK(
+      cudaMemcpyAsync(db.raw_data(), hb.data(), hb.size() * 2, cudaMemcpyHostToDevice, stream()));
+  wgmma_probe_kernel<__nv_bfloat16>
+      <<<1, 128, 0, stream()>>>(which, kk, static_cast<const __nv_bfloat16*>(da.raw_data()),
+                                static_cast<const __nv_bfloat16*>(db.raw_data()), dd.data<float>());
   FTUNE_LAUNCH_CHECK("wgmma probe");
   std::vector<float> out(64 * 64);
-  CUDA_CHECK(cudaMemcpyAsync(out.data(), dd.raw_data(), out.size() * 4, cudaMemcpyDeviceToHost, stream()));
+  CUDA_CHECK(
+      cudaMemcpyAsync(out.data(), dd.raw_data(), out.size() * 4, cudaMemcpyDeviceToHost, stream()));
   CUDA_CHECK(cudaStreamSynchronize(stream()));
   return out;
 }
@@ -3296,18 +3339,26 @@ void attention_forward(const AttnParams& p, const std::vector<AttnSeq>& seqs, DT
           };
           if (pipe) {
             if (D == 64) {
-              if (ma == 2) launch_wg(fa_fwd_wgmma_kernel<T, 64, 2, true>, 64, 2);
-              else launch_wg(fa_fwd_wgmma_kernel<T, 64, 1, true>, 64, 1);
+              if (ma == 2)
+                launch_wg(fa_fwd_wgmma_kernel<T, 64, 2, true>, 64, 2);
+              else
+                launch_wg(fa_fwd_wgmma_kernel<T, 64, 1, true>, 64, 1);
             } else {
-              if (ma == 2) launch_wg(fa_fwd_wgmma_kernel<T, 128, 2, true>, 128, 2);
-              else launch_wg(fa_fwd_wgmma_kernel<T, 128, 1, true>, 128, 1);
+              if (ma == 2)
+                launch_wg(fa_fwd_wgmma_kernel<T, 128, 2, true>, 128, 2);
+              else
+                launch_wg(fa_fwd_wgmma_kernel<T, 128, 1, true>, 128, 1);
             }
           } else if (D == 64) {
-            if (ma == 2) launch_wg(fa_fwd_wgmma_kernel<T, 64, 2, false>, 64, 2);
-            else launch_wg(fa_fwd_wgmma_kernel<T, 64, 1, false>, 64, 1);
+            if (ma == 2)
+              launch_wg(fa_fwd_wgmma_kernel<T, 64, 2, false>, 64, 2);
+            else
+              launch_wg(fa_fwd_wgmma_kernel<T, 64, 1, false>, 64, 1);
           } else {
-            if (ma == 2) launch_wg(fa_fwd_wgmma_kernel<T, 128, 2, false>, 128, 2);
-            else launch_wg(fa_fwd_wgmma_kernel<T, 128, 1, false>, 128, 1);
+            if (ma == 2)
+              launch_wg(fa_fwd_wgmma_kernel<T, 128, 2, false>, 128, 2);
+            else
+              launch_wg(fa_fwd_wgmma_kernel<T, 128, 1, false>, 128, 1);
           }
           return;
         }

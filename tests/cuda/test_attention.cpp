@@ -520,7 +520,8 @@ TEST(CudaAttentionWgmma, LayoutProbe) {
     std::vector<float> d(64 * 64, 0.f);
     for (int m = 0; m < 64; ++m)
       for (int n = 0; n < 64; ++n)
-        for (int k = 16 * kk; k < 16 * kk + 16; ++k) d[m * 64 + n] += a[m * 64 + k] * b[bidx(which, n, k)];
+        for (int k = 16 * kk; k < 16 * kk + 16; ++k)
+          d[m * 64 + n] += a[m * 64 + k] * b[bidx(which, n, k)];
     return d;
   };
   uint64_t seed = 7;
@@ -568,21 +569,21 @@ TEST(CudaAttentionWgmma, LayoutProbe) {
           const bool a_ok = rm[i] == m && rak[i] == 16 * kk + n % 16;
           if (b_ok && a_ok) continue;
           ++shown;
-          ADD_FAILURE() << "D(" << m << "," << n << "): B element read (n " << rn[i] << ", k " << rk[i]
-                        << "), expected (n " << n << ", k " << 16 * kk + m % 16 << "); A element read (m "
-                        << rm[i] << ", k " << rak[i] << "), expected (m " << m << ", k "
-                        << 16 * kk + n % 16 << ")";
+          ADD_FAILURE() << "D(" << m << "," << n << "): B element read (n " << rn[i] << ", k "
+                        << rk[i] << "), expected (n " << n << ", k " << 16 * kk + m % 16
+                        << "); A element read (m " << rm[i] << ", k " << rak[i] << "), expected (m "
+                        << m << ", k " << 16 * kk + n % 16 << ")";
         }
     }
 }
 
 // The forward on Hopper's warpgroup MMAs (set_attention_fwd_wgmma; sm_90a build, H100/H200), plain
-// and pipelined, 64- and 128-row CTAs (one or two warpgroups): out, lse, and the backward (the mma.sync kernels)
-// from its out and lse, against the CPU. The cases of the variants test above (ragged packed
-// sequences, a KV-cache layout with empty sequences and rows that see no key, GQA 8/2, causal and
-// not), causal with len_q != len_k both ways, a long GQA row (many unmasked key tiles) and plain
-// multi-head attention. Its own suite: gpu_check runs it in a process of its own (a kernel that
-// faults would take the process's CUDA context with it).
+// and pipelined, 64- and 128-row CTAs (one or two warpgroups): out, lse, and the backward (the
+// mma.sync kernels) from its out and lse, against the CPU. The cases of the variants test above
+// (ragged packed sequences, a KV-cache layout with empty sequences and rows that see no key, GQA
+// 8/2, causal and not), causal with len_q != len_k both ways, a long GQA row (many unmasked key
+// tiles) and plain multi-head attention. Its own suite: gpu_check runs it in a process of its own
+// (a kernel that faults would take the process's CUDA context with it).
 TEST(CudaAttentionWgmma, ForwardMatchesCpu) {
   FTUNE_REQUIRE_GPU();
   if (!kernels::cuda::attention_fwd_wgmma_available())
@@ -594,15 +595,15 @@ TEST(CudaAttentionWgmma, ForwardMatchesCpu) {
     }
   } restore;
   for (int mode : {1, 2})  // 2: pipelined (fa_fwd_wgmma_pipe_kernel)
-  for (int blocks : {1, 2})
-    for (int64_t d : {64, 128})
-      for (DType dt : {DType::bf16, DType::f16}) {
-        SCOPED_TRACE("wgmma forward" + std::string(mode == 2 ? " (pipelined)" : "") +
-                     ", row blocks " + std::to_string(blocks));
-        kernels::cuda::set_attention_fwd_wgmma(mode);
-        kernels::cuda::set_attention_fwd_row_blocks(blocks);
-        check_wgmma_cases(d, dt, 31);
-      }
+    for (int blocks : {1, 2})
+      for (int64_t d : {64, 128})
+        for (DType dt : {DType::bf16, DType::f16}) {
+          SCOPED_TRACE("wgmma forward" + std::string(mode == 2 ? " (pipelined)" : "") +
+                       ", row blocks " + std::to_string(blocks));
+          kernels::cuda::set_attention_fwd_wgmma(mode);
+          kernels::cuda::set_attention_fwd_row_blocks(blocks);
+          check_wgmma_cases(d, dt, 31);
+        }
 }
 
 // The deterministic backward on warpgroup MMAs (set_attention_bwd_wgmma), one and two warpgroups
@@ -622,16 +623,17 @@ TEST(CudaAttentionWgmma, BackwardMatchesCpu) {
   ASSERT_TRUE(cuda::deterministic());
   kernels::cuda::set_attention_fwd_wgmma(0);
   for (int wgs : {1, 2})  // warpgroups per CTA: 64 or 128 keys (dK/dV) and rows (dQ)
-  for (int split : {0, 1})
-    for (int64_t d : {64, 128})
-      for (DType dt : {DType::bf16, DType::f16}) {
-        if (wgs == 2 && dt == DType::f16) continue;  // the same code as bf16 but for the MMA's type
-        SCOPED_TRACE("wgmma backward, " + std::to_string(wgs) + " warpgroups, split over query heads " +
-                     std::to_string(split));
-        kernels::cuda::set_attention_bwd_wgmma(wgs);
-        kernels::cuda::set_attention_bwd_split_heads(split);
-        check_wgmma_cases(d, dt, 41);
-      }
+    for (int split : {0, 1})
+      for (int64_t d : {64, 128})
+        for (DType dt : {DType::bf16, DType::f16}) {
+          if (wgs == 2 && dt == DType::f16)
+            continue;  // the same code as bf16 but for the MMA's type
+          SCOPED_TRACE("wgmma backward, " + std::to_string(wgs) +
+                       " warpgroups, split over query heads " + std::to_string(split));
+          kernels::cuda::set_attention_bwd_wgmma(wgs);
+          kernels::cuda::set_attention_bwd_split_heads(split);
+          check_wgmma_cases(d, dt, 41);
+        }
   kernels::cuda::set_attention_bwd_split_heads(-1);
   kernels::cuda::set_attention_fwd_wgmma(1);
   for (int wgs : {1, 2})
