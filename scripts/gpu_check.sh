@@ -76,7 +76,7 @@ go() {
 # its process's CUDA context with it, and no other test.
 step_test_cuda() {
   go 240 test_cuda "$bld/tests/test_cuda" --gtest_filter='-CudaAttentionWgmma.*' >> "$OUT/test_cuda.log" 2>&1
-  go 90 test_cuda "$bld/tests/test_cuda" --gtest_filter='CudaAttentionWgmma.*' >> "$OUT/test_cuda.log" 2>&1
+  go 120 test_cuda "$bld/tests/test_cuda" --gtest_filter='CudaAttentionWgmma.*' >> "$OUT/test_cuda.log" 2>&1
 }
 # The trainer on the GPU: the GPU-vs-CPU run tests, f16 loss scaling, `ftune generate` on the GPU,
 # the model-level GPU tests (batched q/k/v LoRA vs the CPU), then the quickstart recipe in bf16.
