@@ -1138,8 +1138,9 @@ __device__ __forceinline__ void fa_wg_store(const Args& a, const SeqDesc& s, int
 // product runs, and rescales O once it has landed. K and V are double-buffered: one barrier per
 // tile (K_{j+1} and V_j load while tile j is computed). P_{j-1} is packed out of the S registers
 // before S_j is issued into them. Same results up to the order of float operations.
+// Launch bounds: at head_dim 64, 128 registers (2 CTAs of two warpgroups, 4 of one, per SM).
 template <class T, int D, int WG, bool kPipe>
-__global__ void __launch_bounds__(128 * WG, (D == 64 && WG == 2) ? 2 : 1)
+__global__ void __launch_bounds__(128 * WG, D == 64 ? (WG == 2 ? 2 : 4) : 1)
     fa_fwd_wgmma_kernel(Args a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int NT = 128 * WG, LDS = kFaLds<D>, BM = 64 * WG, kT = kWgBN * D;
