@@ -1362,6 +1362,29 @@ __global__ void __launch_bounds__(128 * WG, D == 64 ? (WG == 2 ? 2 : 4) : 1)
 // kAtomicDq (only when ftune::cuda::deterministic() is off): the CTA also forms dQ's share of its
 // keys, dQ_tile += dS K, through dS staged in shared memory ([64 rows][64 keys], warp w then
 // owns rows 16w..16w+15), and adds it to the f32 dq_accum with atomics; no separate dQ pass.
+// The backward's per-row statistics of head h, query rows first .. first + BM - 1 (tokens), into
+// shared memory by NT threads: the logsumexp in log2 units and Delta; rows >= rows get +inf and 0
+// (probability 0).
+template <int BM, int NT>
+__device__ __forceinline__ void fa_stage_stats(float* sL, float* sDl, const Args& a, int h,
+                                               int64_t first, int rows) {
+  for (int r = threadIdx.x; r < BM; r += NT) {
+    const int64_t idx = int64_t(h) * a.nq + first + r;
+    sL[r] = r < rows ? a.lse[idx] * 1.4426950408889634f : INFINITY;
+    sDl[r] = r < rows ? a.delta[idx] : 0.f;
+  }
+}
+// The same for one thread's rows rel and rel + 8 of a block starting at token first, in registers.
+__device__ __forceinline__ void fa_row_stats(float (&lse2)[2], float (&dl)[2], const Args& a,
+                                             int h, int64_t first, int rel, int rows) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = rel + 8 * i;
+    const int64_t idx = int64_t(h) * a.nq + first + r;
+    lse2[i] = r < rows ? a.lse[idx] * 1.4426950408889634f : INFINITY;
+    dl[i] = r < rows ? a.delta[idx] : 0.f;
+  }
+}
 constexpr int kBwdBM = 64;  // query rows per inner tile
 constexpr int kDsLds = 64 + 8;  // row stride of the staged dS (elements)
 
@@ -1415,11 +1438,8 @@ __device__ __forceinline__ void fa_bwd_dkdv_body(const Args& a) {
     const int64_t qoff = int64_t(s.q_start + r0) * ldq + int64_t(h) * D;
     fa_load<T, D>(sQ + buf * kTile, qbase + qoff, ldq, rows, qbase);
     fa_load<T, D>(sG + buf * kTile, gbase + qoff, ldq, rows, qbase);
-    for (int r = threadIdx.x; r < kBwdBM; r += kFaThreads) {
-      const int64_t idx = int64_t(h) * a.nq + s.q_start + r0 + r;
-      sL[buf * kBwdBM + r] = r < rows ? a.lse[idx] * log2e : INFINITY;
-      sDl[buf * kBwdBM + r] = r < rows ? a.delta[idx] : 0.f;
-    }
+    fa_stage_stats<kBwdBM, kFaThreads>(sL + buf * kBwdBM, sDl + buf * kBwdBM, a, h,
+                                  s.q_start + r0, rows);
   };
   if (n_it > 0) load_it(0, 0);
   cp_async_commit();
@@ -1733,11 +1753,8 @@ __global__ void __launch_bounds__(kFaThreads) fa_bwd_dkdv_mk2_kernel(Args a) {
     const int64_t qoff = int64_t(s.q_start + r0) * ldq + int64_t(h) * D;
     fa_load_rows<T, BM, D>(sQ + buf * kQTile, qbase + qoff, ldq, rows, qbase);
     fa_load_rows<T, BM, D>(sG + buf * kQTile, gbase + qoff, ldq, rows, qbase);
-    for (int r = threadIdx.x; r < BM; r += kFaThreads) {
-      const int64_t idx = int64_t(h) * a.nq + s.q_start + r0 + r;
-      sL[buf * BM + r] = r < rows ? a.lse[idx] * log2e : INFINITY;
-      sDl[buf * BM + r] = r < rows ? a.delta[idx] : 0.f;
-    }
+    fa_stage_stats<BM, kFaThreads>(sL + buf * BM, sDl + buf * BM, a, h,
+                                  s.q_start + r0, rows);
   };
   if (n_it > 0) load_it(0, 0);
   cp_async_commit();
@@ -1982,13 +1999,7 @@ __device__ __forceinline__ void fa_bwd_dq_body(const Args& a) {
   const float log2e = 1.4426950408889634f, sl2 = a.scale * log2e;
   const int row_a = r0 + warp * 16 + g, row_b = row_a + 8;  // within the sequence
   float lse2[2], dl[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int r = warp * 16 + g + 8 * i;
-    const int64_t idx = int64_t(h) * a.nq + s.q_start + r0 + r;
-    lse2[i] = r < rows ? a.lse[idx] * log2e : INFINITY;
-    dl[i] = r < rows ? a.delta[idx] : 0.f;
-  }
+  fa_row_stats(lse2, dl, a, h, s.q_start + r0, warp * 16 + g, rows);
   float dq[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
@@ -2115,13 +2126,7 @@ __global__ void __launch_bounds__(kFaThreads, 3) fa_bwd_dq_kernel_1buf(Args a) {
   const float log2e = 1.4426950408889634f, sl2 = a.scale * log2e;
   const int row_a = r0 + warp * 16 + g, row_b = row_a + 8;  // within the sequence
   float lse2[2], dl[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int r = warp * 16 + g + 8 * i;
-    const int64_t idx = int64_t(h) * a.nq + s.q_start + r0 + r;
-    lse2[i] = r < rows ? a.lse[idx] * log2e : INFINITY;
-    dl[i] = r < rows ? a.delta[idx] : 0.f;
-  }
+  fa_row_stats(lse2, dl, a, h, s.q_start + r0, warp * 16 + g, rows);
   float dq[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
@@ -2493,11 +2498,8 @@ __global__ void __launch_bounds__(128 * WG) fa_bwd_dkdv_wgmma_kernel(Args a) {
     const int64_t qoff = int64_t(s.q_start + r0) * ldq + int64_t(h) * D;
     fa_wg_load_tile<T, D, NT>(sQ + buf * kT, qbase + qoff, ldq, rows, qbase);
     fa_wg_load_tile<T, D, NT>(sG + buf * kT, gbase + qoff, ldq, rows, qbase);
-    for (int r = threadIdx.x; r < kBwdBM; r += NT) {
-      const int64_t idx = int64_t(h) * a.nq + s.q_start + r0 + r;
-      sL[buf * kBwdBM + r] = r < rows ? a.lse[idx] * log2e : INFINITY;
-      sDl[buf * kBwdBM + r] = r < rows ? a.delta[idx] : 0.f;
-    }
+    fa_stage_stats<kBwdBM, NT>(sL + buf * kBwdBM, sDl + buf * kBwdBM, a, h,
+                                  s.q_start + r0, rows);
   };
   if (n_it > 0) load_it(0, 0);
   cp_async_commit();
@@ -2668,13 +2670,7 @@ __global__ void __launch_bounds__(128 * WG) fa_bwd_dq_wgmma_kernel(Args a) {
   const int wrow = wg * 64 + warp * 16;                // this warp's first row in the CTA's block
   const int row_a = r0 + wrow + g, row_b = row_a + 8;  // within the sequence
   float lse2[2], dl[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int r = wrow + g + 8 * i;
-    const int64_t idx = int64_t(h) * a.nq + s.q_start + r0 + r;
-    lse2[i] = r < rows ? a.lse[idx] * log2e : INFINITY;
-    dl[i] = r < rows ? a.delta[idx] : 0.f;
-  }
+  fa_row_stats(lse2, dl, a, h, s.q_start + r0, wrow + g, rows);
   float dq[D / 2];  // [4 nd + e]: column 8 nd + 2 t + (e & 1), row g + 8 (e >> 1)
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) dq[i] = 0.f;

@@ -180,6 +180,20 @@ void check_case(const Case& c, DType dt, uint64_t seed = 1) {
   expect_close(got.dv, ref.dv, dt, "dv");
 }
 
+// Puts every process-wide attention hook (row blocks, backward variant, split over query heads,
+// the wgmma kernels) back to its default, and determinism to what it was, when a test ends.
+struct AttentionHooks {
+  bool deterministic = cuda::deterministic();
+  ~AttentionHooks() {
+    cuda::set_deterministic(deterministic);
+    kernels::cuda::set_attention_fwd_row_blocks(-1);
+    kernels::cuda::set_attention_bwd_variant(-1);
+    kernels::cuda::set_attention_bwd_split_heads(-1);
+    kernels::cuda::set_attention_fwd_wgmma(-1);
+    kernels::cuda::set_attention_bwd_wgmma(-1);
+  }
+};
+
 const DType kDtypes[] = {DType::f32, DType::bf16, DType::f16};
 
 // The packed KV-cache layout of PackedKvCacheLayout: (len_q, len_k) = (5, 70), (0, 9), (40, 30),
@@ -288,10 +302,7 @@ TEST(CudaAttention, LargeTensorCoreCase) {
 // Deterministic off: the tensor-core backward forms dQ with f32 atomics inside the dK/dV kernel.
 TEST(CudaAttention, AtomicDqWhenNotDeterministic) {
   FTUNE_REQUIRE_GPU();
-  struct Restore {
-    bool was = cuda::deterministic();
-    ~Restore() { cuda::set_deterministic(was); }
-  } restore;
+  AttentionHooks restore;
   cuda::set_deterministic(false);
   for (int64_t d : {64, 128})
     for (bool causal : {true, false})
@@ -315,13 +326,7 @@ TEST(CudaAttention, AtomicDqWhenNotDeterministic) {
 // its fragments read once, float2 atomics); with determinism on, variant 2 is the default path.
 TEST(CudaAttention, AtomicDqVariant2) {
   FTUNE_REQUIRE_GPU();
-  struct Restore {
-    bool was = cuda::deterministic();
-    ~Restore() {
-      cuda::set_deterministic(was);
-      kernels::cuda::set_attention_bwd_variant(-1);
-    }
-  } restore;
+  AttentionHooks restore;
   kernels::cuda::set_attention_bwd_variant(2);
   cuda::set_deterministic(false);
   for (int64_t d : {64, 128})
@@ -382,9 +387,7 @@ TEST(CudaAttention, DeterministicBackwardIsBitwiseRepeatable) {
 // a benchmark option) gives the same answers.
 TEST(CudaAttention, ForwardWith64And128RowBlocks) {
   FTUNE_REQUIRE_GPU();
-  struct Restore {
-    ~Restore() { kernels::cuda::set_attention_fwd_row_blocks(-1); }
-  } restore;
+  AttentionHooks restore;
   for (int blocks : {1, 2})
     for (int64_t d : {64, 128})
       for (bool causal : {true, false})
@@ -405,12 +408,7 @@ TEST(CudaAttention, ForwardWith64And128RowBlocks) {
 // at d64).
 TEST(CudaAttention, BackwardVariants0To5AndAutoForwardRowBlocks) {
   FTUNE_REQUIRE_GPU();
-  struct Restore {
-    ~Restore() {
-      kernels::cuda::set_attention_bwd_variant(-1);
-      kernels::cuda::set_attention_fwd_row_blocks(-1);
-    }
-  } restore;
+  AttentionHooks restore;
   ASSERT_TRUE(cuda::deterministic());
   kernels::cuda::set_attention_fwd_row_blocks(-1);
   // One CPU reference per case for all variants: the forward (auto row blocks) is the same
@@ -588,13 +586,8 @@ TEST(CudaAttentionWgmma, ForwardMatchesCpu) {
   FTUNE_REQUIRE_GPU();
   if (!kernels::cuda::attention_fwd_wgmma_available())
     GTEST_SKIP() << "the wgmma forward needs an sm_90a build and a compute capability 9.0 GPU";
-  struct Restore {
-    ~Restore() {
-      kernels::cuda::set_attention_fwd_wgmma(-1);
-      kernels::cuda::set_attention_fwd_row_blocks(-1);
-    }
-  } restore;
-  for (int mode : {1, 2})  // 2: pipelined (fa_fwd_wgmma_pipe_kernel)
+  AttentionHooks restore;
+  for (int mode : {1, 2})  // 2: pipelined (fa_fwd_wgmma_kernel with kPipe)
     for (int blocks : {1, 2})
       for (int64_t d : {64, 128})
         for (DType dt : {DType::bf16, DType::f16}) {
@@ -613,13 +606,7 @@ TEST(CudaAttentionWgmma, BackwardMatchesCpu) {
   FTUNE_REQUIRE_GPU();
   if (!kernels::cuda::attention_fwd_wgmma_available())
     GTEST_SKIP() << "the wgmma kernels need an sm_90a build and a compute capability 9.0 GPU";
-  struct Restore {
-    ~Restore() {
-      kernels::cuda::set_attention_fwd_wgmma(-1);
-      kernels::cuda::set_attention_bwd_wgmma(-1);
-      kernels::cuda::set_attention_bwd_split_heads(-1);
-    }
-  } restore;
+  AttentionHooks restore;
   ASSERT_TRUE(cuda::deterministic());
   kernels::cuda::set_attention_fwd_wgmma(0);
   for (int wgs : {1, 2})  // warpgroups per CTA: 64 or 128 keys (dK/dV) and rows (dQ)
@@ -668,9 +655,7 @@ TEST(CudaAttention, NegativeScale) {
 // the forward's split into unmasked and masked key tiles, and the backward's masks.
 TEST(CudaAttention, CausalWithUnequalQueryAndKeyLengths) {
   FTUNE_REQUIRE_GPU();
-  struct Restore {
-    ~Restore() { kernels::cuda::set_attention_fwd_row_blocks(-1); }
-  } restore;
+  AttentionHooks restore;
   for (int blocks : {1, 2})
     for (auto [tq, tk] : {std::pair<int64_t, int64_t>{300, 200}, {100, 300}})
       for (int64_t d : {64, 128})
@@ -686,9 +671,7 @@ TEST(CudaAttention, CausalWithUnequalQueryAndKeyLengths) {
 // 14 / 2 heads and MQA (SomeGradientsOnly has dK or dV alone under the auto choice).
 TEST(CudaAttention, DkDvSplitOverQueryHeadsOnAndOff) {
   FTUNE_REQUIRE_GPU();
-  struct Restore {
-    ~Restore() { kernels::cuda::set_attention_bwd_split_heads(-1); }
-  } restore;
+  AttentionHooks restore;
   ASSERT_TRUE(cuda::deterministic());
   for (int split : {0, 1})
     for (int64_t d : {64, 128})
@@ -722,9 +705,7 @@ TEST(CudaAttention, SomeGradientsOnly) {
   const Device dev = Device::cuda(0);
   Tensor q = to_gpu(in.q, dt), k = to_gpu(in.k, dt), v = to_gpu(in.v, dt), g = to_gpu(in.dout, dt);
   Tensor out = to_gpu(full.out, dt), lse = full.lse.to(Device::cuda(0));
-  struct Restore {
-    ~Restore() { kernels::cuda::set_attention_bwd_variant(-1); }
-  } restore;
+  AttentionHooks restore;
   for (int variant : {0, 1, 3, 4, 5}) {  // every backward variant of the deterministic path
     SCOPED_TRACE("backward variant " + std::to_string(variant));
     kernels::cuda::set_attention_bwd_variant(variant);
