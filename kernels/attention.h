@@ -91,19 +91,19 @@ void set_attention_fwd_row_blocks(int n);
 //    2: on; the forward pipelined (each warpgroup overlaps tile j's softmax with tile j - 1's P V
 //       product, K and V double-buffered), the backward with two warpgroups per CTA (128 keys of
 //       dK/dV, 128 rows of dQ, sharing each streamed Q/dO or K/V tile).
-// Taken only where attention_fwd_wgmma_available() (both passes): a build with sm_90a in its CUDA
+// Taken only where attention_wgmma_available() (both passes): a build with sm_90a in its CUDA
 // architectures (the default) and a compute capability 9.0 GPU (H100/H200). Same results up to
 // the f32 summation order inside the MMAs. Process-wide, not thread-safe.
 void set_attention_fwd_wgmma(int v);
 void set_attention_bwd_wgmma(int v);
-bool attention_fwd_wgmma_available();
+bool attention_wgmma_available();
 
 // Test hook, the layouts under the wgmma kernels: one warpgroup MMA on [64][64] row-major matrices
 // a and b (rounded to bf16), reduction step kk (0..3: columns, or rows of a transposed b, 16 kk ..
 // 16 kk + 15), with the kernels' tile loader, descriptors, A-fragment and accumulator layouts.
 // which 0: D = A_kk B_kk^T, A in registers, B K-major (the forward's S = Q K^T); 1: D = A_kk
 // B[16 kk .. +15][:], B transposed (O += P V); 2: as 0 with A from shared memory (the
-// backward's S^T = K Q^T). Returns D [64][64]. Needs attention_fwd_wgmma_available().
+// backward's S^T = K Q^T). Returns D [64][64]. Needs attention_wgmma_available().
 std::vector<float> wgmma_probe(int which, int kk, const std::vector<float>& a,
                                const std::vector<float>& b);
 

@@ -264,10 +264,10 @@ FTUNE_GPU_BENCH(attention) {
 // default backward) with it, and both passes on wgmma (set_attention_bwd_wgmma: "wgmma-all", one
 // warpgroup per backward CTA; "wgmma-all wg2", two). A family of its own, run after every other
 // (bench/gpu/main.cu), so a fault in it costs no other rows. Skipped where
-// attention_fwd_wgmma_available() is false.
+// attention_wgmma_available() is false.
 FTUNE_GPU_BENCH(attention_wgmma) {
   using namespace ftune;
-  if (!kernels::cuda::attention_fwd_wgmma_available()) return;
+  if (!kernels::cuda::attention_wgmma_available()) return;
   for_each_shape([&](const Shape& sh) {
     auto fwd = [&] { sh.fwd(); };
     auto fb = [&] {

@@ -899,7 +899,7 @@ __global__ void __launch_bounds__(kFaThreads) fa_fwd_kernel(Args a) {
 // Loads and barriers are fa_fwd_kernel's (V_j while S is formed, K_{j+1} while O accumulates),
 // with fence.proxy.async after each thread's cp.async lands: wgmma reads shared memory through
 // the async proxy. Compiled only for sm_90a (-DFTUNE_CUDA_ARCHS=90a, the default); elsewhere the
-// body is empty and the host never launches it (attention_fwd_wgmma_available).
+// body is empty and the host never launches it (attention_wgmma_available).
 constexpr int kWgBN = 64;  // keys per tile
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -2766,7 +2766,7 @@ __global__ void __launch_bounds__(128 * WG) fa_bwd_dq_wgmma_kernel(Args a) {
 
 // Whether fa_fwd_wgmma_kernel was built (sm_90a) and runs on device dev (compute capability 9.0:
 // sm_90a code runs there only).
-bool fwd_wgmma_built_for(int dev) {
+bool wgmma_built_for(int dev) {
 #if defined(FTUNE_CUDA_SM90A)
   int major = 0, minor = 0;
   CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
@@ -2812,7 +2812,7 @@ int wgmma_mode(int dev, int pass) {
                ? 2
                : e == "1" || e == "all" || (pass == 1 && e == "fwd") || (pass == 2 && e == "bwd");
   }
-  return mode >= 1 && fwd_wgmma_built_for(dev) ? mode : 0;
+  return mode >= 1 && wgmma_built_for(dev) ? mode : 0;
 }
 
 // The forward's 64-row blocks per CTA under the current setting.
@@ -3251,7 +3251,7 @@ std::vector<float> wgmma_probe(int which, int kk, const std::vector<float>& a,
                                const std::vector<float>& b) {
   FTUNE_CHECK(which >= 0 && which <= 2 && kk >= 0 && kk < 4, "[wgmma_probe] which 0..2, kk 0..3");
   FTUNE_CHECK(a.size() == 64 * 64 && b.size() == 64 * 64, "[wgmma_probe] a and b are 64 x 64");
-  FTUNE_CHECK(attention_fwd_wgmma_available(),
+  FTUNE_CHECK(attention_wgmma_available(),
               "[wgmma_probe] no wgmma here (sm_90a build, CC 9.0)");
   const int dev = ftune::cuda::current_device();
   std::vector<__nv_bfloat16> ha(a.size()), hb(b.size());
@@ -3275,13 +3275,13 @@ std::vector<float> wgmma_probe(int which, int kk, const std::vector<float>& a,
   return out;
 }
 
-bool attention_fwd_wgmma_available() {
+bool attention_wgmma_available() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
     cudaGetLastError();  // clear the sticky "no device" of the query
     return false;
   }
-  return fwd_wgmma_built_for(ftune::cuda::current_device());
+  return wgmma_built_for(ftune::cuda::current_device());
 }
 
 void set_attention_bwd_variant(int v) {

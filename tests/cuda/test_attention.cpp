@@ -510,7 +510,7 @@ void check_wgmma_cases(int64_t d, DType dt, uint64_t seed) {
 // a layout is wrong, this says how, and the kernels' tests below fail for that reason.
 TEST(CudaAttentionWgmma, LayoutProbe) {
   FTUNE_REQUIRE_GPU();
-  if (!kernels::cuda::attention_fwd_wgmma_available())
+  if (!kernels::cuda::attention_wgmma_available())
     GTEST_SKIP() << "the wgmma kernels need an sm_90a build and a compute capability 9.0 GPU";
   // B as the product reads it: (n, k) of B^T for which 0 and 2, (k, n) of B for which 1.
   auto bidx = [](int which, int n, int k) { return which == 1 ? k * 64 + n : n * 64 + k; };
@@ -584,7 +584,7 @@ TEST(CudaAttentionWgmma, LayoutProbe) {
 // (a kernel that faults would take the process's CUDA context with it).
 TEST(CudaAttentionWgmma, ForwardMatchesCpu) {
   FTUNE_REQUIRE_GPU();
-  if (!kernels::cuda::attention_fwd_wgmma_available())
+  if (!kernels::cuda::attention_wgmma_available())
     GTEST_SKIP() << "the wgmma forward needs an sm_90a build and a compute capability 9.0 GPU";
   AttentionHooks restore;
   for (int mode : {1, 2})  // 2: pipelined (fa_fwd_wgmma_kernel with kPipe)
@@ -604,7 +604,7 @@ TEST(CudaAttentionWgmma, ForwardMatchesCpu) {
 // out and lse; then forward and backward both on wgmma. The same cases as the forward test above.
 TEST(CudaAttentionWgmma, BackwardMatchesCpu) {
   FTUNE_REQUIRE_GPU();
-  if (!kernels::cuda::attention_fwd_wgmma_available())
+  if (!kernels::cuda::attention_wgmma_available())
     GTEST_SKIP() << "the wgmma kernels need an sm_90a build and a compute capability 9.0 GPU";
   AttentionHooks restore;
   ASSERT_TRUE(cuda::deterministic());
