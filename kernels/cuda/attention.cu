@@ -20,6 +20,7 @@
 #include "kernels/cuda/mma.cuh"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -2768,10 +2769,16 @@ __global__ void __launch_bounds__(128 * WG) fa_bwd_dq_wgmma_kernel(Args a) {
 // sm_90a code runs there only).
 bool wgmma_built_for(int dev) {
 #if defined(FTUNE_CUDA_SM90A)
+  // Asked per attention call while the switch is on: the answer is cached per device.
+  static std::atomic<int> known[64];  // 0 not asked yet, 1 no, 2 yes
+  if (dev >= 0 && dev < 64 && known[dev].load(std::memory_order_relaxed) != 0)
+    return known[dev].load(std::memory_order_relaxed) == 2;
   int major = 0, minor = 0;
   CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-  return major == 9 && minor == 0;
+  const bool yes = major == 9 && minor == 0;
+  if (dev >= 0 && dev < 64) known[dev].store(yes ? 2 : 1, std::memory_order_relaxed);
+  return yes;
 #else
   (void)dev;
   return false;
