@@ -132,6 +132,18 @@ class SftRun : public ::testing::Test {
     c.save_every_n_steps = 4;  // checkpoints gathered to full shapes
     return c;
   }
+  // thread_config at tp 2 with LoRA of rank r on every linear, with dropout.
+  static SftConfig tp_lora_config(const std::string& name, const std::string& device, int r,
+                                  double dropout) {
+    SftConfig c = thread_config(name, device);
+    c.parallel.tp = 2;
+    c.lora.enabled = true;
+    c.lora.r = r;
+    c.lora.target_modules = {"all-linear"};
+    c.lora.dropout = dropout;
+    c.optimizer.lr = 1e-2;
+    return c;
+  }
   // `c` on 2 ranks (its tp and zero) against one rank with the same global batch (dp 2: twice
   // the accumulation): loss, grad-norm and eval-loss curves within rtol.
   static void check_two_ranks_in_threads(const std::string& name, const SftConfig& c,
@@ -404,14 +416,8 @@ TEST_F(SftRun, TwoRanksInThreadsMatchOneRank) {
   SftConfig tp = thread_config("thr_tp_full", "cpu");
   tp.parallel.tp = 2;
   check_two_ranks_in_threads("thr_tp_full", tp, 1e-5);
-  SftConfig lora = thread_config("thr_tp_lora", "cpu");
-  lora.parallel.tp = 2;
-  lora.lora.enabled = true;
-  lora.lora.r = 4;
-  lora.lora.target_modules = {"all-linear"};
-  lora.lora.dropout = 0.25;  // row-parallel ranks draw their slices of the one-rank masks
-  lora.optimizer.lr = 1e-2;
-  check_two_ranks_in_threads("thr_tp_lora", lora, 1e-5);
+  // dropout: row-parallel ranks draw their slices of the one-rank masks
+  check_two_ranks_in_threads("thr_tp_lora", tp_lora_config("thr_tp_lora", "cpu", 4, 0.25), 1e-5);
   SftConfig dp = thread_config("thr_dp_zero", "cpu");
   dp.parallel.zero = 1;
   check_two_ranks_in_threads("thr_dp_zero", dp, 1e-5);
@@ -426,14 +432,8 @@ TEST_F(SftRun, GpuTensorParallelMatchesOneGpu) {
   SftConfig full = thread_config("gpu_tp_full", "cuda");
   full.parallel.tp = 2;
   check_two_ranks_in_threads("gpu_tp_full", full, 1e-4);
-  SftConfig lora = thread_config("gpu_tp_lora", "cuda");
-  lora.parallel.tp = 2;
+  SftConfig lora = tp_lora_config("gpu_tp_lora", "cuda", 8, 0.1);
   lora.dtype = "bf16";
-  lora.lora.enabled = true;
-  lora.lora.r = 8;
-  lora.lora.target_modules = {"all-linear"};
-  lora.lora.dropout = 0.1;
-  lora.optimizer.lr = 1e-2;
   check_two_ranks_in_threads("gpu_tp_lora", lora, 5e-2);
 }
 
